@@ -1,0 +1,337 @@
+"""NATS JetStream: subjects, streams, the outbox relay and durable consumers.
+
+Subjects are `aetherops.<area>.<event>` (prefixed by the namespace, when one
+is set, so tests and tenants do not see each other). Streams are created
+idempotently at start. Events leave only through the outbox relay, which
+publishes committed rows in order with `Nats-Msg-Id` = event id, so a
+re-publication after a crash or a NATS outage is dropped by JetStream's
+duplicate window and consumers see each event once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from aetherops.db import outbox
+from aetherops.db.pool import Database
+from aetherops.errors import UnavailableError
+
+__all__ = ["Bus", "DurableConsumer", "OutboxRelay", "Subjects"]
+
+log = logging.getLogger("aetherops.bus")
+
+HEADER_TRACKING_ID = "Aetherops-Tracking-Id"
+HEADER_EVENT_TYPE = "Aetherops-Event-Type"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    max_age_s: float
+
+
+class Subjects:
+    """Subject and stream names under one namespace."""
+
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace
+        self.prefix = f"{namespace}.aetherops." if namespace else "aetherops."
+        self._stream_prefix = f"{namespace.upper()}_" if namespace else ""
+
+    def subject(self, *parts: str) -> str:
+        return self.prefix + ".".join(parts)
+
+    def event_type(self, subject: str) -> str:
+        """The envelope's `type`: the subject without the prefix."""
+        return subject.removeprefix(self.prefix)
+
+    # Subjects named by the design.
+    @property
+    def alerts_ingest(self) -> str:
+        return self.subject("alerts", "ingest")
+
+    def incidents(self, event: str) -> str:
+        return self.subject("incidents", event)
+
+    def telemetry(self, satellite_id: str = "*", resource: str = "*") -> str:
+        return self.subject("telemetry", satellite_id, resource)
+
+    def action(self, name: str) -> str:
+        return self.subject("actions", name)
+
+    def runbook(self, event: str) -> str:
+        return self.subject("runbook", event)
+
+    def capacity(self, event: str) -> str:
+        return self.subject("capacity", event)
+
+    def streams(self) -> list[StreamSpec]:
+        """Every stream AetherOps uses. `actions.>` is deliberately not captured:
+        it is request/reply, and a stream would answer the requests itself."""
+        day = 86400.0
+        return [
+            StreamSpec(self._stream_prefix + "INCIDENTS", [self.subject("incidents", ">")], 30 * day),
+            StreamSpec(self._stream_prefix + "RUNBOOK", [self.subject("runbook", ">")], 30 * day),
+            StreamSpec(self._stream_prefix + "CAPACITY", [self.subject("capacity", ">")], 30 * day),
+            StreamSpec(self._stream_prefix + "ALERTS", [self.subject("alerts", ">")], 7 * day),
+            StreamSpec(self._stream_prefix + "TELEMETRY", [self.subject("telemetry", ">")], 1 * day),
+        ]
+
+    def stream_for(self, subject: str) -> str:
+        for spec in self.streams():
+            if subject.startswith(spec.subjects[0][:-1]):
+                return spec.name
+        raise ValueError(f"no stream captures {subject}")
+
+
+class Bus:
+    """One NATS connection with JetStream, reconnecting for as long as the process lives."""
+
+    def __init__(self, nc: NatsClient, subjects: Subjects) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.subjects = subjects
+
+    @classmethod
+    async def connect(cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0) -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error: %s", exc)
+
+        async def on_disconnect() -> None:
+            log.warning("NATS disconnected; reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info("NATS reconnected")
+
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=2,
+                    reconnect_time_wait=1,
+                    max_reconnect_attempts=-1,
+                    allow_reconnect=True,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                ),
+                timeout_s,
+            )
+        except (OSError, asyncio.TimeoutError, NatsError) as exc:
+            raise UnavailableError(f"NATS unreachable at {url}: {exc}") from exc
+        return cls(nc, Subjects(namespace))
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def ensure_streams(self) -> None:
+        """Creates or updates every stream; safe to run from several processes at once."""
+        for spec in self.subjects.streams():
+            config = js_api.StreamConfig(
+                name=spec.name,
+                subjects=spec.subjects,
+                storage=js_api.StorageType.FILE,
+                max_age=spec.max_age_s,
+                duplicate_window=120.0,
+            )
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                # Exists with another config (a newer release changed it): update in place.
+                await self.js.update_stream(config)
+
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str, tracking_id: str = "") -> None:
+        headers = {"Nats-Msg-Id": msg_id, HEADER_EVENT_TYPE: self.subjects.event_type(subject)}
+        if tracking_id:
+            headers[HEADER_TRACKING_ID] = tracking_id
+        await self.js.publish(subject, payload, headers=headers, timeout=5.0)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows to JetStream, in order, exactly once per event id.
+
+    One relay at a time holds the leader lock (a session advisory lock), so
+    events stay in commit order across replicas. Writers call `wake()` after a
+    commit so events leave at once instead of at the next poll.
+    """
+
+    LEADER_LOCK = "aetherops.outbox.relay"
+
+    def __init__(self, db: Database, bus: Bus, *, batch_size: int = 1000, poll_interval_s: float = 0.5) -> None:
+        self._db = db
+        self._bus = bus
+        self._batch_size = batch_size
+        self._poll_interval_s = poll_interval_s
+        self._wakeup = asyncio.Event()
+        self.published_total = 0
+        self.failures = 0
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self._db.connection() as leader:
+                    await self._lead(leader)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep relaying through database or NATS outages
+                self.failures += 1
+                log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.1
+
+    async def _lead(self, leader: object) -> None:
+        key = f"{self.LEADER_LOCK}.{self._db.schema}"
+        conn = leader
+        while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):  # type: ignore[attr-defined]
+            await self._wait(self._poll_interval_s * 4)
+        try:
+            backoff = 0.1
+            while True:
+                try:
+                    sent = await self.drain_once()
+                except (NatsError, NatsTimeoutError, asyncio.TimeoutError, OSError) as exc:
+                    self.failures += 1
+                    log.warning("outbox relay: NATS publish failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.1
+                if sent < self._batch_size:
+                    await self._wait(self._poll_interval_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)  # type: ignore[attr-defined]
+
+    async def _wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+        self._wakeup.clear()
+
+    async def drain_once(self) -> int:
+        """Publishes one batch; returns how many rows it published. Raises on a NATS failure
+        (the transaction rolls back, nothing is marked, the same rows go again later)."""
+        async with self._db.transaction() as conn:
+            rows = await outbox.fetch_unpublished(conn, self._batch_size)
+            if not rows:
+                return 0
+            # Pipelined: every publish is written to the socket in order, then the acks are awaited.
+            acks = [
+                self._bus.js.publish_async(
+                    row.subject,
+                    row.payload,
+                    headers=_headers(self._bus.subjects, row),
+                )
+                for row in rows
+            ]
+            await asyncio.wait_for(asyncio.gather(*[await a for a in acks]), 10.0)
+            await outbox.mark_published(conn, [row.id for row in rows])
+        self.published_total += len(rows)
+        return len(rows)
+
+
+def _headers(subjects: Subjects, row: outbox.OutboxRow) -> dict[str, str]:
+    headers = {"Nats-Msg-Id": row.event_id, HEADER_EVENT_TYPE: subjects.event_type(row.subject)}
+    if row.tracking_id:
+        headers[HEADER_TRACKING_ID] = row.tracking_id
+    return headers
+
+
+MessageHandler = Callable[[Msg], Awaitable[None]]
+
+
+class DurableConsumer:
+    """A durable pull consumer: messages are acknowledged only after the handler returns
+    (that is, after its transaction committed); a failing handler leaves the message for
+    redelivery, so handlers must be idempotent."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subject: str,
+        durable: str,
+        handler: MessageHandler,
+        *,
+        batch: int = 256,
+        ack_wait_s: float = 30.0,
+        max_deliver: int = 20,
+    ) -> None:
+        self._bus = bus
+        self._subject = subject
+        self._durable = durable
+        self._handler = handler
+        self._batch = batch
+        self._ack_wait_s = ack_wait_s
+        self._max_deliver = max_deliver
+        self.handled = 0
+
+    async def run(self) -> None:
+        stream = self._bus.subjects.stream_for(self._subject)
+        while True:
+            try:
+                sub = await self._bus.js.pull_subscribe(
+                    self._subject,
+                    durable=self._durable,
+                    stream=stream,
+                    config=js_api.ConsumerConfig(
+                        ack_wait=self._ack_wait_s,
+                        max_deliver=self._max_deliver,
+                        deliver_policy=js_api.DeliverPolicy.ALL,
+                    ),
+                )
+                break
+            except asyncio.CancelledError:
+                raise
+            except (NatsError, NotFoundError, asyncio.TimeoutError) as exc:
+                log.warning("consumer %s: cannot subscribe yet (%s)", self._durable, exc)
+                await asyncio.sleep(1.0)
+        while True:
+            try:
+                msgs = await sub.fetch(self._batch, timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except NatsError as exc:
+                log.warning("consumer %s: fetch failed (%s)", self._durable, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                try:
+                    await self._handler(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("consumer %s: handler failed; message will be redelivered", self._durable)
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=1.0)
+                    continue
+                await msg.ack()
+                self.handled += 1

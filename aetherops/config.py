@@ -1,0 +1,155 @@
+"""Settings for `aetherops serve`: one dataclass, read from flags and AETHEROPS_* variables.
+
+Invalid values stop start-up with a ConfigError that names the setting. The
+README's configuration table lists the same settings; a test keeps the two and
+docker-compose.yml in step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from aetherops.errors import ConfigError
+
+__all__ = ["ALL_SERVICES", "ENV_VARS", "Settings"]
+
+ALL_SERVICES: tuple[str, ...] = ("correlation", "runbook", "capacity")
+
+_NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server process needs to know at start."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on. Loopback by default."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
+    services: tuple[str, ...] = ALL_SERVICES
+    """Which services this process runs (all three by default)."""
+    database_url: str = ""
+    """PostgreSQL DSN. Empty: start an embedded PostgreSQL under data_dir."""
+    nats_url: str = ""
+    """NATS URL (JetStream enabled). Empty: start an embedded nats-server under data_dir."""
+    redis_url: str = ""
+    """Redis URL for rate limits shared across replicas. Empty: in-process limits."""
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".aetherops")
+    """Where the embedded PostgreSQL and NATS keep their data."""
+    db_schema: str = "public"
+    """PostgreSQL schema holding AetherOps' tables (tests use one per test)."""
+    namespace: str = ""
+    """Prefix for NATS subjects and stream names, for isolating tests or tenants. Empty: none."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM, in-flight RPCs get this long to finish."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    correlation_window_s: float = 300.0
+    """Alerts further apart than this never join one cluster."""
+    dedupe_window_s: float = 60.0
+    """Same satellite and subsystem within this span: a duplicate."""
+    max_future_skew_s: float = 300.0
+    """Alerts and snapshots timestamped further than this in the future are rejected."""
+    dependency_graph_file: str = ""
+    """JSON or YAML file replacing the default subsystem dependency graph."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", f"must be 0-65535, got {self.port}")
+        _check(bool(self.host), "host", "must not be empty")
+        _check(bool(self.services), "services", "name at least one service")
+        for name in self.services:
+            _check(name in ALL_SERVICES, "services", f"unknown service {name!r}; choose from {ALL_SERVICES}")
+        _check(
+            self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
+            "database_url",
+            "must start with postgresql://",
+        )
+        _check(
+            self.nats_url == "" or self.nats_url.startswith(("nats://", "tls://")),
+            "nats_url",
+            "must start with nats:// or tls://",
+        )
+        _check(
+            self.redis_url == "" or self.redis_url.startswith(("redis://", "rediss://")),
+            "redis_url",
+            "must start with redis://",
+        )
+        _check(re.fullmatch(r"[a-z_][a-z0-9_]*", self.db_schema) is not None, "db_schema", "must be an identifier")
+        _check(
+            self.namespace == "" or _NAMESPACE_RE.fullmatch(self.namespace) is not None,
+            "namespace",
+            "lowercase letters, digits and _, starting with a letter",
+        )
+        _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
+        _check(self.max_message_bytes >= 64 * 1024, "max_message_bytes", "must be at least 65536")
+        _check(self.correlation_window_s > 0, "correlation_window_s", "must be positive")
+        _check(self.dedupe_window_s >= 0, "dedupe_window_s", "must not be negative")
+        _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must not be negative")
+        _check(
+            self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+            "log_level",
+            "DEBUG, INFO, WARNING or ERROR",
+        )
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.database_url == ""
+
+    @property
+    def uses_embedded_nats(self) -> bool:
+        return self.nats_url == ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from AETHEROPS_* variables, then explicit overrides (flags) on top."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = ENV_VARS[f.name]
+            if var in env and env[var] != "":
+                values[f.name] = _parse(f.name, env[var])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+ENV_VARS: dict[str, str] = {f.name: "AETHEROPS_" + f.name.upper() for f in fields(Settings)}
+"""Setting name -> environment variable (AETHEROPS_DATABASE_URL, ...)."""
+
+_INTS = {"port", "max_message_bytes"}
+_FLOATS = {
+    "shutdown_grace_s",
+    "correlation_window_s",
+    "dedupe_window_s",
+    "max_future_skew_s",
+}
+
+
+def _parse(name: str, raw: str) -> Any:
+    var = ENV_VARS[name]
+    try:
+        if name in _INTS:
+            return int(raw)
+        if name in _FLOATS:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
+    if name == "services":
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    if name == "data_dir":
+        return Path(raw).expanduser()
+    return raw
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{ENV_VARS.get(name, name)}: {message}")

@@ -1,0 +1,113 @@
+"""The asyncpg connection pool, bound to one schema, and its error translation.
+
+Every connection's search_path is the configured schema, so SQL names tables
+unqualified and tests isolate themselves with a schema each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from aetherops.errors import UnavailableError
+
+__all__ = ["Connection", "Database"]
+
+Connection = asyncpg.Connection
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON columns come back as Python objects, not strings.
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Database:
+    """A pool of connections to one schema of one PostgreSQL database."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self._pool = pool
+        self.schema = schema
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        schema: str = "public",
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout_s: float = 5.0,
+    ) -> Database:
+        """Connects (creating the schema if needed); UnavailableError when the server cannot be reached."""
+        try:
+            admin = await asyncpg.connect(url, timeout=timeout_s)
+            try:
+                await admin.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            except asyncpg.UniqueViolationError:
+                pass  # two processes created it at the same moment
+            finally:
+                await admin.close()
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout_s,
+                command_timeout=60,
+                server_settings={"search_path": schema, "application_name": "aetherops"},
+                init=_init_connection,
+            )
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
+        return cls(pool, schema)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection inside a transaction: committed on normal exit, rolled back on error."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._pool.acquire() as conn:
+            yield conn
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._pool.acquire() as conn:
+            return list(await conn.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self._pool.acquire() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+            return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self._pool.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self._pool.acquire() as conn:
+            return str(await conn.execute(query, *args))
+
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """True when a trivial query answers within the timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self.fetchval("SELECT 1") == 1)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except asyncio.TimeoutError:
+            self._pool.terminate()

@@ -1,0 +1,1 @@
+"""Clients of AetherOps: the `aetherops` CLI and (later) the Python SDK."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules; never edit, run proto/generate.py."""

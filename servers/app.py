@@ -1,0 +1,212 @@
+"""The server process: composes the components, health, reflection and the lifecycle.
+
+Start-up: listen at once with every service NOT_SERVING; bring up PostgreSQL
+and NATS (embedded when no URL is configured) with retries and backoff; apply
+migrations, create streams, start the outbox relay and the components; then
+report SERVING. A monitor keeps health honest while the process runs.
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, in-flight RPCs get the grace
+period, then components, relay, pools and embedded servers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aetherops.bus import Bus, OutboxRelay
+from aetherops.clock import Clock, SystemClock
+from aetherops.config import Settings
+from aetherops.db import Database, apply_migrations
+from aetherops.errors import UnavailableError
+from aetherops.infra import EmbeddedNats, EmbeddedPostgres
+from servers.component import Component, Infra
+from servers.interceptors import EdgeInterceptor
+
+__all__ = ["Application", "server_options"]
+
+log = logging.getLogger("aetherops.server")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+T = TypeVar("T")
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel options, chosen deliberately (see README, 'Server options')."""
+    return [
+        ("grpc.so_reuseport", 0),  # two servers must never silently share a port
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Ping idle clients every 60 s and drop them after 20 s without an answer, so
+        # half-open connections (a ground station that vanished) do not pile up.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Allow clients' own keepalive pings down to every 10 s, even without calls in flight
+        # (long WatchClusters/WatchExecution streams need them through NATs and load balancers).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Recycle connections after 30 min (with 30 s grace) so clients rebalance across replicas.
+        ("grpc.max_connection_age_ms", 30 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+    ]
+
+
+def default_components(settings: Settings) -> list[Component]:
+    from servers.registry import build_components
+
+    return build_components(settings)
+
+
+@dataclass
+class Application:
+    """One AetherOps server process."""
+
+    settings: Settings
+    clock: Clock = field(default_factory=SystemClock)
+    components_factory: Callable[[Settings], list[Component]] = default_components
+    port: int = 0
+    infra: Infra | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._components: list[Component] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._embedded_pg: EmbeddedPostgres | None = None
+        self._embedded_nats: EmbeddedNats | None = None
+        self._stopping = False
+        self._started: set[str] = set()
+
+    @property
+    def components(self) -> list[Component]:
+        return self._components
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Listens and begins bringing up dependencies in the background; returns the bound port."""
+        self._components = self.components_factory(self.settings)
+        server = grpc.aio.server(
+            interceptors=[EdgeInterceptor(lambda service: service in self._started)],
+            options=server_options(self.settings),
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for component in self._components:
+            component.add_to_server(server)
+        names = [c.service_name for c in self._components]
+        reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise UnavailableError(f"cannot listen on {self.settings.host}:{self.settings.port}")
+        await server.start()
+        self._server = server
+        self._tasks.append(asyncio.create_task(self._bring_up(), name="bring-up"))
+        return self.port
+
+    async def _set_health(self, status: int, *, only: list[Component] | None = None) -> None:
+        targets = self._components if only is None else only
+        for component in targets:
+            await self._health.set(component.service_name, status)
+        if only is None:
+            await self._health.set("", status)
+
+    async def _bring_up(self) -> None:
+        settings = self.settings
+        db_url, nats_url = settings.database_url, settings.nats_url
+        if settings.uses_embedded_postgres:
+            self._embedded_pg = EmbeddedPostgres(settings.data_dir)
+            db_url = await asyncio.to_thread(self._embedded_pg.start)
+            log.info("embedded PostgreSQL running in %s", settings.data_dir / "postgres")
+        if settings.uses_embedded_nats:
+            self._embedded_nats = EmbeddedNats(settings.data_dir)
+            nats_url = await self._embedded_nats.astart()
+            log.info("embedded NATS running at %s", nats_url)
+        db = await _retry("PostgreSQL", lambda: Database.connect(db_url, settings.db_schema))
+        await apply_migrations(db)
+        bus = await _retry("NATS", lambda: Bus.connect(nats_url, settings.namespace))
+        await _retry("JetStream", bus.ensure_streams)
+        relay = OutboxRelay(db, bus)
+        self.infra = Infra(settings=settings, db=db, bus=bus, relay=relay, clock=self.clock)
+        self._tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+        for component in self._components:
+            await component.start(self.infra)
+            self._started.add(component.service_name)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._monitor(), name="health-monitor"))
+        self.ready.set()
+        log.info("serving %s on %s", ",".join(c.name for c in self._components), self.address)
+
+    async def _monitor(self, interval_s: float = 1.0) -> None:
+        assert self.infra is not None
+        serving = True
+        while True:
+            await asyncio.sleep(interval_s)  # a periodic probe, not synchronisation
+            ok = self.infra.bus.connected and await self.infra.db.ping()
+            if ok != serving and not self._stopping:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                log.warning("dependencies %s: health %s", "back" if ok else "lost", "SERVING" if ok else "NOT_SERVING")
+                await self._set_health(status)
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for component in reversed(self._components):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %s failed", component.name)
+        if self.infra is not None:
+            await self.infra.bus.close()
+            await self.infra.db.close()
+        if self._embedded_nats is not None:
+            await self._embedded_nats.astop()
+        if self._embedded_pg is not None:
+            await asyncio.to_thread(self._embedded_pg.stop)
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Waits until every component serves; raises if bring-up failed or timed out."""
+        bring_up = self._tasks[0]
+        ready = asyncio.create_task(self.ready.wait())
+        done, _ = await asyncio.wait({bring_up, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            if bring_up.done() and bring_up.exception() is not None:
+                raise UnavailableError(f"start-up failed: {bring_up.exception()}")
+            raise UnavailableError(f"not ready within {timeout_s}s")
+
+
+async def _retry(what: str, attempt: Callable[[], Awaitable[T]], *, first_delay_s: float = 0.2) -> T:
+    """Retries with exponential backoff (capped at 10 s) until it succeeds, logging one line per failure."""
+    delay = first_delay_s
+    while True:
+        try:
+            return await attempt()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure to reach a dependency: say what, wait, try again
+            log.warning("%s not reachable (%s); retrying in %.1fs", what, exc or type(exc).__name__, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)

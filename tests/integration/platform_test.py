@@ -1,0 +1,248 @@
+"""The platform through real PostgreSQL, NATS and grpc.aio servers: migrations, outbox, health,
+reflection, graceful shutdown and start-up without a database."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from aetherops.bus import Bus, OutboxRelay
+from aetherops.config import Settings
+from aetherops.db import Database, apply_migrations, outbox
+from aetherops.infra import EmbeddedNats, free_port
+from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
+from servers.app import Application
+
+SERVICES = {
+    "aetherops.correlation.v1.CorrelationService",
+    "aetherops.runbook.v1.RunbookService",
+    "aetherops.capacity.v1.CapacityService",
+}
+
+
+async def _wait_for(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await predicate():
+            await asyncio.sleep(0.02)  # polling an external system (PostgreSQL, NATS) with a bound
+
+
+async def test_migrations_apply_once_and_rerun_is_a_no_op(pg_url: str, schema: str) -> None:
+    db = await Database.connect(pg_url, schema)
+    try:
+        first = await apply_migrations(db)
+        second = await apply_migrations(db)
+        assert first and first == sorted(first)
+        assert second == []
+        rows = await db.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == first
+    finally:
+        await db.close()
+
+
+async def test_concurrent_migrations_take_turns(pg_url: str, schema: str) -> None:
+    dbs = [await Database.connect(pg_url, schema) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(apply_migrations(d) for d in dbs))
+        applied = [v for r in results for v in r]
+        assert len(applied) == len(set(applied)), "a migration ran twice"
+        assert sorted(applied) == [r["version"] for r in await dbs[0].fetch("SELECT version FROM schema_migrations")]
+    finally:
+        for d in dbs:
+            await d.close()
+
+
+async def _write_events(db: Database, bus: Bus, n: int, start: int = 0) -> list[str]:
+    ids = []
+    async with db.transaction() as conn:
+        events = [
+            outbox.OutboxEvent(
+                subject=bus.subjects.incidents("opened"),
+                aggregate_id=f"agg-{i % 3}",
+                payload=f"event-{i}".encode(),
+            )
+            for i in range(start, start + n)
+        ]
+        await outbox.append(conn, events)
+        ids = [e.event_id for e in events]
+    return ids
+
+
+async def _stream_messages(bus: Bus, subject: str) -> list[Any]:
+    sub = await bus.js.subscribe(subject, ordered_consumer=True)
+    msgs = []
+    try:
+        while True:
+            try:
+                msgs.append(await sub.next_msg(timeout=0.5))
+            except Exception:
+                break
+    finally:
+        await sub.unsubscribe()
+    return msgs
+
+
+async def test_outbox_delivers_each_event_exactly_once_across_nats_restart(
+    db: Database, tmp_path: Path, namespace: str
+) -> None:
+    # A NATS of our own, so this test may stop and restart it.
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await nats_server.astart()
+    bus = await Bus.connect(url, namespace)
+    relay_task: asyncio.Task[None] | None = None
+    try:
+        await bus.ensure_streams()
+        relay = OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.1)
+        relay_task = asyncio.create_task(relay.run())
+        first = await _write_events(db, bus, 120)
+        relay.wake()
+
+        async def all_published() -> bool:
+            return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
+
+        await _wait_for(all_published)
+        await nats_server.astop()
+        # Written while NATS is away: they must wait, then go out once NATS is back.
+        second = await _write_events(db, bus, 80, start=120)
+        relay.wake()
+        assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NULL") == 80
+        await nats_server.astart()
+        await _wait_for(all_published, timeout_s=30)
+        # Simulate a relay that crashed after publishing but before marking: publish again.
+        await db.execute("UPDATE outbox SET published_time = NULL WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)")
+        relay.wake()
+        await _wait_for(all_published)
+        msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
+        got = [m.headers["Nats-Msg-Id"] for m in msgs]
+        assert got == first + second, "every event exactly once, in commit order"
+    finally:
+        if relay_task is not None:
+            relay_task.cancel()
+            await asyncio.gather(relay_task, return_exceptions=True)
+        await bus.close()
+        await nats_server.astop()
+
+
+async def test_health_and_reflection_list_every_service(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for name in ["", *SERVICES]:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name async for r in responses for s in r.list_services_response.service}
+    assert SERVICES | {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+async def test_subset_of_services(app_factory: Any) -> None:
+    app = await app_factory(services=("correlation", "capacity"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+        stub = health_pb2_grpc.HealthStub(chan)
+        ok = await stub.Check(health_pb2.HealthCheckRequest(service="aetherops.capacity.v1.CapacityService"))
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Check(health_pb2.HealthCheckRequest(service="aetherops.runbook.v1.RunbookService"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unreachable_database_is_not_serving_not_a_crash(settings: Settings) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    app = Application(settings.with_overrides(database_url=dead))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+            stub = health_pb2_grpc.HealthStub(chan)
+            for name in ["", *SERVICES]:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            corr = correlation_pb2_grpc.CorrelationServiceStub(chan)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await corr.GetCluster(correlation_pb2.GetClusterRequest(cluster_id="x"))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await app.stop()
+
+
+class _SlowComponent:
+    """A CorrelationService whose GetCluster blocks until the test releases it."""
+
+    name = "correlation"
+    service_name = "aetherops.correlation.v1.CorrelationService"
+
+    def __init__(self, settings: Settings) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        component = self
+
+        class Servicer(correlation_pb2_grpc.CorrelationServiceServicer):
+            async def GetCluster(self, request: Any, context: Any) -> Any:
+                component.entered.set()
+                await component.release.wait()
+                return correlation_pb2.GetClusterResponse(cluster=correlation_pb2.Cluster(cluster_id=request.cluster_id))
+
+        self.servicer = Servicer()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        correlation_pb2_grpc.add_CorrelationServiceServicer_to_server(self.servicer, server)
+
+    async def start(self, infra: Any) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings) -> None:
+    slow: list[_SlowComponent] = []
+
+    def factory(s: Settings) -> list[Any]:
+        slow.append(_SlowComponent(s))
+        return slow
+
+    app = Application(settings, components_factory=factory)
+    await app.start()
+    await app.wait_ready()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+        stub = correlation_pb2_grpc.CorrelationServiceStub(chan)
+        call = asyncio.ensure_future(stub.GetCluster(correlation_pb2.GetClusterRequest(cluster_id="c-1")))
+        await asyncio.wait_for(slow[0].entered.wait(), 5)
+        stopping = asyncio.create_task(app.stop())
+        health = health_pb2_grpc.HealthStub(chan)
+
+        async def not_serving() -> bool:
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            except grpc.aio.AioRpcError:
+                return True  # already refusing new calls
+            return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await _wait_for(not_serving, 5)
+        slow[0].release.set()
+        reply = await asyncio.wait_for(call, 5)
+        assert reply.cluster.cluster_id == "c-1"
+        await asyncio.wait_for(stopping, 10)
+
+
+async def test_tracking_id_is_echoed(channel: grpc.aio.Channel) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    tracking = uuid.uuid4().hex
+    call = stub.GetCluster(correlation_pb2.GetClusterRequest(cluster_id="missing"), metadata=(("x-tracking-id", tracking),))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    assert ("x-tracking-id", tracking) in tuple(await call.initial_metadata())
+
+
+async def test_postgres_unique_schema_isolation(pg_url: str, schema: str, db: Database) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        tables = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)
+        assert {"outbox", "schema_migrations"} <= {t["table_name"] for t in tables}
+    finally:
+        await conn.close()
