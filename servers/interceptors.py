@@ -113,7 +113,9 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return wrapper
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         tracking_id = await _begin(context)
         try:
@@ -129,10 +131,14 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
 
 def _unavailable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet")
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet"
+        )
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet")
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet"
+        )
         yield None  # pragma: no cover - abort raises
 
     kwargs = {

@@ -17,7 +17,7 @@ class RunbookComponent:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self.servicer = runbook_pb2_grpc.RunbookServiceServicer()
+        self.servicer = runbook_pb2_grpc.RunbookServiceServicer()  # type: ignore[abstract]  # contract only until the service lands
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         runbook_pb2_grpc.add_RunbookServiceServicer_to_server(self.servicer, server)

@@ -55,7 +55,14 @@ async def fetch_unpublished(conn: asyncpg.Connection, limit: int) -> list[Outbox
         limit,
     )
     return [
-        OutboxRow(r["id"], str(r["event_id"]), r["subject"], r["aggregate_id"], bytes(r["payload"]), r["tracking_id"])
+        OutboxRow(
+            r["id"],
+            str(r["event_id"]),
+            r["subject"],
+            r["aggregate_id"],
+            bytes(r["payload"]),
+            r["tracking_id"],
+        )
         for r in rows
     ]
 
@@ -67,6 +74,8 @@ async def mark_published(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
 
 async def backlog(conn: asyncpg.Connection) -> tuple[int, datetime | None]:
     """Unpublished count and the creation time of the oldest (metrics)."""
-    row = await conn.fetchrow("SELECT count(*) AS n, min(created_time) AS oldest FROM outbox WHERE published_time IS NULL")
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, min(created_time) AS oldest FROM outbox WHERE published_time IS NULL"
+    )
     assert row is not None
     return int(row["n"]), row["oldest"]

@@ -62,7 +62,7 @@ class Database:
                 server_settings={"search_path": schema, "application_name": "aetherops"},
                 init=_init_connection,
             )
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
         return cls(pool, schema)
 
@@ -103,11 +103,11 @@ class Database:
         try:
             async with asyncio.timeout(timeout_s):
                 return bool(await self.fetchval("SELECT 1") == 1)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return False
 
     async def close(self, timeout_s: float = 5.0) -> None:
         try:
             await asyncio.wait_for(self._pool.close(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pool.terminate()

@@ -30,7 +30,7 @@ SERVICES = {
 
 async def _wait_for(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
     async with asyncio.timeout(timeout_s):
-        while not await predicate():
+        while not await predicate():  # noqa: ASYNC110 - the condition lives in PostgreSQL or NATS
             await asyncio.sleep(0.02)  # polling an external system (PostgreSQL, NATS) with a bound
 
 
@@ -53,7 +53,9 @@ async def test_concurrent_migrations_take_turns(pg_url: str, schema: str) -> Non
         results = await asyncio.gather(*(apply_migrations(d) for d in dbs))
         applied = [v for r in results for v in r]
         assert len(applied) == len(set(applied)), "a migration ran twice"
-        assert sorted(applied) == [r["version"] for r in await dbs[0].fetch("SELECT version FROM schema_migrations")]
+        assert sorted(applied) == [
+            r["version"] for r in await dbs[0].fetch("SELECT version FROM schema_migrations")
+        ]
     finally:
         for d in dbs:
             await d.close()
@@ -116,7 +118,9 @@ async def test_outbox_delivers_each_event_exactly_once_across_nats_restart(
         await nats_server.astart()
         await _wait_for(all_published, timeout_s=30)
         # Simulate a relay that crashed after publishing but before marking: publish again.
-        await db.execute("UPDATE outbox SET published_time = NULL WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)")
+        await db.execute(
+            "UPDATE outbox SET published_time = NULL WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)"
+        )
         relay.wake()
         await _wait_for(all_published)
         msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
@@ -185,7 +189,9 @@ class _SlowComponent:
             async def GetCluster(self, request: Any, context: Any) -> Any:
                 component.entered.set()
                 await component.release.wait()
-                return correlation_pb2.GetClusterResponse(cluster=correlation_pb2.Cluster(cluster_id=request.cluster_id))
+                return correlation_pb2.GetClusterResponse(
+                    cluster=correlation_pb2.Cluster(cluster_id=request.cluster_id)
+                )
 
         self.servicer = Servicer()
 
@@ -233,7 +239,9 @@ async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings) -
 async def test_tracking_id_is_echoed(channel: grpc.aio.Channel) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     tracking = uuid.uuid4().hex
-    call = stub.GetCluster(correlation_pb2.GetClusterRequest(cluster_id="missing"), metadata=(("x-tracking-id", tracking),))
+    call = stub.GetCluster(
+        correlation_pb2.GetClusterRequest(cluster_id="missing"), metadata=(("x-tracking-id", tracking),)
+    )
     with pytest.raises(grpc.aio.AioRpcError):
         await call
     assert ("x-tracking-id", tracking) in tuple(await call.initial_metadata())
@@ -242,7 +250,9 @@ async def test_tracking_id_is_echoed(channel: grpc.aio.Channel) -> None:
 async def test_postgres_unique_schema_isolation(pg_url: str, schema: str, db: Database) -> None:
     conn = await asyncpg.connect(pg_url)
     try:
-        tables = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)
+        tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+        )
         assert {"outbox", "schema_migrations"} <= {t["table_name"] for t in tables}
     finally:
         await conn.close()

@@ -20,7 +20,7 @@ CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_time IS NULL;
 CREATE TABLE idempotency (
     scope         text NOT NULL,
     request_id    text NOT NULL,
-    response      bytea NOT NULL,
+    response      jsonb NOT NULL,
     created_time  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, request_id)
 );

@@ -1,0 +1,126 @@
+"""Group commit: concurrent callers share one transaction.
+
+Callers `submit` items and await their results; one worker takes everything
+queued (up to `max_batch`), hands the batch to `process`, and resolves every
+caller's future when the batch committed. While a transaction is in flight the
+next batch accumulates, so durability costs one commit per batch, not per item.
+A full queue refuses new work with ResourceExhaustedError instead of growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from aetherops.errors import ResourceExhaustedError, UnavailableError
+
+__all__ = ["GroupCommitter"]
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+log = logging.getLogger("aetherops.batching")
+
+
+@dataclass
+class _Pending(Generic[Item, Result]):
+    item: Item
+    future: asyncio.Future[Result]
+
+
+class GroupCommitter(Generic[Item, Result]):
+    """Batches items from concurrent callers into calls of `process` (one transaction each).
+
+    `process(items)` returns one result per item, in order, or raises: then every
+    caller in that batch gets the exception.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        *,
+        max_batch: int = 2000,
+        max_queue: int = 50_000,
+        name: str = "group-commit",
+    ) -> None:
+        self._process = process
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._name = name
+        self._queue: list[_Pending[Item, Result]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+
+    @property
+    def utilisation(self) -> float:
+        """Queued items over capacity, 0..1 (drives adaptive rate limits)."""
+        return len(self._queue) / self._max_queue
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(UnavailableError("server is shutting down"))
+        self._queue.clear()
+
+    def _enqueue(self, items: Sequence[Item]) -> list[asyncio.Future[Result]]:
+        if self._task is None:
+            raise UnavailableError(f"{self._name} is not running")
+        if len(self._queue) + len(items) > self._max_queue:
+            raise ResourceExhaustedError(f"{self._name}: ingest queue is full", retry_after_s=0.5)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Result]] = []
+        for item in items:
+            future: asyncio.Future[Result] = loop.create_future()
+            self._queue.append(_Pending(item, future))
+            futures.append(future)
+        self._wakeup.set()
+        return futures
+
+    async def submit(self, item: Item) -> Result:
+        (future,) = self._enqueue([item])
+        return await future
+
+    async def submit_many(self, items: Sequence[Item]) -> list[Result]:
+        """All items in order; they may span several batches. Raises the first batch error."""
+        futures = self._enqueue(items)
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            try:
+                results = await self._process([p.item for p in batch])
+            except asyncio.CancelledError:
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(UnavailableError("server is shutting down"))
+                raise
+            except Exception as exc:
+                log.warning("%s: batch of %d failed: %s", self._name, len(batch), exc)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)

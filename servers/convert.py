@@ -1,0 +1,46 @@
+"""Conversions shared by every servicer: timestamps, durations, structs, field checks."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+__all__ = ["from_struct", "from_ts", "to_duration", "to_struct", "to_ts"]
+
+
+def to_ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def from_ts(message: Any, field: str) -> datetime | None:
+    """The timestamp field as an aware UTC datetime, or None when it is not set."""
+    if not message.HasField(field):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(message, field)
+    return datetime.fromtimestamp(ts.seconds, UTC) + timedelta(microseconds=ts.nanos // 1000)
+
+
+def to_duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    if value:
+        # Through JSON so that datetimes and other non-JSON values arrive as strings, not errors.
+        s.update(json.loads(json.dumps(value, default=str)))
+    return s
+
+
+def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
+    out: dict[str, Any] = json_format.MessageToDict(value)
+    return out

@@ -1,0 +1,71 @@
+"""Settings parsing and validation, and the README table and docker-compose.yml kept in step with them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aetherops.config import ENV_VARS, Settings
+from aetherops.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_environment() -> None:
+    s = Settings.from_env({"AETHEROPS_PORT": "6000", "AETHEROPS_SERVICES": "capacity, correlation"})
+    assert s.port == 6000
+    assert s.services == ("capacity", "correlation")
+    assert s.host == "127.0.0.1"
+    assert s.uses_embedded_postgres and s.uses_embedded_nats
+
+
+def test_flags_override_environment() -> None:
+    s = Settings.from_env({"AETHEROPS_PORT": "6000"}, port=7000, host=None)
+    assert s.port == 7000
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"AETHEROPS_PORT": "http"}, "AETHEROPS_PORT"),
+        ({"AETHEROPS_PORT": "70000"}, "AETHEROPS_PORT"),
+        ({"AETHEROPS_SERVICES": "correlation,billing"}, "AETHEROPS_SERVICES"),
+        ({"AETHEROPS_DATABASE_URL": "mysql://x"}, "AETHEROPS_DATABASE_URL"),
+        ({"AETHEROPS_NATS_URL": "http://x"}, "AETHEROPS_NATS_URL"),
+        ({"AETHEROPS_REDIS_URL": "x"}, "AETHEROPS_REDIS_URL"),
+        ({"AETHEROPS_NAMESPACE": "Bad-Name"}, "AETHEROPS_NAMESPACE"),
+        ({"AETHEROPS_CORRELATION_WINDOW_S": "0"}, "AETHEROPS_CORRELATION_WINDOW_S"),
+        ({"AETHEROPS_LOG_LEVEL": "LOUD"}, "AETHEROPS_LOG_LEVEL"),
+    ],
+)
+def test_invalid_values_name_the_setting(env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        Settings.from_env(env)
+
+
+def test_readme_table_lists_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(AETHEROPS_[A-Z_]+)`", readme, re.MULTILINE))
+    assert documented == set(ENV_VARS.values())
+
+
+def test_docker_compose_matches_configuration() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "nats", "redis", "correlation", "runbook", "capacity"} <= set(services)
+    assert "-js" in services["nats"]["command"], "JetStream must be on"
+    known = set(ENV_VARS.values())
+    for name in ("correlation", "runbook", "capacity"):
+        svc = services[name]
+        env = svc["environment"]
+        assert set(env) <= known, f"{name}: unknown variables {set(env) - known}"
+        assert env["AETHEROPS_SERVICES"] == name
+        Settings.from_env({k: str(v) for k, v in env.items()})  # every value is valid
+        assert svc["build"] == "."
+        assert "aetherops" in svc["healthcheck"]["test"] and "health" in svc["healthcheck"]["test"]
+        container_port = int(env["AETHEROPS_PORT"])
+        assert any(str(p).endswith(f":{container_port}") for p in svc["ports"])
+    assert (ROOT / "Dockerfile").exists()
