@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -107,9 +109,7 @@ class Bus:
         self.subjects = subjects
 
     @classmethod
-    async def connect(
-        cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0
-    ) -> Bus:
+    async def connect(cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0) -> Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error: %s", exc)
 
@@ -164,11 +164,13 @@ class Bus:
             headers[HEADER_TRACKING_ID] = tracking_id
         await self.js.publish(subject, payload, headers=headers, timeout=5.0)
 
-    async def close(self) -> None:
+    async def close(self, drain_timeout_s: float = 2.0) -> None:
+        """Drains (bounded: a stuck subscription must not hold shutdown for nats-py's 30 s) and closes."""
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
         if not self.nc.is_closed:
-            await self.nc.close()
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
 
 class OutboxRelay:
@@ -181,9 +183,7 @@ class OutboxRelay:
 
     LEADER_LOCK = "aetherops.outbox.relay"
 
-    def __init__(
-        self, db: Database, bus: Bus, *, batch_size: int = 1000, poll_interval_s: float = 0.5
-    ) -> None:
+    def __init__(self, db: Database, bus: Bus, *, batch_size: int = 1000, poll_interval_s: float = 0.5) -> None:
         self._db = db
         self._bus = bus
         self._batch_size = batch_size
@@ -191,6 +191,10 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self.published_total = 0
         self.failures = 0
+        # Refreshed about once a second by the leader, read by the metrics scrape.
+        self.backlog = 0
+        self.oldest_age_s = 0.0
+        self._stats_time = 0.0
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -228,11 +232,22 @@ class OutboxRelay:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 backoff = 0.1
+                await self._refresh_stats()
                 if sent < self._batch_size:
                     await self._wait(self._poll_interval_s)
         finally:
             with contextlib.suppress(Exception):
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)  # type: ignore[attr-defined]
+
+    async def _refresh_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_time < 1.0:
+            return
+        self._stats_time = now
+        async with self._db.connection() as conn:
+            count, oldest = await outbox.backlog(conn)
+        self.backlog = count
+        self.oldest_age_s = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
 
     async def _wait(self, timeout_s: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -45,6 +45,8 @@ class Settings:
     """PostgreSQL schema holding AetherOps' tables (tests use one per test)."""
     namespace: str = ""
     """Prefix for NATS subjects and stream names, for isolating tests or tenants. Empty: none."""
+    metrics_port: int = 9464
+    """Prometheus /metrics port; 0 picks a free one, -1 turns the endpoint off."""
     shutdown_grace_s: float = 5.0
     """On SIGTERM, in-flight RPCs get this long to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -63,6 +65,9 @@ class Settings:
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"must be 0-65535, got {self.port}")
         _check(bool(self.host), "host", "must not be empty")
+        _check(
+            -1 <= self.metrics_port <= 65535, "metrics_port", f"must be -1 (off) or 0-65535, got {self.metrics_port}"
+        )
         _check(bool(self.services), "services", "name at least one service")
         for name in self.services:
             _check(name in ALL_SERVICES, "services", f"unknown service {name!r}; choose from {ALL_SERVICES}")
@@ -129,7 +134,7 @@ class Settings:
 ENV_VARS: dict[str, str] = {f.name: "AETHEROPS_" + f.name.upper() for f in fields(Settings)}
 """Setting name -> environment variable (AETHEROPS_DATABASE_URL, ...)."""
 
-_INTS = {"port", "max_message_bytes"}
+_INTS = {"port", "metrics_port", "max_message_bytes"}
 _FLOATS = {
     "shutdown_grace_s",
     "correlation_window_s",

@@ -1,13 +1,21 @@
-"""Tracking ids: one id follows a request through RPCs, rows, NATS headers and logs."""
+"""Request context: the tracking id that follows a request through RPCs, rows, NATS headers
+and logs, and the authenticated principal's name (for logs and audit)."""
 
 from __future__ import annotations
 
 import contextvars
 import uuid
 
-__all__ = ["current_tracking_id", "new_tracking_id", "set_tracking_id"]
+__all__ = [
+    "current_principal_name",
+    "current_tracking_id",
+    "new_tracking_id",
+    "set_principal_name",
+    "set_tracking_id",
+]
 
 _tracking_id: contextvars.ContextVar[str] = contextvars.ContextVar("aetherops_tracking_id", default="")
+_principal: contextvars.ContextVar[str] = contextvars.ContextVar("aetherops_principal", default="")
 
 
 def new_tracking_id() -> str:
@@ -21,3 +29,12 @@ def current_tracking_id() -> str:
 
 def set_tracking_id(value: str) -> contextvars.Token[str]:
     return _tracking_id.set(value)
+
+
+def current_principal_name() -> str:
+    """The authenticated caller of the request being served ('' when anonymous)."""
+    return _principal.get()
+
+
+def set_principal_name(value: str) -> contextvars.Token[str]:
+    return _principal.set(value)

@@ -29,6 +29,7 @@ from aetherops.errors import UnavailableError
 from aetherops.infra import EmbeddedNats, EmbeddedPostgres
 from servers.component import Component, Infra
 from servers.interceptors import EdgeInterceptor
+from servers.metrics import Metrics
 
 __all__ = ["Application", "server_options"]
 
@@ -85,6 +86,7 @@ class Application:
         self._embedded_nats: EmbeddedNats | None = None
         self._stopping = False
         self._started: set[str] = set()
+        self.metrics = Metrics()
 
     @property
     def components(self) -> list[Component]:
@@ -98,7 +100,7 @@ class Application:
         """Listens and begins bringing up dependencies in the background; returns the bound port."""
         self._components = self.components_factory(self.settings)
         server = grpc.aio.server(
-            interceptors=[EdgeInterceptor(lambda service: service in self._started)],
+            interceptors=[EdgeInterceptor(lambda service: service in self._started, self.metrics)],
             options=server_options(self.settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -112,6 +114,8 @@ class Application:
             raise UnavailableError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         await server.start()
         self._server = server
+        if self.settings.metrics_port >= 0:
+            self.metrics.serve(self.settings.host, self.settings.metrics_port)
         self._tasks.append(asyncio.create_task(self._bring_up(), name="bring-up"))
         return self.port
 
@@ -140,6 +144,7 @@ class Application:
         relay = OutboxRelay(db, bus)
         self.infra = Infra(settings=settings, db=db, bus=bus, relay=relay, clock=self.clock)
         self._tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+        self.metrics.add_gauge_source(self._platform_gauges)
         for component in self._components:
             await component.start(self.infra)
             self._started.add(component.service_name)
@@ -147,6 +152,15 @@ class Application:
         self._tasks.append(asyncio.create_task(self._monitor(), name="health-monitor"))
         self.ready.set()
         log.info("serving %s on %s", ",".join(c.name for c in self._components), self.address)
+
+    def _platform_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        assert self.infra is not None
+        relay = self.infra.relay
+        return [
+            ("aetherops_outbox_backlog", "Outbox events not yet published", {}, float(relay.backlog)),
+            ("aetherops_outbox_oldest_age_seconds", "Age of the oldest unpublished event", {}, relay.oldest_age_s),
+            ("aetherops_outbox_published_total", "Events published by this relay", {}, float(relay.published_total)),
+        ]
 
     async def _monitor(self, interval_s: float = 1.0) -> None:
         assert self.infra is not None
@@ -156,14 +170,8 @@ class Application:
             ok = self.infra.bus.connected and await self.infra.db.ping()
             if ok != serving and not self._stopping:
                 serving = ok
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if ok
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                log.warning(
-                    "dependencies %s: health %s", "back" if ok else "lost", "SERVING" if ok else "NOT_SERVING"
-                )
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                log.warning("dependencies %s: health %s", "back" if ok else "lost", "SERVING" if ok else "NOT_SERVING")
                 await self._set_health(status)
 
     async def stop(self) -> None:
@@ -187,6 +195,7 @@ class Application:
         if self.infra is not None:
             await self.infra.bus.close()
             await self.infra.db.close()
+        self.metrics.close()
         if self._embedded_nats is not None:
             await self._embedded_nats.astop()
         if self._embedded_pg is not None:
@@ -196,9 +205,7 @@ class Application:
         """Waits until every component serves; raises if bring-up failed or timed out."""
         bring_up = self._tasks[0]
         ready = asyncio.create_task(self.ready.wait())
-        done, _ = await asyncio.wait(
-            {bring_up, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait({bring_up, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
             if bring_up.done() and bring_up.exception() is not None:

@@ -1,14 +1,357 @@
-"""The CorrelationService servicer (contract only for now: every RPC answers UNIMPLEMENTED)."""
+"""CorrelationService servicer: proto <-> domain for alerts and clusters, and the NATS ingest path.
+
+Alerts arrive by RPC or on the JetStream subject aetherops.alerts.ingest
+(protobuf `aetherops.correlation.v1.Alert`, or its JSON form); both go through
+CorrelationService.ingest. WatchClusters follows the incident subjects on NATS,
+so watchers see events from every replica and never slow ingestion down.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
 
+from aetherops.bus import DurableConsumer
+from aetherops.clock import Clock
 from aetherops.config import Settings
+from aetherops.correlation import Alert, CorrelationEngine
+from aetherops.db.correlation import ClusterRecord
+from aetherops.errors import FieldViolation, ValidationError
+from aetherops.services.correlation import CorrelationService, IncidentEvent
+from aetherops.subsystems import load_dependency_graph
+from gen.aetherops.common.v1 import common_pb2
+from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
+from gen.aetherops.events.v1 import events_pb2
 from servers.component import Infra
+from servers.convert import from_ts, to_duration, to_ts
 
-__all__ = ["CorrelationComponent"]
+__all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
+
+log = logging.getLogger("aetherops.correlation")
+
+_EVENT_TYPES = {
+    "opened": pb.CLUSTER_EVENT_TYPE_OPENED,
+    "updated": pb.CLUSTER_EVENT_TYPE_UPDATED,
+    "closed": pb.CLUSTER_EVENT_TYPE_CLOSED,
+}
+
+
+# ---- mapping ---------------------------------------------------------------------------------
+
+
+def alert_from_proto(message: pb.Alert, field: str = "alert") -> Alert:
+    """A domain alert; a missing timestamp is a field violation (the rest is checked by the core)."""
+    when = from_ts(message, "timestamp")
+    if when is None:
+        raise ValidationError.single(f"{field}.timestamp", "required")
+    return Alert(
+        alert_id=message.alert_id,
+        satellite_id=message.satellite_id,
+        subsystem=message.subsystem,
+        severity=message.severity,
+        timestamp=when,
+        message=message.message,
+        labels=dict(message.labels),
+        tracking_id="",
+    )
+
+
+def alert_to_proto(alert: Alert) -> pb.Alert:
+    return pb.Alert(
+        alert_id=alert.alert_id,
+        satellite_id=alert.satellite_id,
+        subsystem=alert.subsystem,
+        severity=alert.severity,
+        timestamp=to_ts(alert.timestamp),
+        message=alert.message,
+        labels=dict(alert.labels),
+        tracking_id=alert.tracking_id,
+    )
+
+
+def cluster_to_proto(record: ClusterRecord, *, with_alerts: bool = True) -> pb.Cluster:
+    return pb.Cluster(
+        cluster_id=record.cluster_id,
+        status=pb.CLUSTER_STATUS_OPEN if record.status == "OPEN" else pb.CLUSTER_STATUS_CLOSED,
+        alerts=[alert_to_proto(a) for a in record.alerts] if with_alerts else [],
+        root_cause_alert_id=record.root_cause_alert_id or "",
+        root_cause_confidence=record.root_cause_confidence,
+        satellite_ids=record.satellites,
+        subsystems=record.subsystems,
+        max_severity=record.max_severity,
+        first_alert_time=to_ts(record.first_alert_time),
+        last_alert_time=to_ts(record.last_alert_time),
+        close_time=to_ts(record.closed_time),
+        duration=to_duration(record.duration_seconds),
+        multi_satellite=record.multi_satellite,
+        alert_count=record.alert_count,
+        duplicate_count=record.duplicate_count,
+        tracking_id=record.tracking_id,
+    )
+
+
+def _incident(event: IncidentEvent) -> events_pb2.Incident:
+    record, root = event.cluster, event.root_cause
+    return events_pb2.Incident(
+        cluster_id=record.cluster_id,
+        satellite_ids=record.satellites,
+        subsystems=record.subsystems,
+        max_severity=record.max_severity,
+        root_cause_alert_id=record.root_cause_alert_id or "",
+        root_cause_subsystem=root.subsystem if root else "",
+        root_cause_satellite_id=root.satellite_id if root else "",
+        alert_count=record.alert_count,
+        first_alert_time=to_ts(record.first_alert_time),
+        last_alert_time=to_ts(record.last_alert_time),
+        multi_satellite=record.multi_satellite,
+    )
+
+
+def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetime) -> bytes:
+    envelope = events_pb2.Event(
+        event_id=event_id,
+        type=f"incidents.{event.kind}",
+        occurred_time=to_ts(occurred),
+        tracking_id=event.cluster.tracking_id,
+        source_service="correlation",
+        aggregate_id=event.cluster.cluster_id,
+    )
+    incident = _incident(event)
+    if event.kind == "opened":
+        envelope.incident_opened.incident.CopyFrom(incident)
+    elif event.kind == "updated":
+        envelope.incident_updated.CopyFrom(
+            events_pb2.IncidentUpdated(
+                incident=incident, added_alert_ids=event.added_alert_ids, root_cause_changed=event.root_cause_changed
+            )
+        )
+    else:
+        envelope.incident_closed.CopyFrom(
+            events_pb2.IncidentClosed(incident=incident, reason=event.reason, closed_by=event.closed_by)
+        )
+    return bytes(envelope.SerializeToString())
+
+
+def _cluster_from_incident(incident: events_pb2.Incident, status: pb.ClusterStatus.ValueType) -> pb.Cluster:
+    return pb.Cluster(
+        cluster_id=incident.cluster_id,
+        status=status,
+        root_cause_alert_id=incident.root_cause_alert_id,
+        satellite_ids=incident.satellite_ids,
+        subsystems=incident.subsystems,
+        max_severity=incident.max_severity,
+        first_alert_time=incident.first_alert_time,
+        last_alert_time=incident.last_alert_time,
+        multi_satellite=incident.multi_satellite,
+        alert_count=incident.alert_count,
+    )
+
+
+def decode_alert_message(data: bytes) -> pb.Alert:
+    """An alert from NATS: protobuf binary, or protobuf JSON when it starts with '{'."""
+    message = pb.Alert()
+    if data.lstrip()[:1] == b"{":
+        json_format.Parse(data, message, ignore_unknown_fields=True)
+    else:
+        message.ParseFromString(data)
+    return message
+
+
+# ---- servicer ----------------------------------------------------------------------------------
+
+
+class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
+    def __init__(self, component: CorrelationComponent) -> None:
+        self._c = component
+
+    @property
+    def _svc(self) -> CorrelationService:
+        assert self._c.service is not None
+        return self._c.service
+
+    async def IngestAlert(self, request: pb.IngestAlertRequest, context: Any) -> pb.IngestAlertResponse:
+        if not request.HasField("alert"):
+            raise ValidationError.single("alert", "required")
+        outcome = await self._svc.ingest(alert_from_proto(request.alert))
+        return pb.IngestAlertResponse(
+            cluster_id=outcome.cluster_id,
+            duplicate=outcome.duplicate,
+            duplicate_of_alert_id=outcome.duplicate_of or "",
+            cluster_opened=outcome.opened,
+            replay=outcome.replay,
+        )
+
+    async def IngestAlerts(
+        self, request_iterator: AsyncIterator[pb.IngestAlertsRequest], context: Any
+    ) -> pb.IngestAlertsResponse:
+        rejections: list[common_pb2.Rejection] = []
+        pending: list[asyncio.Future[list[Any]]] = []
+        chunk: list[Alert] = []
+        index = 0
+        async for request in request_iterator:
+            try:
+                alert = alert_from_proto(request.alert)
+                self._svc.validate(alert)
+            except ValidationError as exc:
+                rejections.append(
+                    common_pb2.Rejection(
+                        index=index,
+                        reason=str(exc),
+                        problems=[
+                            common_pb2.FieldProblem(field=v.field, description=v.description) for v in exc.violations
+                        ],
+                    )
+                )
+            else:
+                chunk.append(alert)
+                if len(chunk) >= 1000:
+                    # Submit while the stream is still arriving, so commits overlap with reading.
+                    pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
+                    chunk = []
+            index += 1
+        if chunk:
+            pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
+        outcomes = [o for batch in await asyncio.gather(*pending) for o in batch]
+        duplicates = sum(1 for o in outcomes if o.duplicate)
+        return pb.IngestAlertsResponse(
+            accepted=len(outcomes) - duplicates,
+            duplicates=duplicates,
+            rejected=len(rejections),
+            rejections=rejections,
+        )
+
+    async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:
+        _require_id(request.cluster_id, "cluster_id")
+        return pb.GetClusterResponse(cluster=cluster_to_proto(await self._svc.get_cluster(request.cluster_id)))
+
+    async def ListActiveClusters(
+        self, request: pb.ListActiveClustersRequest, context: Any
+    ) -> pb.ListActiveClustersResponse:
+        page, token = await self._svc.list_active(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            satellite_id=request.satellite_id,
+            min_severity=request.min_severity,
+        )
+        return pb.ListActiveClustersResponse(clusters=[cluster_to_proto(r) for r in page], next_page_token=token)
+
+    async def CloseCluster(self, request: pb.CloseClusterRequest, context: Any) -> pb.CloseClusterResponse:
+        _require_id(request.cluster_id, "cluster_id")
+        record = await self._svc.close(
+            request.cluster_id, reason=request.reason, closed_by="operator", request_id=request.request_id
+        )
+        return pb.CloseClusterResponse(cluster=cluster_to_proto(record))
+
+    async def IdentifyRootCause(
+        self, request: pb.IdentifyRootCauseRequest, context: Any
+    ) -> pb.IdentifyRootCauseResponse:
+        _require_id(request.cluster_id, "cluster_id")
+        alert, confidence = await self._svc.root_cause(request.cluster_id)
+        if alert is None:
+            return pb.IdentifyRootCauseResponse()
+        return pb.IdentifyRootCauseResponse(alert_id=alert.alert_id, confidence=confidence, alert=alert_to_proto(alert))
+
+    async def ScoreAlerts(self, request: pb.ScoreAlertsRequest, context: Any) -> pb.ScoreAlertsResponse:
+        problems: list[FieldViolation] = []
+        alerts = []
+        for name in ("first", "second"):
+            try:
+                alerts.append(alert_from_proto(getattr(request, name), name))
+            except ValidationError as exc:
+                problems.extend(exc.violations)
+        if problems:
+            raise ValidationError(problems)
+        components, would = self._svc.score(alerts[0], alerts[1])
+        return pb.ScoreAlertsResponse(
+            score=components.total,
+            components=pb.ScoreComponents(
+                time=components.time,
+                satellite=components.satellite,
+                dependency=components.dependency,
+                severity=components.severity,
+            ),
+            would_correlate=would,
+        )
+
+    async def WatchClusters(
+        self, request: pb.WatchClustersRequest, context: Any
+    ) -> AsyncIterator[pb.WatchClustersResponse]:
+        infra = self._c.infra
+        assert infra is not None
+        queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(maxsize=1024)
+        dropped = 0
+
+        async def on_message(msg: Msg) -> None:
+            nonlocal dropped
+            event = events_pb2.Event()
+            event.ParseFromString(msg.data)
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped += 1  # a slow watcher loses events; ingestion never waits for it
+
+        wanted_types = set(request.event_types)
+        wanted_sats = set(request.satellite_ids)
+        sub = await infra.bus.nc.subscribe(infra.bus.subjects.incidents("*"), cb=on_message)
+        try:
+            while True:
+                event = await queue.get()
+                kind = event.WhichOneof("payload")
+                if kind == "incident_opened":
+                    incident, etype, status = (
+                        event.incident_opened.incident,
+                        pb.CLUSTER_EVENT_TYPE_OPENED,
+                        pb.CLUSTER_STATUS_OPEN,
+                    )
+                elif kind == "incident_updated":
+                    incident, etype, status = (
+                        event.incident_updated.incident,
+                        pb.CLUSTER_EVENT_TYPE_UPDATED,
+                        pb.CLUSTER_STATUS_OPEN,
+                    )
+                elif kind == "incident_closed":
+                    incident, etype, status = (
+                        event.incident_closed.incident,
+                        pb.CLUSTER_EVENT_TYPE_CLOSED,
+                        pb.CLUSTER_STATUS_CLOSED,
+                    )
+                else:
+                    continue
+                if wanted_types and etype not in wanted_types:
+                    continue
+                if wanted_sats and not wanted_sats.intersection(incident.satellite_ids):
+                    continue
+                if request.min_severity and incident.max_severity < request.min_severity:
+                    continue
+                missed, dropped = dropped, 0
+                yield pb.WatchClustersResponse(
+                    event_type=etype,
+                    cluster=_cluster_from_incident(incident, status),
+                    event_time=event.occurred_time,
+                    dropped_events=missed,
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+def _require_id(value: str, field: str) -> None:
+    if not value:
+        raise ValidationError.single(field, "required")
+
+
+# ---- component ---------------------------------------------------------------------------------
 
 
 class CorrelationComponent:
@@ -17,13 +360,53 @@ class CorrelationComponent:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self.servicer = correlation_pb2_grpc.CorrelationServiceServicer()
+        self.servicer = CorrelationServicer(self)
+        self.service: CorrelationService | None = None
+        self.infra: Infra | None = None
+        self._consumer_task: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         correlation_pb2_grpc.add_CorrelationServiceServicer_to_server(self.servicer, server)
 
+    def _engine(self, clock: Clock) -> CorrelationEngine:
+        s = self._settings
+        graph = load_dependency_graph(Path(s.dependency_graph_file)) if s.dependency_graph_file else None
+        return CorrelationEngine(
+            time_window_s=s.correlation_window_s,
+            dedupe_window_s=s.dedupe_window_s,
+            dependency_graph=graph,
+            clock=clock,
+        )
+
     async def start(self, infra: Infra) -> None:
-        self._infra = infra
+        self.infra = infra
+        service = CorrelationService(
+            infra.db,
+            infra.relay,
+            infra.bus.subjects,
+            self._engine(infra.clock),
+            encode_incident_event,
+            infra.clock,
+            max_future_skew_s=self._settings.max_future_skew_s,
+        )
+        await service.start()
+        self.service = service
+        consumer = DurableConsumer(infra.bus, infra.bus.subjects.alerts_ingest, "correlation-alerts", self._on_alert)
+        self._consumer_task = asyncio.create_task(consumer.run(), name="correlation-alerts")
+
+    async def _on_alert(self, msg: Msg) -> None:
+        assert self.service is not None
+        try:
+            alert = alert_from_proto(decode_alert_message(msg.data))
+            await self.service.ingest(alert)
+        except (ValidationError, json_format.ParseError, DecodeError, ValueError) as exc:
+            # A malformed alert will never become valid: log it and let it be acknowledged.
+            log.warning("rejected alert from NATS: %s", exc)
 
     async def stop(self) -> None:
-        return None
+        if self._consumer_task is not None:
+            self._consumer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer_task
+        if self.service is not None:
+            await self.service.stop()

@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 
 from aetherops import errors
-from aetherops.tracking import new_tracking_id, set_tracking_id
+from aetherops.tracking import current_principal_name, new_tracking_id, set_tracking_id
+from servers.metrics import Metrics
 from servers.status import status_for
 
 __all__ = ["TRACKING_HEADER", "EdgeInterceptor"]
@@ -55,8 +56,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     until it has, its RPCs answer UNAVAILABLE (the database or NATS is not there yet).
     """
 
-    def __init__(self, is_ready: Callable[[str], bool] = lambda _service: True) -> None:
+    def __init__(self, is_ready: Callable[[str], bool] = lambda _service: True, metrics: Metrics | None = None) -> None:
         self._is_ready = is_ready
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -72,73 +74,114 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service = method.split("/")[1]
         if not self._is_ready(service):
             return _unavailable(handler)
+        metrics = self._metrics
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, handler.unary_unary, metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
+                _wrap_unary(method, handler.stream_unary, metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
+                _wrap_stream(method, handler.unary_stream, metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, handler.stream_stream),
+            _wrap_stream(method, handler.stream_stream, metrics),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _finish(
+    method: str, context: grpc.aio.ServicerContext, tracking_id: str, started: float, code: str, metrics: Metrics | None
+) -> None:
+    """One structured log line and the metrics for a finished RPC."""
+    if metrics is not None:
+        metrics.observe(method, code, started)
+    service, _, rpc = method.lstrip("/").partition("/")
+    log.info(
+        "rpc %s %s",
+        method,
+        code,
+        extra={
+            "service": service,
+            "rpc": rpc,
+            "tracking_id": tracking_id,
+            "principal": current_principal_name(),
+            "code": code,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        },
+    )
+
+
+def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    if exc is None:
+        return "OK"
+    if isinstance(exc, errors.AetherOpsError):
+        return str(status_for(exc).code.name)
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], metrics: Metrics | None
+) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         tracking_id = await _begin(context)
         started = time.perf_counter()
+        failure: BaseException | None = None
         try:
             return await behavior(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+            failure = exc
             raise
         except Exception as exc:
+            failure = exc
             await _fail(context, method, exc, tracking_id)
         finally:
-            log.debug("%s %.1fms", method, (time.perf_counter() - started) * 1000)
+            _finish(method, context, tracking_id, started, _code_of(context, failure), metrics)
 
     return wrapper
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]]
+    method: str, behavior: Callable[..., AsyncIterator[Any]], metrics: Metrics | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         tracking_id = await _begin(context)
+        started = time.perf_counter()
+        failure: BaseException | None = None
         try:
             async for item in behavior(request, context):
                 yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+            failure = exc
             raise
         except Exception as exc:
+            failure = exc
             await _fail(context, method, exc, tracking_id)
+        finally:
+            _finish(method, context, tracking_id, started, _code_of(context, failure), metrics)
 
     return wrapper
 
 
 def _unavailable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet"
-        )
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet")
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet"
-        )
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "service is starting: database or NATS not reachable yet")
         yield None  # pragma: no cover - abort raises
 
     kwargs = {

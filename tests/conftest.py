@@ -103,6 +103,7 @@ def settings(pg_url: str, nats_url: str, namespace: str, schema: str, tmp_path: 
         namespace=namespace,
         data_dir=tmp_path,
         shutdown_grace_s=2.0,
+        metrics_port=0,
     )
 
 

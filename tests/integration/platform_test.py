@@ -53,9 +53,7 @@ async def test_concurrent_migrations_take_turns(pg_url: str, schema: str) -> Non
         results = await asyncio.gather(*(apply_migrations(d) for d in dbs))
         applied = [v for r in results for v in r]
         assert len(applied) == len(set(applied)), "a migration ran twice"
-        assert sorted(applied) == [
-            r["version"] for r in await dbs[0].fetch("SELECT version FROM schema_migrations")
-        ]
+        assert sorted(applied) == [r["version"] for r in await dbs[0].fetch("SELECT version FROM schema_migrations")]
     finally:
         for d in dbs:
             await d.close()
@@ -250,9 +248,41 @@ async def test_tracking_id_is_echoed(channel: grpc.aio.Channel) -> None:
 async def test_postgres_unique_schema_isolation(pg_url: str, schema: str, db: Database) -> None:
     conn = await asyncpg.connect(pg_url)
     try:
-        tables = await conn.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
-        )
+        tables = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)
         assert {"outbox", "schema_migrations"} <= {t["table_name"] for t in tables}
     finally:
         await conn.close()
+
+
+async def test_metrics_move_under_traffic_and_log_lines_are_json(
+    server: Any, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+    import urllib.request
+
+    from aetherops.logs import JsonFormatter
+
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    tracking = uuid.uuid4().hex
+    with caplog.at_level(logging.INFO, logger="aetherops.rpc"):
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.GetCluster(
+                    correlation_pb2.GetClusterRequest(cluster_id=""), metadata=(("x-tracking-id", tracking),)
+                )
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "aetherops.rpc"]
+    assert len(lines) == 3
+    for line in lines:
+        assert line["rpc"] == "GetCluster" and line["service"] == "aetherops.correlation.v1.CorrelationService"
+        assert line["tracking_id"] == tracking and line["code"] == "INVALID_ARGUMENT"
+        assert line["latency_ms"] >= 0 and "principal" in line
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    text = await asyncio.to_thread(scrape)
+    method = "/aetherops.correlation.v1.CorrelationService/GetCluster"
+    assert f'aetherops_rpc_total{{code="INVALID_ARGUMENT",method="{method}"}} 3.0' in text
+    assert "aetherops_outbox_backlog" in text

@@ -18,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _grpcurl_examples() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.DOTALL)
-    return [
-        line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("grpcurl ")
-    ]
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("grpcurl ")]
 
 
 async def test_readme_grpcurl_examples_work(server: Any) -> None:

@@ -1,0 +1,872 @@
+"""Alert correlation core: alerts in, incident clusters out, with a probable root cause and no duplicates.
+
+Pure and deterministic: no I/O, time only from the injected `Clock`, cluster ids from the injected
+`id_factory`. The service layer (persistence, outbox, gRPC) drives a `CorrelationEngine` and stores
+what it returns; after a restart it feeds the persisted open clusters back with `restore_cluster`.
+
+Scoring (`CorrelationEngine.score_components`). For two alerts *a*, *b* with ``dt = |t_a - t_b|``
+and window ``W`` (``time_window_s``)::
+
+    time       = 0.3 * (1 - dt / W)                      linear decay, 0 at the window's edge
+    satellite  = same_satellite_bonus (0.3) if same satellite else 0
+    dependency = 0.4 * graph.strength(sub_a, sub_b)      1 for the same known subsystem, edge/path
+                                                         weight in either direction, 0 if unknown
+    severity   = 0.1 * (sev_a + sev_b) / 10              in [0.02, 0.1]
+    total      = clamp(time + satellite + dependency + severity, 0, 1), and 0 if dt >= W
+
+An alert joins the open cluster with the best score >= ``score_threshold`` (default 0.5), where a
+cluster's score is the *maximum* pairwise score against its candidate alerts (the best single
+piece of evidence, as one related alert is enough to explain a cascade; sums or means would favour
+big or penalise diverse clusters). The default threshold makes, for typical severities:
+
+* power then thermal/propulsion on one satellite within minutes one cluster (>= 0.62 even at 299 s);
+* the same subsystem failing on several satellites within ~4 minutes one cluster (0.4 + time);
+* unrelated subsystems on different satellites never one cluster, even simultaneously
+  (at most 0.3 + 0.1 < 0.5): time alone never correlates, which is why the threshold must be > 0.4;
+* unrelated or unknown subsystems on the same satellite one cluster within ~2.5 minutes.
+
+Root cause (`IncidentCluster.root_cause`): among the cluster's subsystems, the one upstream (per
+the graph, transitively) of the most *other* subsystems present wins; ties go to the earliest first
+alert, then higher severity, then alert id. Its earliest alert is the root cause. So a power alert
+that precedes thermal alerts beats an earlier minor alert on an unrelated subsystem. Confidence is
+0.5 for a single-subsystem cluster (time order only), else ``0.25 + 0.55 * explained / others +
+0.2 * (root is the cluster's earliest alert)``.
+
+Cost per alert is bounded, independent of the number of active clusters: open clusters are indexed
+by satellite and by (known) subsystem, each index ordered by last update; a new alert scores only
+the most recently updated clusters (at most `MAX_CANDIDATE_CLUSTERS`) on its own satellite and on
+the subsystems related strongly enough to reach the threshold across satellites. Within a cluster
+only the latest alert per (satellite, subsystem) and the first/latest per subsystem are candidates.
+Clusters whose last alert fell out of the window are dropped from memory by a bucketed sweep.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import heapq
+import math
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Final
+
+from aetherops.clock import Clock, SystemClock
+from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
+from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH, DependencyGraph, normalize_name
+
+__all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
+    "DEPENDENCY_WEIGHT",
+    "MAX_CANDIDATE_CLUSTERS",
+    "SEVERITY_WEIGHT",
+    "TIME_WEIGHT",
+    "Alert",
+    "ClusterStatus",
+    "CorrelationEngine",
+    "IncidentCluster",
+    "IngestResult",
+    "Labels",
+    "ScoreComponents",
+    "validate_alert",
+]
+
+TIME_WEIGHT: Final = 0.3
+DEPENDENCY_WEIGHT: Final = 0.4
+SEVERITY_WEIGHT: Final = 0.1
+DEFAULT_SCORE_THRESHOLD: Final = 0.5
+MAX_CANDIDATE_CLUSTERS: Final = 16
+"""Per index list (the alert's satellite, each related subsystem), the most recently updated open
+clusters scored. Real fleets have a handful; the cap bounds the pathological case."""
+
+_SWEEP_BUCKETS: Final = 8  # expiry granularity: the window is cut into this many time buckets
+_KEY_CACHE_LIMIT: Final = 65_536  # raw subsystem spellings remembered (unknown names are unbounded)
+
+_Key = int | str
+"""A subsystem inside the engine: its graph index if known, else its normalised name."""
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+class Labels(Mapping[str, str]):
+    """A read-only, hashable label mapping (what `Alert.labels` holds)."""
+
+    __slots__ = ("_data", "_hash")
+
+    def __init__(self, data: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._data: dict[str, str] = dict(data)
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> str:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(frozenset(self._data.items()))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Labels):
+            return self._data == other._data
+        if isinstance(other, Mapping):
+            return self._data == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Labels({self._data!r})"
+
+    def as_tuple(self) -> tuple[tuple[str, str], ...]:
+        """Sorted (key, value) pairs."""
+        return tuple(sorted(self._data.items()))
+
+
+_NO_LABELS: Final = Labels()
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert from one satellite subsystem. Immutable.
+
+    `labels` may be given as any mapping; it is stored as a read-only `Labels`. `epoch` (seconds
+    since 1970, derived from `timestamp`) exists so the hot path does not convert datetimes. A naive
+    timestamp is read as UTC for `epoch`, but `validate_alert` rejects it.
+    """
+
+    alert_id: str
+    satellite_id: str
+    subsystem: str
+    severity: int
+    timestamp: datetime
+    message: str = ""
+    labels: Mapping[str, str] = _NO_LABELS
+    tracking_id: str = ""
+    epoch: float = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, Labels):
+            object.__setattr__(self, "labels", Labels(self.labels))
+        try:
+            ts = self.timestamp
+            epoch = (ts if ts.utcoffset() is not None else ts.replace(tzinfo=UTC)).timestamp()
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            epoch = math.nan  # not a datetime: validate_alert reports it, ingest refuses it
+        object.__setattr__(self, "epoch", epoch)
+
+    def with_tracking_id(self, tracking_id: str) -> Alert:
+        return replace(self, tracking_id=tracking_id)
+
+
+def validate_alert(
+    alert: Alert,
+    *,
+    now: datetime,
+    max_future_skew_s: float = 300.0,
+    max_message_len: int = 4096,
+    max_labels: int = 64,
+    max_label_len: int = 256,
+    field_prefix: str = "alert",
+) -> list[FieldViolation]:
+    """Every problem with `alert` at once (empty list if it is fine); fields named as in the proto."""
+    f = field_prefix + "."
+    out: list[FieldViolation] = []
+    for name in ("alert_id", "satellite_id", "subsystem"):
+        value = getattr(alert, name)
+        if not isinstance(value, str) or not value.strip():
+            out.append(FieldViolation(f + name, "required: must not be empty"))
+    sev = alert.severity
+    if isinstance(sev, bool) or not isinstance(sev, int) or not 1 <= sev <= 5:
+        out.append(FieldViolation(f + "severity", f"must be an integer between 1 and 5, got {sev!r}"))
+    ts = alert.timestamp
+    if not isinstance(ts, datetime):
+        out.append(FieldViolation(f + "timestamp", "required"))
+    elif ts.utcoffset() is None:
+        out.append(FieldViolation(f + "timestamp", "must be timezone-aware (UTC)"))
+    else:
+        ahead = (ts - now).total_seconds()
+        if ahead > max_future_skew_s:
+            out.append(
+                FieldViolation(
+                    f + "timestamp", f"is {ahead:.0f} s in the future; at most {max_future_skew_s:g} s of skew allowed"
+                )
+            )
+    if len(alert.message) > max_message_len:
+        out.append(
+            FieldViolation(f + "message", f"at most {max_message_len} characters allowed, got {len(alert.message)}")
+        )
+    labels = alert.labels
+    if len(labels) > max_labels:
+        out.append(FieldViolation(f + "labels", f"at most {max_labels} labels allowed, got {len(labels)}"))
+    for key, value in labels.items():
+        if not key:
+            out.append(FieldViolation(f + "labels", "label keys must not be empty"))
+        elif len(key) > max_label_len:
+            out.append(FieldViolation(f + "labels", f"label key {key[:32]!r}… longer than {max_label_len} characters"))
+        if len(value) > max_label_len:
+            out.append(
+                FieldViolation(f + "labels", f"value of label {key[:32]!r} longer than {max_label_len} characters")
+            )
+    return out
+
+
+class ClusterStatus(enum.Enum):
+    OPEN = "OPEN"
+    CLOSED = "CLOSED"
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreComponents:
+    """The weighted parts of a pairwise score; `total` is their clamped sum (0 outside the window)."""
+
+    time: float
+    satellite: float
+    dependency: float
+    severity: float
+    total: float
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one `ingest_detailed` did.
+
+    `replay` means the alert id was already known: nothing changed and the other fields repeat the
+    first outcome (`duplicate`/`duplicate_of` as it was then; `opened`/`root_cause_changed` False).
+    """
+
+    cluster_id: str
+    duplicate: bool = False
+    opened: bool = False
+    root_cause_changed: bool = False
+    duplicate_of: str | None = None
+    replay: bool = False
+
+
+def _epoch_of(alert: Alert) -> float:
+    return alert.epoch
+
+
+@dataclass(eq=False, slots=True)
+class IncidentCluster:
+    """A group of related alerts. Owned and mutated by the engine; callers should treat it as read-only.
+
+    `alerts` is ordered by timestamp (arrival order among equal timestamps) and holds no duplicates;
+    those are only counted in `duplicate_count`. Identity, not value, is equality.
+    """
+
+    cluster_id: str
+    alerts: list[Alert]
+    root_cause: str | None
+    status: ClusterStatus
+    opened_time: datetime
+    first_alert_time: datetime
+    last_alert_time: datetime
+    closed_time: datetime | None = None
+    duplicate_count: int = 0
+    root_cause_confidence: float = 0.0
+    # ---- engine index state (rebuilt by CorrelationEngine.restore_cluster) ----
+    _first_epoch: float = field(default=math.inf, repr=False)
+    _last_epoch: float = field(default=-math.inf, repr=False)
+    _max_sev: int = field(default=0, repr=False)
+    _sub_first: dict[_Key, Alert] = field(default_factory=dict, repr=False)  # earliest alert per subsystem
+    _sub_last: dict[_Key, Alert] = field(default_factory=dict, repr=False)  # latest alert per subsystem
+    _on_sat: dict[str, dict[_Key, Alert]] = field(default_factory=dict, repr=False)  # latest per (sat, sub)
+    _names: dict[_Key, str] = field(default_factory=dict, repr=False)
+    _mask: int = field(default=0, repr=False)  # bit per known subsystem present
+    _bucket: int = field(default=-1, repr=False)  # expiry bucket it is registered in
+    _joinable: bool = field(default=False, repr=False)  # open and in the engine's indexes
+    _in_memory: bool = field(default=False, repr=False)
+    _dup_ids: list[str] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def restore(
+        cls,
+        *,
+        cluster_id: str,
+        alerts: Iterable[Alert],
+        root_cause: str | None = None,
+        opened_time: datetime | None = None,
+        duplicate_count: int = 0,
+        status: ClusterStatus = ClusterStatus.OPEN,
+        closed_time: datetime | None = None,
+        root_cause_confidence: float = 0.0,
+    ) -> IncidentCluster:
+        """A cluster rebuilt from its persisted form, ready for `CorrelationEngine.restore_cluster`."""
+        ordered = sorted(alerts, key=_epoch_of)
+        if not ordered:
+            raise ValidationError.single("cluster.alerts", f"cluster {cluster_id!r} has no alerts")
+        first, last = ordered[0], max(ordered, key=_epoch_of)
+        return cls(
+            cluster_id=cluster_id,
+            alerts=ordered,
+            root_cause=root_cause,
+            status=status,
+            opened_time=opened_time or first.timestamp,
+            first_alert_time=first.timestamp,
+            last_alert_time=last.timestamp,
+            closed_time=closed_time,
+            duplicate_count=duplicate_count,
+            root_cause_confidence=root_cause_confidence,
+            _max_sev=max(a.severity for a in ordered),
+        )
+
+    def duration_seconds(self) -> float:
+        """Seconds from the earliest to the latest alert (0 for a single alert)."""
+        return (self.last_alert_time - self.first_alert_time).total_seconds()
+
+    def is_multi_satellite(self) -> bool:
+        return len(self.satellites) > 1
+
+    @property
+    def satellites(self) -> list[str]:
+        """Distinct satellite ids, sorted."""
+        return sorted(self._on_sat) if self._on_sat else sorted({a.satellite_id for a in self.alerts})
+
+    @property
+    def subsystems(self) -> list[str]:
+        """Distinct canonical subsystem names (aliases resolved, lower case), sorted."""
+        if self._names:
+            return sorted(self._names.values())
+        return sorted({normalize_name(a.subsystem) for a in self.alerts})
+
+    @property
+    def max_severity(self) -> int:
+        return self._max_sev or max((a.severity for a in self.alerts), default=0)
+
+    @property
+    def alert_count(self) -> int:
+        return len(self.alerts)
+
+    def root_cause_alert(self) -> Alert | None:
+        return next((a for a in self.alerts if a.alert_id == self.root_cause), None)
+
+
+class _SatIndex:
+    """Per satellite: its open clusters (ordered by last update) and the dedupe reference per subsystem."""
+
+    __slots__ = ("clusters", "last")
+
+    def __init__(self) -> None:
+        self.clusters: dict[IncidentCluster, None] = {}
+        self.last: dict[_Key, tuple[Alert, IncidentCluster]] = {}
+
+
+# ---- engine ----------------------------------------------------------------------------------
+
+
+class CorrelationEngine:
+    """Groups alerts into incident clusters (see the module docstring for the algorithm).
+
+    Not thread-safe: one event loop (or one lock) drives it.
+    """
+
+    def __init__(
+        self,
+        time_window_s: float = 300.0,
+        dedupe_window_s: float = 60.0,
+        dependency_graph: DependencyGraph | None = None,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        same_satellite_bonus: float = 0.3,
+        clock: Clock | None = None,
+        id_factory: Callable[[], str] | None = None,
+    ) -> None:
+        floor = TIME_WEIGHT + SEVERITY_WEIGHT
+        if not (math.isfinite(time_window_s) and time_window_s > 0):
+            raise ConfigError(f"time_window_s: must be a positive number of seconds, got {time_window_s!r}")
+        if not (math.isfinite(dedupe_window_s) and dedupe_window_s >= 0):
+            raise ConfigError(f"dedupe_window_s: must be >= 0 seconds, got {dedupe_window_s!r}")
+        if not floor < score_threshold <= 1.0:
+            raise ConfigError(
+                f"score_threshold: must be in ({floor:g}, 1] so that time alone never correlates, "
+                f"got {score_threshold!r}"
+            )
+        if not 0.0 <= same_satellite_bonus <= 1.0:
+            raise ConfigError(f"same_satellite_bonus: must be in [0, 1], got {same_satellite_bonus!r}")
+        self.time_window_s = float(time_window_s)
+        self.dedupe_window_s = float(dedupe_window_s)
+        self.score_threshold = float(score_threshold)
+        self.same_satellite_bonus = float(same_satellite_bonus)
+        self._graph = dependency_graph or DEFAULT_DEPENDENCY_GRAPH
+        self._clock: Clock = clock or SystemClock()
+        self._new_id: Callable[[], str] = id_factory or (lambda: uuid.uuid4().hex)
+        self._bucket_width = self.time_window_s / _SWEEP_BUCKETS
+
+        n = len(self._graph.names)
+        matrix = self._graph.strength_matrix()
+        # Weighted strength rows as dicts keyed like cluster subsystems (unknown names never match).
+        self._dep_rows: list[dict[_Key, float]] = [
+            {j: DEPENDENCY_WEIGHT * matrix[i][j] for j in range(n) if matrix[i][j] > 0.0} for i in range(n)
+        ]
+        # Across satellites the bonus is missing, so only a strong enough dependency can reach the
+        # threshold (time and severity together give at most `floor`).
+        min_dep = (self.score_threshold - floor) / DEPENDENCY_WEIGHT - 1e-9
+        self._related: list[tuple[int, ...]] = [tuple(j for j in range(n) if matrix[i][j] >= min_dep) for i in range(n)]
+        self._down_masks = self._graph.downstream_masks()
+        self.reset()
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forgets every cluster (the service rebuilds from PostgreSQL after this)."""
+        self._clusters: dict[str, IncidentCluster] = {}
+        self._seen: dict[str, tuple[IncidentCluster, str | None]] = {}  # alert id -> (cluster, dup of)
+        self._sats: dict[str, _SatIndex] = {}
+        self._subs: dict[int, dict[IncidentCluster, None]] = {}
+        self._buckets: dict[int, list[IncidentCluster]] = {}
+        self._bucket_heap: list[int] = []
+        self._next_sweep = -math.inf
+        self._keys: dict[str, _Key] = {}
+
+    @property
+    def dependency_graph(self) -> DependencyGraph:
+        return self._graph
+
+    @property
+    def cluster_count(self) -> int:
+        """Clusters held in memory (open or recently closed, not yet expired)."""
+        return len(self._clusters)
+
+    def _key_of(self, subsystem: str) -> _Key:
+        key = self._keys.get(subsystem)
+        if key is None:
+            idx = self._graph.index(subsystem)
+            key = normalize_name(subsystem) if idx is None else idx
+            if len(self._keys) >= _KEY_CACHE_LIMIT:
+                self._keys.clear()  # unknown names are unbounded; a cache miss only costs a normalise
+            self._keys[subsystem] = key
+        return key
+
+    def _name_of(self, key: _Key) -> str:
+        return key if isinstance(key, str) else self._graph.names[key]
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    def score_components(self, a: Alert, b: Alert) -> ScoreComponents:
+        """The weighted score parts of two alerts (module docstring has the formula)."""
+        dt = abs(a.epoch - b.epoch)
+        w = self.time_window_s
+        time = TIME_WEIGHT * (1.0 - dt / w) if dt < w else 0.0
+        sat = self.same_satellite_bonus if a.satellite_id == b.satellite_id else 0.0
+        ka, kb = self._key_of(a.subsystem), self._key_of(b.subsystem)
+        dep = self._dep_rows[ka].get(kb, 0.0) if isinstance(ka, int) else 0.0
+        sev = SEVERITY_WEIGHT * (a.severity + b.severity) / 10.0
+        total = min(1.0, max(0.0, time + sat + dep + sev)) if dt < w else 0.0
+        return ScoreComponents(time=time, satellite=sat, dependency=dep, severity=sev, total=total)
+
+    def correlation_score(self, a: Alert, b: Alert) -> float:
+        """Pairwise correlation score in [0, 1]; >= `score_threshold` means "same incident"."""
+        return self.score_components(a, b).total
+
+    # ---- ingestion -------------------------------------------------------------------------
+
+    def ingest(self, alert: Alert) -> str:
+        """Correlates one alert and returns the id of the cluster it belongs to (or duplicates into)."""
+        return self._ingest(alert)[0]
+
+    def ingest_detailed(self, alert: Alert) -> IngestResult:
+        """Like `ingest`, saying also whether it opened a cluster, was a duplicate, moved the root cause."""
+        cid, opened, dup_of, root_changed, replay = self._ingest(alert)
+        return IngestResult(cid, dup_of is not None, opened, root_changed, dup_of, replay)
+
+    def _ingest(self, alert: Alert) -> tuple[str, bool, str | None, bool, bool]:
+        """(cluster id, opened, duplicate of, root cause changed, replay) — a tuple, not a record,
+        because this is the hot path and `ingest` needs only the id."""
+        aid = alert.alert_id
+        seen = self._seen.get(aid)
+        if seen is not None:
+            return seen[0].cluster_id, False, seen[1], False, True
+        t = alert.epoch
+        if t != t:  # NaN: no usable timestamp
+            raise ValidationError.single("alert.timestamp", "required")
+        now_dt = self._clock.now()
+        now = now_dt.timestamp()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        w = self.time_window_s
+        horizon = now - w  # clusters whose last alert is older are no longer active
+        raw = alert.subsystem
+        key = self._keys.get(raw)
+        if key is None:
+            key = self._key_of(raw)
+        sat = alert.satellite_id
+        st = self._sats.get(sat)
+
+        if st is not None:
+            prev = st.last.get(key)
+            if prev is not None:
+                pa, pc = prev
+                if pc._joinable and pc._last_epoch >= horizon:
+                    d = t - pa.epoch
+                    if -self.dedupe_window_s <= d <= self.dedupe_window_s:
+                        return self._duplicate(alert, pc, pa)
+                    if d < 0:  # late: maybe within the dedupe window of an earlier alert
+                        orig = self._late_duplicate_of(pc, alert, key)
+                        if orig is not None:
+                            return self._duplicate(alert, pc, orig)
+
+        best: IncidentCluster | None = None
+        best_score = self.score_threshold - 1e-12
+        inv_w = 1.0 / w
+        sev_part = SEVERITY_WEIGHT * alert.severity / 10.0
+        sev_w = SEVERITY_WEIGHT / 10.0
+        kidx = key if isinstance(key, int) else -1
+        dep_row = self._dep_rows[kidx] if kidx >= 0 else _EMPTY_ROW
+        if st is not None:
+            base = TIME_WEIGHT + self.same_satellite_bonus + sev_part
+            n = 0
+            for c in reversed(st.clusters):
+                if n >= MAX_CANDIDATE_CLUSTERS:
+                    break
+                n += 1
+                if not c._joinable or c._last_epoch < horizon:
+                    continue
+                for kb, b in c._on_sat[sat].items():
+                    dt = t - b.epoch
+                    if dt < 0:
+                        dt = -dt
+                    if dt >= w:
+                        continue
+                    s = base - TIME_WEIGHT * dt * inv_w + sev_w * b.severity + dep_row.get(kb, 0.0)
+                    if s > best_score:
+                        best_score, best = s, c
+        if kidx >= 0:
+            bonus = self.same_satellite_bonus
+            base = TIME_WEIGHT + sev_part
+            for j in self._related[kidx]:
+                idx = self._subs.get(j)
+                if not idx:
+                    continue
+                dep = dep_row[j]
+                n = 0
+                for c in reversed(idx):
+                    if n >= MAX_CANDIDATE_CLUSTERS:
+                        break
+                    n += 1
+                    if not c._joinable or c._last_epoch < horizon:
+                        continue
+                    b = c._sub_last[j]
+                    dt = t - b.epoch
+                    if dt < 0:  # late alert: the subsystem's first alert may be closer
+                        first = c._sub_first[j]
+                        if first.epoch > t or t - first.epoch < -dt:
+                            b = first
+                        dt = abs(t - b.epoch)
+                    if dt >= w:
+                        continue
+                    s = base - TIME_WEIGHT * dt * inv_w + sev_w * b.severity + dep
+                    if b.satellite_id == sat:
+                        s += bonus
+                    if s > best_score:
+                        best_score, best = s, c
+
+        if best is None:
+            return self._open(alert, key, now_dt).cluster_id, True, None, False, False
+        changed = self._add(best, alert, key)
+        return best.cluster_id, False, None, changed, False
+
+    def _duplicate(
+        self, alert: Alert, cluster: IncidentCluster, original: Alert
+    ) -> tuple[str, bool, str | None, bool, bool]:
+        cluster.duplicate_count += 1
+        cluster._dup_ids.append(alert.alert_id)
+        self._seen[alert.alert_id] = (cluster, original.alert_id)
+        return cluster.cluster_id, False, original.alert_id, False, False
+
+    def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
+        """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late alert.
+
+        Only reached for late arrivals, so the bisect over the cluster's alerts stays off the hot path.
+        """
+        t, d, sat = alert.epoch, self.dedupe_window_s, alert.satellite_id
+        alerts = cluster.alerts
+        lo = bisect.bisect_left(alerts, t - d, key=_epoch_of)
+        hi = bisect.bisect_right(alerts, t + d, key=_epoch_of)
+        best: Alert | None = None
+        for a in alerts[lo:hi]:
+            if a.satellite_id == sat and self._key_of(a.subsystem) == key:
+                if best is None or abs(a.epoch - t) < abs(best.epoch - t):
+                    best = a
+        return best
+
+    def _open(self, alert: Alert, key: _Key, now: datetime) -> IncidentCluster:
+        cid = self._new_id()
+        if cid in self._clusters:
+            raise AlreadyExistsError(f"id_factory returned cluster id {cid!r} twice")
+        c = IncidentCluster(
+            cluster_id=cid,
+            alerts=[],
+            root_cause=None,
+            status=ClusterStatus.OPEN,
+            opened_time=now,
+            first_alert_time=alert.timestamp,
+            last_alert_time=alert.timestamp,
+        )
+        self._clusters[cid] = c
+        c._in_memory = c._joinable = True
+        self._add(c, alert, key)
+        return c
+
+    def _add(self, c: IncidentCluster, alert: Alert, key: _Key) -> bool:
+        """Puts an alert into a cluster and every index; True if the root cause changed."""
+        self._place(c, alert, key)
+        self._seen[alert.alert_id] = (c, None)
+        if c._joinable:
+            self._index(c, alert, key)
+        dirty = c._sub_first[key] is alert or c.alerts[0] is alert
+        return self._update_root(c) if dirty else False
+
+    def _place(self, c: IncidentCluster, alert: Alert, key: _Key) -> None:
+        """The cluster's own bookkeeping for one more (non-duplicate) alert."""
+        t = alert.epoch
+        alerts = c.alerts
+        if not alerts or t >= alerts[-1].epoch:
+            alerts.append(alert)
+        else:
+            bisect.insort_right(alerts, alert, key=_epoch_of)
+        if t > c._last_epoch:
+            c._last_epoch = t
+            c.last_alert_time = alert.timestamp
+        if t < c._first_epoch:
+            c._first_epoch = t
+            c.first_alert_time = alert.timestamp
+        if alert.severity > c._max_sev:
+            c._max_sev = alert.severity
+        sat = alert.satellite_id
+        on = c._on_sat.get(sat)
+        if on is None:
+            on = c._on_sat[sat] = {}
+        prev = on.get(key)
+        if prev is None or t >= prev.epoch:
+            on[key] = alert
+        first = c._sub_first.get(key)
+        if first is None:
+            c._sub_first[key] = c._sub_last[key] = alert
+            c._names[key] = self._name_of(key)
+            if type(key) is int:
+                c._mask |= 1 << key
+        else:
+            if t < first.epoch:
+                c._sub_first[key] = alert
+            if t >= c._sub_last[key].epoch:
+                c._sub_last[key] = alert
+
+    def _index(self, c: IncidentCluster, alert: Alert, key: _Key) -> None:
+        """Registers a joinable cluster's new alert in the engine indexes (most recent last)."""
+        sat = alert.satellite_id
+        st = self._sats.get(sat)
+        if st is None:
+            st = self._sats[sat] = _SatIndex()
+        clusters = st.clusters
+        clusters.pop(c, None)
+        clusters[c] = None
+        ref = st.last.get(key)
+        if ref is None or alert.epoch >= ref[0].epoch or not ref[1]._joinable:
+            st.last[key] = (alert, c)
+        if type(key) is int:
+            idx = self._subs.get(key)
+            if idx is None:
+                idx = self._subs[key] = {}
+            idx.pop(c, None)
+            idx[c] = None
+        if int(c._last_epoch // self._bucket_width) != c._bucket:
+            self._register_bucket(c)
+
+    def _register_bucket(self, c: IncidentCluster) -> None:
+        """Files the cluster under the expiry bucket of its last alert (older filings go stale)."""
+        bucket = int(c._last_epoch // self._bucket_width)
+        c._bucket = bucket
+        lst = self._buckets.get(bucket)
+        if lst is None:
+            lst = self._buckets[bucket] = []
+            heapq.heappush(self._bucket_heap, bucket)
+        lst.append(c)
+
+    def _update_root(self, c: IncidentCluster) -> bool:
+        """Re-ranks the cluster's subsystems; True if the root-cause alert changed."""
+        masks, mask = self._down_masks, c._mask
+        best: Alert | None = None
+        best_rank: tuple[int, float, int, str] | None = None
+        best_explained = 0
+        for key, first in c._sub_first.items():
+            explained = (masks[key] & mask).bit_count() if type(key) is int else 0
+            rank = (-explained, first.epoch, -first.severity, first.alert_id)
+            if best_rank is None or rank < best_rank:
+                best, best_rank, best_explained = first, rank, explained
+        assert best is not None
+        others = len(c._sub_first) - 1
+        if others == 0:
+            confidence = 0.5
+        else:
+            earliest = 0.2 if best.epoch <= c._first_epoch else 0.0
+            confidence = 0.25 + 0.55 * best_explained / others + earliest
+        c.root_cause_confidence = round(min(1.0, confidence), 4)
+        changed = c.root_cause != best.alert_id
+        c.root_cause = best.alert_id
+        return changed
+
+    # ---- queries and commands ----------------------------------------------------------------
+
+    def get_cluster(self, cluster_id: str) -> IncidentCluster | None:
+        """The in-memory cluster (open, or closed and not yet expired), else None."""
+        return self._clusters.get(cluster_id)
+
+    def require_cluster(self, cluster_id: str) -> IncidentCluster:
+        c = self._clusters.get(cluster_id)
+        if c is None:
+            raise NotFoundError(f"cluster {cluster_id!r} not found")
+        return c
+
+    def get_active_clusters(self) -> list[IncidentCluster]:
+        """Open clusters whose last alert is within the time window of the clock, oldest first."""
+        horizon = self._clock.now().timestamp() - self.time_window_s
+        active = [c for c in self._clusters.values() if c._joinable and c._last_epoch >= horizon]
+        active.sort(key=lambda c: (c._first_epoch, c.cluster_id))
+        return active
+
+    def close_cluster(self, cluster_id: str) -> bool:
+        """Closes an open cluster; False if it is unknown or already closed. No alert joins it again."""
+        c = self._clusters.get(cluster_id)
+        if c is None or c.status is ClusterStatus.CLOSED:
+            return False
+        c.status = ClusterStatus.CLOSED
+        c.closed_time = self._clock.now()
+        c._joinable = False  # the indexes drop it lazily; the sweep frees the memory
+        return True
+
+    def identify_root_cause(self, cluster_id: str) -> str | None:
+        c = self._clusters.get(cluster_id)
+        return None if c is None else c.root_cause
+
+    def root_cause_confidence(self, cluster_id: str) -> float:
+        c = self._clusters.get(cluster_id)
+        return 0.0 if c is None else c.root_cause_confidence
+
+    def deduplicate_alerts(self, alerts: Iterable[Alert]) -> list[Alert]:
+        """The alerts without duplicates, in timestamp order.
+
+        A duplicate repeats an alert id, or has the satellite and subsystem of the last *kept*
+        alert within `dedupe_window_s` of it (the same rule `ingest` applies).
+        """
+        kept: list[Alert] = []
+        last: dict[tuple[str, _Key], float] = {}
+        ids: set[str] = set()
+        for a in sorted(alerts, key=_epoch_of):
+            if a.alert_id in ids:
+                continue
+            ids.add(a.alert_id)
+            k = (a.satellite_id, self._key_of(a.subsystem))
+            prev = last.get(k)
+            if prev is not None and a.epoch - prev <= self.dedupe_window_s:
+                continue
+            last[k] = a.epoch
+            kept.append(a)
+        return kept
+
+    # ---- restart and memory ------------------------------------------------------------------
+
+    def restore_cluster(self, cluster: IncidentCluster) -> None:
+        """Re-inserts a persisted cluster (see `IncidentCluster.restore`) so new alerts join it as before.
+
+        The root cause is recomputed from the alerts (same algorithm, same answer, but it follows a
+        changed dependency graph). Closed clusters are kept for `get_cluster` but never joined.
+        """
+        if cluster.cluster_id in self._clusters:
+            raise AlreadyExistsError(f"cluster {cluster.cluster_id!r} is already in the engine")
+        for a in cluster.alerts:
+            if a.alert_id in self._seen:
+                raise AlreadyExistsError(f"alert {a.alert_id!r} of cluster {cluster.cluster_id!r} is already known")
+        if not cluster.alerts:
+            raise ValidationError.single("cluster.alerts", f"cluster {cluster.cluster_id!r} has no alerts")
+        alerts = sorted(cluster.alerts, key=_epoch_of)
+        c = cluster
+        c.alerts = []
+        c._first_epoch, c._last_epoch, c._max_sev, c._mask, c._bucket = math.inf, -math.inf, 0, 0, -1
+        c._sub_first, c._sub_last, c._on_sat, c._names, c._dup_ids = {}, {}, {}, {}, []
+        for a in alerts:
+            self._place(c, a, self._key_of(a.subsystem))
+            self._seen[a.alert_id] = (c, None)
+        c._in_memory = True
+        c._joinable = c.status is ClusterStatus.OPEN
+        self._clusters[c.cluster_id] = c
+        if c._joinable:
+            for a in alerts:
+                self._index(c, a, self._key_of(a.subsystem))
+        else:  # closed: not joinable, but it still needs an expiry bucket so the sweep frees it
+            self._register_bucket(c)
+        self._update_root(c)
+
+    def expire(self, now: datetime | None = None) -> list[str]:
+        """Drops clusters whose last alert is older than the window from memory; returns their ids.
+
+        They are not closed (the database keeps them OPEN until someone closes them); they only stop
+        being joinable. `ingest` runs this itself as time passes, so memory stays bounded.
+        """
+        when = (now or self._clock.now()).timestamp()
+        return self._sweep(when)
+
+    def _sweep(self, now: float) -> list[str]:
+        horizon = now - self.time_window_s
+        limit = math.floor(horizon / self._bucket_width)
+        heap, buckets = self._bucket_heap, self._buckets
+        dropped: list[str] = []
+        while heap and heap[0] <= limit:
+            b = heap[0]
+            members = buckets[b]
+            if b == limit:  # partly inside the window: drop exactly the ones older than the horizon
+                keep = []
+                for c in members:
+                    if c._bucket == b and c._in_memory:
+                        if c._last_epoch < horizon:
+                            self._drop(c)
+                            dropped.append(c.cluster_id)
+                        else:
+                            keep.append(c)
+                if keep:
+                    buckets[b] = keep
+                    break
+            else:
+                for c in members:
+                    if c._bucket == b and c._in_memory:  # else re-registered later, or already gone
+                        self._drop(c)
+                        dropped.append(c.cluster_id)
+            heapq.heappop(heap)
+            del buckets[b]
+        self._next_sweep = now + self._bucket_width
+        return dropped
+
+    def _drop(self, c: IncidentCluster) -> None:
+        c._in_memory = c._joinable = False
+        del self._clusters[c.cluster_id]
+        seen = self._seen
+        for a in c.alerts:
+            seen.pop(a.alert_id, None)
+        for aid in c._dup_ids:
+            seen.pop(aid, None)
+        for sat, on in c._on_sat.items():
+            st = self._sats.get(sat)
+            if st is None:
+                continue
+            st.clusters.pop(c, None)
+            for key in on:
+                ref = st.last.get(key)
+                if ref is not None and ref[1] is c:
+                    del st.last[key]
+            if not st.clusters:
+                del self._sats[sat]
+        for key in c._sub_first:
+            if type(key) is int:
+                idx = self._subs.get(key)
+                if idx is not None:
+                    idx.pop(c, None)
+                    if not idx:
+                        del self._subs[key]
+
+
+_EMPTY_ROW: Final[Mapping[_Key, float]] = MappingProxyType({})

@@ -1,0 +1,263 @@
+"""PostgreSQL repository for incident clusters and alerts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from aetherops.correlation import Alert
+
+__all__ = [
+    "AlertRow",
+    "ClusterRecord",
+    "close_cluster",
+    "get_alerts",
+    "get_cluster",
+    "insert_alerts",
+    "known_alerts",
+    "list_active",
+    "load_active",
+    "upsert_clusters",
+]
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """A cluster as stored: what GetCluster, ListActiveClusters and the events show."""
+
+    cluster_id: str
+    status: str  # "OPEN" | "CLOSED"
+    root_cause_alert_id: str | None
+    root_cause_confidence: float
+    satellites: list[str]
+    subsystems: list[str]
+    max_severity: int
+    first_alert_time: datetime
+    last_alert_time: datetime
+    opened_time: datetime
+    alert_count: int
+    duplicate_count: int
+    tracking_id: str = ""
+    closed_time: datetime | None = None
+    close_reason: str = ""
+    closed_by: str = ""
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def multi_satellite(self) -> bool:
+        return len(self.satellites) > 1
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.last_alert_time - self.first_alert_time).total_seconds()
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    """One alert to store: the alert, its cluster, and what it duplicates (if it does)."""
+
+    alert: Alert
+    cluster_id: str
+    duplicate_of: str | None
+    tracking_id: str
+
+
+_CLUSTER_COLUMNS = """cluster_id, status, root_cause_alert_id, root_cause_confidence, satellites, subsystems,
+    max_severity, first_alert_time, last_alert_time, opened_time, closed_time, close_reason, closed_by,
+    alert_count, duplicate_count, tracking_id"""
+
+
+def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRecord:
+    return ClusterRecord(
+        cluster_id=row["cluster_id"],
+        status=row["status"],
+        root_cause_alert_id=row["root_cause_alert_id"],
+        root_cause_confidence=row["root_cause_confidence"],
+        satellites=list(row["satellites"]),
+        subsystems=list(row["subsystems"]),
+        max_severity=row["max_severity"],
+        first_alert_time=row["first_alert_time"],
+        last_alert_time=row["last_alert_time"],
+        opened_time=row["opened_time"],
+        closed_time=row["closed_time"],
+        close_reason=row["close_reason"],
+        closed_by=row["closed_by"],
+        alert_count=row["alert_count"],
+        duplicate_count=row["duplicate_count"],
+        tracking_id=row["tracking_id"],
+        alerts=alerts or [],
+    )
+
+
+def _alert(row: asyncpg.Record) -> Alert:
+    return Alert(
+        alert_id=row["alert_id"],
+        satellite_id=row["satellite_id"],
+        subsystem=row["subsystem"],
+        severity=row["severity"],
+        timestamp=row["alert_time"],
+        message=row["message"],
+        labels=dict(row["labels"]),
+        tracking_id=row["tracking_id"],
+    )
+
+
+async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """alert_id -> (cluster_id, duplicate_of) for the ids already stored."""
+    rows = await conn.fetch(
+        "SELECT alert_id, cluster_id, duplicate_of FROM alerts WHERE alert_id = ANY($1::text[])",
+        list(alert_ids),
+    )
+    return {r["alert_id"]: (r["cluster_id"], r["duplicate_of"]) for r in rows}
+
+
+async def insert_alerts(conn: asyncpg.Connection, rows: Sequence[AlertRow]) -> None:
+    """Bulk insert with COPY: one round trip for the whole batch."""
+    if not rows:
+        return
+    await conn.copy_records_to_table(
+        "alerts",
+        records=[
+            (
+                r.alert.alert_id,
+                r.cluster_id,
+                r.alert.satellite_id,
+                r.alert.subsystem,
+                r.alert.severity,
+                r.alert.timestamp,
+                r.alert.message,
+                dict(r.alert.labels),
+                r.duplicate_of,
+                r.tracking_id,
+            )
+            for r in rows
+        ],
+        columns=[
+            "alert_id",
+            "cluster_id",
+            "satellite_id",
+            "subsystem",
+            "severity",
+            "alert_time",
+            "message",
+            "labels",
+            "duplicate_of",
+            "tracking_id",
+        ],
+    )
+
+
+async def upsert_clusters(conn: asyncpg.Connection, clusters: Sequence[ClusterRecord]) -> None:
+    if not clusters:
+        return
+    await conn.executemany(
+        f"""INSERT INTO clusters ({_CLUSTER_COLUMNS})
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            ON CONFLICT (cluster_id) DO UPDATE SET
+                status = EXCLUDED.status, root_cause_alert_id = EXCLUDED.root_cause_alert_id,
+                root_cause_confidence = EXCLUDED.root_cause_confidence, satellites = EXCLUDED.satellites,
+                subsystems = EXCLUDED.subsystems, max_severity = EXCLUDED.max_severity,
+                first_alert_time = EXCLUDED.first_alert_time, last_alert_time = EXCLUDED.last_alert_time,
+                closed_time = EXCLUDED.closed_time, close_reason = EXCLUDED.close_reason,
+                closed_by = EXCLUDED.closed_by, alert_count = EXCLUDED.alert_count,
+                duplicate_count = EXCLUDED.duplicate_count""",
+        [
+            (
+                c.cluster_id,
+                c.status,
+                c.root_cause_alert_id,
+                c.root_cause_confidence,
+                c.satellites,
+                c.subsystems,
+                c.max_severity,
+                c.first_alert_time,
+                c.last_alert_time,
+                c.opened_time,
+                c.closed_time,
+                c.close_reason,
+                c.closed_by,
+                c.alert_count,
+                c.duplicate_count,
+                c.tracking_id,
+            )
+            for c in clusters
+        ],
+    )
+
+
+async def get_alerts(conn: asyncpg.Connection, cluster_ids: Sequence[str]) -> dict[str, list[Alert]]:
+    """Non-duplicate alerts of the clusters, oldest first."""
+    rows = await conn.fetch(
+        """SELECT * FROM alerts WHERE cluster_id = ANY($1::text[]) AND duplicate_of IS NULL
+           ORDER BY alert_time, alert_id""",
+        list(cluster_ids),
+    )
+    out: dict[str, list[Alert]] = {cid: [] for cid in cluster_ids}
+    for row in rows:
+        out[row["cluster_id"]].append(_alert(row))
+    return out
+
+
+async def get_cluster(conn: asyncpg.Connection, cluster_id: str, *, with_alerts: bool = True) -> ClusterRecord | None:
+    row = await conn.fetchrow(f"SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE cluster_id = $1", cluster_id)
+    if row is None:
+        return None
+    alerts = (await get_alerts(conn, [cluster_id]))[cluster_id] if with_alerts else []
+    return _record(row, alerts)
+
+
+async def load_active(conn: asyncpg.Connection, since: datetime) -> list[ClusterRecord]:
+    """Open clusters with activity since `since`, with their alerts (restart recovery)."""
+    rows = await conn.fetch(
+        f"SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE status = 'OPEN' AND last_alert_time >= $1", since
+    )
+    alerts = await get_alerts(conn, [r["cluster_id"] for r in rows])
+    return [_record(r, alerts[r["cluster_id"]]) for r in rows]
+
+
+async def list_active(
+    conn: asyncpg.Connection,
+    *,
+    since: datetime,
+    satellite_id: str,
+    min_severity: int,
+    limit: int,
+    after: tuple[datetime, str] | None,
+) -> list[ClusterRecord]:
+    """One page of open clusters active since `since`, newest activity first (keyset pagination)."""
+    clauses = ["status = 'OPEN'", "last_alert_time >= $1"]
+    args: list[Any] = [since]
+    if satellite_id:
+        args.append(satellite_id)
+        clauses.append(f"${len(args)} = ANY(satellites)")
+    if min_severity:
+        args.append(min_severity)
+        clauses.append(f"max_severity >= ${len(args)}")
+    if after is not None:
+        args.extend(after)
+        clauses.append(f"(last_alert_time, cluster_id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    rows = await conn.fetch(
+        f"""SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE {" AND ".join(clauses)}
+            ORDER BY last_alert_time DESC, cluster_id DESC LIMIT ${len(args)}""",
+        *args,
+    )
+    alerts = await get_alerts(conn, [r["cluster_id"] for r in rows])
+    return [_record(r, alerts[r["cluster_id"]]) for r in rows]
+
+
+async def close_cluster(
+    conn: asyncpg.Connection, cluster_id: str, *, closed_time: datetime, reason: str, closed_by: str
+) -> None:
+    await conn.execute(
+        """UPDATE clusters SET status = 'CLOSED', closed_time = $2, close_reason = $3, closed_by = $4
+           WHERE cluster_id = $1""",
+        cluster_id,
+        closed_time,
+        reason,
+        closed_by,
+    )

@@ -1,0 +1,303 @@
+"""The correlation application service: the engine, PostgreSQL and the outbox, together.
+
+Ingestion goes through a group committer: concurrent alerts are correlated in
+memory in arrival order, then the alerts, the changed clusters and their
+events are written in one transaction before any caller is answered. If that
+transaction fails, the engine is rebuilt from PostgreSQL so memory never runs
+ahead of what is committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from aetherops.bus import OutboxRelay, Subjects
+from aetherops.clock import Clock
+from aetherops.correlation import Alert, CorrelationEngine, IncidentCluster, ScoreComponents, validate_alert
+from aetherops.db import Database, idempotency, outbox
+from aetherops.db import correlation as repo
+from aetherops.db.correlation import AlertRow, ClusterRecord
+from aetherops.errors import FailedPreconditionError, NotFoundError, ValidationError
+from aetherops.services.batching import GroupCommitter
+from aetherops.tracking import current_tracking_id
+
+__all__ = ["CorrelationService", "IncidentEvent", "IngestOutcome"]
+
+log = logging.getLogger("aetherops.correlation")
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    cluster_id: str
+    duplicate: bool = False
+    duplicate_of: str | None = None
+    opened: bool = False
+    replay: bool = False
+
+
+@dataclass(frozen=True)
+class IncidentEvent:
+    """What the outbox carries for a cluster change; encoded by the server layer."""
+
+    kind: str  # "opened" | "updated" | "closed"
+    cluster: ClusterRecord
+    root_cause: Alert | None
+    added_alert_ids: list[str] = field(default_factory=list)
+    root_cause_changed: bool = False
+    reason: str = ""
+    closed_by: str = ""
+
+
+EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
+"""(event, event_id, occurred_time) -> encoded events.v1.Event envelope."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    alert: Alert
+    tracking_id: str
+
+
+def record_of(cluster: IncidentCluster) -> ClusterRecord:
+    """The stored form of an engine cluster."""
+    return ClusterRecord(
+        cluster_id=cluster.cluster_id,
+        status=cluster.status.name,
+        root_cause_alert_id=cluster.root_cause,
+        root_cause_confidence=cluster.root_cause_confidence,
+        satellites=list(cluster.satellites),
+        subsystems=list(cluster.subsystems),
+        max_severity=cluster.max_severity,
+        first_alert_time=cluster.first_alert_time,
+        last_alert_time=cluster.last_alert_time,
+        opened_time=cluster.opened_time,
+        closed_time=cluster.closed_time,
+        alert_count=len(cluster.alerts),
+        duplicate_count=cluster.duplicate_count,
+        tracking_id=cluster.alerts[0].tracking_id if cluster.alerts else "",
+        alerts=list(cluster.alerts),
+    )
+
+
+def _root_alert(record: ClusterRecord) -> Alert | None:
+    return next((a for a in record.alerts if a.alert_id == record.root_cause_alert_id), None)
+
+
+class CorrelationService:
+    """Alerts in, incidents out; every answer is committed."""
+
+    def __init__(
+        self,
+        db: Database,
+        relay: OutboxRelay,
+        subjects: Subjects,
+        engine: CorrelationEngine,
+        encode: EventEncoder,
+        clock: Clock,
+        *,
+        max_future_skew_s: float = 300.0,
+        max_batch: int = 2000,
+    ) -> None:
+        self._db = db
+        self._relay = relay
+        self._subjects = subjects
+        self._engine = engine
+        self._encode = encode
+        self._clock = clock
+        self._max_future_skew_s = max_future_skew_s
+        self._committer: GroupCommitter[_Item, IngestOutcome] = GroupCommitter(
+            self._commit_batch, max_batch=max_batch, name="correlation-ingest"
+        )
+
+    @property
+    def engine(self) -> CorrelationEngine:
+        return self._engine
+
+    @property
+    def queue_utilisation(self) -> float:
+        return self._committer.utilisation
+
+    async def start(self) -> None:
+        await self._restore()
+        self._committer.start()
+
+    async def stop(self) -> None:
+        await self._committer.stop()
+
+    async def _restore(self) -> None:
+        """Rebuilds the engine's active clusters from PostgreSQL (start-up, or after a failed commit)."""
+        since = self._clock.now() - timedelta(seconds=self._engine.time_window_s)
+        async with self._db.connection() as conn:
+            records = await repo.load_active(conn, since)
+        self._engine.reset()
+        for rec in records:
+            self._engine.restore_cluster(
+                IncidentCluster.restore(
+                    cluster_id=rec.cluster_id,
+                    alerts=rec.alerts,
+                    root_cause=rec.root_cause_alert_id,
+                    opened_time=rec.opened_time,
+                    duplicate_count=rec.duplicate_count,
+                )
+            )
+        log.info("correlation engine restored %d active clusters", len(records))
+
+    # ---- ingestion -------------------------------------------------------------------------
+
+    def validate(self, alert: Alert) -> None:
+        problems = validate_alert(alert, now=self._clock.now(), max_future_skew_s=self._max_future_skew_s)
+        if problems:
+            raise ValidationError(problems)
+
+    async def ingest(self, alert: Alert) -> IngestOutcome:
+        self.validate(alert)
+        return await self._committer.submit(_Item(alert, alert.tracking_id or current_tracking_id()))
+
+    async def ingest_many(self, alerts: Sequence[Alert]) -> list[IngestOutcome]:
+        """Already-validated alerts, committed in one or more batches."""
+        tracking = current_tracking_id()
+        return await self._committer.submit_many([_Item(a, a.tracking_id or tracking) for a in alerts])
+
+    async def _commit_batch(self, items: list[_Item]) -> list[IngestOutcome]:
+        async with self._db.connection() as conn:
+            known = await repo.known_alerts(conn, [i.alert.alert_id for i in items])
+        outcomes: list[IngestOutcome] = []
+        rows: list[AlertRow] = []
+        touched: dict[str, tuple[bool, list[str], bool]] = {}  # cluster -> (opened, added ids, root changed)
+        for item in items:
+            alert = item.alert
+            if alert.alert_id in known:
+                cluster_id, dup_of = known[alert.alert_id]
+                outcomes.append(IngestOutcome(cluster_id, dup_of is not None, dup_of, replay=True))
+                continue
+            if alert.tracking_id != item.tracking_id:
+                alert = alert.with_tracking_id(item.tracking_id)
+            result = self._engine.ingest_detailed(alert)
+            if result.replay:  # same alert_id twice within this batch
+                outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
+                continue
+            rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, item.tracking_id))
+            opened, added, root_changed = touched.get(result.cluster_id, (False, [], False))
+            if not result.duplicate:
+                added.append(alert.alert_id)
+            touched[result.cluster_id] = (opened or result.opened, added, root_changed or result.root_cause_changed)
+            outcomes.append(
+                IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
+            )
+        if not rows:
+            return outcomes
+        now = self._clock.now()
+        records = {cid: record_of(self._engine.require_cluster(cid)) for cid in touched}
+        events: list[outbox.OutboxEvent] = []
+        for cid, (opened, added, root_changed) in touched.items():
+            record = records[cid]
+            if opened:
+                events.append(self._event(IncidentEvent("opened", record, _root_alert(record), added, True), now))
+            elif added or root_changed:
+                events.append(
+                    self._event(IncidentEvent("updated", record, _root_alert(record), added, root_changed), now)
+                )
+        try:
+            async with self._db.transaction() as conn:
+                # Clusters first: alerts reference them.
+                await repo.upsert_clusters(conn, list(records.values()))
+                await repo.insert_alerts(conn, rows)
+                await outbox.append(conn, events)
+        except BaseException:
+            await self._restore()  # memory must not run ahead of what is committed
+            raise
+        self._relay.wake()
+        return outcomes
+
+    def _event(self, event: IncidentEvent, now: datetime) -> outbox.OutboxEvent:
+        draft = outbox.OutboxEvent(
+            subject=self._subjects.incidents(event.kind),
+            aggregate_id=event.cluster.cluster_id,
+            payload=b"",
+            tracking_id=event.cluster.tracking_id if event.kind == "opened" else current_tracking_id(),
+        )
+        return outbox.OutboxEvent(
+            subject=draft.subject,
+            aggregate_id=draft.aggregate_id,
+            payload=self._encode(event, draft.event_id, now),
+            tracking_id=draft.tracking_id,
+            event_id=draft.event_id,
+        )
+
+    # ---- queries and commands ---------------------------------------------------------------
+
+    async def get_cluster(self, cluster_id: str) -> ClusterRecord:
+        async with self._db.connection() as conn:
+            record = await repo.get_cluster(conn, cluster_id)
+        if record is None:
+            raise NotFoundError(f"cluster {cluster_id!r} not found")
+        return record
+
+    async def list_active(
+        self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int
+    ) -> tuple[list[ClusterRecord], str]:
+        problems = []
+        if page_size < 0:
+            problems.append(("page_size", "must not be negative"))
+        if not 0 <= min_severity <= 5:
+            problems.append(("min_severity", "must be between 1 and 5 (0 = any)"))
+        after = None
+        if page_token:
+            try:
+                when, cid = base64.urlsafe_b64decode(page_token.encode()).decode().split("|", 1)
+                after = (datetime.fromisoformat(when), cid)
+            except ValueError:
+                problems.append(("page_token", "not a token this server issued"))
+        if problems:
+            from aetherops.errors import FieldViolation
+
+            raise ValidationError([FieldViolation(f, d) for f, d in problems])
+        limit = min(page_size or 50, 500)
+        since = self._clock.now() - timedelta(seconds=self._engine.time_window_s)
+        async with self._db.connection() as conn:
+            page = await repo.list_active(
+                conn, since=since, satellite_id=satellite_id, min_severity=min_severity, limit=limit + 1, after=after
+            )
+        token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            last = page[-1]
+            token = base64.urlsafe_b64encode(f"{last.last_alert_time.isoformat()}|{last.cluster_id}".encode()).decode()
+        return page, token
+
+    async def close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:
+        """Closes a cluster (idempotent on request_id); its events leave with the commit."""
+        now = self._clock.now()
+        async with self._db.transaction() as conn:
+            if await idempotency.recall(conn, "correlation.close", request_id) is not None:
+                record = await repo.get_cluster(conn, cluster_id)
+                assert record is not None
+                return record
+            record = await repo.get_cluster(conn, cluster_id)
+            if record is None:
+                raise NotFoundError(f"cluster {cluster_id!r} not found")
+            if record.status == "CLOSED":
+                raise FailedPreconditionError(f"cluster {cluster_id!r} is already closed")
+            await conn.execute("SELECT 1 FROM clusters WHERE cluster_id = $1 FOR UPDATE", cluster_id)
+            await repo.close_cluster(conn, cluster_id, closed_time=now, reason=reason, closed_by=closed_by)
+            closed = await repo.get_cluster(conn, cluster_id)
+            assert closed is not None
+            event = IncidentEvent("closed", closed, _root_alert(closed), reason=reason, closed_by=closed_by)
+            await outbox.append(conn, [self._event(event, now)])
+            await idempotency.remember(conn, "correlation.close", request_id, {"cluster_id": cluster_id})
+        # The engine learns only after the commit, so it never holds an uncommitted close.
+        self._engine.close_cluster(cluster_id)
+        self._relay.wake()
+        return closed
+
+    async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:
+        record = await self.get_cluster(cluster_id)
+        return _root_alert(record), record.root_cause_confidence
+
+    def score(self, first: Alert, second: Alert) -> tuple[ScoreComponents, bool]:
+        components = self._engine.score_components(first, second)
+        return components, components.total >= self._engine.score_threshold

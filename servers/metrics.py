@@ -1,0 +1,89 @@
+"""Prometheus metrics for one server process, on their own port.
+
+Each Application owns a CollectorRegistry (no module-level state, so several
+servers can run in one process, as the tests do). Counters and histograms are
+updated by the edge interceptor; gauges (active clusters, running executions,
+outbox backlog, queue utilisation, fleet risk) are read from the components
+at scrape time through `add_gauge_source`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["GaugeSource", "Metrics"]
+
+log = logging.getLogger("aetherops.metrics")
+
+GaugeSource = Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
+"""Yields (name, help, labels, value) at scrape time."""
+
+
+class _Gauges(Collector):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.sources: list[GaugeSource] = []
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for source in self.sources:
+            try:
+                samples = list(source())
+            except Exception:  # a failing source must not break the whole scrape
+                log.exception("metrics source failed")
+                continue
+            for name, help_text, labels, value in samples:
+                family = families.get(name)
+                if family is None:
+                    family = GaugeMetricFamily(name, help_text, labels=sorted(labels))
+                    families[name] = family
+                family.add_metric([labels[k] for k in sorted(labels)], value)
+        return list(families.values())
+
+
+class Metrics:
+    """The process's metrics and, once `serve` is called, their HTTP endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpc_total = Counter("aetherops_rpc_total", "RPCs handled", ["method", "code"], registry=self.registry)
+        self.rpc_latency = Histogram(
+            "aetherops_rpc_latency_seconds",
+            "RPC latency",
+            ["method", "code"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "aetherops_rate_limit_rejections_total", "Calls refused by rate limits", ["service"], registry=self.registry
+        )
+        self._gauges = _Gauges()
+        self.registry.register(self._gauges)
+        self._server: WSGIServer | None = None
+        self.port = 0
+
+    def add_gauge_source(self, source: GaugeSource) -> None:
+        self._gauges.sources.append(source)
+
+    def observe(self, method: str, code: str, started: float) -> None:
+        self.rpc_total.labels(method, code).inc()
+        self.rpc_latency.labels(method, code).observe(time.perf_counter() - started)
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics endpoint (a daemon thread); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        self.port = int(server.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

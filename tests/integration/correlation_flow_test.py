@@ -1,0 +1,220 @@
+"""Correlation through a real server, PostgreSQL and NATS: cascades become one incident, events
+reach NATS, a restart keeps the incident, duplicates and bad input behave."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from aetherops.bus import Bus
+from aetherops.db import Database
+from gen.aetherops.correlation.v1 import correlation_pb2 as pb
+from gen.aetherops.correlation.v1 import correlation_pb2_grpc
+from gen.aetherops.events.v1 import events_pb2
+
+
+def _ts(when: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def _alert(sat: str, subsystem: str, when: datetime, severity: int = 4, alert_id: str = "") -> pb.Alert:
+    return pb.Alert(
+        alert_id=alert_id or uuid.uuid4().hex,
+        satellite_id=sat,
+        subsystem=subsystem,
+        severity=severity,
+        timestamp=_ts(when),
+        message=f"{subsystem} anomaly on {sat}",
+    )
+
+
+def _violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    out = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.update({v.field: v.description for v in bad.field_violations})
+    return out
+
+
+async def _events(bus: Bus, count: int = 0, until: str = "", timeout_s: float = 10.0) -> list[events_pb2.Event]:
+    """Incident events from JetStream, from the first, until `count` arrived or one of kind `until` did."""
+    sub = await bus.js.subscribe(bus.subjects.incidents(">"), ordered_consumer=True)
+    out: list[events_pb2.Event] = []
+
+    def done() -> bool:
+        if until:
+            return any(e.WhichOneof("payload") == until for e in out)
+        return len(out) >= count
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                msg = await sub.next_msg(timeout=timeout_s)
+                event = events_pb2.Event()
+                event.ParseFromString(msg.data)
+                assert msg.headers["Nats-Msg-Id"] == event.event_id
+                out.append(event)
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def test_power_cascade_over_three_satellites_is_one_incident_across_restart(
+    app_factory: Any, bus: Bus, db: Database
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=120)
+    app = await app_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+        stub = correlation_pb2_grpc.CorrelationServiceStub(chan)
+        power = [_alert(f"SAT-{i}", "power", t0 + timedelta(seconds=5 * i), severity=5) for i in (1, 2, 3)]
+        cascade = [
+            _alert(f"SAT-{i}", sub, t0 + timedelta(seconds=20 + 10 * i + j), severity=3)
+            for i in (1, 2, 3)
+            for j, sub in enumerate(("thermal", "propulsion"))
+        ]
+        replies = [await stub.IngestAlert(pb.IngestAlertRequest(alert=a)) for a in power + cascade]
+        cluster_ids = {r.cluster_id for r in replies}
+        assert len(cluster_ids) == 1, "one incident for the whole cascade"
+        assert replies[0].cluster_opened and not any(r.cluster_opened for r in replies[1:])
+        (cluster_id,) = cluster_ids
+
+        cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=cluster_id))).cluster
+        assert cluster.multi_satellite and cluster.satellite_ids == ["SAT-1", "SAT-2", "SAT-3"]
+        assert cluster.alert_count == 9 and cluster.max_severity == 5
+        assert set(cluster.subsystems) == {"power", "thermal", "propulsion"}
+        root = await stub.IdentifyRootCause(pb.IdentifyRootCauseRequest(cluster_id=cluster_id))
+        assert root.alert_id == power[0].alert_id and 0 < root.confidence <= 1
+
+    events = await _events(bus, 2)
+    assert events[0].WhichOneof("payload") == "incident_opened"
+    opened = events[0].incident_opened.incident
+    assert opened.cluster_id == cluster_id and events[0].source_service == "correlation"
+    assert events[1].WhichOneof("payload") == "incident_updated"
+
+    # Restart: a new process on the same database rebuilds the cluster and the next alert joins it.
+    await app.stop()
+    app2 = await app_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app2.port}") as chan:
+        stub = correlation_pb2_grpc.CorrelationServiceStub(chan)
+        late = await stub.IngestAlert(
+            pb.IngestAlertRequest(alert=_alert("SAT-2", "thermal", t0 + timedelta(seconds=150), severity=2))
+        )
+        assert late.cluster_id == cluster_id and not late.duplicate
+
+        closed = await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=cluster_id, reason="bus restored"))
+        assert closed.cluster.status == pb.CLUSTER_STATUS_CLOSED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=cluster_id))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        after = await stub.IngestAlert(
+            pb.IngestAlertRequest(alert=_alert("SAT-1", "power", t0 + timedelta(seconds=160), severity=5))
+        )
+        assert after.cluster_id != cluster_id and after.cluster_opened, "a closed incident never reopens"
+    events = await _events(bus, until="incident_closed")
+    closed_event = events[-1].incident_closed
+    assert closed_event.incident.cluster_id == cluster_id and closed_event.reason == "bus restored"
+    assert events[-1].event_id not in {e.event_id for e in events[:-1]}
+
+
+async def test_unrelated_faults_stay_apart_and_duplicates_are_dropped(channel: grpc.aio.Channel, db: Database) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    a = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-1", "payload", t0)))
+    b = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-7", "comms", t0 + timedelta(seconds=30))))
+    assert a.cluster_id != b.cluster_id
+
+    first = _alert("SAT-1", "payload", t0 + timedelta(seconds=10))
+    dup = await stub.IngestAlert(pb.IngestAlertRequest(alert=first))
+    assert dup.duplicate and dup.cluster_id == a.cluster_id and dup.duplicate_of_alert_id
+    replay = await stub.IngestAlert(pb.IngestAlertRequest(alert=first))
+    assert replay.replay and replay.cluster_id == a.cluster_id
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", first.alert_id) == 1
+
+    cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=a.cluster_id))).cluster
+    assert cluster.alert_count == 1 and cluster.duplicate_count == 1
+
+    page1 = await stub.ListActiveClusters(pb.ListActiveClustersRequest(page_size=1))
+    page2 = await stub.ListActiveClusters(pb.ListActiveClustersRequest(page_size=1, page_token=page1.next_page_token))
+    assert page1.next_page_token and not page2.next_page_token
+    assert {page1.clusters[0].cluster_id, page2.clusters[0].cluster_id} == {a.cluster_id, b.cluster_id}
+    only_7 = await stub.ListActiveClusters(pb.ListActiveClustersRequest(satellite_id="SAT-7"))
+    assert [c.cluster_id for c in only_7.clusters] == [b.cluster_id]
+
+    score = await stub.ScoreAlerts(
+        pb.ScoreAlertsRequest(first=_alert("SAT-1", "power", t0), second=_alert("SAT-1", "thermal", t0))
+    )
+    assert score.would_correlate and score.components.satellite == pytest.approx(0.3)
+    assert score.components.dependency > 0
+
+
+async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: grpc.aio.Channel, db: Database) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    bad = pb.Alert(alert_id="bad-1", satellite_id="", subsystem="", severity=9, timestamp=_ts(datetime.now(UTC)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {"alert.satellite_id", "alert.subsystem", "alert.severity"} <= set(_violations(err.value))
+
+    no_time = pb.Alert(alert_id="bad-2", satellite_id="SAT-1", subsystem="power", severity=3)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=no_time))
+    assert "alert.timestamp" in _violations(err.value)
+
+    future = _alert("SAT-1", "power", datetime.now(UTC) + timedelta(hours=2))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=future))
+    assert "alert.timestamp" in _violations(err.value)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetCluster(pb.GetClusterRequest(cluster_id="no-such-cluster"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CloseCluster(pb.CloseClusterRequest(cluster_id="no-such-cluster"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await db.fetchval("SELECT count(*) FROM alerts") == 0
+    assert await db.fetchval("SELECT count(*) FROM clusters") == 0
+
+
+async def test_bulk_stream_reports_bad_alerts_and_ingests_the_rest(channel: grpc.aio.Channel, db: Database) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=1500)
+    alerts = [_alert(f"SAT-{i % 5}", "power", t0 + timedelta(seconds=i * 70)) for i in range(20)]
+    alerts[7] = pb.Alert(alert_id="broken", satellite_id="SAT-1", subsystem="power", severity=0, timestamp=_ts(t0))
+
+    async def requests() -> Any:
+        for alert in alerts:
+            yield pb.IngestAlertsRequest(alert=alert)
+
+    reply = await stub.IngestAlerts(requests())
+    assert reply.rejected == 1 and reply.rejections[0].index == 7
+    assert reply.rejections[0].problems[0].field == "alert.severity"
+    assert reply.accepted + reply.duplicates == 19
+    assert await db.fetchval("SELECT count(*) FROM alerts") == 19
+
+
+async def test_alerts_from_nats_take_the_same_path(server: Any, channel: grpc.aio.Channel, bus: Bus) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    watch = stub.WatchClusters(pb.WatchClustersRequest(satellite_ids=["SAT-42"]))
+    first_event = asyncio.ensure_future(watch.read())
+    alert = _alert("SAT-42", "adcs", datetime.now(UTC) - timedelta(seconds=5), severity=4)
+    await bus.js.publish(bus.subjects.alerts_ingest, alert.SerializeToString())
+    event = await asyncio.wait_for(first_event, 15)
+    assert event.event_type == pb.CLUSTER_EVENT_TYPE_OPENED
+    assert event.cluster.satellite_ids == ["SAT-42"]
+    cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=event.cluster.cluster_id))).cluster
+    assert [a.alert_id for a in cluster.alerts] == [alert.alert_id]
+    watch.cancel()
