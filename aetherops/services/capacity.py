@@ -1,0 +1,679 @@
+"""The capacity application service: the planner, PostgreSQL, the outbox and telemetry reduction.
+
+Every snapshot — IngestSnapshot, IngestSnapshots, or NATS telemetry after reduction — takes one
+path: `check` (the core's `validate_snapshot` plus unit consistency with the stored series) →
+the group committer, which writes a whole batch with one binary COPY in one transaction →
+the planner learns the new points only after that commit, so memory never runs ahead of
+PostgreSQL. A failed commit leaves the planner untouched.
+
+After every committed batch (and every mission change) the forecasts of the touched series are
+recomputed and diffed against the stored risk levels. Each change is written — risk row, an
+``aetherops.capacity.risk_changed`` event and, on entering CRITICAL, an alert for the Correlation
+service on ``aetherops.alerts.ingest`` — in one transaction of its own. If that transaction
+fails the series stay marked dirty and are retried with the next batch; a periodic fleet sweep
+(which also catches changes caused by time passing, with no new data) and the reconciliation at
+start-up close any remaining gap, e.g. a crash between the two transactions.
+
+Telemetry reduction: high-rate telemetry is reduced per (satellite, resource) by a
+`StreamingAggregator` with 60 s buckets, and each closed bucket is stored as ONE snapshot: the
+bucket's *last* value at its *last* timestamp. The last rather than the mean because a level
+(fuel left, storage used) is a state, not a rate: the last reading is a real observation at a real
+time, so the stored history keeps exact values and times, and a redelivered point maps to the same
+(satellite, resource, timestamp) key and is deduplicated by the primary key. (The mean at the mean
+time would be as good for the linear fit but is a synthetic point that changes whenever the set of
+points in the bucket does.) A bucket closes when a point of a later bucket arrives, or when its
+series has been idle for ``telemetry_idle_flush_s``; `stop` flushes every open bucket, so a graceful
+restart loses nothing. A crash loses at most the open (not yet stored) bucket of each series: the
+raw points were already acknowledged on NATS.
+
+The planner is not thread-safe; everything here runs on the event loop and no call into it spans
+an ``await``, which serialises its use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from aetherops.bus import OutboxRelay, Subjects
+from aetherops.capacity import (
+    CRITICAL_DAYS,
+    CapacityPlanner,
+    ExhaustionForecast,
+    ForecastResult,
+    MissionScheduleEntry,
+    RateResult,
+    ResourceSnapshot,
+    ResourceType,
+    RiskChange,
+    RiskLevel,
+    datetime_to_us,
+    diff_risk_levels,
+    validate_mission,
+    validate_snapshot,
+)
+from aetherops.clock import Clock
+from aetherops.db import Database, idempotency, outbox
+from aetherops.db import capacity as repo
+from aetherops.db.capacity import RiskRow, SeriesBlock
+from aetherops.errors import FieldViolation, NotFoundError, ValidationError
+from aetherops.services.batching import GroupCommitter
+from aetherops.telemetry import StreamingAggregator
+from aetherops.tracking import current_tracking_id
+
+__all__ = [
+    "ALERT_SUBSYSTEMS",
+    "AlertEncoder",
+    "CapacityAlert",
+    "CapacityService",
+    "RiskEventEncoder",
+    "SnapshotOutcome",
+    "capacity_alert",
+]
+
+log = logging.getLogger("aetherops.capacity")
+
+Key = tuple[str, ResourceType]
+
+#: The Correlation service's subsystem for an alert about each resource.
+ALERT_SUBSYSTEMS: dict[ResourceType, str] = {
+    ResourceType.FUEL: "propulsion",
+    ResourceType.POWER: "power",
+    ResourceType.STORAGE: "obc",  # on-board computer: data handling
+    ResourceType.BANDWIDTH: "comms",
+}
+
+_SCOPE_SNAPSHOT = "capacity.ingest_snapshot"
+_SCOPE_MISSION = "capacity.add_mission"
+# Above this many touched series one vectorised fleet pass is cheaper than per-series solves.
+_FLEET_THRESHOLD = 256
+
+
+@dataclass(frozen=True)
+class SnapshotOutcome:
+    """What happened to one submitted snapshot: stored, duplicate, or rejected by the batch (a unit
+    conflicting with another snapshot of a new series in the same batch)."""
+
+    duplicate: bool = False
+    violations: tuple[FieldViolation, ...] = ()
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.violations)
+
+
+@dataclass(frozen=True)
+class CapacityAlert:
+    """An alert for the Correlation service, encoded as aetherops.correlation.v1.Alert by the server."""
+
+    alert_id: str
+    satellite_id: str
+    subsystem: str
+    severity: int
+    timestamp: datetime
+    message: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+RiskEventEncoder = Callable[[RiskChange, str, str, datetime, str], bytes]
+"""(change, event_id, event type, occurred_time, tracking_id) -> encoded events.v1.Event envelope."""
+
+AlertEncoder = Callable[[CapacityAlert], bytes]
+"""alert -> encoded aetherops.correlation.v1.Alert."""
+
+
+def capacity_alert(change: RiskChange, now: datetime) -> CapacityAlert:
+    """The alert raised when a series enters CRITICAL. The id is deterministic per series and day,
+    so a flapping series re-raising the same day is a replay for Correlation, not a new alert."""
+    f = change.forecast
+    resource = change.resource_type.name.lower()
+    days = f.days_remaining
+    when = f"in {days:.1f} days" if days is not None else "soon"
+    interval = ""
+    if f.days_remaining_p10 is not None:
+        high = f"{f.days_remaining_p90:.1f}" if f.days_remaining_p90 is not None else "beyond the horizon"
+        interval = f" (P10 {f.days_remaining_p10:.1f}, P90 {high} days)"
+    message = (
+        f"{resource} of {change.satellite_id} runs out {when}{interval}: "
+        f"{f.current_value:g} {f.unit} left, using {f.rate_per_day:.4g} {f.unit}/day; "
+        f"recommended: {f.recommended_action}"
+    )
+    labels = {"source": "capacity", "resource": resource, "risk_level": change.risk_level.name}
+    if days is not None:
+        labels["days_remaining"] = f"{days:.3f}"
+    return CapacityAlert(
+        alert_id=f"capacity:{change.satellite_id}:{resource}:{now:%Y-%m-%d}",
+        satellite_id=change.satellite_id,
+        subsystem=ALERT_SUBSYSTEMS[change.resource_type],
+        severity=5,
+        timestamp=now,
+        message=message[:4096],
+        labels=labels,
+    )
+
+
+@dataclass(frozen=True)
+class _Item:
+    snapshot: ResourceSnapshot
+    request_id: str = ""
+
+
+@dataclass
+class _Stream:
+    """Telemetry reduction state of one (satellite, resource)."""
+
+    unit: str
+    aggregator: StreamingAggregator
+    last_seen: float  # time.monotonic() of the newest point
+    open: bool = True  # an open bucket may hold points not stored yet
+
+
+def _mission_json(entry: MissionScheduleEntry) -> dict[str, Any]:
+    return {
+        "mission_id": entry.mission_id,
+        "satellite_id": entry.satellite_id,
+        "start_time": entry.start_time.isoformat(),
+        "end_time": entry.end_time.isoformat(),
+        "resource_impacts": {str(int(r)): float(a) for r, a in entry.resource_impacts.items()},
+        "description": entry.description,
+    }
+
+
+def _mission_from_json(data: dict[str, Any]) -> MissionScheduleEntry:
+    return MissionScheduleEntry(
+        mission_id=data["mission_id"],
+        satellite_id=data["satellite_id"],
+        start_time=datetime.fromisoformat(data["start_time"]),
+        end_time=datetime.fromisoformat(data["end_time"]),
+        resource_impacts={ResourceType(int(k)): float(v) for k, v in data["resource_impacts"].items()},
+        description=data["description"],
+    )
+
+
+def _sort_key(f: ExhaustionForecast) -> tuple[float, float, str, int]:
+    """The urgency order of `CapacityPlanner.get_critical_forecasts` (days, P10, key), as a page key."""
+    days = f.days_remaining if f.days_remaining is not None else math.inf
+    p10 = f.days_remaining_p10 if f.days_remaining_p10 is not None else math.inf
+    return days, p10, f.satellite_id, int(f.resource_type)
+
+
+class CapacityService:
+    """Snapshots and missions in; forecasts, risk events and alerts out. Every answer is committed."""
+
+    def __init__(
+        self,
+        db: Database,
+        relay: OutboxRelay,
+        subjects: Subjects,
+        planner: CapacityPlanner,
+        encode_event: RiskEventEncoder,
+        encode_alert: AlertEncoder,
+        clock: Clock,
+        *,
+        max_future_skew_s: float = 300.0,
+        max_batch: int = 2000,
+        telemetry_bucket_s: float = 60.0,
+        telemetry_idle_flush_s: float = 2.0,
+        telemetry_flush_interval_s: float = 0.25,
+        sweep_interval_s: float = 300.0,
+    ) -> None:
+        self._db = db
+        self._relay = relay
+        self._subjects = subjects
+        self._planner = planner
+        self._encode_event = encode_event
+        self._encode_alert = encode_alert
+        self._clock = clock
+        self._max_future_skew_s = max_future_skew_s
+        self._committer: GroupCommitter[_Item, SnapshotOutcome] = GroupCommitter(
+            self._commit_batch, max_batch=max_batch, name="capacity-ingest"
+        )
+        # Unit of every stored series: the planner's, mirrored so validation needs no planner internals.
+        self._units: dict[Key, str] = {}
+        self._risk: dict[Key, RiskRow] = {}
+        self._dirty: set[Key] = set()
+        self._risk_lock = asyncio.Lock()
+        self._bucket_s = telemetry_bucket_s
+        self._idle_flush_s = telemetry_idle_flush_s
+        self._flush_interval_s = telemetry_flush_interval_s
+        self._sweep_interval_s = sweep_interval_s
+        self._streams: dict[Key, _Stream] = {}
+        self._telemetry_pending: list[ResourceSnapshot] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.telemetry_points = 0
+        self.telemetry_rejected = 0
+        self.telemetry_stored = 0
+        self.risk_events = 0
+
+    @property
+    def planner(self) -> CapacityPlanner:
+        return self._planner
+
+    @property
+    def queue_utilisation(self) -> float:
+        return self._committer.utilisation
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._restore()
+        self._committer.start()
+        await self.reconcile()
+        self._tasks.append(asyncio.create_task(self._telemetry_flusher(), name="capacity-telemetry-flush"))
+        if self._sweep_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="capacity-risk-sweep"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        # Graceful stop stores every open telemetry bucket, so a restart loses nothing.
+        try:
+            await self.flush_telemetry(everything=True)
+        except Exception:
+            log.exception("capacity: storing the last telemetry buckets failed")
+        await self._committer.stop()
+
+    async def _restore(self) -> None:
+        """Loads every snapshot, mission and stored risk level into a fresh planner."""
+        started = time.perf_counter()
+        async with self._db.connection() as conn:
+            blocks = await repo.load_snapshots(conn)
+            missions = await repo.load_missions(conn)
+            risk = await repo.load_risk_levels(conn)
+        points = 0
+        for block in blocks:
+            # History in PostgreSQL was validated on the way in; ingest_series re-checks it vectorised.
+            report = self._planner.ingest_series(
+                block.satellite_id, block.resource_type, block.unit, block.times_us, block.values
+            )
+            points += report.accepted
+            self._units[(block.satellite_id, block.resource_type)] = block.unit
+        for mission in missions:
+            self._planner.add_scheduled_mission(mission)
+        self._risk = risk
+        log.info(
+            "capacity planner restored %d snapshots of %d series, %d missions, %d risk levels in %.2f s",
+            points,
+            len(blocks),
+            len(missions),
+            len(risk),
+            time.perf_counter() - started,
+        )
+
+    # ---- validation and ingestion ---------------------------------------------------------------
+
+    def check(self, snapshot: ResourceSnapshot) -> list[FieldViolation]:
+        """Every problem with a snapshot: the core's rules and unit consistency with the stored series."""
+        violations = validate_snapshot(snapshot, now=self._clock.now(), max_future_skew_s=self._max_future_skew_s)
+        if isinstance(snapshot.resource_type, ResourceType) and isinstance(snapshot.unit, str):
+            known = self._units.get((snapshot.satellite_id, snapshot.resource_type))
+            unit = snapshot.unit.strip()
+            if known is not None and unit and unit != known:
+                violations.append(
+                    FieldViolation(
+                        "snapshot.unit",
+                        f"unit {unit!r} differs from {known!r} already recorded for "
+                        f"{snapshot.satellite_id}/{snapshot.resource_type.name}",
+                    )
+                )
+        return violations
+
+    async def ingest(self, snapshot: ResourceSnapshot, request_id: str = "") -> bool:
+        """Stores one snapshot; returns True when it was a duplicate. A retried request_id answers as
+        the first request did."""
+        violations = self.check(snapshot)
+        if violations:
+            raise ValidationError(violations)
+        if request_id:
+            async with self._db.connection() as conn:
+                earlier = await idempotency.recall(conn, _SCOPE_SNAPSHOT, request_id)
+            if earlier is not None:
+                return bool(earlier["duplicate"])
+        outcome = await self._committer.submit(_Item(snapshot, request_id))
+        if outcome.violations:
+            raise ValidationError(outcome.violations)
+        return outcome.duplicate
+
+    async def ingest_many(self, snapshots: Sequence[ResourceSnapshot]) -> list[SnapshotOutcome]:
+        """Already-checked snapshots, committed in one or more batches, outcomes in order."""
+        return await self._committer.submit_many([_Item(s) for s in snapshots])
+
+    async def _commit_batch(self, items: list[_Item]) -> list[SnapshotOutcome]:
+        outcomes: list[SnapshotOutcome | None] = [None] * len(items)
+        units = dict(self._units)
+        grouped: dict[Key, tuple[list[int], list[float], list[int]]] = {}
+        for i, item in enumerate(items):
+            s = item.snapshot
+            key = (s.satellite_id, ResourceType(s.resource_type))
+            unit = s.unit.strip()
+            # Two snapshots of a new series with different units can pass `check` concurrently: the
+            # first in the batch wins, the other is rejected here.
+            if units.setdefault(key, unit) != unit:
+                outcomes[i] = SnapshotOutcome(
+                    violations=(
+                        FieldViolation(
+                            "snapshot.unit",
+                            f"unit {unit!r} differs from {units[key]!r} recorded for the series",
+                        ),
+                    )
+                )
+                continue
+            times, values, members = grouped.setdefault(key, ([], [], []))
+            times.append(datetime_to_us(s.timestamp))
+            values.append(float(s.value))
+            members.append(i)
+        blocks = [
+            SeriesBlock(sat, res, units[(sat, res)], np.asarray(t, np.int64), np.asarray(v, np.float64))
+            for (sat, res), (t, v, _) in grouped.items()
+        ]
+        async with self._db.transaction() as conn:
+            new_keys = await repo.insert_snapshots(conn, blocks)
+            seen: set[tuple[str, int, int]] = set()
+            for (sat, res), (times, _, members) in grouped.items():
+                for t_us, i in zip(times, members, strict=True):
+                    k = (sat, int(res), t_us)
+                    fresh = k in new_keys and k not in seen
+                    seen.add(k)
+                    outcomes[i] = SnapshotOutcome(duplicate=not fresh)
+            for i, item in enumerate(items):
+                result = outcomes[i]
+                if item.request_id and result is not None and not result.violations:
+                    await idempotency.remember(conn, _SCOPE_SNAPSHOT, item.request_id, {"duplicate": result.duplicate})
+        # Committed: now, and only now, the planner learns the new points.
+        touched: set[Key] = set()
+        for block in blocks:
+            key = (block.satellite_id, block.resource_type)
+            keep = np.fromiter(
+                ((block.satellite_id, int(block.resource_type), int(t)) in new_keys for t in block.times_us.tolist()),
+                bool,
+                len(block),
+            )
+            if not keep.any():
+                continue
+            self._planner.ingest_series(
+                block.satellite_id, block.resource_type, block.unit, block.times_us[keep], block.values[keep]
+            )
+            self._units[key] = block.unit
+            touched.add(key)
+        if touched:
+            await self._update_risk_safely(touched)
+        return [o if o is not None else SnapshotOutcome(duplicate=True) for o in outcomes]
+
+    # ---- missions -------------------------------------------------------------------------------
+
+    async def add_mission(self, entry: MissionScheduleEntry, request_id: str = "") -> MissionScheduleEntry:
+        """Adds or replaces (same mission_id) a mission; idempotent on request_id."""
+        violations = validate_mission(entry)
+        if violations:
+            raise ValidationError(violations)
+        async with self._db.transaction() as conn:
+            earlier = await idempotency.recall(conn, _SCOPE_MISSION, request_id)
+            if earlier is not None:
+                return _mission_from_json(earlier)
+            previous = await repo.upsert_mission(conn, entry)
+            await idempotency.remember(conn, _SCOPE_MISSION, request_id, _mission_json(entry))
+        self._planner.add_scheduled_mission(entry)
+        sats = {entry.satellite_id} | ({previous.satellite_id} if previous is not None else set())
+        await self._update_risk_safely({(sat, r) for sat in sats for r in ResourceType})
+        return entry
+
+    # ---- risk levels, events and alerts ---------------------------------------------------------
+
+    def _forecasts_for(self, keys: Iterable[Key]) -> list[ExhaustionForecast]:
+        wanted = set(keys)
+        if len(wanted) > _FLEET_THRESHOLD:
+            return [f for f in self._planner.forecast_fleet() if (f.satellite_id, f.resource_type) in wanted]
+        found = []
+        for sat, res in sorted(wanted):
+            forecast = self._planner.forecast_exhaustion(sat, res)
+            if forecast is not None:
+                found.append(forecast)
+        return found
+
+    async def _update_risk_safely(self, keys: set[Key]) -> None:
+        """`_update_risk`, but a failure only marks the series dirty: the snapshots or mission that
+        triggered it are committed already and the caller must hear so."""
+        try:
+            await self._update_risk(keys)
+        except Exception:
+            self._dirty |= keys
+            log.exception("capacity: recording risk changes failed; %d series retried later", len(keys))
+
+    async def _update_risk(self, keys: set[Key]) -> None:
+        async with self._risk_lock:
+            keys = keys | self._dirty
+            self._dirty = set()
+            try:
+                forecasts = self._forecasts_for(keys)
+                previous = {k: row.risk_level for k, row in self._risk.items()}
+                await self._record(diff_risk_levels(previous, forecasts))
+            except BaseException:
+                self._dirty |= keys
+                raise
+
+    async def reconcile(self) -> int:
+        """Diffs the whole fleet against the stored risk levels and records every change; returns how
+        many there were. Runs at start and periodically (time passing moves forecasts too)."""
+        async with self._risk_lock:
+            previous = {k: row.risk_level for k, row in self._risk.items()}
+            changes, _ = self._planner.risk_changes(previous)
+            await self._record(changes)
+            self._dirty = set()
+            return len(changes)
+
+    async def _record(self, changes: Sequence[RiskChange]) -> None:
+        """Risk rows, risk_changed events and (entering CRITICAL) alerts of changes, in one transaction."""
+        if not changes:
+            return
+        now = self._clock.now()
+        tracking_id = current_tracking_id()
+        rows: list[RiskRow] = []
+        events: list[outbox.OutboxEvent] = []
+        subject = self._subjects.capacity("risk_changed")
+        event_type = self._subjects.event_type(subject)
+        for change in changes:
+            rows.append(
+                RiskRow(
+                    change.satellite_id,
+                    change.resource_type,
+                    change.risk_level,
+                    change.forecast.days_remaining,
+                    now,
+                )
+            )
+            draft = outbox.OutboxEvent(
+                subject=subject,
+                aggregate_id=f"{change.satellite_id}/{change.resource_type.name.lower()}",
+                payload=b"",
+                tracking_id=tracking_id,
+            )
+            events.append(
+                outbox.OutboxEvent(
+                    subject=draft.subject,
+                    aggregate_id=draft.aggregate_id,
+                    payload=self._encode_event(change, draft.event_id, event_type, now, tracking_id),
+                    tracking_id=tracking_id,
+                    event_id=draft.event_id,
+                )
+            )
+            if change.entered_critical:
+                alert = capacity_alert(change, now)
+                events.append(
+                    outbox.OutboxEvent(
+                        subject=self._subjects.alerts_ingest,
+                        aggregate_id=alert.alert_id,
+                        payload=self._encode_alert(alert),
+                        tracking_id=tracking_id,
+                    )
+                )
+        async with self._db.transaction() as conn:
+            await repo.upsert_risk_levels(conn, rows)
+            await outbox.append(conn, events)
+        for row in rows:
+            self._risk[(row.satellite_id, row.resource_type)] = row
+        self.risk_events += len(rows)
+        self._relay.wake()
+
+    def stored_risk_level(self, satellite_id: str, resource_type: ResourceType) -> RiskLevel:
+        """The risk level last recorded for a series (NOMINAL when none was)."""
+        row = self._risk.get((satellite_id, resource_type))
+        return row.risk_level if row is not None else RiskLevel.NOMINAL
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)  # a periodic sweep, not synchronisation
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("capacity: risk sweep failed; next sweep retries")
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    def _require_satellite(self, satellite_id: str) -> None:
+        if not satellite_id.strip():
+            raise ValidationError.single("satellite_id", "must not be empty")
+        if not self._planner.has_satellite(satellite_id):
+            raise NotFoundError(f"unknown satellite {satellite_id!r}: no snapshots stored")
+
+    def consumption_rate(self, satellite_id: str, resource_type: ResourceType) -> RateResult:
+        self._require_satellite(satellite_id)
+        return self._planner.compute_consumption_rate_detailed(satellite_id, resource_type)
+
+    def forecast(self, satellite_id: str, resource_type: ResourceType) -> ForecastResult:
+        self._require_satellite(satellite_id)
+        return self._planner.forecast_exhaustion_detailed(satellite_id, resource_type)
+
+    def fleet_summary(self) -> dict[RiskLevel, list[str]]:
+        return self._planner.get_fleet_risk_summary()
+
+    def interventions(self, satellite_id: str) -> list[dict[str, Any]]:
+        self._require_satellite(satellite_id)
+        return self._planner.recommend_interventions(satellite_id)
+
+    def critical_forecasts(
+        self, *, horizon_days: float | None, page_size: int, page_token: str
+    ) -> tuple[list[ExhaustionForecast], str]:
+        """One page of the forecasts running out within the horizon (default 14 days), most urgent
+        first. The token is the sort key of the page's last item, so pages stay consistent while
+        forecasts move (nothing is skipped or repeated because an earlier item left)."""
+        problems: list[FieldViolation] = []
+        horizon = CRITICAL_DAYS if horizon_days is None else horizon_days
+        if not (math.isfinite(horizon) and horizon > 0.0):
+            problems.append(FieldViolation("horizon", "must be positive"))
+        if page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        after: tuple[float, float, str, int] | None = None
+        if page_token:
+            try:
+                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (
+                    float(data["d"]),
+                    math.inf if data["p"] is None else float(data["p"]),
+                    str(data["s"]),
+                    int(data["r"]),
+                )
+                if float(data["h"]) != horizon:
+                    problems.append(FieldViolation("page_token", "was issued for another horizon"))
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                problems.append(FieldViolation("page_token", "not a token this server issued"))
+        if problems:
+            raise ValidationError(problems)
+        limit = min(page_size or 50, 500)
+        found = self._planner.get_critical_forecasts(horizon)
+        if after is not None:
+            found = [f for f in found if _sort_key(f) > after]
+        token = ""
+        if len(found) > limit:
+            found = found[:limit]
+            d, p, s, r = _sort_key(found[-1])
+            raw = json.dumps({"h": horizon, "d": d, "p": None if math.isinf(p) else p, "s": s, "r": r})
+            token = base64.urlsafe_b64encode(raw.encode()).decode()
+        return found, token
+
+    # ---- telemetry ------------------------------------------------------------------------------
+
+    def add_telemetry(
+        self, satellite_id: str, resource_type: ResourceType, timestamp: datetime, value: float, unit: str
+    ) -> None:
+        """One raw telemetry point into its series' aggregator (raises ValidationError when invalid).
+        Closed buckets queue for storage; the flusher stores them."""
+        snapshot = ResourceSnapshot(satellite_id, resource_type, timestamp, value, unit)
+        violations = self.check(snapshot)
+        key = (satellite_id, resource_type)
+        stream = self._streams.get(key)
+        unit = unit.strip()
+        if stream is not None and not violations and unit != stream.unit:
+            violations.append(FieldViolation("snapshot.unit", f"unit {unit!r} differs from {stream.unit!r}"))
+        if violations:
+            self.telemetry_rejected += 1
+            raise ValidationError(violations)
+        if stream is None:
+            stream = _Stream(unit, StreamingAggregator(bucket_width_s=self._bucket_s), time.monotonic())
+            self._streams[key] = stream
+        late = stream.aggregator.late_count
+        stream.aggregator.add(timestamp, value)
+        stream.last_seen = time.monotonic()
+        self.telemetry_points += 1
+        if stream.aggregator.late_count == late:
+            stream.open = True
+        self._collect(key, stream, stream.aggregator.completed_buckets())
+
+    def _collect(self, key: Key, stream: _Stream, buckets: Sequence[Any]) -> None:
+        for bucket in buckets:
+            when = datetime.fromtimestamp(bucket.last_timestamp, UTC)
+            self._telemetry_pending.append(ResourceSnapshot(key[0], key[1], when, bucket.last, stream.unit))
+
+    async def flush_telemetry(self, *, everything: bool = False) -> int:
+        """Closes idle (or, with `everything`, all) open buckets and stores every queued bucket;
+        returns how many snapshots were stored. Queued snapshots stay queued when the commit fails."""
+        now = time.monotonic()
+        for key, stream in self._streams.items():
+            if stream.open and (everything or now - stream.last_seen >= self._idle_flush_s):
+                stream.open = False
+                self._collect(key, stream, stream.aggregator.flush())
+        if not self._telemetry_pending:
+            return 0
+        pending, self._telemetry_pending = self._telemetry_pending, []
+        try:
+            outcomes = await self.ingest_many(pending)
+        except BaseException:
+            self._telemetry_pending = pending + self._telemetry_pending
+            raise
+        for snapshot, outcome in zip(pending, outcomes, strict=True):
+            if outcome.violations:
+                log.warning(
+                    "telemetry bucket of %s/%s rejected: %s",
+                    snapshot.satellite_id,
+                    snapshot.resource_type.name,
+                    outcome.violations,
+                )
+        stored = sum(1 for o in outcomes if not o.duplicate and not o.violations)
+        self.telemetry_stored += stored
+        return stored
+
+    async def _telemetry_flusher(self) -> None:
+        delay = self._flush_interval_s
+        while True:
+            await asyncio.sleep(delay)  # a periodic timer, not synchronisation
+            try:
+                await self.flush_telemetry()
+                delay = self._flush_interval_s
+            except Exception as exc:
+                delay = min(delay * 2, 5.0)
+                log.warning("capacity: storing telemetry failed (%s); retrying in %.1fs", exc, delay)

@@ -1,0 +1,213 @@
+"""The Capacity service end to end through real servers, PostgreSQL and NATS JetStream: telemetry
+published on NATS becomes snapshots, the forecast reflects a scheduled mission and survives a
+restart, and a satellite crossing into CRITICAL produces a risk_changed event and an alert that the
+Correlation service turns into an incident.
+
+Snapshot times are in the past relative to the server's real clock (it rejects snapshots more than
+300 s in the future). Waits are bounded polls only where the condition lives in another system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from aetherops.bus import Bus
+from gen.aetherops.capacity.v1 import capacity_pb2 as pb
+from gen.aetherops.capacity.v1 import capacity_pb2_grpc
+from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
+from gen.aetherops.events.v1 import events_pb2
+
+FUEL = pb.RESOURCE_TYPE_FUEL
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout_s: float = 15.0, what: str = "condition") -> Any:
+    """Polls `check` until it returns something truthy; the condition lives in NATS/PostgreSQL/another
+    service, so there is nothing in-process to wait on."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)  # bounded poll of an external system
+
+
+def snap(sat: str, when: datetime, value: float, unit: str = "kg") -> pb.ResourceSnapshot:
+    message = pb.ResourceSnapshot(satellite_id=sat, resource_type=FUEL, value=value, unit=unit)
+    message.timestamp.FromDatetime(when)
+    return message
+
+
+def fuel_history(sat: str, *, kg_per_hour: float, start: float = 100.0, hours: int = 48) -> list[pb.ResourceSnapshot]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return [snap(sat, now - timedelta(hours=hours - i), start - kg_per_hour * i) for i in range(hours)]
+
+
+async def ingest(stub: capacity_pb2_grpc.CapacityServiceStub, snapshots: Iterable[pb.ResourceSnapshot]) -> Any:
+    async def requests() -> AsyncIterator[pb.IngestSnapshotsRequest]:
+        for s in snapshots:
+            yield pb.IngestSnapshotsRequest(snapshot=s)
+
+    return await stub.IngestSnapshots(requests())
+
+
+def burn(sat: str, mission_id: str, kg: float, starts_in: timedelta) -> pb.AddScheduledMissionRequest:
+    start = datetime.now(UTC).replace(microsecond=0) + starts_in
+    mission = pb.ScheduledMission(
+        mission_id=mission_id,
+        satellite_id=sat,
+        resource_impacts=[pb.ResourceImpact(resource_type=FUEL, amount=kg)],
+        description="orbit raise",
+    )
+    mission.start_time.FromDatetime(start)
+    mission.end_time.FromDatetime(start + timedelta(hours=1))
+    return pb.AddScheduledMissionRequest(mission=mission)
+
+
+async def forecast(stub: capacity_pb2_grpc.CapacityServiceStub, sat: str) -> pb.ExhaustionForecast:
+    reply = await stub.ForecastExhaustion(pb.ForecastExhaustionRequest(satellite_id=sat, resource_type=FUEL))
+    assert reply.HasField("forecast"), reply.reason
+    found: pb.ExhaustionForecast = reply.forecast
+    return found
+
+
+async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, bus: Bus) -> None:
+    app = await app_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = capacity_pb2_grpc.CapacityServiceStub(channel)
+        # 180 bursts ten minutes apart (30 hours), each six readings 10 s apart within one 60 s bucket.
+        minute0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10 * 181)
+        expected: list[tuple[datetime, float]] = []
+        subject = bus.subjects.telemetry("SAT-T", "fuel")
+        for m in range(180):
+            for k in range(6):
+                when = minute0 + timedelta(minutes=10 * m, seconds=10 * k)
+                value = 500.0 - 0.005 * (6 * m + k)
+                if k == 5:
+                    expected.append((when, value))  # the bucket's last reading is what is stored
+                if (m + k) % 2:
+                    payload = json.dumps({"timestamp": when.isoformat(), "value": value, "unit": "kg"}).encode()
+                else:
+                    payload = snap("", when, value).SerializeToString()  # the subject names the satellite
+                # Plain NATS publishes, as a ground station sends them; the TELEMETRY stream captures them.
+                await bus.nc.publish(subject, payload)
+        # Malformed points are acknowledged and ignored, never stored.
+        await bus.nc.publish(subject, b'{"timestamp": "yesterday", "value": -1}')
+        await bus.nc.publish(bus.subjects.telemetry("SAT-T", "plutonium"), b'{"value": 1}')
+        await bus.nc.flush()
+
+        assert app.infra is not None
+        db = app.infra.db
+
+        async def stored() -> bool:
+            count = await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-T'")
+            return bool(count == 180)
+
+        await eventually(stored, what="180 reduced snapshots in PostgreSQL")
+        reply = await stub.ComputeConsumptionRate(
+            pb.ComputeConsumptionRateRequest(satellite_id="SAT-T", resource_type=FUEL)
+        )
+        assert reply.rate.sample_count == 180  # the planner learned exactly what was committed
+        assert abs(reply.rate.rate_per_day - 0.03 * 6 * 24) < 1e-6  # the stored lasts: 0.03 kg per 10 min
+        rows = await app.infra.db.fetch(
+            "SELECT snapshot_time, value, unit FROM capacity_snapshots WHERE satellite_id = 'SAT-T' ORDER BY 1"
+        )
+        assert [(r["snapshot_time"], r["value"]) for r in rows] == expected
+        assert {r["unit"] for r in rows} == {"kg"}
+
+
+async def test_forecast_reflects_a_scheduled_mission_and_survives_restart(app_factory: Any) -> None:
+    app = await app_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = capacity_pb2_grpc.CapacityServiceStub(channel)
+        reply = await ingest(stub, fuel_history("SAT-M", kg_per_hour=0.1))  # 2.4 kg/day, ~95 kg left
+        assert reply.accepted == 48
+        before = await forecast(stub, "SAT-M")
+        assert before.risk_level == pb.RISK_LEVEL_WATCH and 35.0 < before.days_remaining < 45.0
+        await stub.AddScheduledMission(burn("SAT-M", "burn-1", 50.0, timedelta(days=2)))
+        after = await forecast(stub, "SAT-M")
+        assert after.scheduled_impact == 50.0
+        assert before.days_remaining - after.days_remaining > 15.0  # 50 kg at 2.4 kg/day: ~21 days
+        assert after.risk_level == pb.RISK_LEVEL_WARNING
+        advice = await stub.RecommendInterventions(pb.RecommendInterventionsRequest(satellite_id="SAT-M"))
+        assert any(i.action == "defer_burn" and list(i.mission_ids) == ["burn-1"] for i in advice.interventions)
+
+    await app.stop()
+    restarted = await app_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+        stub = capacity_pb2_grpc.CapacityServiceStub(channel)
+        again = await forecast(stub, "SAT-M")
+    # Days remaining count from "now", which moved; the exhaustion time and the fit did not.
+    assert again.rate_per_day == after.rate_per_day
+    assert again.scheduled_impact == after.scheduled_impact
+    assert again.risk_level == after.risk_level
+    assert again.current_value == after.current_value
+    drift = again.predicted_exhaustion_time.ToDatetime() - after.predicted_exhaustion_time.ToDatetime()
+    assert abs(drift.total_seconds()) < 1.0
+
+
+async def _risk_events(bus: Bus, until: Callable[[events_pb2.Event], bool]) -> list[tuple[Any, events_pb2.Event]]:
+    """Risk events from JetStream (an ordered consumer from the stream's start) until one matches."""
+    sub = await bus.js.subscribe(bus.subjects.capacity(">"), ordered_consumer=True)
+    found: list[tuple[Any, events_pb2.Event]] = []
+    try:
+        async with asyncio.timeout(15.0):
+            while True:
+                msg = await sub.next_msg(timeout=15.0)
+                event = events_pb2.Event.FromString(msg.data)
+                found.append((msg, event))
+                if until(event):
+                    return found
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_entering_critical_emits_risk_event_and_opens_an_incident(
+    server: Any, channel: grpc.aio.Channel, bus: Bus
+) -> None:
+    stub = capacity_pb2_grpc.CapacityServiceStub(channel)
+    await ingest(stub, fuel_history("SAT-C", kg_per_hour=0.1))  # WATCH: ~40 days left
+    await stub.AddScheduledMission(burn("SAT-C", "burn-big", 90.0, timedelta(days=1)))  # exhausted in ~1 day
+    assert (await forecast(stub, "SAT-C")).risk_level == pb.RISK_LEVEL_CRITICAL
+
+    events = await _risk_events(bus, lambda e: e.risk_changed.risk_level == pb.RISK_LEVEL_CRITICAL)
+    levels = [(e.risk_changed.previous_risk_level, e.risk_changed.risk_level) for _, e in events]
+    assert levels == [
+        (pb.RISK_LEVEL_NOMINAL, pb.RISK_LEVEL_WATCH),
+        (pb.RISK_LEVEL_WATCH, pb.RISK_LEVEL_CRITICAL),
+    ]
+    msg, critical = events[-1]
+    assert critical.source_service == "capacity"
+    assert critical.type == "capacity.risk_changed"
+    assert critical.aggregate_id == "SAT-C/fuel"
+    assert msg.headers["Nats-Msg-Id"] == critical.event_id
+    assert critical.risk_changed.satellite_id == "SAT-C"
+    assert critical.risk_changed.resource_type == FUEL
+    assert 0.0 < critical.risk_changed.days_remaining < 14.0
+
+    # The alert on aetherops.alerts.ingest, as the Correlation service receives it.
+    alerts = await bus.js.subscribe(bus.subjects.alerts_ingest, ordered_consumer=True)
+    try:
+        alert = correlation_pb2.Alert.FromString((await alerts.next_msg(timeout=15.0)).data)
+    finally:
+        await alerts.unsubscribe()
+    assert alert.alert_id == f"capacity:SAT-C:fuel:{datetime.now(UTC):%Y-%m-%d}"
+    assert (alert.satellite_id, alert.subsystem, alert.severity) == ("SAT-C", "propulsion", 5)
+    assert "days" in alert.message
+
+    correlation = correlation_pb2_grpc.CorrelationServiceStub(channel)
+
+    async def incident() -> Any:
+        reply = await correlation.ListActiveClusters(correlation_pb2.ListActiveClustersRequest(satellite_id="SAT-C"))
+        return [c for c in reply.clusters if "propulsion" in c.subsystems]
+
+    (cluster,) = await eventually(incident, what="an incident for SAT-C")
+    assert cluster.max_severity == 5
+    assert [a.alert_id for a in cluster.alerts] == [alert.alert_id]

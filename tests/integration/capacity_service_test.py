@@ -1,0 +1,263 @@
+"""CapacityService RPCs through a real server, PostgreSQL and NATS: bad input (INVALID_ARGUMENT with
+every field violation, nothing stored), NOT_FOUND, idempotent ingestion and missions, pagination.
+
+The server here runs the Capacity component alone, so these tests do not depend on the other
+services; `capacity_flow_test.py` runs the full server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from aetherops.config import Settings
+from aetherops.db import Database
+from gen.aetherops.capacity.v1 import capacity_pb2 as pb
+from gen.aetherops.capacity.v1 import capacity_pb2_grpc
+from servers.app import Application
+from servers.capacity import CapacityComponent
+
+FUEL = pb.RESOURCE_TYPE_FUEL
+POWER = pb.RESOURCE_TYPE_POWER
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Application]:
+    application = Application(settings, components_factory=lambda s: [CapacityComponent(s)])
+    await application.start()
+    try:
+        await application.wait_ready()
+        yield application
+    finally:
+        await application.stop()
+
+
+@pytest.fixture
+async def stub(app: Application) -> AsyncIterator[capacity_pb2_grpc.CapacityServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        yield capacity_pb2_grpc.CapacityServiceStub(channel)
+
+
+@pytest.fixture
+def db(app: Application) -> Database:  # the server's own pool on this test's schema
+    assert app.infra is not None
+    return app.infra.db
+
+
+def snap(sat: str, resource: Any, when: datetime, value: float, unit: str = "kg") -> pb.ResourceSnapshot:
+    message = pb.ResourceSnapshot(satellite_id=sat, resource_type=resource, value=value, unit=unit)
+    message.timestamp.FromDatetime(when)
+    return message
+
+
+def history(sat: str, *, hours: int = 48, start: float = 100.0, per_hour: float = 1.0) -> list[pb.ResourceSnapshot]:
+    """Hourly fuel readings ending an hour ago, depleting `per_hour` kg per hour."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    return [snap(sat, FUEL, now - timedelta(hours=hours - i), start - per_hour * i) for i in range(hours)]
+
+
+async def ingest(stub: capacity_pb2_grpc.CapacityServiceStub, snapshots: Iterable[pb.ResourceSnapshot]) -> Any:
+    async def requests() -> AsyncIterator[pb.IngestSnapshotsRequest]:
+        for s in snapshots:
+            yield pb.IngestSnapshotsRequest(snapshot=s)
+
+    return await stub.IngestSnapshots(requests())
+
+
+def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    """field -> description of the google.rpc.BadRequest in the error's details."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    return {v.field: v.description for v in bad.field_violations}
+    return {}
+
+
+async def test_bad_snapshot_reports_every_violation_and_stores_nothing(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    far_future = datetime.now(UTC) + timedelta(hours=2)
+    bad = snap("", pb.RESOURCE_TYPE_UNSPECIFIED, far_future, -1.0, unit="")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {
+        "snapshot.satellite_id",
+        "snapshot.resource_type",
+        "snapshot.value",
+        "snapshot.timestamp",
+        "snapshot.unit",
+    }
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, datetime.now(UTC), value)))
+        assert violations(caught.value) == {"snapshot.value": "must be finite"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-1", 9, datetime.now(UTC), 1.0)))
+    assert set(violations(caught.value)) == {"snapshot.resource_type"}
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 0
+
+
+async def test_unit_must_stay_the_same_for_a_series(stub: capacity_pb2_grpc.CapacityServiceStub, db: Database) -> None:
+    now = datetime.now(UTC)
+    await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, now - timedelta(hours=1), 5.0)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, now, 4.0, unit="lb")))
+    assert set(violations(caught.value)) == {"snapshot.unit"}
+    # A new series with two units in one stream: the first wins, the other is rejected by index.
+    reply = await ingest(
+        stub,
+        [snap("SAT-2", POWER, now - timedelta(minutes=2), 9.0, "Wh"), snap("SAT-2", POWER, now, 8.0, "kWh")],
+    )
+    assert (reply.accepted, reply.duplicates, reply.rejected) == (1, 0, 1)
+    assert reply.rejections[0].index == 1 and reply.rejections[0].problems[0].field == "snapshot.unit"
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 2
+
+
+async def test_snapshots_are_stored_once_and_request_ids_replay(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    one = snap("SAT-1", FUEL, datetime.now(UTC) - timedelta(minutes=5), 42.0)
+    first = await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=one, request_id="req-1"))
+    retried = await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=one, request_id="req-1"))
+    again = await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=one))
+    assert (first.duplicate, retried.duplicate, again.duplicate) == (False, False, True)
+
+    snapshots = history("SAT-3", hours=10)
+    bad = snap("SAT-3", FUEL, datetime.now(UTC), -5.0)
+    reply = await ingest(stub, [*snapshots, snapshots[0], bad, *snapshots[:3]])
+    assert (reply.accepted, reply.duplicates, reply.rejected) == (10, 4, 1)
+    assert [r.index for r in reply.rejections] == [11]
+    assert reply.rejections[0].problems[0].field == "snapshot.value"
+    reply = await ingest(stub, snapshots)
+    assert (reply.accepted, reply.duplicates, reply.rejected) == (0, 10, 0)
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-3'") == 10
+
+
+async def test_queries_validate_and_unknown_satellites_are_not_found(
+    stub: capacity_pb2_grpc.CapacityServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ForecastExhaustion(pb.ForecastExhaustionRequest(satellite_id=""))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {"satellite_id", "resource_type"}
+    for call in (
+        stub.ForecastExhaustion(pb.ForecastExhaustionRequest(satellite_id="GHOST", resource_type=FUEL)),
+        stub.ComputeConsumptionRate(pb.ComputeConsumptionRateRequest(satellite_id="GHOST", resource_type=FUEL)),
+        stub.RecommendInterventions(pb.RecommendInterventionsRequest(satellite_id="GHOST")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Known satellite, too little history: an empty forecast with the reason, not an error.
+    await ingest(stub, history("SAT-1", hours=2))
+    reply = await stub.ForecastExhaustion(pb.ForecastExhaustionRequest(satellite_id="SAT-1", resource_type=FUEL))
+    assert not reply.HasField("forecast") and "insufficient history" in reply.reason
+    rate = await stub.ComputeConsumptionRate(
+        pb.ComputeConsumptionRateRequest(satellite_id="SAT-1", resource_type=POWER)
+    )
+    assert not rate.HasField("rate") and "no POWER snapshots" in rate.reason
+
+
+async def test_missions_validate_replace_by_id_and_replay_by_request_id(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    start = datetime.now(UTC) + timedelta(days=1)
+    mission = pb.ScheduledMission(
+        mission_id="burn-1",
+        satellite_id="SAT-1",
+        resource_impacts=[pb.ResourceImpact(resource_type=FUEL, amount=10.0)],
+    )
+    mission.start_time.FromDatetime(start)
+    mission.end_time.FromDatetime(start - timedelta(hours=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=mission))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {"mission.end_time"}
+
+    broken = pb.ScheduledMission(resource_impacts=[pb.ResourceImpact(amount=float("nan"))])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=broken))
+    assert {
+        "mission.mission_id",
+        "mission.satellite_id",
+        "mission.start_time",
+        "mission.end_time",
+        "mission.resource_impacts[0].resource_type",
+    } <= set(violations(caught.value))
+    assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 0
+
+    mission.end_time.FromDatetime(start + timedelta(hours=1))
+    stored = await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=mission, request_id="m-1"))
+    assert stored.mission == mission
+    # Same request_id with another payload: the first answer, nothing changed.
+    changed = pb.ScheduledMission()
+    changed.CopyFrom(mission)
+    changed.resource_impacts[0].amount = 99.0
+    replay = await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=changed, request_id="m-1"))
+    assert replay.mission == mission
+    # Same mission_id, new request: replaces.
+    replaced = await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=changed, request_id="m-2"))
+    assert replaced.mission.resource_impacts[0].amount == 99.0
+    rows = await db.fetch("SELECT mission_id, resource_impacts FROM capacity_missions")
+    assert [(r["mission_id"], r["resource_impacts"]) for r in rows] == [("burn-1", {"1": 99.0})]
+
+
+async def test_critical_forecasts_page_through_in_urgency_order(
+    stub: capacity_pb2_grpc.CapacityServiceStub,
+) -> None:
+    # Seven satellites running out in about 2..8 days, three healthy ones.
+    snapshots = []
+    for i in range(10):
+        days_left = 2.0 + i if i < 7 else 400.0
+        per_hour = 47.0 / (48.0 + 24.0 * days_left) * 2.0
+        snapshots += history(f"SAT-{i:02d}", start=94.0, per_hour=per_hour)
+    reply = await ingest(stub, snapshots)
+    assert reply.accepted == 480
+    everything = await stub.GetCriticalForecasts(pb.GetCriticalForecastsRequest(page_size=100))
+    expected = [(f.satellite_id, f.resource_type) for f in everything.forecasts]
+    assert expected == [(f"SAT-{i:02d}", FUEL) for i in range(7)]
+    assert not everything.next_page_token
+    days = [f.days_remaining for f in everything.forecasts]
+    assert days == sorted(days) and days[-1] < 14.0
+
+    seen: list[tuple[str, int]] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await stub.GetCriticalForecasts(pb.GetCriticalForecastsRequest(page_size=3, page_token=token))
+        seen += [(f.satellite_id, f.resource_type) for f in page.forecasts]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == expected and pages == 3
+
+    horizon = pb.GetCriticalForecastsRequest(page_size=100)
+    horizon.horizon.FromTimedelta(timedelta(days=4.5))
+    near = await stub.GetCriticalForecasts(horizon)
+    assert [f.satellite_id for f in near.forecasts] == ["SAT-00", "SAT-01", "SAT-02"]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetCriticalForecasts(pb.GetCriticalForecastsRequest(page_token="not-a-token", page_size=-1))
+    assert set(violations(caught.value)) == {"page_token", "page_size"}
+
+    summary = await stub.GetFleetRiskSummary(pb.GetFleetRiskSummaryRequest())
+    assert [g.risk_level for g in summary.groups] == [
+        pb.RISK_LEVEL_CRITICAL,
+        pb.RISK_LEVEL_WARNING,
+        pb.RISK_LEVEL_WATCH,
+        pb.RISK_LEVEL_NOMINAL,
+    ]
+    assert list(summary.groups[0].satellite_ids) == [f"SAT-{i:02d}" for i in range(7)]
+    assert list(summary.groups[3].satellite_ids) == ["SAT-07", "SAT-08", "SAT-09"]
+    assert summary.satellite_count == 10
