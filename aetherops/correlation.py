@@ -47,10 +47,10 @@ import enum
 import heapq
 import math
 import uuid
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import Final
 
 from aetherops.clock import Clock, SystemClock
@@ -66,6 +66,7 @@ __all__ = [
     "Alert",
     "ClusterStatus",
     "CorrelationEngine",
+    "EngineStats",
     "IncidentCluster",
     "IngestResult",
     "Labels",
@@ -81,7 +82,7 @@ MAX_CANDIDATE_CLUSTERS: Final = 16
 """Per index list (the alert's satellite, each related subsystem), the most recently updated open
 clusters scored. Real fleets have a handful; the cap bounds the pathological case."""
 
-_SWEEP_BUCKETS: Final = 8  # expiry granularity: the window is cut into this many time buckets
+_SWEEP_BUCKETS: Final = 4  # expiry granularity: the window is cut into this many time buckets
 _KEY_CACHE_LIMIT: Final = 65_536  # raw subsystem spellings remembered (unknown names are unbounded)
 
 _Key = int | str
@@ -249,8 +250,34 @@ class IngestResult:
     replay: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    clusters_in_memory: int
+    opened: int
+    duplicates: int
+    expired: int
+
+
 def _epoch_of(alert: Alert) -> float:
     return alert.epoch
+
+
+class _Slot:
+    """One cluster's alerts on one satellite, as scoring candidates: the latest time and severity per
+    subsystem.
+
+    Times and severities sit unboxed in one `array` ([t0, sev0, t1, sev1, ...]) next to a list of
+    subsystem keys, so scoring a candidate cluster reads two buffers instead of two objects per
+    alert. With tens of thousands of active clusters nothing is in the CPU cache, and those reads
+    are what an ingest costs.
+    """
+
+    __slots__ = ("cluster", "data", "keys")
+
+    def __init__(self, cluster: IncidentCluster) -> None:
+        self.cluster = cluster
+        self.keys: list[_Key] = []
+        self.data: array[float] = array("d")
 
 
 @dataclass(eq=False, slots=True)
@@ -276,14 +303,16 @@ class IncidentCluster:
     _last_epoch: float = field(default=-math.inf, repr=False)
     _max_sev: int = field(default=0, repr=False)
     _sub_first: dict[_Key, Alert] = field(default_factory=dict, repr=False)  # earliest alert per subsystem
-    _sub_last: dict[_Key, Alert] = field(default_factory=dict, repr=False)  # latest alert per subsystem
-    _on_sat: dict[str, dict[_Key, Alert]] = field(default_factory=dict, repr=False)  # latest per (sat, sub)
-    _names: dict[_Key, str] = field(default_factory=dict, repr=False)
+    _sub_last: dict[int, Alert] = field(default_factory=dict, repr=False)  # latest per known subsystem
+    _slots: dict[str, _Slot] = field(default_factory=dict, repr=False)  # per satellite
+    _names: list[str] = field(default_factory=list, repr=False)  # canonical subsystem names
     _mask: int = field(default=0, repr=False)  # bit per known subsystem present
     _bucket: int = field(default=-1, repr=False)  # expiry bucket it is registered in
     _joinable: bool = field(default=False, repr=False)  # open and in the engine's indexes
     _in_memory: bool = field(default=False, repr=False)
     _dup_ids: list[str] = field(default_factory=list, repr=False)
+    _root_rank: tuple[int, float, int, str] | None = field(default=None, repr=False)
+    _root_alert: Alert | None = field(default=None, repr=False)
 
     @classmethod
     def restore(
@@ -302,7 +331,7 @@ class IncidentCluster:
         ordered = sorted(alerts, key=_epoch_of)
         if not ordered:
             raise ValidationError.single("cluster.alerts", f"cluster {cluster_id!r} has no alerts")
-        first, last = ordered[0], max(ordered, key=_epoch_of)
+        first, last = ordered[0], ordered[-1]
         return cls(
             cluster_id=cluster_id,
             alerts=ordered,
@@ -314,6 +343,8 @@ class IncidentCluster:
             closed_time=closed_time,
             duplicate_count=duplicate_count,
             root_cause_confidence=root_cause_confidence,
+            _first_epoch=first.epoch,
+            _last_epoch=last.epoch,
             _max_sev=max(a.severity for a in ordered),
         )
 
@@ -327,18 +358,18 @@ class IncidentCluster:
     @property
     def satellites(self) -> list[str]:
         """Distinct satellite ids, sorted."""
-        return sorted(self._on_sat) if self._on_sat else sorted({a.satellite_id for a in self.alerts})
+        return sorted(self._slots) if self._slots else sorted({a.satellite_id for a in self.alerts})
 
     @property
     def subsystems(self) -> list[str]:
         """Distinct canonical subsystem names (aliases resolved, lower case), sorted."""
         if self._names:
-            return sorted(self._names.values())
+            return sorted(self._names)
         return sorted({normalize_name(a.subsystem) for a in self.alerts})
 
     @property
     def max_severity(self) -> int:
-        return self._max_sev or max((a.severity for a in self.alerts), default=0)
+        return self._max_sev
 
     @property
     def alert_count(self) -> int:
@@ -348,14 +379,12 @@ class IncidentCluster:
         return next((a for a in self.alerts if a.alert_id == self.root_cause), None)
 
 
-class _SatIndex:
-    """Per satellite: its open clusters (ordered by last update) and the dedupe reference per subsystem."""
+_RANK_NONE: Final = 0  # root-cause ranking unaffected
+_RANK_UNKNOWN: Final = 1  # a new unknown subsystem: compare it with the current root only
+_RANK_FULL: Final = 2  # re-rank every subsystem
 
-    __slots__ = ("clusters", "last")
-
-    def __init__(self) -> None:
-        self.clusters: dict[IncidentCluster, None] = {}
-        self.last: dict[_Key, tuple[Alert, IncidentCluster]] = {}
+_Outcome = tuple[str, bool, str | None, bool, bool]
+"""(cluster id, opened, duplicate of, root cause changed, replay)."""
 
 
 # ---- engine ----------------------------------------------------------------------------------
@@ -404,6 +433,7 @@ class CorrelationEngine:
         self._dep_rows: list[dict[_Key, float]] = [
             {j: DEPENDENCY_WEIGHT * matrix[i][j] for j in range(n) if matrix[i][j] > 0.0} for i in range(n)
         ]
+        self._no_deps: dict[_Key, float] = {}  # the row of an unknown subsystem (never written)
         # Across satellites the bonus is missing, so only a strong enough dependency can reach the
         # threshold (time and severity together give at most `floor`).
         min_dep = (self.score_threshold - floor) / DEPENDENCY_WEIGHT - 1e-9
@@ -416,22 +446,29 @@ class CorrelationEngine:
     def reset(self) -> None:
         """Forgets every cluster (the service rebuilds from PostgreSQL after this)."""
         self._clusters: dict[str, IncidentCluster] = {}
-        self._seen: dict[str, tuple[IncidentCluster, str | None]] = {}  # alert id -> (cluster, dup of)
-        self._sats: dict[str, _SatIndex] = {}
-        self._subs: dict[int, dict[IncidentCluster, None]] = {}
+        self._seen: dict[str, IncidentCluster] = {}  # alert id -> its cluster (duplicates included)
+        self._dup_of: dict[str, str] = {}  # duplicate alert id -> the alert it duplicates
+        self._sats: dict[str, list[_Slot]] = {}  # satellite -> its clusters' slots, last updated last
+        self._subs: dict[int, dict[IncidentCluster, None]] = {}  # known subsystem -> clusters, same order
         self._buckets: dict[int, list[IncidentCluster]] = {}
         self._bucket_heap: list[int] = []
         self._next_sweep = -math.inf
         self._keys: dict[str, _Key] = {}
+        self._opened = self._duplicates = self._expired = 0
 
     @property
     def dependency_graph(self) -> DependencyGraph:
         return self._graph
 
     @property
-    def cluster_count(self) -> int:
-        """Clusters held in memory (open or recently closed, not yet expired)."""
-        return len(self._clusters)
+    def stats(self) -> EngineStats:
+        """Counters since construction or the last `reset` (for metrics and benchmarks)."""
+        return EngineStats(
+            clusters_in_memory=len(self._clusters),
+            opened=self._opened,
+            duplicates=self._duplicates,
+            expired=self._expired,
+        )
 
     def _key_of(self, subsystem: str) -> _Key:
         key = self._keys.get(subsystem)
@@ -442,9 +479,6 @@ class CorrelationEngine:
                 self._keys.clear()  # unknown names are unbounded; a cache miss only costs a normalise
             self._keys[subsystem] = key
         return key
-
-    def _name_of(self, key: _Key) -> str:
-        return key if isinstance(key, str) else self._graph.names[key]
 
     # ---- scoring ---------------------------------------------------------------------------
 
@@ -475,13 +509,13 @@ class CorrelationEngine:
         cid, opened, dup_of, root_changed, replay = self._ingest(alert)
         return IngestResult(cid, dup_of is not None, opened, root_changed, dup_of, replay)
 
-    def _ingest(self, alert: Alert) -> tuple[str, bool, str | None, bool, bool]:
-        """(cluster id, opened, duplicate of, root cause changed, replay) — a tuple, not a record,
-        because this is the hot path and `ingest` needs only the id."""
+    def _ingest(self, alert: Alert) -> _Outcome:
+        # The hot path: locals instead of attribute lookups, a tuple instead of a record, and the
+        # cluster's candidates read from its slot arrays.
         aid = alert.alert_id
-        seen = self._seen.get(aid)
-        if seen is not None:
-            return seen[0].cluster_id, False, seen[1], False, True
+        known = self._seen.get(aid)
+        if known is not None:
+            return known.cluster_id, False, self._dup_of.get(aid), False, True
         t = alert.epoch
         if t != t:  # NaN: no usable timestamp
             raise ValidationError.single("alert.timestamp", "required")
@@ -495,50 +529,48 @@ class CorrelationEngine:
         key = self._keys.get(raw)
         if key is None:
             key = self._key_of(raw)
-        sat = alert.satellite_id
-        st = self._sats.get(sat)
-
-        if st is not None:
-            prev = st.last.get(key)
-            if prev is not None:
-                pa, pc = prev
-                if pc._joinable and pc._last_epoch >= horizon:
-                    d = t - pa.epoch
-                    if -self.dedupe_window_s <= d <= self.dedupe_window_s:
-                        return self._duplicate(alert, pc, pa)
-                    if d < 0:  # late: maybe within the dedupe window of an earlier alert
-                        orig = self._late_duplicate_of(pc, alert, key)
-                        if orig is not None:
-                            return self._duplicate(alert, pc, orig)
-
-        best: IncidentCluster | None = None
-        best_score = self.score_threshold - 1e-12
-        inv_w = 1.0 / w
-        sev_part = SEVERITY_WEIGHT * alert.severity / 10.0
-        sev_w = SEVERITY_WEIGHT / 10.0
         kidx = key if isinstance(key, int) else -1
-        dep_row = self._dep_rows[kidx] if kidx >= 0 else _EMPTY_ROW
-        if st is not None:
-            base = TIME_WEIGHT + self.same_satellite_bonus + sev_part
+        dep_row = self._dep_rows[kidx] if kidx >= 0 else self._no_deps
+        sat = alert.satellite_id
+        inv_w = 1.0 / w
+        sev_w = SEVERITY_WEIGHT / 10.0
+        best: IncidentCluster | None = None
+        best_slot: _Slot | None = None
+        best_score = self.score_threshold - 1e-12
+
+        slots = self._sats.get(sat)
+        if slots is not None:
+            dedupe = self.dedupe_window_s
+            base = TIME_WEIGHT + self.same_satellite_bonus + sev_w * alert.severity
             n = 0
-            for c in reversed(st.clusters):
+            for slot in reversed(slots):
                 if n >= MAX_CANDIDATE_CLUSTERS:
                     break
                 n += 1
+                c = slot.cluster
                 if not c._joinable or c._last_epoch < horizon:
                     continue
-                for kb, b in c._on_sat[sat].items():
-                    dt = t - b.epoch
+                it = iter(slot.data)
+                for kb, tb, sb in zip(slot.keys, it, it, strict=False):
+                    dt = t - tb
+                    if kb == key:
+                        # Same satellite and subsystem: deduplicate before anything else.
+                        if -dedupe <= dt <= dedupe:
+                            return self._duplicate(alert, c, key, tb)
+                        if dt < 0:  # late: maybe within the dedupe window of an earlier alert
+                            orig = self._late_duplicate_of(c, alert, key)
+                            if orig is not None:
+                                return self._duplicate(alert, c, key, orig.epoch)
                     if dt < 0:
                         dt = -dt
                     if dt >= w:
                         continue
-                    s = base - TIME_WEIGHT * dt * inv_w + sev_w * b.severity + dep_row.get(kb, 0.0)
+                    s = base - TIME_WEIGHT * dt * inv_w + sev_w * sb + dep_row.get(kb, 0.0)
                     if s > best_score:
-                        best_score, best = s, c
+                        best_score, best, best_slot = s, c, slot
         if kidx >= 0:
             bonus = self.same_satellite_bonus
-            base = TIME_WEIGHT + sev_part
+            base = TIME_WEIGHT + sev_w * alert.severity
             for j in self._related[kidx]:
                 idx = self._subs.get(j)
                 if not idx:
@@ -564,26 +596,37 @@ class CorrelationEngine:
                     if b.satellite_id == sat:
                         s += bonus
                     if s > best_score:
-                        best_score, best = s, c
+                        best_score, best, best_slot = s, c, None
 
         if best is None:
-            return self._open(alert, key, now_dt).cluster_id, True, None, False, False
-        changed = self._add(best, alert, key)
+            return self._open(alert, key, now_dt), True, None, False, False
+        if best_slot is None:
+            best_slot = best._slots.get(sat)
+        changed = self._add(best, best_slot, alert, key, slots)
         return best.cluster_id, False, None, changed, False
 
-    def _duplicate(
-        self, alert: Alert, cluster: IncidentCluster, original: Alert
-    ) -> tuple[str, bool, str | None, bool, bool]:
+    def _duplicate(self, alert: Alert, cluster: IncidentCluster, key: _Key, orig_epoch: float) -> _Outcome:
+        """Counts `alert` as a duplicate of the cluster's alert of the same satellite and subsystem at
+        `orig_epoch` (found by bisecting the cluster's alerts: off the hot path)."""
+        alerts = cluster.alerts
+        i = bisect.bisect_left(alerts, orig_epoch, key=_epoch_of)
+        sat, orig = alert.satellite_id, alerts[min(i, len(alerts) - 1)]
+        while i < len(alerts) and alerts[i].epoch == orig_epoch:
+            a = alerts[i]
+            if a.satellite_id == sat and self._key_of(a.subsystem) == key:
+                orig = a
+                break
+            i += 1
+        self._duplicates += 1
         cluster.duplicate_count += 1
         cluster._dup_ids.append(alert.alert_id)
-        self._seen[alert.alert_id] = (cluster, original.alert_id)
-        return cluster.cluster_id, False, original.alert_id, False, False
+        self._seen[alert.alert_id] = cluster
+        self._dup_of[alert.alert_id] = orig.alert_id
+        return cluster.cluster_id, False, orig.alert_id, False, False
 
     def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
-        """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late alert.
-
-        Only reached for late arrivals, so the bisect over the cluster's alerts stays off the hot path.
-        """
+        """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late
+        alert (the slot only remembers the latest one)."""
         t, d, sat = alert.epoch, self.dedupe_window_s, alert.satellite_id
         alerts = cluster.alerts
         lo = bisect.bisect_left(alerts, t - d, key=_epoch_of)
@@ -595,7 +638,7 @@ class CorrelationEngine:
                     best = a
         return best
 
-    def _open(self, alert: Alert, key: _Key, now: datetime) -> IncidentCluster:
+    def _open(self, alert: Alert, key: _Key, now: datetime) -> str:
         cid = self._new_id()
         if cid in self._clusters:
             raise AlreadyExistsError(f"id_factory returned cluster id {cid!r} twice")
@@ -609,74 +652,99 @@ class CorrelationEngine:
             last_alert_time=alert.timestamp,
         )
         self._clusters[cid] = c
+        self._opened += 1
         c._in_memory = c._joinable = True
-        self._add(c, alert, key)
-        return c
+        self._add(c, None, alert, key)
+        return cid
 
-    def _add(self, c: IncidentCluster, alert: Alert, key: _Key) -> bool:
-        """Puts an alert into a cluster and every index; True if the root cause changed."""
-        self._place(c, alert, key)
-        self._seen[alert.alert_id] = (c, None)
-        if c._joinable:
-            self._index(c, alert, key)
-        dirty = c._sub_first[key] is alert or c.alerts[0] is alert
-        return self._update_root(c) if dirty else False
+    def _add(
+        self, c: IncidentCluster, slot: _Slot | None, alert: Alert, key: _Key, sat_slots: list[_Slot] | None = None
+    ) -> bool:
+        """Puts a (non-duplicate) alert into a cluster and the indexes; True if the root cause changed.
 
-    def _place(self, c: IncidentCluster, alert: Alert, key: _Key) -> None:
-        """The cluster's own bookkeeping for one more (non-duplicate) alert."""
+        `slot` and `sat_slots` are the cluster's slot for the alert's satellite and that satellite's
+        slot list, when the caller already has them (each lookup is a cache miss at scale)."""
         t = alert.epoch
-        alerts = c.alerts
-        if not alerts or t >= alerts[-1].epoch:
-            alerts.append(alert)
+        sev = alert.severity
+        sat = alert.satellite_id
+        if slot is None:
+            slot = c._slots.get(sat)
+            if slot is None:
+                slot = c._slots[sat] = _Slot(c)
+                if c._joinable:
+                    sat_slots = self._sats.get(sat)
+                    if sat_slots is None:
+                        sat_slots = self._sats[sat] = []
+                    sat_slots.append(slot)
+        in_order = t >= c._last_epoch
+        keys, data = slot.keys, slot.data
+        # The cluster's subsystems and their first alerts only change if the key is new to this
+        # satellite's slot or the alert is not the newest: skip that dict work otherwise.
+        rerank = _RANK_NONE
+        if key in keys:
+            i = 2 * keys.index(key)
+            if t >= data[i]:
+                data[i] = t
+                data[i + 1] = sev
+            if not in_order:
+                rerank = self._note_subsystem(c, alert, key)
         else:
-            bisect.insort_right(alerts, alert, key=_epoch_of)
-        if t > c._last_epoch:
+            keys.append(key)
+            data.append(t)
+            data.append(sev)
+            rerank = self._note_subsystem(c, alert, key)
+        if isinstance(key, int):
+            last = c._sub_last.get(key)
+            if last is None or t >= last.epoch:
+                c._sub_last[key] = alert
+        if in_order:
+            c.alerts.append(alert)
             c._last_epoch = t
             c.last_alert_time = alert.timestamp
+            if c._joinable and int(t // self._bucket_width) != c._bucket:
+                self._register_bucket(c)
+        else:
+            bisect.insort_right(c.alerts, alert, key=_epoch_of)
         if t < c._first_epoch:
             c._first_epoch = t
             c.first_alert_time = alert.timestamp
-        if alert.severity > c._max_sev:
-            c._max_sev = alert.severity
-        sat = alert.satellite_id
-        on = c._on_sat.get(sat)
-        if on is None:
-            on = c._on_sat[sat] = {}
-        prev = on.get(key)
-        if prev is None or t >= prev.epoch:
-            on[key] = alert
+            rerank = _RANK_FULL  # the root's "earliest alert" part of the confidence may change
+        if sev > c._max_sev:
+            c._max_sev = sev
+        self._seen[alert.alert_id] = c
+        if c._joinable:
+            if sat_slots is None:
+                sat_slots = self._sats[sat]
+            if sat_slots[-1] is not slot:  # most recently updated last: candidates are scanned newest first
+                sat_slots.remove(slot)
+                sat_slots.append(slot)
+            if isinstance(key, int):
+                idx = self._subs.get(key)
+                if idx is None:
+                    idx = self._subs[key] = {}
+                idx.pop(c, None)
+                idx[c] = None
+        if rerank == _RANK_NONE:
+            return False
+        if rerank == _RANK_UNKNOWN:
+            return self._rank_unknown(c, alert)
+        return self._update_root(c)
+
+    def _note_subsystem(self, c: IncidentCluster, alert: Alert, key: _Key) -> int:
+        """Records a subsystem's first alert in the cluster; says how much root-cause ranking it needs."""
         first = c._sub_first.get(key)
         if first is None:
-            c._sub_first[key] = c._sub_last[key] = alert
-            c._names[key] = self._name_of(key)
-            if type(key) is int:
-                c._mask |= 1 << key
-        else:
-            if t < first.epoch:
-                c._sub_first[key] = alert
-            if t >= c._sub_last[key].epoch:
-                c._sub_last[key] = alert
-
-    def _index(self, c: IncidentCluster, alert: Alert, key: _Key) -> None:
-        """Registers a joinable cluster's new alert in the engine indexes (most recent last)."""
-        sat = alert.satellite_id
-        st = self._sats.get(sat)
-        if st is None:
-            st = self._sats[sat] = _SatIndex()
-        clusters = st.clusters
-        clusters.pop(c, None)
-        clusters[c] = None
-        ref = st.last.get(key)
-        if ref is None or alert.epoch >= ref[0].epoch or not ref[1]._joinable:
-            st.last[key] = (alert, c)
-        if type(key) is int:
-            idx = self._subs.get(key)
-            if idx is None:
-                idx = self._subs[key] = {}
-            idx.pop(c, None)
-            idx[c] = None
-        if int(c._last_epoch // self._bucket_width) != c._bucket:
-            self._register_bucket(c)
+            c._sub_first[key] = alert
+            if isinstance(key, str):
+                c._names.append(key)
+                return _RANK_UNKNOWN
+            c._names.append(self._graph.names[key])
+            c._mask |= 1 << key
+            return _RANK_FULL
+        if alert.epoch < first.epoch:
+            c._sub_first[key] = alert
+            return _RANK_FULL
+        return _RANK_NONE
 
     def _register_bucket(self, c: IncidentCluster) -> None:
         """Files the cluster under the expiry bucket of its last alert (older filings go stale)."""
@@ -689,24 +757,38 @@ class CorrelationEngine:
         lst.append(c)
 
     def _update_root(self, c: IncidentCluster) -> bool:
-        """Re-ranks the cluster's subsystems; True if the root-cause alert changed."""
+        """Re-ranks all of the cluster's subsystems; True if the root-cause alert changed."""
         masks, mask = self._down_masks, c._mask
         best: Alert | None = None
         best_rank: tuple[int, float, int, str] | None = None
-        best_explained = 0
         for key, first in c._sub_first.items():
-            explained = (masks[key] & mask).bit_count() if type(key) is int else 0
+            explained = (masks[key] & mask).bit_count() if isinstance(key, int) else 0
             rank = (-explained, first.epoch, -first.severity, first.alert_id)
             if best_rank is None or rank < best_rank:
-                best, best_rank, best_explained = first, rank, explained
-        assert best is not None
+                best, best_rank = first, rank
+        assert best is not None and best_rank is not None
+        return self._set_root(c, best, best_rank)
+
+    def _rank_unknown(self, c: IncidentCluster, first: Alert) -> bool:
+        """A new unknown subsystem explains nothing and changes no other subsystem's count, so it only
+        competes with the current root (and adds one to the confidence's "others")."""
+        rank = (0, first.epoch, -first.severity, first.alert_id)
+        if c._root_rank is None or rank < c._root_rank:
+            return self._set_root(c, first, rank)
+        root = c._root_alert
+        assert root is not None
+        return self._set_root(c, root, c._root_rank)
+
+    def _set_root(self, c: IncidentCluster, best: Alert, rank: tuple[int, float, int, str]) -> bool:
         others = len(c._sub_first) - 1
         if others == 0:
             confidence = 0.5
         else:
             earliest = 0.2 if best.epoch <= c._first_epoch else 0.0
-            confidence = 0.25 + 0.55 * best_explained / others + earliest
+            confidence = 0.25 + 0.55 * -rank[0] / others + earliest
         c.root_cause_confidence = round(min(1.0, confidence), 4)
+        c._root_rank = rank
+        c._root_alert = best
         changed = c.root_cause != best.alert_id
         c.root_cause = best.alert_id
         return changed
@@ -718,6 +800,7 @@ class CorrelationEngine:
         return self._clusters.get(cluster_id)
 
     def require_cluster(self, cluster_id: str) -> IncidentCluster:
+        """Like `get_cluster`, but NotFoundError instead of None."""
         c = self._clusters.get(cluster_id)
         if c is None:
             raise NotFoundError(f"cluster {cluster_id!r} not found")
@@ -737,14 +820,16 @@ class CorrelationEngine:
             return False
         c.status = ClusterStatus.CLOSED
         c.closed_time = self._clock.now()
-        c._joinable = False  # the indexes drop it lazily; the sweep frees the memory
+        c._joinable = False  # the indexes skip it from now on; the sweep frees the memory
         return True
 
     def identify_root_cause(self, cluster_id: str) -> str | None:
+        """The root-cause alert id of a cluster in memory (None if unknown)."""
         c = self._clusters.get(cluster_id)
         return None if c is None else c.root_cause
 
     def root_cause_confidence(self, cluster_id: str) -> float:
+        """Confidence in [0, 1] of `identify_root_cause` (0 if unknown)."""
         c = self._clusters.get(cluster_id)
         return 0.0 if c is None else c.root_cause_confidence
 
@@ -779,26 +864,23 @@ class CorrelationEngine:
         """
         if cluster.cluster_id in self._clusters:
             raise AlreadyExistsError(f"cluster {cluster.cluster_id!r} is already in the engine")
+        if not cluster.alerts:
+            raise ValidationError.single("cluster.alerts", f"cluster {cluster.cluster_id!r} has no alerts")
         for a in cluster.alerts:
             if a.alert_id in self._seen:
                 raise AlreadyExistsError(f"alert {a.alert_id!r} of cluster {cluster.cluster_id!r} is already known")
-        if not cluster.alerts:
-            raise ValidationError.single("cluster.alerts", f"cluster {cluster.cluster_id!r} has no alerts")
         alerts = sorted(cluster.alerts, key=_epoch_of)
         c = cluster
         c.alerts = []
         c._first_epoch, c._last_epoch, c._max_sev, c._mask, c._bucket = math.inf, -math.inf, 0, 0, -1
-        c._sub_first, c._sub_last, c._on_sat, c._names, c._dup_ids = {}, {}, {}, {}, []
-        for a in alerts:
-            self._place(c, a, self._key_of(a.subsystem))
-            self._seen[a.alert_id] = (c, None)
+        c._sub_first, c._sub_last, c._slots, c._names, c._dup_ids = {}, {}, {}, [], []
+        c._root_rank = c._root_alert = None
         c._in_memory = True
         c._joinable = c.status is ClusterStatus.OPEN
         self._clusters[c.cluster_id] = c
-        if c._joinable:
-            for a in alerts:
-                self._index(c, a, self._key_of(a.subsystem))
-        else:  # closed: not joinable, but it still needs an expiry bucket so the sweep frees it
+        for a in alerts:
+            self._add(c, None, a, self._key_of(a.subsystem))
+        if not c._joinable:  # closed: never joined, but it needs an expiry bucket so the sweep frees it
             self._register_bucket(c)
         self._update_root(c)
 
@@ -833,7 +915,7 @@ class CorrelationEngine:
                     break
             else:
                 for c in members:
-                    if c._bucket == b and c._in_memory:  # else re-registered later, or already gone
+                    if c._bucket == b and c._in_memory:  # else re-filed later, or already gone
                         self._drop(c)
                         dropped.append(c.cluster_id)
             heapq.heappop(heap)
@@ -842,6 +924,7 @@ class CorrelationEngine:
         return dropped
 
     def _drop(self, c: IncidentCluster) -> None:
+        self._expired += 1
         c._in_memory = c._joinable = False
         del self._clusters[c.cluster_id]
         seen = self._seen
@@ -849,24 +932,16 @@ class CorrelationEngine:
             seen.pop(a.alert_id, None)
         for aid in c._dup_ids:
             seen.pop(aid, None)
-        for sat, on in c._on_sat.items():
-            st = self._sats.get(sat)
-            if st is None:
-                continue
-            st.clusters.pop(c, None)
-            for key in on:
-                ref = st.last.get(key)
-                if ref is not None and ref[1] is c:
-                    del st.last[key]
-            if not st.clusters:
-                del self._sats[sat]
-        for key in c._sub_first:
-            if type(key) is int:
-                idx = self._subs.get(key)
-                if idx is not None:
-                    idx.pop(c, None)
-                    if not idx:
-                        del self._subs[key]
-
-
-_EMPTY_ROW: Final[Mapping[_Key, float]] = MappingProxyType({})
+            self._dup_of.pop(aid, None)
+        for sat, slot in c._slots.items():
+            lst = self._sats.get(sat)
+            if lst is not None and slot in lst:
+                lst.remove(slot)
+                if not lst:
+                    del self._sats[sat]
+        for key in c._sub_last:
+            idx = self._subs.get(key)
+            if idx is not None:
+                idx.pop(c, None)
+                if not idx:
+                    del self._subs[key]

@@ -24,9 +24,7 @@ GEN_DIR = ROOT / "gen"
 _IMPORT_RE = re.compile(r"^(from|import) aetherops\.", re.MULTILINE)
 # Only module references (…_pb2 / …_pb2_grpc), never the proto names inside strings such as
 # the method path "/aetherops.correlation.v1.CorrelationService/IngestAlert".
-_QUALIFIED_RE = re.compile(
-    r"(?<![\w./])aetherops\.(common|correlation|runbook|capacity|events)\.v1\.(?=\w+_pb2)"
-)
+_QUALIFIED_RE = re.compile(r"(?<![\w./])aetherops\.(common|correlation|runbook|capacity|events)\.v1\.(?=\w+_pb2)")
 
 
 def _proto_files() -> list[Path]:

@@ -53,9 +53,7 @@ def status_for(exc: errors.AetherOpsError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def _attach(
-    status: status_pb2.Status, message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo
-) -> None:
+def _attach(status: status_pb2.Status, message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> None:
     packed = any_pb2.Any()
     packed.Pack(message)
     status.details.append(packed)

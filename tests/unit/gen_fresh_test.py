@@ -22,9 +22,7 @@ def _load_generator():  # type: ignore[no-untyped-def]
 
 
 def _files(base: Path) -> dict[str, Path]:
-    return {
-        str(p.relative_to(base)): p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    }
+    return {str(p.relative_to(base)): p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
 def test_gen_is_fresh(tmp_path: Path) -> None:
