@@ -14,16 +14,26 @@ and window ``W`` (``time_window_s``)::
     severity   = 0.1 * (sev_a + sev_b) / 10              in [0.02, 0.1]
     total      = clamp(time + satellite + dependency + severity, 0, 1), and 0 if dt >= W
 
-An alert joins the open cluster with the best score >= ``score_threshold`` (default 0.5), where a
-cluster's score is the *maximum* pairwise score against its candidate alerts (the best single
-piece of evidence, as one related alert is enough to explain a cascade; sums or means would favour
-big or penalise diverse clusters). The default threshold makes, for typical severities:
+An alert joins the open, *active* cluster (last alert within ``W`` of the engine clock) with the
+best score >= ``score_threshold`` (default 0.5), where a cluster's score is the *maximum* pairwise
+score against its candidate alerts: one related alert is enough evidence for a cascade, while sums
+or means would favour big clusters or penalise diverse ones. Clusters are never merged: an alert
+that relates to two clusters joins the better one. Duplicates (below) are checked first. The
+default threshold gives:
 
-* power then thermal/propulsion on one satellite within minutes one cluster (>= 0.62 even at 299 s);
-* the same subsystem failing on several satellites within ~4 minutes one cluster (0.4 + time);
-* unrelated subsystems on different satellites never one cluster, even simultaneously
-  (at most 0.3 + 0.1 < 0.5): time alone never correlates, which is why the threshold must be > 0.4;
-* unrelated or unknown subsystems on the same satellite one cluster within ~2.5 minutes.
+* power, then thermal/propulsion on one satellite: one cluster anywhere in the window (>= 0.68);
+* the same subsystem on several satellites: one cluster within 220 s (260 s at severity 3);
+* unrelated subsystems on different satellites: never one cluster, even simultaneously
+  (at most 0.3 + 0.1 < 0.5); time alone never correlates, which is why the threshold must be > 0.4;
+* unrelated or unknown subsystems on one satellite: one cluster within 120-200 s (by severity);
+* related subsystems on different satellites also group when close enough in time (power on
+  SAT-1 and payload on SAT-9 within ~3 minutes), as the dependency term does not look at satellites.
+
+Deduplication: an alert with the satellite and subsystem (aliases resolved) of an alert in an
+active open cluster, within ``dedupe_window_s`` (60 s) of it, is counted on that cluster
+(`duplicate_count`) instead of being added. The reference is the last alert *kept*, so a steady
+repeat every 30 s yields one kept alert per minute. Alert ids are idempotent: a known id returns
+its first outcome (``replay=True``) and changes nothing.
 
 Root cause (`IncidentCluster.root_cause`): among the cluster's subsystems, the one upstream (per
 the graph, transitively) of the most *other* subsystems present wins; ties go to the earliest first
@@ -34,10 +44,12 @@ that precedes thermal alerts beats an earlier minor alert on an unrelated subsys
 
 Cost per alert is bounded, independent of the number of active clusters: open clusters are indexed
 by satellite and by (known) subsystem, each index ordered by last update; a new alert scores only
-the most recently updated clusters (at most `MAX_CANDIDATE_CLUSTERS`) on its own satellite and on
-the subsystems related strongly enough to reach the threshold across satellites. Within a cluster
-only the latest alert per (satellite, subsystem) and the first/latest per subsystem are candidates.
-Clusters whose last alert fell out of the window are dropped from memory by a bucketed sweep.
+the most recently updated clusters (at most `MAX_CANDIDATE_CLUSTERS` per index) on its own
+satellite and on the subsystems related strongly enough to reach the threshold across satellites.
+Within a cluster, the candidates are the latest alert per (satellite, subsystem) and the first and
+latest alert per known subsystem (late alerts compare with the nearer of the two). Clusters whose
+last alert fell out of the window are dropped from memory by a bucketed sweep during `ingest`
+(`expire` does it on demand); they stay OPEN in the database, and their alert ids are forgotten.
 """
 
 from __future__ import annotations

@@ -133,9 +133,11 @@ class DependencyGraph:
     ) -> None:
         alias_map = {normalize_name(k): normalize_name(v) for k, v in (aliases or {}).items()}
         edge_list: list[Edge] = []
+        raw_names: set[str] = {normalize_name(s) for s in subsystems}
         for e in edges:
             up, down, weight = (e.upstream, e.downstream, e.weight) if isinstance(e, Edge) else e
             up_n, down_n = normalize_name(up), normalize_name(down)
+            raw_names.update((up_n, down_n))
             edge_list.append(Edge(alias_map.get(up_n, up_n), alias_map.get(down_n, down_n), float(weight)))
         names: list[str] = []
         seen: set[str] = set()
@@ -145,7 +147,7 @@ class DependencyGraph:
             if name not in seen:
                 seen.add(name)
                 names.append(name)
-        problems = _check_graph(edge_list, alias_map, seen)
+        problems = _check_graph(edge_list, alias_map, seen, raw_names)
         if problems:
             raise ValidationError(problems)
         self._names: tuple[str, ...] = tuple(names)
@@ -246,7 +248,10 @@ class DependencyGraph:
         return f"DependencyGraph({len(self._names)} subsystems, {len(self._edges)} edges)"
 
 
-def _check_graph(edges: list[Edge], aliases: dict[str, str], names: set[str]) -> list[FieldViolation]:
+def _check_graph(
+    edges: list[Edge], aliases: dict[str, str], names: set[str], raw_names: set[str]
+) -> list[FieldViolation]:
+    """Every problem of a graph (`names` are canonical, `raw_names` as written before alias resolution)."""
     problems: list[FieldViolation] = []
     pairs: set[tuple[str, str]] = set()
     for k, e in enumerate(edges):
@@ -264,9 +269,9 @@ def _check_graph(edges: list[Edge], aliases: dict[str, str], names: set[str]) ->
     for alias, target in aliases.items():
         if not alias:
             problems.append(FieldViolation("aliases", "alias names must be non-empty"))
-        elif alias in names:
+        elif alias in raw_names:
             problems.append(FieldViolation(f"aliases.{alias}", "is itself a subsystem name, not an alias"))
-        if target not in names:
+        if target not in names or target in aliases:
             problems.append(FieldViolation(f"aliases.{alias}", f"points to unknown subsystem {target!r}"))
     return problems
 
