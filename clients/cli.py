@@ -1,18 +1,28 @@
-"""The `aetherops` command line: `aetherops serve` runs the system.
+"""The `aetherops` command line: `aetherops serve` runs the system; the operator commands talk to it.
 
-Settings come from AETHEROPS_* variables; flags override them. Exit codes:
-0 after a clean shutdown, 2 for invalid settings.
+`serve` takes its settings from AETHEROPS_* variables (flags override them) and
+exits 0 after a clean shutdown, 2 for invalid settings. The operator commands
+(`alerts`, `clusters`, `runbooks`, `capacity`, `fleet`) use the sync SDK with
+`--address` / AETHEROPS_ADDRESS and `--token` / AETHEROPS_TOKEN, print readable
+tables (or JSON with `--json`) and exit 0 when all went well, 1 when a call
+failed (message and tracking id on stderr) or input lines were bad, 2 for
+usage errors. `aetherops trace` is not here yet: it needs server-side support.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aetherops.config import Settings
 from aetherops.errors import ConfigError
@@ -22,13 +32,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aetherops", description="Operations backbone for a satellite fleet."
-    )
+    parser = argparse.ArgumentParser(prog="aetherops", description="Operations backbone for a satellite fleet.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser(
-        "serve", help="run the gRPC services (embedded PostgreSQL and NATS unless URLs are set)"
-    )
+    serve = sub.add_parser("serve", help="run the gRPC services (embedded PostgreSQL and NATS unless URLs are set)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--services", help="comma-separated subset of correlation,runbook,capacity")
@@ -40,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--address", default="127.0.0.1:50051")
     check.add_argument("--service", default="", help="a service name; empty = the whole server")
     check.add_argument("--timeout", type=float, default=3.0)
+    _add_operator_commands(sub)
     return parser
 
 
@@ -106,6 +113,767 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
+# -- operator commands ----------------------------------------------------------------------------
+#
+# Everything below talks to a running server through the sync SDK. Imports of the SDK,
+# protobuf and matplotlib stay inside functions so `serve` and `health` start as fast as before.
+
+EXIT_OK, EXIT_RPC, EXIT_USAGE = 0, 1, 2
+
+
+class _UsageError(Exception):
+    """Bad input from the operator (missing file, bad --var): exit 2."""
+
+
+def _add_operator_commands(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", help="server address (default AETHEROPS_ADDRESS or 127.0.0.1:50051)")
+    common.add_argument("--token", help="bearer token (default AETHEROPS_TOKEN)")
+    common.add_argument("--timeout", type=float, help="deadline of each call in seconds (default 10)")
+    common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+
+    alerts = sub.add_parser("alerts", help="ingest alerts").add_subparsers(dest="action", required=True)
+    ingest = alerts.add_parser("ingest", parents=[common], help="bulk-ingest a JSONL or CSV file of alerts")
+    ingest.add_argument("file", type=Path)
+    ingest.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
+
+    clusters = sub.add_parser("clusters", help="incident clusters").add_subparsers(dest="action", required=True)
+    listing = clusters.add_parser("list", parents=[common], help="active clusters, newest activity first")
+    listing.add_argument("--satellite", default="")
+    listing.add_argument("--min-severity", type=int, default=0)
+    listing.add_argument("--limit", type=int, default=100, help="at most this many clusters (0: all)")
+    show = clusters.add_parser("show", parents=[common], help="one cluster with its alerts")
+    show.add_argument("cluster_id")
+    close = clusters.add_parser("close", parents=[common], help="close a cluster")
+    close.add_argument("cluster_id")
+    close.add_argument("--reason", default="")
+
+    runbooks = sub.add_parser("runbooks", help="remediation runbooks").add_subparsers(dest="action", required=True)
+    register = runbooks.add_parser("register", parents=[common], help="register (or version) a runbook from YAML")
+    register.add_argument("file", type=Path)
+    runbooks.add_parser("list", parents=[common], help="latest version of every runbook")
+    start = runbooks.add_parser("start", parents=[common], help="start an execution")
+    start.add_argument("runbook_id")
+    start.add_argument("--var", action="append", default=[], metavar="K=V", help="execution variable (repeatable)")
+    start.add_argument("--dry-run", action="store_true", help="only show what would run")
+    approve = runbooks.add_parser("approve", parents=[common], help="approve a step awaiting approval")
+    approve.add_argument("execution_id")
+    approve.add_argument("step_id")
+    approve.add_argument("--approver", default="", help="who approves (the authenticated principal wins)")
+    status = runbooks.add_parser("status", parents=[common], help="an execution's state and steps")
+    status.add_argument("execution_id")
+    watch = runbooks.add_parser("watch", parents=[common], help="follow an execution until it finishes")
+    watch.add_argument("execution_id")
+
+    capacity = sub.add_parser("capacity", help="resource telemetry and forecasts").add_subparsers(
+        dest="action", required=True
+    )
+    snapshots = capacity.add_parser("ingest", parents=[common], help="bulk-ingest a JSONL or CSV file of snapshots")
+    snapshots.add_argument("file", type=Path)
+    snapshots.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
+    forecast = capacity.add_parser("forecast", parents=[common], help="when a resource runs out")
+    forecast.add_argument("satellite_id")
+    forecast.add_argument("resource", help="fuel, power, storage or bandwidth")
+    forecast.add_argument("--plot", type=Path, metavar="OUT.png", help="write a chart of the forecast")
+
+    fleet = sub.add_parser("fleet", help="the fleet as a whole").add_subparsers(dest="action", required=True)
+    fleet.add_parser("risk", parents=[common], help="satellites grouped by risk level")
+
+
+def _run_operator_command(args: argparse.Namespace) -> int:
+    from clients.sdk import AetherOpsError, ClientConfig, SyncAetherOpsClient
+
+    handler = _HANDLERS[(args.command, args.action)]
+    config = ClientConfig.from_env(address=args.address, token=args.token)
+    if args.timeout is not None:
+        config = ClientConfig(**{**config.__dict__, "timeout_s": args.timeout})
+    try:
+        with SyncAetherOpsClient(config=config) as client:
+            return handler(client, args)
+    except _UsageError as exc:
+        print(f"aetherops: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AetherOpsError as exc:
+        _report_error(exc, as_json=args.json)
+        return EXIT_RPC
+
+
+def _report_error(exc: Any, *, as_json: bool) -> None:
+    print(f"aetherops: {exc.code.name}: {exc.message}", file=sys.stderr)
+    for violation in exc.field_violations:
+        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+    if exc.retry_after is not None:
+        print(f"  retry after {exc.retry_after:.1f}s", file=sys.stderr)
+    print(f"  tracking id: {exc.tracking_id}", file=sys.stderr)
+    if as_json:
+        error = {
+            "code": exc.code.name,
+            "message": exc.message,
+            "tracking_id": exc.tracking_id,
+            "field_violations": [{"field": v.field, "description": v.description} for v in exc.field_violations],
+        }
+        _emit({"error": error})
+
+
+# -- output helpers
+
+
+def _emit(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _to_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned table; empty cells show as '-'."""
+    cells = [[str(c) if c not in ("", None) else "-" for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _when(ts: Any) -> str:
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
+        return ""
+    return str(ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%SZ"))
+
+
+def _enum(enum: Any, value: int, prefix: str) -> str:
+    try:
+        return str(enum.Name(value)).removeprefix(prefix)
+    except ValueError:
+        return str(value)
+
+
+# -- bulk input files
+
+
+def _records(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, record or parse error) for each record of a JSONL or CSV file."""
+    if not path.is_file():
+        raise _UsageError(f"no such file: {path}")
+    kind = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+    with path.open(newline="", encoding="utf-8") as handle:
+        if kind == "csv":
+            reader = csv.DictReader(handle)
+            for row in reader:
+                if None in row:
+                    yield reader.line_num, "more fields than the header has"
+                    continue
+                yield reader.line_num, {k.strip(): v for k, v in row.items() if k is not None and v not in ("", None)}
+            return
+        for number, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, f"not valid JSON: {exc.msg} (column {exc.colno})"
+                continue
+            yield number, record if isinstance(record, dict) else "not a JSON object"
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            pairs = [item.split("=", 1) for item in text.split(";") if item.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("labels: expected k=v;k2=v2 or a JSON object")
+            return {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict):
+        raise ValueError("labels: expected an object")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _alert_from(record: dict[str, Any]) -> Any:
+    from clients.sdk import alert
+
+    try:
+        severity = int(record.get("severity", 0))
+    except (TypeError, ValueError):
+        raise ValueError(f"severity: not an integer: {record.get('severity')!r}") from None
+    timestamp = record.get("timestamp")
+    try:
+        message = alert(
+            alert_id=str(record.get("alert_id", "")),
+            satellite_id=str(record.get("satellite_id", "")),
+            subsystem=str(record.get("subsystem", "")),
+            severity=severity,
+            timestamp_=str(timestamp) if timestamp else None,
+            message=str(record.get("message", "")),
+            labels=_labels(record.get("labels")),
+        )
+    except ValueError as exc:
+        if "labels" in str(exc):
+            raise
+        raise ValueError(f"timestamp: not an RFC 3339 time: {timestamp!r}") from None
+    if not timestamp:
+        # Sent unset rather than "now": the server rejects it with its own reason.
+        message.ClearField("timestamp")
+    return message
+
+
+def _snapshot_from(record: dict[str, Any]) -> Any:
+    from clients.sdk import snapshot
+
+    resource = record.get("resource_type", record.get("resource", ""))
+    try:
+        value = float(record.get("value", "nan"))
+    except (TypeError, ValueError):
+        raise ValueError(f"value: not a number: {record.get('value')!r}") from None
+    timestamp = record.get("timestamp")
+    try:
+        parsed = snapshot(
+            satellite_id=str(record.get("satellite_id", "")),
+            resource=int(resource) if isinstance(resource, int) else str(resource),
+            value=value,
+            unit=str(record.get("unit", "")),
+            timestamp_=str(timestamp) if timestamp else None,
+        )
+    except ValueError as exc:
+        if "resource type" in str(exc):
+            raise ValueError(f"resource_type: {exc}") from None
+        raise ValueError(f"timestamp: not an RFC 3339 time: {timestamp!r}") from None
+    if not timestamp:
+        parsed.ClearField("timestamp")  # as for alerts: the server names the missing field
+    return parsed
+
+
+class _Progress:
+    """Count and rate on stderr: redrawn in place on a terminal, a line every second otherwise."""
+
+    def __init__(self, noun: str) -> None:
+        self.noun = noun
+        self.count = 0
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def tick(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= (0.2 if self._tty else 1.0):
+            self._last = now
+            self._draw(final=False)
+
+    def _draw(self, *, final: bool) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        text = f"{self.count} {self.noun} sent, {self.count / elapsed:.0f}/s, {elapsed:.1f}s"
+        if self._tty:
+            print("\r" + text + ("\n" if final else ""), end="", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self._draw(final=True)
+
+
+def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dict[str, Any]], Any], send: str) -> int:
+    """Parse a file, stream the good records, and report bad lines by line number."""
+    bad: list[dict[str, Any]] = []
+    sent_lines: list[int] = []  # stream position -> line number, to place the server's rejections
+    progress = _Progress(noun)
+
+    def stream() -> Iterator[Any]:
+        for number, record in _records(args.file, args.format):
+            if isinstance(record, str):
+                bad.append({"line": number, "reason": record, "source": "parse"})
+                continue
+            try:
+                message = parse(record)
+            except ValueError as exc:
+                bad.append({"line": number, "reason": str(exc), "source": "parse"})
+                continue
+            sent_lines.append(number)
+            progress.tick()
+            yield message
+
+    if not args.file.is_file():
+        raise _UsageError(f"no such file: {args.file}")
+    reply = getattr(client, send)(stream())
+    progress.done()
+    for rejection in reply.rejections:
+        line = sent_lines[rejection.index] if 0 <= rejection.index < len(sent_lines) else None
+        bad.append(
+            {
+                "line": line,
+                "reason": rejection.reason,
+                "source": "server",
+                "problems": [{"field": p.field, "description": p.description} for p in rejection.problems],
+            }
+        )
+    bad.sort(key=lambda b: (b["line"] is None, b["line"] or 0))
+    summary = {
+        "file": str(args.file),
+        "sent": len(sent_lines),
+        "accepted": reply.accepted,
+        "duplicates": reply.duplicates,
+        "rejected": reply.rejected,
+        "unparsed": sum(1 for b in bad if b["source"] == "parse"),
+        "bad_lines": bad,
+        "tracking_id": client.last_tracking_id,
+    }
+    if args.json:
+        _emit(summary)
+    else:
+        print(
+            f"{args.file}: {reply.accepted} accepted, {reply.duplicates} duplicates, {reply.rejected} rejected by "
+            f"the server, {summary['unparsed']} unreadable (tracking id {client.last_tracking_id})"
+        )
+        if bad:
+            print(_table(["LINE", "FROM", "REASON"], [[b["line"], b["source"], b["reason"]] for b in bad]))
+    return EXIT_RPC if bad else EXIT_OK
+
+
+def _alerts_ingest(client: Any, args: argparse.Namespace) -> int:
+    return _bulk(client, args, "alerts", _alert_from, "ingest_alerts")
+
+
+def _capacity_ingest(client: Any, args: argparse.Namespace) -> int:
+    return _bulk(client, args, "snapshots", _snapshot_from, "ingest_snapshots")
+
+
+# -- clusters
+
+
+def _cluster_row(cluster: Any) -> list[Any]:
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    return [
+        cluster.cluster_id,
+        _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_"),
+        cluster.max_severity,
+        cluster.alert_count,
+        ",".join(cluster.satellite_ids),
+        ",".join(cluster.subsystems),
+        cluster.root_cause_alert_id,
+        _when(cluster.last_alert_time),
+    ]
+
+
+_CLUSTER_HEADERS = ["CLUSTER", "STATUS", "SEV", "ALERTS", "SATELLITES", "SUBSYSTEMS", "ROOT CAUSE", "LAST ALERT"]
+
+
+def _clusters_list(client: Any, args: argparse.Namespace) -> int:
+    clusters = []
+    for cluster in client.iter_active_clusters(satellite_id=args.satellite, min_severity=args.min_severity):
+        clusters.append(cluster)
+        if args.limit and len(clusters) >= args.limit:
+            break
+    if args.json:
+        _emit({"clusters": [_to_dict(c) for c in clusters]})
+    elif clusters:
+        print(_table(_CLUSTER_HEADERS, [_cluster_row(c) for c in clusters]))
+    else:
+        print("no active clusters")
+    return EXIT_OK
+
+
+def _print_cluster(cluster: Any) -> None:
+    print(_table(_CLUSTER_HEADERS, [_cluster_row(cluster)]))
+    print(
+        f"\nroot cause: {cluster.root_cause_alert_id or '-'} (confidence {cluster.root_cause_confidence:.2f}); "
+        f"duplicates dropped: {cluster.duplicate_count}; tracking id: {cluster.tracking_id or '-'}"
+    )
+    if cluster.alerts:
+        rows = [
+            [a.alert_id, a.satellite_id, a.subsystem, a.severity, _when(a.timestamp), a.message] for a in cluster.alerts
+        ]
+        print()
+        print(_table(["ALERT", "SATELLITE", "SUBSYSTEM", "SEV", "TIME", "MESSAGE"], rows))
+
+
+def _clusters_show(client: Any, args: argparse.Namespace) -> int:
+    cluster = client.get_cluster(args.cluster_id).cluster
+    if args.json:
+        _emit(_to_dict(cluster))
+    else:
+        _print_cluster(cluster)
+    return EXIT_OK
+
+
+def _clusters_close(client: Any, args: argparse.Namespace) -> int:
+    cluster = client.close_cluster(args.cluster_id, reason=args.reason).cluster
+    if args.json:
+        _emit(_to_dict(cluster))
+    else:
+        print(f"closed {cluster.cluster_id} at {_when(cluster.close_time)}")
+    return EXIT_OK
+
+
+# -- runbooks
+
+
+def _runbooks_register(client: Any, args: argparse.Namespace) -> int:
+    import yaml
+
+    if not args.file.is_file():
+        raise _UsageError(f"no such file: {args.file}")
+    try:
+        definition = yaml.safe_load(args.file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise _UsageError(f"{args.file}: not valid YAML: {exc}") from None
+    if not isinstance(definition, dict):
+        raise _UsageError(f"{args.file}: expected a mapping (a Runbook in its JSON form)")
+    from google.protobuf import json_format
+
+    try:
+        reply = client.register_runbook(definition)
+    except json_format.ParseError as exc:
+        raise _UsageError(f"{args.file}: {exc}") from None
+    if args.json:
+        _emit(_to_dict(reply))
+    else:
+        verb = "registered" if reply.created else "unchanged"
+        print(f"{verb}: {reply.runbook.runbook_id} version {reply.runbook.version} ({len(reply.runbook.steps)} steps)")
+    return EXIT_OK
+
+
+def _runbooks_list(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
+    runbooks, token = [], ""
+    while True:
+        page = client.list_runbooks(page_token=token)
+        runbooks.extend(page.runbooks)
+        token = page.next_page_token
+        if not token:
+            break
+    if args.json:
+        _emit({"runbooks": [_to_dict(r) for r in runbooks]})
+    elif runbooks:
+        rows = [
+            [
+                r.runbook_id,
+                r.version,
+                _enum(runbook_pb2.RunbookStatus, r.status, "RUNBOOK_STATUS_"),
+                len(r.steps),
+                "yes" if r.auto_start else "no",
+                r.name,
+            ]
+            for r in runbooks
+        ]
+        print(_table(["RUNBOOK", "VERSION", "STATUS", "STEPS", "AUTO", "NAME"], rows))
+    else:
+        print("no runbooks")
+    return EXIT_OK
+
+
+def _variables(pairs: Sequence[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise _UsageError(f"--var {pair!r}: expected K=V")
+        try:
+            value: Any = json.loads(raw)  # numbers, booleans and JSON stay typed
+        except json.JSONDecodeError:
+            value = raw
+        result[key.strip()] = value
+    return result
+
+
+def _print_execution(execution: Any) -> None:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
+    status = _enum(runbook_pb2.RunbookStatus, execution.status, "RUNBOOK_STATUS_")
+    print(
+        f"execution {execution.execution_id}: {status}; runbook {execution.runbook_id} v{execution.runbook_version}; "
+        f"triggered by {execution.triggered_by or '-'}; tracking id {execution.tracking_id or '-'}"
+    )
+    if execution.error:
+        print(f"error: {execution.error}")
+    rows = [
+        [
+            step.step_id,
+            step.action,
+            _enum(runbook_pb2.StepStatus, step.status, "STEP_STATUS_"),
+            step.attempts,
+            step.approved_by,
+            _when(step.finish_time) or _when(step.start_time),
+            step.error,
+        ]
+        for step in execution.steps
+    ]
+    if rows:
+        print(_table(["STEP", "ACTION", "STATUS", "TRIES", "APPROVED BY", "TIME", "ERROR"], rows))
+
+
+def _runbooks_start(client: Any, args: argparse.Namespace) -> int:
+    reply = client.start_execution(args.runbook_id, variables=_variables(args.var), dry_run=args.dry_run)
+    if args.json:
+        _emit(_to_dict(reply))
+    elif args.dry_run:
+        print(f"dry run of {args.runbook_id}: nothing was stored or called")
+        rows = [
+            [p.step_id, p.action, "yes" if p.requires_approval else "no", json.dumps(_to_dict(p.rendered_parameters))]
+            for p in reply.plan
+        ]
+        print(_table(["STEP", "ACTION", "APPROVAL", "PARAMETERS"], rows))
+    else:
+        _print_execution(reply.execution)
+    return EXIT_OK
+
+
+def _runbooks_approve(client: Any, args: argparse.Namespace) -> int:
+    reply = client.approve_step(args.execution_id, args.step_id, approver=args.approver)
+    if args.json:
+        _emit(_to_dict(reply.execution))
+    else:
+        _print_execution(reply.execution)
+    return EXIT_OK
+
+
+def _runbooks_status(client: Any, args: argparse.Namespace) -> int:
+    execution = client.get_execution_status(args.execution_id).execution
+    if args.json:
+        _emit(_to_dict(execution))
+    else:
+        _print_execution(execution)
+    return EXIT_OK
+
+
+def _runbooks_watch(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
+    for update in client.watch_execution(args.execution_id):
+        execution = update.execution
+        if args.json:
+            print(json.dumps(_to_dict(update), sort_keys=True), flush=True)  # one JSON object per line
+            continue
+        step = (
+            execution.steps[execution.current_step_index]
+            if execution.current_step_index < len(execution.steps)
+            else None
+        )
+        status = _enum(runbook_pb2.RunbookStatus, execution.status, "RUNBOOK_STATUS_")
+        print(f"{update.transition:<20} {status:<12} next step: {step.step_id if step else '-'}", flush=True)
+    return EXIT_OK
+
+
+# -- capacity and fleet
+
+
+def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    try:
+        reply = client.forecast_exhaustion(args.satellite_id, args.resource)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if not reply.HasField("forecast"):
+        if args.json:
+            _emit({"forecast": None, "reason": reply.reason})
+        else:
+            print(f"no forecast for {args.satellite_id} {args.resource}: {reply.reason}")
+        return EXIT_OK
+    forecast = reply.forecast
+    if args.plot is not None:
+        _plot_forecast(forecast, args.plot)
+    if args.json:
+        body = _to_dict(forecast)
+        if args.plot is not None:
+            body["plot"] = str(args.plot)
+        _emit(body)
+        return EXIT_OK
+
+    def days(name: str) -> str:
+        return f"{getattr(forecast, name):.1f}" if forecast.HasField(name) else "-"
+
+    rows = [
+        ["satellite", forecast.satellite_id],
+        ["resource", _enum(capacity_pb2.ResourceType, forecast.resource_type, "RESOURCE_TYPE_").lower()],
+        ["current value", f"{forecast.current_value:g} {forecast.unit}"],
+        ["rate per day", f"{forecast.rate_per_day:g} {forecast.unit}"],
+        ["scheduled missions", f"{forecast.scheduled_impact:g} {forecast.unit}"],
+        ["days remaining", days("days_remaining")],
+        [
+            "P10 / P50 / P90",
+            f"{days('days_remaining_p10')} / {days('days_remaining_p50')} / {days('days_remaining_p90')}",
+        ],
+        ["exhaustion", _when(forecast.predicted_exhaustion_time) or "not depleting"],
+        ["risk", _enum(capacity_pb2.RiskLevel, forecast.risk_level, "RISK_LEVEL_")],
+        ["confidence", f"{forecast.confidence:.2f}"],
+        ["recommended", forecast.recommended_action],
+    ]
+    print(_table(["FIELD", "VALUE"], rows))
+    if args.plot is not None:
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def _plot_forecast(forecast: Any, out: Path) -> None:
+    """The forecast as a chart: current value, fitted trend, missions, P10-P90 band, exhaustion date.
+
+    The contract carries no history series (ForecastExhaustion answers with the current
+    value, the fitted rate, the P10/P50/P90 days and the summed mission impact), so the
+    chart starts at the current value; mission timing is not in the contract either, so
+    the mission impact is drawn as its own trend line, spread linearly to exhaustion.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise _UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")  # no display: files only
+    from datetime import timedelta
+
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    resource = _enum(capacity_pb2.ResourceType, forecast.resource_type, "RESOURCE_TYPE_").lower()
+    fills = forecast.resource_type == capacity_pb2.RESOURCE_TYPE_STORAGE  # storage fills up, the rest depletes
+    sign = 1.0 if fills else -1.0
+    rate = forecast.rate_per_day
+    impact = forecast.scheduled_impact
+    depleting = forecast.HasField("days_remaining") and forecast.HasField("predicted_exhaustion_time")
+    server_now = datetime.now(UTC)
+    exhaustion = server_now
+    if depleting:
+        exhaustion = forecast.predicted_exhaustion_time.ToDatetime(tzinfo=UTC)
+        # Days remaining are counted from the server's clock, not ours.
+        server_now = exhaustion - timedelta(days=forecast.days_remaining)
+    # The exhaustion level: empty for depleting resources; for storage the capacity, which the
+    # contract does not carry: 100 for "%", otherwise what the forecast implies.
+    if not fills:
+        level = 0.0
+    elif forecast.unit == "%":
+        level = 100.0
+    else:
+        level = forecast.current_value + rate * (forecast.days_remaining if depleting else 0.0) + impact
+    # The current value is the latest snapshot, usually a little older than "now": place it
+    # on the trend that reaches the level at the exhaustion time.
+    current_at = server_now
+    if depleting and rate > 0:
+        lead = max(abs(level - forecast.current_value) - impact, 0.0) / rate
+        current_at = min(server_now, max(exhaustion - timedelta(days=lead), server_now - timedelta(days=365)))
+
+    def num(moment: datetime) -> float:
+        return float(mdates.date2num(moment))  # type: ignore[no-untyped-call]
+
+    def days_after_now(name: str) -> datetime | None:
+        return server_now + timedelta(days=getattr(forecast, name)) if forecast.HasField(name) else None
+
+    p10, p90 = days_after_now("days_remaining_p10"), days_after_now("days_remaining_p90")
+    end = max(filter(None, [p90, exhaustion, server_now + timedelta(days=7)]))
+    end = end + (end - current_at) * 0.1 if depleting else server_now + timedelta(days=30)
+    span_days = (end - current_at).total_seconds() / 86400
+    if rate > 0:  # the fitted trend stops where the resource runs out
+        span_days = min(span_days, abs(level - forecast.current_value) / rate)
+
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    ax.plot(
+        [num(current_at)],
+        [forecast.current_value],
+        "o",
+        color="black",
+        zorder=5,
+        label=f"current: {forecast.current_value:.4g} {forecast.unit}",
+    )
+    ax.plot(
+        [num(current_at), num(current_at + timedelta(days=span_days))],
+        [forecast.current_value, forecast.current_value + sign * rate * span_days],
+        "--",
+        color="tab:blue",
+        label=f"fitted trend: {rate:.4g} {forecast.unit}/day",
+    )
+    if depleting:
+        ax.plot(
+            [num(current_at), num(exhaustion)],
+            [forecast.current_value, level],
+            color="tab:orange",
+            linewidth=2,
+            label=f"with scheduled missions ({impact:.4g} {forecast.unit})",
+        )
+        if p10 is not None and p90 is not None:
+            ax.fill(
+                [num(current_at), num(p10), num(p90)],
+                [forecast.current_value, level, level],
+                color="tab:orange",
+                alpha=0.2,
+                label=f"P10–P90: {p10:%Y-%m-%d} – {p90:%Y-%m-%d}",
+            )
+            ax.axvspan(num(p10), num(p90), color="tab:red", alpha=0.08)
+        ax.axvline(num(exhaustion), color="tab:red", linewidth=1.5, label=f"exhaustion: {exhaustion:%Y-%m-%d %H:%M}Z")
+        ax.annotate(
+            f"{exhaustion:%Y-%m-%d}",
+            xy=(num(exhaustion), level),
+            xytext=(8, 12),
+            textcoords="offset points",
+            color="tab:red",
+        )
+    ax.axvline(num(server_now), color="grey", linewidth=0.8, linestyle="-.", label="now")
+    ax.axhline(level, color="grey", linewidth=0.8, linestyle=":")
+    risk = _enum(capacity_pb2.RiskLevel, forecast.risk_level, "RISK_LEVEL_")
+    ax.set_title(f"{forecast.satellite_id} {resource}: {risk} (confidence {forecast.confidence:.2f})")
+    ax.set_ylabel(f"{resource} ({forecast.unit})" if forecast.unit else resource)
+    ax.xaxis_date()
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
+    fig.autofmt_xdate()
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.text(
+        0.99,
+        0.01,
+        "history is not part of the ForecastExhaustion contract",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize="x-small",
+        color="grey",
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
+def _fleet_risk(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    reply = client.get_fleet_risk_summary()
+    if args.json:
+        _emit(_to_dict(reply))
+        return EXIT_OK
+    rows = [
+        [_enum(capacity_pb2.RiskLevel, g.risk_level, "RISK_LEVEL_"), len(g.satellite_ids), ", ".join(g.satellite_ids)]
+        for g in reply.groups
+    ]
+    print(_table(["RISK", "COUNT", "SATELLITES"], rows))
+    print(f"\n{reply.satellite_count} satellites, computed {_when(reply.compute_time)}")
+    return EXIT_OK
+
+
+_HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
+    ("alerts", "ingest"): _alerts_ingest,
+    ("clusters", "list"): _clusters_list,
+    ("clusters", "show"): _clusters_show,
+    ("clusters", "close"): _clusters_close,
+    ("runbooks", "register"): _runbooks_register,
+    ("runbooks", "list"): _runbooks_list,
+    ("runbooks", "start"): _runbooks_start,
+    ("runbooks", "approve"): _runbooks_approve,
+    ("runbooks", "status"): _runbooks_status,
+    ("runbooks", "watch"): _runbooks_watch,
+    ("capacity", "ingest"): _capacity_ingest,
+    ("capacity", "forecast"): _capacity_forecast,
+    ("fleet", "risk"): _fleet_risk,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     # The embedded servers are child processes started after gRPC is running; gRPC's fork
     # handlers are not needed for that (we exec at once) and only print warnings.
@@ -121,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_serve(settings))
     if args.command == "health":
         return asyncio.run(_health(args.address, args.service, args.timeout))
-    return 2
+    return _run_operator_command(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Request builders shared by the async and sync clients.
+
+Each builder turns Python values (datetimes, dicts, names like "fuel") into the
+generated request message, and fills an empty request_id with a uuid so that a
+retried write carries the same idempotency key as its first attempt.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from gen.aetherops.capacity.v1 import capacity_pb2
+from gen.aetherops.correlation.v1 import correlation_pb2
+from gen.aetherops.runbook.v1 import runbook_pb2
+
+__all__ = [
+    "TimeLike",
+    "alert",
+    "duration",
+    "request_id",
+    "resource_type",
+    "runbook",
+    "snapshot",
+    "struct",
+    "timestamp",
+]
+
+TimeLike = datetime | str | timestamp_pb2.Timestamp
+
+
+def request_id(value: str | None) -> str:
+    """The caller's idempotency key, or a fresh one."""
+    return value or uuid.uuid4().hex
+
+
+def timestamp(value: TimeLike | None) -> timestamp_pb2.Timestamp:
+    """A Timestamp from a datetime (naive = UTC), an RFC 3339 string or a Timestamp; now when None."""
+    if isinstance(value, timestamp_pb2.Timestamp):
+        return value
+    if value is None:
+        value = datetime.now(UTC)
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def duration(value: timedelta | float) -> duration_pb2.Duration:
+    """A Duration from a timedelta or seconds."""
+    result = duration_pb2.Duration()
+    if isinstance(value, timedelta):
+        result.FromTimedelta(value)
+    else:
+        result.FromNanoseconds(int(value * 1e9))
+    return result
+
+
+def struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    if values:
+        result.update(dict(values))
+    return result
+
+
+def resource_type(value: int | str) -> capacity_pb2.ResourceType.ValueType:
+    """A ResourceType number from its number, full name (RESOURCE_TYPE_FUEL) or short name (fuel)."""
+    if isinstance(value, int):
+        return capacity_pb2.ResourceType.ValueType(value)
+    name = value.strip().upper()
+    if not name.startswith("RESOURCE_TYPE_"):
+        name = "RESOURCE_TYPE_" + name
+    try:
+        return capacity_pb2.ResourceType.Value(name)
+    except ValueError:
+        known = ", ".join(n.removeprefix("RESOURCE_TYPE_").lower() for n in capacity_pb2.ResourceType.keys()[1:])
+        raise ValueError(f"unknown resource type {value!r} (one of {known})") from None
+
+
+def alert(
+    *,
+    alert_id: str,
+    satellite_id: str,
+    subsystem: str,
+    severity: int,
+    timestamp_: TimeLike | None = None,
+    message: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> correlation_pb2.Alert:
+    return correlation_pb2.Alert(
+        alert_id=alert_id,
+        satellite_id=satellite_id,
+        subsystem=subsystem,
+        severity=severity,
+        timestamp=timestamp(timestamp_),
+        message=message,
+        labels=dict(labels or {}),
+    )
+
+
+def snapshot(
+    *, satellite_id: str, resource: int | str, value: float, unit: str, timestamp_: TimeLike | None = None
+) -> capacity_pb2.ResourceSnapshot:
+    return capacity_pb2.ResourceSnapshot(
+        satellite_id=satellite_id,
+        resource_type=resource_type(resource),
+        timestamp=timestamp(timestamp_),
+        value=value,
+        unit=unit,
+    )
+
+
+def runbook(definition: runbook_pb2.Runbook | Mapping[str, Any]) -> runbook_pb2.Runbook:
+    """A Runbook from the message or its JSON form (e.g. loaded from YAML)."""
+    if isinstance(definition, runbook_pb2.Runbook):
+        return definition
+    return json_format.ParseDict(dict(definition), runbook_pb2.Runbook())

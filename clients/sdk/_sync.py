@@ -1,0 +1,513 @@
+"""`SyncAetherOpsClient`: the blocking client, for scripts, notebooks and the CLI.
+
+The same methods as `AetherOpsClient`, on a synchronous grpc channel (so it is
+tested with grpcio-testing's in-process channel). Streams are plain iterators;
+closing the iterator (or leaving the loop) cancels the RPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from clients.sdk import _requests as build
+from clients.sdk._config import UNSET, ClientConfig, RetryPolicy, echoed_tracking_id, new_tracking_id, resolve_config
+from clients.sdk._errors import from_rpc_error, method_name
+from gen.aetherops.capacity.v1 import capacity_pb2, capacity_pb2_grpc
+from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
+from gen.aetherops.runbook.v1 import runbook_pb2, runbook_pb2_grpc
+
+__all__ = ["SyncAetherOpsClient"]
+
+R = TypeVar("R")
+
+
+class SyncAetherOpsClient:
+    """Blocking client. Use as `with SyncAetherOpsClient("host:port", token=...) as client:`.
+
+    `channel` lets a test (or an application with its own channel set-up) supply
+    the grpc.Channel; the client then does not close it.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = UNSET,
+        retry: RetryPolicy | None = UNSET,
+        config: ClientConfig | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        config = resolve_config(
+            config,
+            address=address,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            timeout=timeout,
+            retry=retry,
+        )
+        self.config = config
+        if channel is None:
+            if config.secure:
+                channel = grpc.secure_channel(
+                    config.address, config.channel_credentials(), options=config.channel_options()
+                )
+            else:
+                channel = grpc.insecure_channel(config.address, options=config.channel_options())
+            self._owns_channel = True
+        else:
+            self._owns_channel = False
+        self.channel = channel
+        # The raw stubs, for anything the typed methods do not cover.
+        self.correlation = correlation_pb2_grpc.CorrelationServiceStub(channel)
+        self.runbook = runbook_pb2_grpc.RunbookServiceStub(channel)
+        self.capacity = capacity_pb2_grpc.CapacityServiceStub(channel)
+        self.last_tracking_id = ""
+
+    def __enter__(self) -> SyncAetherOpsClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self.channel.close()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.config.timeout_s if timeout is None else timeout
+
+    def _unary(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        response_type: type[R],
+        timeout: float | None,
+        tracking_id: str | None,
+    ) -> R:
+        sent = tracking_id or new_tracking_id()
+        try:
+            response, call = method.with_call(  # type: ignore[attr-defined]
+                request, timeout=self._timeout(timeout), metadata=self.config.metadata(sent)
+            )
+        except grpc.RpcError as exc:
+            self.last_tracking_id = sent
+            raise from_rpc_error(exc, tracking_id=sent, method=method_name(method)) from None
+        self.last_tracking_id = echoed_tracking_id(call.initial_metadata()) or sent
+        return cast(R, response)  # the stub's declared response type (grpc itself is untyped here)
+
+    def _stream(
+        self, method: Callable[..., Any], request: Any, timeout: float | None, tracking_id: str | None
+    ) -> Iterator[Any]:
+        # Watch streams are long-lived: no default deadline unless the caller gives one.
+        sent = tracking_id or new_tracking_id()
+        call = method(request, timeout=timeout, metadata=self.config.metadata(sent))
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, tracking_id=sent, method=method_name(method)) from None
+        finally:
+            call.cancel()
+
+    # -- CorrelationService -------------------------------------------------------------------
+
+    def ingest_alert(
+        self,
+        alert: correlation_pb2.Alert | None = None,
+        *,
+        alert_id: str = "",
+        satellite_id: str = "",
+        subsystem: str = "",
+        severity: int = 0,
+        timestamp: build.TimeLike | None = None,
+        message: str = "",
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.IngestAlertResponse:
+        """Ingests one alert (idempotent on alert_id): pass an Alert or its fields (timestamp defaults to now)."""
+        if alert is None:
+            alert = build.alert(
+                alert_id=alert_id,
+                satellite_id=satellite_id,
+                subsystem=subsystem,
+                severity=severity,
+                timestamp_=timestamp,
+                message=message,
+                labels=labels,
+            )
+        request = correlation_pb2.IngestAlertRequest(alert=alert, request_id=request_id or "")
+        return self._unary(
+            self.correlation.IngestAlert, request, correlation_pb2.IngestAlertResponse, timeout, tracking_id
+        )
+
+    def ingest_alerts(
+        self,
+        alerts: Iterable[correlation_pb2.Alert],
+        *,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.IngestAlertsResponse:
+        """Bulk ingest over the client stream; rejections come back with their index in `alerts`."""
+        requests = (correlation_pb2.IngestAlertsRequest(alert=a) for a in alerts)
+        return self._unary(
+            self.correlation.IngestAlerts, requests, correlation_pb2.IngestAlertsResponse, timeout, tracking_id
+        )
+
+    def get_cluster(
+        self, cluster_id: str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> correlation_pb2.GetClusterResponse:
+        request = correlation_pb2.GetClusterRequest(cluster_id=cluster_id)
+        return self._unary(
+            self.correlation.GetCluster, request, correlation_pb2.GetClusterResponse, timeout, tracking_id
+        )
+
+    def list_active_clusters(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        satellite_id: str = "",
+        min_severity: int = 0,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.ListActiveClustersResponse:
+        request = correlation_pb2.ListActiveClustersRequest(
+            page_size=page_size, page_token=page_token, satellite_id=satellite_id, min_severity=min_severity
+        )
+        return self._unary(
+            self.correlation.ListActiveClusters,
+            request,
+            correlation_pb2.ListActiveClustersResponse,
+            timeout,
+            tracking_id,
+        )
+
+    def iter_active_clusters(
+        self, *, satellite_id: str = "", min_severity: int = 0, page_size: int = 0
+    ) -> Iterator[correlation_pb2.Cluster]:
+        """Every active cluster, following next_page_token."""
+        token = ""
+        while True:
+            page = self.list_active_clusters(
+                page_size=page_size, page_token=token, satellite_id=satellite_id, min_severity=min_severity
+            )
+            yield from page.clusters
+            token = page.next_page_token
+            if not token:
+                return
+
+    def close_cluster(
+        self,
+        cluster_id: str,
+        *,
+        reason: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.CloseClusterResponse:
+        request = correlation_pb2.CloseClusterRequest(
+            cluster_id=cluster_id, reason=reason, request_id=build.request_id(request_id)
+        )
+        return self._unary(
+            self.correlation.CloseCluster, request, correlation_pb2.CloseClusterResponse, timeout, tracking_id
+        )
+
+    def identify_root_cause(
+        self, cluster_id: str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> correlation_pb2.IdentifyRootCauseResponse:
+        request = correlation_pb2.IdentifyRootCauseRequest(cluster_id=cluster_id)
+        return self._unary(
+            self.correlation.IdentifyRootCause, request, correlation_pb2.IdentifyRootCauseResponse, timeout, tracking_id
+        )
+
+    def score_alerts(
+        self,
+        first: correlation_pb2.Alert,
+        second: correlation_pb2.Alert,
+        *,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.ScoreAlertsResponse:
+        request = correlation_pb2.ScoreAlertsRequest(first=first, second=second)
+        return self._unary(
+            self.correlation.ScoreAlerts, request, correlation_pb2.ScoreAlertsResponse, timeout, tracking_id
+        )
+
+    def watch_clusters(
+        self,
+        *,
+        satellite_ids: Iterable[str] = (),
+        min_severity: int = 0,
+        event_types: Iterable[correlation_pb2.ClusterEventType.ValueType] = (),
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> Iterator[correlation_pb2.WatchClustersResponse]:
+        request = correlation_pb2.WatchClustersRequest(
+            satellite_ids=list(satellite_ids), min_severity=min_severity, event_types=list(event_types)
+        )
+        return self._stream(self.correlation.WatchClusters, request, timeout, tracking_id)
+
+    # -- RunbookService -----------------------------------------------------------------------
+
+    def list_actions(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None, tracking_id: str | None = None
+    ) -> runbook_pb2.ListActionsResponse:
+        request = runbook_pb2.ListActionsRequest(page_size=page_size, page_token=page_token)
+        return self._unary(self.runbook.ListActions, request, runbook_pb2.ListActionsResponse, timeout, tracking_id)
+
+    def register_runbook(
+        self,
+        runbook: runbook_pb2.Runbook | Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.RegisterRunbookResponse:
+        """Registers a Runbook message or its JSON form (a dict, e.g. from YAML)."""
+        request = runbook_pb2.RegisterRunbookRequest(
+            runbook=build.runbook(runbook), request_id=build.request_id(request_id)
+        )
+        return self._unary(
+            self.runbook.RegisterRunbook, request, runbook_pb2.RegisterRunbookResponse, timeout, tracking_id
+        )
+
+    def get_runbook(
+        self, runbook_id: str, *, version: int = 0, timeout: float | None = None, tracking_id: str | None = None
+    ) -> runbook_pb2.GetRunbookResponse:
+        request = runbook_pb2.GetRunbookRequest(runbook_id=runbook_id, version=version)
+        return self._unary(self.runbook.GetRunbook, request, runbook_pb2.GetRunbookResponse, timeout, tracking_id)
+
+    def list_runbooks(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None, tracking_id: str | None = None
+    ) -> runbook_pb2.ListRunbooksResponse:
+        request = runbook_pb2.ListRunbooksRequest(page_size=page_size, page_token=page_token)
+        return self._unary(self.runbook.ListRunbooks, request, runbook_pb2.ListRunbooksResponse, timeout, tracking_id)
+
+    def find_matching_runbooks(
+        self, incident_data: Mapping[str, Any], *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> runbook_pb2.FindMatchingRunbooksResponse:
+        request = runbook_pb2.FindMatchingRunbooksRequest(incident_data=build.struct(incident_data))
+        return self._unary(
+            self.runbook.FindMatchingRunbooks, request, runbook_pb2.FindMatchingRunbooksResponse, timeout, tracking_id
+        )
+
+    def start_execution(
+        self,
+        runbook_id: str,
+        *,
+        variables: Mapping[str, Any] | None = None,
+        triggered_by: str = "",
+        dry_run: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.StartExecutionResponse:
+        request = runbook_pb2.StartExecutionRequest(
+            runbook_id=runbook_id,
+            variables=build.struct(variables),
+            triggered_by=triggered_by,
+            dry_run=dry_run,
+            request_id=build.request_id(request_id),
+        )
+        return self._unary(
+            self.runbook.StartExecution, request, runbook_pb2.StartExecutionResponse, timeout, tracking_id
+        )
+
+    def execute_next_step(
+        self,
+        execution_id: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.ExecuteNextStepResponse:
+        request = runbook_pb2.ExecuteNextStepRequest(execution_id=execution_id, request_id=build.request_id(request_id))
+        return self._unary(
+            self.runbook.ExecuteNextStep, request, runbook_pb2.ExecuteNextStepResponse, timeout, tracking_id
+        )
+
+    def approve_step(
+        self,
+        execution_id: str,
+        step_id: str,
+        *,
+        approver: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.ApproveStepResponse:
+        request = runbook_pb2.ApproveStepRequest(
+            execution_id=execution_id, step_id=step_id, approver=approver, request_id=build.request_id(request_id)
+        )
+        return self._unary(self.runbook.ApproveStep, request, runbook_pb2.ApproveStepResponse, timeout, tracking_id)
+
+    def rollback_execution(
+        self,
+        execution_id: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.RollbackExecutionResponse:
+        request = runbook_pb2.RollbackExecutionRequest(
+            execution_id=execution_id, request_id=build.request_id(request_id)
+        )
+        return self._unary(
+            self.runbook.RollbackExecution, request, runbook_pb2.RollbackExecutionResponse, timeout, tracking_id
+        )
+
+    def get_execution_status(
+        self,
+        execution_id: str,
+        *,
+        as_of: datetime | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.GetExecutionStatusResponse:
+        request = runbook_pb2.GetExecutionStatusRequest(execution_id=execution_id)
+        if as_of is not None:
+            request.as_of_time.CopyFrom(build.timestamp(as_of))
+        return self._unary(
+            self.runbook.GetExecutionStatus, request, runbook_pb2.GetExecutionStatusResponse, timeout, tracking_id
+        )
+
+    def watch_execution(
+        self, execution_id: str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> Iterator[runbook_pb2.WatchExecutionResponse]:
+        request = runbook_pb2.WatchExecutionRequest(execution_id=execution_id)
+        return self._stream(self.runbook.WatchExecution, request, timeout, tracking_id)
+
+    # -- CapacityService ----------------------------------------------------------------------
+
+    def ingest_snapshot(
+        self,
+        snapshot: capacity_pb2.ResourceSnapshot | None = None,
+        *,
+        satellite_id: str = "",
+        resource: int | str = 0,
+        value: float = 0.0,
+        unit: str = "",
+        timestamp: build.TimeLike | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.IngestSnapshotResponse:
+        """Stores one snapshot (idempotent on satellite, resource and timestamp)."""
+        if snapshot is None:
+            snapshot = build.snapshot(
+                satellite_id=satellite_id, resource=resource, value=value, unit=unit, timestamp_=timestamp
+            )
+        request = capacity_pb2.IngestSnapshotRequest(snapshot=snapshot, request_id=build.request_id(request_id))
+        return self._unary(
+            self.capacity.IngestSnapshot, request, capacity_pb2.IngestSnapshotResponse, timeout, tracking_id
+        )
+
+    def ingest_snapshots(
+        self,
+        snapshots: Iterable[capacity_pb2.ResourceSnapshot],
+        *,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.IngestSnapshotsResponse:
+        requests = (capacity_pb2.IngestSnapshotsRequest(snapshot=s) for s in snapshots)
+        return self._unary(
+            self.capacity.IngestSnapshots, requests, capacity_pb2.IngestSnapshotsResponse, timeout, tracking_id
+        )
+
+    def add_scheduled_mission(
+        self,
+        mission: capacity_pb2.ScheduledMission,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.AddScheduledMissionResponse:
+        request = capacity_pb2.AddScheduledMissionRequest(mission=mission, request_id=build.request_id(request_id))
+        return self._unary(
+            self.capacity.AddScheduledMission, request, capacity_pb2.AddScheduledMissionResponse, timeout, tracking_id
+        )
+
+    def compute_consumption_rate(
+        self, satellite_id: str, resource: int | str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> capacity_pb2.ComputeConsumptionRateResponse:
+        request = capacity_pb2.ComputeConsumptionRateRequest(
+            satellite_id=satellite_id, resource_type=build.resource_type(resource)
+        )
+        return self._unary(
+            self.capacity.ComputeConsumptionRate,
+            request,
+            capacity_pb2.ComputeConsumptionRateResponse,
+            timeout,
+            tracking_id,
+        )
+
+    def forecast_exhaustion(
+        self, satellite_id: str, resource: int | str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> capacity_pb2.ForecastExhaustionResponse:
+        request = capacity_pb2.ForecastExhaustionRequest(
+            satellite_id=satellite_id, resource_type=build.resource_type(resource)
+        )
+        return self._unary(
+            self.capacity.ForecastExhaustion, request, capacity_pb2.ForecastExhaustionResponse, timeout, tracking_id
+        )
+
+    def get_fleet_risk_summary(
+        self, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> capacity_pb2.GetFleetRiskSummaryResponse:
+        request = capacity_pb2.GetFleetRiskSummaryRequest()
+        return self._unary(
+            self.capacity.GetFleetRiskSummary, request, capacity_pb2.GetFleetRiskSummaryResponse, timeout, tracking_id
+        )
+
+    def get_critical_forecasts(
+        self,
+        *,
+        horizon: timedelta | float | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.GetCriticalForecastsResponse:
+        request = capacity_pb2.GetCriticalForecastsRequest(page_size=page_size, page_token=page_token)
+        if horizon is not None:
+            request.horizon.CopyFrom(build.duration(horizon))
+        return self._unary(
+            self.capacity.GetCriticalForecasts, request, capacity_pb2.GetCriticalForecastsResponse, timeout, tracking_id
+        )
+
+    def recommend_interventions(
+        self, satellite_id: str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> capacity_pb2.RecommendInterventionsResponse:
+        request = capacity_pb2.RecommendInterventionsRequest(satellite_id=satellite_id)
+        return self._unary(
+            self.capacity.RecommendInterventions,
+            request,
+            capacity_pb2.RecommendInterventionsResponse,
+            timeout,
+            tracking_id,
+        )
+
+
+def _name(method: Any) -> str:
+    """The RPC path of a multi-callable, for error messages (best effort)."""
+    for attribute in ("_method", "method"):
+        value = getattr(method, attribute, None)
+        if isinstance(value, bytes):
+            return value.decode()
+        if isinstance(value, str):
+            return value
+    return ""

@@ -1,0 +1,236 @@
+"""The `aetherops` operator CLI end to end: a real process against a running server.
+
+Each command runs as `python -m clients.cli` in a subprocess (awaited without
+blocking the event loop the server runs on), so exit codes, stdout and stderr
+are what an operator sees. Runbook commands are tested against the contract and
+pass once the runbook service is implemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(server: Any) -> Any:
+    async def run(*args: str, address: str | None = None) -> Result:
+        env = {**os.environ, "AETHEROPS_ADDRESS": address or f"127.0.0.1:{server.port}", "AETHEROPS_TOKEN": "t0ken"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "clients.cli",
+            *args,
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        assert proc.returncode is not None
+        return Result(proc.returncode, out.decode(), err.decode())
+
+    return run
+
+
+def _alert_lines(prefix: str, count: int, satellite: str) -> list[str]:
+    now = datetime.now(UTC)
+    return [
+        json.dumps(
+            {
+                "alert_id": f"{prefix}-{i}",
+                "satellite_id": satellite,
+                "subsystem": ["power", "thermal", "comms"][i % 3],
+                "severity": 1 + i % 5,
+                "timestamp": (now - timedelta(seconds=count - i)).isoformat(),
+                "message": f"alert {i}",
+                "labels": {"source": "cli-test"},
+            }
+        )
+        for i in range(count)
+    ]
+
+
+async def test_alerts_ingest_jsonl_reports_bad_lines_and_progress(cli: Any, tmp_path: Path) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    lines = _alert_lines(prefix, 30, "SAT-CLI")
+    lines.insert(4, "{this is not json")  # line 5: unparseable
+    bad_severity = {**json.loads(lines[0]), "alert_id": f"{prefix}-sev", "severity": 9}
+    lines.insert(9, json.dumps(bad_severity))  # line 10: the server rejects it
+    lines.insert(12, "")  # blank lines are skipped, but still counted as lines
+    path = tmp_path / "alerts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    result = await cli("alerts", "ingest", str(path), "--json")
+    assert result.code == 1, result.err
+    summary = result.json()
+    assert summary["sent"] == 31
+    assert summary["accepted"] + summary["duplicates"] == 30
+    assert summary["rejected"] == 1
+    assert [(b["line"], b["source"]) for b in summary["bad_lines"]] == [(5, "parse"), (10, "server")]
+    assert "severity" in summary["bad_lines"][1]["reason"]
+    assert summary["tracking_id"]
+    # Progress on stderr: count and rate.
+    last = [line for line in result.err.splitlines() if "alerts sent" in line][-1]
+    count, _, rest = last.partition(" alerts sent, ")
+    assert int(count) == 31 and rest.split("/s")[0].isdigit()
+
+    table = await cli("alerts", "ingest", str(path))
+    assert table.code == 1
+    assert "LINE" in table.out and "REASON" in table.out
+    assert any(line.split()[:2] == ["5", "parse"] for line in table.out.splitlines())
+
+
+async def test_alerts_ingest_csv(cli: Any, tmp_path: Path) -> None:
+    now = datetime.now(UTC).isoformat()
+    path = tmp_path / "alerts.csv"
+    path.write_text(
+        "alert_id,satellite_id,subsystem,severity,timestamp,message,labels\n"
+        f"{uuid.uuid4().hex},SAT-CSV,power,4,{now},bus undervoltage,site=kiruna;pass=12\n"
+        f"{uuid.uuid4().hex},SAT-CSV,power,high,{now},bad severity,\n"
+    )
+    result = await cli("alerts", "ingest", str(path), "--json")
+    summary = result.json()
+    assert summary["accepted"] == 1
+    assert summary["bad_lines"][0]["line"] == 3
+    assert "severity" in summary["bad_lines"][0]["reason"]
+
+
+async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "alerts.jsonl"
+    path.write_text("\n".join(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-CLU")) + "\n")
+    assert (await cli("alerts", "ingest", str(path))).code == 0
+
+    listed = await cli("clusters", "list", "--satellite", "SAT-CLU", "--json")
+    assert listed.code == 0
+    (cluster,) = listed.json()["clusters"]
+    table = await cli("clusters", "list")
+    assert "CLUSTER" in table.out and cluster["cluster_id"] in table.out
+
+    shown = await cli("clusters", "show", cluster["cluster_id"])
+    assert shown.code == 0 and "ALERT" in shown.out and "SAT-CLU" in shown.out
+
+    closed = await cli("clusters", "close", cluster["cluster_id"], "--reason", "fixed", "--json")
+    assert closed.code == 0 and closed.json()["status"] == "CLUSTER_STATUS_CLOSED"
+    again = await cli("clusters", "close", cluster["cluster_id"])
+    assert again.code == 1
+    assert "FAILED_PRECONDITION" in again.err and "tracking id" in again.err
+
+
+async def test_rpc_errors_exit_1_with_tracking_id(cli: Any) -> None:
+    result = await cli("clusters", "show", "no-such-cluster")
+    assert result.code == 1
+    assert "NOT_FOUND" in result.err
+    tracking = [line for line in result.err.splitlines() if "tracking id:" in line]
+    assert tracking and len(tracking[0].split("tracking id:")[1].strip()) == 32
+    as_json = await cli("clusters", "show", "no-such-cluster", "--json")
+    assert as_json.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_usage_errors_exit_2(cli: Any, tmp_path: Path) -> None:
+    assert (await cli("clusters")).code == 2
+    assert (await cli("alerts", "ingest", str(tmp_path / "missing.jsonl"))).code == 2
+    assert (await cli("capacity", "forecast", "SAT-1", "antimatter")).code == 2
+    assert (await cli("runbooks", "start", "rb", "--var", "novalue")).code == 2
+
+
+async def test_unreachable_server_exits_1(cli: Any) -> None:
+    result = await cli("fleet", "risk", "--timeout", "1", address="127.0.0.1:1")
+    assert result.code == 1
+    assert "UNAVAILABLE" in result.err or "DEADLINE_EXCEEDED" in result.err
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+async def test_capacity_ingest_forecast_plot_and_fleet_risk(cli: Any, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    rows = ["satellite_id,resource,timestamp,value,unit"]
+    rows += [f"SAT-PLT,fuel,{(now - timedelta(days=30 - d)).isoformat()},{120 - 3 * d + (d % 3)},kg" for d in range(30)]
+    rows.append(f"SAT-PLT,antimatter,{now.isoformat()},1,kg")  # line 32: unknown resource
+    rows.append(f"SAT-PLT,fuel,{now.isoformat()},-4,kg")  # line 33: the server rejects it
+    path = tmp_path / "snapshots.csv"
+    path.write_text("\n".join(rows) + "\n")
+    ingested = await cli("capacity", "ingest", str(path), "--json")
+    summary = ingested.json()
+    assert summary["accepted"] == 30
+    assert [(b["line"], b["source"]) for b in summary["bad_lines"]] == [(32, "parse"), (33, "server")]
+    assert "snapshots sent" in ingested.err
+
+    plot = tmp_path / "out" / "fuel.png"
+    forecast = await cli("capacity", "forecast", "SAT-PLT", "fuel", "--plot", str(plot))
+    assert forecast.code == 0, forecast.err
+    assert "days remaining" in forecast.out and "P10 / P50 / P90" in forecast.out
+    width, height = _png_size(plot)
+    assert 600 <= width <= 3000 and 400 <= height <= 2000
+    assert 20_000 < plot.stat().st_size < 2_000_000
+
+    as_json = (await cli("capacity", "forecast", "SAT-PLT", "fuel", "--json")).json()
+    assert as_json["satellite_id"] == "SAT-PLT" and as_json["rate_per_day"] > 0
+
+    risk = await cli("fleet", "risk")
+    assert risk.code == 0 and "RISK" in risk.out and "SAT-PLT" in risk.out
+    groups = (await cli("fleet", "risk", "--json")).json()["groups"]
+    assert any("SAT-PLT" in g.get("satellite_ids", []) for g in groups)
+
+
+async def test_runbooks_register_list_start_status(cli: Any, tmp_path: Path) -> None:
+    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "runbook.yaml"
+    path.write_text(
+        f"runbook_id: {runbook_id}\n"
+        "name: Announce a bus switch\n"
+        "steps:\n"
+        "  - step_id: announce\n"
+        "    action: log\n"
+        "    parameters:\n"
+        '      message: "switching to bus ${bus}"\n'
+        "    timeout: 30s\n"
+    )
+    registered = await cli("runbooks", "register", str(path))
+    assert registered.code == 0, registered.err
+    assert runbook_id in registered.out and "version 1" in registered.out
+    assert runbook_id in (await cli("runbooks", "list")).out
+
+    dry = await cli("runbooks", "start", runbook_id, "--var", "bus=B", "--dry-run")
+    assert dry.code == 0 and "switching to bus B" in dry.out
+
+    started = await cli("runbooks", "start", runbook_id, "--var", "bus=B", "--json")
+    assert started.code == 0, started.err
+    execution_id = started.json()["execution"]["execution_id"]
+    status = await cli("runbooks", "status", execution_id)
+    assert status.code == 0 and execution_id in status.out and "announce" in status.out
+    missing = await cli("runbooks", "approve", execution_id, "no-such-step")
+    assert missing.code == 1 and "tracking id" in missing.err
+
+
+async def test_health_still_works(cli: Any, server: Any) -> None:
+    healthy = await cli("health", "--address", f"127.0.0.1:{server.port}")
+    assert healthy.code == 0 and healthy.out.strip() == "SERVING"

@@ -1,0 +1,219 @@
+"""The async SDK against a running server (and, for retries and deadlines, a scripted one).
+
+Runbook RPCs are tested against the contract; they pass once the runbook
+service is implemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from clients.sdk import (
+    AetherOpsClient,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RetryPolicy,
+    Unavailable,
+    alert,
+    snapshot,
+)
+from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
+
+
+@pytest.fixture
+async def client(server: Any) -> AsyncIterator[AetherOpsClient]:
+    async with AetherOpsClient(f"127.0.0.1:{server.port}", token="t0ken", timeout=10.0) as sdk:
+        yield sdk
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def test_ingest_alert_then_get_cluster(client: AetherOpsClient) -> None:
+    alert_id = _id("sdk")
+    reply = await client.ingest_alert(
+        alert_id=alert_id, satellite_id="SAT-SDK", subsystem="power", severity=4, message="undervoltage"
+    )
+    assert reply.cluster_id and reply.cluster_opened and not reply.replay
+    again = await client.ingest_alert(
+        alert_id=alert_id, satellite_id="SAT-SDK", subsystem="power", severity=4, message="undervoltage"
+    )
+    assert again.replay and again.cluster_id == reply.cluster_id
+    cluster = (await client.get_cluster(reply.cluster_id)).cluster
+    assert [a.alert_id for a in cluster.alerts] == [alert_id]
+    listed = [c.cluster_id async for c in client.iter_active_clusters(satellite_id="SAT-SDK")]
+    assert reply.cluster_id in listed
+
+
+async def test_tracking_id_round_trip(client: AetherOpsClient) -> None:
+    tracking = _id("trk")
+    reply = await client.ingest_alert(
+        alert_id=_id("a"), satellite_id="SAT-TRK", subsystem="comms", severity=2, tracking_id=tracking
+    )
+    assert client.last_tracking_id == tracking
+    cluster = (await client.get_cluster(reply.cluster_id)).cluster
+    assert cluster.tracking_id == tracking
+    assert cluster.alerts[0].tracking_id == tracking
+    await client.get_fleet_risk_summary()
+    generated = client.last_tracking_id
+    assert generated and generated != tracking
+
+
+async def test_invalid_argument_carries_field_violations(client: AetherOpsClient) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await client.ingest_alert(alert_id=_id("bad"), satellite_id="", subsystem="power", severity=9)
+    fields = {v.field for v in caught.value.field_violations}
+    assert "alert.severity" in fields
+    assert caught.value.tracking_id
+    assert caught.value.tracking_id in str(caught.value)
+
+
+async def test_not_found_and_failed_precondition(client: AetherOpsClient) -> None:
+    with pytest.raises(NotFound) as caught:
+        await client.get_cluster("no-such-cluster", tracking_id="trk-nf")
+    assert caught.value.tracking_id == "trk-nf"
+    reply = await client.ingest_alert(alert_id=_id("c"), satellite_id="SAT-CLOSE", subsystem="adcs", severity=3)
+    request_id = uuid.uuid4().hex
+    closed = await client.close_cluster(reply.cluster_id, reason="resolved", request_id=request_id)
+    assert closed.cluster.status == correlation_pb2.CLUSTER_STATUS_CLOSED
+    # The same request_id is a retry (answered as before); a new one is a second close.
+    retried = await client.close_cluster(reply.cluster_id, reason="resolved", request_id=request_id)
+    assert retried.cluster.cluster_id == reply.cluster_id
+    with pytest.raises(FailedPrecondition):
+        await client.close_cluster(reply.cluster_id, reason="again")
+
+
+async def test_bulk_ingest_reports_rejections_by_index(client: AetherOpsClient) -> None:
+    now = datetime.now(UTC)
+    alerts = [
+        alert(alert_id=_id("b"), satellite_id="SAT-BULK", subsystem="power", severity=3, timestamp_=now),
+        alert(alert_id=_id("b"), satellite_id="SAT-BULK", subsystem="power", severity=7, timestamp_=now),
+        alert(alert_id=_id("b"), satellite_id="SAT-BULK2", subsystem="thermal", severity=2, timestamp_=now),
+    ]
+    reply = await client.ingest_alerts(alerts)
+    assert reply.accepted + reply.duplicates == 2
+    assert [r.index for r in reply.rejections] == [1]
+
+
+async def test_capacity_forecast_and_fleet_risk(client: AetherOpsClient) -> None:
+    now = datetime.now(UTC)
+    snapshots = [
+        snapshot(
+            satellite_id="SAT-CAP",
+            resource="fuel",
+            value=100 - 2 * d,
+            unit="kg",
+            timestamp_=now - timedelta(days=20 - d),
+        )
+        for d in range(20)
+    ]
+    reply = await client.ingest_snapshots(snapshots)
+    assert reply.accepted == 20
+    single = await client.ingest_snapshot(snapshots[-1])
+    assert single.duplicate
+    forecast = (await client.forecast_exhaustion("SAT-CAP", "fuel")).forecast
+    assert forecast.rate_per_day == pytest.approx(2.0, rel=0.05)
+    assert forecast.HasField("days_remaining")
+    rate = (await client.compute_consumption_rate("SAT-CAP", "fuel")).rate
+    assert rate.sample_count == 20
+    summary = await client.get_fleet_risk_summary()
+    assert any("SAT-CAP" in g.satellite_ids for g in summary.groups)
+
+
+async def test_runbook_register_start_status(client: AetherOpsClient) -> None:
+    runbook_id = _id("rb")
+    definition = {
+        "runbook_id": runbook_id,
+        "name": "announce",
+        "steps": [{"step_id": "say", "action": "log", "parameters": {"message": "bus ${bus}"}}],
+    }
+    registered = await client.register_runbook(definition)
+    assert registered.created and registered.runbook.version == 1
+    plan = await client.start_execution(runbook_id, variables={"bus": "B"}, dry_run=True)
+    assert plan.plan[0].rendered_parameters["message"] == "bus B"
+    started = await client.start_execution(runbook_id, variables={"bus": "B"})
+    status = await client.get_execution_status(started.execution.execution_id)
+    assert status.execution.runbook_id == runbook_id
+
+
+# -- retries and deadlines against a scripted server ------------------------------------------
+
+
+class _Flaky(correlation_pb2_grpc.CorrelationServiceServicer):
+    """UNAVAILABLE for the first `failures` calls of each method, then an answer."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: dict[str, int] = {}
+        self.never = asyncio.Event()
+
+    def _attempt(self, name: str) -> bool:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return self.calls[name] <= self.failures
+
+    async def GetCluster(self, request: Any, context: Any) -> Any:
+        if self._attempt("GetCluster"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
+        return correlation_pb2.GetClusterResponse(cluster=correlation_pb2.Cluster(cluster_id=request.cluster_id))
+
+    async def IngestAlerts(self, request_iterator: Any, context: Any) -> Any:
+        async for _ in request_iterator:
+            pass
+        if self._attempt("IngestAlerts"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
+        return correlation_pb2.IngestAlertsResponse()
+
+    async def ListActiveClusters(self, request: Any, context: Any) -> Any:
+        await self.never.wait()  # answers only after the client's deadline
+        return correlation_pb2.ListActiveClustersResponse()
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[tuple[_Flaky, int]]:
+    servicer = _Flaky(failures=2)  # type: ignore[abstract]  # only the RPCs under test are scripted
+    scripted = grpc.aio.server()
+    correlation_pb2_grpc.add_CorrelationServiceServicer_to_server(servicer, scripted)
+    port = scripted.add_insecure_port("127.0.0.1:0")
+    await scripted.start()
+    yield servicer, port
+    servicer.never.set()
+    await scripted.stop(None)
+
+
+async def test_idempotent_reads_are_retried_on_unavailable(flaky: tuple[_Flaky, int]) -> None:
+    servicer, port = flaky
+    async with AetherOpsClient(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=4, initial_backoff_s=0.01)) as sdk:
+        reply = await sdk.get_cluster("c-9")
+        assert reply.cluster.cluster_id == "c-9"
+        assert servicer.calls["GetCluster"] == 3
+        # Client streams are not in the retry policy: the first UNAVAILABLE is final.
+        with pytest.raises(Unavailable):
+            await sdk.ingest_alerts([correlation_pb2.Alert(alert_id="x")])
+        assert servicer.calls["IngestAlerts"] == 1
+
+
+async def test_without_retry_policy_unavailable_surfaces(flaky: tuple[_Flaky, int]) -> None:
+    servicer, port = flaky
+    async with AetherOpsClient(f"127.0.0.1:{port}", retry=None) as sdk:
+        with pytest.raises(Unavailable):
+            await sdk.get_cluster("c-9")
+        assert servicer.calls["GetCluster"] == 1
+
+
+async def test_default_deadline_applies(flaky: tuple[_Flaky, int]) -> None:
+    from clients.sdk import DeadlineExceeded
+
+    _, port = flaky
+    async with AetherOpsClient(f"127.0.0.1:{port}", timeout=0.3) as sdk:
+        with pytest.raises(DeadlineExceeded) as caught:
+            await sdk.list_active_clusters()
+        assert caught.value.tracking_id
