@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from aetherops.auth import SecurityConfig
 from aetherops.errors import ConfigError
 
 __all__ = ["ALL_SERVICES", "ENV_VARS", "Settings"]
@@ -61,6 +62,27 @@ class Settings:
     """Alerts and snapshots timestamped further than this in the future are rejected."""
     dependency_graph_file: str = ""
     """JSON or YAML file replacing the default subsystem dependency graph."""
+    auth_tokens_file: str = ""
+    """YAML/JSON file of static API tokens, stored as SHA-256 (see README, Security). Empty: `aetherops serve`
+    on loopback creates <data_dir>/auth_tokens.json with an admin token."""
+    jwt_issuer: str = ""
+    """Required `iss` of accepted JWTs (needed when a JWT key is set)."""
+    jwt_audience: str = ""
+    """Required `aud` of accepted JWTs (needed when a JWT key is set)."""
+    jwt_hs256_secret_file: str = ""
+    """File holding the HS256 shared secret. Set this or the RS256 key, not both."""
+    jwt_rs256_public_key_file: str = ""
+    """PEM public key verifying RS256 JWTs."""
+    tls_cert_file: str = ""
+    """PEM server certificate (chain). With the key: TLS. Empty: plaintext."""
+    tls_key_file: str = ""
+    """PEM private key of the server certificate."""
+    tls_client_ca_file: str = ""
+    """PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."""
+    rate_limit_burst: float = 100.0
+    """Calls a principal may make to one service in a burst."""
+    rate_limit_per_s: float = 50.0
+    """Sustained calls per second per principal and service (token refill rate)."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"must be 0-65535, got {self.port}")
@@ -106,6 +128,7 @@ class Settings:
             "log_level",
             "DEBUG, INFO, WARNING or ERROR",
         )
+        self.security()  # the security settings' own checks (they name their variables)
 
     @property
     def uses_embedded_postgres(self) -> bool:
@@ -114,6 +137,26 @@ class Settings:
     @property
     def uses_embedded_nats(self) -> bool:
         return self.nats_url == ""
+
+    def security(self) -> SecurityConfig:
+        """The authentication, TLS and rate-limit settings, as `aetherops.auth` and `servers.security` take them."""
+
+        def path(value: str) -> Path | None:
+            return Path(value).expanduser() if value else None
+
+        return SecurityConfig(
+            tokens_file=path(self.auth_tokens_file),
+            jwt_issuer=self.jwt_issuer,
+            jwt_audience=self.jwt_audience,
+            jwt_hs256_secret_file=path(self.jwt_hs256_secret_file),
+            jwt_rs256_public_key_file=path(self.jwt_rs256_public_key_file),
+            tls_cert_file=path(self.tls_cert_file),
+            tls_key_file=path(self.tls_key_file),
+            tls_client_ca_file=path(self.tls_client_ca_file),
+            rate_limit_burst=self.rate_limit_burst,
+            rate_limit_per_s=self.rate_limit_per_s,
+            redis_url=self.redis_url,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -140,6 +183,8 @@ _FLOATS = {
     "correlation_window_s",
     "dedupe_window_s",
     "max_future_skew_s",
+    "rate_limit_burst",
+    "rate_limit_per_s",
 }
 
 

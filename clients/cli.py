@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import ipaddress
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aetherops.auth import Role, bootstrap_admin_token, write_token_file
 from aetherops.config import Settings
 from aetherops.errors import ConfigError
 from aetherops.logs import configure_logging
@@ -46,15 +48,32 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--address", default="127.0.0.1:50051")
     check.add_argument("--service", default="", help="a service name; empty = the whole server")
     check.add_argument("--timeout", type=float, default=3.0)
+    check.add_argument("--ca-file", type=Path, help="PEM CA of the server certificate (TLS); default plaintext")
+    check.add_argument("--cert-file", type=Path, help="client certificate, when the server requires mTLS")
+    check.add_argument("--key-file", type=Path, help="key of --cert-file")
+    tokens = sub.add_parser("create-tokens", help="write a new token file (stored hashed) and print the tokens once")
+    tokens.add_argument("file", type=Path, help="the file to create (refused if it exists)")
+    tokens.add_argument("grants", nargs="+", metavar="NAME=ROLE[,ROLE]", help=f"roles: {', '.join(Role)}")
     _add_operator_commands(sub)
     return parser
 
 
-async def _health(address: str, service: str, timeout_s: float) -> int:
+def _health_channel(args: argparse.Namespace) -> Any:
+    import grpc
+
+    if args.ca_file is None:
+        return grpc.aio.insecure_channel(args.address)
+    key = args.key_file.read_bytes() if args.key_file else None
+    cert = args.cert_file.read_bytes() if args.cert_file else None
+    return grpc.aio.secure_channel(args.address, grpc.ssl_channel_credentials(args.ca_file.read_bytes(), key, cert))
+
+
+async def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    address, service, timeout_s = args.address, args.service, args.timeout
+    async with _health_channel(args) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -78,6 +97,58 @@ def _settings(args: argparse.Namespace) -> Settings:
         nats_url=args.nats_url,
         log_level=args.log_level,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
+
+
+def _with_auth(settings: Settings) -> Settings:
+    """Authentication for `serve`: the configured one, or a bootstrapped admin token on loopback only."""
+    if settings.security().auth_configured:
+        return settings
+    if not _is_loopback(settings.host):
+        raise ConfigError(
+            f"AETHEROPS_HOST: refusing to listen on {settings.host} without authentication; set "
+            "AETHEROPS_AUTH_TOKENS_FILE (see `aetherops create-tokens`) or AETHEROPS_JWT_*"
+        )
+    path, token = bootstrap_admin_token(settings.data_dir)
+    if token is not None:
+        # Printed, never logged: this is the only time the plaintext exists outside the caller's hands.
+        print(
+            f"aetherops: created an admin token (shown once; only its hash is kept in {path}):\n{token}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print(f"aetherops: authentication: tokens from {path}", file=sys.stderr, flush=True)
+    return settings.with_overrides(auth_tokens_file=str(path))
+
+
+def _create_tokens(file: Path, grants: list[str]) -> int:
+    parsed: dict[str, list[str]] = {}
+    for grant in grants:
+        name, _, roles = grant.partition("=")
+        if not name or not roles or name in parsed:
+            print(f"aetherops: expected distinct NAME=ROLE[,ROLE] grants, got {grant!r}", file=sys.stderr)
+            return 2
+        parsed[name] = [r.strip() for r in roles.split(",") if r.strip()]
+    try:
+        tokens = write_token_file(file, parsed)
+    except (ConfigError, ValueError) as exc:
+        print(f"aetherops: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError:
+        print(f"aetherops: {file} exists; tokens are never replaced silently", file=sys.stderr)
+        return 2
+    for name, token in tokens.items():
+        print(f"{name}\t{token}")
+    return 0
 
 
 async def _serve(settings: Settings) -> int:
@@ -881,14 +952,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         try:
-            settings = _settings(args)
+            settings = _with_auth(_settings(args))
         except ConfigError as exc:
             print(f"aetherops: invalid setting: {exc}", file=sys.stderr)
             return 2
         configure_logging(settings.log_level)
         return asyncio.run(_serve(settings))
     if args.command == "health":
-        return asyncio.run(_health(args.address, args.service, args.timeout))
+        return asyncio.run(_health(args))
+    if args.command == "create-tokens":
+        return _create_tokens(args.file, args.grants)
     return _run_operator_command(args)
 
 

@@ -30,6 +30,7 @@ from aetherops.infra import EmbeddedNats, EmbeddedPostgres
 from servers.component import Component, Infra
 from servers.interceptors import EdgeInterceptor
 from servers.metrics import Metrics
+from servers.security import SecurityGate, server_credentials
 
 __all__ = ["Application", "server_options"]
 
@@ -87,6 +88,8 @@ class Application:
         self._stopping = False
         self._started: set[str] = set()
         self.metrics = Metrics()
+        # Every RPC passes the gate; with no token file or JWT key configured it admits nobody (fail closed).
+        self.gate = SecurityGate.from_config(self.settings.security())
 
     @property
     def components(self) -> list[Component]:
@@ -100,7 +103,7 @@ class Application:
         """Listens and begins bringing up dependencies in the background; returns the bound port."""
         self._components = self.components_factory(self.settings)
         server = grpc.aio.server(
-            interceptors=[EdgeInterceptor(lambda service: service in self._started, self.metrics)],
+            interceptors=[EdgeInterceptor(lambda service: service in self._started, self.metrics, self.gate)],
             options=server_options(self.settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -109,11 +112,17 @@ class Application:
         names = [c.service_name for c in self._components]
         reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings.security())
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise UnavailableError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         await server.start()
         self._server = server
+        self.metrics.add_gauge_source(self._security_gauges)
         if self.settings.metrics_port >= 0:
             self.metrics.serve(self.settings.host, self.settings.metrics_port)
         self._tasks.append(asyncio.create_task(self._bring_up(), name="bring-up"))
@@ -152,6 +161,12 @@ class Application:
         self._tasks.append(asyncio.create_task(self._monitor(), name="health-monitor"))
         self.ready.set()
         log.info("serving %s on %s", ",".join(c.name for c in self._components), self.address)
+
+    def _security_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        degraded = float(self.gate.rate_limit_degraded)
+        return [
+            ("aetherops_ratelimit_degraded", "1 while Redis is unreachable and limits are per process", {}, degraded)
+        ]
 
     def _platform_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
         assert self.infra is not None
@@ -196,6 +211,7 @@ class Application:
             await self.infra.bus.close()
             await self.infra.db.close()
         self.metrics.close()
+        await self.gate.close()
         if self._embedded_nats is not None:
             await self._embedded_nats.astop()
         if self._embedded_pg is not None:

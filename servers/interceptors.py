@@ -2,7 +2,9 @@
 
 A grpc.aio interceptor that wraps each handler, whatever its streaming shape:
 it takes `x-tracking-id` from the metadata (or makes one), returns it in the
-initial metadata, and turns domain errors into statuses via servers.status.
+initial metadata, runs the security gate (authenticate, authorize, rate limit)
+inside the call, and turns domain errors into statuses via servers.status.
+Health and reflection pass untouched: probes carry no credential.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import grpc
 from aetherops import errors
 from aetherops.tracking import current_principal_name, new_tracking_id, set_tracking_id
 from servers.metrics import Metrics
+from servers.security import SecurityGate
 from servers.status import status_for
 
 __all__ = ["TRACKING_HEADER", "EdgeInterceptor"]
@@ -54,11 +57,18 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     `is_ready(service_name)` says whether that service's component has started;
     until it has, its RPCs answer UNAVAILABLE (the database or NATS is not there yet).
+    `gate` admits each call before its handler runs; None admits everyone (only for tests of the edge itself).
     """
 
-    def __init__(self, is_ready: Callable[[str], bool] = lambda _service: True, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        is_ready: Callable[[str], bool] = lambda _service: True,
+        metrics: Metrics | None = None,
+        gate: SecurityGate | None = None,
+    ) -> None:
         self._is_ready = is_ready
         self._metrics = metrics
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -74,27 +84,27 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service = method.split("/")[1]
         if not self._is_ready(service):
             return _unavailable(handler)
-        metrics = self._metrics
+        metrics, gate = self._metrics, self._gate
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, metrics),
+                _wrap_unary(method, handler.unary_unary, metrics, gate),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary, metrics),
+                _wrap_unary(method, handler.stream_unary, metrics, gate),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream, metrics),
+                _wrap_stream(method, handler.unary_stream, metrics, gate),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, handler.stream_stream, metrics),
+            _wrap_stream(method, handler.stream_stream, metrics, gate),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -134,13 +144,16 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], metrics: Metrics | None
+    method: str, behavior: Callable[..., Awaitable[Any]], metrics: Metrics | None, gate: SecurityGate | None
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         tracking_id = await _begin(context)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
+            # Here, in the call's own task, so the principal it records is visible to the handler.
+            if gate is not None:
+                await gate.check(method, context.invocation_metadata())
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
             failure = exc
@@ -155,13 +168,15 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], metrics: Metrics | None
+    method: str, behavior: Callable[..., AsyncIterator[Any]], metrics: Metrics | None, gate: SecurityGate | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         tracking_id = await _begin(context)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
+            if gate is not None:
+                await gate.check(method, context.invocation_metadata())
             async for item in behavior(request, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError) as exc:

@@ -4,13 +4,17 @@ AETHEROPS_TEST_DATABASE_URL / AETHEROPS_TEST_NATS_URL name running servers (CI
 sets them); without them the suite starts an embedded PostgreSQL and NATS once
 per session. Each test gets its own schema and its own NATS namespace, so tests
 never see each other's rows, streams or subjects.
+
+Servers require authentication: each test gets a token file with one principal per role
+(TEST_PRINCIPALS). The `channel` fixture is authenticated as "admin"; `channel_for(principal, port)`
+opens channels as anyone else (four-eyes tests need an operator and a different approver).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,65 @@ import asyncpg
 import grpc
 import pytest
 
+from aetherops.auth import write_token_file
 from aetherops.bus import Bus
 from aetherops.config import Settings
 from aetherops.db import Database, apply_migrations
 from aetherops.infra import EmbeddedNats, EmbeddedPostgres
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+TEST_PRINCIPALS: dict[str, list[str]] = {
+    "admin": ["admin"],
+    "operator": ["operator"],
+    "operator2": ["operator"],
+    "approver": ["approver"],
+    "approver2": ["approver"],
+    "viewer": ["viewer"],
+}
+"""Principal -> roles in every test's token file; each principal's name is its tokens[] key."""
+
+
+class _Bearer:
+    """Adds `authorization: Bearer <token>` to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("authorization", f"Bearer {self._token}")
+        return details._replace(metadata=metadata)
+
+
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Iterable[Any]) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Iterable[Any]) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def authed_channel(target: str, token: str) -> grpc.aio.Channel:
+    """A plaintext channel that authenticates every call with `token`.
+
+    One interceptor object per call shape: grpc.aio files each interceptor under the first
+    shape it implements only, so one class implementing all four would miss streaming calls.
+    """
+    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
+    return grpc.aio.insecure_channel(target, interceptors=[kind(token) for kind in kinds])
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +150,15 @@ async def bus(nats_url: str, namespace: str) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-def settings(pg_url: str, nats_url: str, namespace: str, schema: str, tmp_path: Path) -> Settings:
+def tokens(tmp_path: Path) -> dict[str, str]:
+    """Principal -> plaintext token for TEST_PRINCIPALS; the server reads only their hashes."""
+    return write_token_file(tmp_path / "auth_tokens.json", TEST_PRINCIPALS)
+
+
+@pytest.fixture
+def settings(
+    pg_url: str, nats_url: str, namespace: str, schema: str, tmp_path: Path, tokens: dict[str, str]
+) -> Settings:
     return Settings(
         host="127.0.0.1",
         port=0,
@@ -104,6 +169,7 @@ def settings(pg_url: str, nats_url: str, namespace: str, schema: str, tmp_path: 
         data_dir=tmp_path,
         shutdown_grace_s=2.0,
         metrics_port=0,
+        auth_tokens_file=str(tmp_path / "auth_tokens.json"),
     )
 
 
@@ -133,6 +199,22 @@ async def server(app_factory: Callable[..., Any]) -> Any:
 
 
 @pytest.fixture
-async def channel(server: Any) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+async def channel(server: Any, tokens: dict[str, str]) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to `server` authenticated as "admin"."""
+    async with authed_channel(f"127.0.0.1:{server.port}", tokens["admin"]) as chan:
         yield chan
+
+
+@pytest.fixture
+async def channel_for(tokens: dict[str, str]) -> AsyncIterator[Callable[[str, int], grpc.aio.Channel]]:
+    """`channel_for("approver", server.port)`: a channel authenticated as that principal; closed after the test."""
+    opened: list[grpc.aio.Channel] = []
+
+    def make(principal: str, port: int) -> grpc.aio.Channel:
+        chan = authed_channel(f"127.0.0.1:{port}", tokens[principal])
+        opened.append(chan)
+        return chan
+
+    yield make
+    for chan in opened:
+        await chan.close()

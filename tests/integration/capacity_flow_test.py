@@ -78,9 +78,9 @@ async def forecast(stub: capacity_pb2_grpc.CapacityServiceStub, sat: str) -> pb.
     return found
 
 
-async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, bus: Bus) -> None:
+async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, bus: Bus, channel_for: Any) -> None:
     app = await app_factory()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+    async with channel_for("admin", app.port) as channel:
         stub = capacity_pb2_grpc.CapacityServiceStub(channel)
         # 180 bursts ten minutes apart (30 hours), each six readings 10 s apart within one 60 s bucket.
         minute0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10 * 181)
@@ -123,9 +123,9 @@ async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, b
         assert {r["unit"] for r in rows} == {"kg"}
 
 
-async def test_forecast_reflects_a_scheduled_mission_and_survives_restart(app_factory: Any) -> None:
+async def test_forecast_reflects_a_scheduled_mission_and_survives_restart(app_factory: Any, channel_for: Any) -> None:
     app = await app_factory()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+    async with channel_for("admin", app.port) as channel:
         stub = capacity_pb2_grpc.CapacityServiceStub(channel)
         reply = await ingest(stub, fuel_history("SAT-M", kg_per_hour=0.1))  # 2.4 kg/day, ~95 kg left
         assert reply.accepted == 48
@@ -141,7 +141,7 @@ async def test_forecast_reflects_a_scheduled_mission_and_survives_restart(app_fa
 
     await app.stop()
     restarted = await app_factory()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+    async with channel_for("admin", restarted.port) as channel:
         stub = capacity_pb2_grpc.CapacityServiceStub(channel)
         again = await forecast(stub, "SAT-M")
     # Days remaining count from "now", which moved; the exhaustion time and the fit did not.

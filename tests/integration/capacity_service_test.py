@@ -38,8 +38,8 @@ async def app(settings: Settings) -> AsyncIterator[Application]:
 
 
 @pytest.fixture
-async def stub(app: Application) -> AsyncIterator[capacity_pb2_grpc.CapacityServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+async def stub(app: Application, channel_for: Any) -> AsyncIterator[capacity_pb2_grpc.CapacityServiceStub]:
+    async with channel_for("admin", app.port) as channel:
         yield capacity_pb2_grpc.CapacityServiceStub(channel)
 
 

@@ -35,9 +35,13 @@ class Result:
 
 
 @pytest.fixture
-def cli(server: Any) -> Any:
+def cli(server: Any, tokens: dict[str, str]) -> Any:
     async def run(*args: str, address: str | None = None) -> Result:
-        env = {**os.environ, "AETHEROPS_ADDRESS": address or f"127.0.0.1:{server.port}", "AETHEROPS_TOKEN": "t0ken"}
+        env = {
+            **os.environ,
+            "AETHEROPS_ADDRESS": address or f"127.0.0.1:{server.port}",
+            "AETHEROPS_TOKEN": tokens["admin"],
+        }
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

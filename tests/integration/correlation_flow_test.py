@@ -74,11 +74,14 @@ async def _events(bus: Bus, count: int = 0, until: str = "", timeout_s: float = 
 
 
 async def test_power_cascade_over_three_satellites_is_one_incident_across_restart(
-    app_factory: Any, bus: Bus, db: Database
+    app_factory: Any,
+    bus: Bus,
+    db: Database,
+    channel_for: Any,
 ) -> None:
     t0 = datetime.now(UTC) - timedelta(seconds=120)
     app = await app_factory()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+    async with channel_for("admin", app.port) as chan:
         stub = correlation_pb2_grpc.CorrelationServiceStub(chan)
         power = [_alert(f"SAT-{i}", "power", t0 + timedelta(seconds=5 * i), severity=5) for i in (1, 2, 3)]
         cascade = [
@@ -108,7 +111,7 @@ async def test_power_cascade_over_three_satellites_is_one_incident_across_restar
     # Restart: a new process on the same database rebuilds the cluster and the next alert joins it.
     await app.stop()
     app2 = await app_factory()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app2.port}") as chan:
+    async with channel_for("admin", app2.port) as chan:
         stub = correlation_pb2_grpc.CorrelationServiceStub(chan)
         late = await stub.IngestAlert(
             pb.IngestAlertRequest(alert=_alert("SAT-2", "thermal", t0 + timedelta(seconds=150), severity=2))

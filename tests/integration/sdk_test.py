@@ -29,8 +29,8 @@ from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 
 
 @pytest.fixture
-async def client(server: Any) -> AsyncIterator[AetherOpsClient]:
-    async with AetherOpsClient(f"127.0.0.1:{server.port}", token="t0ken", timeout=10.0) as sdk:
+async def client(server: Any, tokens: dict[str, str]) -> AsyncIterator[AetherOpsClient]:
+    async with AetherOpsClient(f"127.0.0.1:{server.port}", token=tokens["admin"], timeout=10.0) as sdk:
         yield sdk
 
 

@@ -18,13 +18,13 @@ import pytest
 CLIENT = Path(__file__).resolve().parents[2] / "clients" / "typescript"
 
 
-async def test_typescript_client_against_running_server(server: Any) -> None:
+async def test_typescript_client_against_running_server(server: Any, tokens: dict[str, str]) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed: the TypeScript client test needs Node.js 20+ on PATH")
     if not (CLIENT / "node_modules" / "@connectrpc" / "connect-node").is_dir():
         pytest.fail(f"npm dependencies are missing: run `npm ci` in {CLIENT}")
-    env = {**os.environ, "AETHEROPS_TEST_PORT": str(server.port)}
+    env = {**os.environ, "AETHEROPS_TEST_PORT": str(server.port), "AETHEROPS_TOKEN": tokens["admin"]}
     proc = await asyncio.create_subprocess_exec(
         node,
         "--test",

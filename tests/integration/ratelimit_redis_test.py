@@ -1,0 +1,185 @@
+"""The Redis-shared token bucket on a real Redis: atomic under concurrency, same arithmetic as the
+pure TokenBucket, and an in-process fallback while Redis is away.
+
+Redis: AETHEROPS_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). Each test uses its own key
+prefix and deletes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from aetherops.clock import ManualClock
+from aetherops.errors import ConfigError
+from aetherops.ratelimit import REDIS_KEY_PREFIX, TokenBucket
+from aetherops.ratelimit_redis import RedisTokenBucket
+
+REDIS_URL = os.environ.get("AETHEROPS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[redis.Redis]:
+    connection = redis.Redis.from_url(REDIS_URL)
+    try:
+        await connection.ping()
+    except redis.ConnectionError:
+        await connection.aclose()
+        pytest.fail(f"no Redis at {REDIS_URL} (set AETHEROPS_TEST_REDIS_URL)")
+    yield connection
+    await connection.aclose()
+
+
+@pytest.fixture
+async def prefix(client: redis.Redis) -> AsyncIterator[str]:
+    name = f"test-{uuid.uuid4().hex[:12]}:"
+    yield name
+    keys = [key async for key in client.scan_iter(match=f"{REDIS_KEY_PREFIX}{name}*")]
+    if keys:
+        await client.delete(*keys)
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released, so connecting is refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_concurrent_callers_on_two_limiters_never_exceed_the_burst(client: redis.Redis, prefix: str) -> None:
+    # A refill of one token per ~3 hours: within the test, the burst is all there is.
+    limiters = [
+        RedisTokenBucket.from_url(REDIS_URL, 25, 1e-4, key_prefix=prefix),
+        RedisTokenBucket.from_url(REDIS_URL, 25, 1e-4, key_prefix=prefix),
+    ]
+    try:
+        decisions = await asyncio.gather(*(limiters[i % 2].try_acquire("alice|correlation") for i in range(200)))
+        assert sum(d.allowed for d in decisions) == 25
+        assert all(d.retry_after_s > 0 for d in decisions if not d.allowed)
+        assert not any(limiter.degraded for limiter in limiters)
+        # Another key has its own bucket.
+        assert (await limiters[1].try_acquire("bob|correlation")).allowed
+        assert await client.exists(f"{REDIS_KEY_PREFIX}{prefix}alice|correlation") == 1
+    finally:
+        for limiter in limiters:
+            await limiter.close()
+
+
+async def test_lua_script_agrees_with_the_pure_bucket(client: redis.Redis, prefix: str) -> None:
+    clock = ManualClock()
+    shared = RedisTokenBucket(client, 5, 2.0, key_prefix=prefix, clock=clock)
+    pure = TokenBucket(5, 2.0, clock)
+    # (seconds to advance, cost): drain, refuse, partial refills, a long idle, a cost above the burst.
+    steps = [(0.0, 1.0), (0, 3), (0, 2), (0.25, 1), (0.5, 1), (0, 0.5), (10, 5), (0, 6), (1.3, 2)]
+    for advance, cost in steps:
+        clock.advance(advance)
+        got = await shared.try_acquire("k|svc", cost)
+        want = pure.try_acquire("k|svc", cost)
+        assert got.allowed == want.allowed, (advance, cost)
+        assert got.remaining == pytest.approx(want.remaining, abs=1e-9)
+        assert got.retry_after_s == pytest.approx(want.retry_after_s, abs=1e-9)
+        assert got.limit == want.limit == 5
+    assert not shared.degraded
+
+
+async def test_adaptive_factor_charges_cost_over_factor(client: redis.Redis, prefix: str) -> None:
+    factor = 1.0
+    limiter = RedisTokenBucket(client, 4, 1e-4, key_prefix=prefix, factor=lambda: factor, clock=ManualClock())
+    assert (await limiter.try_acquire("k|svc")).remaining == pytest.approx(3)
+    factor = 0.5  # tightened: each call costs two tokens, reported against a limit of 2
+    decision = await limiter.try_acquire("k|svc")
+    assert decision.allowed and decision.limit == pytest.approx(2) and decision.remaining == pytest.approx(0.5)
+    assert not (await limiter.try_acquire("k|svc")).allowed
+
+
+async def test_falls_back_in_process_when_redis_is_away(caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock()
+    limiter = RedisTokenBucket.from_url(
+        f"redis://:hunter2@127.0.0.1:{_closed_port()}/0", 2, 1.0, clock=clock, retry_interval_s=0
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="aetherops.ratelimit"):
+            decisions = [await limiter.try_acquire("k|svc") for _ in range(3)]
+        assert limiter.degraded
+        assert [d.allowed for d in decisions] == [True, True, False]  # the in-process bucket decided
+        assert decisions[2].retry_after_s == pytest.approx(1.0)
+        assert limiter.fallback.tokens("k|svc") == pytest.approx(0)
+        unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(unreachable) == 1, "one log line per change of state, not per call"
+        assert "hunter2" not in caplog.text
+    finally:
+        await limiter.close()
+
+
+class _Proxy:
+    """A TCP proxy to Redis that the test can cut and restore, to take Redis away and bring it back."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_degraded_and_back_when_redis_returns(client: redis.Redis, prefix: str) -> None:
+    parsed: Any = client.connection_pool.connection_kwargs
+    proxy = _Proxy(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379))
+    await proxy.start()
+    db = parsed.get("db", 0)
+    limiter = RedisTokenBucket.from_url(
+        f"redis://127.0.0.1:{proxy.port}/{db}", 3, 1e-4, key_prefix=prefix, retry_interval_s=0
+    )
+    try:
+        assert (await limiter.try_acquire("k|svc")).remaining == pytest.approx(2, abs=1e-3)
+        assert not limiter.degraded
+        await proxy.cut()
+        assert (await limiter.try_acquire("k|svc")).allowed  # the in-process bucket, full
+        assert limiter.degraded
+        await proxy.start()  # same port
+        decision = await limiter.try_acquire("k|svc")
+        assert not limiter.degraded
+        assert decision.remaining == pytest.approx(1, abs=1e-3)  # Redis's state survived the outage
+    finally:
+        await limiter.close()
+        await proxy.cut()
+
+
+def test_sizes_are_validated_before_any_io() -> None:
+    with pytest.raises(ConfigError, match="burst_capacity"):
+        RedisTokenBucket.from_url(REDIS_URL, 0, 1.0)
