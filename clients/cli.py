@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import gc
 import ipaddress
 import json
 import os
@@ -170,6 +171,10 @@ async def _serve(settings: Settings) -> int:
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done():
+        # Restored clusters, forecasts and executions live as long as the process: move them out of
+        # the collector's sight, and collect young objects less often (GC was 13-26% of ingest time).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         print(
             f"aetherops: serving {','.join(settings.services)} on {settings.host}:{port} "
             f"(ready in {time.monotonic() - started:.1f}s)",

@@ -155,6 +155,10 @@ class Application:
         self._tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
         self.metrics.add_gauge_source(self._platform_gauges)
         for component in self._components:
+            gauges = getattr(component, "gauges", None)  # optional (servers.component.Observable)
+            if gauges is not None:
+                self.metrics.add_gauge_source(gauges)
+        for component in self._components:
             await component.start(self.infra)
             self._started.add(component.service_name)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -177,11 +181,18 @@ class Application:
             ("aetherops_outbox_published_total", "Events published by this relay", {}, float(relay.published_total)),
         ]
 
+    def _adapt_limits(self) -> None:
+        """Tighten rate limits while an ingest queue is filling up (and relax them after)."""
+        fill = [float(getattr(c, "ingest_utilisation", 0.0)) for c in self._components]
+        if self.gate.observe_ingest_utilisation(max(fill, default=0.0)):
+            log.warning("ingest queues at %.0f%%: rate limits %s", 100 * max(fill), "adjusted")
+
     async def _monitor(self, interval_s: float = 1.0) -> None:
         assert self.infra is not None
         serving = True
         while True:
             await asyncio.sleep(interval_s)  # a periodic probe, not synchronisation
+            self._adapt_limits()
             ok = self.infra.bus.connected and await self.infra.db.ping()
             if ok != serving and not self._stopping:
                 serving = ok

@@ -56,7 +56,7 @@ from gen.aetherops.capacity.v1 import capacity_pb2_grpc
 from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2
 from gen.aetherops.events.v1 import events_pb2
-from servers.component import Infra
+from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, to_ts
 
 __all__ = [
@@ -492,6 +492,27 @@ class CapacityComponent:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         capacity_pb2_grpc.add_CapacityServiceServicer_to_server(self.servicer, server)
+
+    @property
+    def ingest_utilisation(self) -> float:
+        return self.service.queue_utilisation if self.service is not None else 0.0
+
+    def gauges(self) -> list[GaugeSample]:
+        if self.service is None:
+            return []
+        samples: list[GaugeSample] = [
+            (
+                "aetherops_ingest_queue_utilisation",
+                "Ingest queue fill, 0..1",
+                {"service": "capacity"},
+                self.ingest_utilisation,
+            ),
+        ]
+        for level, count in self.service.risk_counts().items():
+            samples.append(
+                ("aetherops_fleet_risk_satellites", "Satellites per risk level", {"level": level.name}, float(count))
+            )
+        return samples
 
     async def start(self, infra: Infra) -> None:
         self.infra = infra

@@ -17,7 +17,7 @@ from aetherops.clock import Clock
 from aetherops.config import Settings
 from aetherops.db import Database
 
-__all__ = ["Component", "Infra"]
+__all__ = ["Component", "GaugeSample", "Infra", "Observable"]
 
 
 @dataclass
@@ -42,3 +42,16 @@ class Component(Protocol):
     async def start(self, infra: Infra) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+GaugeSample = tuple[str, str, dict[str, str], float]
+"""(metric name, help, labels, value), as servers.metrics takes them."""
+
+
+class Observable(Protocol):
+    """Optional for a component: what it reports to /metrics and to the adaptive rate limits."""
+
+    def gauges(self) -> list[GaugeSample]: ...
+
+    @property
+    def ingest_utilisation(self) -> float: ...

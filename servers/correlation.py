@@ -33,7 +33,7 @@ from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
-from servers.component import Infra
+from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, to_duration, to_ts
 
 __all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
@@ -393,6 +393,28 @@ class CorrelationComponent:
         self.service = service
         consumer = DurableConsumer(infra.bus, infra.bus.subjects.alerts_ingest, "correlation-alerts", self._on_alert)
         self._consumer_task = asyncio.create_task(consumer.run(), name="correlation-alerts")
+
+    @property
+    def ingest_utilisation(self) -> float:
+        return self.service.queue_utilisation if self.service is not None else 0.0
+
+    def gauges(self) -> list[GaugeSample]:
+        if self.service is None:
+            return []
+        return [
+            (
+                "aetherops_active_clusters",
+                "Clusters in the engine's window",
+                {},
+                float(self.service.engine.stats.clusters_in_memory),
+            ),
+            (
+                "aetherops_ingest_queue_utilisation",
+                "Ingest queue fill, 0..1",
+                {"service": "correlation"},
+                self.ingest_utilisation,
+            ),
+        ]
 
     async def _on_alert(self, msg: Msg) -> None:
         assert self.service is not None

@@ -530,6 +530,16 @@ class CapacityService:
         self.risk_events += len(rows)
         self._relay.wake()
 
+    def risk_counts(self) -> dict[RiskLevel, int]:
+        """Satellites per risk level, each at its worst stored resource level (metrics)."""
+        worst: dict[str, RiskLevel] = {}
+        for (satellite_id, _resource), row in self._risk.items():
+            worst[satellite_id] = max(worst.get(satellite_id, RiskLevel.NOMINAL), row.risk_level)
+        counts = dict.fromkeys(RiskLevel, 0)
+        for level in worst.values():
+            counts[level] += 1
+        return counts
+
     def stored_risk_level(self, satellite_id: str, resource_type: ResourceType) -> RiskLevel:
         """The risk level last recorded for a series (NOMINAL when none was)."""
         row = self._risk.get((satellite_id, resource_type))
