@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -140,7 +139,9 @@ async def main() -> None:
             "AETHEROPS_LOG_LEVEL": "WARNING",
             "AETHEROPS_DATA_DIR": tmp,
         }
-        server = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve"], env=env, stderr=subprocess.DEVNULL)
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", "serve", env=env, stderr=asyncio.subprocess.DEVNULL
+        )
         metadata = (("authorization", f"Bearer {tokens['bench']}"),)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -193,7 +194,7 @@ async def main() -> None:
                         p95s.append(p95)
         finally:
             server.terminate()
-            server.wait(30)
+            await asyncio.wait_for(server.wait(), 30)
             conn = await asyncpg.connect(DB)
             await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
             await conn.close()
