@@ -211,9 +211,8 @@ async def main() -> None:
     print(f"runs: {runs}, callers: {args.callers}")
     print(f"health Check (empty-RPC baseline): {med(health_rates):,.0f} calls/s")
     print(f"IngestAlert (durable, committed):  {med(ingest_rates):,.0f} alerts/s")
-    print(
-        f"ratio IngestAlert / health:        {med(ratios):.2f}  (target >= 0.6; per run {[round(r, 2) for r in ratios]})"
-    )
+    per_run = [round(r, 2) for r in ratios]
+    print(f"ratio IngestAlert / health:        {med(ratios):.2f}  (target >= 0.6; per run {per_run})")
     print(
         f"IngestAlerts streaming ({streams} streams x {per_stream}): {med(stream_rates):,.0f} durable alerts/s"
         "  (target >= 30,000)"
