@@ -9,6 +9,7 @@ so watchers see events from every replica and never slow ingestion down.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -39,6 +40,9 @@ from servers.convert import from_ts, to_duration, to_ts
 __all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
 
 log = logging.getLogger("aetherops.correlation")
+
+_STREAM_CHUNK = 1000
+_STREAM_CHUNKS_IN_FLIGHT = 4
 
 _EVENT_TYPES = {
     "opened": pb.CLUSTER_EVENT_TYPE_OPENED,
@@ -196,9 +200,18 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         self, request_iterator: AsyncIterator[pb.IngestAlertsRequest], context: Any
     ) -> pb.IngestAlertsResponse:
         rejections: list[common_pb2.Rejection] = []
-        pending: list[asyncio.Future[list[Any]]] = []
+        pending: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
+        outcomes: list[Any] = []
         chunk: list[Alert] = []
         index = 0
+
+        async def submit(alerts: list[Alert]) -> None:
+            # Commits overlap with reading the stream, but at most a few chunks are in flight per
+            # stream: beyond that we stop reading, and HTTP/2 flow control slows the sender down.
+            pending.append(asyncio.ensure_future(self._svc.ingest_many(alerts)))
+            while len(pending) >= _STREAM_CHUNKS_IN_FLIGHT:
+                outcomes.extend(await pending.popleft())
+
         async for request in request_iterator:
             try:
                 alert = alert_from_proto(request.alert)
@@ -215,14 +228,14 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
                 )
             else:
                 chunk.append(alert)
-                if len(chunk) >= 1000:
-                    # Submit while the stream is still arriving, so commits overlap with reading.
-                    pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
+                if len(chunk) >= _STREAM_CHUNK:
+                    await submit(chunk)
                     chunk = []
             index += 1
         if chunk:
             pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
-        outcomes = [o for batch in await asyncio.gather(*pending) for o in batch]
+        while pending:
+            outcomes.extend(await pending.popleft())
         duplicates = sum(1 for o in outcomes if o.duplicate)
         return pb.IngestAlertsResponse(
             accepted=len(outcomes) - duplicates,
