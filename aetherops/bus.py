@@ -331,6 +331,14 @@ class DurableConsumer:
             except (TimeoutError, NatsError, NotFoundError) as exc:
                 log.warning("consumer %s: cannot subscribe yet (%s)", self._durable, exc)
                 await asyncio.sleep(1.0)
+        try:
+            await self._consume(sub)
+        finally:
+            # Unsubscribed here, a cancelled consumer does not hold the connection's drain at shutdown.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
             try:
                 msgs = await sub.fetch(self._batch, timeout=1.0)
