@@ -1,0 +1,353 @@
+"""Runbook flows through real servers, PostgreSQL and NATS: an incident starts a runbook that waits for
+a second person and then calls an agent; a failed step rolls back in reverse order; an execution
+waiting for approval survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from nats.aio.msg import Msg
+
+from aetherops.bus import Bus
+from aetherops.services.runbook import incident_execution_id
+from gen.aetherops.correlation.v1 import correlation_pb2 as cpb
+from gen.aetherops.correlation.v1 import correlation_pb2_grpc
+from gen.aetherops.events.v1 import events_pb2
+from gen.aetherops.runbook.v1 import runbook_pb2 as pb
+from gen.aetherops.runbook.v1 import runbook_pb2_grpc
+
+Reply = Callable[[events_pb2.AgentActionRequest], events_pb2.AgentActionReply]
+
+
+def struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(dict(value))
+    return s
+
+
+def step(
+    step_id: str,
+    action: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    approval: bool = False,
+    timeout_s: float = 5.0,
+    rollback: str = "",
+    rollback_params: Mapping[str, Any] | None = None,
+) -> pb.RunbookStep:
+    return pb.RunbookStep(
+        step_id=step_id,
+        action=action,
+        parameters=struct(params or {}),
+        requires_approval=approval,
+        timeout=duration_pb2.Duration(seconds=int(timeout_s), nanos=int((timeout_s % 1) * 1e9)),
+        rollback_action=rollback,
+        rollback_parameters=struct(rollback_params or {}),
+    )
+
+
+def ts(when: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(when)
+    return out
+
+
+class Stubs:
+    """RunbookService stubs authenticated as the test principals: admin registers runbooks, operator
+    starts and runs executions, approver approves (the server takes identities from the credential)."""
+
+    def __init__(self, channel_for: Callable[[str, int], grpc.aio.Channel], port: int) -> None:
+        self.admin = runbook_pb2_grpc.RunbookServiceStub(channel_for("admin", port))
+        self.operator = runbook_pb2_grpc.RunbookServiceStub(channel_for("operator", port))
+        self.approver = runbook_pb2_grpc.RunbookServiceStub(channel_for("approver", port))
+        self.correlation = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", port))
+
+
+@asynccontextmanager
+async def agent(bus: Bus, name: str, reply: Reply) -> AsyncIterator[list[events_pb2.AgentActionRequest]]:
+    """A ground-station agent answering aetherops.actions.<name>; yields the requests it received."""
+    seen: list[events_pb2.AgentActionRequest] = []
+
+    async def on_request(msg: Msg) -> None:
+        request = json_format.Parse(msg.data, events_pb2.AgentActionRequest())  # the wire is protobuf JSON
+        seen.append(request)
+        await msg.respond(json_format.MessageToJson(reply(request)).encode())
+
+    sub = await bus.nc.subscribe(bus.subjects.action(name), cb=on_request)
+    await bus.nc.flush()
+    try:
+        yield seen
+    finally:
+        await sub.unsubscribe()
+
+
+async def wait_status(
+    stub: runbook_pb2_grpc.RunbookServiceStub,
+    execution_id: str,
+    done: Callable[[pb.Execution], bool],
+    timeout_s: float = 15.0,
+) -> pb.Execution:
+    """Poll (bounded) for a state that another system (the NATS consumer, the driver) brings about."""
+    last: pb.Execution | None = None
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                reply = await stub.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            else:
+                last = reply.execution
+                if done(last):
+                    return last
+            await asyncio.sleep(0.05)
+
+
+def steps_by_id(execution: pb.Execution) -> dict[str, pb.StepState]:
+    return {s.step_id: s for s in execution.steps}
+
+
+async def test_cascading_alert_starts_runbook_that_waits_for_approval_then_calls_an_agent(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    runbook = pb.Runbook(
+        runbook_id="power-bus-recovery",
+        name="Power bus recovery",
+        trigger_conditions=struct({"subsystems": "power", "max_severity": {"$gte": 4}}),
+        auto_start=True,
+        steps=[
+            step("note", "log", {"message": "incident ${cluster_id} on ${root_cause_satellite_id}"}),
+            step("switch", "agent:switch_power_bus", {"satellite": "${root_cause_satellite_id}"}, approval=True),
+            step(
+                "report",
+                "publish",
+                {"subject": "runbook.notes.power", "payload": {"satellite": "${root_cause_satellite_id}"}},
+            ),
+        ],
+    )
+    registered = await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    assert registered.created and registered.runbook.version == 1
+    unrelated = pb.Runbook(
+        runbook_id="comms-only",
+        name="Comms only",
+        trigger_conditions=struct({"subsystems": "comms"}),
+        auto_start=True,
+        steps=[step("s", "log", {"message": "x"})],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=unrelated))
+
+    # A power fault, then the thermal fallout on the same satellite: one incident.
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    alerts = [
+        cpb.Alert(
+            alert_id=uuid.uuid4().hex,
+            satellite_id="SAT-7",
+            subsystem=sub,
+            severity=sev,
+            timestamp=ts(t0 + timedelta(seconds=i * 5)),
+            message=f"{sub} anomaly",
+        )
+        for i, (sub, sev) in enumerate([("power", 5), ("thermal", 3), ("thermal", 4)])
+    ]
+    replies = [await stubs.correlation.IngestAlert(cpb.IngestAlertRequest(alert=a)) for a in alerts]
+    cluster_id = replies[0].cluster_id
+    assert replies[0].cluster_opened and {r.cluster_id for r in replies} == {cluster_id}
+
+    execution_id = incident_execution_id(cluster_id, "power-bus-recovery")
+    waiting = await wait_status(
+        stubs.operator,
+        execution_id,
+        lambda e: steps_by_id(e)["switch"].status == pb.STEP_STATUS_AWAITING_APPROVAL,
+    )
+    assert waiting.triggered_by == f"incident:{cluster_id}"
+    assert steps_by_id(waiting)["note"].status == pb.STEP_STATUS_COMPLETED
+    assert json_format.MessageToDict(waiting.variables)["root_cause_satellite_id"] == "SAT-7"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.operator.GetExecutionStatus(
+            pb.GetExecutionStatusRequest(execution_id=incident_execution_id(cluster_id, "comms-only"))
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, "a runbook whose conditions do not match never starts"
+
+    runbook_events = await bus.js.subscribe(bus.subjects.runbook(">"), ordered_consumer=True)
+    async with agent(
+        bus,
+        "switch_power_bus",
+        lambda req: events_pb2.AgentActionReply(ok=True, output=struct({"bus": "B"})),
+    ) as requests:
+        approved = await stubs.approver.ApproveStep(
+            pb.ApproveStepRequest(execution_id=execution_id, step_id="switch", approver="ignored: from the token")
+        )
+        assert steps_by_id(approved.execution)["switch"].approved_by == "approver"
+        done = await wait_status(stubs.operator, execution_id, lambda e: e.status != pb.RUNBOOK_STATUS_RUNNING)
+    assert done.status == pb.RUNBOOK_STATUS_COMPLETED, done.error
+    assert len(requests) == 1
+    request = requests[0]
+    assert request.execution_id == execution_id and request.step_id == "switch"
+    assert request.action == "agent:switch_power_bus"
+    assert json_format.MessageToDict(request.parameters) == {"satellite": "SAT-7"}
+    assert json_format.MessageToDict(done.variables)["bus"] == "B", "agent output becomes a variable"
+
+    # The audit trail: every transition, with who and when, in order.
+    audit = list(done.audit_log)
+    assert [a.seq for a in audit] == list(range(1, len(audit) + 1)) and done.version == len(audit)
+    assert all(a.actor and a.time.seconds > 0 for a in audit)
+    transitions = [(a.transition, a.step_id) for a in audit]
+    for expected in [
+        ("EXECUTION_STARTED", ""),
+        ("STEP_STARTED", "note"),
+        ("ACTION_LOGGED", "note"),
+        ("STEP_COMPLETED", "note"),
+        ("APPROVAL_REQUESTED", "switch"),
+        ("APPROVAL_GRANTED", "switch"),
+        ("STEP_STARTED", "switch"),
+        ("VARIABLE_SET", "switch"),
+        ("STEP_COMPLETED", "switch"),
+        ("STEP_COMPLETED", "report"),
+        ("EXECUTION_FINISHED", ""),
+    ]:
+        assert expected in transitions, expected
+    assert audit[0].actor == f"incident:{cluster_id}"
+    assert next(a for a in audit if a.transition == "APPROVAL_GRANTED").actor == "approver"
+    assert next(a for a in audit if a.transition == "ACTION_LOGGED").detail == f"incident {cluster_id} on SAT-7"
+
+    # Every transition reached NATS through the outbox, and so did the publish step's message.
+    seen: list[events_pb2.Event] = []
+    async with asyncio.timeout(10):
+        while not any(
+            e.aggregate_id == execution_id and e.execution_transition.transition == "EXECUTION_FINISHED" for e in seen
+        ):
+            msg = await runbook_events.next_msg(timeout=10)
+            event = events_pb2.Event()
+            event.ParseFromString(msg.data)
+            assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == event.event_id
+            seen.append(event)
+    await runbook_events.unsubscribe()
+    mine = [e for e in seen if e.aggregate_id == execution_id]
+    assert [e.execution_transition.transition for e in mine if e.type != "runbook.notes.power"] == [
+        a.transition for a in audit
+    ]
+    published = [e for e in mine if e.type == "runbook.notes.power"]
+    assert len(published) == 1
+    assert json_format.MessageToDict(published[0].execution_transition.data) == {"satellite": "SAT-7"}
+
+
+async def test_failed_step_rolls_back_every_step_in_reverse_order(app_factory: Any, bus: Bus, channel_for: Any) -> None:
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    undone: list[str] = []
+
+    def record(request: events_pb2.AgentActionRequest) -> events_pb2.AgentActionReply:
+        undone.append(json_format.MessageToDict(request.parameters)["undo"])
+        return events_pb2.AgentActionReply(ok=True)
+
+    async with agent(bus, "recorder", record) as rollback_requests:
+        # The recorder agent declares itself at runtime.
+        await bus.nc.publish(
+            bus.subjects.action("_announce"),
+            json.dumps({"name": "recorder", "description": "records what it undoes", "idempotent": True}).encode(),
+        )
+        async with asyncio.timeout(5):
+            while True:
+                actions = (await stubs.operator.ListActions(pb.ListActionsRequest(page_size=100))).actions
+                if any(a.name == "agent:recorder" for a in actions):
+                    break
+                await asyncio.sleep(0.05)
+        recorder = next(a for a in actions if a.name == "agent:recorder")
+        assert recorder.kind == pb.ACTION_KIND_AGENT and recorder.idempotent
+
+        runbook = pb.Runbook(
+            runbook_id="safe-mode",
+            name="Safe mode",
+            auto_rollback=True,
+            steps=[
+                step(
+                    f"s{i}",
+                    "set_variable",
+                    {"name": f"v{i}", "value": i},
+                    rollback="agent:recorder",
+                    rollback_params={"undo": f"s{i}"},
+                )
+                for i in (1, 2, 3)
+            ]
+            + [step("payload", "agent:safe_payload", {"mode": "safe"})],
+        )
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+        started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="safe-mode"))
+        execution_id = started.execution.execution_id
+        assert started.execution.triggered_by == "operator"
+        async with agent(bus, "safe_payload", lambda req: events_pb2.AgentActionReply(ok=False, error="payload busy")):
+            for expected in ["s1", "s2", "s3"]:
+                reply = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+                assert reply.step_status == pb.STEP_STATUS_COMPLETED, expected
+            failed = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert failed.step_status == pb.STEP_STATUS_FAILED
+    execution = failed.execution
+    assert undone == ["s3", "s2", "s1"], "rollback actions run in reverse step order"
+    assert [r.step_id for r in rollback_requests] == ["s3", "s2", "s1"]
+    assert execution.status == pb.RUNBOOK_STATUS_ROLLED_BACK
+    states = steps_by_id(execution)
+    assert all(states[s].status == pb.STEP_STATUS_ROLLED_BACK for s in ("s1", "s2", "s3"))
+    assert states["payload"].status == pb.STEP_STATUS_FAILED and "payload busy" in states["payload"].error
+    assert [a.step_id for a in execution.audit_log if a.transition == "STEP_ROLLED_BACK"] == ["s3", "s2", "s1"]
+
+    # Rolling back again is refused: there is nothing left to undo.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.operator.RollbackExecution(pb.RollbackExecutionRequest(execution_id=execution_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_execution_awaiting_approval_survives_a_restart(app_factory: Any, channel_for: Any) -> None:
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    runbook = pb.Runbook(
+        runbook_id="heater",
+        name="Heater duty",
+        steps=[
+            step("announce", "log", {"message": "reducing heater duty on ${satellite}"}),
+            step("reduce", "set_variable", {"name": "duty", "value": "40%"}, approval=True),
+            step("confirm", "log", {"message": "duty now ${duty}"}),
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="heater", variables=struct({"satellite": "SAT-3", "duty": "100%"}))
+    )
+    execution_id = started.execution.execution_id
+    first = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert first.step_status == pb.STEP_STATUS_COMPLETED
+    gate = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert gate.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    await app.stop()
+
+    app2 = await app_factory()
+    stubs = Stubs(channel_for, app2.port)
+    status = (
+        await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
+    ).execution
+    assert status.status == pb.RUNBOOK_STATUS_RUNNING
+    assert steps_by_id(status)["reduce"].status == pb.STEP_STATUS_AWAITING_APPROVAL
+    # Still awaiting: nothing runs without the approval, after the restart too.
+    still = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert still.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    approved = await stubs.approver.ApproveStep(pb.ApproveStepRequest(execution_id=execution_id, step_id="reduce"))
+    assert steps_by_id(approved.execution)["reduce"].approved_by == "approver"
+    reduce = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert reduce.step_status == pb.STEP_STATUS_COMPLETED
+    confirm = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert confirm.execution.status == pb.RUNBOOK_STATUS_COMPLETED
+    logged = [a.detail for a in confirm.execution.audit_log if a.transition == "ACTION_LOGGED"]
+    assert logged == ["reducing heater duty on SAT-3", "duty now 40%"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,446 @@
+"""RunbookService through a real server: bad input, versioning, dry runs, idempotency, as-of reads,
+concurrency across two servers, exactly-once incident starts, old event schemas, approval expiry and
+the agent circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from runbook_flow_test import Stubs, step, steps_by_id, struct, ts, wait_status
+
+from aetherops.bus import Bus
+from aetherops.db import Database
+from aetherops.services.runbook import incident_execution_id
+from gen.aetherops.events.v1 import events_pb2
+from gen.aetherops.runbook.v1 import runbook_pb2 as pb
+
+
+def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    out: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.update({v.field: v.description for v in bad.field_violations})
+    return out
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    code: grpc.StatusCode = err.value.code()
+    return code
+
+
+def simple(runbook_id: str = "rb", *, approval: bool = False, wait_s: float = 0.0) -> pb.Runbook:
+    return pb.Runbook(
+        runbook_id=runbook_id,
+        name="Simple",
+        steps=[
+            step("one", "wait" if wait_s else "log", {"seconds": wait_s} if wait_s else {"message": "one ${sat}"}),
+            step("two", "log", {"message": "two"}, approval=approval),
+            step("three", "set_variable", {"name": "done", "value": True}),
+        ],
+    )
+
+
+async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db: Database) -> None:
+    stubs = Stubs(channel_for, server.port)
+    broken = pb.Runbook(
+        runbook_id="broken",
+        name="",
+        steps=[
+            step("a", "log", {"message": "x"}),
+            step("a", "no_such_action"),
+            pb.RunbookStep(step_id="c", action="log", timeout=duration_pb2.Duration(seconds=-1)),
+            step("d", "agent:undeclared_agent"),
+        ],
+        trigger_conditions=struct({"severity": {"$near": 3}}),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=broken))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(err.value)
+    assert set(found) >= {
+        "runbook.name",
+        "runbook.steps[1].step_id",
+        "runbook.steps[1].action",
+        "runbook.steps[2].timeout",
+        "runbook.steps[3].action",
+    }, found
+    assert any(f.startswith("runbook.trigger_conditions") for f in found), found
+    assert "duplicate" in found["runbook.steps[1].step_id"]
+    assert await db.fetchval("SELECT count(*) FROM runbooks") == 0
+    empty = pb.Runbook(runbook_id="empty", name="Empty")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=empty))
+    assert "runbook.steps" in violations(err.value)
+
+    op = stubs.operator
+    assert await code_of(op.GetRunbook(pb.GetRunbookRequest(runbook_id="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(op.StartExecution(pb.StartExecutionRequest(runbook_id="nope"))) == grpc.StatusCode.NOT_FOUND
+    for call in (
+        op.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id="nope")),
+        op.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id="nope")),
+        op.RollbackExecution(pb.RollbackExecutionRequest(execution_id="nope")),
+        stubs.approver.ApproveStep(pb.ApproveStepRequest(execution_id="nope", step_id="x")),
+    ):
+        assert await code_of(call) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(op.GetExecutionStatus(pb.GetExecutionStatusRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "variables.sat" in violations(err.value)
+
+    started = await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S1"})))
+    eid = started.execution.execution_id
+    approve = pb.ApproveStepRequest(execution_id=eid, step_id="two")
+    assert await code_of(stubs.approver.ApproveStep(approve)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert await code_of(stubs.approver.ApproveStep(pb.ApproveStepRequest(execution_id=eid, step_id="zz"))) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    await op.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    gate = await op.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    assert gate.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    # Four eyes: an admin holds the approver role, but did not start this one; the operator did. An admin
+    # who starts an execution cannot approve it.
+    own = await stubs.admin.StartExecution(pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S"})))
+    own_id = own.execution.execution_id
+    await stubs.admin.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=own_id))
+    await stubs.admin.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=own_id))
+    own_approve = pb.ApproveStepRequest(execution_id=own_id, step_id="two")
+    assert await code_of(stubs.admin.ApproveStep(own_approve)) == grpc.StatusCode.PERMISSION_DENIED
+    await stubs.approver.ApproveStep(approve)
+    assert await code_of(stubs.approver.ApproveStep(approve)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_versioning_and_pagination(server: Any, channel_for: Any) -> None:
+    stubs = Stubs(channel_for, server.port)
+    first = await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))
+    assert first.created and first.runbook.version == 1
+    again = await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))
+    assert not again.created and again.runbook.version == 1, "identical re-registration is a no-op"
+    changed = simple()
+    changed.description = "now with a description"
+    second = await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=changed))
+    assert second.created and second.runbook.version == 2
+    latest = await stubs.operator.GetRunbook(pb.GetRunbookRequest(runbook_id="rb"))
+    assert latest.runbook.version == 2 and latest.runbook.description == "now with a description"
+    old = await stubs.operator.GetRunbook(pb.GetRunbookRequest(runbook_id="rb", version=1))
+    assert old.runbook.version == 1 and old.runbook.description == ""
+    assert await code_of(stubs.operator.GetRunbook(pb.GetRunbookRequest(runbook_id="rb", version=9))) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    # Executions pin the version they started with.
+    started = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": 1}))
+    )
+    assert started.execution.runbook_version == 2
+
+    for i in range(5):
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(f"extra-{i}")))
+    ids: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await stubs.operator.ListRunbooks(pb.ListRunbooksRequest(page_size=2, page_token=token))
+        ids.extend(r.runbook_id for r in page.runbooks)
+        pages += 1
+        assert all(r.version == (2 if r.runbook_id == "rb" else 1) for r in page.runbooks)
+        token = page.next_page_token
+        if not token:
+            break
+    assert ids == sorted([f"extra-{i}" for i in range(5)] + ["rb"]) and pages == 3
+
+    names: list[str] = []
+    token = ""
+    while True:
+        actions = await stubs.operator.ListActions(pb.ListActionsRequest(page_size=3, page_token=token))
+        names.extend(a.name for a in actions.actions)
+        token = actions.next_page_token
+        if not token:
+            break
+    assert set(names) == {
+        "log",
+        "wait",
+        "set_variable",
+        "publish",
+        "agent:switch_power_bus",
+        "agent:safe_payload",
+        "agent:reduce_heater_duty",
+    }
+    assert len(names) == len(set(names))
+    bad_token = pb.ListActionsRequest(page_token="not-a-token")
+    assert await code_of(stubs.operator.ListActions(bad_token)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_dry_run_plans_without_storing(server: Any, channel_for: Any, db: Database) -> None:
+    stubs = Stubs(channel_for, server.port)
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True)))
+    reply = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "SAT-9"}), dry_run=True)
+    )
+    assert not reply.HasField("execution")
+    assert [p.step_id for p in reply.plan] == ["one", "two", "three"]
+    assert json_format.MessageToDict(reply.plan[0].rendered_parameters) == {"message": "one SAT-9"}
+    assert [p.requires_approval for p in reply.plan] == [False, True, False]
+    assert await db.fetchval("SELECT count(*) FROM executions") == 0
+    assert await db.fetchval("SELECT count(*) FROM execution_events") == 0
+
+
+async def test_start_is_idempotent_on_request_id_and_status_reads_as_of(
+    server: Any, channel_for: Any, db: Database
+) -> None:
+    stubs = Stubs(channel_for, server.port)
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))
+    request = pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S"}), request_id="req-1")
+    first, second = await asyncio.gather(stubs.operator.StartExecution(request), stubs.operator.StartExecution(request))
+    assert first.execution.execution_id == second.execution.execution_id
+    again = await stubs.operator.StartExecution(request)
+    assert again.execution.execution_id == first.execution.execution_id
+    assert await db.fetchval("SELECT count(*) FROM executions") == 1
+    eid = first.execution.execution_id
+
+    step_request = pb.ExecuteNextStepRequest(execution_id=eid, request_id="step-1")
+    one = await stubs.operator.ExecuteNextStep(step_request)
+    retried = await stubs.operator.ExecuteNextStep(step_request)
+    assert one.step_status == retried.step_status == pb.STEP_STATUS_COMPLETED
+    assert steps_by_id(retried.execution)["two"].status == pb.STEP_STATUS_PENDING, "a retry does not run a step"
+    after_one = one.execution.audit_log[-1].time.ToDatetime(tzinfo=UTC)
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    now = await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=eid))
+    assert steps_by_id(now.execution)["two"].status == pb.STEP_STATUS_COMPLETED
+
+    then = await stubs.operator.GetExecutionStatus(
+        pb.GetExecutionStatusRequest(execution_id=eid, as_of_time=ts(after_one))
+    )
+    states = steps_by_id(then.execution)
+    assert states["one"].status == pb.STEP_STATUS_COMPLETED and states["two"].status == pb.STEP_STATUS_PENDING
+    assert then.execution.version == one.execution.version
+    before = ts(first.execution.start_time.ToDatetime(tzinfo=UTC) - timedelta(seconds=1))
+    early = pb.GetExecutionStatusRequest(execution_id=eid, as_of_time=before)
+    assert await code_of(stubs.operator.GetExecutionStatus(early)) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_two_servers_cannot_both_advance_one_execution(app_factory: Any, channel_for: Any) -> None:
+    a, b = await app_factory(), await app_factory()
+    on_a, on_b = Stubs(channel_for, a.port), Stubs(channel_for, b.port)
+    await on_a.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(wait_s=0.5)))
+    started = await on_a.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": 1}))
+    )
+    eid = started.execution.execution_id
+    request = pb.ExecuteNextStepRequest(execution_id=eid)
+    results = await asyncio.gather(
+        on_a.operator.ExecuteNextStep(request), on_b.operator.ExecuteNextStep(request), return_exceptions=True
+    )
+    ok = [r for r in results if isinstance(r, pb.ExecuteNextStepResponse)]
+    failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(ok) == 1 and len(failed) == 1, results
+    assert failed[0].code() == grpc.StatusCode.ABORTED
+    status = (await on_b.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=eid))).execution
+    states = steps_by_id(status)
+    assert states["one"].status == pb.STEP_STATUS_COMPLETED and states["one"].attempts == 1
+    assert states["two"].status == pb.STEP_STATUS_PENDING
+    assert [e.transition for e in status.audit_log].count("STEP_STARTED") == 1
+
+    # Afterwards either server carries on from the committed state.
+    loser = on_b if failed[0] is results[1] else on_a
+    winner = on_a if loser is on_b else on_b
+    two = await loser.operator.ExecuteNextStep(request)
+    assert two.step_status == pb.STEP_STATUS_COMPLETED and steps_by_id(two.execution)["two"].attempts == 1
+    three = await winner.operator.ExecuteNextStep(request)
+    assert three.execution.status == pb.RUNBOOK_STATUS_COMPLETED
+    assert [e.seq for e in three.execution.audit_log] == list(range(1, three.execution.version + 1))
+
+
+async def handled_at_least(component: Any, count: int) -> None:
+    """Poll (bounded) the server's incident consumer: it lives in another task and acks asynchronously."""
+    async with asyncio.timeout(10):
+        while True:
+            if component.consumer is not None and component.consumer.handled >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+def incident_event(cluster_id: str, event_id: str) -> bytes:
+    event = events_pb2.Event(event_id=event_id, type="incidents.opened", source_service="correlation")
+    event.aggregate_id = cluster_id
+    event.incident_opened.incident.CopyFrom(
+        events_pb2.Incident(
+            cluster_id=cluster_id,
+            satellite_ids=["SAT-1"],
+            subsystems=["power", "thermal"],
+            max_severity=5,
+            root_cause_alert_id="a1",
+            root_cause_subsystem="power",
+            root_cause_satellite_id="SAT-1",
+            alert_count=2,
+        )
+    )
+    return bytes(event.SerializeToString())
+
+
+async def test_incident_delivered_twice_starts_once(server: Any, channel_for: Any, bus: Bus, db: Database) -> None:
+    stubs = Stubs(channel_for, server.port)
+    runbook = pb.Runbook(
+        runbook_id="auto",
+        name="Auto",
+        auto_start=True,
+        trigger_conditions=struct({"$or": [{"root_cause_subsystem": "power"}, {"max_severity": {"$gte": 5}}]}),
+        steps=[step("log", "log", {"message": "on ${root_cause_satellite_id}"})],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    component = next(c for c in server.components if c.name == "runbook")
+    # Two deliveries with different message ids, as a re-publication after a crash would be.
+    for n in range(2):
+        await bus.js.publish(
+            bus.subjects.incidents("opened"), incident_event("cluster-x", f"e{n}"), headers={"Nats-Msg-Id": f"e{n}"}
+        )
+    await handled_at_least(component, 2)
+    eid = incident_execution_id("cluster-x", "auto")
+    done = await wait_status(stubs.operator, eid, lambda e: e.status == pb.RUNBOOK_STATUS_COMPLETED)
+    assert done.triggered_by == "incident:cluster-x"
+    assert json_format.MessageToDict(done.variables)["subsystems"] == ["power", "thermal"]
+    assert await db.fetchval("SELECT count(*) FROM executions") == 1
+    assert await db.fetchval("SELECT incident_id FROM executions") == "cluster-x"
+    # A delivery after the execution finished (and left memory) starts nothing either.
+    await bus.js.publish(
+        bus.subjects.incidents("opened"), incident_event("cluster-x", "e3"), headers={"Nats-Msg-Id": "e3"}
+    )
+    await handled_at_least(component, 3)
+    assert await db.fetchval("SELECT count(*) FROM executions") == 1
+    assert await db.fetchval("SELECT count(*) FROM execution_events WHERE execution_id = $1", eid) == done.version
+
+
+async def test_events_of_an_older_schema_are_upcast(server: Any, channel_for: Any, db: Database) -> None:
+    stubs = Stubs(channel_for, server.port)
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    # As the first writer stored them: schema_version 1, lower-case kinds, "step" instead of "step_id".
+    v1 = [
+        (
+            1,
+            "execution_started",
+            "bob",
+            {"runbook_id": "rb", "runbook_version": 1, "triggered_by": "bob", "variables": {"sat": "S"}},
+        ),
+        (2, "step_started", "bob", {"step": "one", "action": "log", "attempt": 1}),
+        (3, "step_completed", "bob", {"step": "one", "output": {}}),
+    ]
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO executions (execution_id, runbook_id, runbook_version, triggered_by, status, version,
+                   started_time, updated_time) VALUES ('old', 'rb', 1, 'bob', 'RUNNING', 3, $1, $1)""",
+            t0,
+        )
+        for seq, kind, by, data in v1:
+            await conn.execute(
+                """INSERT INTO execution_events (execution_id, seq, type, occurred_time, actor, data, schema_version)
+                   VALUES ('old', $1, $2, $3, $4, $5, 1)""",
+                seq,
+                kind,
+                t0 + timedelta(seconds=seq),
+                by,
+                data,
+            )
+    status = (await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id="old"))).execution
+    assert steps_by_id(status)["one"].status == pb.STEP_STATUS_COMPLETED
+    assert [a.transition for a in status.audit_log] == ["EXECUTION_STARTED", "STEP_STARTED", "STEP_COMPLETED"]
+    # And the execution carries on, new events written in the current schema.
+    nxt = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id="old"))
+    assert nxt.step_status == pb.STEP_STATUS_COMPLETED
+    assert await db.fetchval("SELECT min(schema_version) FROM execution_events WHERE seq > 3") == 2
+
+
+async def test_approval_expires(server: Any, channel_for: Any) -> None:
+    stubs = Stubs(channel_for, server.port)
+    runbook = pb.Runbook(
+        runbook_id="expiring",
+        name="Expiring",
+        steps=[
+            pb.RunbookStep(
+                step_id="gate",
+                action="log",
+                parameters=struct({"message": "x"}),
+                requires_approval=True,
+                approval_timeout=duration_pb2.Duration(nanos=300_000_000),
+            )
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="expiring"))
+    eid = started.execution.execution_id
+    gate = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    assert gate.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    assert steps_by_id(gate.execution)["gate"].HasField("approval_expire_time")
+    # Nobody approves: the ticker fails it.
+    failed = await wait_status(stubs.operator, eid, lambda e: e.status != pb.RUNBOOK_STATUS_RUNNING, timeout_s=5)
+    assert failed.status == pb.RUNBOOK_STATUS_FAILED and "expired" in failed.error
+    assert "APPROVAL_EXPIRED" in [a.transition for a in failed.audit_log]
+    late = pb.ApproveStepRequest(execution_id=eid, step_id="gate")
+    assert await code_of(stubs.approver.ApproveStep(late)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_watch_streams_every_transition_until_finished(server: Any, channel_for: Any) -> None:
+    stubs = Stubs(channel_for, server.port)
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))
+    started = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": 1}))
+    )
+    eid = started.execution.execution_id
+    seen: list[tuple[str, int]] = []
+    first = asyncio.Event()
+
+    async def watch() -> None:
+        async for update in stubs.operator.WatchExecution(pb.WatchExecutionRequest(execution_id=eid)):
+            seen.append((update.transition, update.execution.version))
+            first.set()
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.wait_for(first.wait(), 5)
+    for _ in range(3):
+        await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    await asyncio.wait_for(watcher, 10)
+    assert seen[0] == ("EXECUTION_STARTED", 1)
+    assert [v for _, v in seen] == list(range(1, len(seen) + 1)), "one update per transition, in order"
+    assert seen[-1][0] == "EXECUTION_FINISHED"
+
+
+async def test_agent_breaker_opens_and_fails_fast(server: Any, channel_for: Any) -> None:
+    stubs = Stubs(channel_for, server.port)
+    runbook = pb.Runbook(runbook_id="agent", name="Agent", steps=[step("call", "agent:safe_payload", timeout_s=2)])
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    errors = []
+    for _ in range(6):  # nobody listens: five failures open the breaker
+        started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="agent"))
+        reply = await stubs.operator.ExecuteNextStep(
+            pb.ExecuteNextStepRequest(execution_id=started.execution.execution_id)
+        )
+        assert reply.step_status == pb.STEP_STATUS_FAILED
+        errors.append(steps_by_id(reply.execution)["call"].error)
+    assert all("no agent is listening" in e for e in errors[:5]), errors
+    assert "circuit breaker" in errors[5] and "is open" in errors[5], errors[5]
+
+
+async def test_announcement_with_a_bad_body_is_ignored(server: Any, channel_for: Any, bus: Bus) -> None:
+    stubs = Stubs(channel_for, server.port)
+    await bus.nc.publish(bus.subjects.action("_announce"), b"not json")
+    await bus.nc.publish(bus.subjects.action("_announce"), json.dumps({"name": "late_agent"}).encode())
+    async with asyncio.timeout(5):
+        while True:
+            names = [a.name for a in (await stubs.operator.ListActions(pb.ListActionsRequest())).actions]
+            if "agent:late_agent" in names:
+                break
+            await asyncio.sleep(0.05)
