@@ -167,7 +167,8 @@ class Bus:
     async def close(self, drain_timeout_s: float = 2.0) -> None:
         """Drains (bounded: a stuck subscription must not hold shutdown for nats-py's 30 s) and closes."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
+            async with asyncio.timeout(drain_timeout_s):
+                await self.nc.drain()
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -250,8 +251,11 @@ class OutboxRelay:
         self.oldest_age_s = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
 
     async def _wait(self, timeout_s: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # arrives as the awaited event fires, and the relay would then never stop at shutdown.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._wakeup.wait()
         self._wakeup.clear()
 
     async def drain_once(self) -> int:
@@ -270,7 +274,9 @@ class OutboxRelay:
                 )
                 for row in rows
             ]
-            await asyncio.wait_for(asyncio.gather(*[await a for a in acks]), 10.0)
+            futures = [await a for a in acks]
+            async with asyncio.timeout(10.0):
+                await asyncio.gather(*futures)
             await outbox.mark_published(conn, [row.id for row in rows])
         self.published_total += len(rows)
         return len(rows)

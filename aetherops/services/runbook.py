@@ -773,8 +773,10 @@ class RunbookService:
                     return
                 # Woken by a local commit or, for other replicas' commits, by their NATS events;
                 # the timeout only bounds the damage of a missed wake-up.
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (client gone).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await wake.wait()
         finally:
             waiting = self._watchers.get(execution_id)
             if waiting is not None:
