@@ -60,6 +60,8 @@ class Settings:
     """Same satellite and subsystem within this span: a duplicate."""
     max_future_skew_s: float = 300.0
     """Alerts and snapshots timestamped further than this in the future are rejected."""
+    agent_actions: tuple[str, ...] = ("switch_power_bus", "safe_payload", "reduce_heater_duty")
+    """Agent actions (`agent:<name>`) runbooks may use; agents answer on aetherops.actions.<name>."""
     dependency_graph_file: str = ""
     """JSON or YAML file replacing the default subsystem dependency graph."""
     auth_tokens_file: str = ""
@@ -122,6 +124,8 @@ class Settings:
         _check(self.max_message_bytes >= 64 * 1024, "max_message_bytes", "must be at least 65536")
         _check(self.correlation_window_s > 0, "correlation_window_s", "must be positive")
         _check(self.dedupe_window_s >= 0, "dedupe_window_s", "must not be negative")
+        for agent in self.agent_actions:
+            _check(re.fullmatch(r"[a-z][a-z0-9_]*", agent) is not None, "agent_actions", f"bad agent name {agent!r}")
         _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must not be negative")
         _check(
             self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
@@ -197,7 +201,7 @@ def _parse(name: str, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
-    if name == "services":
+    if name in ("services", "agent_actions"):
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     if name == "data_dir":
         return Path(raw).expanduser()

@@ -7,7 +7,7 @@
   multi_satellite. Runbook authors write trigger_conditions against these names; the same dict becomes
   the execution's variables (`${root_cause_satellite_id}` in step parameters).
 * Agents: `agent:<name>` actions are declared from the constructor's `agent_actions` (default
-  DEFAULT_AGENT_ACTIONS; to become the AETHEROPS_AGENT_ACTIONS setting), and at runtime when an agent
+  the AETHEROPS_AGENT_ACTIONS setting), and at runtime when an agent
   announces itself with JSON {"name": ..., "description": ..., "idempotent": ...} on
   aetherops.actions._announce (core NATS, under the namespace prefix).
 * WatchExecution: the service wakes watchers after its own commits; commits of other replicas wake
@@ -60,11 +60,10 @@ from gen.aetherops.runbook.v1 import runbook_pb2_grpc
 from servers.component import Infra
 from servers.convert import from_struct, from_ts, to_duration, to_struct, to_ts
 
-__all__ = ["DEFAULT_AGENT_ACTIONS", "RunbookComponent", "encode_message", "incident_from_event"]
+__all__ = ["RunbookComponent", "encode_message", "incident_from_event"]
 
 log = logging.getLogger("aetherops.runbook")
 
-DEFAULT_AGENT_ACTIONS: tuple[str, ...] = ("switch_power_bus", "safe_payload", "reduce_heater_duty")
 
 _STEP_STATUS = {s: getattr(pb, f"STEP_STATUS_{s.value}") for s in StepStatus}
 _RUNBOOK_STATUS = {s: getattr(pb, f"RUNBOOK_STATUS_{s.value}") for s in RunbookStatus}
@@ -373,7 +372,7 @@ class RunbookComponent:
 
     def __init__(self, settings: Settings, agent_actions: Sequence[str] | None = None) -> None:
         self._settings = settings
-        self._agent_actions = tuple(DEFAULT_AGENT_ACTIONS if agent_actions is None else agent_actions)
+        self._agent_actions = tuple(settings.agent_actions if agent_actions is None else agent_actions)
         self.servicer = RunbookServicer(self)
         self.service: RunbookService | None = None
         self.infra: Infra | None = None
