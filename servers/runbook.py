@@ -57,7 +57,7 @@ from aetherops.tracking import current_principal_name
 from gen.aetherops.events.v1 import events_pb2
 from gen.aetherops.runbook.v1 import runbook_pb2 as pb
 from gen.aetherops.runbook.v1 import runbook_pb2_grpc
-from servers.component import Infra
+from servers.component import GaugeSample, Infra
 from servers.convert import from_struct, from_ts, to_duration, to_struct, to_ts
 
 __all__ = ["RunbookComponent", "encode_message", "incident_from_event"]
@@ -382,6 +382,12 @@ class RunbookComponent:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         runbook_pb2_grpc.add_RunbookServiceServicer_to_server(self.servicer, server)
+
+    def gauges(self) -> list[GaugeSample]:
+        if self.service is None:
+            return []
+        running = len(self.service.engine.list_executions(RunbookStatus.RUNNING))
+        return [("aetherops_running_executions", "Executions in memory still running", {}, float(running))]
 
     async def start(self, infra: Infra) -> None:
         self.infra = infra

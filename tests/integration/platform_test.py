@@ -285,4 +285,11 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
     text = await asyncio.to_thread(scrape)
     method = "/aetherops.correlation.v1.CorrelationService/GetCluster"
     assert f'aetherops_rpc_total{{code="INVALID_ARGUMENT",method="{method}"}} 3.0' in text
-    assert "aetherops_outbox_backlog" in text
+    for gauge in (
+        "aetherops_outbox_backlog",
+        "aetherops_active_clusters",
+        "aetherops_running_executions",
+        "aetherops_ingest_queue_utilisation",
+        "aetherops_fleet_risk_satellites",
+    ):
+        assert gauge in text, gauge
