@@ -114,9 +114,11 @@ def _finish(
     method: str, context: grpc.aio.ServicerContext, tracking_id: str, started: float, code: str, metrics: Metrics | None
 ) -> None:
     """One structured log line and the metrics for a finished RPC."""
+    service, _, rpc = method.lstrip("/").partition("/")
     if metrics is not None:
         metrics.observe(method, code, started)
-    service, _, rpc = method.lstrip("/").partition("/")
+        if code == "RESOURCE_EXHAUSTED":  # rate limits and full ingest queues
+            metrics.rate_limited.labels(service).inc()
     log.info(
         "rpc %s %s",
         method,
