@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -57,7 +57,7 @@ from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2
 from gen.aetherops.events.v1 import events_pb2
 from servers.component import GaugeSample, Infra
-from servers.convert import from_ts, to_ts
+from servers.convert import from_ts, rejection, to_ts
 
 __all__ = [
     "CapacityComponent",
@@ -318,15 +318,6 @@ def decode_telemetry(subject_tail: str, data: bytes) -> tuple[str, ResourceType,
     return satellite_id, resource, when, value, unit
 
 
-def _rejection(index: int, exc: ValidationError | Sequence[FieldViolation]) -> common_pb2.Rejection:
-    violations = exc.violations if isinstance(exc, ValidationError) else list(exc)
-    return common_pb2.Rejection(
-        index=index,
-        reason="; ".join(f"{v.field}: {v.description}" for v in violations),
-        problems=[common_pb2.FieldProblem(field=v.field, description=v.description) for v in violations],
-    )
-
-
 # ---- servicer -----------------------------------------------------------------------------------
 
 
@@ -360,7 +351,7 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
                     raise ValidationError.single("snapshot", "required")
                 snapshot = snapshot_from_proto(request.snapshot, self._svc)
             except ValidationError as exc:
-                rejections.append(_rejection(index, exc))
+                rejections.append(rejection(index, exc))
             else:
                 chunk.append(snapshot)
                 indexes.append(index)
@@ -376,7 +367,7 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
         for (idx, _), outcomes in zip(pending, results, strict=True):
             for i, outcome in zip(idx, outcomes, strict=True):
                 if outcome.violations:
-                    rejections.append(_rejection(i, outcome.violations))
+                    rejections.append(rejection(i, outcome.violations))
                 elif outcome.duplicate:
                     duplicates += 1
                 else:

@@ -1,14 +1,18 @@
-"""Conversions shared by every servicer: timestamps, durations, structs, field checks."""
+"""Conversions shared by every servicer: timestamps, durations, structs, bulk-ingest rejections."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-__all__ = ["from_struct", "from_ts", "to_duration", "to_struct", "to_ts"]
+from aetherops.errors import FieldViolation, ValidationError
+from gen.aetherops.common.v1 import common_pb2
+
+__all__ = ["from_struct", "from_ts", "rejection", "to_duration", "to_struct", "to_ts"]
 
 
 def to_ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -44,3 +48,13 @@ def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
 def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
     out: dict[str, Any] = json_format.MessageToDict(value)
     return out
+
+
+def rejection(index: int, problem: ValidationError | Sequence[FieldViolation]) -> common_pb2.Rejection:
+    """One rejected item of a client-streaming ingest, with its index and field problems."""
+    violations = problem.violations if isinstance(problem, ValidationError) else list(problem)
+    return common_pb2.Rejection(
+        index=index,
+        reason="; ".join(f"{v.field}: {v.description}" for v in violations),
+        problems=[common_pb2.FieldProblem(field=v.field, description=v.description) for v in violations],
+    )

@@ -35,7 +35,7 @@ from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
 from servers.component import GaugeSample, Infra
-from servers.convert import from_ts, to_duration, to_ts
+from servers.convert import from_ts, rejection, to_duration, to_ts
 
 __all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
 
@@ -217,15 +217,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
                 alert = alert_from_proto(request.alert)
                 self._svc.validate(alert)
             except ValidationError as exc:
-                rejections.append(
-                    common_pb2.Rejection(
-                        index=index,
-                        reason=str(exc),
-                        problems=[
-                            common_pb2.FieldProblem(field=v.field, description=v.description) for v in exc.violations
-                        ],
-                    )
-                )
+                rejections.append(rejection(index, exc))
             else:
                 chunk.append(alert)
                 if len(chunk) >= _STREAM_CHUNK:
