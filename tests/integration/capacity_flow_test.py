@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+from _poll import eventually
 
 from aetherops.bus import Bus
 from gen.aetherops.capacity.v1 import capacity_pb2 as pb
@@ -24,19 +25,6 @@ from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
 
 FUEL = pb.RESOURCE_TYPE_FUEL
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], *, timeout_s: float = 15.0, what: str = "condition") -> Any:
-    """Polls `check` until it returns something truthy; the condition lives in NATS/PostgreSQL/another
-    service, so there is nothing in-process to wait on."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.05)  # bounded poll of an external system
 
 
 def snap(sat: str, when: datetime, value: float, unit: str = "kg") -> pb.ResourceSnapshot:

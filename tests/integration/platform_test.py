@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from _poll import eventually
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -26,12 +27,6 @@ SERVICES = {
     "aetherops.runbook.v1.RunbookService",
     "aetherops.capacity.v1.CapacityService",
 }
-
-
-async def _wait_for(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await predicate():  # noqa: ASYNC110 - the condition lives in PostgreSQL or NATS
-            await asyncio.sleep(0.02)  # polling an external system (PostgreSQL, NATS) with a bound
 
 
 async def test_migrations_apply_once_and_rerun_is_a_no_op(pg_url: str, schema: str) -> None:
@@ -107,20 +102,20 @@ async def test_outbox_delivers_each_event_exactly_once_across_nats_restart(
         async def all_published() -> bool:
             return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
 
-        await _wait_for(all_published)
+        await eventually(all_published, what="all outbox rows published")
         await nats_server.astop()
         # Written while NATS is away: they must wait, then go out once NATS is back.
         second = await _write_events(db, bus, 80, start=120)
         relay.wake()
         assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NULL") == 80
         await nats_server.astart()
-        await _wait_for(all_published, timeout_s=30)
+        await eventually(all_published, timeout_s=30, what="all outbox rows published")
         # Simulate a relay that crashed after publishing but before marking: publish again.
         await db.execute(
             "UPDATE outbox SET published_time = NULL WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)"
         )
         relay.wake()
-        await _wait_for(all_published)
+        await eventually(all_published, what="all outbox rows published")
         msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
         got = [m.headers["Nats-Msg-Id"] for m in msgs]
         assert got == first + second, "every event exactly once, in commit order"
@@ -227,7 +222,7 @@ async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings, c
                 return True  # already refusing new calls
             return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-        await _wait_for(not_serving, 5)
+        await eventually(not_serving, timeout_s=5, what="health NOT_SERVING")
         slow[0].release.set()
         reply = await asyncio.wait_for(call, 5)
         assert reply.cluster.cluster_id == "c-1"

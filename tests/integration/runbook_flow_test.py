@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _poll import eventually
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from nats.aio.msg import Msg
 
@@ -97,19 +98,18 @@ async def wait_status(
     timeout_s: float = 15.0,
 ) -> pb.Execution:
     """Poll (bounded) for a state that another system (the NATS consumer, the driver) brings about."""
-    last: pb.Execution | None = None
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                reply = await stub.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-            else:
-                last = reply.execution
-                if done(last):
-                    return last
-            await asyncio.sleep(0.05)
+
+    async def reached() -> pb.Execution | None:
+        try:
+            reply = await stub.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return None  # not started yet
+        return reply.execution if done(reply.execution) else None
+
+    result: pb.Execution = await eventually(reached, timeout_s=timeout_s, what=f"execution {execution_id} state")
+    return result
 
 
 def steps_by_id(execution: pb.Execution) -> dict[str, pb.StepState]:
@@ -257,13 +257,12 @@ async def test_failed_step_rolls_back_every_step_in_reverse_order(app_factory: A
             bus.subjects.action("_announce"),
             json.dumps({"name": "recorder", "description": "records what it undoes", "idempotent": True}).encode(),
         )
-        async with asyncio.timeout(5):
-            while True:
-                actions = (await stubs.operator.ListActions(pb.ListActionsRequest(page_size=100))).actions
-                if any(a.name == "agent:recorder" for a in actions):
-                    break
-                await asyncio.sleep(0.05)
-        recorder = next(a for a in actions if a.name == "agent:recorder")
+
+        async def announced() -> Any:
+            actions = (await stubs.operator.ListActions(pb.ListActionsRequest(page_size=100))).actions
+            return next((a for a in actions if a.name == "agent:recorder"), None)
+
+        recorder = await eventually(announced, timeout_s=5, what="agent:recorder announced")
         assert recorder.kind == pb.ACTION_KIND_AGENT and recorder.idempotent
 
         runbook = pb.Runbook(

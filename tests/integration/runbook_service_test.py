@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _poll import eventually
 from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -267,11 +268,11 @@ async def test_two_servers_cannot_both_advance_one_execution(app_factory: Any, c
 
 async def handled_at_least(component: Any, count: int) -> None:
     """Poll (bounded) the server's incident consumer: it lives in another task and acks asynchronously."""
-    async with asyncio.timeout(10):
-        while True:
-            if component.consumer is not None and component.consumer.handled >= count:
-                return
-            await asyncio.sleep(0.05)
+
+    async def handled() -> bool:
+        return component.consumer is not None and component.consumer.handled >= count
+
+    await eventually(handled, timeout_s=10, what=f"{count} incident events handled")
 
 
 def incident_event(cluster_id: str, event_id: str) -> bytes:
@@ -438,9 +439,9 @@ async def test_announcement_with_a_bad_body_is_ignored(server: Any, channel_for:
     stubs = Stubs(channel_for, server.port)
     await bus.nc.publish(bus.subjects.action("_announce"), b"not json")
     await bus.nc.publish(bus.subjects.action("_announce"), json.dumps({"name": "late_agent"}).encode())
-    async with asyncio.timeout(5):
-        while True:
-            names = [a.name for a in (await stubs.operator.ListActions(pb.ListActionsRequest())).actions]
-            if "agent:late_agent" in names:
-                break
-            await asyncio.sleep(0.05)
+
+    async def announced() -> bool:
+        names = [a.name for a in (await stubs.operator.ListActions(pb.ListActionsRequest())).actions]
+        return "agent:late_agent" in names
+
+    await eventually(announced, timeout_s=5, what="agent:late_agent announced")
