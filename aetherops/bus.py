@@ -348,7 +348,13 @@ class DurableConsumer:
         while True:
             try:
                 msgs = await sub.fetch(self._batch, timeout=1.0)
-            except NatsTimeoutError:
+            except TimeoutError:
+                # nats-py raises its own TimeoutError, and also a plain asyncio.TimeoutError when the
+                # deadline ran out between its two pull requests (a busy loop); both mean "nothing
+                # yet". It also turns a cancellation into a timeout, so a pending cancel wins here.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
                 continue
             except asyncio.CancelledError:
                 raise

@@ -187,13 +187,19 @@ class Application:
         if self.gate.observe_ingest_utilisation(max(fill, default=0.0)):
             log.warning("ingest queues at %.0f%%: rate limits %s", 100 * max(fill), "adjusted")
 
-    async def _monitor(self, interval_s: float = 1.0) -> None:
+    async def _monitor(self, interval_s: float = 1.0, lost_after: int = 3) -> None:
         assert self.infra is not None
         serving = True
+        failures = 0
         while True:
             await asyncio.sleep(interval_s)  # a periodic probe, not synchronisation
             self._adapt_limits()
-            ok = self.infra.bus.connected and await self.infra.db.ping()
+            probe = self.infra.bus.connected and await self.infra.db.ping()
+            # One slow probe under heavy load is not an outage: taking the service out of rotation
+            # for it would turn overload into refusals. Lost means `lost_after` failed probes in a
+            # row (about three seconds); back means the first good one.
+            failures = 0 if probe else failures + 1
+            ok = probe or (serving and failures < lost_after)
             if ok != serving and not self._stopping:
                 serving = ok
                 status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

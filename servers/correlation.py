@@ -213,17 +213,22 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
                 outcomes.extend(await pending.popleft())
 
         async for request in request_iterator:
-            try:
-                alert = alert_from_proto(request.alert)
-                self._svc.validate(alert)
-            except ValidationError as exc:
-                rejections.append(rejection(index, exc))
-            else:
-                chunk.append(alert)
-                if len(chunk) >= _STREAM_CHUNK:
-                    await submit(chunk)
-                    chunk = []
-            index += 1
+            # `alert` first, then the batch. A message with neither is one rejected (missing) alert.
+            messages = (
+                [request.alert, *request.alerts] if request.HasField("alert") or not request.alerts else request.alerts
+            )
+            for message in messages:
+                try:
+                    alert = alert_from_proto(message)
+                    self._svc.validate(alert)
+                except ValidationError as exc:
+                    rejections.append(rejection(index, exc))
+                else:
+                    chunk.append(alert)
+                    if len(chunk) >= _STREAM_CHUNK:
+                        await submit(chunk)
+                        chunk = []
+                index += 1
         if chunk:
             pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
         while pending:

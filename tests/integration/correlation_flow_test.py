@@ -209,6 +209,28 @@ async def test_bulk_stream_reports_bad_alerts_and_ingests_the_rest(channel: grpc
     assert await db.fetchval("SELECT count(*) FROM alerts") == 19
 
 
+async def test_bulk_stream_takes_batches_and_counts_indexes_across_messages(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=1500)
+    alerts = [_alert(f"SAT-{i % 5}", "power", t0 + timedelta(seconds=i * 70)) for i in range(20)]
+    alerts[12] = pb.Alert(alert_id="broken", satellite_id="", subsystem="power", severity=3, timestamp=_ts(t0))
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alert=alerts[0], alerts=alerts[1:10])  # indexes 0..9
+        yield pb.IngestAlertsRequest()  # index 10: carries no alert at all
+        yield pb.IngestAlertsRequest(alerts=alerts[10:])  # indexes 11..20; alerts[12] is index 13
+
+    reply = await stub.IngestAlerts(requests())
+    assert [(r.index, r.problems[0].field) for r in reply.rejections] == [
+        (10, "alert.timestamp"),
+        (13, "alert.satellite_id"),
+    ]
+    assert reply.accepted + reply.duplicates == 19
+    assert await db.fetchval("SELECT count(*) FROM alerts") == 19
+
+
 async def test_alerts_from_nats_take_the_same_path(server: Any, channel: grpc.aio.Channel, bus: Bus) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     watch = stub.WatchClusters(pb.WatchClustersRequest(satellite_ids=["SAT-42"]))

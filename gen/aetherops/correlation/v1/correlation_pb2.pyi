@@ -295,19 +295,29 @@ Global___IngestAlertResponse: _TypeAlias = IngestAlertResponse  # noqa: Y015
 
 @_typing.final
 class IngestAlertsRequest(_message.Message):
+    """One stream message carries one alert, a batch of alerts, or both (`alert`
+    first). Rejection indexes count alerts in stream order across messages.
+    Batches of a few hundred alerts per message cost far less per alert than one
+    message each: bulk loaders should batch.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ALERT_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def alert(self) -> Global___Alert: ...
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]: ...
     def __init__(
         self,
         *,
         alert: Global___Alert | None = ...,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "alerts", b"alerts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
