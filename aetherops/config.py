@@ -45,7 +45,7 @@ class Settings:
     db_schema: str = "public"
     """PostgreSQL schema holding AetherOps' tables (tests use one per test)."""
     namespace: str = ""
-    """Prefix for NATS subjects and stream names, for isolating tests or tenants. Empty: none."""
+    """Prefix for NATS subjects, stream names and Redis rate-limit keys, for isolating tests or tenants. Empty: none."""
     metrics_port: int = 9464
     """Prometheus /metrics port; 0 picks a free one, -1 turns the endpoint off."""
     shutdown_grace_s: float = 5.0

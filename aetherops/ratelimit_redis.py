@@ -8,6 +8,8 @@ When Redis cannot be reached the limiter decides with an in-process `TokenBucket
 (each replica then limits on its own: looser across the fleet, but never unlimited), sets `degraded`
 and logs one line per change of state, not one per call. While degraded it tries Redis again at most
 every `retry_interval_s`, so an absent Redis does not add a connect timeout to every call.
+`probe()` (a PING, off the calls' path) lets the server notice a loss or a recovery without traffic,
+and report it in health.
 
 Adaptive tightening works as in `AdaptiveLimiter`: the cost charged is `cost / factor()`, and the
 decision is reported in the caller's units against the tightened limit.
@@ -86,9 +88,23 @@ class RedisTokenBucket:
         clock: Clock | None = None,
         retry_interval_s: float = 5.0,
         timeout_s: float = 0.5,
+        max_connections: int = 16,
     ) -> RedisTokenBucket:
-        """A limiter with its own connection pool; short timeouts, since a decision sits on every RPC's path."""
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        """A limiter with its own connection pool; short timeouts, since a decision sits on every RPC's path.
+
+        The pool is bounded: a burst of concurrent calls queues (for at most `timeout_s`) for one of
+        `max_connections` connections instead of opening one each. Unbounded, 200 simultaneous decisions
+        on a loaded machine opened 200 connections, ran past the timeout and made a healthy Redis look
+        unreachable (the limits fell back to per-process ones, i.e. loosened, under load).
+        """
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+        )
+        client = redis.Redis.from_pool(pool)  # the client owns the pool: close() releases it
         return cls(
             client,
             burst_capacity,
@@ -127,6 +143,21 @@ class RedisTokenBucket:
             return self._fallback.try_acquire(key, cost)
         self._set_degraded(False)
         return decode_redis_reply(reply)
+
+    async def probe(self) -> bool:
+        """PINGs Redis and updates `degraded` (logging a change of state); True while limits are shared.
+
+        The server calls it periodically, so health follows Redis without waiting for a call, and a
+        recovered Redis is used again at once instead of after `retry_interval_s`.
+        """
+        try:
+            await self._client.ping()
+        except _UNREACHABLE as exc:
+            self._set_degraded(True, exc)
+            self._retry_at = time.monotonic() + self.retry_interval_s
+            return False
+        self._set_degraded(False)
+        return True
 
     async def _evalsha(self, keys: list[str], args: list[str]) -> object:
         try:

@@ -7,6 +7,10 @@ exits 0 after a clean shutdown, 2 for invalid settings. The operator commands
 tables (or JSON with `--json`) and exit 0 when all went well, 1 when a call
 failed (message and tracking id on stderr) or input lines were bad, 2 for
 usage errors. `aetherops trace` is not here yet: it needs server-side support.
+
+`health` and the operator commands connect over TLS when given `--ca-file`
+(AETHEROPS_CA_FILE), adding a client certificate for mTLS with `--cert-file` and
+`--key-file` (AETHEROPS_CLIENT_CERT_FILE, AETHEROPS_CLIENT_KEY_FILE).
 """
 
 from __future__ import annotations
@@ -47,11 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     check = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING (container health checks)")
     check.add_argument("--address", default="127.0.0.1:50051")
-    check.add_argument("--service", default="", help="a service name; empty = the whole server")
+    check.add_argument(
+        "--service",
+        default="",
+        help="a service name (e.g. aetherops.correlation.v1.CorrelationService, or aetherops.ratelimit: "
+        "rate limits shared through Redis); empty = the whole server",
+    )
     check.add_argument("--timeout", type=float, default=3.0)
-    check.add_argument("--ca-file", type=Path, help="PEM CA of the server certificate (TLS); default plaintext")
-    check.add_argument("--cert-file", type=Path, help="client certificate, when the server requires mTLS")
-    check.add_argument("--key-file", type=Path, help="key of --cert-file")
+    _add_tls_flags(check)
     tokens = sub.add_parser("create-tokens", help="write a new token file (stored hashed) and print the tokens once")
     tokens.add_argument("file", type=Path, help="the file to create (refused if it exists)")
     tokens.add_argument("grants", nargs="+", metavar="NAME=ROLE[,ROLE]", help=f"roles: {', '.join(Role)}")
@@ -59,14 +66,58 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flag -> environment variable of the client-side TLS files (the server's own are AETHEROPS_TLS_*).
+_TLS_FILES = {
+    "ca_file": "AETHEROPS_CA_FILE",
+    "cert_file": "AETHEROPS_CLIENT_CERT_FILE",
+    "key_file": "AETHEROPS_CLIENT_KEY_FILE",
+}
+
+
+class _UsageError(Exception):
+    """Bad input from the operator (missing file, bad --var): exit 2."""
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca-file", type=Path, help="PEM CA of the server certificate: connect over TLS (env AETHEROPS_CA_FILE)"
+    )
+    parser.add_argument(
+        "--cert-file", type=Path, help="client certificate, for mTLS servers (env AETHEROPS_CLIENT_CERT_FILE)"
+    )
+    parser.add_argument("--key-file", type=Path, help="key of --cert-file (env AETHEROPS_CLIENT_KEY_FILE)")
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[bytes | None, bytes | None, bytes | None] | None:
+    """(CA, client certificate, client key) from the flags or their variables; None: plaintext.
+
+    Any one of them means TLS; without a CA the system's trusted roots verify the server.
+    """
+    paths: dict[str, Path | None] = {}
+    for name, var in _TLS_FILES.items():
+        flag: Path | None = getattr(args, name)
+        paths[name] = flag if flag is not None else (Path(os.environ[var]) if os.environ.get(var) else None)
+    if all(path is None for path in paths.values()):
+        return None
+    if (paths["cert_file"] is None) != (paths["key_file"] is None):
+        raise _UsageError("--cert-file and --key-file go together (the client certificate for mTLS)")
+    pem: dict[str, bytes | None] = {}
+    for name, path in paths.items():
+        try:
+            pem[name] = path.expanduser().read_bytes() if path is not None else None
+        except OSError as exc:
+            raise _UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return pem["ca_file"], pem["cert_file"], pem["key_file"]
+
+
 def _health_channel(args: argparse.Namespace) -> Any:
     import grpc
 
-    if args.ca_file is None:
+    tls = _tls_files(args)
+    if tls is None:
         return grpc.aio.insecure_channel(args.address)
-    key = args.key_file.read_bytes() if args.key_file else None
-    cert = args.cert_file.read_bytes() if args.cert_file else None
-    return grpc.aio.secure_channel(args.address, grpc.ssl_channel_credentials(args.ca_file.read_bytes(), key, cert))
+    ca, cert, key = tls
+    return grpc.aio.secure_channel(args.address, grpc.ssl_channel_credentials(ca, key, cert))
 
 
 async def _health(args: argparse.Namespace) -> int:
@@ -74,7 +125,12 @@ async def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address, service, timeout_s = args.address, args.service, args.timeout
-    async with _health_channel(args) as channel:
+    try:
+        channel = _health_channel(args)
+    except _UsageError as exc:
+        print(f"aetherops: {exc}", file=sys.stderr)
+        return 2
+    async with channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -197,16 +253,13 @@ async def _serve(settings: Settings) -> int:
 EXIT_OK, EXIT_RPC, EXIT_USAGE = 0, 1, 2
 
 
-class _UsageError(Exception):
-    """Bad input from the operator (missing file, bad --var): exit 2."""
-
-
 def _add_operator_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="server address (default AETHEROPS_ADDRESS or 127.0.0.1:50051)")
     common.add_argument("--token", help="bearer token (default AETHEROPS_TOKEN)")
     common.add_argument("--timeout", type=float, help="deadline of each call in seconds (default 10)")
     common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    _add_tls_flags(common)
 
     alerts = sub.add_parser("alerts", help="ingest alerts").add_subparsers(dest="action", required=True)
     ingest = alerts.add_parser("ingest", parents=[common], help="bulk-ingest a JSONL or CSV file of alerts")
@@ -260,10 +313,19 @@ def _run_operator_command(args: argparse.Namespace) -> int:
     from clients.sdk import AetherOpsError, ClientConfig, SyncAetherOpsClient
 
     handler = _HANDLERS[(args.command, args.action)]
-    config = ClientConfig.from_env(address=args.address, token=args.token)
-    if args.timeout is not None:
-        config = ClientConfig(**{**config.__dict__, "timeout_s": args.timeout})
     try:
+        tls = _tls_files(args)
+        ca, cert, key = tls or (None, None, None)
+        config = ClientConfig.from_env(
+            address=args.address,
+            token=args.token,
+            tls=True if tls is not None else None,
+            root_certificates=ca,
+            certificate_chain=cert,
+            private_key=key,
+        )
+        if args.timeout is not None:
+            config = ClientConfig(**{**config.__dict__, "timeout_s": args.timeout})
         with SyncAetherOpsClient(config=config) as client:
             return handler(client, args)
     except _UsageError as exc:

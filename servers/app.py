@@ -4,6 +4,9 @@ Start-up: listen at once with every service NOT_SERVING; bring up PostgreSQL
 and NATS (embedded when no URL is configured) with retries and backoff; apply
 migrations, create streams, start the outbox relay and the components; then
 report SERVING. A monitor keeps health honest while the process runs.
+With a Redis URL, the health service name `aetherops.ratelimit` reports the rate limits: SERVING while
+they are shared through Redis, NOT_SERVING while Redis is unreachable and each process limits on its own.
+The business services stay SERVING then (calls keep working on local limits).
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING, in-flight RPCs get the grace
 period, then components, relay, pools and embedded servers stop.
 """
@@ -32,11 +35,13 @@ from servers.interceptors import EdgeInterceptor
 from servers.metrics import Metrics
 from servers.security import SecurityGate, server_credentials
 
-__all__ = ["Application", "server_options"]
+__all__ = ["RATE_LIMIT_HEALTH_SERVICE", "Application", "server_options"]
 
 log = logging.getLogger("aetherops.server")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+RATE_LIMIT_HEALTH_SERVICE = "aetherops.ratelimit"
+"""Health name of the Redis-shared rate limits (registered only when a Redis URL is configured)."""
 T = TypeVar("T")
 
 
@@ -89,7 +94,9 @@ class Application:
         self._started: set[str] = set()
         self.metrics = Metrics()
         # Every RPC passes the gate; with no token file or JWT key configured it admits nobody (fail closed).
-        self.gate = SecurityGate.from_config(self.settings.security())
+        # Buckets are keyed under the namespace, so tenants (and tests) sharing one Redis stay apart.
+        prefix = f"{self.settings.namespace}:" if self.settings.namespace else ""
+        self.gate = SecurityGate.from_config(self.settings.security(), redis_key_prefix=prefix)
 
     @property
     def components(self) -> list[Component]:
@@ -126,6 +133,10 @@ class Application:
         if self.settings.metrics_port >= 0:
             self.metrics.serve(self.settings.host, self.settings.metrics_port)
         self._tasks.append(asyncio.create_task(self._bring_up(), name="bring-up"))
+        if self.gate.shares_rate_limits:
+            # NOT_SERVING until the first probe has reached Redis; independent of the bring-up.
+            await self._health.set(RATE_LIMIT_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._tasks.append(asyncio.create_task(self._watch_rate_limits(), name="rate-limit-monitor"))
         return self.port
 
     async def _set_health(self, status: int, *, only: list[Component] | None = None) -> None:
@@ -205,6 +216,24 @@ class Application:
                 status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
                 log.warning("dependencies %s: health %s", "back" if ok else "lost", "SERVING" if ok else "NOT_SERVING")
                 await self._set_health(status)
+
+    async def _watch_rate_limits(self, interval_s: float = 1.0) -> None:
+        """Keeps `aetherops.ratelimit` in step with Redis; the limiter logs each change of state once."""
+        shown: bool | None = None
+        while True:
+            try:
+                shared = await self.gate.probe_rate_limits()
+            except Exception:  # Redis answered, but with an error (e.g. still loading): not usable
+                if shown is not False:
+                    log.exception("rate limit probe failed; reporting %s NOT_SERVING", RATE_LIMIT_HEALTH_SERVICE)
+                shared = False
+            if shared != shown and not self._stopping:
+                shown = shared
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if shared else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await self._health.set(RATE_LIMIT_HEALTH_SERVICE, status)
+            await asyncio.sleep(interval_s)  # a periodic probe, not synchronisation
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call twice."""

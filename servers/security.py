@@ -21,7 +21,7 @@ import contextvars
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 
@@ -37,6 +37,7 @@ __all__ = [
     "AsyncRateLimiter",
     "InProcessRateLimiter",
     "SecurityGate",
+    "SharedRateLimiter",
     "current_principal",
     "require_principal",
     "server_credentials",
@@ -111,6 +112,16 @@ class AsyncRateLimiter(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class SharedRateLimiter(AsyncRateLimiter, Protocol):
+    """A limiter shared across replicas (`RedisTokenBucket`) that can fall back to in-process limits."""
+
+    @property
+    def degraded(self) -> bool: ...
+
+    async def probe(self) -> bool: ...
+
+
 class InProcessRateLimiter:
     """A pure (synchronous) limiter from `aetherops.ratelimit` behind the async protocol."""
 
@@ -151,10 +162,11 @@ class SecurityGate:
         self._adaptive = adaptive
 
     @classmethod
-    def from_config(cls, config: SecurityConfig) -> SecurityGate:
+    def from_config(cls, config: SecurityConfig, *, redis_key_prefix: str = "") -> SecurityGate:
         """The gate the server uses: tokens/JWTs from the config; Redis-shared limits when a URL is set.
 
         Redis is imported only then, so a process without Redis never needs the client to connect.
+        `redis_key_prefix` keeps the buckets of tenants (or tests) sharing one Redis apart.
         """
         authenticator = Authenticator.from_config(config)
         # The adaptive wrapper holds the tighten/relax state; in Redis mode only its factor is used.
@@ -168,15 +180,27 @@ class SecurityGate:
                 config.rate_limit_burst,
                 config.rate_limit_per_s,
                 factor=lambda: adaptive.current_factor,
+                key_prefix=redis_key_prefix,
             )
         else:
             limiter = InProcessRateLimiter(adaptive)
         return cls(authenticator, limiter, adaptive=adaptive)
 
     @property
+    def shares_rate_limits(self) -> bool:
+        """True when the limits are meant to be shared across replicas (a Redis URL is configured)."""
+        return isinstance(self.limiter, SharedRateLimiter)
+
+    @property
     def rate_limit_degraded(self) -> bool:
         """True while Redis-shared limits have fallen back to in-process ones (for health and metrics)."""
-        return bool(getattr(self.limiter, "degraded", False))
+        return isinstance(self.limiter, SharedRateLimiter) and self.limiter.degraded
+
+    async def probe_rate_limits(self) -> bool:
+        """Checks the shared limits' backend now; True while they are shared (always True for in-process ones)."""
+        if isinstance(self.limiter, SharedRateLimiter):
+            return await self.limiter.probe()
+        return True
 
     def observe_ingest_utilisation(self, utilisation: float) -> bool:
         """Feed the ingest queue utilisation (0..1) to the adaptive limits; True when they changed."""
@@ -236,7 +260,7 @@ class TlsSettings(Protocol):
 def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured files, requiring client certificates when a client CA is set.
 
-    None when no certificate is configured (plaintext; the CLI allows that only on loopback).
+    None when no certificate is configured (plaintext).
     """
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None

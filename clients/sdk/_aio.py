@@ -59,6 +59,8 @@ class AetherOpsClient:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         timeout: float | None = UNSET,
         retry: RetryPolicy | None = UNSET,
         config: ClientConfig | None = None,
@@ -70,6 +72,8 @@ class AetherOpsClient:
             token=token,
             tls=tls,
             root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
             timeout=timeout,
             retry=retry,
         )

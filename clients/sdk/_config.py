@@ -121,19 +121,28 @@ class ClientConfig:
     """Where and how to connect.
 
     `token` is sent as `authorization: Bearer <token>` on every call. TLS is used
-    when `tls` is true or `root_certificates` (PEM) is given; without root
-    certificates TLS trusts the system roots. `timeout_s` is the default deadline
-    of each call (None: no deadline); every method takes its own `timeout=` too.
+    when `tls` is true or any PEM below is given; without `root_certificates`
+    TLS trusts the system roots. `certificate_chain` and `private_key` (both or
+    neither) are the client certificate for servers that require mTLS.
+    `timeout_s` is the default deadline of each call (None: no deadline); every
+    method takes its own `timeout=` too.
     """
 
     address: str = DEFAULT_ADDRESS
     token: str | None = None
     tls: bool = False
     root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
     timeout_s: float | None = DEFAULT_TIMEOUT_S
     retry: RetryPolicy | None = field(default_factory=RetryPolicy)
     max_message_bytes: int = 4 * 1024 * 1024
     extra_options: Sequence[tuple[str, Any]] = ()
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            # One without the other fails deep inside the TLS handshake with an unhelpful message.
+            raise ValueError("certificate_chain and private_key go together (the client certificate for mTLS)")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientConfig:
@@ -147,7 +156,9 @@ class ClientConfig:
 
     @property
     def secure(self) -> bool:
-        return self.tls or self.root_certificates is not None
+        return self.tls or any(
+            pem is not None for pem in (self.root_certificates, self.certificate_chain, self.private_key)
+        )
 
     def channel_options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -166,7 +177,11 @@ class ClientConfig:
         return options
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
 
     def metadata(self, tracking_id: str, extra: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
         """Call metadata: the tracking id, the bearer token and anything the caller adds."""
@@ -188,6 +203,8 @@ def resolve_config(
     tls: bool,
     root_certificates: bytes | None,
     timeout: float | None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
     retry: RetryPolicy | None,
 ) -> ClientConfig:
     """The clients' constructor arguments on top of `config` (or of the environment when it is None).
@@ -205,6 +222,9 @@ def resolve_config(
         changes["tls"] = True
     if root_certificates is not None:
         changes["root_certificates"] = root_certificates
+    if certificate_chain is not None or private_key is not None:
+        changes["certificate_chain"] = certificate_chain
+        changes["private_key"] = private_key
     if timeout is not UNSET:
         changes["timeout_s"] = timeout
     if retry is not UNSET:

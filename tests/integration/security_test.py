@@ -2,25 +2,19 @@
 
 A tiny interceptor of this test's own calls `SecurityGate.check` before a trivial CorrelationService
 (GetCluster for viewers, CloseCluster for operators) and maps domain errors with `servers.status`, as
-the edge interceptor does. Certificates are generated here: a CA, a server certificate for
-127.0.0.1/localhost and a client certificate.
+the edge interceptor does. Certificates are generated for the test (`_pki.make_pki`): a CA, a server
+certificate for 127.0.0.1/localhost and client certificates. `tls_test.py` runs TLS through the real server.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from _pki import Pki, make_pki
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -75,81 +69,9 @@ class _Correlation(correlation_pb2_grpc.CorrelationServiceServicer):
         return correlation_pb2.CloseClusterResponse(cluster=correlation_pb2.Cluster(cluster_id=request.cluster_id))
 
 
-@dataclass
-class Pki:
-    ca: bytes
-    server_cert: Path
-    server_key: Path
-    ca_file: Path
-    client_cert: bytes
-    client_key: bytes
-    stranger_cert: bytes
-    stranger_key: bytes
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    usage: x509.ObjectIdentifier | None = None,
-    sans: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    pem = serialization.Encoding.PEM
-    ca_key, other_ca_key = _key(), _key()
-    ca = _cert("AetherOps test CA", ca_key, None, ca=True)
-    other_ca = _cert("Someone else's CA", other_ca_key, None, ca=True)
-    server_key, client_key, stranger_key = _key(), _key(), _key()
-    sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    server = _cert("127.0.0.1", server_key, (ca, ca_key), usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=sans)
-    client = _cert("ground-station-1", client_key, (ca, ca_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    stranger = _cert("intruder", stranger_key, (other_ca, other_ca_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    root = tmp_path_factory.mktemp("pki")
-    files = {"server.pem": server.public_bytes(pem), "server.key": _pem_key(server_key), "ca.pem": ca.public_bytes(pem)}
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    return Pki(
-        ca=ca.public_bytes(pem),
-        server_cert=root / "server.pem",
-        server_key=root / "server.key",
-        ca_file=root / "ca.pem",
-        client_cert=client.public_bytes(pem),
-        client_key=_pem_key(client_key),
-        stranger_cert=stranger.public_bytes(pem),
-        stranger_key=_pem_key(stranger_key),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

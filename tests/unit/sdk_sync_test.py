@@ -295,3 +295,6 @@ def test_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.address, config.token, config.secure) == ("sat-ops:6000", "tok", False)
     assert ClientConfig.from_env(address="other:1").address == "other:1"
     assert ClientConfig(root_certificates=b"pem").secure
+    assert ClientConfig(certificate_chain=b"cert", private_key=b"key").secure  # mTLS, system roots
+    with pytest.raises(ValueError, match="go together"):
+        ClientConfig(certificate_chain=b"cert")
