@@ -284,12 +284,15 @@ class _Slot:
     are what an ingest costs.
     """
 
-    __slots__ = ("cluster", "data", "keys")
+    __slots__ = ("cluster", "data", "keys", "latest")
 
     def __init__(self, cluster: IncidentCluster) -> None:
         self.cluster = cluster
         self.keys: list[_Key] = []
         self.data: array[float] = array("d")
+        # The alert behind each key's time: what a duplicate duplicates, without searching the
+        # cluster (which is long, and often full of equal timestamps, in an alert storm).
+        self.latest: list[Alert] = []
 
 
 @dataclass(eq=False, slots=True)
@@ -568,11 +571,11 @@ class CorrelationEngine:
                     if kb == key:
                         # Same satellite and subsystem: deduplicate before anything else.
                         if -dedupe <= dt <= dedupe:
-                            return self._duplicate(alert, c, key, tb)
+                            return self._duplicate(alert, c, slot.latest[slot.keys.index(key)])
                         if dt < 0:  # late: maybe within the dedupe window of an earlier alert
                             orig = self._late_duplicate_of(c, alert, key)
                             if orig is not None:
-                                return self._duplicate(alert, c, key, orig.epoch)
+                                return self._duplicate(alert, c, orig)
                     if dt < 0:
                         dt = -dt
                     if dt >= w:
@@ -617,18 +620,8 @@ class CorrelationEngine:
         changed = self._add(best, best_slot, alert, key, slots)
         return best.cluster_id, False, None, changed, False
 
-    def _duplicate(self, alert: Alert, cluster: IncidentCluster, key: _Key, orig_epoch: float) -> _Outcome:
-        """Counts `alert` as a duplicate of the cluster's alert of the same satellite and subsystem at
-        `orig_epoch` (found by bisecting the cluster's alerts: off the hot path)."""
-        alerts = cluster.alerts
-        i = bisect.bisect_left(alerts, orig_epoch, key=_epoch_of)
-        sat, orig = alert.satellite_id, alerts[min(i, len(alerts) - 1)]
-        while i < len(alerts) and alerts[i].epoch == orig_epoch:
-            a = alerts[i]
-            if a.satellite_id == sat and self._key_of(a.subsystem) == key:
-                orig = a
-                break
-            i += 1
+    def _duplicate(self, alert: Alert, cluster: IncidentCluster, orig: Alert) -> _Outcome:
+        """Counts `alert` as a duplicate of `orig`, the cluster's alert of the same satellite and subsystem."""
         self._duplicates += 1
         cluster.duplicate_count += 1
         cluster._dup_ids.append(alert.alert_id)
@@ -694,16 +687,19 @@ class CorrelationEngine:
         # satellite's slot or the alert is not the newest: skip that dict work otherwise.
         rerank = _RANK_NONE
         if key in keys:
-            i = 2 * keys.index(key)
+            j = keys.index(key)
+            i = 2 * j
             if t >= data[i]:
                 data[i] = t
                 data[i + 1] = sev
+                slot.latest[j] = alert
             if not in_order:
                 rerank = self._note_subsystem(c, alert, key)
         else:
             keys.append(key)
             data.append(t)
             data.append(sev)
+            slot.latest.append(alert)
             rerank = self._note_subsystem(c, alert, key)
         if isinstance(key, int):
             last = c._sub_last.get(key)

@@ -30,6 +30,7 @@ from aetherops.db.correlation import ClusterRecord
 from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.correlation import CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
+from aetherops.tracking import current_tracking_id
 from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
@@ -54,8 +55,11 @@ _EVENT_TYPES = {
 # ---- mapping ---------------------------------------------------------------------------------
 
 
-def alert_from_proto(message: pb.Alert, field: str = "alert") -> Alert:
-    """A domain alert; a missing timestamp is a field violation (the rest is checked by the core)."""
+def alert_from_proto(message: pb.Alert, field: str = "alert", *, tracking_id: str = "") -> Alert:
+    """A domain alert; a missing timestamp is a field violation (the rest is checked by the core).
+
+    `tracking_id` is the request's: set here, the alert is never copied just to carry it.
+    """
     when = from_ts(message, "timestamp")
     if when is None:
         raise ValidationError.single(f"{field}.timestamp", "required")
@@ -67,7 +71,7 @@ def alert_from_proto(message: pb.Alert, field: str = "alert") -> Alert:
         timestamp=when,
         message=message.message,
         labels=dict(message.labels),
-        tracking_id="",
+        tracking_id=tracking_id,
     )
 
 
@@ -187,7 +191,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     async def IngestAlert(self, request: pb.IngestAlertRequest, context: Any) -> pb.IngestAlertResponse:
         if not request.HasField("alert"):
             raise ValidationError.single("alert", "required")
-        outcome = await self._svc.ingest(alert_from_proto(request.alert))
+        outcome = await self._svc.ingest(alert_from_proto(request.alert, tracking_id=current_tracking_id()))
         return pb.IngestAlertResponse(
             cluster_id=outcome.cluster_id,
             duplicate=outcome.duplicate,
@@ -200,6 +204,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         self, request_iterator: AsyncIterator[pb.IngestAlertsRequest], context: Any
     ) -> pb.IngestAlertsResponse:
         rejections: list[common_pb2.Rejection] = []
+        tracking_id = current_tracking_id()
         pending: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
         outcomes: list[Any] = []
         chunk: list[Alert] = []
@@ -219,7 +224,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             )
             for message in messages:
                 try:
-                    alert = alert_from_proto(message)
+                    alert = alert_from_proto(message, tracking_id=tracking_id)
                     self._svc.validate(alert)
                 except ValidationError as exc:
                     rejections.append(rejection(index, exc))

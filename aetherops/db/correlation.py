@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -66,9 +66,25 @@ class AlertRow:
     tracking_id: str
 
 
-_CLUSTER_COLUMNS = """cluster_id, status, root_cause_alert_id, root_cause_confidence, satellites, subsystems,
-    max_severity, first_alert_time, last_alert_time, opened_time, closed_time, close_reason, closed_by,
-    alert_count, duplicate_count, tracking_id"""
+_CLUSTER_COLUMN_NAMES = [
+    "cluster_id",
+    "status",
+    "root_cause_alert_id",
+    "root_cause_confidence",
+    "satellites",
+    "subsystems",
+    "max_severity",
+    "first_alert_time",
+    "last_alert_time",
+    "opened_time",
+    "closed_time",
+    "close_reason",
+    "closed_by",
+    "alert_count",
+    "duplicate_count",
+    "tracking_id",
+]
+_CLUSTER_COLUMNS = ", ".join(_CLUSTER_COLUMN_NAMES)
 
 
 def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRecord:
@@ -151,42 +167,63 @@ async def insert_alerts(conn: asyncpg.Connection, rows: Sequence[AlertRow]) -> N
     )
 
 
-async def upsert_clusters(conn: asyncpg.Connection, clusters: Sequence[ClusterRecord]) -> None:
-    if not clusters:
-        return
-    await conn.executemany(
-        f"""INSERT INTO clusters ({_CLUSTER_COLUMNS})
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-            ON CONFLICT (cluster_id) DO UPDATE SET
-                status = EXCLUDED.status, root_cause_alert_id = EXCLUDED.root_cause_alert_id,
-                root_cause_confidence = EXCLUDED.root_cause_confidence, satellites = EXCLUDED.satellites,
-                subsystems = EXCLUDED.subsystems, max_severity = EXCLUDED.max_severity,
-                first_alert_time = EXCLUDED.first_alert_time, last_alert_time = EXCLUDED.last_alert_time,
-                closed_time = EXCLUDED.closed_time, close_reason = EXCLUDED.close_reason,
-                closed_by = EXCLUDED.closed_by, alert_count = EXCLUDED.alert_count,
-                duplicate_count = EXCLUDED.duplicate_count""",
-        [
-            (
-                c.cluster_id,
-                c.status,
-                c.root_cause_alert_id,
-                c.root_cause_confidence,
-                c.satellites,
-                c.subsystems,
-                c.max_severity,
-                c.first_alert_time,
-                c.last_alert_time,
-                c.opened_time,
-                c.closed_time,
-                c.close_reason,
-                c.closed_by,
-                c.alert_count,
-                c.duplicate_count,
-                c.tracking_id,
-            )
-            for c in clusters
-        ],
+def _cluster_values(c: ClusterRecord) -> tuple[Any, ...]:
+    return (
+        c.cluster_id,
+        c.status,
+        c.root_cause_alert_id,
+        c.root_cause_confidence,
+        c.satellites,
+        c.subsystems,
+        c.max_severity,
+        c.first_alert_time,
+        c.last_alert_time,
+        c.opened_time,
+        c.closed_time,
+        c.close_reason,
+        c.closed_by,
+        c.alert_count,
+        c.duplicate_count,
+        c.tracking_id,
     )
+
+
+async def upsert_clusters(
+    conn: asyncpg.Connection, clusters: Sequence[ClusterRecord], new_ids: Collection[str] = ()
+) -> None:
+    """Writes clusters: those in `new_ids` (opened in this batch, so not stored yet) with COPY,
+    the others with one UPDATE statement each, pipelined."""
+    new = [_cluster_values(c) for c in clusters if c.cluster_id in new_ids]
+    changed = [c for c in clusters if c.cluster_id not in new_ids]
+    if new:
+        await conn.copy_records_to_table("clusters", records=new, columns=_CLUSTER_COLUMN_NAMES)
+    if changed:
+        await conn.executemany(
+            """UPDATE clusters SET
+                status = $2, root_cause_alert_id = $3, root_cause_confidence = $4, satellites = $5,
+                subsystems = $6, max_severity = $7, first_alert_time = $8, last_alert_time = $9,
+                closed_time = $10, close_reason = $11, closed_by = $12, alert_count = $13, duplicate_count = $14
+               WHERE cluster_id = $1""",
+            [
+                (
+                    c.cluster_id,
+                    c.status,
+                    c.root_cause_alert_id,
+                    c.root_cause_confidence,
+                    c.satellites,
+                    c.subsystems,
+                    c.max_severity,
+                    c.first_alert_time,
+                    c.last_alert_time,
+                    c.closed_time,
+                    c.close_reason,
+                    c.closed_by,
+                    c.alert_count,
+                    c.duplicate_count,
+                )
+                for c in changed
+            ],
+        )
 
 
 async def get_alerts(conn: asyncpg.Connection, cluster_ids: Sequence[str]) -> dict[str, list[Alert]]:

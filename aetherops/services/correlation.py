@@ -56,14 +56,8 @@ EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
 """(event, event_id, occurred_time) -> encoded events.v1.Event envelope."""
 
 
-@dataclass(frozen=True)
-class _Item:
-    alert: Alert
-    tracking_id: str
-
-
-def record_of(cluster: IncidentCluster) -> ClusterRecord:
-    """The stored form of an engine cluster."""
+def record_of(cluster: IncidentCluster, *, with_alerts: bool = True) -> ClusterRecord:
+    """The stored form of an engine cluster (without its alerts for writes: they are stored as rows)."""
     return ClusterRecord(
         cluster_id=cluster.cluster_id,
         status=cluster.status.name,
@@ -79,7 +73,7 @@ def record_of(cluster: IncidentCluster) -> ClusterRecord:
         alert_count=len(cluster.alerts),
         duplicate_count=cluster.duplicate_count,
         tracking_id=cluster.alerts[0].tracking_id if cluster.alerts else "",
-        alerts=list(cluster.alerts),
+        alerts=list(cluster.alerts) if with_alerts else [],
     )
 
 
@@ -109,7 +103,7 @@ class CorrelationService:
         self._encode = encode
         self._clock = clock
         self._max_future_skew_s = max_future_skew_s
-        self._committer: GroupCommitter[_Item, IngestOutcome] = GroupCommitter(
+        self._committer: GroupCommitter[Alert, IngestOutcome] = GroupCommitter(
             self._commit_batch, max_batch=max_batch, name="correlation-ingest"
         )
 
@@ -155,32 +149,55 @@ class CorrelationService:
 
     async def ingest(self, alert: Alert) -> IngestOutcome:
         self.validate(alert)
-        return await self._committer.submit(_Item(alert, alert.tracking_id or current_tracking_id()))
+        return await self._committer.submit(self._tracked(alert, current_tracking_id()))
 
     async def ingest_many(self, alerts: Sequence[Alert]) -> list[IngestOutcome]:
         """Already-validated alerts, committed in one or more batches."""
         tracking = current_tracking_id()
-        return await self._committer.submit_many([_Item(a, a.tracking_id or tracking) for a in alerts])
+        return await self._committer.submit_many([self._tracked(a, tracking) for a in alerts])
 
-    async def _commit_batch(self, items: list[_Item]) -> list[IngestOutcome]:
-        async with self._db.connection() as conn:
-            known = await repo.known_alerts(conn, [i.alert.alert_id for i in items])
+    @staticmethod
+    def _tracked(alert: Alert, tracking_id: str) -> Alert:
+        # The servicer builds alerts with the request's tracking id; only other paths need the copy.
+        return alert if alert.tracking_id or not tracking_id else alert.with_tracking_id(tracking_id)
+
+    async def _commit_batch(self, alerts: list[Alert]) -> list[IngestOutcome]:
+        # One connection and one transaction for the whole batch: the replay lookup, then (after the
+        # engine decided in memory) the clusters, the alerts and their events.
+        try:
+            async with self._db.transaction() as conn:
+                known = await repo.known_alerts(conn, [a.alert_id for a in alerts])
+                outcomes, rows, opened, records, events = self._correlate(alerts, known)
+                if rows:
+                    # Clusters first: alerts reference them.
+                    await repo.upsert_clusters(conn, records, opened)
+                    await repo.insert_alerts(conn, rows)
+                    await outbox.append(conn, events)
+        except BaseException:
+            await self._restore()  # memory must not run ahead of what is committed
+            raise
+        if rows:
+            self._relay.wake()
+        return outcomes
+
+    def _correlate(
+        self, alerts: list[Alert], known: dict[str, tuple[str, str | None]]
+    ) -> tuple[list[IngestOutcome], list[AlertRow], set[str], list[ClusterRecord], list[outbox.OutboxEvent]]:
+        """The engine's decisions for a batch, and what to write for them."""
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
         touched: dict[str, tuple[bool, list[str], bool]] = {}  # cluster -> (opened, added ids, root changed)
-        for item in items:
-            alert = item.alert
+        ingest = self._engine.ingest_detailed
+        for alert in alerts:
             if alert.alert_id in known:
                 cluster_id, dup_of = known[alert.alert_id]
                 outcomes.append(IngestOutcome(cluster_id, dup_of is not None, dup_of, replay=True))
                 continue
-            if alert.tracking_id != item.tracking_id:
-                alert = alert.with_tracking_id(item.tracking_id)
-            result = self._engine.ingest_detailed(alert)
+            result = ingest(alert)
             if result.replay:  # same alert_id twice within this batch
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
-            rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, item.tracking_id))
+            rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
             opened, added, root_changed = touched.get(result.cluster_id, (False, [], False))
             if not result.duplicate:
                 added.append(alert.alert_id)
@@ -188,44 +205,30 @@ class CorrelationService:
             outcomes.append(
                 IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
             )
-        if not rows:
-            return outcomes
         now = self._clock.now()
-        records = {cid: record_of(self._engine.require_cluster(cid)) for cid in touched}
+        records: list[ClusterRecord] = []
         events: list[outbox.OutboxEvent] = []
+        opened_ids: set[str] = set()
         for cid, (opened, added, root_changed) in touched.items():
-            record = records[cid]
+            cluster = self._engine.require_cluster(cid)
+            record = record_of(cluster, with_alerts=False)
+            records.append(record)
+            root = cluster.root_cause_alert()
             if opened:
-                events.append(self._event(IncidentEvent("opened", record, _root_alert(record), added, True), now))
+                opened_ids.add(cid)
+                events.append(self._event(IncidentEvent("opened", record, root, added, True), now))
             elif added or root_changed:
-                events.append(
-                    self._event(IncidentEvent("updated", record, _root_alert(record), added, root_changed), now)
-                )
-        try:
-            async with self._db.transaction() as conn:
-                # Clusters first: alerts reference them.
-                await repo.upsert_clusters(conn, list(records.values()))
-                await repo.insert_alerts(conn, rows)
-                await outbox.append(conn, events)
-        except BaseException:
-            await self._restore()  # memory must not run ahead of what is committed
-            raise
-        self._relay.wake()
-        return outcomes
+                events.append(self._event(IncidentEvent("updated", record, root, added, root_changed), now))
+        return outcomes, rows, opened_ids, records, events
 
     def _event(self, event: IncidentEvent, now: datetime) -> outbox.OutboxEvent:
-        draft = outbox.OutboxEvent(
+        event_id = outbox.new_event_id()
+        return outbox.OutboxEvent(
             subject=self._subjects.incidents(event.kind),
             aggregate_id=event.cluster.cluster_id,
-            payload=b"",
+            payload=self._encode(event, str(event_id), now),
             tracking_id=event.cluster.tracking_id if event.kind == "opened" else current_tracking_id(),
-        )
-        return outbox.OutboxEvent(
-            subject=draft.subject,
-            aggregate_id=draft.aggregate_id,
-            payload=self._encode(event, draft.event_id, now),
-            tracking_id=draft.tracking_id,
-            event_id=draft.event_id,
+            event_id=event_id,
         )
 
     # ---- queries and commands ---------------------------------------------------------------
