@@ -20,6 +20,21 @@ __all__ = ["Connection", "Database"]
 
 Connection = asyncpg.Connection
 
+# Acquiring may open a new connection: refused, timed out, or the server is starting or stopping.
+_CANNOT_CONNECT = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+# Raised by a statement on a connection that went away. Deliberately not OSError: a NATS error
+# raised inside a transaction block (the outbox relay) must reach its own handler unchanged.
+_CONNECTION_LOST = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
 
 def _jsonb_encode(value: Any) -> bytes:
     return b"\x01" + json.dumps(value).encode()  # jsonb binary format: version 1, then the text
@@ -84,29 +99,39 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection inside a transaction: committed on normal exit, rolled back on error."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             yield conn
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._pool.acquire() as conn:
+        """A pooled connection. A database that cannot be reached, or a connection lost on the way,
+        is UnavailableError (the caller's answer is UNAVAILABLE, not INTERNAL)."""
+        try:
+            conn = await self._pool.acquire()
+        except _CANNOT_CONNECT as exc:
+            raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
+        try:
             yield conn
+        except _CONNECTION_LOST as exc:
+            raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
+        finally:
+            await self._pool.release(conn)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self._pool.acquire() as conn:
+        async with self.connection() as conn:
             return list(await conn.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        async with self._pool.acquire() as conn:
+        async with self.connection() as conn:
             row: asyncpg.Record | None = await conn.fetchrow(query, *args)
             return row
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        async with self._pool.acquire() as conn:
+        async with self.connection() as conn:
             return await conn.fetchval(query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        async with self._pool.acquire() as conn:
+        async with self.connection() as conn:
             return str(await conn.execute(query, *args))
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
@@ -114,7 +139,7 @@ class Database:
         try:
             async with asyncio.timeout(timeout_s):
                 return bool(await self.fetchval("SELECT 1") == 1)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, UnavailableError):
             return False
 
     async def close(self, timeout_s: float = 5.0) -> None:

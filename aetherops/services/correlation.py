@@ -10,6 +10,7 @@ ahead of what is committed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class CorrelationService:
         self._encode = encode
         self._clock = clock
         self._max_future_skew_s = max_future_skew_s
+        self._stale = False  # the engine may hold decisions that were never committed
         self._committer: GroupCommitter[Alert, IngestOutcome] = GroupCommitter(
             self._commit_batch, max_batch=max_batch, name="correlation-ingest"
         )
@@ -128,6 +130,7 @@ class CorrelationService:
         async with self._db.connection() as conn:
             records = await repo.load_active(conn, since)
         self._engine.reset()
+        self._stale = False
         for rec in records:
             self._engine.restore_cluster(
                 IncidentCluster.restore(
@@ -164,6 +167,8 @@ class CorrelationService:
     async def _commit_batch(self, alerts: list[Alert]) -> list[IngestOutcome]:
         # One connection and one transaction for the whole batch: the replay lookup, then (after the
         # engine decided in memory) the clusters, the alerts and their events.
+        if self._stale:
+            await self._restore()  # the last restore failed too (database away): try again first
         try:
             async with self._db.transaction() as conn:
                 known = await repo.known_alerts(conn, [a.alert_id for a in alerts])
@@ -174,7 +179,11 @@ class CorrelationService:
                     await repo.insert_alerts(conn, rows)
                     await outbox.append(conn, events)
         except BaseException:
-            await self._restore()  # memory must not run ahead of what is committed
+            # Memory must not run ahead of what is committed. If the database is away the restore
+            # fails as well; the engine stays marked stale and the next batch restores first.
+            self._stale = True
+            with contextlib.suppress(Exception):
+                await self._restore()
             raise
         if rows:
             self._relay.wake()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import grpc
 import pytest
 from _poll import eventually
+from _proxy import TcpProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -196,6 +199,64 @@ class _SlowComponent:
 
     async def stop(self) -> None:
         return None
+
+
+def _proxy_to_postgres(pg_url: str) -> tuple[TcpProxy, Callable[[int], str]]:
+    """A proxy in front of the test PostgreSQL (TCP, or the embedded server's Unix socket) and the
+    DSN that goes through it, given the proxy's port."""
+    url = urlsplit(pg_url)
+    query = parse_qs(url.query)
+    user, db = url.username or "postgres", url.path.lstrip("/") or "postgres"
+    if url.hostname:
+        proxy = TcpProxy(url.hostname, url.port or 5432)
+    else:
+        socket_dir, port = query["host"][0], int(query.get("port", ["5432"])[0])
+        proxy = TcpProxy("", 0, unix_path=f"{socket_dir}/.s.PGSQL.{port}")
+    return proxy, lambda proxy_port: f"postgresql://{user}@127.0.0.1:{proxy_port}/{db}"
+
+
+async def test_losing_postgres_is_not_serving_and_coming_back_is_serving(
+    app_factory: Any, channel_for: Any, pg_url: str
+) -> None:
+    proxy, dsn = _proxy_to_postgres(pg_url)
+    await proxy.start()
+    try:
+        app = await app_factory(database_url=dsn(proxy.port))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+            health = health_pb2_grpc.HealthStub(chan)
+
+            async def status_is(want: int) -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                return reply.status == want
+
+            assert await status_is(health_pb2.HealthCheckResponse.SERVING)
+            await proxy.cut()
+            # Three failed probes a second apart: one slow probe under load is not an outage.
+            await eventually(
+                lambda: status_is(health_pb2.HealthCheckResponse.NOT_SERVING), timeout_s=20, what="NOT_SERVING"
+            )
+            # Calls that need the database say so, precisely.
+            corr = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await corr.GetCluster(correlation_pb2.GetClusterRequest(cluster_id="x"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            alert = correlation_pb2.Alert(
+                alert_id=uuid.uuid4().hex, satellite_id="SAT-1", subsystem="power", severity=3
+            )
+            alert.timestamp.GetCurrentTime()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await corr.IngestAlert(correlation_pb2.IngestAlertRequest(alert=alert), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await proxy.start()  # same port
+            await eventually(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), timeout_s=20, what="SERVING")
+            # Nothing of the refused alert stayed behind in memory: sent again, it is new and stored.
+            reply = await corr.IngestAlert(correlation_pb2.IngestAlertRequest(alert=alert), timeout=10)
+            assert not reply.replay and reply.cluster_opened
+            cluster = await corr.GetCluster(correlation_pb2.GetClusterRequest(cluster_id=reply.cluster_id), timeout=10)
+            assert [a.alert_id for a in cluster.cluster.alerts] == [alert.alert_id]
+    finally:
+        await proxy.cut()
 
 
 async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings, channel_for: Any) -> None:

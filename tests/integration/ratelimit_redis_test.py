@@ -22,6 +22,7 @@ import grpc
 import pytest
 import redis.asyncio as redis
 from _poll import eventually
+from _proxy import TcpProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aetherops.clock import ManualClock
@@ -134,47 +135,9 @@ async def test_falls_back_in_process_when_redis_is_away(caplog: pytest.LogCaptur
         await limiter.close()
 
 
-class _Proxy:
-    """A TCP proxy to Redis that the test can cut and restore, to take Redis away and bring it back."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-        self._writers.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 async def test_degraded_and_back_when_redis_returns(client: redis.Redis, prefix: str) -> None:
     parsed: Any = client.connection_pool.connection_kwargs
-    proxy = _Proxy(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379))
+    proxy = TcpProxy(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379))
     await proxy.start()
     db = parsed.get("db", 0)
     limiter = RedisTokenBucket.from_url(
@@ -224,7 +187,7 @@ async def test_server_health_reports_redis_loss_and_recovery_while_calls_go_on(
     app_factory: Any, channel_for: Any, client: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     parsed: Any = client.connection_pool.connection_kwargs
-    proxy = _Proxy(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379))
+    proxy = TcpProxy(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379))
     await proxy.start()
     # Three calls per principal and service, refilled at one per 100 s: within the test, the burst is all.
     redis_url = f"redis://127.0.0.1:{proxy.port}/{parsed.get('db', 0)}"
