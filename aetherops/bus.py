@@ -30,6 +30,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from aetherops.db import outbox
 from aetherops.db.pool import Database
 from aetherops.errors import UnavailableError
+from aetherops.tracking import new_tracking_id, reset_tracking_id, set_tracking_id
 
 __all__ = ["Bus", "DurableConsumer", "OutboxRelay", "Subjects"]
 
@@ -292,10 +293,18 @@ def _headers(subjects: Subjects, row: outbox.OutboxRow) -> dict[str, str]:
 MessageHandler = Callable[[Msg], Awaitable[None]]
 
 
+def _tracking_of(msg: Msg) -> str:
+    value = (msg.headers or {}).get(HEADER_TRACKING_ID, "")
+    # The same bound the edge applies to x-tracking-id.
+    return value if 0 < len(value) <= 128 else new_tracking_id()
+
+
 class DurableConsumer:
     """A durable pull consumer: messages are acknowledged only after the handler returns
     (that is, after its transaction committed); a failing handler leaves the message for
-    redelivery, so handlers must be idempotent."""
+    redelivery, so handlers must be idempotent. Each message is handled under its tracking id
+    (the Aetherops-Tracking-Id header, or a fresh one), as an RPC is under x-tracking-id: what the
+    handler stores, publishes and logs carries it."""
 
     def __init__(
         self,
@@ -363,6 +372,7 @@ class DurableConsumer:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
+                tracking = set_tracking_id(_tracking_of(msg))
                 try:
                     await self._handler(msg)
                 except asyncio.CancelledError:
@@ -372,5 +382,7 @@ class DurableConsumer:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1.0)
                     continue
+                finally:
+                    reset_tracking_id(tracking)
                 await msg.ack()
                 self.handled += 1

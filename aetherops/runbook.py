@@ -288,7 +288,8 @@ def builtin_actions() -> list[ActionDefinition]:
 
 @dataclass(frozen=True)
 class ExecutionEvent:
-    """One fact in an execution's stream. `data` is JSON-able; `seq` starts at 1 per execution."""
+    """One fact in an execution's stream. `data` is JSON-able; `seq` starts at 1 per execution.
+    `tracking_id` names the request that caused it ('' when the engine has no tracking source)."""
 
     execution_id: str
     seq: int
@@ -297,6 +298,7 @@ class ExecutionEvent:
     actor: str
     data: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = CURRENT_SCHEMA_VERSION
+    tracking_id: str = ""
 
 
 def event_to_dict(event: ExecutionEvent) -> dict[str, Any]:
@@ -309,6 +311,7 @@ def event_to_dict(event: ExecutionEvent) -> dict[str, Any]:
         "occurred_time": event.occurred_time.isoformat(),
         "actor": event.actor,
         "data": _json_copy(event.data),
+        "tracking_id": event.tracking_id,
     }
 
 
@@ -358,6 +361,8 @@ def upcast(raw: Mapping[str, Any]) -> dict[str, Any]:
         "occurred_time": datetime.fromtimestamp(float(ts), UTC).isoformat(),
         "actor": raw.get("by") or SYSTEM_ACTOR,
         "data": data,
+        # v1 knew no tracking ids; a store that kept one beside the event passes it along.
+        **({"tracking_id": raw["tracking_id"]} if "tracking_id" in raw else {}),
     }
 
 
@@ -387,6 +392,10 @@ def event_from_dict(raw: Mapping[str, Any]) -> ExecutionEvent:
     data = d.get("data", {})
     if not isinstance(data, Mapping):
         violations.append(FieldViolation("event.data", "must be an object"))
+    # Optional: events written before tracking ids were recorded have none.
+    tracking_id = d.get("tracking_id", "")
+    if not isinstance(tracking_id, str):
+        violations.append(FieldViolation("event.tracking_id", "must be a string"))
     if violations:
         raise ValidationError(violations)
     assert occurred is not None  # for mypy: a parse failure was reported above
@@ -397,6 +406,7 @@ def event_from_dict(raw: Mapping[str, Any]) -> ExecutionEvent:
         occurred_time=occurred.astimezone(UTC),
         actor=str(actor),
         data=_json_copy(data),
+        tracking_id=str(tracking_id),
     )
 
 
@@ -419,7 +429,8 @@ class StepState:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One transition: who (`actor`) did what (`transition`, an EventType name) to which step, when."""
+    """One transition: who (`actor`) did what (`transition`, an EventType name) to which step, when, and
+    under which request (`tracking_id`)."""
 
     time: datetime
     actor: str
@@ -427,11 +438,13 @@ class AuditEntry:
     step_id: str
     detail: str
     seq: int
+    tracking_id: str = ""
 
 
 @dataclass(frozen=True)
 class ExecutionContext:
-    """An execution's state: the fold of its events. `version` is the last event's seq."""
+    """An execution's state: the fold of its events. `version` is the last event's seq; `incident_id` and
+    `tracking_id` come from EXECUTION_STARTED (the incident it was started for, the request that started it)."""
 
     execution_id: str
     runbook_id: str
@@ -446,6 +459,8 @@ class ExecutionContext:
     finished_time: datetime | None
     error: str | None
     version: int
+    incident_id: str = ""
+    tracking_id: str = ""
 
     @property
     def finished(self) -> bool:
@@ -492,6 +507,8 @@ class _Projection:
         self.runbook = runbook
         self.execution_id = ""
         self.triggered_by = ""
+        self.incident_id = ""
+        self.tracking_id = ""
         self.status = RunbookStatus.RUNNING
         self.steps: dict[str, _StepRecord] = {s.step_id: _StepRecord(s.step_id, s.action) for s in runbook.steps}
         self.variables: dict[str, Any] = {}
@@ -529,6 +546,8 @@ class _Projection:
         kind = event.type
         if kind is EventType.EXECUTION_STARTED:
             self.triggered_by = str(data.get("triggered_by", event.actor))
+            self.incident_id = str(data.get("incident_id", ""))
+            self.tracking_id = event.tracking_id
             self.variables = dict(_json_copy(data.get("variables", {})))
             self.started_time = at
         elif kind is EventType.EXECUTION_FINISHED:
@@ -552,6 +571,7 @@ class _Projection:
                 step_id=step_id,
                 detail=_describe(event),
                 seq=event.seq,
+                tracking_id=event.tracking_id,
             )
         )
 
@@ -609,6 +629,8 @@ class _Projection:
             finished_time=self.finished_time,
             error=self.error,
             version=self.version,
+            incident_id=self.incident_id,
+            tracking_id=self.tracking_id,
         )
 
 
@@ -923,6 +945,10 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _no_tracking() -> str:
+    return ""
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     return text if text else type(exc).__name__
@@ -937,9 +963,13 @@ class RunbookEngine:
         id_factory: Callable[[], str] = _new_id,
         *,
         register_builtins: bool = True,
+        tracking: Callable[[], str] | None = None,
     ) -> None:
+        """`tracking()` names the request on whose behalf events are being appended; every new event
+        records it (the application passes the current request's tracking id)."""
         self._clock: Clock = clock or SystemClock()
         self._id_factory = id_factory
+        self._tracking: Callable[[], str] = tracking or _no_tracking
         self._actions: dict[str, _Action] = {}
         self._runbooks: dict[str, dict[int, Runbook]] = {}
         self._executions: dict[str, _Execution] = {}
@@ -1089,8 +1119,10 @@ class RunbookEngine:
         *,
         execution_id: str | None = None,
         version: int | None = None,
+        incident_id: str = "",
     ) -> ExecutionContext:
         """Start an execution of the latest (or the given) version; nothing runs until execute_next_step.
+        `incident_id` names the incident it is started for (recorded in EXECUTION_STARTED).
 
         ValidationError for an empty `triggered_by`, non-JSON variables or a missing `${variable}`;
         AlreadyExistsError when `execution_id` is taken (callers use a deterministic id for exactly-once).
@@ -1102,6 +1134,8 @@ class RunbookEngine:
             violations.append(FieldViolation("triggered_by", "must name who starts the execution"))
         if execution_id is not None and (not isinstance(execution_id, str) or not _ID_RE.match(execution_id)):
             violations.append(FieldViolation("execution_id", "must be 1-128 letters, digits, '.', '_' or '-'"))
+        if incident_id and (not isinstance(incident_id, str) or not _ID_RE.match(incident_id)):
+            violations.append(FieldViolation("incident_id", "must be 1-128 letters, digits, '.', '_' or '-'"))
         violations.extend(self._start_checks(runbook, variables))
         if violations:
             raise ValidationError(violations)
@@ -1110,18 +1144,22 @@ class RunbookEngine:
             raise AlreadyExistsError(f"execution {execution_id!r} exists already")
         execution = _Execution(runbook, [], _Projection(runbook), asyncio.Lock())
         self._executions[execution_id] = execution
+        data: dict[str, Any] = {
+            "runbook_id": runbook.runbook_id,
+            "runbook_version": runbook.version,
+            "triggered_by": triggered_by,
+            "variables": _json_copy(variables),
+        }
+        if incident_id:
+            data["incident_id"] = incident_id
         started = ExecutionEvent(
             execution_id=execution_id,
             seq=1,
             type=EventType.EXECUTION_STARTED,
             occurred_time=self._clock.now(),
             actor=triggered_by,
-            data={
-                "runbook_id": runbook.runbook_id,
-                "runbook_version": runbook.version,
-                "triggered_by": triggered_by,
-                "variables": _json_copy(variables),
-            },
+            data=data,
+            tracking_id=self._tracking(),
         )
         self._record(execution, started)
         return execution.state.snapshot()
@@ -1203,6 +1241,7 @@ class RunbookEngine:
             occurred_time=self._clock.now(),
             actor=actor,
             data=data,
+            tracking_id=self._tracking(),
         )
         self._record(execution, event)
 

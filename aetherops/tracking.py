@@ -10,6 +10,7 @@ __all__ = [
     "current_principal_name",
     "current_tracking_id",
     "new_tracking_id",
+    "reset_tracking_id",
     "set_principal_name",
     "set_tracking_id",
 ]
@@ -29,6 +30,11 @@ def current_tracking_id() -> str:
 
 def set_tracking_id(value: str) -> contextvars.Token[str]:
     return _tracking_id.set(value)
+
+
+def reset_tracking_id(token: contextvars.Token[str]) -> None:
+    """Undo the `set_tracking_id` that returned `token` (for work that borrows a tracking id for a while)."""
+    _tracking_id.reset(token)
 
 
 def current_principal_name() -> str:

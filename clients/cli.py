@@ -2,11 +2,16 @@
 
 `serve` takes its settings from AETHEROPS_* variables (flags override them) and
 exits 0 after a clean shutdown, 2 for invalid settings. The operator commands
-(`alerts`, `clusters`, `runbooks`, `capacity`, `fleet`) use the sync SDK with
-`--address` / AETHEROPS_ADDRESS and `--token` / AETHEROPS_TOKEN, print readable
-tables (or JSON with `--json`) and exit 0 when all went well, 1 when a call
-failed (message and tracking id on stderr) or input lines were bad, 2 for
-usage errors. `aetherops trace` is not here yet: it needs server-side support.
+(`alerts`, `clusters`, `runbooks`, `capacity`, `fleet`, `trace`) use the sync SDK
+with `--address` / AETHEROPS_ADDRESS and `--token` / AETHEROPS_TOKEN, print
+readable tables (or JSON with `--json`) and exit 0 when all went well, 1 when a
+call failed (message and tracking id on stderr), input lines were bad or
+`trace` found nothing, 2 for usage errors.
+
+`aetherops trace TRACKING_ID` follows one request through the system: the alerts
+ingested under it (ListAlerts), their incidents (GetCluster), the runbook
+executions of those incidents and those started or acted on under the id
+(ListExecutions), and each execution's steps (GetExecutionStatus), as a tree.
 
 `health` and the operator commands connect over TLS when given `--ca-file`
 (AETHEROPS_CA_FILE), adding a client certificate for mTLS with `--cert-file` and
@@ -26,6 +31,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,7 @@ from aetherops.config import Settings
 from aetherops.errors import ConfigError
 from aetherops.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["PlotSeries", "main", "plot_series"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -304,15 +310,23 @@ def _add_operator_commands(sub: Any) -> None:
     forecast.add_argument("satellite_id")
     forecast.add_argument("resource", help="fuel, power, storage or bandwidth")
     forecast.add_argument("--plot", type=Path, metavar="OUT.png", help="write a chart of the forecast")
+    forecast.add_argument(
+        "--history-days", type=float, default=90.0, help="days of stored history the chart shows (default 90)"
+    )
 
     fleet = sub.add_parser("fleet", help="the fleet as a whole").add_subparsers(dest="action", required=True)
     fleet.add_parser("risk", parents=[common], help="satellites grouped by risk level")
+
+    trace = sub.add_parser(
+        "trace", parents=[common], help="follow a tracking id: alerts -> incident -> runbook executions and steps"
+    )
+    trace.add_argument("tracking_id", help="an x-tracking-id (of IngestAlert, StartExecution, ApproveStep ...)")
 
 
 def _run_operator_command(args: argparse.Namespace) -> int:
     from clients.sdk import AetherOpsError, ClientConfig, SyncAetherOpsClient
 
-    handler = _HANDLERS[(args.command, args.action)]
+    handler = _HANDLERS[(args.command, getattr(args, "action", None))]
     try:
         tls = _tls_files(args)
         ca, cert, key = tls or (None, None, None)
@@ -801,12 +815,193 @@ def _runbooks_watch(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- trace
+
+
+def _unless_unimplemented(
+    pages: Callable[..., Iterator[Any]], service: str, notes: list[str], **filters: Any
+) -> list[Any]:
+    """Every item of a paged query; a server that does not run that service (--services) gives a note,
+    not a failure."""
+    from clients.sdk import Unimplemented
+
+    try:
+        return list(pages(page_size=500, **filters))
+    except Unimplemented:
+        notes.append(f"{service} is not served at this address; its part of the trace is missing")
+        return []
+
+
+def _trace(client: Any, args: argparse.Namespace) -> int:
+    """alert -> incident -> runbook executions and their steps, for one tracking id."""
+    tracking_id = args.tracking_id.strip()
+    if not tracking_id:
+        raise _UsageError("the tracking id must not be empty")
+    notes: list[str] = []
+    alerts = _unless_unimplemented(client.iter_alerts, "the correlation service", notes, by_tracking_id=tracking_id)
+    incident_ids = list(dict.fromkeys(a.cluster_id for a in alerts))
+    executions: dict[str, Any] = {}  # execution id -> ListExecutions entry, in discovery order
+    for incident_id in incident_ids:
+        for entry in _unless_unimplemented(
+            client.iter_executions, "the runbook service", notes, incident_id=incident_id
+        ):
+            executions.setdefault(entry.execution_id, entry)
+    for entry in _unless_unimplemented(
+        client.iter_executions, "the runbook service", notes, by_tracking_id=tracking_id
+    ):
+        executions.setdefault(entry.execution_id, entry)
+        # Started (or acted on) under this id for an incident whose alerts came under other ids.
+        if entry.incident_id and entry.incident_id not in incident_ids:
+            incident_ids.append(entry.incident_id)
+    if not alerts and not executions:
+        message = f"nothing found for tracking id {tracking_id}: no alert ingested and no execution run under it"
+        print(f"aetherops: {message}", file=sys.stderr)
+        for note in dict.fromkeys(notes):
+            print(f"  {note}", file=sys.stderr)
+        if args.json:
+            _emit({"error": {"code": "NOT_FOUND", "message": message, "tracking_id": tracking_id}})
+        return EXIT_RPC
+    from clients.sdk import NotFound, Unimplemented
+
+    clusters = {}
+    for incident_id in incident_ids:
+        try:
+            clusters[incident_id] = client.get_cluster(incident_id).cluster
+        except (NotFound, Unimplemented) as exc:  # e.g. a manual start naming an incident never ingested here
+            notes.append(f"incident {incident_id}: {exc.message}")
+    states = {eid: client.get_execution_status(eid).execution for eid in executions}
+    # Oldest first: the order things happened in (ListExecutions pages newest first).
+    executions = dict(sorted(executions.items(), key=lambda item: _started(states[item[0]])))
+    incidents = [
+        {
+            "incident_id": incident_id,
+            "cluster": clusters.get(incident_id),
+            "alerts": [a for a in alerts if a.cluster_id == incident_id],
+            "executions": [states[eid] for eid, e in executions.items() if e.incident_id == incident_id],
+        }
+        for incident_id in incident_ids
+    ]
+    loose = [states[eid] for eid, e in executions.items() if e.incident_id not in incident_ids]
+    if args.json:
+        _emit(
+            {
+                "tracking_id": tracking_id,
+                "incidents": [
+                    {
+                        "incident_id": i["incident_id"],
+                        "cluster": _to_dict(i["cluster"]) if i["cluster"] is not None else None,
+                        "alerts": [_to_dict(a) for a in i["alerts"]],
+                        "executions": [_to_dict(e) for e in i["executions"]],
+                    }
+                    for i in incidents
+                ],
+                "executions": [_to_dict(e) for e in loose],
+                "notes": list(dict.fromkeys(notes)),
+            }
+        )
+        return EXIT_OK
+    _print_trace(tracking_id, incidents, loose, len(alerts), len(executions))
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def _started(execution: Any) -> tuple[int, int, str]:
+    return execution.start_time.seconds, execution.start_time.nanos, execution.execution_id
+
+
+def _tree(lines: list[str], items: Sequence[tuple[str, list[Any]]], prefix: str) -> None:
+    """Append `items` (label, children) as tree lines; children are (label, children) too."""
+    for index, (label, children) in enumerate(items):
+        last = index == len(items) - 1
+        lines.append(f"{prefix}{'└── ' if last else '├── '}{label}")
+        _tree(lines, children, prefix + ("    " if last else "│   "))
+
+
+def _execution_node(execution: Any, tracking_id: str) -> tuple[str, list[Any]]:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
+    status = _enum(runbook_pb2.RunbookStatus, execution.status, "RUNBOOK_STATUS_")
+    label = (
+        f"execution {execution.execution_id}  runbook {execution.runbook_id} v{execution.runbook_version}  "
+        f"{status}  triggered by {execution.triggered_by or '-'}  started {_when(execution.start_time)}"
+    )
+    if execution.tracking_id and execution.tracking_id != tracking_id:
+        label += f"  (tracking id {execution.tracking_id})"
+    if execution.error:
+        label += f"  error: {execution.error}"
+    # Which requests acted on each step (the incident, an approval, a manual ExecuteNextStep ...).
+    acted: dict[str, list[str]] = {}
+    for entry in execution.audit_log:
+        if entry.step_id and entry.tracking_id:
+            ids = acted.setdefault(entry.step_id, [])
+            if entry.tracking_id not in ids:
+                ids.append(entry.tracking_id)
+    width = max((len(s.step_id) for s in execution.steps), default=0)
+    action_width = max((len(s.action) for s in execution.steps), default=0)
+    steps: list[tuple[str, list[Any]]] = []
+    for step in execution.steps:
+        parts = [
+            f"step {step.step_id.ljust(width)}  {step.action.ljust(action_width)}  "
+            f"{_enum(runbook_pb2.StepStatus, step.status, 'STEP_STATUS_')}"
+        ]
+        when = _when(step.finish_time) or _when(step.start_time)
+        if when:
+            parts.append(when)
+        if step.approved_by:
+            parts.append(f"approved by {step.approved_by}")
+        if step.error:
+            parts.append(f"error: {step.error}")
+        ids = acted.get(step.step_id, [])
+        others = [i for i in ids if i != tracking_id]
+        if others:
+            parts.append(f"{'also ' if tracking_id in ids else ''}under tracking id {', '.join(others)}")
+        steps.append(("  ".join(parts), []))
+    return label, steps
+
+
+def _print_trace(
+    tracking_id: str, incidents: Sequence[dict[str, Any]], loose: Sequence[Any], alert_count: int, runs: int
+) -> None:
+    lines = [f"tracking id {tracking_id}: {alert_count} alert(s), {len(incidents)} incident(s), {runs} execution(s)"]
+    nodes: list[tuple[str, list[Any]]] = []
+    for incident in incidents:
+        cluster = incident["cluster"]
+        if cluster is None:
+            label = f"incident {incident['incident_id']}  (not found)"
+        else:
+            from gen.aetherops.correlation.v1 import correlation_pb2
+
+            status = _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_")
+            label = (
+                f"incident {cluster.cluster_id}  {status}  severity {cluster.max_severity}  "
+                f"{cluster.alert_count} alert(s)  {','.join(cluster.satellite_ids)}  {','.join(cluster.subsystems)}  "
+                f"root cause {cluster.root_cause_alert_id or '-'}"
+            )
+        children: list[tuple[str, list[Any]]] = []
+        for stored in incident["alerts"]:
+            a = stored.alert
+            text = f"alert {a.alert_id}  {a.satellite_id} {a.subsystem}  severity {a.severity}  {_when(a.timestamp)}"
+            if stored.duplicate_of_alert_id:
+                text += f"  duplicate of {stored.duplicate_of_alert_id}"
+            children.append((text, []))
+        children.extend(_execution_node(e, tracking_id) for e in incident["executions"])
+        if not incident["executions"]:
+            children.append(("no runbook execution", []))
+        nodes.append((label, children))
+    nodes.extend(_execution_node(e, tracking_id) for e in loose)
+    _tree(lines, nodes, "")
+    print("\n".join(lines))
+
+
 # -- capacity and fleet
 
 
 def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.capacity.v1 import capacity_pb2
 
+    if args.history_days <= 0:
+        raise _UsageError("--history-days must be positive")
     try:
         reply = client.forecast_exhaustion(args.satellite_id, args.resource)
     except ValueError as exc:
@@ -818,12 +1013,15 @@ def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
             print(f"no forecast for {args.satellite_id} {args.resource}: {reply.reason}")
         return EXIT_OK
     forecast = reply.forecast
+    history: list[tuple[datetime, float]] = []
     if args.plot is not None:
-        _plot_forecast(forecast, args.plot)
+        history = _fetch_history(client, forecast, days=args.history_days)
+        _plot_forecast(plot_series(forecast, history, datetime.now(UTC)), forecast, args.plot)
     if args.json:
         body = _to_dict(forecast)
         if args.plot is not None:
             body["plot"] = str(args.plot)
+            body["plot_history_points"] = len(history)
         _emit(body)
         return EXIT_OK
 
@@ -848,131 +1046,198 @@ def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
     ]
     print(_table(["FIELD", "VALUE"], rows))
     if args.plot is not None:
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {args.plot} ({len(history)} history points)")
     return EXIT_OK
 
 
-def _plot_forecast(forecast: Any, out: Path) -> None:
-    """The forecast as a chart: current value, fitted trend, missions, P10-P90 band, exhaustion date.
+# At most this many snapshots are drawn: a year of one-minute buckets, far more than a chart shows.
+_MAX_HISTORY_POINTS = 600_000
 
-    The contract carries no history series (ForecastExhaustion answers with the current
-    value, the fitted rate, the P10/P50/P90 days and the summed mission impact), so the
-    chart starts at the current value; mission timing is not in the contract either, so
-    the mission impact is drawn as its own trend line, spread linearly to exhaustion.
-    """
-    try:
-        import matplotlib
-    except ImportError:
-        raise _UsageError("--plot needs matplotlib (pip install matplotlib)") from None
-    matplotlib.use("Agg")  # no display: files only
+
+def _fetch_history(client: Any, forecast: Any, *, days: float) -> list[tuple[datetime, float]]:
+    """The series' stored snapshots of the last `days` (ListSnapshots, page by page)."""
     from datetime import timedelta
 
-    import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
+    start = datetime.now(UTC) - timedelta(days=days)
+    history: list[tuple[datetime, float]] = []
+    for snapshot in client.iter_snapshots(
+        forecast.satellite_id, int(forecast.resource_type), start=start, page_size=10_000
+    ):
+        history.append((snapshot.timestamp.ToDatetime(tzinfo=UTC), snapshot.value))
+        if len(history) >= _MAX_HISTORY_POINTS:
+            break
+    return history
+
+
+@dataclass(frozen=True)
+class PlotSeries:
+    """What the forecast chart draws, computed apart from matplotlib (so it can be tested).
+
+    `history` is the stored series; `trend` the fitted consumption rate through the current value (over
+    the history and on until the level is reached); `with_missions` the trend with the scheduled missions'
+    impact, ending at the exhaustion level at the predicted time; `band` the P10-P90 dates of exhaustion.
+    """
+
+    history: list[tuple[datetime, float]]
+    current: tuple[datetime, float]
+    now: datetime
+    trend: list[tuple[datetime, float]]
+    with_missions: list[tuple[datetime, float]]
+    band: tuple[datetime, datetime] | None
+    exhaustion: datetime | None
+    level: float
+    end: datetime
+
+
+def plot_series(forecast: Any, history: Sequence[tuple[datetime, float]], local_now: datetime) -> PlotSeries:
+    """The chart's series from a ForecastExhaustion answer and the stored history (ListSnapshots).
+
+    Days remaining are counted from the server's clock, so "now" is the predicted exhaustion time minus
+    the days remaining (our clock when not depleting). Mission timing is not in the contract (the
+    forecast carries the summed impact), so the missions' effect is drawn as its own line, spread
+    linearly to exhaustion.
+    """
+    from datetime import timedelta
 
     from gen.aetherops.capacity.v1 import capacity_pb2
 
-    resource = _enum(capacity_pb2.ResourceType, forecast.resource_type, "RESOURCE_TYPE_").lower()
     fills = forecast.resource_type == capacity_pb2.RESOURCE_TYPE_STORAGE  # storage fills up, the rest depletes
     sign = 1.0 if fills else -1.0
     rate = forecast.rate_per_day
     impact = forecast.scheduled_impact
     depleting = forecast.HasField("days_remaining") and forecast.HasField("predicted_exhaustion_time")
-    server_now = datetime.now(UTC)
-    exhaustion = server_now
+    now = local_now
+    exhaustion: datetime | None = None
     if depleting:
         exhaustion = forecast.predicted_exhaustion_time.ToDatetime(tzinfo=UTC)
-        # Days remaining are counted from the server's clock, not ours.
-        server_now = exhaustion - timedelta(days=forecast.days_remaining)
-    # The exhaustion level: empty for depleting resources; for storage the capacity, which the
-    # contract does not carry: 100 for "%", otherwise what the forecast implies.
+        now = exhaustion - timedelta(days=forecast.days_remaining)
+    # The exhaustion level: empty for depleting resources; for storage the capacity, which the contract
+    # does not carry: 100 for "%", otherwise what the forecast implies.
     if not fills:
         level = 0.0
     elif forecast.unit == "%":
         level = 100.0
     else:
         level = forecast.current_value + rate * (forecast.days_remaining if depleting else 0.0) + impact
-    # The current value is the latest snapshot, usually a little older than "now": place it
-    # on the trend that reaches the level at the exhaustion time.
-    current_at = server_now
-    if depleting and rate > 0:
-        lead = max(abs(level - forecast.current_value) - impact, 0.0) / rate
-        current_at = min(server_now, max(exhaustion - timedelta(days=lead), server_now - timedelta(days=365)))
+    if history:
+        current_at = history[-1][0]  # the current value is the latest snapshot
+    else:
+        # No history: place the current value on the trend that reaches the level at exhaustion.
+        current_at = now
+        if exhaustion is not None and rate > 0:
+            lead = max(abs(level - forecast.current_value) - impact, 0.0) / rate
+            current_at = min(now, max(exhaustion - timedelta(days=lead), now - timedelta(days=365)))
+
+    def days_after_now(name: str) -> datetime | None:
+        return now + timedelta(days=getattr(forecast, name)) if forecast.HasField(name) else None
+
+    p10, p90 = days_after_now("days_remaining_p10"), days_after_now("days_remaining_p90")
+    if exhaustion is not None:
+        end = max(filter(None, [p90, exhaustion, now + timedelta(days=7)]))
+        end = end + (end - min(current_at, history[0][0] if history else current_at)) * 0.1
+    else:
+        end = now + timedelta(days=30)
+
+    def on_trend(moment: datetime) -> float:
+        return float(forecast.current_value + sign * rate * (moment - current_at).total_seconds() / 86400)
+
+    trend_start = history[0][0] if history else current_at
+    trend_end = end
+    if rate > 0:  # the fitted trend stops where the resource runs out
+        reach = current_at + timedelta(days=abs(level - forecast.current_value) / rate)
+        trend_end = min(trend_end, reach)
+    trend = [(trend_start, on_trend(trend_start)), (trend_end, on_trend(trend_end))]
+    with_missions = [(current_at, forecast.current_value), (exhaustion, level)] if exhaustion is not None else []
+    band = (p10, p90) if exhaustion is not None and p10 is not None and p90 is not None else None
+    return PlotSeries(
+        history=list(history),
+        current=(current_at, forecast.current_value),
+        now=now,
+        trend=trend,
+        with_missions=with_missions,
+        band=band,
+        exhaustion=exhaustion,
+        level=level,
+        end=end,
+    )
+
+
+def _plot_forecast(series: PlotSeries, forecast: Any, out: Path) -> None:
+    """The forecast as a chart: history, fitted trend, scheduled missions, P10-P90 band, exhaustion date."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise _UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    resource = _enum(capacity_pb2.ResourceType, forecast.resource_type, "RESOURCE_TYPE_").lower()
+    unit = forecast.unit
 
     def num(moment: datetime) -> float:
         return float(mdates.date2num(moment))  # type: ignore[no-untyped-call]
 
-    def days_after_now(name: str) -> datetime | None:
-        return server_now + timedelta(days=getattr(forecast, name)) if forecast.HasField(name) else None
-
-    p10, p90 = days_after_now("days_remaining_p10"), days_after_now("days_remaining_p90")
-    end = max(filter(None, [p90, exhaustion, server_now + timedelta(days=7)]))
-    end = end + (end - current_at) * 0.1 if depleting else server_now + timedelta(days=30)
-    span_days = (end - current_at).total_seconds() / 86400
-    if rate > 0:  # the fitted trend stops where the resource runs out
-        span_days = min(span_days, abs(level - forecast.current_value) / rate)
-
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    if series.history:
+        ax.plot(
+            [num(t) for t, _ in series.history],
+            [v for _, v in series.history],
+            ".-" if len(series.history) < 200 else "-",
+            color="tab:gray",
+            markersize=3,
+            linewidth=1,
+            label=f"history: {len(series.history)} snapshots",
+        )
+    current_at, current = series.current
+    ax.plot([num(current_at)], [current], "o", color="black", zorder=5, label=f"current: {current:.4g} {unit}")
+    (t0, v0), (t1, v1) = series.trend
     ax.plot(
-        [num(current_at)],
-        [forecast.current_value],
-        "o",
-        color="black",
-        zorder=5,
-        label=f"current: {forecast.current_value:.4g} {forecast.unit}",
-    )
-    ax.plot(
-        [num(current_at), num(current_at + timedelta(days=span_days))],
-        [forecast.current_value, forecast.current_value + sign * rate * span_days],
+        [num(t0), num(t1)],
+        [v0, v1],
         "--",
         color="tab:blue",
-        label=f"fitted trend: {rate:.4g} {forecast.unit}/day",
+        label=f"fitted trend: {forecast.rate_per_day:.4g} {unit}/day",
     )
-    if depleting:
+    if series.with_missions and series.exhaustion is not None:
         ax.plot(
-            [num(current_at), num(exhaustion)],
-            [forecast.current_value, level],
+            [num(t) for t, _ in series.with_missions],
+            [v for _, v in series.with_missions],
             color="tab:orange",
             linewidth=2,
-            label=f"with scheduled missions ({impact:.4g} {forecast.unit})",
+            label=f"with scheduled missions ({forecast.scheduled_impact:.4g} {unit})",
         )
-        if p10 is not None and p90 is not None:
+        if series.band is not None:
+            p10, p90 = series.band
             ax.fill(
                 [num(current_at), num(p10), num(p90)],
-                [forecast.current_value, level, level],
+                [current, series.level, series.level],
                 color="tab:orange",
                 alpha=0.2,
                 label=f"P10–P90: {p10:%Y-%m-%d} – {p90:%Y-%m-%d}",
             )
             ax.axvspan(num(p10), num(p90), color="tab:red", alpha=0.08)
+        exhaustion = series.exhaustion
         ax.axvline(num(exhaustion), color="tab:red", linewidth=1.5, label=f"exhaustion: {exhaustion:%Y-%m-%d %H:%M}Z")
         ax.annotate(
             f"{exhaustion:%Y-%m-%d}",
-            xy=(num(exhaustion), level),
+            xy=(num(exhaustion), series.level),
             xytext=(8, 12),
             textcoords="offset points",
             color="tab:red",
         )
-    ax.axvline(num(server_now), color="grey", linewidth=0.8, linestyle="-.", label="now")
-    ax.axhline(level, color="grey", linewidth=0.8, linestyle=":")
+    ax.axvline(num(series.now), color="grey", linewidth=0.8, linestyle="-.", label="now")
+    ax.axhline(series.level, color="grey", linewidth=0.8, linestyle=":")
     risk = _enum(capacity_pb2.RiskLevel, forecast.risk_level, "RISK_LEVEL_")
     ax.set_title(f"{forecast.satellite_id} {resource}: {risk} (confidence {forecast.confidence:.2f})")
-    ax.set_ylabel(f"{resource} ({forecast.unit})" if forecast.unit else resource)
+    ax.set_ylabel(f"{resource} ({unit})" if unit else resource)
     ax.xaxis_date()
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
     fig.autofmt_xdate()
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    ax.text(
-        0.99,
-        0.01,
-        "history is not part of the ForecastExhaustion contract",
-        transform=ax.transAxes,
-        ha="right",
-        va="bottom",
-        fontsize="x-small",
-        color="grey",
-    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
@@ -995,7 +1260,7 @@ def _fleet_risk(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
+_HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]] = {
     ("alerts", "ingest"): _alerts_ingest,
     ("clusters", "list"): _clusters_list,
     ("clusters", "show"): _clusters_show,
@@ -1009,6 +1274,7 @@ _HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
     ("capacity", "ingest"): _capacity_ingest,
     ("capacity", "forecast"): _capacity_forecast,
     ("fleet", "risk"): _fleet_risk,
+    ("trace", None): _trace,
 }
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "mission_to_proto",
     "resource_from_proto",
     "snapshot_from_proto",
+    "snapshot_to_proto",
 ]
 
 log = logging.getLogger("aetherops.capacity")
@@ -127,6 +128,16 @@ def snapshot_from_proto(message: pb.ResourceSnapshot, service: CapacityService) 
     if problems:
         raise ValidationError(problems)
     return snapshot
+
+
+def snapshot_to_proto(snapshot: ResourceSnapshot) -> pb.ResourceSnapshot:
+    return pb.ResourceSnapshot(
+        satellite_id=snapshot.satellite_id,
+        resource_type=_res(snapshot.resource_type),
+        timestamp=to_ts(snapshot.timestamp),
+        value=snapshot.value,
+        unit=snapshot.unit,
+    )
 
 
 def mission_from_proto(message: pb.ScheduledMission) -> MissionScheduleEntry:
@@ -440,6 +451,18 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
                 for d in found
             ]
         )
+
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
+        resource = _checked_query(request.satellite_id, request.resource_type)
+        snapshots, token = await self._svc.list_snapshots(
+            request.satellite_id,
+            resource,
+            start=from_ts(request, "start_time"),
+            end=from_ts(request, "end_time"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListSnapshotsResponse(snapshots=[snapshot_to_proto(s) for s in snapshots], next_page_token=token)
 
 
 def _checked_query(satellite_id: str, resource_type: int) -> ResourceType:

@@ -26,7 +26,7 @@ from aetherops.bus import DurableConsumer
 from aetherops.clock import Clock
 from aetherops.config import Settings
 from aetherops.correlation import Alert, CorrelationEngine
-from aetherops.db.correlation import ClusterRecord
+from aetherops.db.correlation import ClusterRecord, StoredAlert
 from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.correlation import CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
@@ -85,6 +85,15 @@ def alert_to_proto(alert: Alert) -> pb.Alert:
         message=alert.message,
         labels=dict(alert.labels),
         tracking_id=alert.tracking_id,
+    )
+
+
+def stored_alert_to_proto(stored: StoredAlert) -> pb.StoredAlert:
+    return pb.StoredAlert(
+        alert=alert_to_proto(stored.alert),
+        cluster_id=stored.cluster_id,
+        duplicate_of_alert_id=stored.duplicate_of or "",
+        ingest_time=to_ts(stored.ingested_time),
     )
 
 
@@ -260,6 +269,16 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             min_severity=request.min_severity,
         )
         return pb.ListActiveClustersResponse(clusters=[cluster_to_proto(r) for r in page], next_page_token=token)
+
+    async def ListAlerts(self, request: pb.ListAlertsRequest, context: Any) -> pb.ListAlertsResponse:
+        page, token = await self._svc.list_alerts(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            tracking_id=request.tracking_id,
+            cluster_id=request.cluster_id,
+            satellite_id=request.satellite_id,
+        )
+        return pb.ListAlertsResponse(alerts=[stored_alert_to_proto(a) for a in page], next_page_token=token)
 
     async def CloseCluster(self, request: pb.CloseClusterRequest, context: Any) -> pb.CloseClusterResponse:
         _require_id(request.cluster_id, "cluster_id")

@@ -12,6 +12,9 @@
   aetherops.actions._announce (core NATS, under the namespace prefix).
 * WatchExecution: the service wakes watchers after its own commits; commits of other replicas wake
   them through the runbook events on NATS (one subscription per process, filtered by execution id).
+* Tracking: an incident event is handled under the tracking id it carries (the envelope's, else the
+  NATS header's, which the durable consumer sets), so the executions it starts and their transitions
+  record the tracking id of the alert that opened the incident.
 * Identities: the approver and triggered_by come from `_principal_or` - the authenticated principal
   when authentication set one, else the request field (documented in the proto).
 """
@@ -32,6 +35,7 @@ from nats.aio.subscription import Subscription
 
 from aetherops.bus import DurableConsumer
 from aetherops.config import Settings
+from aetherops.db.runbook import ExecutionRow
 from aetherops.errors import ValidationError
 from aetherops.runbook import (
     DEFAULT_STEP_TIMEOUT_S,
@@ -53,14 +57,14 @@ from aetherops.services.runbook import (
     Transition,
     incident_variables,
 )
-from aetherops.tracking import current_principal_name
+from aetherops.tracking import current_principal_name, reset_tracking_id, set_tracking_id
 from gen.aetherops.events.v1 import events_pb2
 from gen.aetherops.runbook.v1 import runbook_pb2 as pb
 from gen.aetherops.runbook.v1 import runbook_pb2_grpc
 from servers.component import GaugeSample, Infra
 from servers.convert import from_struct, from_ts, to_duration, to_struct, to_ts
 
-__all__ = ["RunbookComponent", "encode_message", "incident_from_event"]
+__all__ = ["RunbookComponent", "encode_message", "execution_row_to_proto", "incident_from_event"]
 
 log = logging.getLogger("aetherops.runbook")
 
@@ -175,6 +179,7 @@ def execution_to_proto(state: ExecutionContext) -> pb.Execution:
                 step_id=a.step_id,
                 detail=a.detail,
                 seq=a.seq,
+                tracking_id=a.tracking_id,
             )
             for a in state.audit_log
         ],
@@ -182,6 +187,25 @@ def execution_to_proto(state: ExecutionContext) -> pb.Execution:
         finish_time=to_ts(state.finished_time),
         error=state.error or "",
         version=state.version,
+        tracking_id=state.tracking_id,
+        incident_id=state.incident_id,
+    )
+
+
+def execution_row_to_proto(row: ExecutionRow) -> pb.Execution:
+    """A ListExecutions entry: what the executions index holds (no steps, variables or audit log)."""
+    return pb.Execution(
+        execution_id=row.execution_id,
+        runbook_id=row.runbook_id,
+        runbook_version=row.runbook_version,
+        triggered_by=row.triggered_by,
+        status=_RUNBOOK_STATUS[RunbookStatus(row.status)],
+        current_step_index=row.current_step_index,
+        start_time=to_ts(row.started_time),
+        finish_time=to_ts(row.finished_time),
+        version=row.version,
+        tracking_id=row.tracking_id,
+        incident_id=row.incident_id,
     )
 
 
@@ -324,6 +348,7 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
             _principal_or(request.triggered_by, context),
             variables,
             request_id=request.request_id,
+            incident_id=request.incident_id,
         )
         return pb.StartExecutionResponse(execution=execution_to_proto(state))
 
@@ -355,6 +380,22 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
     ) -> pb.GetExecutionStatusResponse:
         state = await self._svc.get_status(request.execution_id, from_ts(request, "as_of_time"))
         return pb.GetExecutionStatusResponse(execution=execution_to_proto(state))
+
+    async def ListExecutions(self, request: pb.ListExecutionsRequest, context: Any) -> pb.ListExecutionsResponse:
+        status: RunbookStatus | None = None
+        if request.status:
+            status = _RUNBOOK_STATUS_IN.get(request.status)
+            if status is None:
+                raise ValidationError.single("status", f"unknown status {request.status}")
+        rows, token = await self._svc.list_executions(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            tracking_id=request.tracking_id,
+            incident_id=request.incident_id,
+            runbook_id=request.runbook_id,
+            status=status,
+        )
+        return pb.ListExecutionsResponse(executions=[execution_row_to_proto(r) for r in rows], next_page_token=token)
 
     async def WatchExecution(
         self, request: pb.WatchExecutionRequest, context: Any
@@ -421,8 +462,14 @@ class RunbookComponent:
         incident = incident_from_event(event)
         if incident is None or not incident.get("cluster_id"):
             return
-        # Errors other than bad input (e.g. PostgreSQL down) propagate: the message is redelivered.
-        await self.service.start_for_incident(incident)
+        # The executions it starts (and their driven steps) record the incident event's tracking id.
+        token = set_tracking_id(event.tracking_id) if event.tracking_id else None
+        try:
+            # Errors other than bad input (e.g. PostgreSQL down) propagate: the message is redelivered.
+            await self.service.start_for_incident(incident)
+        finally:
+            if token is not None:
+                reset_tracking_id(token)
 
     async def _on_runbook_event(self, msg: Msg) -> None:
         if self.service is None:

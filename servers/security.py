@@ -56,6 +56,7 @@ RPC_ROLES: dict[str, Role] = {
     _CORRELATION + "IdentifyRootCause": Role.VIEWER,
     _CORRELATION + "ScoreAlerts": Role.VIEWER,
     _CORRELATION + "WatchClusters": Role.VIEWER,
+    _CORRELATION + "ListAlerts": Role.VIEWER,
     _RUNBOOK + "ListActions": Role.VIEWER,
     _RUNBOOK + "RegisterRunbook": Role.ADMIN,
     _RUNBOOK + "GetRunbook": Role.VIEWER,
@@ -67,6 +68,7 @@ RPC_ROLES: dict[str, Role] = {
     _RUNBOOK + "RollbackExecution": Role.OPERATOR,
     _RUNBOOK + "GetExecutionStatus": Role.VIEWER,
     _RUNBOOK + "WatchExecution": Role.VIEWER,
+    _RUNBOOK + "ListExecutions": Role.VIEWER,
     _CAPACITY + "IngestSnapshot": Role.OPERATOR,
     _CAPACITY + "IngestSnapshots": Role.OPERATOR,
     _CAPACITY + "AddScheduledMission": Role.OPERATOR,
@@ -75,6 +77,7 @@ RPC_ROLES: dict[str, Role] = {
     _CAPACITY + "GetFleetRiskSummary": Role.VIEWER,
     _CAPACITY + "GetCriticalForecasts": Role.VIEWER,
     _CAPACITY + "RecommendInterventions": Role.VIEWER,
+    _CAPACITY + "ListSnapshots": Role.VIEWER,
 }
 """Full method name -> the role a caller needs. A method missing here is refused (fail closed)."""
 

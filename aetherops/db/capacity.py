@@ -21,7 +21,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from aetherops.capacity import MissionScheduleEntry, ResourceType, RiskLevel, datetime_to_us
+from aetherops.capacity import MissionScheduleEntry, ResourceSnapshot, ResourceType, RiskLevel, datetime_to_us
 
 __all__ = [
     "RiskRow",
@@ -32,6 +32,7 @@ __all__ = [
     "encode_copy_binary",
     "get_mission",
     "insert_snapshots",
+    "list_snapshots",
     "load_missions",
     "load_risk_levels",
     "load_snapshots",
@@ -229,6 +230,33 @@ async def load_snapshots(conn: asyncpg.Connection) -> list[SeriesBlock]:
     if offset != rows.size:
         raise RuntimeError(f"snapshot load: {rows.size} rows but counts add up to {offset}")
     return blocks
+
+
+async def list_snapshots(
+    conn: asyncpg.Connection,
+    satellite_id: str,
+    resource_type: ResourceType,
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    after: datetime | None,
+    limit: int,
+) -> list[ResourceSnapshot]:
+    """One page of a series in time order, within [start, end), after `after` (keyset pagination on the
+    primary key, which is exactly this index)."""
+    clauses = ["satellite_id = $1", "resource_type = $2"]
+    args: list[object] = [satellite_id, int(resource_type)]
+    for clause, value in (("snapshot_time >= ", start), ("snapshot_time < ", end), ("snapshot_time > ", after)):
+        if value is not None:
+            args.append(value)
+            clauses.append(f"{clause}${len(args)}")
+    args.append(limit)
+    rows = await conn.fetch(
+        f"""SELECT snapshot_time, value, unit FROM {_TABLE} WHERE {" AND ".join(clauses)}
+            ORDER BY snapshot_time LIMIT ${len(args)}""",
+        *args,
+    )
+    return [ResourceSnapshot(satellite_id, resource_type, r["snapshot_time"], r["value"], r["unit"]) for r in rows]
 
 
 async def count_snapshots(conn: asyncpg.Connection, satellite_id: str | None = None) -> int:

@@ -14,12 +14,14 @@ from aetherops.correlation import Alert
 __all__ = [
     "AlertRow",
     "ClusterRecord",
+    "StoredAlert",
     "close_cluster",
     "get_alerts",
     "get_cluster",
     "insert_alerts",
     "known_alerts",
     "list_active",
+    "list_alerts",
     "load_active",
     "upsert_clusters",
 ]
@@ -64,6 +66,16 @@ class AlertRow:
     cluster_id: str
     duplicate_of: str | None
     tracking_id: str
+
+
+@dataclass(frozen=True)
+class StoredAlert:
+    """An alert as stored: the cluster it went to, what it duplicates (if it does), when it was stored."""
+
+    alert: Alert
+    cluster_id: str
+    duplicate_of: str | None
+    ingested_time: datetime
 
 
 _CLUSTER_COLUMN_NAMES = [
@@ -285,6 +297,42 @@ async def list_active(
     )
     alerts = await get_alerts(conn, [r["cluster_id"] for r in rows])
     return [_record(r, alerts[r["cluster_id"]]) for r in rows]
+
+
+async def list_alerts(
+    conn: asyncpg.Connection,
+    *,
+    tracking_id: str,
+    cluster_id: str,
+    satellite_id: str,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[StoredAlert]:
+    """One page of stored alerts (duplicates included), oldest alert time first (keyset pagination).
+    The caller filters by tracking id or cluster (or both): those are what the indexes serve."""
+    if not (tracking_id or cluster_id):
+        raise ValueError("list_alerts needs a tracking id or a cluster id")
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column, value in (("tracking_id", tracking_id), ("cluster_id", cluster_id), ("satellite_id", satellite_id)):
+        if value:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    if after is not None:
+        args.extend(after)
+        clauses.append(f"(alert_time, alert_id) > (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    where, n = " AND ".join(clauses), len(args)
+    if cluster_id:
+        # Two partial indexes hold a cluster's alerts (non-duplicates, duplicates), so the hot ingest
+        # path keeps one cluster index per row: merge one page of each.
+        page = f"ORDER BY alert_time, alert_id LIMIT ${n}"
+        query = f"""(SELECT * FROM alerts WHERE {where} AND duplicate_of IS NULL {page})
+            UNION ALL (SELECT * FROM alerts WHERE {where} AND duplicate_of IS NOT NULL {page}) {page}"""
+    else:
+        query = f"SELECT * FROM alerts WHERE {where} ORDER BY alert_time, alert_id LIMIT ${n}"
+    rows = await conn.fetch(query, *args)
+    return [StoredAlert(_alert(r), r["cluster_id"], r["duplicate_of"], r["ingested_time"]) for r in rows]
 
 
 async def close_cluster(

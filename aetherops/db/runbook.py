@@ -1,8 +1,9 @@
 """PostgreSQL repository for runbooks and the execution event store.
 
 `execution_events` is the source of truth; `executions` is an index written in the same transaction
-(status, version, who started it, for which incident or request). Appending events whose seq already
-exists raises ConflictError: another writer advanced the stream first (optimistic concurrency).
+(status, version, who started it, for which incident or request, under which tracking id). Appending
+events whose seq already exists raises ConflictError: another writer advanced the stream first
+(optimistic concurrency). Each event row keeps the tracking id of the request that caused it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "insert_execution",
     "insert_runbook",
     "latest_versions",
+    "list_executions",
     "list_latest_runbooks",
     "load_events",
     "load_runbooks",
@@ -60,6 +62,7 @@ class ExecutionRow:
     started_time: datetime
     finished_time: datetime | None
     updated_time: datetime
+    tracking_id: str = ""
 
 
 def _runbook(row: asyncpg.Record) -> RunbookRow:
@@ -131,6 +134,7 @@ def _event_args(event: ExecutionEvent) -> tuple[Any, ...]:
         d["actor"],
         d["data"],
         d["schema_version"],
+        d["tracking_id"],
     )
 
 
@@ -140,8 +144,9 @@ async def append_events(conn: asyncpg.Connection, events: Sequence[ExecutionEven
         return
     try:
         await conn.executemany(
-            """INSERT INTO execution_events (execution_id, seq, type, occurred_time, actor, data, schema_version)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+            """INSERT INTO execution_events
+                   (execution_id, seq, type, occurred_time, actor, data, schema_version, tracking_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
             [_event_args(e) for e in events],
         )
     except asyncpg.UniqueViolationError as exc:
@@ -163,6 +168,7 @@ def _raw_event(row: asyncpg.Record) -> dict[str, Any]:
             "by": row["actor"],
             "ts": row["occurred_time"].timestamp(),
             "data": dict(row["data"]),
+            "tracking_id": row["tracking_id"],
         }
     return {
         "schema_version": row["schema_version"],
@@ -172,6 +178,7 @@ def _raw_event(row: asyncpg.Record) -> dict[str, Any]:
         "occurred_time": row["occurred_time"].isoformat(),
         "actor": row["actor"],
         "data": dict(row["data"]),
+        "tracking_id": row["tracking_id"],
     }
 
 
@@ -182,7 +189,7 @@ async def load_events(conn: asyncpg.Connection, execution_id: str) -> list[Execu
 
 
 _EXECUTION_COLUMNS = """execution_id, runbook_id, runbook_version, triggered_by, status, version, current_step_index,
-    incident_id, start_request_id, started_time, finished_time, updated_time"""
+    incident_id, start_request_id, started_time, finished_time, updated_time, tracking_id"""
 
 
 def _execution(row: asyncpg.Record) -> ExecutionRow:
@@ -193,7 +200,8 @@ async def insert_execution(conn: asyncpg.Connection, row: ExecutionRow) -> None:
     """AlreadyExistsError when the id (or the start request id) is taken."""
     try:
         await conn.execute(
-            f"INSERT INTO executions ({_EXECUTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            f"""INSERT INTO executions ({_EXECUTION_COLUMNS})
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
             row.execution_id,
             row.runbook_id,
             row.runbook_version,
@@ -206,6 +214,7 @@ async def insert_execution(conn: asyncpg.Connection, row: ExecutionRow) -> None:
             row.started_time,
             row.finished_time,
             row.updated_time,
+            row.tracking_id,
         )
     except asyncpg.UniqueViolationError as exc:
         raise AlreadyExistsError(f"execution {row.execution_id!r} exists already") from exc
@@ -250,6 +259,46 @@ async def execution_version(conn: asyncpg.Connection, execution_id: str) -> int 
     """The committed length of the stream (None: no such execution)."""
     value = await conn.fetchval("SELECT max(seq) FROM execution_events WHERE execution_id = $1", execution_id)
     return int(value) if value is not None else None
+
+
+async def list_executions(
+    conn: asyncpg.Connection,
+    *,
+    tracking_id: str = "",
+    incident_id: str = "",
+    runbook_id: str = "",
+    status: str = "",
+    after: tuple[datetime, str] | None = None,
+    limit: int,
+) -> list[ExecutionRow]:
+    """One page of executions, newest start first (keyset pagination on (started_time, execution_id)).
+
+    `tracking_id` matches executions started under it and those with a transition a request under it
+    caused (an ApproveStep's tracking id leads to the execution it approved)."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if tracking_id:
+        args.append(tracking_id)
+        n = len(args)
+        clauses.append(
+            f"""execution_id IN (SELECT execution_id FROM executions WHERE tracking_id = ${n}
+                UNION SELECT execution_id FROM execution_events WHERE tracking_id = ${n})"""
+        )
+    for column, value in (("incident_id", incident_id), ("runbook_id", runbook_id), ("status", status)):
+        if value:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    if after is not None:
+        args.extend(after)
+        clauses.append(f"(started_time, execution_id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = await conn.fetch(
+        f"""SELECT {_EXECUTION_COLUMNS} FROM executions {where}
+            ORDER BY started_time DESC, execution_id DESC LIMIT ${len(args)}""",
+        *args,
+    )
+    return [_execution(r) for r in rows]
 
 
 async def unfinished_executions(conn: asyncpg.Connection) -> list[ExecutionRow]:

@@ -36,13 +36,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -575,6 +576,52 @@ class CapacityService:
     def interventions(self, satellite_id: str) -> list[dict[str, Any]]:
         self._require_satellite(satellite_id)
         return self._planner.recommend_interventions(satellite_id)
+
+    async def list_snapshots(
+        self,
+        satellite_id: str,
+        resource_type: ResourceType,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[ResourceSnapshot], str]:
+        """One page of a stored series, oldest first, within [start, end). Read from PostgreSQL, so every
+        replica answers the same; the token is the last timestamp (µs), bound to the series and range."""
+        problems: list[FieldViolation] = []
+        if not satellite_id.strip():
+            problems.append(FieldViolation("satellite_id", "must not be empty"))
+        if start is not None and end is not None and end <= start:
+            problems.append(FieldViolation("end_time", "must be after start_time"))
+        if page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
+        series = f"{satellite_id}\x00{int(resource_type)}\x00{bounds[0]}\x00{bounds[1]}"
+        key = hashlib.sha256(series.encode()).hexdigest()[:16]
+        after: datetime | None = None
+        if page_token:
+            try:
+                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(data["t"]))
+                if data["k"] != key:
+                    problems.append(FieldViolation("page_token", "was issued for another series or range"))
+            except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
+                problems.append(FieldViolation("page_token", "not a token this server issued"))
+        if problems:
+            raise ValidationError(problems)
+        self._require_satellite(satellite_id)
+        limit = min(page_size or 1000, 10_000)
+        async with self._db.connection() as conn:
+            page = await repo.list_snapshots(
+                conn, satellite_id, resource_type, start=start, end=end, after=after, limit=limit + 1
+            )
+        token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            raw = json.dumps({"t": datetime_to_us(page[-1].timestamp), "k": key})
+            token = base64.urlsafe_b64encode(raw.encode()).decode()
+        return page, token
 
     def critical_forecasts(
         self, *, horizon_days: float | None, page_size: int, page_token: str

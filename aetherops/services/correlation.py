@@ -10,7 +10,10 @@ ahead of what is committed.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,14 +24,16 @@ from aetherops.clock import Clock
 from aetherops.correlation import Alert, CorrelationEngine, IncidentCluster, ScoreComponents, validate_alert
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
-from aetherops.db.correlation import AlertRow, ClusterRecord
-from aetherops.errors import FailedPreconditionError, NotFoundError, ValidationError
+from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
+from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
 from aetherops.services.batching import GroupCommitter
 from aetherops.tracking import current_tracking_id
 
 __all__ = ["CorrelationService", "IncidentEvent", "IngestOutcome"]
 
 log = logging.getLogger("aetherops.correlation")
+
+_MAX_FILTER_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -265,8 +270,6 @@ class CorrelationService:
             except ValueError:
                 problems.append(("page_token", "not a token this server issued"))
         if problems:
-            from aetherops.errors import FieldViolation
-
             raise ValidationError([FieldViolation(f, d) for f, d in problems])
         limit = min(page_size or 50, 500)
         since = self._clock.now() - timedelta(seconds=self._engine.time_window_s)
@@ -279,6 +282,50 @@ class CorrelationService:
             page = page[:limit]
             last = page[-1]
             token = base64.urlsafe_b64encode(f"{last.last_alert_time.isoformat()}|{last.cluster_id}".encode()).decode()
+        return page, token
+
+    async def list_alerts(
+        self, *, page_size: int, page_token: str, tracking_id: str, cluster_id: str, satellite_id: str
+    ) -> tuple[list[StoredAlert], str]:
+        """One page of stored alerts (duplicates included), oldest alert time first. A tracking id or a
+        cluster id is required: an unfiltered listing of every alert ever ingested is not a query anyone
+        should run through an RPC (and no index would serve it)."""
+        problems: list[FieldViolation] = []
+        if page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        if not tracking_id and not cluster_id:
+            problems.append(FieldViolation("tracking_id", "set tracking_id or cluster_id (or both)"))
+        for name, value in (("tracking_id", tracking_id), ("cluster_id", cluster_id), ("satellite_id", satellite_id)):
+            if len(value) > _MAX_FILTER_LEN:
+                problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
+        filters = hashlib.sha256(f"{tracking_id}\x00{cluster_id}\x00{satellite_id}".encode()).hexdigest()[:16]
+        after: tuple[datetime, str] | None = None
+        if page_token:
+            try:
+                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (datetime.fromisoformat(str(data["t"])), str(data["a"]))
+                if data["f"] != filters:
+                    problems.append(FieldViolation("page_token", "was issued for other filters"))
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                problems.append(FieldViolation("page_token", "not a token this server issued"))
+        if problems:
+            raise ValidationError(problems)
+        limit = min(page_size or 50, 500)
+        async with self._db.connection() as conn:
+            page = await repo.list_alerts(
+                conn,
+                tracking_id=tracking_id,
+                cluster_id=cluster_id,
+                satellite_id=satellite_id,
+                after=after,
+                limit=limit + 1,
+            )
+        token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            last = page[-1].alert
+            raw = json.dumps({"t": last.timestamp.isoformat(), "a": last.alert_id, "f": filters})
+            token = base64.urlsafe_b64encode(raw.encode()).decode()
         return page, token
 
     async def close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:

@@ -28,6 +28,12 @@ are driven by a background driver in this process - steps run until an approval 
 after ApproveStep the driver continues. Manually started executions advance only through
 ExecuteNextStep (one step per call).
 
+Tracking ids: every event records the tracking id of the request that caused it (the engine asks
+`current_tracking_id`), and the `executions` row the one that started it: the StartExecution request, or
+for incident starts the incident event's (the consumer runs under it), so an alert's tracking id leads to
+the execution it caused. Work no request asked for - a driver resumed after a restart, the ticker
+expiring an approval, settling a load - runs under the execution's own tracking id.
+
 Actions: the core's built-ins (log, wait, set_variable), `publish` (below) and the declared agent
 actions `agent:<name>` (see aetherops.services.agents). `publish` writes its message to the outbox of
 the step's own commit, so the message leaves if and only if the step is committed; its
@@ -40,14 +46,17 @@ captured by one of the JetStream streams (incidents.>, runbook.>, capacity.>, al
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import contextvars
+import hashlib
 import json
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -83,7 +92,7 @@ from aetherops.runbook import (
     validate_runbook,
 )
 from aetherops.services.agents import AgentCall, AgentInvoker
-from aetherops.tracking import current_tracking_id
+from aetherops.tracking import current_tracking_id, reset_tracking_id, set_tracking_id
 
 __all__ = [
     "INCIDENT_FIELDS",
@@ -121,6 +130,8 @@ INCIDENT_FIELDS = (
 _LEASE_GRACE_S = 5.0
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 500
+_MAX_FILTER_LEN = 256
+_EXECUTION_STATUSES = (RunbookStatus.RUNNING, RunbookStatus.COMPLETED, RunbookStatus.FAILED, RunbookStatus.ROLLED_BACK)
 
 
 def incident_execution_id(cluster_id: str, runbook_id: str) -> str:
@@ -253,6 +264,24 @@ def _token(last: str) -> str:
     return last.encode().hex()
 
 
+@contextlib.contextmanager
+def _on_behalf_of(tracking_id: str) -> Iterator[None]:
+    """Within the block, `tracking_id` is the current one - unless a request's is set already."""
+    if current_tracking_id() or not tracking_id:
+        yield
+        return
+    token = set_tracking_id(tracking_id)
+    try:
+        yield
+    finally:
+        reset_tracking_id(token)
+
+
+def _filters_key(*filters: str) -> str:
+    """A short digest of a listing's filters: a page token is valid only with the filters it was issued for."""
+    return hashlib.sha256("\x00".join(filters).encode()).hexdigest()[:16]
+
+
 class RunbookService:
     """Runbooks and executions, durably; see the module docstring."""
 
@@ -275,7 +304,7 @@ class RunbookService:
         self._clock = clock
         self._agents = agents
         self._tick_interval_s = tick_interval_s
-        self._engine = RunbookEngine(clock, register_builtins=False)
+        self._engine = RunbookEngine(clock, register_builtins=False, tracking=current_tracking_id)
         for action in builtin_actions():
             self._engine.register_action(
                 action.name,
@@ -620,7 +649,9 @@ class RunbookService:
         info = _StartInfo(incident_id, request_id or None)
 
         async def start() -> ExecutionContext:
-            self._engine.start_execution(runbook_id, triggered_by, variables or {}, execution_id=eid)
+            self._engine.start_execution(
+                runbook_id, triggered_by, variables or {}, execution_id=eid, incident_id=incident_id
+            )
             return await self._persist(eid, start=info)
 
         try:
@@ -754,6 +785,58 @@ class RunbookService:
             raise NotFoundError(f"execution {execution_id!r} had not started at {as_of.isoformat()}")
         return project(runbook, events, as_of)
 
+    async def list_executions(
+        self,
+        *,
+        page_size: int,
+        page_token: str,
+        tracking_id: str = "",
+        incident_id: str = "",
+        runbook_id: str = "",
+        status: RunbookStatus | None = None,
+    ) -> tuple[list[repo.ExecutionRow], str]:
+        """One page of the `executions` index, newest start first. `tracking_id` matches executions started
+        under it and those a request under it changed (see repo.list_executions)."""
+        problems: list[FieldViolation] = []
+        if page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        for name, value in (("tracking_id", tracking_id), ("incident_id", incident_id), ("runbook_id", runbook_id)):
+            if len(value) > _MAX_FILTER_LEN:
+                problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
+        if status is not None and status not in _EXECUTION_STATUSES:
+            names = ", ".join(s.value for s in _EXECUTION_STATUSES)
+            problems.append(FieldViolation("status", f"{status.value} is not an execution status ({names})"))
+        filters = _filters_key(tracking_id, incident_id, runbook_id, status.value if status else "")
+        after: tuple[datetime, str] | None = None
+        if page_token:
+            try:
+                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (datetime.fromisoformat(str(data["t"])), str(data["e"]))
+                if data["f"] != filters:
+                    problems.append(FieldViolation("page_token", "was issued for other filters"))
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                problems.append(FieldViolation("page_token", "not a token this server issued"))
+        if problems:
+            raise ValidationError(problems)
+        limit = min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
+        async with self._db.connection() as conn:
+            rows = await repo.list_executions(
+                conn,
+                tracking_id=tracking_id,
+                incident_id=incident_id,
+                runbook_id=runbook_id,
+                status=status.value if status else "",
+                after=after,
+                limit=limit + 1,
+            )
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            raw = json.dumps({"t": last.started_time.isoformat(), "e": last.execution_id, "f": filters})
+            token = base64.urlsafe_b64encode(raw.encode()).decode()
+        return rows, token
+
     async def watch(self, execution_id: str) -> AsyncIterator[tuple[ExecutionContext, str]]:
         """The current state, then the state after every committed transition, until it finishes."""
         _require(execution_id, "execution_id")
@@ -820,13 +903,20 @@ class RunbookService:
         try:
             if load:
                 await self._ensure(execution_id)
-            return await fn()
+            with _on_behalf_of(self._tracking_of(execution_id)):
+                return await fn()
         except BaseException:
             self._discard_uncommitted(execution_id)
             raise
         finally:
             _current_op.reset(token)
             self._evict_if_finished(execution_id)
+
+    def _tracking_of(self, execution_id: str) -> str:
+        """The tracking id the execution was started under ('' while it is not loaded)."""
+        if not self._loaded(execution_id):
+            return ""
+        return self._engine.get_execution_status(execution_id).tracking_id
 
     def _discard_uncommitted(self, execution_id: str) -> None:
         if not self._loaded(execution_id):
@@ -862,8 +952,9 @@ class RunbookService:
         if execution_id not in self._may_settle:
             self._check_lease(runbook, events)
         self._committed[execution_id] = len(events)
-        await self._engine.load_execution(runbook, events)
-        await self._persist(execution_id)  # what settling the load appended (raises a failed checkpoint's error)
+        with _on_behalf_of(row.tracking_id):
+            await self._engine.load_execution(runbook, events)
+            await self._persist(execution_id)  # what settling the load appended (raises a failed checkpoint's error)
         self._may_settle.discard(execution_id)
         self._deferred.discard(execution_id)
 
@@ -935,6 +1026,7 @@ class RunbookService:
                             started_time=state.started_time,
                             finished_time=state.finished_time,
                             updated_time=now,
+                            tracking_id=state.tracking_id,
                         ),
                     )
                 await repo.append_events(conn, events)
@@ -989,10 +1081,10 @@ class RunbookService:
                 execution_status=state.status.value,
                 data=event.data,
                 occurred_time=event.occurred_time,
-                tracking_id=tracking,
+                tracking_id=event.tracking_id or tracking,
                 seq=event.seq,
             )
-            out.append(self._row(transition, event.execution_id, tracking))
+            out.append(self._row(transition, event.execution_id, transition.tracking_id))
         for change in circuit:
             subject = self._subjects.runbook("circuit_state_changed")
             circuit_change = CircuitChange(str(uuid.uuid4()), subject, self._subjects.event_type(subject), change)

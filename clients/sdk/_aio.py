@@ -234,6 +234,50 @@ class AetherOpsClient:
             if not token:
                 return
 
+    async def list_alerts(
+        self,
+        *,
+        by_tracking_id: str = "",
+        cluster_id: str = "",
+        satellite_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.ListAlertsResponse:
+        """Stored alerts (duplicates included) by the tracking id they were ingested under and/or cluster.
+
+        `by_tracking_id` filters; `tracking_id`, as everywhere, is the one this call itself is sent under."""
+        request = correlation_pb2.ListAlertsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            tracking_id=by_tracking_id,
+            cluster_id=cluster_id,
+            satellite_id=satellite_id,
+        )
+        return await self._unary(
+            self.correlation.ListAlerts, request, correlation_pb2.ListAlertsResponse, timeout, tracking_id
+        )
+
+    async def iter_alerts(
+        self, *, by_tracking_id: str = "", cluster_id: str = "", satellite_id: str = "", page_size: int = 0
+    ) -> AsyncIterator[correlation_pb2.StoredAlert]:
+        """Every matching stored alert, following next_page_token."""
+        token = ""
+        while True:
+            page = await self.list_alerts(
+                by_tracking_id=by_tracking_id,
+                cluster_id=cluster_id,
+                satellite_id=satellite_id,
+                page_size=page_size,
+                page_token=token,
+            )
+            for item in page.alerts:
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
+
     async def close_cluster(
         self,
         cluster_id: str,
@@ -340,16 +384,19 @@ class AetherOpsClient:
         variables: Mapping[str, Any] | None = None,
         triggered_by: str = "",
         dry_run: bool = False,
+        incident_id: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> runbook_pb2.StartExecutionResponse:
+        """Starts an execution; `incident_id` (a cluster id) lists it under that incident."""
         request = runbook_pb2.StartExecutionRequest(
             runbook_id=runbook_id,
             variables=build.struct(variables),
             triggered_by=triggered_by,
             dry_run=dry_run,
             request_id=build.request_id(request_id),
+            incident_id=incident_id,
         )
         return await self._unary(
             self.runbook.StartExecution, request, runbook_pb2.StartExecutionResponse, timeout, tracking_id
@@ -414,6 +461,60 @@ class AetherOpsClient:
         return await self._unary(
             self.runbook.GetExecutionStatus, request, runbook_pb2.GetExecutionStatusResponse, timeout, tracking_id
         )
+
+    async def list_executions(
+        self,
+        *,
+        by_tracking_id: str = "",
+        incident_id: str = "",
+        runbook_id: str = "",
+        status: runbook_pb2.RunbookStatus.ValueType = runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.ListExecutionsResponse:
+        """Executions, newest start first (index fields only: GetExecutionStatus has steps and audit).
+
+        `by_tracking_id` filters (executions started under it or changed by a request under it);
+        `tracking_id`, as everywhere, is the one this call itself is sent under."""
+        request = runbook_pb2.ListExecutionsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            tracking_id=by_tracking_id,
+            incident_id=incident_id,
+            runbook_id=runbook_id,
+            status=status,
+        )
+        return await self._unary(
+            self.runbook.ListExecutions, request, runbook_pb2.ListExecutionsResponse, timeout, tracking_id
+        )
+
+    async def iter_executions(
+        self,
+        *,
+        by_tracking_id: str = "",
+        incident_id: str = "",
+        runbook_id: str = "",
+        status: runbook_pb2.RunbookStatus.ValueType = runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> AsyncIterator[runbook_pb2.Execution]:
+        """Every matching execution, following next_page_token."""
+        token = ""
+        while True:
+            page = await self.list_executions(
+                by_tracking_id=by_tracking_id,
+                incident_id=incident_id,
+                runbook_id=runbook_id,
+                status=status,
+                page_size=page_size,
+                page_token=token,
+            )
+            for item in page.executions:
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
 
     def watch_execution(
         self, execution_id: str, *, timeout: float | None = None, tracking_id: str | None = None
@@ -530,3 +631,51 @@ class AetherOpsClient:
             timeout,
             tracking_id,
         )
+
+    async def list_snapshots(
+        self,
+        satellite_id: str,
+        resource: int | str,
+        *,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.ListSnapshotsResponse:
+        """Stored snapshots of one series, oldest first, within [start, end) when given."""
+        request = capacity_pb2.ListSnapshotsRequest(
+            satellite_id=satellite_id,
+            resource_type=build.resource_type(resource),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        if start is not None:
+            request.start_time.CopyFrom(build.timestamp(start))
+        if end is not None:
+            request.end_time.CopyFrom(build.timestamp(end))
+        return await self._unary(
+            self.capacity.ListSnapshots, request, capacity_pb2.ListSnapshotsResponse, timeout, tracking_id
+        )
+
+    async def iter_snapshots(
+        self,
+        satellite_id: str,
+        resource: int | str,
+        *,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[capacity_pb2.ResourceSnapshot]:
+        """Every stored snapshot of the series in the range, following next_page_token."""
+        token = ""
+        while True:
+            page = await self.list_snapshots(
+                satellite_id, resource, start=start, end=end, page_size=page_size, page_token=token
+            )
+            for item in page.snapshots:
+                yield item
+            token = page.next_page_token
+            if not token:
+                return

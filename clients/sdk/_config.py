@@ -50,6 +50,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "IdentifyRootCause",
         "ScoreAlerts",
         "WatchClusters",
+        "ListAlerts",
     ),
     "aetherops.runbook.v1.RunbookService": (
         "ListActions",
@@ -63,6 +64,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "RollbackExecution",
         "GetExecutionStatus",
         "WatchExecution",
+        "ListExecutions",
     ),
     "aetherops.capacity.v1.CapacityService": (
         "IngestSnapshot",
@@ -72,6 +74,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "GetFleetRiskSummary",
         "GetCriticalForecasts",
         "RecommendInterventions",
+        "ListSnapshots",
     ),
 }
 

@@ -261,3 +261,60 @@ async def test_critical_forecasts_page_through_in_urgency_order(
     assert list(summary.groups[0].satellite_ids) == [f"SAT-{i:02d}" for i in range(7)]
     assert list(summary.groups[3].satellite_ids) == ["SAT-07", "SAT-08", "SAT-09"]
     assert summary.satellite_count == 10
+
+
+async def test_list_snapshots_pages_through_a_series_in_time_order(
+    stub: capacity_pb2_grpc.CapacityServiceStub,
+) -> None:
+    series = history("SAT-HIST", hours=25)
+    await ingest(stub, [*series, snap("SAT-HIST", POWER, datetime.now(UTC) - timedelta(hours=1), 50.0, "Wh")])
+    times = [s.timestamp.ToDatetime(tzinfo=UTC) for s in series]
+
+    seen: list[pb.ResourceSnapshot] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await stub.ListSnapshots(
+            pb.ListSnapshotsRequest(satellite_id="SAT-HIST", resource_type=FUEL, page_size=10, page_token=token)
+        )
+        seen.extend(page.snapshots)
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 3, "10 + 10 + 5: the last page has no token"
+    assert [(s.timestamp.ToDatetime(tzinfo=UTC), s.value, s.unit) for s in seen] == [
+        (t, s.value, "kg") for t, s in zip(times, series, strict=True)
+    ]
+    assert {(s.satellite_id, s.resource_type) for s in seen} == {("SAT-HIST", FUEL)}, "the power series stays out"
+
+    # A range is [start_time, end_time).
+    ranged = pb.ListSnapshotsRequest(satellite_id="SAT-HIST", resource_type=FUEL)
+    ranged.start_time.FromDatetime(times[5])
+    ranged.end_time.FromDatetime(times[8])
+    assert [s.value for s in (await stub.ListSnapshots(ranged)).snapshots] == [s.value for s in series[5:8]]
+
+    # A token belongs to its series and range.
+    first = await stub.ListSnapshots(pb.ListSnapshotsRequest(satellite_id="SAT-HIST", resource_type=FUEL, page_size=5))
+    for request in (
+        pb.ListSnapshotsRequest(satellite_id="SAT-HIST", resource_type=POWER, page_token=first.next_page_token),
+        pb.ListSnapshotsRequest(satellite_id="SAT-HIST", resource_type=FUEL, page_token="not-a-token"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListSnapshots(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert set(violations(caught.value)) == {"page_token"}
+
+    backwards = pb.ListSnapshotsRequest(satellite_id="SAT-HIST", resource_type=FUEL, page_size=-1)
+    backwards.start_time.FromDatetime(times[8])
+    backwards.end_time.FromDatetime(times[5])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListSnapshots(backwards)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {"end_time", "page_size"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListSnapshots(pb.ListSnapshotsRequest(satellite_id=""))
+    assert set(violations(caught.value)) == {"satellite_id", "resource_type"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListSnapshots(pb.ListSnapshotsRequest(satellite_id="GHOST", resource_type=FUEL))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -34,27 +34,28 @@ class Result:
         return json.loads(self.out)
 
 
+async def run_cli(address: str, token: str, *args: str) -> Result:
+    """`aetherops ARGS...` as a process (awaited without blocking the server's event loop)."""
+    env = {**os.environ, "AETHEROPS_ADDRESS": address, "AETHEROPS_TOKEN": token}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clients.cli",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
 @pytest.fixture
 def cli(server: Any, tokens: dict[str, str]) -> Any:
     async def run(*args: str, address: str | None = None) -> Result:
-        env = {
-            **os.environ,
-            "AETHEROPS_ADDRESS": address or f"127.0.0.1:{server.port}",
-            "AETHEROPS_TOKEN": tokens["admin"],
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clients.cli",
-            *args,
-            cwd=ROOT,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-        assert proc.returncode is not None
-        return Result(proc.returncode, out.decode(), err.decode())
+        return await run_cli(address or f"127.0.0.1:{server.port}", tokens["admin"], *args)
 
     return run
 
@@ -192,12 +193,20 @@ async def test_capacity_ingest_forecast_plot_and_fleet_risk(cli: Any, tmp_path: 
     forecast = await cli("capacity", "forecast", "SAT-PLT", "fuel", "--plot", str(plot))
     assert forecast.code == 0, forecast.err
     assert "days remaining" in forecast.out and "P10 / P50 / P90" in forecast.out
+    # The chart draws the stored history (ListSnapshots): all 30 accepted snapshots.
+    assert f"plot written to {plot} (30 history points)" in forecast.out
     width, height = _png_size(plot)
     assert 600 <= width <= 3000 and 400 <= height <= 2000
     assert 20_000 < plot.stat().st_size < 2_000_000
 
     as_json = (await cli("capacity", "forecast", "SAT-PLT", "fuel", "--json")).json()
     assert as_json["satellite_id"] == "SAT-PLT" and as_json["rate_per_day"] > 0
+    # Only the last --history-days of the series are fetched and drawn.
+    recent = tmp_path / "recent.png"
+    short = await cli(
+        "capacity", "forecast", "SAT-PLT", "fuel", "--plot", str(recent), "--history-days", "10.5", "--json"
+    )
+    assert short.json()["plot_history_points"] == 10 and _png_size(recent)[0] >= 600
 
     risk = await cli("fleet", "risk")
     assert risk.code == 0 and "RISK" in risk.out and "SAT-PLT" in risk.out

@@ -37,3 +37,5 @@ async def test_readme_grpcurl_examples_work(server: Any, tokens: dict[str, str])
         assert proc.returncode == 0, f"{example}\n{out.decode()}\n{err.decode()}"
         if "Health/Check" in example:
             assert json.loads(out)["status"] == "SERVING"
+        if "/ListAlerts" in example:  # the alert ingested above under that tracking id
+            assert [a["alert"]["alert_id"] for a in json.loads(out)["alerts"]] == ["a-1"]

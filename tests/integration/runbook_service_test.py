@@ -390,6 +390,10 @@ async def test_approval_expires(server: Any, channel_for: Any) -> None:
     failed = await wait_status(stubs.operator, eid, lambda e: e.status != pb.RUNBOOK_STATUS_RUNNING, timeout_s=5)
     assert failed.status == pb.RUNBOOK_STATUS_FAILED and "expired" in failed.error
     assert "APPROVAL_EXPIRED" in [a.transition for a in failed.audit_log]
+    # No request expired it: the ticker's transitions carry the execution's own tracking id.
+    expired = [a for a in failed.audit_log if a.seq > gate.execution.version]
+    assert expired and {a.tracking_id for a in expired} == {started.execution.tracking_id}
+    assert started.execution.tracking_id
     late = pb.ApproveStepRequest(execution_id=eid, step_id="gate")
     assert await code_of(stubs.approver.ApproveStep(late)) == grpc.StatusCode.FAILED_PRECONDITION
 

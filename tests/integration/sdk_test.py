@@ -68,6 +68,42 @@ async def test_tracking_id_round_trip(client: AetherOpsClient) -> None:
     assert generated and generated != tracking
 
 
+async def test_query_rpcs_page_through_with_the_iterators(client: AetherOpsClient) -> None:
+    tracking = _id("trk")
+    alerts = [
+        alert(alert_id=_id("q"), satellite_id=f"SAT-Q{i}", subsystem="comms", severity=2, timestamp_=None)
+        for i in range(3)
+    ]
+    await client.ingest_alerts(alerts, tracking_id=tracking)
+    stored = [a async for a in client.iter_alerts(by_tracking_id=tracking, page_size=2)]
+    assert sorted(a.alert.alert_id for a in stored) == sorted(a.alert_id for a in alerts)
+    assert client.last_tracking_id != tracking, "by_tracking_id filters; the calls go under their own ids"
+
+    await client.register_runbook(
+        {
+            "runbook_id": "sdk-q",
+            "name": "q",
+            "steps": [{"step_id": "s", "action": "log", "parameters": {"message": "m"}}],
+        }
+    )
+    started = await client.start_execution("sdk-q", incident_id=stored[0].cluster_id, tracking_id=tracking)
+    by_incident = [e async for e in client.iter_executions(incident_id=stored[0].cluster_id)]
+    by_tracking = [e async for e in client.iter_executions(by_tracking_id=tracking, page_size=1)]
+    assert [e.execution_id for e in by_incident] == [e.execution_id for e in by_tracking]
+    assert by_tracking[0].execution_id == started.execution.execution_id
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    points = [
+        snapshot(
+            satellite_id="SAT-QS", resource="fuel", value=50.0 - i, unit="kg", timestamp_=now - timedelta(hours=5 - i)
+        )
+        for i in range(5)
+    ]
+    await client.ingest_snapshots(points)
+    history = [s async for s in client.iter_snapshots("SAT-QS", "fuel", start=now - timedelta(hours=4), page_size=2)]
+    assert [s.value for s in history] == [49.0, 48.0, 47.0, 46.0]
+
+
 async def test_invalid_argument_carries_field_violations(client: AetherOpsClient) -> None:
     with pytest.raises(InvalidArgument) as caught:
         await client.ingest_alert(alert_id=_id("bad"), satellite_id="", subsystem="power", severity=9)

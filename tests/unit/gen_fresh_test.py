@@ -50,16 +50,17 @@ def test_every_contract_rpc_is_generated() -> None:
     expected = {
         (correlation_pb2, "CorrelationService"): {
             "IngestAlert", "IngestAlerts", "GetCluster", "ListActiveClusters", "CloseCluster",
-            "IdentifyRootCause", "ScoreAlerts", "WatchClusters",
+            "IdentifyRootCause", "ScoreAlerts", "WatchClusters", "ListAlerts",
         },
         (runbook_pb2, "RunbookService"): {
             "ListActions", "RegisterRunbook", "GetRunbook", "ListRunbooks", "FindMatchingRunbooks",
             "StartExecution", "ExecuteNextStep", "ApproveStep", "RollbackExecution", "GetExecutionStatus",
-            "WatchExecution",
+            "WatchExecution", "ListExecutions",
         },
         (capacity_pb2, "CapacityService"): {
             "IngestSnapshot", "IngestSnapshots", "AddScheduledMission", "ComputeConsumptionRate",
             "ForecastExhaustion", "GetFleetRiskSummary", "GetCriticalForecasts", "RecommendInterventions",
+            "ListSnapshots",
         },
     }  # fmt: skip
     for (module, service), rpcs in expected.items():

@@ -1490,3 +1490,51 @@ def test_variables_must_be_json_shaped(engine: RunbookEngine) -> None:
         engine.start_execution("r", "alice", {"keys": {1: "a"}, "deep": deep, "obj": object()})
     descriptions = [v.description for v in caught.value.violations]
     assert descriptions == ["object keys must be strings, not int", "nested too deeply", "object is not JSON-able"]
+
+
+async def test_events_record_the_tracking_id_of_whoever_caused_them(clock: ManualClock, rec: Recorder) -> None:
+    current = ["trk-start"]
+    engine = RunbookEngine(clock, tracking=lambda: current[0])
+    engine.register_action("safe_payload", rec.action("safe_payload"))
+    runbook = engine.register_runbook(
+        Runbook(
+            runbook_id="gated",
+            name="Gated",
+            steps=[
+                RunbookStep("safe", "safe_payload", {}),
+                RunbookStep("after", "safe_payload", {}, requires_approval=True),
+            ],
+        )
+    )
+    eid = engine.start_execution("gated", "incident:c-1", {}, incident_id="c-1").execution_id
+    await engine.execute_next_step(eid)
+    await engine.execute_next_step(eid)  # asks for approval, still under the start's id
+    current[0] = "trk-approve"
+    engine.approve_step(eid, "after", "bob")
+    await engine.execute_next_step(eid)
+    state = engine.get_execution_status(eid)
+    assert (state.tracking_id, state.incident_id) == ("trk-start", "c-1")
+    by_transition = [(a.transition, a.step_id, a.tracking_id) for a in state.audit_log]
+    assert by_transition[:5] == [
+        ("EXECUTION_STARTED", "", "trk-start"),
+        ("STEP_STARTED", "safe", "trk-start"),
+        ("STEP_COMPLETED", "safe", "trk-start"),
+        ("APPROVAL_REQUESTED", "after", "trk-start"),
+        ("APPROVAL_GRANTED", "after", "trk-approve"),
+    ]
+    assert {t for _, _, t in by_transition[5:]} == {"trk-approve"}
+    # The tracking id survives the stored form and the fold.
+    stored = [event_from_dict(json.loads(json.dumps(event_to_dict(e)))) for e in engine.events(eid)]
+    assert stored == engine.events(eid)
+    assert project(runbook, stored) == state
+    # A bad incident id is refused like a bad execution id.
+    with pytest.raises(ValidationError) as caught:
+        engine.start_execution("gated", "alice", {}, incident_id="not an id")
+    assert [v.field for v in caught.value.violations] == ["incident_id"]
+
+
+def test_v1_events_take_a_tracking_id_kept_beside_them() -> None:
+    assert "tracking_id" not in upcast(V1_EVENTS[1])
+    assert event_from_dict({**V1_EVENTS[1], "tracking_id": "trk-old"}).tracking_id == "trk-old"
+    with pytest.raises(ValidationError):
+        event_from_dict({**event_to_dict(event_from_dict(V1_EVENTS[0])), "tracking_id": 7})

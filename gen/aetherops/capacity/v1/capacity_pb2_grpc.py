@@ -78,6 +78,11 @@ class CapacityServiceStub:
                 request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.RecommendInterventionsRequest.SerializeToString,
                 response_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.RecommendInterventionsResponse.FromString,
                 _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/aetherops.capacity.v1.CapacityService/ListSnapshots',
+                request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
 
 
 class CapacityServiceServicer:
@@ -144,6 +149,16 @@ class CapacityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSnapshots(self, request, context):
+        """The stored snapshots of one resource of one satellite, oldest first,
+        optionally within [start_time, end_time). NOT_FOUND for a satellite with
+        no snapshots at all. Paginated; a page token is valid only with the
+        series and range it was issued for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CapacityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +201,11 @@ def add_CapacityServiceServicer_to_server(servicer, server):
                     servicer.RecommendInterventions,
                     request_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.RecommendInterventionsRequest.FromString,
                     response_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.RecommendInterventionsResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +428,33 @@ class CapacityService:
             '/aetherops.capacity.v1.CapacityService/RecommendInterventions',
             aetherops_dot_capacity_dot_v1_dot_capacity__pb2.RecommendInterventionsRequest.SerializeToString,
             aetherops_dot_capacity_dot_v1_dot_capacity__pb2.RecommendInterventionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.capacity.v1.CapacityService/ListSnapshots',
+            aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsRequest.SerializeToString,
+            aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

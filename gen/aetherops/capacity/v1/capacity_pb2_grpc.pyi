@@ -55,6 +55,12 @@ class CapacityServiceStub:
     """Forecasts running out within the horizon, most urgent first. Paginated."""
     RecommendInterventions: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.RecommendInterventionsRequest, _capacity_pb2.RecommendInterventionsResponse]
     """What to do about one satellite, with the days each intervention gains."""
+    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.ListSnapshotsRequest, _capacity_pb2.ListSnapshotsResponse]
+    """The stored snapshots of one resource of one satellite, oldest first,
+    optionally within [start_time, end_time). NOT_FOUND for a satellite with
+    no snapshots at all. Paginated; a page token is valid only with the
+    series and range it was issued for.
+    """
 
 @_typing.type_check_only
 class CapacityServiceAsyncStub(CapacityServiceStub):
@@ -83,6 +89,12 @@ class CapacityServiceAsyncStub(CapacityServiceStub):
     """Forecasts running out within the horizon, most urgent first. Paginated."""
     RecommendInterventions: _aio.UnaryUnaryMultiCallable[_capacity_pb2.RecommendInterventionsRequest, _capacity_pb2.RecommendInterventionsResponse]  # type: ignore[assignment]
     """What to do about one satellite, with the days each intervention gains."""
+    ListSnapshots: _aio.UnaryUnaryMultiCallable[_capacity_pb2.ListSnapshotsRequest, _capacity_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
+    """The stored snapshots of one resource of one satellite, oldest first,
+    optionally within [start_time, end_time). NOT_FOUND for a satellite with
+    no snapshots at all. Paginated; a page token is valid only with the
+    series and range it was issued for.
+    """
 
 class CapacityServiceServicer(metaclass=_abc_1.ABCMeta):
     """CapacityService ingests resource telemetry and the mission schedule,
@@ -156,5 +168,17 @@ class CapacityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_capacity_pb2.RecommendInterventionsResponse, _abc.Awaitable[_capacity_pb2.RecommendInterventionsResponse]]:
         """What to do about one satellite, with the days each intervention gains."""
+
+    @_abc_1.abstractmethod
+    def ListSnapshots(
+        self,
+        request: _capacity_pb2.ListSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_capacity_pb2.ListSnapshotsResponse, _abc.Awaitable[_capacity_pb2.ListSnapshotsResponse]]:
+        """The stored snapshots of one resource of one satellite, oldest first,
+        optionally within [start_time, end_time). NOT_FOUND for a satellite with
+        no snapshots at all. Paginated; a page token is valid only with the
+        series and range it was issued for.
+        """
 
 def add_CapacityServiceServicer_to_server(servicer: CapacityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

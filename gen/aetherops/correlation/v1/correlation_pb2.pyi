@@ -450,6 +450,104 @@ class ListActiveClustersResponse(_message.Message):
 Global___ListActiveClustersResponse: _TypeAlias = ListActiveClustersResponse  # noqa: Y015
 
 @_typing.final
+class StoredAlert(_message.Message):
+    """An alert as stored: where it went and when."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_OF_ALERT_ID_FIELD_NUMBER: _builtins.int
+    INGEST_TIME_FIELD_NUMBER: _builtins.int
+    cluster_id: _builtins.str
+    """The cluster it joined or opened (for a duplicate: the cluster of the alert it duplicates)."""
+    duplicate_of_alert_id: _builtins.str
+    """Set when the alert was dropped as a duplicate of this alert."""
+    @_builtins.property
+    def alert(self) -> Global___Alert: ...
+    @_builtins.property
+    def ingest_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server stored it."""
+
+    def __init__(
+        self,
+        *,
+        alert: Global___Alert | None = ...,
+        cluster_id: _builtins.str = ...,
+        duplicate_of_alert_id: _builtins.str = ...,
+        ingest_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "ingest_time", b"ingest_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "cluster_id", b"cluster_id", "duplicate_of_alert_id", b"duplicate_of_alert_id", "ingest_time", b"ingest_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredAlert: _TypeAlias = StoredAlert  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TRACKING_ID_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    SATELLITE_ID_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many alerts per page (default 50, max 500)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first."""
+    tracking_id: _builtins.str
+    """Only alerts ingested under this tracking id (the x-tracking-id of the
+    request, or the Aetherops-Tracking-Id header of the NATS message).
+    """
+    cluster_id: _builtins.str
+    """Only alerts of this cluster."""
+    satellite_id: _builtins.str
+    """Only alerts of this satellite, when set."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        tracking_id: _builtins.str = ...,
+        cluster_id: _builtins.str = ...,
+        satellite_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id", "tracking_id", b"tracking_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredAlert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___StoredAlert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
 class CloseClusterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -75,6 +75,11 @@ class CorrelationServiceStub:
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ScoreAlertsRequest.SerializeToString,
                 response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ScoreAlertsResponse.FromString,
                 _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/ListAlerts',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
         self.WatchClusters = channel.unary_stream(
                 '/aetherops.correlation.v1.CorrelationService/WatchClusters',
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersRequest.SerializeToString,
@@ -150,6 +155,16 @@ class CorrelationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlerts(self, request, context):
+        """Lists stored alerts that match the filters, duplicates included (marked),
+        oldest alert time first: e.g. every alert ingested under one tracking id,
+        and the clusters they went to. tracking_id or cluster_id is required.
+        Paginated; a page token is valid only with the filters it was issued for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchClusters(self, request, context):
         """Streams cluster events (opened, updated, closed) as they are committed.
         A slow watcher misses events (it is told how many) rather than stalling
@@ -196,6 +211,11 @@ def add_CorrelationServiceServicer_to_server(servicer, server):
                     servicer.ScoreAlerts,
                     request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ScoreAlertsRequest.FromString,
                     response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ScoreAlertsResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListAlertsRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListAlertsResponse.SerializeToString,
             ),
             'WatchClusters': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchClusters,
@@ -398,6 +418,33 @@ class CorrelationService:
             '/aetherops.correlation.v1.CorrelationService/ScoreAlerts',
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ScoreAlertsRequest.SerializeToString,
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ScoreAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/ListAlerts',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListAlertsRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

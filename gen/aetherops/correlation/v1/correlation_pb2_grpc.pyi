@@ -69,6 +69,12 @@ class CorrelationServiceStub:
     """Scores two alerts against each other and explains the components. Stores
     nothing.
     """
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ListAlertsRequest, _correlation_pb2.ListAlertsResponse]
+    """Lists stored alerts that match the filters, duplicates included (marked),
+    oldest alert time first: e.g. every alert ingested under one tracking id,
+    and the clusters they went to. tracking_id or cluster_id is required.
+    Paginated; a page token is valid only with the filters it was issued for.
+    """
     WatchClusters: _grpc.UnaryStreamMultiCallable[_correlation_pb2.WatchClustersRequest, _correlation_pb2.WatchClustersResponse]
     """Streams cluster events (opened, updated, closed) as they are committed.
     A slow watcher misses events (it is told how many) rather than stalling
@@ -115,6 +121,12 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     ScoreAlerts: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ScoreAlertsRequest, _correlation_pb2.ScoreAlertsResponse]  # type: ignore[assignment]
     """Scores two alerts against each other and explains the components. Stores
     nothing.
+    """
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ListAlertsRequest, _correlation_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """Lists stored alerts that match the filters, duplicates included (marked),
+    oldest alert time first: e.g. every alert ingested under one tracking id,
+    and the clusters they went to. tracking_id or cluster_id is required.
+    Paginated; a page token is valid only with the filters it was issued for.
     """
     WatchClusters: _aio.UnaryStreamMultiCallable[_correlation_pb2.WatchClustersRequest, _correlation_pb2.WatchClustersResponse]  # type: ignore[assignment]
     """Streams cluster events (opened, updated, closed) as they are committed.
@@ -201,6 +213,18 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_correlation_pb2.ScoreAlertsResponse, _abc.Awaitable[_correlation_pb2.ScoreAlertsResponse]]:
         """Scores two alerts against each other and explains the components. Stores
         nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _correlation_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.ListAlertsResponse, _abc.Awaitable[_correlation_pb2.ListAlertsResponse]]:
+        """Lists stored alerts that match the filters, duplicates included (marked),
+        oldest alert time first: e.g. every alert ingested under one tracking id,
+        and the clusters they went to. tracking_id or cluster_id is required.
+        Paginated; a page token is valid only with the filters it was issued for.
         """
 
     @_abc_1.abstractmethod

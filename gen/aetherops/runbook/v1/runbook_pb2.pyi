@@ -267,6 +267,7 @@ class AuditEntry(_message.Message):
     STEP_ID_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    TRACKING_ID_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
     """Principal, "system" or "incident:<cluster id>"."""
     transition: _builtins.str
@@ -275,6 +276,11 @@ class AuditEntry(_message.Message):
     detail: _builtins.str
     seq: _builtins.int
     """Position in the execution's event stream."""
+    tracking_id: _builtins.str
+    """Tracking id of the request that caused the transition (the incident
+    event's for steps an incident-started execution ran by itself; the
+    execution's own for work no request asked for, e.g. an expired approval).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -286,10 +292,11 @@ class AuditEntry(_message.Message):
         step_id: _builtins.str = ...,
         detail: _builtins.str = ...,
         seq: _builtins.int = ...,
+        tracking_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "detail", b"detail", "seq", b"seq", "step_id", b"step_id", "time", b"time", "transition", b"transition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "detail", b"detail", "seq", b"seq", "step_id", b"step_id", "time", b"time", "tracking_id", b"tracking_id", "transition", b"transition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,6 +370,7 @@ class Execution(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     TRACKING_ID_FIELD_NUMBER: _builtins.int
+    INCIDENT_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     runbook_id: _builtins.str
     runbook_version: _builtins.int
@@ -375,6 +383,13 @@ class Execution(_message.Message):
     version: _builtins.int
     """Length of the event stream (optimistic-concurrency version)."""
     tracking_id: _builtins.str
+    """Tracking id of the request that started it, or of the incident event
+    (that is, of the alert that opened the incident) for incident starts.
+    """
+    incident_id: _builtins.str
+    """Cluster id of the incident it was started for (automatically, or by a
+    StartExecution that named it); empty otherwise.
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepState]: ...
     @_builtins.property
@@ -402,10 +417,11 @@ class Execution(_message.Message):
         error: _builtins.str = ...,
         version: _builtins.int = ...,
         tracking_id: _builtins.str = ...,
+        incident_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "start_time", b"start_time", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_log", b"audit_log", "current_step_index", b"current_step_index", "error", b"error", "execution_id", b"execution_id", "finish_time", b"finish_time", "runbook_id", b"runbook_id", "runbook_version", b"runbook_version", "start_time", b"start_time", "status", b"status", "steps", b"steps", "tracking_id", b"tracking_id", "triggered_by", b"triggered_by", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_log", b"audit_log", "current_step_index", b"current_step_index", "error", b"error", "execution_id", b"execution_id", "finish_time", b"finish_time", "incident_id", b"incident_id", "runbook_id", b"runbook_id", "runbook_version", b"runbook_version", "start_time", b"start_time", "status", b"status", "steps", b"steps", "tracking_id", b"tracking_id", "triggered_by", b"triggered_by", "variables", b"variables", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -673,6 +689,7 @@ class StartExecutionRequest(_message.Message):
     TRIGGERED_BY_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    INCIDENT_ID_FIELD_NUMBER: _builtins.int
     runbook_id: _builtins.str
     triggered_by: _builtins.str
     """Who starts it. Overridden by the authenticated principal when
@@ -682,6 +699,10 @@ class StartExecutionRequest(_message.Message):
     """Walk the steps without calling any action and without storing anything."""
     request_id: _builtins.str
     """Idempotency key: the same request_id returns the same execution."""
+    incident_id: _builtins.str
+    """Optional: the incident (cluster id) this execution is started for; it is
+    listed under that incident (ListExecutions incident_id, aetherops trace).
+    """
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:
         """Variables rendered into step parameters."""
@@ -694,10 +715,11 @@ class StartExecutionRequest(_message.Message):
         triggered_by: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        incident_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "request_id", b"request_id", "runbook_id", b"runbook_id", "triggered_by", b"triggered_by", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "incident_id", b"incident_id", "request_id", b"request_id", "runbook_id", b"runbook_id", "triggered_by", b"triggered_by", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,6 +938,74 @@ class GetExecutionStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExecutionStatusResponse: _TypeAlias = GetExecutionStatusResponse  # noqa: Y015
+
+@_typing.final
+class ListExecutionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TRACKING_ID_FIELD_NUMBER: _builtins.int
+    INCIDENT_ID_FIELD_NUMBER: _builtins.int
+    RUNBOOK_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many executions per page (default 50, max 500)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first."""
+    tracking_id: _builtins.str
+    """Executions started under this tracking id, or with a transition caused
+    by a request under it (e.g. the ApproveStep that approved a step).
+    """
+    incident_id: _builtins.str
+    """Executions started for this incident (cluster id)."""
+    runbook_id: _builtins.str
+    """Executions of this runbook (any version)."""
+    status: Global___RunbookStatus.ValueType
+    """Executions in this status: RUNNING, COMPLETED, FAILED or ROLLED_BACK
+    (UNSPECIFIED: any).
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        tracking_id: _builtins.str = ...,
+        incident_id: _builtins.str = ...,
+        runbook_id: _builtins.str = ...,
+        status: Global___RunbookStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident_id", b"incident_id", "page_size", b"page_size", "page_token", b"page_token", "runbook_id", b"runbook_id", "status", b"status", "tracking_id", b"tracking_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutionsRequest: _TypeAlias = ListExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class ListExecutionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def executions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Execution]: ...
+    def __init__(
+        self,
+        *,
+        executions: _abc.Iterable[Global___Execution] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutionsResponse: _TypeAlias = ListExecutionsResponse  # noqa: Y015
 
 @_typing.final
 class WatchExecutionRequest(_message.Message):

@@ -93,6 +93,11 @@ class RunbookServiceStub:
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.SerializeToString,
                 response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusResponse.FromString,
                 _registered_method=True)
+        self.ListExecutions = channel.unary_unary(
+                '/aetherops.runbook.v1.RunbookService/ListExecutions',
+                request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsRequest.SerializeToString,
+                response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsResponse.FromString,
+                _registered_method=True)
         self.WatchExecution = channel.unary_stream(
                 '/aetherops.runbook.v1.RunbookService/WatchExecution',
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.WatchExecutionRequest.SerializeToString,
@@ -187,6 +192,17 @@ class RunbookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecutions(self, request, context):
+        """Lists executions, most recently started first, filtered by any of
+        tracking_id, incident_id, runbook_id and status. Entries come from the
+        executions index: steps, variables and audit_log are left empty (read them
+        with GetExecutionStatus). Paginated; a page token is valid only with the
+        filters it was issued for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchExecution(self, request, context):
         """Streams the execution's state after every transition until it finishes.
         """
@@ -246,6 +262,11 @@ def add_RunbookServiceServicer_to_server(servicer, server):
                     servicer.GetExecutionStatus,
                     request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.FromString,
                     response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusResponse.SerializeToString,
+            ),
+            'ListExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutions,
+                    request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsRequest.FromString,
+                    response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsResponse.SerializeToString,
             ),
             'WatchExecution': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchExecution,
@@ -532,6 +553,33 @@ class RunbookService:
             '/aetherops.runbook.v1.RunbookService/GetExecutionStatus',
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.SerializeToString,
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.runbook.v1.RunbookService/ListExecutions',
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsRequest.SerializeToString,
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

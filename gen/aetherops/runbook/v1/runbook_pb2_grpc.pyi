@@ -70,6 +70,13 @@ class RunbookServiceStub:
     """Runs the rollback actions of completed steps in reverse order."""
     GetExecutionStatus: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]
     """The execution's state, now or as it was at as_of_time."""
+    ListExecutions: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.ListExecutionsRequest, _runbook_pb2.ListExecutionsResponse]
+    """Lists executions, most recently started first, filtered by any of
+    tracking_id, incident_id, runbook_id and status. Entries come from the
+    executions index: steps, variables and audit_log are left empty (read them
+    with GetExecutionStatus). Paginated; a page token is valid only with the
+    filters it was issued for.
+    """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_runbook_pb2.WatchExecutionRequest, _runbook_pb2.WatchExecutionResponse]
     """Streams the execution's state after every transition until it finishes."""
 
@@ -115,6 +122,13 @@ class RunbookServiceAsyncStub(RunbookServiceStub):
     """Runs the rollback actions of completed steps in reverse order."""
     GetExecutionStatus: _aio.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]  # type: ignore[assignment]
     """The execution's state, now or as it was at as_of_time."""
+    ListExecutions: _aio.UnaryUnaryMultiCallable[_runbook_pb2.ListExecutionsRequest, _runbook_pb2.ListExecutionsResponse]  # type: ignore[assignment]
+    """Lists executions, most recently started first, filtered by any of
+    tracking_id, incident_id, runbook_id and status. Entries come from the
+    executions index: steps, variables and audit_log are left empty (read them
+    with GetExecutionStatus). Paginated; a page token is valid only with the
+    filters it was issued for.
+    """
     WatchExecution: _aio.UnaryStreamMultiCallable[_runbook_pb2.WatchExecutionRequest, _runbook_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Streams the execution's state after every transition until it finishes."""
 
@@ -217,6 +231,19 @@ class RunbookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runbook_pb2.GetExecutionStatusResponse, _abc.Awaitable[_runbook_pb2.GetExecutionStatusResponse]]:
         """The execution's state, now or as it was at as_of_time."""
+
+    @_abc_1.abstractmethod
+    def ListExecutions(
+        self,
+        request: _runbook_pb2.ListExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runbook_pb2.ListExecutionsResponse, _abc.Awaitable[_runbook_pb2.ListExecutionsResponse]]:
+        """Lists executions, most recently started first, filtered by any of
+        tracking_id, incident_id, runbook_id and status. Entries come from the
+        executions index: steps, variables and audit_log are left empty (read them
+        with GetExecutionStatus). Paginated; a page token is valid only with the
+        filters it was issued for.
+        """
 
     @_abc_1.abstractmethod
     def WatchExecution(

@@ -654,6 +654,78 @@ export declare type RecommendInterventionsResponse = Message<"aetherops.capacity
 export declare const RecommendInterventionsResponseSchema: GenMessage<RecommendInterventionsResponse>;
 
 /**
+ * @generated from message aetherops.capacity.v1.ListSnapshotsRequest
+ */
+export declare type ListSnapshotsRequest = Message<"aetherops.capacity.v1.ListSnapshotsRequest"> & {
+  /**
+   * @generated from field: string satellite_id = 1;
+   */
+  satelliteId: string;
+
+  /**
+   * @generated from field: aetherops.capacity.v1.ResourceType resource_type = 2;
+   */
+  resourceType: ResourceType;
+
+  /**
+   * Only snapshots at or after this time, when set.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 3;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Only snapshots before this time, when set; must be after start_time.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 4;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * At most this many snapshots per page (default 1000, max 10000).
+   *
+   * @generated from field: int32 page_size = 5;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first.
+   *
+   * @generated from field: string page_token = 6;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message aetherops.capacity.v1.ListSnapshotsRequest.
+ * Use `create(ListSnapshotsRequestSchema)` to create a new message.
+ */
+export declare const ListSnapshotsRequestSchema: GenMessage<ListSnapshotsRequest>;
+
+/**
+ * @generated from message aetherops.capacity.v1.ListSnapshotsResponse
+ */
+export declare type ListSnapshotsResponse = Message<"aetherops.capacity.v1.ListSnapshotsResponse"> & {
+  /**
+   * @generated from field: repeated aetherops.capacity.v1.ResourceSnapshot snapshots = 1;
+   */
+  snapshots: ResourceSnapshot[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message aetherops.capacity.v1.ListSnapshotsResponse.
+ * Use `create(ListSnapshotsResponseSchema)` to create a new message.
+ */
+export declare const ListSnapshotsResponseSchema: GenMessage<ListSnapshotsResponse>;
+
+/**
  * @generated from enum aetherops.capacity.v1.ResourceType
  */
 export enum ResourceType {
@@ -823,6 +895,19 @@ export declare const CapacityService: GenService<{
     methodKind: "unary";
     input: typeof RecommendInterventionsRequestSchema;
     output: typeof RecommendInterventionsResponseSchema;
+  },
+  /**
+   * The stored snapshots of one resource of one satellite, oldest first,
+   * optionally within [start_time, end_time). NOT_FOUND for a satellite with
+   * no snapshots at all. Paginated; a page token is valid only with the
+   * series and range it was issued for.
+   *
+   * @generated from rpc aetherops.capacity.v1.CapacityService.ListSnapshots
+   */
+  listSnapshots: {
+    methodKind: "unary";
+    input: typeof ListSnapshotsRequestSchema;
+    output: typeof ListSnapshotsResponseSchema;
   },
 }>;
 

@@ -271,6 +271,11 @@ export declare type IngestAlertResponse = Message<"aetherops.correlation.v1.Inge
 export declare const IngestAlertResponseSchema: GenMessage<IngestAlertResponse>;
 
 /**
+ * One stream message carries one alert, a batch of alerts, or both (`alert`
+ * first). Rejection indexes count alerts in stream order across messages.
+ * Batches of a few hundred alerts per message cost far less per alert than one
+ * message each: bulk loaders should batch.
+ *
  * @generated from message aetherops.correlation.v1.IngestAlertsRequest
  */
 export declare type IngestAlertsRequest = Message<"aetherops.correlation.v1.IngestAlertsRequest"> & {
@@ -278,6 +283,11 @@ export declare type IngestAlertsRequest = Message<"aetherops.correlation.v1.Inge
    * @generated from field: aetherops.correlation.v1.Alert alert = 1;
    */
   alert?: Alert | undefined;
+
+  /**
+   * @generated from field: repeated aetherops.correlation.v1.Alert alerts = 2;
+   */
+  alerts: Alert[];
 };
 
 /**
@@ -412,6 +422,115 @@ export declare type ListActiveClustersResponse = Message<"aetherops.correlation.
  * Use `create(ListActiveClustersResponseSchema)` to create a new message.
  */
 export declare const ListActiveClustersResponseSchema: GenMessage<ListActiveClustersResponse>;
+
+/**
+ * An alert as stored: where it went and when.
+ *
+ * @generated from message aetherops.correlation.v1.StoredAlert
+ */
+export declare type StoredAlert = Message<"aetherops.correlation.v1.StoredAlert"> & {
+  /**
+   * @generated from field: aetherops.correlation.v1.Alert alert = 1;
+   */
+  alert?: Alert | undefined;
+
+  /**
+   * The cluster it joined or opened (for a duplicate: the cluster of the alert it duplicates).
+   *
+   * @generated from field: string cluster_id = 2;
+   */
+  clusterId: string;
+
+  /**
+   * Set when the alert was dropped as a duplicate of this alert.
+   *
+   * @generated from field: string duplicate_of_alert_id = 3;
+   */
+  duplicateOfAlertId: string;
+
+  /**
+   * When the server stored it.
+   *
+   * @generated from field: google.protobuf.Timestamp ingest_time = 4;
+   */
+  ingestTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.StoredAlert.
+ * Use `create(StoredAlertSchema)` to create a new message.
+ */
+export declare const StoredAlertSchema: GenMessage<StoredAlert>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ListAlertsRequest
+ */
+export declare type ListAlertsRequest = Message<"aetherops.correlation.v1.ListAlertsRequest"> & {
+  /**
+   * At most this many alerts per page (default 50, max 500).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only alerts ingested under this tracking id (the x-tracking-id of the
+   * request, or the Aetherops-Tracking-Id header of the NATS message).
+   *
+   * @generated from field: string tracking_id = 3;
+   */
+  trackingId: string;
+
+  /**
+   * Only alerts of this cluster.
+   *
+   * @generated from field: string cluster_id = 4;
+   */
+  clusterId: string;
+
+  /**
+   * Only alerts of this satellite, when set.
+   *
+   * @generated from field: string satellite_id = 5;
+   */
+  satelliteId: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ListAlertsRequest.
+ * Use `create(ListAlertsRequestSchema)` to create a new message.
+ */
+export declare const ListAlertsRequestSchema: GenMessage<ListAlertsRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ListAlertsResponse
+ */
+export declare type ListAlertsResponse = Message<"aetherops.correlation.v1.ListAlertsResponse"> & {
+  /**
+   * @generated from field: repeated aetherops.correlation.v1.StoredAlert alerts = 1;
+   */
+  alerts: StoredAlert[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ListAlertsResponse.
+ * Use `create(ListAlertsResponseSchema)` to create a new message.
+ */
+export declare const ListAlertsResponseSchema: GenMessage<ListAlertsResponse>;
 
 /**
  * @generated from message aetherops.correlation.v1.CloseClusterRequest
@@ -815,6 +934,19 @@ export declare const CorrelationService: GenService<{
     methodKind: "unary";
     input: typeof ScoreAlertsRequestSchema;
     output: typeof ScoreAlertsResponseSchema;
+  },
+  /**
+   * Lists stored alerts that match the filters, duplicates included (marked),
+   * oldest alert time first: e.g. every alert ingested under one tracking id,
+   * and the clusters they went to. tracking_id or cluster_id is required.
+   * Paginated; a page token is valid only with the filters it was issued for.
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.ListAlerts
+   */
+  listAlerts: {
+    methodKind: "unary";
+    input: typeof ListAlertsRequestSchema;
+    output: typeof ListAlertsResponseSchema;
   },
   /**
    * Streams cluster events (opened, updated, closed) as they are committed.

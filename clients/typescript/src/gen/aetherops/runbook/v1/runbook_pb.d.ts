@@ -234,6 +234,15 @@ export declare type AuditEntry = Message<"aetherops.runbook.v1.AuditEntry"> & {
    * @generated from field: int64 seq = 6;
    */
   seq: bigint;
+
+  /**
+   * Tracking id of the request that caused the transition (the incident
+   * event's for steps an incident-started execution ran by itself; the
+   * execution's own for work no request asked for, e.g. an expired approval).
+   *
+   * @generated from field: string tracking_id = 7;
+   */
+  trackingId: string;
 };
 
 /**
@@ -379,9 +388,20 @@ export declare type Execution = Message<"aetherops.runbook.v1.Execution"> & {
   version: bigint;
 
   /**
+   * Tracking id of the request that started it, or of the incident event
+   * (that is, of the alert that opened the incident) for incident starts.
+   *
    * @generated from field: string tracking_id = 14;
    */
   trackingId: string;
+
+  /**
+   * Cluster id of the incident it was started for (automatically, or by a
+   * StartExecution that named it); empty otherwise.
+   *
+   * @generated from field: string incident_id = 15;
+   */
+  incidentId: string;
 };
 
 /**
@@ -661,6 +681,14 @@ export declare type StartExecutionRequest = Message<"aetherops.runbook.v1.StartE
    * @generated from field: string request_id = 5;
    */
   requestId: string;
+
+  /**
+   * Optional: the incident (cluster id) this execution is started for; it is
+   * listed under that incident (ListExecutions incident_id, aetherops trace).
+   *
+   * @generated from field: string incident_id = 6;
+   */
+  incidentId: string;
 };
 
 /**
@@ -866,6 +894,84 @@ export declare type GetExecutionStatusResponse = Message<"aetherops.runbook.v1.G
  * Use `create(GetExecutionStatusResponseSchema)` to create a new message.
  */
 export declare const GetExecutionStatusResponseSchema: GenMessage<GetExecutionStatusResponse>;
+
+/**
+ * @generated from message aetherops.runbook.v1.ListExecutionsRequest
+ */
+export declare type ListExecutionsRequest = Message<"aetherops.runbook.v1.ListExecutionsRequest"> & {
+  /**
+   * At most this many executions per page (default 50, max 500).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Executions started under this tracking id, or with a transition caused
+   * by a request under it (e.g. the ApproveStep that approved a step).
+   *
+   * @generated from field: string tracking_id = 3;
+   */
+  trackingId: string;
+
+  /**
+   * Executions started for this incident (cluster id).
+   *
+   * @generated from field: string incident_id = 4;
+   */
+  incidentId: string;
+
+  /**
+   * Executions of this runbook (any version).
+   *
+   * @generated from field: string runbook_id = 5;
+   */
+  runbookId: string;
+
+  /**
+   * Executions in this status: RUNNING, COMPLETED, FAILED or ROLLED_BACK
+   * (UNSPECIFIED: any).
+   *
+   * @generated from field: aetherops.runbook.v1.RunbookStatus status = 6;
+   */
+  status: RunbookStatus;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.ListExecutionsRequest.
+ * Use `create(ListExecutionsRequestSchema)` to create a new message.
+ */
+export declare const ListExecutionsRequestSchema: GenMessage<ListExecutionsRequest>;
+
+/**
+ * @generated from message aetherops.runbook.v1.ListExecutionsResponse
+ */
+export declare type ListExecutionsResponse = Message<"aetherops.runbook.v1.ListExecutionsResponse"> & {
+  /**
+   * @generated from field: repeated aetherops.runbook.v1.Execution executions = 1;
+   */
+  executions: Execution[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.ListExecutionsResponse.
+ * Use `create(ListExecutionsResponseSchema)` to create a new message.
+ */
+export declare const ListExecutionsResponseSchema: GenMessage<ListExecutionsResponse>;
 
 /**
  * @generated from message aetherops.runbook.v1.WatchExecutionRequest
@@ -1162,6 +1268,20 @@ export declare const RunbookService: GenService<{
     methodKind: "unary";
     input: typeof GetExecutionStatusRequestSchema;
     output: typeof GetExecutionStatusResponseSchema;
+  },
+  /**
+   * Lists executions, most recently started first, filtered by any of
+   * tracking_id, incident_id, runbook_id and status. Entries come from the
+   * executions index: steps, variables and audit_log are left empty (read them
+   * with GetExecutionStatus). Paginated; a page token is valid only with the
+   * filters it was issued for.
+   *
+   * @generated from rpc aetherops.runbook.v1.RunbookService.ListExecutions
+   */
+  listExecutions: {
+    methodKind: "unary";
+    input: typeof ListExecutionsRequestSchema;
+    output: typeof ListExecutionsResponseSchema;
   },
   /**
    * Streams the execution's state after every transition until it finishes.

@@ -1,0 +1,170 @@
+"""ListAlerts and ListExecutions through a real server: filters, pagination (tokens bound to their
+filters), order, and bad input as INVALID_ARGUMENT with the offending fields. Both are viewer reads."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from runbook_flow_test import step, struct, ts
+from runbook_service_test import violations
+
+from gen.aetherops.correlation.v1 import correlation_pb2 as cpb
+from gen.aetherops.correlation.v1 import correlation_pb2_grpc
+from gen.aetherops.runbook.v1 import runbook_pb2 as pb
+from gen.aetherops.runbook.v1 import runbook_pb2_grpc
+
+
+async def _pages(call: Callable[[str], Awaitable[Any]], field: str) -> tuple[list[Any], int]:
+    """Every item of a paged listing and the number of pages it took."""
+    items: list[Any] = []
+    token, pages = "", 0
+    while True:
+        page = await call(token)
+        items.extend(getattr(page, field))
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            return items, pages
+
+
+async def _bad(call: Awaitable[Any]) -> set[str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return set(violations(caught.value))
+
+
+async def test_list_alerts_by_tracking_id_cluster_and_satellite(server: Any, channel_for: Any) -> None:
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    viewer = correlation_pb2_grpc.CorrelationServiceStub(channel_for("viewer", server.port))
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=60)
+    first = [
+        cpb.Alert(
+            alert_id=f"la-{uuid.uuid4().hex[:8]}-{i}",
+            satellite_id=sat,
+            subsystem=sub,
+            severity=4,
+            timestamp=ts(t0 + timedelta(seconds=5 * i)),
+        )
+        for i, (sat, sub) in enumerate(
+            [("SAT-L1", "power"), ("SAT-L1", "thermal"), ("SAT-L1", "power"), ("SAT-L1", "comms"), ("SAT-L2", "power")]
+        )
+    ]
+
+    async def requests() -> AsyncIterator[cpb.IngestAlertsRequest]:
+        for alert in first:
+            yield cpb.IngestAlertsRequest(alert=alert)
+
+    bulk, other = "trk-bulk-" + uuid.uuid4().hex, "trk-other-" + uuid.uuid4().hex
+    reply = await operator.IngestAlerts(requests(), metadata=(("x-tracking-id", bulk),))
+    assert (reply.accepted, reply.duplicates) == (4, 1), "the second power alert duplicates the first"
+    later = cpb.Alert(alert_id=f"la-{uuid.uuid4().hex}", satellite_id="SAT-L1", subsystem="adcs", severity=3)
+    later.timestamp.CopyFrom(ts(t0 + timedelta(seconds=30)))
+    await operator.IngestAlert(cpb.IngestAlertRequest(alert=later), metadata=(("x-tracking-id", other),))
+
+    # Every alert of the bulk stream, in alert-time order, two per page; the duplicate is marked.
+    listed, pages = await _pages(
+        lambda token: viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=bulk, page_size=2, page_token=token)),
+        "alerts",
+    )
+    assert pages == 3
+    assert [a.alert.alert_id for a in listed] == [a.alert_id for a in first]
+    assert {a.alert.tracking_id for a in listed} == {bulk}
+    assert listed[2].duplicate_of_alert_id == first[0].alert_id and listed[2].cluster_id == listed[0].cluster_id
+    assert all(a.ingest_time.seconds > 0 for a in listed)
+
+    # By cluster: the bulk alerts of that cluster and whatever else joined it, duplicates included.
+    cluster_id = listed[0].cluster_id
+    (other_alert,) = (await viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=other))).alerts
+    expected = [a for a in [*listed, other_alert] if a.cluster_id == cluster_id]
+    expected.sort(key=lambda a: (a.alert.timestamp.seconds, a.alert.alert_id))
+    by_cluster = (await viewer.ListAlerts(cpb.ListAlertsRequest(cluster_id=cluster_id))).alerts
+    assert [a.alert.alert_id for a in by_cluster] == [a.alert.alert_id for a in expected]
+    # Filters combine.
+    narrowed = await viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=bulk, satellite_id="SAT-L2"))
+    assert [a.alert.alert_id for a in narrowed.alerts] == [first[4].alert_id]
+    assert not (await viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id="trk-none"))).alerts
+
+    # Bad input.
+    assert await _bad(viewer.ListAlerts(cpb.ListAlertsRequest(satellite_id="SAT-L1"))) == {"tracking_id"}
+    assert await _bad(viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id="x" * 300, page_size=-1))) == {
+        "tracking_id",
+        "page_size",
+    }
+    assert await _bad(viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=bulk, page_token="garbage"))) == {
+        "page_token"
+    }
+    page = await viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=bulk, page_size=1))
+    reused = cpb.ListAlertsRequest(tracking_id=other, page_token=page.next_page_token)
+    assert await _bad(viewer.ListAlerts(reused)) == {"page_token"}
+
+
+async def test_list_executions_filters_and_pages_newest_first(server: Any, channel_for: Any) -> None:
+    admin = runbook_pb2_grpc.RunbookServiceStub(channel_for("admin", server.port))
+    operator = runbook_pb2_grpc.RunbookServiceStub(channel_for("operator", server.port))
+    viewer = runbook_pb2_grpc.RunbookServiceStub(channel_for("viewer", server.port))
+    for runbook_id, approval in (("rb-a", False), ("rb-b", True)):
+        await admin.RegisterRunbook(
+            pb.RegisterRunbookRequest(
+                runbook=pb.Runbook(
+                    runbook_id=runbook_id,
+                    name=runbook_id,
+                    steps=[step("s", "log", {"message": "x"}, approval=approval)],
+                )
+            )
+        )
+    suffix = uuid.uuid4().hex
+    x, y, z = f"trk-x-{suffix}", f"trk-y-{suffix}", f"trk-z-{suffix}"
+
+    async def start(runbook_id: str, tracking: str, incident_id: str = "") -> str:
+        reply = await operator.StartExecution(
+            pb.StartExecutionRequest(runbook_id=runbook_id, incident_id=incident_id, request_id=uuid.uuid4().hex),
+            metadata=(("x-tracking-id", tracking),),
+        )
+        return reply.execution.execution_id
+
+    e1 = await start("rb-a", x)
+    e2 = await start("rb-a", y, "inc-1")
+    e3 = await start("rb-b", x, "inc-1")
+    done = await operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=e1), metadata=(("x-tracking-id", z),))
+    assert done.execution.status == pb.RUNBOOK_STATUS_COMPLETED
+
+    listed, pages = await _pages(
+        lambda token: viewer.ListExecutions(pb.ListExecutionsRequest(page_size=2, page_token=token)), "executions"
+    )
+    assert pages == 2 and [e.execution_id for e in listed] == [e3, e2, e1], "newest start first"
+    entry = {e.execution_id: e for e in listed}
+    assert (entry[e2].runbook_id, entry[e2].incident_id, entry[e2].tracking_id) == ("rb-a", "inc-1", y)
+    assert entry[e2].triggered_by == "operator" and entry[e2].start_time.seconds > 0
+    assert entry[e1].status == pb.RUNBOOK_STATUS_COMPLETED and entry[e1].finish_time.seconds > 0
+    assert not entry[e1].steps and not entry[e1].audit_log, "index entries: GetExecutionStatus has the rest"
+
+    async def ids(**filters: Any) -> list[str]:
+        reply = await viewer.ListExecutions(pb.ListExecutionsRequest(**filters))
+        return [e.execution_id for e in reply.executions]
+
+    assert await ids(tracking_id=x) == [e3, e1]
+    assert await ids(tracking_id=z) == [e1], "ExecuteNextStep under z changed e1"
+    assert await ids(incident_id="inc-1") == [e3, e2]
+    assert await ids(runbook_id="rb-a") == [e2, e1]
+    assert await ids(status=pb.RUNBOOK_STATUS_COMPLETED) == [e1]
+    assert await ids(status=pb.RUNBOOK_STATUS_RUNNING, incident_id="inc-1", tracking_id=x) == [e3]
+    assert await ids(runbook_id="rb-none") == []
+
+    assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(status=pb.RUNBOOK_STATUS_DRAFT))) == {"status"}
+    assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(status=99))) == {"status"}  # type: ignore[arg-type]
+    assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(page_size=-1, runbook_id="r" * 300))) == {
+        "page_size",
+        "runbook_id",
+    }
+    assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(page_token="%%%"))) == {"page_token"}
+    page = await viewer.ListExecutions(pb.ListExecutionsRequest(page_size=1))
+    other = pb.ListExecutionsRequest(runbook_id="rb-a", page_token=page.next_page_token)
+    assert await _bad(viewer.ListExecutions(other)) == {"page_token"}
+    bad_start = pb.StartExecutionRequest(runbook_id="rb-a", incident_id="not an id", variables=struct({}))
+    assert await _bad(operator.StartExecution(bad_start)) == {"incident_id"}
