@@ -34,9 +34,9 @@ Forecast model
    captures half of all Theil–Sen pairs), the level is the median of ``mean_y − slope·mean_t`` over
    the newest quarter of the blocks, and σ comes from the median absolute deviation of successive
    block-residual differences. All three ignore an unrecorded step such as a burn nobody told us
-   about, and the per-point work is two sums, which keeps the fleet path fast (block means are also
-   cached per series until the series changes). `theil_sen` is the full O(n²) estimator for single
-   series. ``robust=False`` is ordinary least squares over all points (Prometheus ``predict_linear``).
+   about, and the per-point work is two sums, which the planner does when the points arrive (see
+   below). `theil_sen` is the full O(n²) estimator for single series. ``robust=False`` is ordinary
+   least squares over all points (Prometheus ``predict_linear``).
 3. The level at the newest snapshot is projected forward with the background rate plus the not yet
    realised part of every scheduled mission; the first time remaining reaches zero is the exhaustion
    time. ``days_remaining`` counts from the clock's *now* (0 when already exhausted).
@@ -50,13 +50,19 @@ Forecast model
 Risk levels (`classify_risk_level`): CRITICAL when days < 14, WARNING when 14 <= days < 30, WATCH when
 30 <= days < 60, NOMINAL when days >= 60 or not depleting.
 
-The fleet path (`CapacityPlanner.forecast_fleet` and everything built on it) stacks every series into
-2-D arrays and fits them all at once with array operations; the single-series path runs the very same
-code on a batch of one, so the two agree by construction (and the tests check it).
+The fleet path (`CapacityPlanner.forecast_fleet` and everything built on it) works on fleet-wide
+arrays with one row per series (`_Table`): point counts, newest point and the robust fit's block means
+are brought up to date when a bulk ingest stores points (a single-snapshot ingest leaves its row to the
+next computation), and each row's fit is kept until its series changes. A fleet computation therefore
+fits just the rows that changed, all at once from their block means, and the rest is array arithmetic
+over the rows; rows whose history includes recorded past missions are refitted from their adjusted
+points every time. The single-series path runs the very same code on one row, so the two agree by
+construction (and the tests check both against a plain per-series implementation).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -497,18 +503,17 @@ def diff_risk_levels(
 
 class _Series:
     """One (satellite, resource) history: sorted unique int64 µs timestamps and float64 values in
-    growable arrays (amortised O(1) append; about 16 bytes per point)."""
+    growable arrays (amortised O(1) append; about 16 bytes per point). `slot` is its row in the
+    planner's `_Table`."""
 
-    __slots__ = ("blocks", "n", "times", "unit", "values")
+    __slots__ = ("n", "slot", "times", "unit", "values")
 
-    def __init__(self, unit: str, capacity: int = 16) -> None:
+    def __init__(self, unit: str, slot: int, capacity: int = 16) -> None:
         self.unit = unit
+        self.slot = slot
         self.times: IntArray = np.empty(capacity, dtype=np.int64)
         self.values: FloatArray = np.empty(capacity, dtype=np.float64)
         self.n = 0
-        # Block means of the raw values as of (n, start): reused by the robust fleet fit while the
-        # series has not changed. Any write resets it.
-        self.blocks: tuple[int, int, FloatArray] | None = None  # (n, start, [t; y; size] rows)
 
     def view(self) -> tuple[IntArray, FloatArray]:
         return self.times[: self.n], self.values[: self.n]
@@ -532,7 +537,6 @@ class _Series:
             self.times[n] = t_us
             self.values[n] = value
             self.n = n + 1
-            self.blocks = None
             return True
         pos = int(np.searchsorted(self.times[:n], t_us))
         if pos < n and self.times[pos] == t_us:
@@ -543,7 +547,6 @@ class _Series:
         self.times[pos] = t_us
         self.values[pos] = value
         self.n = n + 1
-        self.blocks = None
         return True
 
     def add_many(self, t_us: IntArray, values: FloatArray) -> int:
@@ -569,7 +572,6 @@ class _Series:
             self.times[: n + m] = times[order]
             self.values[: n + m] = vals[order]
         self.n = n + m
-        self.blocks = None
         return m
 
 
@@ -589,6 +591,85 @@ class _Fit:
     se_slope: FloatArray
     se_level: FloatArray
     r2: FloatArray
+
+
+#: The per-row fit kept in `_Table.fit`, one column each.
+_FIT_SLOPE, _FIT_LEVEL, _FIT_SE_SLOPE, _FIT_SE_LEVEL, _FIT_R2 = range(5)
+
+
+def _fit_columns(fit: _Fit) -> FloatArray:
+    """A `_Fit` as (rows, 5) columns in `_FIT_*` order."""
+    return np.column_stack((fit.slope, fit.intercept, fit.se_slope, fit.se_level, fit.r2))
+
+
+class _Table:
+    """The fleet's per-series state in fleet-wide arrays, one row ("slot") per series, so that a fleet
+    computation is a handful of array operations rather than a pass over per-series objects.
+
+    A row's fit inputs — point count, first fitted point (`start`: the current bandwidth period's
+    first point, else 0), first/newest timestamp, newest value and, for the robust fit, its block
+    means — are *fresh* when they describe the series' current points. A write clears `fresh`; the
+    planner rebuilds the row at the end of a bulk ingest, or at the next computation. `fitted` rows
+    also hold their fit in `fit`, which depends on nothing but those points (rows whose points are
+    adjusted for recorded past missions are fitted apart and never read from here).
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.size = 0
+        self.keys: list[tuple[str, ResourceType]] = []
+        self.series: list[_Series] = []
+        self.units: list[str] = []
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        old = self.size
+        self.capacity = capacity
+
+        def grown(arr: npt.NDArray[Any] | None, fill: Any, dtype: Any, width: int = 0) -> npt.NDArray[Any]:
+            new = np.full((capacity, width) if width else capacity, fill, dtype=dtype)
+            if arr is not None:
+                new[:old] = arr[:old]
+            return new
+
+        get = self.__dict__.get
+        self.sat: IntArray = grown(get("sat"), 0, np.int64)  # index into the planner's satellite list
+        self.resource: IntArray = grown(get("resource"), 0, np.int64)
+        self.storage: BoolArray = grown(get("storage"), False, np.bool_)  # STORAGE with a known capacity
+        self.cap: FloatArray = grown(get("cap"), math.nan, np.float64)  # storage capacity (NaN: none)
+        self.no_cap: BoolArray = grown(get("no_cap"), False, np.bool_)  # STORAGE, capacity unknown
+        self.bandwidth: BoolArray = grown(get("bandwidth"), False, np.bool_)
+        self.fresh: BoolArray = grown(get("fresh"), False, np.bool_)
+        self.period: FloatArray = grown(get("period"), math.nan, np.float64)  # bandwidth period start used
+        self.n: IntArray = grown(get("n"), 0, np.int64)
+        self.start: IntArray = grown(get("start"), 0, np.int64)
+        self.count: IntArray = grown(get("count"), 0, np.int64)  # n − start: the points fitted
+        self.first_us: IntArray = grown(get("first_us"), 0, np.int64)
+        self.last_us: IntArray = grown(get("last_us"), 0, np.int64)
+        self.current: FloatArray = grown(get("current"), math.nan, np.float64)
+        self.nblk: IntArray = grown(get("nblk"), 0, np.int64)
+        # Block means (t in days before the newest point, y) and sizes; row i uses the first nblk[i].
+        self.tb: FloatArray = grown(get("tb"), 0.0, np.float64, _BLOCKS)
+        self.yb: FloatArray = grown(get("yb"), 0.0, np.float64, _BLOCKS)
+        self.nb: FloatArray = grown(get("nb"), 1.0, np.float64, _BLOCKS)
+        self.fitted: BoolArray = grown(get("fitted"), False, np.bool_)
+        self.fit: FloatArray = grown(get("fit"), math.nan, np.float64, 5)
+
+    def add(self, key: tuple[str, ResourceType], series: _Series, sat: int, cap: float | None) -> None:
+        """Register a new series (its slot is the next row)."""
+        if self.size == self.capacity:
+            self._allocate(2 * self.capacity)
+        i = self.size
+        self.keys.append(key)
+        self.series.append(series)
+        self.units.append(series.unit)
+        self.sat[i] = sat
+        self.resource[i] = int(key[1])
+        storage = key[1] is ResourceType.STORAGE
+        self.storage[i] = storage and cap is not None
+        self.no_cap[i] = storage and cap is None
+        self.cap[i] = math.nan if cap is None or not storage else cap
+        self.bandwidth[i] = key[1] is ResourceType.BANDWIDTH
+        self.size = i + 1
 
 
 def _row_offsets(counts: IntArray) -> IntArray:
@@ -641,8 +722,41 @@ def _block_sums(
     return sum_t / sizef / _US_PER_DAY, np.add.reduceat(y, bounds) / sizef, sizef
 
 
-def _fit_blocks(tb_flat: FloatArray, yb_flat: FloatArray, size: FloatArray, counts: IntArray) -> _Fit:
-    """Robust fit of every row from its block means (see `_block_sums`).
+def _pad_blocks(flat: FloatArray, nblk: IntArray, fill: float) -> FloatArray:
+    """Flat per-row block values (rows one after the other, nblk[i] each) as a (rows, 24) array."""
+    out = np.full((nblk.size, _BLOCKS), fill)
+    row_of = np.repeat(np.arange(nblk.size), nblk)
+    out[row_of, np.arange(flat.size) - np.repeat(np.cumsum(nblk) - nblk, nblk)] = flat
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_layout(count: int) -> tuple[IntArray, FloatArray, bool]:
+    """`_block_sums`' blocks of one row of `count` points: block starts, sizes, and whether integer
+    sums of its timestamps are safe. Cached: series of a fleet mostly share a few lengths."""
+    blocks = min(count, _BLOCKS)
+    bounds = (np.arange(blocks, dtype=np.int64) * count) // blocks
+    size = np.diff(np.append(bounds, count))
+    bounds.setflags(write=False)
+    sizef = size.astype(np.float64)
+    sizef.setflags(write=False)
+    return bounds, sizef, int(size.max()) <= 4000
+
+
+def _block_times(t_abs_us: IntArray, bounds: IntArray, size: FloatArray, exact: bool) -> FloatArray:
+    """Mean time of each block of one row in days before its newest point (as `_block_sums`)."""
+    last = int(t_abs_us[-1])
+    if exact:
+        sum_t = np.add.reduceat(t_abs_us, bounds) - size.astype(np.int64) * last
+    else:
+        sum_t = np.add.reduceat(t_abs_us - last, bounds, dtype=np.float64)
+    result: FloatArray = sum_t / size / _US_PER_DAY
+    return result
+
+
+def _fit_blocks(tb_all: FloatArray, yb_all: FloatArray, nb_all: FloatArray, nblk: IntArray, counts: IntArray) -> _Fit:
+    """Robust fit of every row from its block means (see `_block_sums`; row i uses the first nblk[i]
+    columns of the (rows, 24) arrays).
 
     The slope is the median of the slopes between block means ``lag = max(1, blocks // 4)`` apart, the
     level the median of ``mean_y − slope·mean_t`` over the newest quarter of the blocks, σ from the
@@ -650,15 +764,13 @@ def _fit_blocks(tb_flat: FloatArray, yb_flat: FloatArray, size: FloatArray, coun
     ``lag + 1`` of the slopes and one difference, so it moves none of the medians much.
     """
     rows = counts.size
-    nblk = np.minimum(counts, _BLOCKS)
-    starts = np.cumsum(nblk) - nblk
     out = _Fit(np.empty(rows), np.empty(rows), np.empty(rows), np.empty(rows), np.empty(rows))
     # Rows with the same number of blocks form rectangular (rows, blocks) matrices: at most 24 groups,
-    # and almost always one (every series with >= 24 points).
-    for blocks in np.unique(nblk).tolist():
-        sel = np.flatnonzero(nblk == blocks)
-        idx = starts[sel][:, None] + np.arange(blocks)[None, :]
-        tb, yb, nb = tb_flat[idx], yb_flat[idx], size[idx]
+    # and almost always one (every series with >= 24 points), which needs no gathering at all.
+    groups = np.unique(nblk).tolist()
+    for blocks in groups:
+        sel: slice | IntArray = slice(None) if len(groups) == 1 else np.flatnonzero(nblk == blocks)
+        tb, yb, nb = tb_all[sel, :blocks], yb_all[sel, :blocks], nb_all[sel, :blocks]
         lag = max(1, blocks // 4)
         slope = np.median((yb[:, lag:] - yb[:, :-lag]) / (tb[:, lag:] - tb[:, :-lag]), axis=1)
         keep = min(blocks, max(2, blocks // 4))
@@ -668,7 +780,7 @@ def _fit_blocks(tb_flat: FloatArray, yb_flat: FloatArray, size: FloatArray, coun
             diff = resid[:, 1:] - resid[:, :-1]
             mad = np.median(np.abs(diff - np.median(diff, axis=1)[:, None]), axis=1)
         else:  # pragma: no cover - rows have at least two points, hence two blocks
-            mad = np.zeros(sel.size)
+            mad = np.zeros(tb.shape[0])
         n = counts[sel].astype(np.float64)
         # A block mean's residual has variance σ²/size; a difference of two has twice that.
         sigma = _MAD_TO_SIGMA * mad * np.sqrt(n / blocks / 2.0)
@@ -740,10 +852,11 @@ class _Row:
 
 @dataclass
 class _BatchOut:
-    """Column-oriented results for the forecastable series of one computation."""
+    """Column-oriented results for the forecastable series of one computation (row i is the series
+    in `table` slot ``slots[i]``)."""
 
-    keys: list[tuple[str, ResourceType]]
-    units: list[str]
+    table: _Table
+    slots: IntArray
     current: FloatArray
     count: IntArray
     span_days: FloatArray
@@ -761,11 +874,20 @@ class _BatchOut:
     ramps: dict[int, tuple[list[_Ramp], list[str]]]
     reasons: dict[tuple[str, ResourceType], str]
 
+    def __len__(self) -> int:
+        return int(self.slots.size)
+
+    def key(self, i: int) -> tuple[str, ResourceType]:
+        return self.table.keys[int(self.slots[i])]
+
+    def unit(self, i: int) -> str:
+        return self.table.units[int(self.slots[i])]
+
     def row(self, i: int) -> _Row:
         ramps, ids = self.ramps.get(i, ([], []))
         return _Row(
-            self.keys[i],
-            self.units[i],
+            self.key(i),
+            self.unit(i),
             float(self.current[i]),
             float(self.level[i]),
             float(self.rate[i]),
@@ -820,7 +942,7 @@ class CapacityPlanner:
     * ``burn_reduction`` (0.2), ``duty_cycle_reduction`` (0.25), ``storage_purge_fraction`` (0.2),
       ``downlink_priority_gain`` (0.25), ``comm_priority_gain`` (0.25): the size of each intervention
       whose days gained `recommend_interventions` computes.
-    * ``chunk_size`` (4096): series fitted per array batch (bounds temporary memory).
+    * ``chunk_size`` (4096): series per array batch when points are read (bounds temporary memory).
     """
 
     def __init__(
@@ -888,6 +1010,13 @@ class CapacityPlanner:
         self._chunk = chunk_size
         self._series: dict[tuple[str, ResourceType], _Series] = {}
         self._satellites: dict[str, set[ResourceType]] = {}
+        self._table = _Table()
+        self._sat_index: dict[str, int] = {}  # satellite id → its index in `_sat_names`
+        self._sat_names: list[str] = []
+        # Slots sorted by key, and satellite names sorted, for the fleet path; None after a new series.
+        self._fleet_order: IntArray | None = None
+        self._sat_order: IntArray = np.empty(0, np.int64)
+        self._sat_sorted: npt.NDArray[np.object_] = np.empty(0, dtype=object)
         self._missions: dict[str, MissionScheduleEntry] = {}
         self._missions_by_sat: dict[str, dict[str, MissionScheduleEntry]] = {}
 
@@ -913,9 +1042,15 @@ class CapacityPlanner:
         key = (satellite_id, resource)
         series = self._series.get(key)
         if series is None:
-            series = _Series(unit)
+            sat = self._sat_index.setdefault(satellite_id, len(self._sat_names))
+            if sat == len(self._sat_names):
+                self._sat_names.append(satellite_id)
+            series = _Series(unit, self._table.size)
+            cap = self._capacity(satellite_id, unit) if resource is ResourceType.STORAGE else None
+            self._table.add(key, series, sat, cap)
             self._series[key] = series
             self._satellites.setdefault(satellite_id, set()).add(resource)
+            self._fleet_order = None
         return series
 
     def ingest_snapshot(self, snapshot: ResourceSnapshot) -> bool:
@@ -928,13 +1063,18 @@ class CapacityPlanner:
         resource = _coerce_resource(snapshot.resource_type)
         assert resource is not None  # validated above
         series = self._store(snapshot.satellite_id, resource, snapshot.unit.strip())
-        return series.add(datetime_to_us(snapshot.timestamp), float(snapshot.value))
+        stored = series.add(datetime_to_us(snapshot.timestamp), float(snapshot.value))
+        if stored:
+            # One point at a time (tests, interactive use): the next computation rebuilds the row.
+            self._table.fresh[series.slot] = False
+        return stored
 
     def ingest_snapshots_detailed(self, snapshots: Iterable[ResourceSnapshot]) -> IngestReport:
         """Store many snapshots; invalid ones are skipped and reported as (index, reason)."""
         now = self._clock.now()
         accepted = duplicates = 0
         rejected: list[tuple[int, str]] = []
+        touched: set[int] = set()
         for index, snapshot in enumerate(snapshots):
             violations = self._violations(snapshot, now)
             if violations:
@@ -945,8 +1085,11 @@ class CapacityPlanner:
             series = self._store(snapshot.satellite_id, resource, snapshot.unit.strip())
             if series.add(datetime_to_us(snapshot.timestamp), float(snapshot.value)):
                 accepted += 1
+                touched.add(series.slot)
             else:
                 duplicates += 1
+        if touched:
+            self._refresh(sorted(touched), datetime_to_us(now))
         return IngestReport(accepted, duplicates, rejected)
 
     def ingest_snapshots(self, snapshots: Iterable[ResourceSnapshot]) -> int:
@@ -979,23 +1122,36 @@ class CapacityPlanner:
         if violations:
             raise ValidationError(violations)
         limit = datetime_to_us(self._clock.now()) + int(self.max_future_skew_s * 1_000_000)
-        reasons = np.full(t.size, "", dtype=object)
-        reasons[t > limit] = f"snapshot.timestamp: is more than {self.max_future_skew_s:g} s in the future"
-        reasons[v < 0.0] = "snapshot.value: must not be negative"
-        reasons[~np.isfinite(v)] = "snapshot.value: must be finite"
-        bad = reasons != ""
-        rejected = [(int(i), str(reasons[i])) for i in np.flatnonzero(bad)]
-        good_t, good_v = t[~bad], v[~bad]
-        order = np.argsort(good_t, kind="stable")
-        good_t, good_v = good_t[order], good_v[order]
-        first = np.ones(good_t.size, dtype=bool)
-        first[1:] = good_t[1:] != good_t[:-1]
-        in_batch_dups = int(good_t.size - first.sum())
+        future = t > limit
+        negative = v < 0.0
+        not_finite = ~np.isfinite(v)
+        bad = future | negative | not_finite
+        rejected: list[tuple[int, str]] = []
+        if bad.any():
+            for i in np.flatnonzero(bad).tolist():
+                if not_finite[i]:
+                    reason = "snapshot.value: must be finite"
+                elif negative[i]:
+                    reason = "snapshot.value: must not be negative"
+                else:
+                    reason = f"snapshot.timestamp: is more than {self.max_future_skew_s:g} s in the future"
+                rejected.append((i, reason))
+            t, v = t[~bad], v[~bad]
+        # Stored history comes back sorted and unique: then there is nothing to sort or drop.
+        if t.size > 1 and not bool(np.all(t[1:] > t[:-1])):
+            order = np.argsort(t, kind="stable")
+            t, v = t[order], v[order]
+            first = np.ones(t.size, dtype=bool)
+            first[1:] = t[1:] != t[:-1]
+            t, v = t[first], v[first]
+        in_batch_dups = int(bad.size - bad.sum()) - int(t.size)
         resource = _coerce_resource(resource_type)
         assert resource is not None
         series = self._store(satellite_id, resource, unit.strip())
-        stored = series.add_many(good_t[first], good_v[first])
-        duplicates = in_batch_dups + int(first.sum()) - stored
+        stored = series.add_many(t, v)
+        if stored:
+            self._refresh([series.slot], datetime_to_us(self._clock.now()))
+        duplicates = in_batch_dups + int(t.size) - stored
         return IngestReport(stored, duplicates, rejected)
 
     def add_scheduled_mission(self, entry: MissionScheduleEntry) -> None:
@@ -1014,10 +1170,15 @@ class CapacityPlanner:
         pool = self._missions.values() if satellite_id is None else self._missions_by_sat.get(satellite_id, {}).values()
         return sorted(pool, key=lambda m: (m.start_time, m.mission_id))
 
-    def clear_caches(self) -> None:
-        """Drop the per-series block-mean caches (benchmarks use it to time the cold path)."""
-        for series in self._series.values():
-            series.blocks = None
+    def clear_caches(self, *, block_means: bool = False) -> None:
+        """Forget every series' fit, as if each had just received new points: the next computation is
+        the first one after an ingest (benchmarks time this "cold" path). With ``block_means`` the
+        per-series state kept since ingest goes too, so the next computation rebuilds it from the raw
+        points, as after a single-snapshot ingest or a bandwidth period rollover."""
+        size = self._table.size
+        self._table.fitted[:size] = False
+        if block_means:
+            self._table.fresh[:size] = False
 
     def known_satellites(self) -> list[str]:
         """Satellites with at least one stored snapshot, sorted."""
@@ -1045,102 +1206,154 @@ class CapacityPlanner:
             return 100.0
         return self._storage_capacity.get(satellite_id, self._default_storage_capacity)
 
-    def _compute(self, keys: Sequence[tuple[str, ResourceType]]) -> _BatchOut:
-        """Fit and forecast the given series at once (the single-series path passes one key)."""
-        now_us = datetime_to_us(self._clock.now())
+    def _period_start(self, now_us: int) -> float | None:
+        """Start (µs) of the current bandwidth period, None without periods."""
+        if self._bw_period_us is None:
+            return None
+        period = self._bw_period_us
+        return self._bw_anchor_us + math.floor((now_us - self._bw_anchor_us) / period) * period
+
+    def _points(self, slots: IntArray) -> tuple[IntArray, FloatArray]:
+        """The fitted points (from each row's `start`) of the given fresh rows, concatenated."""
+        tab = self._table
+        parts = [(tab.series[i], int(tab.start[i]), int(tab.n[i])) for i in slots.tolist()]
+        flat_t = np.concatenate([s.times[lo:hi] for s, lo, hi in parts])
+        flat_y = np.concatenate([s.values[lo:hi] for s, lo, hi in parts])
+        return flat_t, flat_y
+
+    def _refresh(self, slots: Sequence[int], now_us: int) -> None:
+        """Rebuild the `_Table` rows of changed series from their points: counts, newest point and,
+        for the robust fit, block means. Called at the end of a bulk ingest (so the summary after new
+        telemetry starts from the block means) and for rows still stale at computation time."""
+        tab = self._table
+        period_start = self._period_start(now_us)
+        with_blocks: list[int] = []
+        for i in slots:
+            s = tab.series[i]
+            n = s.n
+            start = 0
+            if period_start is not None and tab.bandwidth[i]:
+                start = int(np.searchsorted(s.times[:n], period_start))
+                tab.period[i] = period_start
+            tab.n[i] = n
+            tab.start[i] = start
+            tab.count[i] = n - start
+            if n:
+                tab.first_us[i] = s.times[min(start, n - 1)]
+                tab.last_us[i] = s.times[n - 1]
+                tab.current[i] = s.values[n - 1]
+            if self.robust and n - start >= 2:  # fewer points are never fitted (min_history_points >= 2)
+                with_blocks.append(i)
+        rows = np.asarray(slots, np.int64)
+        tab.fresh[rows] = True
+        tab.fitted[rows] = False
+        if len(with_blocks) <= 16:  # the usual ingest: one series at a time, no batching overhead
+            for i in with_blocks:
+                s = tab.series[i]
+                lo, hi = int(tab.start[i]), int(tab.n[i])
+                bounds, size, exact = _block_layout(hi - lo)
+                blocks = bounds.size
+                tab.nblk[i] = blocks
+                tab.tb[i, :blocks] = _block_times(s.times[lo:hi], bounds, size, exact)
+                tab.yb[i, :blocks] = np.add.reduceat(s.values[lo:hi], bounds) / size
+                tab.nb[i, :blocks] = size
+            return
+        for lo in range(0, len(with_blocks), self._chunk):
+            part = np.asarray(with_blocks[lo : lo + self._chunk], np.int64)
+            count = tab.count[part]
+            flat_t, flat_y = self._points(part)
+            tb, yb, size = _block_sums(flat_t, flat_y, count, tab.last_us[part])
+            nblk = np.minimum(count, _BLOCKS)
+            tab.nblk[part] = nblk
+            tab.tb[part] = _pad_blocks(tb, nblk, 0.0)
+            tab.yb[part] = _pad_blocks(yb, nblk, 0.0)
+            tab.nb[part] = _pad_blocks(size, nblk, 1.0)
+
+    def _compute_keys(self, keys: Sequence[tuple[str, ResourceType]]) -> _BatchOut:
+        """`_compute` of the given series (the single-series path passes one key)."""
         reasons: dict[tuple[str, ResourceType], str] = {}
-        ok_keys: list[tuple[str, ResourceType]] = []
-        ok_series: list[_Series] = []
-        starts: list[int] = []
-        period_end: list[float] = []
-        caps: list[float] = []
-        bw_period = self._bw_period_us
-        # Per-series Python work here is a few attribute reads; the arithmetic is all below.
+        slots: list[int] = []
         for key in keys:
             series = self._series.get(key)
-            if series is None or series.n == 0:
+            if series is None:
                 sat, resource = key
                 known = sat in self._satellites
                 reasons[key] = f"no {resource.name} snapshots for {sat}" if known else f"unknown satellite {sat!r}"
-                continue
-            start = 0
-            end_rel = math.inf
-            resource = key[1]
-            if resource is ResourceType.BANDWIDTH and bw_period is not None:
-                period_start = self._bw_anchor_us + math.floor((now_us - self._bw_anchor_us) / bw_period) * bw_period
-                start = int(np.searchsorted(series.times[: series.n], period_start))
-                end_rel = (period_start + bw_period - int(series.times[series.n - 1])) / _US_PER_DAY
-            cap = math.nan
-            if resource is ResourceType.STORAGE:
-                got = self._capacity(key[0], series.unit)
-                if got is None:
-                    reasons[key] = f"storage capacity of {key[0]} unknown: configure it or report in '%'"
-                    continue
-                cap = got
-            ok_keys.append(key)
-            ok_series.append(series)
-            starts.append(start)
-            period_end.append(end_rel)
-            caps.append(cap)
-        total = len(ok_series)
-        count = np.fromiter((s.n for s in ok_series), np.int64, total) - np.asarray(starts, np.int64)
-        last_us = np.fromiter((s.times[s.n - 1] for s in ok_series), np.int64, total)
-        first_us = np.fromiter(
-            (s.times[min(st, s.n - 1)] for s, st in zip(ok_series, starts, strict=True)), np.int64, total
-        )
-        span_days = (last_us - first_us) / _US_PER_DAY
+            else:
+                slots.append(series.slot)
+        return self._compute(np.asarray(slots, np.int64), reasons)
+
+    def _fleet_slots(self) -> IntArray:
+        """Every slot, sorted by (satellite, resource); also refreshes the sorted satellite names."""
+        if self._fleet_order is None:
+            tab = self._table
+            names = self._sat_names
+            order = np.asarray(sorted(range(len(names)), key=names.__getitem__), np.int64)
+            rank = np.empty(len(names), np.int64)
+            rank[order] = np.arange(len(names))
+            self._fleet_order = np.lexsort((tab.resource[: tab.size], rank[tab.sat[: tab.size]]))
+            self._sat_order = order
+            self._sat_sorted = np.asarray(names, dtype=object)[order]
+        return self._fleet_order
+
+    def _compute_fleet(self) -> _BatchOut:
+        return self._compute(self._fleet_slots(), {})
+
+    def _compute(self, slots: IntArray, reasons: dict[tuple[str, ResourceType], str]) -> _BatchOut:
+        """Fit and forecast the series in the given `_Table` slots at once. Everything per series is
+        array arithmetic over the fleet table; Python loops run only over rows that are stale (changed
+        since their last refresh), lack history, or have missions."""
+        tab = self._table
+        now_us = datetime_to_us(self._clock.now())
+        period_start = self._period_start(now_us)
+        stale = ~tab.fresh[slots]
+        if period_start is not None:  # a new bandwidth period moves those rows' first fitted point
+            stale |= tab.bandwidth[slots] & (tab.period[slots] != period_start)
+        if stale.any():
+            self._refresh(slots[stale].tolist(), now_us)
+        n = tab.n[slots]
+        count = tab.count[slots]
+        span_days = (tab.last_us[slots] - tab.first_us[slots]) / _US_PER_DAY
         enough = (count >= self.min_history_points) & (span_days >= self.min_history_days)
-        for i in np.flatnonzero(~enough).tolist():
-            where = " in the current bandwidth period" if starts[i] else ""
-            if count[i] < self.min_history_points:
-                reasons[ok_keys[i]] = (
-                    f"insufficient history: {count[i]} snapshot(s){where}, need at least {self.min_history_points}"
+        bad = (n == 0) | tab.no_cap[slots] | ~enough
+        for p in np.flatnonzero(bad).tolist():
+            i = int(slots[p])
+            key = tab.keys[i]
+            sat, resource = key
+            where = " in the current bandwidth period" if tab.start[i] else ""
+            if n[p] == 0:
+                reasons[key] = f"no {resource.name} snapshots for {sat}"
+            elif tab.no_cap[i]:
+                reasons[key] = f"storage capacity of {sat} unknown: configure it or report in '%'"
+            elif count[p] < self.min_history_points:
+                reasons[key] = (
+                    f"insufficient history: {count[p]} snapshot(s){where}, need at least {self.min_history_points}"
                 )
             else:
-                reasons[ok_keys[i]] = (
-                    f"insufficient history: {span_days[i]:.3g} day(s) of snapshots{where}, "
+                reasons[key] = (
+                    f"insufficient history: {span_days[p]:.3g} day(s) of snapshots{where}, "
                     f"need at least {self.min_history_days:g}"
                 )
-        sel = np.flatnonzero(enough)
-        if sel.size < total:
-            keep = sel.tolist()
-            ok_keys = [ok_keys[i] for i in keep]
-            ok_series = [ok_series[i] for i in keep]
-            starts = [starts[i] for i in keep]
-            count, last_us, span_days = count[sel], last_us[sel], span_days[sel]
-            period_end = [period_end[i] for i in keep]
-            caps = [caps[i] for i in keep]
-        total = len(ok_keys)
-        cap_arr = np.asarray(caps, np.float64)
-        ramps = self._ramps(ok_keys, last_us)
-        level = np.empty(total)
-        rate = np.empty(total)
-        se_level = np.empty(total)
-        se_rate = np.empty(total)
-        r2 = np.empty(total)
-        storage = ~np.isnan(cap_arr)
+        if bad.any():
+            keep = ~bad
+            slots, count, span_days = slots[keep], count[keep], span_days[keep]
+        total = int(slots.size)
+        last_us = tab.last_us[slots]
+        storage = tab.storage[slots]
+        ramps = self._ramps(slots, last_us)
         adjust = np.zeros(total)
-        if self.robust:
-            self._robust_fit_all(
-                ok_series, starts, count, last_us, storage, ramps, adjust, level, rate, se_level, se_rate, r2
-            )
-        else:
-            for lo in range(0, total, self._chunk):
-                hi = min(total, lo + self._chunk)
-                rows = list(range(lo, hi))
-                flat_t, flat_y = self._chunk_data(ok_series, starts, count, last_us, storage, ramps, rows, adjust)
-                t_days = (flat_t - np.repeat(last_us[lo:hi], count[lo:hi])) / _US_PER_DAY
-                fit = _fit_ols(t_days, flat_y, count[lo:hi])
-                level[lo:hi] = fit.intercept
-                rate[lo:hi] = -fit.slope
-                se_level[lo:hi] = fit.se_level
-                se_rate[lo:hi] = fit.se_slope
-                r2[lo:hi] = fit.r2
+        fit = self._fit_rows(slots, count, last_us, storage, ramps, adjust)
         # Storage was fitted as used space: remaining = capacity − used mirrors the line.
-        level = np.where(storage, cap_arr - level, level) - adjust
-        rate = np.where(storage, -rate, rate)
+        level = np.where(storage, tab.cap[slots] - fit[:, _FIT_LEVEL], fit[:, _FIT_LEVEL]) - adjust
+        rate = np.where(storage, fit[:, _FIT_SLOPE], -fit[:, _FIT_SLOPE])
+        se_level = fit[:, _FIT_SE_LEVEL]
+        se_rate = fit[:, _FIT_SE_SLOPE]
         now_rel = (now_us - last_us) / _US_PER_DAY
-        period_end_rel = np.asarray(period_end, np.float64)
+        if period_start is None or self._bw_period_us is None:
+            period_end_rel = np.full(total, math.inf)
+        else:
+            ends = (period_start + self._bw_period_us - last_us) / _US_PER_DAY
+            period_end_rel = np.where(tab.bandwidth[slots], ends, math.inf)
 
         def closed(lv: FloatArray, rt: FloatArray) -> FloatArray:
             d = _days_closed_form(lv, rt, now_rel)
@@ -1151,9 +1364,9 @@ class CapacityPlanner:
         p10 = closed(level - _Z90 * se_level, rate + _Z90 * se_rate)
         p90 = closed(level + _Z90 * se_level, rate - _Z90 * se_rate)
         out = _BatchOut(
-            keys=ok_keys,
-            units=[s.unit for s in ok_series],
-            current=np.fromiter((s.values[s.n - 1] for s in ok_series), np.float64, total),
+            table=tab,
+            slots=slots,
+            current=tab.current[slots],
             count=count,
             span_days=span_days,
             now_rel=now_rel,
@@ -1162,7 +1375,7 @@ class CapacityPlanner:
             rate=rate,
             se_level=se_level,
             se_rate=se_rate,
-            confidence=r2 * np.minimum(1.0, span_days / 7.0),
+            confidence=fit[:, _FIT_R2] * np.minimum(1.0, span_days / 7.0),
             days=days,
             p10=p10,
             p90=p90,
@@ -1180,14 +1393,75 @@ class CapacityPlanner:
         out.levels = _classify_array(days)
         return out
 
-    def _ramps(
-        self, keys: Sequence[tuple[str, ResourceType]], last_us: IntArray
-    ) -> dict[int, tuple[list[_Ramp], list[str]]]:
+    def _fit_rows(
+        self,
+        slots: IntArray,
+        count: IntArray,
+        last_us: IntArray,
+        storage: BoolArray,
+        ramps: Mapping[int, tuple[list[_Ramp], list[str]]],
+        adjust: FloatArray,
+    ) -> FloatArray:
+        """The fit of every row as a (rows, 5) array (columns `_FIT_*`).
+
+        Rows whose history includes recorded past missions are fitted from their points with those
+        missions' impact added back (and their adjustment at the newest point goes into `adjust`).
+        All others come from `_Table.fit`; the rows not fitted since their last change are fitted
+        first, all at once — from the block means for the robust fit, from the points for OLS."""
+        tab = self._table
+        total = int(slots.size)
+        fit = np.empty((total, 5))
+        past = [p for p, (rps, _) in ramps.items() if any(s < 0.0 for s, _, _ in rps)]
+        direct = np.ones(total, dtype=bool)
+        direct[past] = False
+        plain = slots[direct]
+        todo = np.unique(plain[~tab.fitted[plain]])
+        for lo in range(0, todo.size, self._chunk):
+            part = todo[lo : lo + self._chunk]
+            if self.robust:
+                got = _fit_blocks(tab.tb[part], tab.yb[part], tab.nb[part], tab.nblk[part], tab.count[part])
+            else:
+                flat_t, flat_y = self._points(part)
+                t_days = (flat_t - np.repeat(tab.last_us[part], tab.count[part])) / _US_PER_DAY
+                got = _fit_ols(t_days, flat_y, tab.count[part])
+            tab.fit[part] = _fit_columns(got)
+            tab.fitted[part] = True
+        fit[direct] = tab.fit[plain]
+        for lo in range(0, len(past), self._chunk):
+            rows = past[lo : lo + self._chunk]
+            flat_t, flat_y = self._adjusted_points(slots, rows, count, last_us, storage, ramps, adjust)
+            sel = np.asarray(rows, np.int64)
+            if self.robust:
+                tb, yb, size = _block_sums(flat_t, flat_y, count[sel], last_us[sel])
+                nblk = np.minimum(count[sel], _BLOCKS)
+                padded = (_pad_blocks(tb, nblk, 0.0), _pad_blocks(yb, nblk, 0.0), _pad_blocks(size, nblk, 1.0))
+                got = _fit_blocks(*padded, nblk, count[sel])
+            else:
+                t_days = (flat_t - np.repeat(last_us[sel], count[sel])) / _US_PER_DAY
+                got = _fit_ols(t_days, flat_y, count[sel])
+            fit[sel] = _fit_columns(got)
+        return fit
+
+    def _ramps(self, slots: IntArray, last_us: IntArray) -> dict[int, tuple[list[_Ramp], list[str]]]:
         """Mission ramps (days relative to each row's newest snapshot) of the rows that have any."""
         found: dict[int, tuple[list[_Ramp], list[str]]] = {}
         if not self._missions_by_sat:
             return found
-        for i, (sat, resource) in enumerate(keys):
+        candidates: list[tuple[int, int]]  # (row, slot)
+        if slots.size <= len(self._missions_by_sat):
+            candidates = list(enumerate(slots.tolist()))
+        else:  # the fleet: visit only the rows of satellites with missions
+            where = np.full(self._table.size, -1, np.int64)
+            where[slots] = np.arange(slots.size)
+            candidates = []
+            for sat in self._missions_by_sat:
+                for resource in self._satellites.get(sat, ()):
+                    slot = self._series[(sat, resource)].slot
+                    if where[slot] >= 0:
+                        candidates.append((int(where[slot]), slot))
+            candidates.sort()
+        for i, slot in candidates:
+            sat, resource = self._table.keys[slot]
             missions = self._missions_by_sat.get(sat)
             if not missions:
                 continue
@@ -1205,72 +1479,25 @@ class CapacityPlanner:
                 found[i] = (ramps, ids)
         return found
 
-    def _robust_fit_all(
+    def _adjusted_points(
         self,
-        series: Sequence[_Series],
-        starts: Sequence[int],
-        count: IntArray,
-        last_us: IntArray,
-        storage: BoolArray,
-        ramps: Mapping[int, tuple[list[_Ramp], list[str]]],
-        adjust: FloatArray,
-        *outputs: FloatArray,
-    ) -> None:
-        """Robust fit of every row: block means (from the per-series cache when the series is
-        unchanged and has no recorded missions), then one `_fit_blocks` over all rows."""
-        total = count.size
-        if total == 0:
-            return
-        cached: list[FloatArray | None] = [None] * total
-        stale: list[int] = []
-        for i, (s, st) in enumerate(zip(series, starts, strict=True)):
-            got = s.blocks
-            if got is not None and got[0] == s.n and got[1] == st and i not in ramps:
-                cached[i] = got[2]
-            else:
-                stale.append(i)
-        for lo in range(0, len(stale), self._chunk):
-            rows = stale[lo : lo + self._chunk]
-            flat_t, flat_y = self._chunk_data(series, starts, count, last_us, storage, ramps, rows, adjust)
-            sel = np.asarray(rows, np.int64)
-            stacked = np.vstack(_block_sums(flat_t, flat_y, count[sel], last_us[sel]))
-            cuts = np.cumsum(np.minimum(count[sel], _BLOCKS))[:-1].tolist()
-            for i, part in zip(rows, np.split(stacked, cuts, axis=1), strict=True):
-                cached[i] = part
-                if i not in ramps:
-                    series[i].blocks = (series[i].n, starts[i], part)
-        every: FloatArray = np.concatenate(cached, axis=1)  # type: ignore[arg-type]  # all filled above
-        fit = _fit_blocks(every[0], every[1], every[2], count)
-        level, rate, se_level, se_rate, r2 = outputs
-        level[:] = fit.intercept
-        rate[:] = -fit.slope
-        se_level[:] = fit.se_level
-        se_rate[:] = fit.se_slope
-        r2[:] = fit.r2
-
-    def _chunk_data(
-        self,
-        series: Sequence[_Series],
-        starts: Sequence[int],
-        count: IntArray,
-        last_us: IntArray,
-        storage: BoolArray,
-        ramps: Mapping[int, tuple[list[_Ramp], list[str]]],
+        slots: IntArray,
         rows: Sequence[int],
+        count: IntArray,
+        last_us: IntArray,
+        storage: BoolArray,
+        ramps: Mapping[int, tuple[list[_Ramp], list[str]]],
         adjust: FloatArray,
     ) -> tuple[IntArray, FloatArray]:
         """The given rows' points concatenated row after row, with the realised impact of recorded
         past missions added back; each such row's adjustment at its newest point goes into `adjust`."""
-        sizes = [int(count[i]) for i in rows]
-        flat_t = np.concatenate([series[i].times[starts[i] : starts[i] + n] for i, n in zip(rows, sizes, strict=True)])
-        flat_y = np.concatenate([series[i].values[starts[i] : starts[i] + n] for i, n in zip(rows, sizes, strict=True)])
-        if not ramps:
-            return flat_t, flat_y
+        flat_t, flat_y = self._points(slots[np.asarray(rows, np.int64)])
         offset = 0
-        for i, n in zip(rows, sizes, strict=True):
-            got = ramps.get(i)
+        for i in rows:
+            n = int(count[i])
             lo, hi = offset, offset + n
             offset = hi
+            got = ramps.get(i)
             if got is None:
                 continue
             t_rel = (flat_t[lo:hi] - int(last_us[i])) / _US_PER_DAY
@@ -1300,7 +1527,7 @@ class CapacityPlanner:
         date = None
         if days is not None:
             date = self._clock.now() + timedelta(days=days)
-        satellite_id, resource = out.keys[i]
+        satellite_id, resource = out.key(i)
         mission_ids, scheduled = out.mission_info(i)
         return ExhaustionForecast(
             satellite_id=satellite_id,
@@ -1314,7 +1541,7 @@ class CapacityPlanner:
             days_remaining_p10=self._opt(float(out.p10[i])),
             days_remaining_p50=days,
             days_remaining_p90=self._opt(float(out.p90[i])),
-            unit=out.units[i],
+            unit=out.unit(i),
             rate_per_day=float(out.rate[i]),
             scheduled_impact=scheduled,
             mission_ids=mission_ids,
@@ -1324,8 +1551,8 @@ class CapacityPlanner:
 
     def compute_consumption_rate_detailed(self, satellite_id: str, resource_type: ResourceType) -> RateResult:
         """The background consumption rate, or None with the reason."""
-        out = self._compute([(satellite_id, resource_type)])
-        if not out.keys:
+        out = self._compute_keys([(satellite_id, resource_type)])
+        if not len(out):
             return RateResult(None, out.reasons[(satellite_id, resource_type)])
         rate = ConsumptionRate(
             satellite_id,
@@ -1343,8 +1570,8 @@ class CapacityPlanner:
 
     def forecast_exhaustion_detailed(self, satellite_id: str, resource_type: ResourceType) -> ForecastResult:
         """The forecast, or None with the reason (unknown satellite, insufficient history, ...)."""
-        out = self._compute([(satellite_id, resource_type)])
-        if not out.keys:
+        out = self._compute_keys([(satellite_id, resource_type)])
+        if not len(out):
             return ForecastResult(None, out.reasons[(satellite_id, resource_type)])
         return ForecastResult(self._forecast_of(out, 0))
 
@@ -1355,44 +1582,37 @@ class CapacityPlanner:
     def satellite_forecasts(self, satellite_id: str) -> list[ExhaustionForecast]:
         """The forecasts of every forecastable resource of one satellite, by resource type."""
         keys = [(satellite_id, r) for r in sorted(self._satellites.get(satellite_id, ()))]
-        out = self._compute(keys)
-        return [self._forecast_of(out, i) for i in range(len(out.keys))]
+        out = self._compute_keys(keys)
+        return [self._forecast_of(out, i) for i in range(len(out))]
 
     # ---- fleet ----------------------------------------------------------------------------------
 
-    def _fleet_keys(self) -> list[tuple[str, ResourceType]]:
-        return sorted(self._series)
-
     def forecast_fleet(self) -> list[ExhaustionForecast]:
         """Forecasts of every forecastable (satellite, resource), computed vectorised, sorted by key."""
-        out = self._compute(self._fleet_keys())
-        return [self._forecast_of(out, i) for i in range(len(out.keys))]
+        out = self._compute_fleet()
+        return [self._forecast_of(out, i) for i in range(len(out))]
 
     def fleet_insufficient(self) -> dict[tuple[str, ResourceType], str]:
         """The series that get no forecast, with the reason."""
-        return self._compute(self._fleet_keys()).reasons
+        return self._compute_fleet().reasons
 
     def get_fleet_risk_summary(self) -> dict[RiskLevel, list[str]]:
         """Satellites grouped by risk level (every level present, ids sorted). A satellite sits at its
         worst resource's level; satellites with no forecastable resource are not listed."""
-        out = self._compute(self._fleet_keys())
-        worst: dict[str, int] = {}
-        for (sat, _), level in zip(out.keys, out.levels.tolist(), strict=True):
-            if level > worst.get(sat, 0):
-                worst[sat] = level
-        summary: dict[RiskLevel, list[str]] = {level: [] for level in RiskLevel}
-        for sat in sorted(worst):
-            summary[RiskLevel(worst[sat])].append(sat)
-        return summary
+        out = self._compute_fleet()
+        worst = np.zeros(len(self._sat_names), np.int64)  # 0: no forecastable resource
+        np.maximum.at(worst, self._table.sat[out.slots], out.levels)
+        by_name = worst[self._sat_order]
+        return {level: self._sat_sorted[by_name == int(level)].tolist() for level in RiskLevel}
 
     def get_critical_forecasts(self, max_days: float = CRITICAL_DAYS) -> list[ExhaustionForecast]:
         """Forecasts with days_remaining < max_days, most urgent first (days, then P10, then key).
 
         Strictly less, so the default 14 returns exactly the CRITICAL forecasts."""
-        out = self._compute(self._fleet_keys())
+        out = self._compute_fleet()
         idx = np.flatnonzero(~np.isnan(out.days) & (out.days < max_days))
         p10 = np.where(np.isnan(out.p10), np.inf, out.p10)
-        chosen = sorted(idx.tolist(), key=lambda i: (out.days[i], p10[i], out.keys[i]))
+        chosen = sorted(idx.tolist(), key=lambda i: (out.days[i], p10[i], out.key(i)))
         return [self._forecast_of(out, i) for i in chosen]
 
     def risk_changes(
@@ -1420,9 +1640,9 @@ class CapacityPlanner:
         Unknown satellites give an empty list.
         """
         keys = [(satellite_id, r) for r in sorted(self._satellites.get(satellite_id, ()))]
-        out = self._compute(keys)
+        out = self._compute_keys(keys)
         result: list[dict[str, Any]] = []
-        for i in range(len(out.keys)):
+        for i in range(len(out)):
             r = out.row(i)
             days = float(out.days[i])
             level = RiskLevel(int(out.levels[i]))

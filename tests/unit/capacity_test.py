@@ -622,9 +622,184 @@ def test_fleet_block_cache_is_invalidated_by_new_data() -> None:
     cached = planner.forecast_fleet()
     planner.clear_caches()
     assert cached == planner.forecast_fleet()
+    planner.clear_caches(block_means=True)  # rebuilt from the raw points: the very same numbers
+    assert cached == planner.forecast_fleet()
     changed = {(f.satellite_id, f.resource_type): f for f in cached}
     assert changed[("sat-01", POWER)].current_value == 0.0
     assert changed[("sat-01", POWER)] != before[("sat-01", POWER)]
+    # One snapshot at a time leaves the series to be rebuilt by the next computation.
+    planner.ingest_snapshot(ResourceSnapshot("sat-02", FUEL, day(39.97), 1.0, "kg"))
+    assert planner.forecast_exhaustion("sat-02", FUEL).current_value == 1.0  # type: ignore[union-attr]
+    fleet = {(f.satellite_id, f.resource_type): f for f in planner.forecast_fleet()}
+    assert fleet[("sat-02", FUEL)] == planner.forecast_exhaustion("sat-02", FUEL)
+
+
+_MAD_TO_SIGMA = 1.482602218505602
+_Z90 = 1.2815515655446004
+_Burn = tuple[float, float, float]  # (start day, end day, kg), absolute days
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(np.median(np.asarray(xs)))
+
+
+def _done(s: float, e: float, t: float) -> float:
+    return min(1.0, max(0.0, (t - s) / (e - s)))
+
+
+def reference_forecast(
+    days: Sequence[float],
+    values: Sequence[float],
+    now: float,
+    *,
+    robust: bool,
+    capacity: float | None = None,
+    burns: Sequence[_Burn] = (),
+) -> tuple[float | None, float | None, float | None]:
+    """(P50, P10, P90) days remaining of one series, written from the model's description alone.
+
+    `capacity` makes the values storage used (remaining = capacity − used); `burns` are recorded
+    missions: before the newest snapshot their realised part is added back before fitting."""
+    last = days[-1]
+    t = [d - last for d in days]
+    y = [capacity - v if capacity is not None else v for v in values]
+    y = [
+        v + sum(a * _done(s - last, e - last, ti) for s, e, a in burns if s < last) for ti, v in zip(t, y, strict=True)
+    ]
+    adjust = sum(a * _done(s - last, e - last, 0.0) for s, e, a in burns if s < last)
+    n = len(t)
+    if robust:
+        blocks = min(n, 24)
+        cuts = [(b * n) // blocks for b in range(blocks + 1)]
+        nb = [cuts[b + 1] - cuts[b] for b in range(blocks)]
+        tb = [sum(t[cuts[b] : cuts[b + 1]]) / nb[b] for b in range(blocks)]
+        yb = [sum(y[cuts[b] : cuts[b + 1]]) / nb[b] for b in range(blocks)]
+        lag = max(1, blocks // 4)
+        slope = _median([(yb[k + lag] - yb[k]) / (tb[k + lag] - tb[k]) for k in range(blocks - lag)])
+        keep = min(blocks, max(2, blocks // 4))
+        level = _median([yb[k] - slope * tb[k] for k in range(blocks - keep, blocks)])
+        resid = [yb[k] - level - slope * tb[k] for k in range(blocks)]
+        diff = [resid[k + 1] - resid[k] for k in range(blocks - 1)]
+        mid = _median(diff)
+        sigma = _MAD_TO_SIGMA * _median([abs(d - mid) for d in diff]) * math.sqrt(n / blocks / 2.0)
+        tm = sum(k * b for k, b in zip(nb, tb, strict=True)) / n
+        sxx = sum(k * (b - tm) ** 2 for k, b in zip(nb, tb, strict=True))
+    else:
+        tm, ym = sum(t) / n, sum(y) / n
+        sxx = sum((a - tm) ** 2 for a in t)
+        slope = sum((a - tm) * (b - ym) for a, b in zip(t, y, strict=True)) / sxx
+        level = ym - slope * tm
+        ssr = sum((b - level - slope * a) ** 2 for a, b in zip(t, y, strict=True))
+        sigma = math.sqrt(ssr / (n - 2)) if n > 2 else 0.0
+    se_slope = sigma / math.sqrt(sxx)
+    se_level = sigma * math.sqrt(1.0 / n + tm * tm / sxx)
+    rate = -slope
+    level -= adjust
+    ramps = [(s - last, e - last, a) for s, e, a in burns]
+
+    def remaining(lv: float, rt: float, x: float) -> float:
+        return lv - rt * x - sum(a * (_done(s, e, x) - _done(s, e, 0.0)) for s, e, a in ramps)
+
+    def days_left(lv: float, rt: float) -> float | None:
+        # Remaining is linear between the mission edges: find the first segment that reaches zero.
+        edges = sorted({0.0, *(p for s, e, _ in ramps for p in (s, e) if p > 0.0)})
+        hit = None
+        for x0, x1 in itertools.pairwise(edges):
+            r0, r1 = remaining(lv, rt, x0), remaining(lv, rt, x1)
+            if r0 <= 0.0:
+                hit = x0
+                break
+            if r1 <= 0.0:
+                hit = x0 + (x1 - x0) * r0 / (r0 - r1)
+                break
+        else:
+            r0 = remaining(lv, rt, edges[-1])
+            hit = edges[-1] if r0 <= 0.0 else (edges[-1] + r0 / rt if rt > 0.0 else None)
+        if hit is None:
+            return None
+        left = max(hit - (now - last), 0.0)
+        return left if left <= 3650.0 else None
+
+    return (
+        days_left(level, rate),
+        days_left(level - _Z90 * se_level, rate + _Z90 * se_slope),
+        days_left(level + _Z90 * se_level, rate - _Z90 * se_slope),
+    )
+
+
+@pytest.mark.parametrize("robust", [True, False])
+def test_fleet_forecasts_match_a_plain_per_series_reference(robust: bool) -> None:
+    """The vectorised fleet path against `reference_forecast`, series by series (P10/P50/P90), on a
+    random fleet with unrecorded steps, recorded past, running and future burns, storage and short
+    series; and against `forecast_exhaustion` of a planner fed one snapshot at a time that never
+    computed the fleet."""
+    rng = np.random.default_rng(23)
+    now = 60.0
+    fleet, _ = planner_at(now, robust=robust, default_storage_capacity=1000.0)
+    single, _ = planner_at(now, robust=robust, default_storage_capacity=1000.0)
+    expected: dict[tuple[str, ResourceType], tuple[float | None, float | None, float | None]] = {}
+    burns_of: dict[str, list[_Burn]] = {}
+    for i in range(30):
+        sat = f"sat-{i:02d}"
+        burns: list[_Burn] = []
+        if i % 3 == 0:
+            burns.append((float(rng.uniform(5, 40)), float(rng.uniform(41, 50)), float(rng.uniform(20, 60))))
+        if i % 4 == 0:
+            burns.append((59.0, 61.5, float(rng.uniform(10, 40))))  # running now
+        if i % 5 == 0:
+            start = float(rng.uniform(61, 80))
+            burns.append((start, start + float(rng.uniform(0.5, 3)), float(rng.uniform(20, 200))))
+        burns_of[sat] = burns
+        for j, burn in enumerate(burns):
+            mission = MissionScheduleEntry(f"{sat}-m{j}", sat, day(burn[0]), day(burn[1]), {FUEL: burn[2]})
+            fleet.add_scheduled_mission(mission)
+            single.add_scheduled_mission(mission)
+        for resource in ResourceType:
+            n = int(rng.choice([3, 10, 23, 24, 25, 100, 500, 700]))
+            days = np.sort(rng.choice(np.arange(0, 58 * 24) / 24, size=n, replace=False))
+            level = float(rng.uniform(300, 900))
+            remaining = level - float(rng.uniform(-2, 20)) * days + rng.normal(0, 3.0, n)
+            if rng.random() < 0.3:  # an unrecorded step somewhere in the history
+                remaining -= rng.uniform(20, 100) * (days >= rng.uniform(days[0], days[-1]))
+            recorded = burns if resource is FUEL else []
+            remaining -= sum(a * np.clip((days - s) / (e - s), 0, 1) for s, e, a in recorded if s < days[-1])
+            remaining = np.clip(remaining, 0.0, None)
+            values = np.clip(1000.0 - remaining, 0.0, None) if resource is STORAGE else remaining
+            fleet.ingest_series(sat, resource, UNITS[resource], [datetime_to_us(day(d)) for d in days], values)
+            for d, v in zip(days, values, strict=True):
+                single.ingest_snapshot(ResourceSnapshot(sat, resource, day(float(d)), float(v), UNITS[resource]))
+            expected[(sat, resource)] = reference_forecast(
+                list(days),
+                list(values),
+                now,
+                robust=robust,
+                capacity=1000.0 if resource is STORAGE else None,
+                burns=recorded,
+            )
+    forecasts = fleet.forecast_fleet()
+    assert len(forecasts) == 120
+    assert fleet.forecast_fleet() == forecasts  # warm: the kept fits
+    fleet.clear_caches(block_means=True)
+    assert fleet.forecast_fleet() == forecasts  # rebuilt from the raw points
+    levels = set()
+    for f in forecasts:
+        key = (f.satellite_id, f.resource_type)
+        p50, p10, p90 = expected[key]
+        assert f.days_remaining_p50 == f.days_remaining
+        for got, want in ((f.days_remaining, p50), (f.days_remaining_p10, p10), (f.days_remaining_p90, p90)):
+            assert (got is None and want is None) or got == pytest.approx(want, rel=1e-7, abs=1e-7), key
+        assert f.risk_level is classify_risk_level(p50)
+        levels.add(f.risk_level)
+        # Same points by another ingest path, one series at a time: the very same forecast.
+        assert single.forecast_exhaustion(*key) == f
+    assert levels == set(RiskLevel)
+    # Every kind of burn is in there, and the summary is the forecasts' worst level per satellite.
+    assert any(b[0] < 60.0 < b[1] for bs in burns_of.values() for b in bs)
+    summary = fleet.get_fleet_risk_summary()
+    worst: dict[str, RiskLevel] = {}
+    for f in forecasts:
+        worst[f.satellite_id] = max(worst.get(f.satellite_id, RiskLevel.NOMINAL), f.risk_level)
+    assert summary == {level: sorted(s for s, w in worst.items() if w is level) for level in RiskLevel}
 
 
 def python_block_fit(t: list[float], y: list[float]) -> tuple[float, float]:
