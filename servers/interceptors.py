@@ -119,6 +119,8 @@ def _finish(
         metrics.observe(method, code, started)
         if code == "RESOURCE_EXHAUSTED":  # rate limits and full ingest queues
             metrics.rate_limited.labels(service).inc()
+    if not log.isEnabledFor(logging.INFO):
+        return
     log.info(
         "rpc %s %s",
         method,

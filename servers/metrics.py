@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -63,6 +64,7 @@ class Metrics:
         self.rate_limited = Counter(
             "aetherops_rate_limit_rejections_total", "Calls refused by rate limits", ["service"], registry=self.registry
         )
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._gauges = _Gauges()
         self.registry.register(self._gauges)
         self._server: WSGIServer | None = None
@@ -72,8 +74,16 @@ class Metrics:
         self._gauges.sources.append(source)
 
     def observe(self, method: str, code: str, started: float) -> None:
-        self.rpc_total.labels(method, code).inc()
-        self.rpc_latency.labels(method, code).observe(time.perf_counter() - started)
+        # labels() resolves and locks on every call; the children of a (method, code) pair never
+        # change, so they are looked up once and kept: this sits on every RPC's path.
+        children = self._children.get((method, code))
+        if children is None:
+            children = self._children[(method, code)] = (
+                self.rpc_total.labels(method, code),
+                self.rpc_latency.labels(method, code),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint (a daemon thread); returns the bound port."""
