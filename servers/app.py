@@ -31,7 +31,7 @@ from aetherops.db import Database, apply_migrations
 from aetherops.errors import UnavailableError
 from aetherops.infra import EmbeddedNats, EmbeddedPostgres
 from servers.component import Component, Infra
-from servers.interceptors import EdgeInterceptor
+from servers.interceptors import Edge
 from servers.metrics import Metrics
 from servers.security import SecurityGate, server_credentials
 
@@ -109,13 +109,11 @@ class Application:
     async def start(self) -> int:
         """Listens and begins bringing up dependencies in the background; returns the bound port."""
         self._components = self.components_factory(self.settings)
-        server = grpc.aio.server(
-            interceptors=[EdgeInterceptor(lambda service: service in self._started, self.metrics, self.gate)],
-            options=server_options(self.settings),
-        )
+        server = grpc.aio.server(options=server_options(self.settings))
+        edge = Edge(lambda service: service in self._started, self.metrics, self.gate)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for component in self._components:
-            component.add_to_server(server)
+            component.add_to_server(edge.registrar(server))
         names = [c.service_name for c in self._components]
         reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
