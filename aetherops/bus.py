@@ -316,7 +316,13 @@ class DurableConsumer:
         batch: int = 256,
         ack_wait_s: float = 30.0,
         max_deliver: int = 20,
+        concurrent: bool = False,
     ) -> None:
+        """`concurrent`: handle the messages of one fetch at the same time (each still acknowledged
+        only after its own handler returned). For handlers whose messages are independent and that
+        batch internally (alert ingest shares group commits): one at a time, every message would
+        wait for its own commit. Off where order between messages matters."""
+        self._concurrent = concurrent
         self._bus = bus
         self._subject = subject
         self._durable = durable
@@ -371,18 +377,26 @@ class DurableConsumer:
                 log.warning("consumer %s: fetch failed (%s)", self._durable, exc)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
-                tracking = set_tracking_id(_tracking_of(msg))
-                try:
-                    await self._handler(msg)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("consumer %s: handler failed; message will be redelivered", self._durable)
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=1.0)
-                    continue
-                finally:
-                    reset_tracking_id(tracking)
-                await msg.ack()
-                self.handled += 1
+            if self._concurrent:
+                # Each handler runs in its own task (so under its own tracking id), started in order.
+                await asyncio.gather(*(self._handle(msg) for msg in msgs))
+            else:
+                for msg in msgs:
+                    await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
+        """Runs the handler under the message's tracking id; ack after it returned, nak if it failed."""
+        tracking = set_tracking_id(_tracking_of(msg))
+        try:
+            await self._handler(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("consumer %s: handler failed; message will be redelivered", self._durable)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+            return
+        finally:
+            reset_tracking_id(tracking)
+        await msg.ack()
+        self.handled += 1

@@ -425,7 +425,9 @@ class CorrelationComponent:
         )
         await service.start()
         self.service = service
-        consumer = DurableConsumer(infra.bus, infra.bus.subjects.alerts_ingest, "correlation-alerts", self._on_alert)
+        consumer = DurableConsumer(
+            infra.bus, infra.bus.subjects.alerts_ingest, "correlation-alerts", self._on_alert, concurrent=True
+        )
         self._consumer_task = asyncio.create_task(consumer.run(), name="correlation-alerts")
 
     @property
