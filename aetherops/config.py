@@ -64,6 +64,9 @@ class Settings:
     """Agent actions (`agent:<name>`) runbooks may use; agents answer on aetherops.actions.<name>."""
     dependency_graph_file: str = ""
     """JSON or YAML file replacing the default subsystem dependency graph."""
+    capacity_config_file: str = ""
+    """JSON or YAML file with storage capacities and the bandwidth budget period (see
+    `aetherops.capacity_config`). Empty: storage forecasts only in "%", bandwidth never resets."""
     auth_tokens_file: str = ""
     """YAML/JSON file of static API tokens, stored as SHA-256 (see README, Security). Empty: `aetherops serve`
     on loopback creates <data_dir>/auth_tokens.json with an admin token."""

@@ -1290,7 +1290,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aetherops: invalid setting: {exc}", file=sys.stderr)
             return 2
         configure_logging(settings.log_level)
-        return asyncio.run(_serve(settings))
+        try:
+            return asyncio.run(_serve(settings))
+        except ConfigError as exc:  # a settings file (dependency graph, capacity facts) read at build time
+            print(f"aetherops: invalid setting: {exc}", file=sys.stderr)
+            return 2
     if args.command == "health":
         return asyncio.run(_health(args))
     if args.command == "create-tokens":

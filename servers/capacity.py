@@ -48,6 +48,7 @@ from aetherops.capacity import (
     RiskLevel,
     validate_mission,
 )
+from aetherops.capacity_config import load_capacity_config
 from aetherops.config import Settings
 from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.capacity import CapacityAlert, CapacityService, SnapshotOutcome
@@ -493,7 +494,9 @@ class CapacityComponent:
 
     def __init__(self, settings: Settings, **planner_options: Any) -> None:
         self._settings = settings
-        self._planner_options = planner_options
+        # Read when the server is built, so a bad file stops `aetherops serve` at once (exit 2).
+        configured = load_capacity_config(settings.capacity_config_file) if settings.capacity_config_file else {}
+        self._planner_options = {**configured, **planner_options}
         self.servicer = CapacityServicer(self)
         self.service: CapacityService | None = None
         self.infra: Infra | None = None

@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from aetherops.config import Settings
 from aetherops.db import Database
+from aetherops.errors import ConfigError
 from gen.aetherops.capacity.v1 import capacity_pb2 as pb
 from gen.aetherops.capacity.v1 import capacity_pb2_grpc
 from servers.app import Application
@@ -318,3 +319,48 @@ async def test_list_snapshots_pages_through_a_series_in_time_order(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListSnapshots(pb.ListSnapshotsRequest(satellite_id="GHOST", resource_type=FUEL))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_storage_capacity_from_the_capacity_config_file(
+    settings: Settings, channel_for: Any, tmp_path: Any
+) -> None:
+    config = tmp_path / "capacity.yaml"
+    config.write_text("storage:\n  default_capacity: 500\n  satellites: {SAT-BIG: 5000}\n")
+    now = datetime.now(UTC).replace(microsecond=0)
+    # 48 hourly readings filling 2 GB an hour from 100 GB: a 500 GB disk is full in about 8 days.
+    filling = [
+        snap(sat, pb.RESOURCE_TYPE_STORAGE, now - timedelta(hours=48 - i), 100.0 + 2.0 * i, unit="GB")
+        for sat in ("SAT-S", "SAT-BIG")
+        for i in range(48)
+    ]
+    for configured in (False, True):
+        overrides = {"capacity_config_file": str(config)} if configured else {}
+        app = Application(settings.with_overrides(**overrides), components_factory=lambda s: [CapacityComponent(s)])
+        await app.start()
+        try:
+            await app.wait_ready()
+            async with channel_for("admin", app.port) as channel:
+                stub = capacity_pb2_grpc.CapacityServiceStub(channel)
+                if not configured:
+                    await ingest(stub, filling)
+                request = pb.ForecastExhaustionRequest(satellite_id="SAT-S", resource_type=pb.RESOURCE_TYPE_STORAGE)
+                reply = await stub.ForecastExhaustion(request)
+                if not configured:
+                    assert not reply.HasField("forecast")
+                    assert "storage capacity of SAT-S unknown" in reply.reason
+                    continue
+                assert reply.forecast.HasField("predicted_exhaustion_time"), reply.reason
+                assert reply.forecast.days_remaining == pytest.approx((500 - 194) / 48, rel=0.1)
+                big = await stub.ForecastExhaustion(
+                    pb.ForecastExhaustionRequest(satellite_id="SAT-BIG", resource_type=pb.RESOURCE_TYPE_STORAGE)
+                )
+                assert big.forecast.days_remaining == pytest.approx((5000 - 194) / 48, rel=0.1)
+        finally:
+            await app.stop()
+
+
+async def test_a_bad_capacity_config_file_stops_the_server_from_being_built(settings: Settings, tmp_path: Any) -> None:
+    config = tmp_path / "capacity.json"
+    config.write_text('{"storage": {"default_capacity": -5}}')
+    with pytest.raises(ConfigError, match=r"storage\.default_capacity: must be a positive number"):
+        CapacityComponent(settings.with_overrides(capacity_config_file=str(config)))
