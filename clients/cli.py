@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1014,14 +1014,17 @@ def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
         return EXIT_OK
     forecast = reply.forecast
     history: list[tuple[datetime, float]] = []
+    missions: list[MissionSpan] = []
     if args.plot is not None:
         history = _fetch_history(client, forecast, days=args.history_days)
-        _plot_forecast(plot_series(forecast, history, datetime.now(UTC)), forecast, args.plot)
+        missions = _fetch_missions(client, forecast, since=history[0][0] if history else datetime.now(UTC))
+        _plot_forecast(plot_series(forecast, history, datetime.now(UTC), missions), forecast, args.plot)
     if args.json:
         body = _to_dict(forecast)
         if args.plot is not None:
             body["plot"] = str(args.plot)
             body["plot_history_points"] = len(history)
+            body["plot_missions"] = [m.mission_id for m in missions]
         _emit(body)
         return EXIT_OK
 
@@ -1070,12 +1073,43 @@ def _fetch_history(client: Any, forecast: Any, *, days: float) -> list[tuple[dat
 
 
 @dataclass(frozen=True)
+class MissionSpan:
+    """A scheduled mission as the chart draws it: its window and its impact on the charted resource."""
+
+    mission_id: str
+    start: datetime
+    end: datetime
+    impact: float
+
+
+def _fetch_missions(client: Any, forecast: Any, *, since: datetime) -> list[MissionSpan]:
+    """The satellite's missions with an impact on the charted resource that end after `since`."""
+    spans: list[MissionSpan] = []
+    token = ""
+    while True:
+        page = client.list_scheduled_missions(
+            forecast.satellite_id, int(forecast.resource_type), start=since, page_size=1000, page_token=token
+        )
+        for m in page.missions:
+            impact = sum(i.amount for i in m.resource_impacts if i.resource_type == forecast.resource_type)
+            spans.append(
+                MissionSpan(
+                    m.mission_id, m.start_time.ToDatetime(tzinfo=UTC), m.end_time.ToDatetime(tzinfo=UTC), impact
+                )
+            )
+        token = page.next_page_token
+        if not token:
+            return spans
+
+
+@dataclass(frozen=True)
 class PlotSeries:
     """What the forecast chart draws, computed apart from matplotlib (so it can be tested).
 
     `history` is the stored series; `trend` the fitted consumption rate through the current value (over
     the history and on until the level is reached); `with_missions` the trend with the scheduled missions'
-    impact, ending at the exhaustion level at the predicted time; `band` the P10-P90 dates of exhaustion.
+    impact, ending at the exhaustion level at the predicted time; `band` the P10-P90 dates of exhaustion;
+    `missions` the scheduled missions in the chart's range, drawn as spans where they happen.
     """
 
     history: list[tuple[datetime, float]]
@@ -1087,15 +1121,21 @@ class PlotSeries:
     exhaustion: datetime | None
     level: float
     end: datetime
+    missions: list[MissionSpan] = field(default_factory=list)
 
 
-def plot_series(forecast: Any, history: Sequence[tuple[datetime, float]], local_now: datetime) -> PlotSeries:
+def plot_series(
+    forecast: Any,
+    history: Sequence[tuple[datetime, float]],
+    local_now: datetime,
+    missions: Sequence[MissionSpan] = (),
+) -> PlotSeries:
     """The chart's series from a ForecastExhaustion answer and the stored history (ListSnapshots).
 
     Days remaining are counted from the server's clock, so "now" is the predicted exhaustion time minus
-    the days remaining (our clock when not depleting). Mission timing is not in the contract (the
-    forecast carries the summed impact), so the missions' effect is drawn as its own line, spread
-    linearly to exhaustion.
+    the days remaining (our clock when not depleting). The line with missions follows the trend and
+    takes each future mission's impact during its window (ListScheduledMissions), ending where the
+    server predicts exhaustion.
     """
     from datetime import timedelta
 
@@ -1147,7 +1187,22 @@ def plot_series(forecast: Any, history: Sequence[tuple[datetime, float]], local_
         reach = current_at + timedelta(days=abs(level - forecast.current_value) / rate)
         trend_end = min(trend_end, reach)
     trend = [(trend_start, on_trend(trend_start)), (trend_end, on_trend(trend_end))]
-    with_missions = [(current_at, forecast.current_value), (exhaustion, level)] if exhaustion is not None else []
+    with_missions: list[tuple[datetime, float]] = []
+    if exhaustion is not None:
+        upcoming = sorted((m for m in missions if current_at < m.end and m.start < exhaustion), key=lambda m: m.start)
+
+        def with_impacts(moment: datetime) -> float:
+            # Each mission's impact accrues evenly over its window, from where the trend is then.
+            taken = 0.0
+            for m in upcoming:
+                length = (m.end - m.start).total_seconds()
+                done = min(max((moment - max(m.start, current_at)).total_seconds(), 0.0), length)
+                taken += m.impact * (done / length if length > 0 else 1.0)
+            return on_trend(moment) + sign * taken
+
+        moments = sorted({t for m in upcoming for t in (m.start, m.end) if current_at < t < exhaustion})
+        with_missions = [(current_at, forecast.current_value), *((t, with_impacts(t)) for t in moments)]
+        with_missions.append((exhaustion, level))
     band = (p10, p90) if exhaustion is not None and p10 is not None and p90 is not None else None
     return PlotSeries(
         history=list(history),
@@ -1159,6 +1214,7 @@ def plot_series(forecast: Any, history: Sequence[tuple[datetime, float]], local_
         exhaustion=exhaustion,
         level=level,
         end=end,
+        missions=[m for m in missions if m.end > (history[0][0] if history else current_at) and m.start < end],
     )
 
 
@@ -1227,6 +1283,23 @@ def _plot_forecast(series: PlotSeries, forecast: Any, out: Path) -> None:
             xytext=(8, 12),
             textcoords="offset points",
             color="tab:red",
+        )
+    for i, mission in enumerate(series.missions):
+        ax.axvspan(
+            num(mission.start),
+            num(mission.end),
+            color="tab:purple",
+            alpha=0.15,
+            label="scheduled missions" if i == 0 else None,
+        )
+        ax.annotate(
+            f"{mission.mission_id} ({mission.impact:+.4g} {unit})",
+            xy=(num(mission.start), 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -12 - 11 * (i % 3)),
+            textcoords="offset points",
+            fontsize="x-small",
+            color="tab:purple",
         )
     ax.axvline(num(series.now), color="grey", linewidth=0.8, linestyle="-.", label="now")
     ax.axhline(series.level, color="grey", linewidth=0.8, linestyle=":")

@@ -465,6 +465,23 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
         )
         return pb.ListSnapshotsResponse(snapshots=[snapshot_to_proto(s) for s in snapshots], next_page_token=token)
 
+    async def ListScheduledMissions(
+        self, request: pb.ListScheduledMissionsRequest, context: Any
+    ) -> pb.ListScheduledMissionsResponse:
+        # Unspecified means any resource; a number outside the enum is a mistake, not "any".
+        resource = None
+        if request.resource_type != pb.RESOURCE_TYPE_UNSPECIFIED:
+            resource = _resource_field(request.resource_type, "resource_type")
+        missions, token = await self._svc.list_missions(
+            request.satellite_id,
+            resource,
+            start=from_ts(request, "start_time"),
+            end=from_ts(request, "end_time"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListScheduledMissionsResponse(missions=[mission_to_proto(m) for m in missions], next_page_token=token)
+
 
 def _checked_query(satellite_id: str, resource_type: int) -> ResourceType:
     """The request's resource type; every problem with the two query fields reported at once."""

@@ -78,6 +78,7 @@ RPC_ROLES: dict[str, Role] = {
     _CAPACITY + "GetCriticalForecasts": Role.VIEWER,
     _CAPACITY + "RecommendInterventions": Role.VIEWER,
     _CAPACITY + "ListSnapshots": Role.VIEWER,
+    _CAPACITY + "ListScheduledMissions": Role.VIEWER,
 }
 """Full method name -> the role a caller needs. A method missing here is refused (fail closed)."""
 

@@ -32,6 +32,7 @@ __all__ = [
     "encode_copy_binary",
     "get_mission",
     "insert_snapshots",
+    "list_missions",
     "list_snapshots",
     "load_missions",
     "load_risk_levels",
@@ -310,6 +311,41 @@ async def upsert_mission(conn: asyncpg.Connection, entry: MissionScheduleEntry) 
 async def get_mission(conn: asyncpg.Connection, mission_id: str) -> MissionScheduleEntry | None:
     row = await conn.fetchrow("SELECT * FROM capacity_missions WHERE mission_id = $1", mission_id)
     return _mission(row) if row is not None else None
+
+
+async def list_missions(
+    conn: asyncpg.Connection,
+    satellite_id: str,
+    *,
+    resource_type: ResourceType | None,
+    start: datetime | None,
+    end: datetime | None,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[MissionScheduleEntry]:
+    """One page of a satellite's missions, earliest start first (keyset on start time and id): those
+    impacting `resource_type` and overlapping [start, end) when given."""
+    clauses = ["satellite_id = $1"]
+    args: list[object] = [satellite_id]
+    if resource_type is not None:
+        args.append(str(int(resource_type)))
+        clauses.append(f"resource_impacts ? ${len(args)}")
+    if start is not None:
+        args.append(start)
+        clauses.append(f"end_time > ${len(args)}")
+    if end is not None:
+        args.append(end)
+        clauses.append(f"start_time < ${len(args)}")
+    if after is not None:
+        args.extend(after)
+        clauses.append(f"(start_time, mission_id) > (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    rows = await conn.fetch(
+        f"""SELECT * FROM capacity_missions WHERE {" AND ".join(clauses)}
+            ORDER BY start_time, mission_id LIMIT ${len(args)}""",
+        *args,
+    )
+    return [_mission(r) for r in rows]
 
 
 async def load_missions(conn: asyncpg.Connection) -> list[MissionScheduleEntry]:

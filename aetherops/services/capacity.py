@@ -623,6 +623,52 @@ class CapacityService:
             token = base64.urlsafe_b64encode(raw.encode()).decode()
         return page, token
 
+    async def list_missions(
+        self,
+        satellite_id: str,
+        resource_type: ResourceType | None,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[MissionScheduleEntry], str]:
+        """One page of a satellite's scheduled missions, earliest start first, from PostgreSQL. The
+        token is the last (start time, id), bound to the filters it was issued for."""
+        problems: list[FieldViolation] = []
+        if not satellite_id.strip():
+            problems.append(FieldViolation("satellite_id", "must not be empty"))
+        if start is not None and end is not None and end <= start:
+            problems.append(FieldViolation("end_time", "must be after start_time"))
+        if page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
+        resource = int(resource_type) if resource_type is not None else 0
+        key = hashlib.sha256(f"{satellite_id}\x00{resource}\x00{bounds[0]}\x00{bounds[1]}".encode()).hexdigest()[:16]
+        after: tuple[datetime, str] | None = None
+        if page_token:
+            try:
+                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(data["t"])), str(data["m"]))
+                if data["k"] != key:
+                    problems.append(FieldViolation("page_token", "was issued for other filters"))
+            except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
+                problems.append(FieldViolation("page_token", "not a token this server issued"))
+        if problems:
+            raise ValidationError(problems)
+        limit = min(page_size or 100, 1000)
+        async with self._db.connection() as conn:
+            page = await repo.list_missions(
+                conn, satellite_id, resource_type=resource_type, start=start, end=end, after=after, limit=limit + 1
+            )
+        token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            last = page[-1]
+            raw = json.dumps({"t": datetime_to_us(last.start_time), "m": last.mission_id, "k": key})
+            token = base64.urlsafe_b64encode(raw.encode()).decode()
+        return page, token
+
     def critical_forecasts(
         self, *, horizon_days: float | None, page_size: int, page_token: str
     ) -> tuple[list[ExhaustionForecast], str]:

@@ -659,6 +659,40 @@ class AetherOpsClient:
             self.capacity.ListSnapshots, request, capacity_pb2.ListSnapshotsResponse, timeout, tracking_id
         )
 
+    async def list_scheduled_missions(
+        self,
+        satellite_id: str,
+        resource: int | str | None = None,
+        *,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.ListScheduledMissionsResponse:
+        """A satellite's scheduled missions, earliest start first: those impacting `resource` and
+        overlapping [start, end) when given."""
+        request = capacity_pb2.ListScheduledMissionsRequest(
+            satellite_id=satellite_id,
+            resource_type=(
+                build.resource_type(resource) if resource is not None else capacity_pb2.RESOURCE_TYPE_UNSPECIFIED
+            ),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        if start is not None:
+            request.start_time.CopyFrom(build.timestamp(start))
+        if end is not None:
+            request.end_time.CopyFrom(build.timestamp(end))
+        return await self._unary(
+            self.capacity.ListScheduledMissions,
+            request,
+            capacity_pb2.ListScheduledMissionsResponse,
+            timeout,
+            tracking_id,
+        )
+
     async def iter_snapshots(
         self,
         satellite_id: str,

@@ -75,6 +75,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "GetCriticalForecasts",
         "RecommendInterventions",
         "ListSnapshots",
+        "ListScheduledMissions",
     ),
 }
 

@@ -364,3 +364,63 @@ async def test_a_bad_capacity_config_file_stops_the_server_from_being_built(sett
     config.write_text('{"storage": {"default_capacity": -5}}')
     with pytest.raises(ConfigError, match=r"storage\.default_capacity: must be a positive number"):
         CapacityComponent(settings.with_overrides(capacity_config_file=str(config)))
+
+
+async def test_list_scheduled_missions_filters_and_pages(stub: capacity_pb2_grpc.CapacityServiceStub) -> None:
+    base = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+
+    def mission(mission_id: str, day: int, resource: Any, sat: str = "SAT-M") -> pb.ScheduledMission:
+        m = pb.ScheduledMission(
+            mission_id=mission_id,
+            satellite_id=sat,
+            resource_impacts=[pb.ResourceImpact(resource_type=resource, amount=3.0)],
+        )
+        m.start_time.FromDatetime(base + timedelta(days=day))
+        m.end_time.FromDatetime(base + timedelta(days=day, hours=6))
+        return m
+
+    for m in (
+        mission("burn-3", 3, FUEL),
+        mission("burn-1", 1, FUEL),
+        mission("imaging-2", 2, POWER),
+        mission("burn-0", 0, FUEL, sat="SAT-OTHER"),
+    ):
+        await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=m))
+
+    async def ids(**fields: Any) -> list[str]:
+        reply = await stub.ListScheduledMissions(pb.ListScheduledMissionsRequest(satellite_id="SAT-M", **fields))
+        return [m.mission_id for m in reply.missions]
+
+    assert await ids() == ["burn-1", "imaging-2", "burn-3"], "earliest start first, one satellite only"
+    assert await ids(resource_type=FUEL) == ["burn-1", "burn-3"]
+    window_start, window_end = pb.ListScheduledMissionsRequest().start_time, pb.ListScheduledMissionsRequest().end_time
+    window_start.FromDatetime(base + timedelta(days=1, hours=7))  # after burn-1 ended
+    window_end.FromDatetime(base + timedelta(days=3))  # burn-3 starts exactly here: not overlapping
+    assert await ids(start_time=window_start, end_time=window_end) == ["imaging-2"]
+
+    first = await stub.ListScheduledMissions(pb.ListScheduledMissionsRequest(satellite_id="SAT-M", page_size=2))
+    assert [m.mission_id for m in first.missions] == ["burn-1", "imaging-2"] and first.next_page_token
+    assert first.missions[0].resource_impacts[0].amount == 3.0
+    rest = await stub.ListScheduledMissions(
+        pb.ListScheduledMissionsRequest(satellite_id="SAT-M", page_size=2, page_token=first.next_page_token)
+    )
+    assert [m.mission_id for m in rest.missions] == ["burn-3"] and not rest.next_page_token
+    assert await stub.ListScheduledMissions(pb.ListScheduledMissionsRequest(satellite_id="GHOST")) == (
+        pb.ListScheduledMissionsResponse()
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListScheduledMissions(
+            pb.ListScheduledMissionsRequest(
+                satellite_id="SAT-M", resource_type=FUEL, page_token=first.next_page_token, page_size=-1
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {"page_token", "page_size"}, "a token is bound to its filters"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListScheduledMissions(
+            pb.ListScheduledMissionsRequest(
+                satellite_id="", resource_type=99, start_time=window_end, end_time=window_start
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -175,7 +175,16 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-async def test_capacity_ingest_forecast_plot_and_fleet_risk(cli: Any, tmp_path: Path) -> None:
+def _add_mission(address: str, token: str, mission: Any) -> None:
+    from clients.sdk import SyncAetherOpsClient
+
+    with SyncAetherOpsClient(address, token=token) as client:
+        client.add_scheduled_mission(mission)
+
+
+async def test_capacity_ingest_forecast_plot_and_fleet_risk(
+    cli: Any, tmp_path: Path, server: Any, tokens: dict[str, str]
+) -> None:
     now = datetime.now(UTC)
     rows = ["satellite_id,resource,timestamp,value,unit"]
     rows += [f"SAT-PLT,fuel,{(now - timedelta(days=30 - d)).isoformat()},{120 - 3 * d + (d % 3)},kg" for d in range(30)]
@@ -207,6 +216,22 @@ async def test_capacity_ingest_forecast_plot_and_fleet_risk(cli: Any, tmp_path: 
         "capacity", "forecast", "SAT-PLT", "fuel", "--plot", str(recent), "--history-days", "10.5", "--json"
     )
     assert short.json()["plot_history_points"] == 10 and _png_size(recent)[0] >= 600
+    assert short.json()["plot_missions"] == []
+
+    # A scheduled burn is fetched (ListScheduledMissions) and drawn at its time.
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    burn = capacity_pb2.ScheduledMission(
+        mission_id="BURN-PLT",
+        satellite_id="SAT-PLT",
+        resource_impacts=[capacity_pb2.ResourceImpact(resource_type=capacity_pb2.RESOURCE_TYPE_FUEL, amount=8.0)],
+    )
+    burn.start_time.FromDatetime(now + timedelta(days=2))
+    burn.end_time.FromDatetime(now + timedelta(days=2, hours=3))
+    # The sync SDK blocks: off the event loop that runs the server.
+    await asyncio.to_thread(_add_mission, f"127.0.0.1:{server.port}", tokens["admin"], burn)
+    with_burn = await cli("capacity", "forecast", "SAT-PLT", "fuel", "--plot", str(recent), "--json")
+    assert with_burn.json()["plot_missions"] == ["BURN-PLT"] and _png_size(recent)[0] >= 600
 
     risk = await cli("fleet", "risk")
     assert risk.code == 0 and "RISK" in risk.out and "SAT-PLT" in risk.out

@@ -100,3 +100,25 @@ def test_the_chart_is_a_png(tmp_path: Path) -> None:
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert int.from_bytes(data[16:20], "big") >= 600
+
+
+def test_missions_are_drawn_where_they_happen(tmp_path: Path) -> None:
+    from clients.cli import MissionSpan
+
+    burn = MissionSpan("BURN-1", NOW + timedelta(days=3), NOW + timedelta(days=3, hours=12), 5.0)
+    past = MissionSpan("OLD", NOW - timedelta(days=400), NOW - timedelta(days=399), 9.0)  # before the chart
+    series = plot_series(_forecast(), _history(), local_now=NOW, missions=[burn, past])
+    assert series.missions == [burn], "missions outside the chart's range are left out"
+    # The line with missions follows the trend until the burn, takes its 5 kg during the burn's window,
+    # then goes on to the predicted exhaustion.
+    current_at = _history()[-1][0]
+    before = 30.0 - 2.5 * (burn.start - current_at).total_seconds() / 86400
+    after = 30.0 - 2.5 * (burn.end - current_at).total_seconds() / 86400 - 5.0
+    assert series.with_missions[0] == (current_at, 30.0)
+    assert series.with_missions[1][0] == burn.start and series.with_missions[1][1] == pytest.approx(before)
+    assert series.with_missions[2][0] == burn.end and series.with_missions[2][1] == pytest.approx(after)
+    assert series.with_missions[-1] == (NOW + timedelta(days=10), 0.0)
+    out = tmp_path / "burn.png"
+    _plot_forecast(series, _forecast(), out)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") >= 600

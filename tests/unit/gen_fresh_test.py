@@ -61,6 +61,7 @@ def test_every_contract_rpc_is_generated() -> None:
             "IngestSnapshot", "IngestSnapshots", "AddScheduledMission", "ComputeConsumptionRate",
             "ForecastExhaustion", "GetFleetRiskSummary", "GetCriticalForecasts", "RecommendInterventions",
             "ListSnapshots",
+            "ListScheduledMissions",
         },
     }  # fmt: skip
     for (module, service), rpcs in expected.items():

@@ -777,3 +777,70 @@ class ListSnapshotsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSnapshotsResponse: _TypeAlias = ListSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class ListScheduledMissionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SATELLITE_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    satellite_id: _builtins.str
+    resource_type: Global___ResourceType.ValueType
+    """Only missions with an impact on this resource, when set."""
+    page_size: _builtins.int
+    """At most this many missions per page (default 100, max 1000)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only missions ending after this time, when set."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only missions starting before this time, when set; must be after start_time."""
+
+    def __init__(
+        self,
+        *,
+        satellite_id: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "resource_type", b"resource_type", "satellite_id", b"satellite_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduledMissionsRequest: _TypeAlias = ListScheduledMissionsRequest  # noqa: Y015
+
+@_typing.final
+class ListScheduledMissionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MISSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def missions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduledMission]: ...
+    def __init__(
+        self,
+        *,
+        missions: _abc.Iterable[Global___ScheduledMission] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missions", b"missions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduledMissionsResponse: _TypeAlias = ListScheduledMissionsResponse  # noqa: Y015

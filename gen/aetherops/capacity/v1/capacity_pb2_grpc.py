@@ -83,6 +83,11 @@ class CapacityServiceStub:
                 request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.ListScheduledMissions = channel.unary_unary(
+                '/aetherops.capacity.v1.CapacityService/ListScheduledMissions',
+                request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListScheduledMissionsRequest.SerializeToString,
+                response_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListScheduledMissionsResponse.FromString,
+                _registered_method=True)
 
 
 class CapacityServiceServicer:
@@ -159,6 +164,16 @@ class CapacityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListScheduledMissions(self, request, context):
+        """Lists one satellite's scheduled missions, earliest start first: all of
+        them, those with an impact on resource_type, and/or those overlapping
+        [start_time, end_time); a satellite without missions gives an empty
+        list. Paginated; a page token is valid only with its filters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CapacityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +221,11 @@ def add_CapacityServiceServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'ListScheduledMissions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListScheduledMissions,
+                    request_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListScheduledMissionsRequest.FromString,
+                    response_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListScheduledMissionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +475,33 @@ class CapacityService:
             '/aetherops.capacity.v1.CapacityService/ListSnapshots',
             aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsRequest.SerializeToString,
             aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListScheduledMissions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.capacity.v1.CapacityService/ListScheduledMissions',
+            aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListScheduledMissionsRequest.SerializeToString,
+            aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ListScheduledMissionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

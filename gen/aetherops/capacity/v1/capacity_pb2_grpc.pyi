@@ -61,6 +61,12 @@ class CapacityServiceStub:
     no snapshots at all. Paginated; a page token is valid only with the
     series and range it was issued for.
     """
+    ListScheduledMissions: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.ListScheduledMissionsRequest, _capacity_pb2.ListScheduledMissionsResponse]
+    """Lists one satellite's scheduled missions, earliest start first: all of
+    them, those with an impact on resource_type, and/or those overlapping
+    [start_time, end_time); a satellite without missions gives an empty
+    list. Paginated; a page token is valid only with its filters.
+    """
 
 @_typing.type_check_only
 class CapacityServiceAsyncStub(CapacityServiceStub):
@@ -94,6 +100,12 @@ class CapacityServiceAsyncStub(CapacityServiceStub):
     optionally within [start_time, end_time). NOT_FOUND for a satellite with
     no snapshots at all. Paginated; a page token is valid only with the
     series and range it was issued for.
+    """
+    ListScheduledMissions: _aio.UnaryUnaryMultiCallable[_capacity_pb2.ListScheduledMissionsRequest, _capacity_pb2.ListScheduledMissionsResponse]  # type: ignore[assignment]
+    """Lists one satellite's scheduled missions, earliest start first: all of
+    them, those with an impact on resource_type, and/or those overlapping
+    [start_time, end_time); a satellite without missions gives an empty
+    list. Paginated; a page token is valid only with its filters.
     """
 
 class CapacityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +191,18 @@ class CapacityServiceServicer(metaclass=_abc_1.ABCMeta):
         optionally within [start_time, end_time). NOT_FOUND for a satellite with
         no snapshots at all. Paginated; a page token is valid only with the
         series and range it was issued for.
+        """
+
+    @_abc_1.abstractmethod
+    def ListScheduledMissions(
+        self,
+        request: _capacity_pb2.ListScheduledMissionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_capacity_pb2.ListScheduledMissionsResponse, _abc.Awaitable[_capacity_pb2.ListScheduledMissionsResponse]]:
+        """Lists one satellite's scheduled missions, earliest start first: all of
+        them, those with an impact on resource_type, and/or those overlapping
+        [start_time, end_time); a satellite without missions gives an empty
+        list. Paginated; a page token is valid only with its filters.
         """
 
 def add_CapacityServiceServicer_to_server(servicer: CapacityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -726,6 +726,80 @@ export declare type ListSnapshotsResponse = Message<"aetherops.capacity.v1.ListS
 export declare const ListSnapshotsResponseSchema: GenMessage<ListSnapshotsResponse>;
 
 /**
+ * @generated from message aetherops.capacity.v1.ListScheduledMissionsRequest
+ */
+export declare type ListScheduledMissionsRequest = Message<"aetherops.capacity.v1.ListScheduledMissionsRequest"> & {
+  /**
+   * @generated from field: string satellite_id = 1;
+   */
+  satelliteId: string;
+
+  /**
+   * Only missions with an impact on this resource, when set.
+   *
+   * @generated from field: aetherops.capacity.v1.ResourceType resource_type = 2;
+   */
+  resourceType: ResourceType;
+
+  /**
+   * Only missions ending after this time, when set.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 3;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Only missions starting before this time, when set; must be after start_time.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 4;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * At most this many missions per page (default 100, max 1000).
+   *
+   * @generated from field: int32 page_size = 5;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first.
+   *
+   * @generated from field: string page_token = 6;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message aetherops.capacity.v1.ListScheduledMissionsRequest.
+ * Use `create(ListScheduledMissionsRequestSchema)` to create a new message.
+ */
+export declare const ListScheduledMissionsRequestSchema: GenMessage<ListScheduledMissionsRequest>;
+
+/**
+ * @generated from message aetherops.capacity.v1.ListScheduledMissionsResponse
+ */
+export declare type ListScheduledMissionsResponse = Message<"aetherops.capacity.v1.ListScheduledMissionsResponse"> & {
+  /**
+   * @generated from field: repeated aetherops.capacity.v1.ScheduledMission missions = 1;
+   */
+  missions: ScheduledMission[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message aetherops.capacity.v1.ListScheduledMissionsResponse.
+ * Use `create(ListScheduledMissionsResponseSchema)` to create a new message.
+ */
+export declare const ListScheduledMissionsResponseSchema: GenMessage<ListScheduledMissionsResponse>;
+
+/**
  * @generated from enum aetherops.capacity.v1.ResourceType
  */
 export enum ResourceType {
@@ -908,6 +982,19 @@ export declare const CapacityService: GenService<{
     methodKind: "unary";
     input: typeof ListSnapshotsRequestSchema;
     output: typeof ListSnapshotsResponseSchema;
+  },
+  /**
+   * Lists one satellite's scheduled missions, earliest start first: all of
+   * them, those with an impact on resource_type, and/or those overlapping
+   * [start_time, end_time); a satellite without missions gives an empty
+   * list. Paginated; a page token is valid only with its filters.
+   *
+   * @generated from rpc aetherops.capacity.v1.CapacityService.ListScheduledMissions
+   */
+  listScheduledMissions: {
+    methodKind: "unary";
+    input: typeof ListScheduledMissionsRequestSchema;
+    output: typeof ListScheduledMissionsResponseSchema;
   },
 }>;
 
