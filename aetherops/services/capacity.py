@@ -33,11 +33,7 @@ an ``await``, which serialises its use.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import time
@@ -70,6 +66,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import capacity as repo
 from aetherops.db.capacity import RiskRow, SeriesBlock
 from aetherops.errors import FieldViolation, NotFoundError, ValidationError
+from aetherops.paging import decode_page_token, encode_page_token, filters_key
 from aetherops.services.batching import GroupCommitter
 from aetherops.telemetry import StreamingAggregator
 from aetherops.tracking import current_tracking_id
@@ -597,17 +594,15 @@ class CapacityService:
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
         bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
-        series = f"{satellite_id}\x00{int(resource_type)}\x00{bounds[0]}\x00{bounds[1]}"
-        key = hashlib.sha256(series.encode()).hexdigest()[:16]
+        filters = filters_key(satellite_id, int(resource_type), *bounds)
         after: datetime | None = None
         if page_token:
-            try:
-                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(data["t"]))
-                if data["k"] != key:
-                    problems.append(FieldViolation("page_token", "was issued for another series or range"))
-            except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
-                problems.append(FieldViolation("page_token", "not a token this server issued"))
+            position, problem = decode_page_token(page_token, filters)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                assert position is not None
+                after = _from_us(position.get("t"), problems)
         if problems:
             raise ValidationError(problems)
         self._require_satellite(satellite_id)
@@ -619,8 +614,7 @@ class CapacityService:
         token = ""
         if len(page) > limit:
             page = page[:limit]
-            raw = json.dumps({"t": datetime_to_us(page[-1].timestamp), "k": key})
-            token = base64.urlsafe_b64encode(raw.encode()).decode()
+            token = encode_page_token({"t": datetime_to_us(page[-1].timestamp)}, filters)
         return page, token
 
     async def list_missions(
@@ -644,16 +638,16 @@ class CapacityService:
             problems.append(FieldViolation("page_size", "must not be negative"))
         bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
         resource = int(resource_type) if resource_type is not None else 0
-        key = hashlib.sha256(f"{satellite_id}\x00{resource}\x00{bounds[0]}\x00{bounds[1]}".encode()).hexdigest()[:16]
+        filters = filters_key(satellite_id, resource, *bounds)
         after: tuple[datetime, str] | None = None
         if page_token:
-            try:
-                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after = (datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(data["t"])), str(data["m"]))
-                if data["k"] != key:
-                    problems.append(FieldViolation("page_token", "was issued for other filters"))
-            except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
-                problems.append(FieldViolation("page_token", "not a token this server issued"))
+            position, problem = decode_page_token(page_token, filters)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                assert position is not None
+                when = _from_us(position.get("t"), problems)
+                after = (when, str(position.get("m"))) if when is not None else None
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 100, 1000)
@@ -665,8 +659,7 @@ class CapacityService:
         if len(page) > limit:
             page = page[:limit]
             last = page[-1]
-            raw = json.dumps({"t": datetime_to_us(last.start_time), "m": last.mission_id, "k": key})
-            token = base64.urlsafe_b64encode(raw.encode()).decode()
+            token = encode_page_token({"t": datetime_to_us(last.start_time), "m": last.mission_id}, filters)
         return page, token
 
     def critical_forecasts(
@@ -682,19 +675,23 @@ class CapacityService:
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
         after: tuple[float, float, str, int] | None = None
+        filters = filters_key(horizon)
         if page_token:
-            try:
-                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after = (
-                    float(data["d"]),
-                    math.inf if data["p"] is None else float(data["p"]),
-                    str(data["s"]),
-                    int(data["r"]),
-                )
-                if float(data["h"]) != horizon:
-                    problems.append(FieldViolation("page_token", "was issued for another horizon"))
-            except (ValueError, KeyError, TypeError, binascii.Error):
-                problems.append(FieldViolation("page_token", "not a token this server issued"))
+            position, problem = decode_page_token(page_token, filters)
+            if problem is None:
+                assert position is not None
+                try:
+                    p = position["p"]
+                    after = (
+                        float(position["d"]),
+                        math.inf if p is None else float(p),
+                        str(position["s"]),
+                        int(position["r"]),
+                    )
+                except (KeyError, TypeError, ValueError):
+                    problem = FieldViolation("page_token", "not a token this server issued")
+            if problem is not None:
+                problems.append(problem)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)
@@ -705,8 +702,7 @@ class CapacityService:
         if len(found) > limit:
             found = found[:limit]
             d, p, s, r = _sort_key(found[-1])
-            raw = json.dumps({"h": horizon, "d": d, "p": None if math.isinf(p) else p, "s": s, "r": r})
-            token = base64.urlsafe_b64encode(raw.encode()).decode()
+            token = encode_page_token({"d": d, "p": None if math.isinf(p) else p, "s": s, "r": r}, filters)
         return found, token
 
     # ---- telemetry ------------------------------------------------------------------------------
@@ -780,3 +776,12 @@ class CapacityService:
             except Exception as exc:
                 delay = min(delay * 2, 5.0)
                 log.warning("capacity: storing telemetry failed (%s); retrying in %.1fs", exc, delay)
+
+
+def _from_us(value: Any, problems: list[FieldViolation]) -> datetime | None:
+    """A page position's time (µs since the epoch), or a page_token violation."""
+    try:
+        return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(value))
+    except (TypeError, ValueError, OverflowError):
+        problems.append(FieldViolation("page_token", "not a token this server issued"))
+        return None

@@ -10,10 +10,7 @@ ahead of what is committed.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +23,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
 from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
 from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
+from aetherops.paging import decode_page_token, encode_page_token, filters_key
 from aetherops.services.batching import GroupCommitter
 from aetherops.tracking import current_tracking_id
 
@@ -298,16 +296,18 @@ class CorrelationService:
         for name, value in (("tracking_id", tracking_id), ("cluster_id", cluster_id), ("satellite_id", satellite_id)):
             if len(value) > _MAX_FILTER_LEN:
                 problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
-        filters = hashlib.sha256(f"{tracking_id}\x00{cluster_id}\x00{satellite_id}".encode()).hexdigest()[:16]
+        filters = filters_key(tracking_id, cluster_id, satellite_id)
         after: tuple[datetime, str] | None = None
         if page_token:
-            try:
-                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after = (datetime.fromisoformat(str(data["t"])), str(data["a"]))
-                if data["f"] != filters:
-                    problems.append(FieldViolation("page_token", "was issued for other filters"))
-            except (ValueError, KeyError, TypeError, binascii.Error):
-                problems.append(FieldViolation("page_token", "not a token this server issued"))
+            position, problem = decode_page_token(page_token, filters)
+            if problem is None:
+                assert position is not None
+                try:
+                    after = (datetime.fromisoformat(str(position["t"])), str(position["a"]))
+                except (KeyError, ValueError):
+                    problem = FieldViolation("page_token", "not a token this server issued")
+            if problem is not None:
+                problems.append(problem)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)
@@ -324,8 +324,7 @@ class CorrelationService:
         if len(page) > limit:
             page = page[:limit]
             last = page[-1].alert
-            raw = json.dumps({"t": last.timestamp.isoformat(), "a": last.alert_id, "f": filters})
-            token = base64.urlsafe_b64encode(raw.encode()).decode()
+            token = encode_page_token({"t": last.timestamp.isoformat(), "a": last.alert_id}, filters)
         return page, token
 
     async def close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:

@@ -46,11 +46,8 @@ captured by one of the JetStream streams (incidents.>, runbook.>, capacity.>, al
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import contextvars
-import hashlib
 import json
 import logging
 import time
@@ -73,6 +70,7 @@ from aetherops.errors import (
     NotFoundError,
     ValidationError,
 )
+from aetherops.paging import decode_page_token, encode_page_token, filters_key
 from aetherops.runbook import (
     ActionContext,
     ActionHandler,
@@ -275,11 +273,6 @@ def _on_behalf_of(tracking_id: str) -> Iterator[None]:
         yield
     finally:
         reset_tracking_id(token)
-
-
-def _filters_key(*filters: str) -> str:
-    """A short digest of a listing's filters: a page token is valid only with the filters it was issued for."""
-    return hashlib.sha256("\x00".join(filters).encode()).hexdigest()[:16]
 
 
 class RunbookService:
@@ -806,16 +799,18 @@ class RunbookService:
         if status is not None and status not in _EXECUTION_STATUSES:
             names = ", ".join(s.value for s in _EXECUTION_STATUSES)
             problems.append(FieldViolation("status", f"{status.value} is not an execution status ({names})"))
-        filters = _filters_key(tracking_id, incident_id, runbook_id, status.value if status else "")
+        filters = filters_key(tracking_id, incident_id, runbook_id, status.value if status else "")
         after: tuple[datetime, str] | None = None
         if page_token:
-            try:
-                data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after = (datetime.fromisoformat(str(data["t"])), str(data["e"]))
-                if data["f"] != filters:
-                    problems.append(FieldViolation("page_token", "was issued for other filters"))
-            except (ValueError, KeyError, TypeError, binascii.Error):
-                problems.append(FieldViolation("page_token", "not a token this server issued"))
+            position, problem = decode_page_token(page_token, filters)
+            if problem is None:
+                assert position is not None
+                try:
+                    after = (datetime.fromisoformat(str(position["t"])), str(position["e"]))
+                except (KeyError, ValueError):
+                    problem = FieldViolation("page_token", "not a token this server issued")
+            if problem is not None:
+                problems.append(problem)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
@@ -833,8 +828,7 @@ class RunbookService:
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            raw = json.dumps({"t": last.started_time.isoformat(), "e": last.execution_id, "f": filters})
-            token = base64.urlsafe_b64encode(raw.encode()).decode()
+            token = encode_page_token({"t": last.started_time.isoformat(), "e": last.execution_id}, filters)
         return rows, token
 
     async def watch(self, execution_id: str) -> AsyncIterator[tuple[ExecutionContext, str]]:

@@ -1,0 +1,44 @@
+"""Page tokens for keyset pagination, bound to the filters they were issued for.
+
+A token is URL-safe base64 of JSON: the position after the last item of the page (what the next
+query starts after) and a short hash of the request's filters. A token used with other filters is
+refused (`page_token: was issued for other filters`) instead of silently skipping or repeating
+rows; anything that does not decode is `page_token: not a token this server issued`. Every List
+RPC pages this way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any
+
+from aetherops.errors import FieldViolation
+
+__all__ = ["decode_page_token", "encode_page_token", "filters_key"]
+
+
+def filters_key(*filters: object) -> str:
+    """A short, stable hash of a request's filters (the token remembers it, not the filters)."""
+    return hashlib.sha256("\x00".join(str(f) for f in filters).encode()).hexdigest()[:16]
+
+
+def encode_page_token(position: dict[str, Any], filters: str) -> str:
+    """The token for the page after `position` (JSON-able values) under `filters` (a `filters_key`)."""
+    return base64.urlsafe_b64encode(json.dumps({"p": position, "f": filters}).encode()).decode()
+
+
+def decode_page_token(token: str, filters: str) -> tuple[dict[str, Any] | None, FieldViolation | None]:
+    """The position in `token`, or the field violation explaining why it cannot be used here."""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        position, issued_for = data["p"], data["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return None, FieldViolation("page_token", "not a token this server issued")
+    if not isinstance(position, dict):
+        return None, FieldViolation("page_token", "not a token this server issued")
+    if issued_for != filters:
+        return None, FieldViolation("page_token", "was issued for other filters")
+    return position, None

@@ -1,0 +1,33 @@
+"""Page tokens: a round trip, and the two refusals (foreign token, other filters)."""
+
+from __future__ import annotations
+
+import base64
+
+from aetherops.paging import decode_page_token, encode_page_token, filters_key
+
+
+def test_round_trip_under_the_same_filters() -> None:
+    filters = filters_key("SAT-1", 2, None)
+    token = encode_page_token({"t": 1_700_000_000_000_000, "m": "burn-1"}, filters)
+    assert decode_page_token(token, filters) == ({"t": 1_700_000_000_000_000, "m": "burn-1"}, None)
+
+
+def test_other_filters_and_foreign_tokens_are_field_violations() -> None:
+    token = encode_page_token({"t": 1}, filters_key("SAT-1"))
+    position, problem = decode_page_token(token, filters_key("SAT-2"))
+    assert position is None and problem is not None
+    assert (problem.field, problem.description) == ("page_token", "was issued for other filters")
+    for foreign in (
+        "not base64!",
+        base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        base64.urlsafe_b64encode(b'{"p": 3, "f": "x"}').decode(),
+    ):
+        position, problem = decode_page_token(foreign, filters_key("SAT-1"))
+        assert position is None and problem is not None
+        assert problem.description == "not a token this server issued"
+
+
+def test_filters_key_separates_fields() -> None:
+    assert filters_key("ab", "c") != filters_key("a", "bc")
+    assert filters_key("a", None) == filters_key("a", None)
