@@ -9,7 +9,6 @@ ahead of what is committed.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -260,13 +259,18 @@ class CorrelationService:
             problems.append(("page_size", "must not be negative"))
         if not 0 <= min_severity <= 5:
             problems.append(("min_severity", "must be between 1 and 5 (0 = any)"))
+        filters = filters_key(satellite_id, min_severity)
         after = None
         if page_token:
-            try:
-                when, cid = base64.urlsafe_b64decode(page_token.encode()).decode().split("|", 1)
-                after = (datetime.fromisoformat(when), cid)
-            except ValueError:
-                problems.append(("page_token", "not a token this server issued"))
+            position, problem = decode_page_token(page_token, filters)
+            if problem is None:
+                assert position is not None
+                try:
+                    after = (datetime.fromisoformat(str(position["t"])), str(position["c"]))
+                except (KeyError, ValueError):
+                    problem = FieldViolation("page_token", "not a token this server issued")
+            if problem is not None:
+                problems.append((problem.field, problem.description))
         if problems:
             raise ValidationError([FieldViolation(f, d) for f, d in problems])
         limit = min(page_size or 50, 500)
@@ -279,7 +283,7 @@ class CorrelationService:
         if len(page) > limit:
             page = page[:limit]
             last = page[-1]
-            token = base64.urlsafe_b64encode(f"{last.last_alert_time.isoformat()}|{last.cluster_id}".encode()).decode()
+            token = encode_page_token({"t": last.last_alert_time.isoformat(), "c": last.cluster_id}, filters)
         return page, token
 
     async def list_alerts(

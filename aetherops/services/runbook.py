@@ -243,23 +243,26 @@ def _violations(problems: Iterable[str]) -> list[FieldViolation]:
     return out
 
 
-def _page(page_size: int, page_token: str) -> tuple[int, str]:
+def _page(page_size: int, page_token: str, listing: str) -> tuple[int, str]:
+    """Page size and the id to list after, for the unfiltered listings (`listing` names which)."""
     problems = []
     if page_size < 0:
         problems.append(FieldViolation("page_size", "must not be negative"))
     after = ""
     if page_token:
-        try:
-            after = bytes.fromhex(page_token).decode()
-        except ValueError:
-            problems.append(FieldViolation("page_token", "not a token this server issued"))
+        position, problem = decode_page_token(page_token, filters_key(listing))
+        if problem is not None:
+            problems.append(problem)
+        else:
+            assert position is not None
+            after = str(position.get("id", ""))
     if problems:
         raise ValidationError(problems)
     return min(page_size or _DEFAULT_PAGE, _MAX_PAGE), after
 
 
-def _token(last: str) -> str:
-    return last.encode().hex()
+def _token(last: str, listing: str) -> str:
+    return encode_page_token({"id": last}, filters_key(listing))
 
 
 @contextlib.contextmanager
@@ -395,11 +398,11 @@ class RunbookService:
             return None
 
     def list_actions(self, *, page_size: int, page_token: str) -> tuple[list[ActionInfo], str]:
-        limit, after = _page(page_size, page_token)
+        limit, after = _page(page_size, page_token, "actions")
         ordered = sorted(self._engine.list_actions(), key=lambda a: a.name)
         remaining = [a for a in ordered if a.name > after]
         page = remaining[:limit]
-        return page, _token(page[-1].name) if len(remaining) > limit else ""
+        return page, _token(page[-1].name, "actions") if len(remaining) > limit else ""
 
     def _guarded(self, handler: ActionHandler) -> ActionHandler:
         """Wrap a handler: commit the events so far before it runs, and time it."""
@@ -595,11 +598,11 @@ class RunbookService:
         return runbook_from_dict(row.definition)
 
     async def list_runbooks(self, *, page_size: int, page_token: str) -> tuple[list[Runbook], str]:
-        limit, after = _page(page_size, page_token)
+        limit, after = _page(page_size, page_token, "runbooks")
         async with self._db.connection() as conn:
             rows = await repo.list_latest_runbooks(conn, after_id=after, limit=limit + 1)
         page = [runbook_from_dict(r.definition) for r in rows[:limit]]
-        return page, _token(page[-1].runbook_id) if len(rows) > limit else ""
+        return page, _token(page[-1].runbook_id, "runbooks") if len(rows) > limit else ""
 
     async def find_matching(self, incident_data: Mapping[str, Any], *, auto_start_only: bool = False) -> list[Runbook]:
         await self._sync_all_runbooks()
