@@ -278,7 +278,7 @@ class OutboxRelay:
             futures = [await a for a in acks]
             async with asyncio.timeout(10.0):
                 await asyncio.gather(*futures)
-            await outbox.mark_published(conn, [row.id for row in rows])
+            await outbox.mark_published(conn, rows)
         self.published_total += len(rows)
         return len(rows)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import gc
 import ipaddress
 import json
 import os
@@ -39,6 +38,7 @@ from typing import Any
 from aetherops.auth import Role, bootstrap_admin_token, write_token_file
 from aetherops.config import Settings
 from aetherops.errors import ConfigError
+from aetherops.gctune import settle_long_lived_state
 from aetherops.logs import configure_logging
 
 __all__ = ["PlotSeries", "main", "plot_series"]
@@ -233,10 +233,8 @@ async def _serve(settings: Settings) -> int:
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done():
-        # Restored clusters, forecasts and executions live as long as the process: move them out of
-        # the collector's sight, and collect young objects less often (GC was 13-26% of ingest time).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 20)
+        # Restored clusters, forecasts and executions live as long as the process.
+        settle_long_lived_state()
         print(
             f"aetherops: serving {','.join(settings.services)} on {settings.host}:{port} "
             f"(ready in {time.monotonic() - started:.1f}s)",
