@@ -391,6 +391,9 @@ class IncidentCluster:
         return len(self.alerts)
 
     def root_cause_alert(self) -> Alert | None:
+        root = self._root_alert  # kept by the engine's ranking; a search only for other callers' clusters
+        if root is not None and root.alert_id == self.root_cause:
+            return root
         return next((a for a in self.alerts if a.alert_id == self.root_cause), None)
 
 

@@ -27,9 +27,12 @@ log = logging.getLogger("aetherops.batching")
 
 
 @dataclass
-class _Pending(Generic[Item, Result]):
-    item: Item
-    future: asyncio.Future[Result]
+class _Request(Generic[Item, Result]):
+    """One caller's items (at most `max_batch`) and the future of their results: a stream's chunk of
+    a thousand alerts costs one future, not a thousand."""
+
+    items: Sequence[Item]
+    future: asyncio.Future[list[Result]]
 
 
 class GroupCommitter(Generic[Item, Result]):
@@ -51,7 +54,8 @@ class GroupCommitter(Generic[Item, Result]):
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._name = name
-        self._queue: list[_Pending[Item, Result]] = []
+        self._queue: list[_Request[Item, Result]] = []
+        self._queued = 0  # items in the queue
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -60,7 +64,7 @@ class GroupCommitter(Generic[Item, Result]):
     @property
     def utilisation(self) -> float:
         """Queued items over capacity, 0..1 (drives adaptive rate limits)."""
-        return len(self._queue) / self._max_queue
+        return self._queued / self._max_queue
 
     def start(self) -> None:
         if self._task is None:
@@ -72,55 +76,77 @@ class GroupCommitter(Generic[Item, Result]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(UnavailableError("server is shutting down"))
+        for request in self._queue:
+            if not request.future.done():
+                request.future.set_exception(UnavailableError("server is shutting down"))
         self._queue.clear()
+        self._queued = 0
 
-    def _enqueue(self, items: Sequence[Item]) -> list[asyncio.Future[Result]]:
+    def _enqueue(self, items: Sequence[Item]) -> list[asyncio.Future[list[Result]]]:
         if self._task is None:
             raise UnavailableError(f"{self._name} is not running")
-        if len(self._queue) + len(items) > self._max_queue:
+        if self._queued + len(items) > self._max_queue:
             raise ResourceExhaustedError(f"{self._name}: ingest queue is full", retry_after_s=0.5)
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Result]] = []
-        for item in items:
-            future: asyncio.Future[Result] = loop.create_future()
-            self._queue.append(_Pending(item, future))
+        futures: list[asyncio.Future[list[Result]]] = []
+        step = self._max_batch
+        for start in range(0, len(items), step):
+            future: asyncio.Future[list[Result]] = loop.create_future()
+            self._queue.append(_Request(items[start : start + step], future))
             futures.append(future)
+        self._queued += len(items)
         self._wakeup.set()
         return futures
 
     async def submit(self, item: Item) -> Result:
         (future,) = self._enqueue([item])
-        return await future
+        return (await future)[0]
 
     async def submit_many(self, items: Sequence[Item]) -> list[Result]:
         """All items in order; they may span several batches. Raises the first batch error."""
         futures = self._enqueue(items)
-        return list(await asyncio.gather(*futures))
+        if len(futures) == 1:
+            return await futures[0]
+        return [r for part in await asyncio.gather(*futures) for r in part]
+
+    def _take(self) -> list[_Request[Item, Result]]:
+        """Whole requests from the head of the queue, up to `max_batch` items (at least one request)."""
+        queue, total, n = self._queue, 0, 0
+        while n < len(queue) and (n == 0 or total + len(queue[n].items) <= self._max_batch):
+            total += len(queue[n].items)
+            n += 1
+        taken = queue[:n]
+        del queue[:n]
+        self._queued -= total
+        return taken
 
     async def _run(self) -> None:
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            batch = self._take()
+            items = [item for request in batch for item in request.items]
             try:
-                results = await self._process([p.item for p in batch])
+                results = await self._process(items)
+                if len(results) != len(items):
+                    raise RuntimeError(f"{len(results)} results for {len(items)} items")
             except asyncio.CancelledError:
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(UnavailableError("server is shutting down"))
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(UnavailableError("server is shutting down"))
                 raise
             except Exception as exc:
-                log.warning("%s: batch of %d failed: %s", self._name, len(batch), exc)
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                log.warning("%s: batch of %d failed: %s", self._name, len(items), exc)
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
                 continue
             self.batches += 1
-            self.items += len(batch)
-            for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(result)
+            self.items += len(items)
+            start = 0
+            for request in batch:
+                end = start + len(request.items)
+                if not request.future.done():
+                    request.future.set_result(list(results[start:end]))
+                start = end
