@@ -19,19 +19,21 @@ class Recorder:
         self.poison = poison
         self.gate = asyncio.Event()
         self.gate.set()
+        self.started = asyncio.Event()
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
+        self.started.set()
         await self.gate.wait()
         if self.poison is not None and self.poison in items:
             raise ValueError(f"bad item {self.poison}")
         return [i * 10 for i in items]
 
 
-async def _until(condition: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0)
+async def _let_tasks_start() -> None:
+    # Tasks made with ensure_future run to their first await in the loop's next iteration, before
+    # this coroutine resumes: by then each has queued its items.
+    await asyncio.sleep(0)
 
 
 async def test_callers_waiting_on_one_batch_share_the_next() -> None:
@@ -41,11 +43,12 @@ async def test_callers_waiting_on_one_batch_share_the_next() -> None:
     try:
         rec.gate.clear()
         first = asyncio.ensure_future(committer.submit(1))
-        await _until(lambda: len(rec.batches) == 1)
+        await asyncio.wait_for(rec.started.wait(), 5)
         # While batch 1 is "in the database", these queue up and go together.
         rest = [asyncio.ensure_future(committer.submit(i)) for i in range(2, 6)]
         many = asyncio.ensure_future(committer.submit_many([6, 7, 8]))
-        await _until(lambda: committer.utilisation > 0 and all(not f.done() for f in rest))
+        await _let_tasks_start()
+        assert committer.utilisation > 0 and not any(f.done() for f in rest)
         rec.gate.set()
         assert await first == 10
         assert [await f for f in rest] == [20, 30, 40, 50]
@@ -86,9 +89,10 @@ async def test_a_full_queue_refuses_and_stop_fails_what_is_queued() -> None:
     committer.start()
     rec.gate.clear()
     first = asyncio.ensure_future(committer.submit(0))
-    await _until(lambda: len(rec.batches) == 1)
+    await asyncio.wait_for(rec.started.wait(), 5)
     queued = asyncio.ensure_future(committer.submit_many([1, 2, 3, 4, 5]))
-    await _until(lambda: committer.utilisation == 1.0)
+    await _let_tasks_start()
+    assert committer.utilisation == 1.0
     with pytest.raises(ResourceExhaustedError):
         await committer.submit(6)
     await committer.stop()
