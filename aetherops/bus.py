@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -185,11 +186,25 @@ class OutboxRelay:
 
     LEADER_LOCK = "aetherops.outbox.relay"
 
-    def __init__(self, db: Database, bus: Bus, *, batch_size: int = 1000, poll_interval_s: float = 0.5) -> None:
+    PRUNE_INTERVAL_S = 60.0
+    PRUNE_CHUNK = 10_000
+
+    def __init__(
+        self,
+        db: Database,
+        bus: Bus,
+        *,
+        batch_size: int = 1000,
+        poll_interval_s: float = 0.5,
+        retention_s: float = 7 * 86400.0,
+    ) -> None:
         self._db = db
         self._bus = bus
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
+        self._retention_s = retention_s
+        self._prune_time = -math.inf
+        self.pruned_total = 0
         self._wakeup = asyncio.Event()
         self.published_total = 0
         self.failures = 0
@@ -236,6 +251,7 @@ class OutboxRelay:
                 backoff = 0.1
                 await self._refresh_stats()
                 if sent < self._batch_size:
+                    await self._prune()
                     await self._wait(self._poll_interval_s)
         finally:
             with contextlib.suppress(Exception):
@@ -250,6 +266,25 @@ class OutboxRelay:
             count, oldest = await outbox.backlog(conn)
         self.backlog = count
         self.oldest_age_s = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+
+    async def _prune(self) -> int:
+        """Deletes events published longer than the retention ago, at most once a minute and only
+        when the backlog is drained (publishing comes first); returns how many went."""
+        now = time.monotonic()
+        if now - self._prune_time < self.PRUNE_INTERVAL_S:
+            return 0
+        self._prune_time = now
+        pruned = 0
+        while True:  # bounded chunks, one short transaction each
+            async with self._db.connection() as conn:
+                n = await outbox.prune_published(conn, self._retention_s, self.PRUNE_CHUNK)
+            pruned += n
+            if n < self.PRUNE_CHUNK:
+                break
+        if pruned:
+            self.pruned_total += pruned
+            log.info("outbox relay: pruned %d events published more than %.0fs ago", pruned, self._retention_s)
+        return pruned
 
     async def _wait(self, timeout_s: float) -> None:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that

@@ -60,6 +60,9 @@ class Settings:
     """Same satellite and subsystem within this span: a duplicate."""
     max_future_skew_s: float = 300.0
     """Alerts and snapshots timestamped further than this in the future are rejected."""
+    outbox_retention_s: float = 7 * 86400.0
+    """Published outbox events older than this are deleted (JetStream keeps the event history; the
+    outbox only needs them until they are published, and a while after for diagnosis)."""
     agent_actions: tuple[str, ...] = ("switch_power_bus", "safe_payload", "reduce_heater_duty")
     """Agent actions (`agent:<name>`) runbooks may use; agents answer on aetherops.actions.<name>."""
     dependency_graph_file: str = ""
@@ -130,6 +133,7 @@ class Settings:
         for agent in self.agent_actions:
             _check(re.fullmatch(r"[a-z][a-z0-9_]*", agent) is not None, "agent_actions", f"bad agent name {agent!r}")
         _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must not be negative")
+        _check(self.outbox_retention_s >= 60, "outbox_retention_s", "must be at least 60 seconds")
         _check(
             self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
             "log_level",

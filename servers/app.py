@@ -159,7 +159,7 @@ class Application:
         await apply_migrations(db)
         bus = await _retry("NATS", lambda: Bus.connect(nats_url, settings.namespace))
         await _retry("JetStream", bus.ensure_streams)
-        relay = OutboxRelay(db, bus)
+        relay = OutboxRelay(db, bus, retention_s=settings.outbox_retention_s)
         self.infra = Infra(settings=settings, db=db, bus=bus, relay=relay, clock=self.clock)
         self._tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
         self.metrics.add_gauge_source(self._platform_gauges)

@@ -13,7 +13,16 @@ from datetime import datetime
 
 import asyncpg
 
-__all__ = ["OutboxEvent", "OutboxRow", "append", "backlog", "fetch_unpublished", "mark_published", "new_event_id"]
+__all__ = [
+    "OutboxEvent",
+    "OutboxRow",
+    "append",
+    "backlog",
+    "fetch_unpublished",
+    "mark_published",
+    "new_event_id",
+    "prune_published",
+]
 
 
 def new_event_id() -> str:
@@ -92,6 +101,24 @@ async def mark_published(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) ->
             [r.location for r in rows],
             [r.id for r in rows],
         )
+
+
+async def prune_published(conn: asyncpg.Connection, retention_s: float, limit: int = 10_000) -> int:
+    """Deletes up to `limit` events published more than `retention_s` ago (by the database's clock,
+    which stamped them), oldest first; returns how many.
+
+    In bounded chunks so that pruning a long backlog never holds one long transaction; unpublished
+    rows are never touched, however old.
+    """
+    status = await conn.execute(
+        """DELETE FROM outbox WHERE id IN (
+               SELECT id FROM outbox WHERE published_time < now() - make_interval(secs => $1)
+               ORDER BY id LIMIT $2
+           )""",
+        float(retention_s),
+        limit,
+    )
+    return int(status.split()[-1])
 
 
 async def backlog(conn: asyncpg.Connection) -> tuple[int, datetime | None]:

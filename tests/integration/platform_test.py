@@ -130,6 +130,49 @@ async def test_outbox_delivers_each_event_exactly_once_across_nats_restart(
         await nats_server.astop()
 
 
+async def test_published_events_past_retention_are_pruned_in_chunks_and_unpublished_never(
+    db: Database, bus: Bus
+) -> None:
+    await _write_events(db, bus, 12)
+    async with db.transaction() as conn:
+        # 5 published two days ago, 3 just now, 4 never (however old they are).
+        await conn.execute(
+            """UPDATE outbox SET published_time = now() - interval '2 days'
+               WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 5)"""
+        )
+        await conn.execute(
+            """UPDATE outbox SET published_time = now()
+               WHERE id IN (SELECT id FROM outbox WHERE published_time IS NULL ORDER BY id LIMIT 3)"""
+        )
+        await conn.execute("UPDATE outbox SET created_time = now() - interval '30 days'")
+    async with db.connection() as conn:
+        assert [await outbox.prune_published(conn, 86400, limit=2) for _ in range(4)] == [2, 2, 1, 0]
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NOT NULL") == 3
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NULL") == 4
+
+
+async def test_the_relay_prunes_once_it_has_published_everything(db: Database, bus: Bus) -> None:
+    await bus.ensure_streams()
+    await _write_events(db, bus, 30)
+    await db.execute(
+        "UPDATE outbox SET published_time = now() - interval '1 hour' WHERE id IN (SELECT id FROM outbox LIMIT 10)"
+    )
+    relay = OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.1, retention_s=60)
+    task = asyncio.create_task(relay.run())
+    try:
+
+        async def pruned() -> bool:
+            return relay.pruned_total == 10
+
+        await eventually(pruned, what="the 10 events published an hour ago pruned")
+        # The 20 it published itself are younger than the retention: they stay, stamped.
+        assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NOT NULL") == 20
+        assert await db.fetchval("SELECT count(*) FROM outbox") == 20
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_health_and_reflection_list_every_service(channel: grpc.aio.Channel) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     for name in ["", *SERVICES]:
