@@ -68,7 +68,13 @@ async def append(conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> Non
 
 
 async def fetch_unpublished(conn: asyncpg.Connection, limit: int) -> list[OutboxRow]:
-    """The oldest unpublished rows, locked so that another relay replica skips them."""
+    """The oldest unpublished rows, locked so that another relay replica skips them. Call inside a
+    transaction (the row locks and the setting below last until it ends)."""
+    # Walk the partial index in id order and stop at `limit`. The planner cannot know how many rows
+    # are unpublished (the count swings by thousands within a second, between analyses), guesses
+    # few, and otherwise reads and sorts the whole backlog on every claim: the relay falls further
+    # behind the more it is behind.
+    await conn.execute("SET LOCAL enable_sort = off")
     rows = await conn.fetch(
         """SELECT ctid, id, event_id, subject, aggregate_id, payload, tracking_id FROM outbox
            WHERE published_time IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",

@@ -1,4 +1,4 @@
-"""The ingest batch's replay lookup stays on the alerts primary key on a table PostgreSQL has never analysed.
+"""Per-batch queries stay on their indexes whatever the planner's statistics say.
 
 Without statistics (a fresh table, or a server with autovacuum off) the planner takes each id of an
 `= ANY(array)` condition to match 0.5% of the rows, so a batch of a few hundred ids looks like the
@@ -13,7 +13,7 @@ import uuid
 
 import asyncpg
 
-from aetherops.db import Database
+from aetherops.db import Database, outbox
 from aetherops.db import correlation as repo
 
 ROWS = 20_000
@@ -43,3 +43,19 @@ async def test_known_alerts_probes_the_primary_key_on_an_unanalysed_table(db: Da
         assert await _seq_scans(conn, "alerts") == before
     assert set(known) == {f"a{n}" for n in range(1, BATCH // 2 + 1)}
     assert known["a7"] == ("c1", None)
+
+
+async def test_claiming_outbox_rows_reads_the_oldest_few_not_the_whole_backlog(db: Database) -> None:
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO outbox (event_id, subject, aggregate_id, payload)
+               SELECT gen_random_uuid(), 's', 'x', '\\x00' FROM generate_series(1, $1)""",
+            ROWS,
+        )
+    async with db.transaction() as conn:
+        returned = "SELECT pg_stat_get_xact_tuples_returned('outbox_unpublished'::regclass)"
+        before = int(await conn.fetchval(returned))
+        rows = await outbox.fetch_unpublished(conn, 100)
+        read = int(await conn.fetchval(returned)) - before
+    assert [r.id for r in rows] == sorted(r.id for r in rows) and len(rows) == 100
+    assert read <= 200, f"read {read} index entries to claim 100 of {ROWS} unpublished rows"
