@@ -247,9 +247,17 @@ async def upsert_clusters(
 
 async def get_alerts(conn: asyncpg.Connection, cluster_ids: Sequence[str]) -> dict[str, list[Alert]]:
     """Non-duplicate alerts of the clusters, oldest first."""
+    # One index range per cluster (alerts_by_cluster), whatever the planner knows: with
+    # `cluster_id = ANY($1)` a planner without statistics takes a page of 500 clusters for the whole
+    # table and reads all of it. OFFSET 0 keeps it from flattening the lateral subquery
+    # back into that join.
     rows = await conn.fetch(
-        """SELECT * FROM alerts WHERE cluster_id = ANY($1::text[]) AND duplicate_of IS NULL
-           ORDER BY alert_time, alert_id""",
+        """SELECT a.* FROM unnest($1::text[]) AS k(cluster_id)
+           CROSS JOIN LATERAL (
+               SELECT * FROM alerts
+               WHERE alerts.cluster_id = k.cluster_id AND alerts.duplicate_of IS NULL OFFSET 0
+           ) AS a
+           ORDER BY a.alert_time, a.alert_id""",
         list(cluster_ids),
     )
     out: dict[str, list[Alert]] = {cid: [] for cid in cluster_ids}

@@ -59,3 +59,31 @@ async def test_claiming_outbox_rows_reads_the_oldest_few_not_the_whole_backlog(d
         read = int(await conn.fetchval(returned)) - before
     assert [r.id for r in rows] == sorted(r.id for r in rows) and len(rows) == 100
     assert read <= 200, f"read {read} index entries to claim 100 of {ROWS} unpublished rows"
+
+
+async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Database) -> None:
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO clusters (cluster_id, status, root_cause_confidence, satellites, subsystems,
+                   max_severity, first_alert_time, last_alert_time, opened_time, alert_count)
+               SELECT 'c' || g, 'OPEN', 0, '{}', '{}', 1, now(), now(), now(), 10
+               FROM generate_series(1, $1) AS g""",
+            ROWS // 10,
+        )
+        await conn.execute(
+            """INSERT INTO alerts (alert_id, cluster_id, satellite_id, subsystem, severity, alert_time, duplicate_of)
+               SELECT 'a' || g, 'c' || (g % $2 + 1), 'SAT', 'power', 1, now() - g * interval '1 ms',
+                      CASE WHEN g <= $2 THEN 'a1' END
+               FROM generate_series(1, $1) AS g""",
+            ROWS,
+            ROWS // 10,
+        )
+    page = [f"c{n}" for n in range(1, 502)]  # ListActiveClusters' largest page, plus its look-ahead row
+    async with db.transaction() as conn:
+        before = await _seq_scans(conn, "alerts")
+        alerts = await repo.get_alerts(conn, page)
+        assert await _seq_scans(conn, "alerts") == before
+    assert set(alerts) == set(page)
+    for cid, listed in alerts.items():
+        assert len(listed) == 9, cid  # ten alerts each, one of them a duplicate
+        assert [a.timestamp for a in listed] == sorted(a.timestamp for a in listed)
