@@ -1083,21 +1083,15 @@ class MissionSpan:
 def _fetch_missions(client: Any, forecast: Any, *, since: datetime) -> list[MissionSpan]:
     """The satellite's missions with an impact on the charted resource that end after `since`."""
     spans: list[MissionSpan] = []
-    token = ""
-    while True:
-        page = client.list_scheduled_missions(
-            forecast.satellite_id, int(forecast.resource_type), start=since, page_size=1000, page_token=token
+    missions = client.iter_scheduled_missions(
+        forecast.satellite_id, int(forecast.resource_type), start=since, page_size=1000
+    )
+    for m in missions:
+        impact = sum(i.amount for i in m.resource_impacts if i.resource_type == forecast.resource_type)
+        spans.append(
+            MissionSpan(m.mission_id, m.start_time.ToDatetime(tzinfo=UTC), m.end_time.ToDatetime(tzinfo=UTC), impact)
         )
-        for m in page.missions:
-            impact = sum(i.amount for i in m.resource_impacts if i.resource_type == forecast.resource_type)
-            spans.append(
-                MissionSpan(
-                    m.mission_id, m.start_time.ToDatetime(tzinfo=UTC), m.end_time.ToDatetime(tzinfo=UTC), impact
-                )
-            )
-        token = page.next_page_token
-        if not token:
-            return spans
+    return spans
 
 
 @dataclass(frozen=True)

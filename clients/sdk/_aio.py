@@ -30,6 +30,7 @@ from clients.sdk._config import (
     resolve_config,
 )
 from clients.sdk._errors import from_rpc_error, method_name
+from clients.sdk._pages import follow_async
 from gen.aetherops.capacity.v1 import capacity_pb2, capacity_pb2_grpc
 from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 from gen.aetherops.runbook.v1 import runbook_pb2, runbook_pb2_grpc
@@ -219,20 +220,16 @@ class AetherOpsClient:
             tracking_id,
         )
 
-    async def iter_active_clusters(
+    def iter_active_clusters(
         self, *, satellite_id: str = "", min_severity: int = 0, page_size: int = 0
     ) -> AsyncIterator[correlation_pb2.Cluster]:
         """Every active cluster, following next_page_token."""
-        token = ""
-        while True:
-            page = await self.list_active_clusters(
+        return follow_async(
+            lambda token: self.list_active_clusters(
                 page_size=page_size, page_token=token, satellite_id=satellite_id, min_severity=min_severity
-            )
-            for cluster in page.clusters:
-                yield cluster
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.clusters,
+        )
 
     async def list_alerts(
         self,
@@ -259,24 +256,20 @@ class AetherOpsClient:
             self.correlation.ListAlerts, request, correlation_pb2.ListAlertsResponse, timeout, tracking_id
         )
 
-    async def iter_alerts(
+    def iter_alerts(
         self, *, by_tracking_id: str = "", cluster_id: str = "", satellite_id: str = "", page_size: int = 0
     ) -> AsyncIterator[correlation_pb2.StoredAlert]:
         """Every matching stored alert, following next_page_token."""
-        token = ""
-        while True:
-            page = await self.list_alerts(
+        return follow_async(
+            lambda token: self.list_alerts(
                 by_tracking_id=by_tracking_id,
                 cluster_id=cluster_id,
                 satellite_id=satellite_id,
                 page_size=page_size,
                 page_token=token,
-            )
-            for item in page.alerts:
-                yield item
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.alerts,
+        )
 
     async def close_cluster(
         self,
@@ -490,7 +483,7 @@ class AetherOpsClient:
             self.runbook.ListExecutions, request, runbook_pb2.ListExecutionsResponse, timeout, tracking_id
         )
 
-    async def iter_executions(
+    def iter_executions(
         self,
         *,
         by_tracking_id: str = "",
@@ -500,21 +493,17 @@ class AetherOpsClient:
         page_size: int = 0,
     ) -> AsyncIterator[runbook_pb2.Execution]:
         """Every matching execution, following next_page_token."""
-        token = ""
-        while True:
-            page = await self.list_executions(
+        return follow_async(
+            lambda token: self.list_executions(
                 by_tracking_id=by_tracking_id,
                 incident_id=incident_id,
                 runbook_id=runbook_id,
                 status=status,
                 page_size=page_size,
                 page_token=token,
-            )
-            for item in page.executions:
-                yield item
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.executions,
+        )
 
     def watch_execution(
         self, execution_id: str, *, timeout: float | None = None, tracking_id: str | None = None
@@ -693,7 +682,7 @@ class AetherOpsClient:
             tracking_id,
         )
 
-    async def iter_snapshots(
+    def iter_snapshots(
         self,
         satellite_id: str,
         resource: int | str,
@@ -703,13 +692,27 @@ class AetherOpsClient:
         page_size: int = 0,
     ) -> AsyncIterator[capacity_pb2.ResourceSnapshot]:
         """Every stored snapshot of the series in the range, following next_page_token."""
-        token = ""
-        while True:
-            page = await self.list_snapshots(
+        return follow_async(
+            lambda token: self.list_snapshots(
                 satellite_id, resource, start=start, end=end, page_size=page_size, page_token=token
-            )
-            for item in page.snapshots:
-                yield item
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.snapshots,
+        )
+
+    def iter_scheduled_missions(
+        self,
+        satellite_id: str,
+        resource: int | str | None = None,
+        *,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[capacity_pb2.ScheduledMission]:
+        """Every scheduled mission of the satellite (impacting `resource`, overlapping [start, end) when
+        given), earliest start first, following next_page_token."""
+        return follow_async(
+            lambda token: self.list_scheduled_missions(
+                satellite_id, resource, start=start, end=end, page_size=page_size, page_token=token
+            ),
+            lambda page: page.missions,
+        )

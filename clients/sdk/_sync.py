@@ -17,6 +17,7 @@ import grpc
 from clients.sdk import _requests as build
 from clients.sdk._config import UNSET, ClientConfig, RetryPolicy, echoed_tracking_id, new_tracking_id, resolve_config
 from clients.sdk._errors import from_rpc_error, method_name
+from clients.sdk._pages import follow
 from gen.aetherops.capacity.v1 import capacity_pb2, capacity_pb2_grpc
 from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 from gen.aetherops.runbook.v1 import runbook_pb2, runbook_pb2_grpc
@@ -204,15 +205,12 @@ class SyncAetherOpsClient:
         self, *, satellite_id: str = "", min_severity: int = 0, page_size: int = 0
     ) -> Iterator[correlation_pb2.Cluster]:
         """Every active cluster, following next_page_token."""
-        token = ""
-        while True:
-            page = self.list_active_clusters(
+        return follow(
+            lambda token: self.list_active_clusters(
                 page_size=page_size, page_token=token, satellite_id=satellite_id, min_severity=min_severity
-            )
-            yield from page.clusters
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.clusters,
+        )
 
     def list_alerts(
         self,
@@ -243,19 +241,16 @@ class SyncAetherOpsClient:
         self, *, by_tracking_id: str = "", cluster_id: str = "", satellite_id: str = "", page_size: int = 0
     ) -> Iterator[correlation_pb2.StoredAlert]:
         """Every matching stored alert, following next_page_token."""
-        token = ""
-        while True:
-            page = self.list_alerts(
+        return follow(
+            lambda token: self.list_alerts(
                 by_tracking_id=by_tracking_id,
                 cluster_id=cluster_id,
                 satellite_id=satellite_id,
                 page_size=page_size,
                 page_token=token,
-            )
-            yield from page.alerts
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.alerts,
+        )
 
     def close_cluster(
         self,
@@ -473,20 +468,17 @@ class SyncAetherOpsClient:
         page_size: int = 0,
     ) -> Iterator[runbook_pb2.Execution]:
         """Every matching execution, following next_page_token."""
-        token = ""
-        while True:
-            page = self.list_executions(
+        return follow(
+            lambda token: self.list_executions(
                 by_tracking_id=by_tracking_id,
                 incident_id=incident_id,
                 runbook_id=runbook_id,
                 status=status,
                 page_size=page_size,
                 page_token=token,
-            )
-            yield from page.executions
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.executions,
+        )
 
     def watch_execution(
         self, execution_id: str, *, timeout: float | None = None, tracking_id: str | None = None
@@ -675,15 +667,30 @@ class SyncAetherOpsClient:
         page_size: int = 0,
     ) -> Iterator[capacity_pb2.ResourceSnapshot]:
         """Every stored snapshot of the series in the range, following next_page_token."""
-        token = ""
-        while True:
-            page = self.list_snapshots(
+        return follow(
+            lambda token: self.list_snapshots(
                 satellite_id, resource, start=start, end=end, page_size=page_size, page_token=token
-            )
-            yield from page.snapshots
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            lambda page: page.snapshots,
+        )
+
+    def iter_scheduled_missions(
+        self,
+        satellite_id: str,
+        resource: int | str | None = None,
+        *,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+    ) -> Iterator[capacity_pb2.ScheduledMission]:
+        """Every scheduled mission of the satellite (impacting `resource`, overlapping [start, end) when
+        given), earliest start first, following next_page_token."""
+        return follow(
+            lambda token: self.list_scheduled_missions(
+                satellite_id, resource, start=start, end=end, page_size=page_size, page_token=token
+            ),
+            lambda page: page.missions,
+        )
 
 
 def _name(method: Any) -> str:

@@ -23,8 +23,10 @@ from clients.sdk import (
     RetryPolicy,
     Unavailable,
     alert,
+    resource_type,
     snapshot,
 )
+from gen.aetherops.capacity.v1 import capacity_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 
 
@@ -102,6 +104,18 @@ async def test_query_rpcs_page_through_with_the_iterators(client: AetherOpsClien
     await client.ingest_snapshots(points)
     history = [s async for s in client.iter_snapshots("SAT-QS", "fuel", start=now - timedelta(hours=4), page_size=2)]
     assert [s.value for s in history] == [49.0, 48.0, 47.0, 46.0]
+
+    for k, (hours, resource) in enumerate([(30, "fuel"), (10, "fuel"), (20, "power"), (20, "fuel"), (-9, "fuel")]):
+        mission = capacity_pb2.ScheduledMission(
+            mission_id=f"M{k}",
+            satellite_id="SAT-QS",
+            resource_impacts=[capacity_pb2.ResourceImpact(resource_type=resource_type(resource), amount=1.0)],
+        )
+        mission.start_time.FromDatetime(now + timedelta(hours=hours))
+        mission.end_time.FromDatetime(now + timedelta(hours=hours + 1))
+        await client.add_scheduled_mission(mission)
+    fuel_ahead = client.iter_scheduled_missions("SAT-QS", "fuel", start=now, page_size=2)
+    assert [m.mission_id async for m in fuel_ahead] == ["M1", "M3", "M0"]
 
 
 async def test_invalid_argument_carries_field_violations(client: AetherOpsClient) -> None:
