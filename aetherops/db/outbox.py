@@ -52,7 +52,7 @@ class OutboxRow:
     aggregate_id: str
     payload: bytes
     tracking_id: str
-    location: tuple[int, int] = (0, 0)
+    location: tuple[int, int]
 
 
 async def append(conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> None:
@@ -102,11 +102,15 @@ async def mark_published(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) ->
     and the table holds every event ever published.) The id check guards the address.
     """
     if rows:
-        await conn.execute(
+        status = await conn.execute(
             "UPDATE outbox SET published_time = now() WHERE ctid = ANY($1::tid[]) AND id = ANY($2::bigint[])",
             [r.location for r in rows],
             [r.id for r in rows],
         )
+        if int(status.split()[-1]) != len(rows):
+            # Never expected (the rows are locked): roll back, and they are published again (NATS
+            # deduplicates by event id) rather than left unmarked for ever.
+            raise RuntimeError(f"outbox: marked {status.split()[-1]} of {len(rows)} claimed rows")
 
 
 async def prune_published(conn: asyncpg.Connection, retention_s: float, limit: int = 10_000) -> int:

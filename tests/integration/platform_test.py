@@ -4,6 +4,7 @@ reflection, graceful shutdown and start-up without a database."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,16 @@ async def test_published_events_past_retention_are_pruned_in_chunks_and_unpublis
         assert [await outbox.prune_published(conn, 86400, limit=2) for _ in range(4)] == [2, 2, 1, 0]
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NOT NULL") == 3
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NULL") == 4
+
+
+async def test_marking_fails_rather_than_leave_a_claimed_row_unmarked(db: Database, bus: Bus) -> None:
+    await _write_events(db, bus, 3)
+    with pytest.raises(RuntimeError, match="marked 2 of 3"):
+        async with db.transaction() as conn:
+            rows = await outbox.fetch_unpublished(conn, 10)
+            wrong = dataclasses.replace(rows[1], location=(4_000_000, 1))
+            await outbox.mark_published(conn, [rows[0], wrong, rows[2]])
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NULL") == 3
 
 
 async def test_the_relay_prunes_once_it_has_published_everything(db: Database, bus: Bus) -> None:
