@@ -141,12 +141,19 @@ async def _delete_streams(url: str, namespace: str) -> None:
 
 
 @pytest.fixture
-async def bus(nats_url: str, namespace: str) -> AsyncIterator[Bus]:
+async def streams_cleanup(nats_url: str, namespace: str) -> AsyncIterator[None]:
+    """Deletes the test namespace's JetStream streams after everything that used them has stopped
+    (the tests share the machine's NATS: streams left behind pile up from run to run)."""
+    yield
+    await _delete_streams(nats_url, namespace)
+
+
+@pytest.fixture
+async def bus(nats_url: str, namespace: str, streams_cleanup: None) -> AsyncIterator[Bus]:
     connection = await Bus.connect(nats_url, namespace)
     await connection.ensure_streams()
     yield connection
     await connection.close()
-    await _delete_streams(nats_url, namespace)
 
 
 @pytest.fixture
@@ -157,7 +164,13 @@ def tokens(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def settings(
-    pg_url: str, nats_url: str, namespace: str, schema: str, tmp_path: Path, tokens: dict[str, str]
+    pg_url: str,
+    nats_url: str,
+    namespace: str,
+    schema: str,
+    tmp_path: Path,
+    tokens: dict[str, str],
+    streams_cleanup: None,
 ) -> Settings:
     return Settings(
         host="127.0.0.1",
@@ -174,7 +187,7 @@ def settings(
 
 
 @pytest.fixture
-async def app_factory(settings: Settings, nats_url: str, namespace: str) -> AsyncIterator[Callable[..., Any]]:
+async def app_factory(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
     """Starts servers (grpc.aio, port 0) sharing this test's schema and namespace; stops them all after."""
     from servers.app import Application
 
@@ -190,7 +203,6 @@ async def app_factory(settings: Settings, nats_url: str, namespace: str) -> Asyn
     yield start
     for app in apps:
         await app.stop()
-    await _delete_streams(nats_url, namespace)
 
 
 @pytest.fixture
