@@ -198,14 +198,22 @@ class CorrelationService:
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
         touched: dict[str, tuple[bool, list[str], bool]] = {}  # cluster -> (opened, added ids, root changed)
+        # The same alert id twice in one batch (a retry racing its original): the repeat gets the
+        # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
+        in_batch: dict[str, IngestOutcome] = {}
         ingest = self._engine.ingest_detailed
         for alert in alerts:
-            if alert.alert_id in known:
-                cluster_id, dup_of = known[alert.alert_id]
+            aid = alert.alert_id
+            if aid in known:
+                cluster_id, dup_of = known[aid]
                 outcomes.append(IngestOutcome(cluster_id, dup_of is not None, dup_of, replay=True))
                 continue
+            first = in_batch.get(aid)
+            if first is not None:
+                outcomes.append(IngestOutcome(first.cluster_id, first.duplicate, first.duplicate_of, replay=True))
+                continue
             result = ingest(alert)
-            if result.replay:  # same alert_id twice within this batch
+            if result.replay:  # known to the engine but not to PostgreSQL: cannot happen after a restore
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
             rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
@@ -213,9 +221,9 @@ class CorrelationService:
             if not result.duplicate:
                 added.append(alert.alert_id)
             touched[result.cluster_id] = (opened or result.opened, added, root_changed or result.root_cause_changed)
-            outcomes.append(
-                IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
-            )
+            outcome = IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
+            in_batch[aid] = outcome
+            outcomes.append(outcome)
         now = self._clock.now()
         records: list[ClusterRecord] = []
         events: list[outbox.OutboxEvent] = []

@@ -231,6 +231,32 @@ async def test_bulk_stream_takes_batches_and_counts_indexes_across_messages(
     assert await db.fetchval("SELECT count(*) FROM alerts") == 19
 
 
+async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grpc.aio.Channel, db: Database) -> None:
+    # One stream message is one group-commit batch: the repeats must get the first outcome (the
+    # duplicate's repeat is still a duplicate of the same alert) and store nothing more.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    first = _alert("SAT-R", "power", t0)
+    dup = _alert("SAT-R", "power", t0 + timedelta(seconds=10))
+    other = _alert("SAT-Q", "payload", t0)
+    reused = pb.Alert()
+    reused.CopyFrom(first)
+    reused.satellite_id = "SAT-Z"  # same id, other content: the id decides
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alerts=[first, dup, other, dup, first, reused])
+
+    reply = await stub.IngestAlerts(requests())
+    assert (reply.accepted, reply.duplicates, reply.rejected) == (4, 2, 0)
+    rows = await db.fetch("SELECT alert_id, cluster_id, duplicate_of FROM alerts WHERE satellite_id LIKE 'SAT-%'")
+    by_id = {r["alert_id"]: r for r in rows}
+    assert set(by_id) == {first.alert_id, dup.alert_id, other.alert_id}
+    assert by_id[dup.alert_id]["duplicate_of"] == first.alert_id
+    assert by_id[dup.alert_id]["cluster_id"] == by_id[first.alert_id]["cluster_id"]
+    again = await stub.IngestAlert(pb.IngestAlertRequest(alert=dup))
+    assert again.replay and again.duplicate and again.cluster_id == by_id[first.alert_id]["cluster_id"]
+
+
 async def test_alerts_from_nats_take_the_same_path(server: Any, channel: grpc.aio.Channel, bus: Bus) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     watch = stub.WatchClusters(pb.WatchClustersRequest(satellite_ids=["SAT-42"]))
