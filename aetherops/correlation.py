@@ -976,3 +976,7 @@ class CorrelationEngine:
                 idx.pop(c, None)
                 if not idx:
                     del self._subs[key]
+        # A slot points back at its cluster: without this the dropped cluster is a reference cycle,
+        # freed only by a full collection (which then had hundreds of thousands of such objects to
+        # find). `satellites` reads the alerts once the slots are gone.
+        c._slots = {}

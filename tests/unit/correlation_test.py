@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -610,6 +611,23 @@ def test_expire_drops_clusters_that_fell_out_of_the_window() -> None:
     # its alert ids are forgotten too (memory stays bounded); the service's store catches replays
     clock.set(at(320))
     assert engine.ingest(old) == "C3"
+
+
+def test_an_expired_cluster_is_freed_without_the_cycle_collector_and_still_reads_whole() -> None:
+    engine, clock = make_engine()
+    feed(engine, clock, alert("SAT-1", "power", 0), alert("SAT-2", "power", 30), alert("SAT-1", "thermal", 40))
+    held = engine.require_cluster("C1")
+    gc.disable()  # reference counting alone must free it: no cycle through the engine's slots
+    try:
+        gc.collect()
+        assert engine.expire(at(400)) == ["C1"]
+        # what a caller holds still answers (from its alerts once the engine's indexes are gone)
+        assert held.satellites == ["SAT-1", "SAT-2"] and held.subsystems == ["power", "thermal"]
+        assert held.is_multi_satellite() and held.alert_count == 3
+        del held
+        assert gc.collect() == 0  # nothing was left for the cycle collector
+    finally:
+        gc.enable()
 
 
 def test_ingest_expires_old_clusters_as_time_passes() -> None:
