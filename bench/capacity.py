@@ -41,6 +41,7 @@ from typing import TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cleanup import cancel_on_sigterm  # type: ignore[import-not-found]  # sibling module
 from capacity_compute import (  # type: ignore[import-not-found]  # sibling script, not a package
     RESOURCES,
     STORAGE_CAPACITY_GB,
@@ -104,6 +105,7 @@ def _timed(fn: Callable[[], T], runs: int) -> tuple[float, T]:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    cancel_on_sigterm()
     n_sat = args.satellites or (100 if args.quick else 10_000)
     n_snap = args.snapshots or 720
     url = os.environ.get("AETHEROPS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

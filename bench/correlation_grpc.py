@@ -30,6 +30,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import nats
+from _cleanup import cancel_on_sigterm  # sibling module: scripts run as python bench/<name>.py
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aetherops.auth import write_token_file
@@ -200,6 +201,7 @@ async def _latency(
 
 
 async def main() -> None:
+    cancel_on_sigterm()
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3)

@@ -27,6 +27,7 @@ import time
 import uuid
 
 import asyncpg
+from _cleanup import cancel_on_sigterm  # sibling module: scripts run as python bench/<name>.py
 
 from aetherops.bus import Subjects
 from aetherops.clock import SystemClock
@@ -79,6 +80,7 @@ async def _run_one(service: RunbookService, index: int, timings: list[StepTiming
 
 
 async def main(executions: int) -> None:
+    cancel_on_sigterm()
     url = os.environ.get("AETHEROPS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     schema = "bench_runbook_" + uuid.uuid4().hex[:8]
     db = await Database.connect(url, schema, min_size=10, max_size=20)
