@@ -61,6 +61,23 @@ async def test_claiming_outbox_rows_reads_the_oldest_few_not_the_whole_backlog(d
     assert read <= 200, f"read {read} index entries to claim 100 of {ROWS} unpublished rows"
 
 
+async def test_pruning_reads_the_head_of_the_outbox_not_every_retained_event(db: Database) -> None:
+    # A week of published events, none old enough yet: the once-a-minute prune must not read them all.
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO outbox (event_id, subject, aggregate_id, payload, published_time)
+               SELECT gen_random_uuid(), 's', 'x', '\\x00', now() FROM generate_series(1, $1)""",
+            ROWS,
+        )
+    async with db.transaction() as conn:
+        fetched = "SELECT pg_stat_get_xact_tuples_fetched('outbox'::regclass)"
+        before_scans, before_fetched = await _seq_scans(conn, "outbox"), int(await conn.fetchval(fetched))
+        assert await outbox.prune_published(conn, 3600, limit=100) == 0
+        assert await _seq_scans(conn, "outbox") == before_scans
+        read = int(await conn.fetchval(fetched)) - before_fetched
+    assert read <= 200, f"read {read} rows of {ROWS} to find nothing to prune"
+
+
 async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Database) -> None:
     async with db.transaction() as conn:
         await conn.execute(
