@@ -2,7 +2,7 @@
 
 `Edge` wraps each business method handler, whatever its streaming shape: the
 wrapper refuses calls (UNAVAILABLE) until the service's component started, takes
-`x-tracking-id` from the metadata (or makes one), returns it in the initial
+`x-tracking-id` from the metadata (or makes one), returns it in the trailing
 metadata, runs the security gate (authenticate, authorize, rate limit) inside
 the call, and turns domain errors into statuses via servers.status.
 
@@ -43,16 +43,21 @@ def _tracking_from(context: grpc.aio.ServicerContext) -> str:
     return new_tracking_id()
 
 
-async def _begin(context: grpc.aio.ServicerContext) -> str:
+def _begin(context: grpc.aio.ServicerContext) -> str:
     tracking_id = _tracking_from(context)
     set_tracking_id(tracking_id)
-    await context.send_initial_metadata(((TRACKING_HEADER, tracking_id),))
+    # Trailing, not initial, metadata: it leaves with the status in the call's last batch. Sending
+    # initial metadata on its own is one more operation per call through grpc's completion queue and
+    # the event loop, which measured 15-25% of an IngestAlert's server CPU.
+    context.set_trailing_metadata(((TRACKING_HEADER, tracking_id),))
     return tracking_id
 
 
 async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException, tracking_id: str) -> None:
     if isinstance(exc, errors.AetherOpsError):
-        await context.abort_with_status(status_for(exc))
+        status = status_for(exc)
+        # An explicit trailing metadata replaces what the call set: keep the tracking id beside the details.
+        await context.abort(status.code, status.details, (*status.trailing_metadata, (TRACKING_HEADER, tracking_id)))
     if isinstance(exc, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
     log.error("unexpected error in %s (tracking id %s)", method, tracking_id, exc_info=exc)
@@ -181,9 +186,9 @@ def _wrap_unary(
     gate: SecurityGate | None,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tracking_id = _begin(context)
         if not is_ready(service):
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STARTING)
-        tracking_id = await _begin(context)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
@@ -212,9 +217,9 @@ def _wrap_stream(
     gate: SecurityGate | None,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        tracking_id = _begin(context)
         if not is_ready(service):
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STARTING)
-        tracking_id = await _begin(context)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:

@@ -125,7 +125,7 @@ class AetherOpsClient:
         call = method(request, timeout=self._timeout(timeout), metadata=self.config.metadata(sent))
         try:
             response = await call
-            self.last_tracking_id = echoed_tracking_id(await call.initial_metadata()) or sent
+            self.last_tracking_id = echoed_tracking_id(await call.trailing_metadata()) or sent
         except grpc.aio.AioRpcError as exc:
             self.last_tracking_id = sent
             raise from_rpc_error(exc, tracking_id=sent, method=method_name(method)) from None

@@ -183,16 +183,16 @@ def _details(call: Any) -> tuple[list[FieldViolation], float | None]:
 def from_rpc_error(error: grpc.RpcError, *, tracking_id: str = "", method: str = "") -> AetherOpsError:
     """The typed exception for a failed call (sync grpc.RpcError/grpc.Call or grpc.aio.AioRpcError).
 
-    The tracking id is the one the server echoed in its initial metadata, else
+    The tracking id is the one the server echoed in its trailing metadata, else
     the one the SDK sent (`tracking_id`).
     """
     call: Any = error
     code = call.code() if callable(getattr(call, "code", None)) else grpc.StatusCode.UNKNOWN
     message = call.details() if callable(getattr(call, "details", None)) else str(error)
     echoed = ""
-    if callable(getattr(call, "initial_metadata", None)):
+    if callable(getattr(call, "trailing_metadata", None)):
         try:
-            echoed = echoed_tracking_id(call.initial_metadata())
+            echoed = echoed_tracking_id(call.trailing_metadata())
         except Exception:
             echoed = ""  # some call objects cannot report metadata once failed locally
     violations, retry_after = _details(call)

@@ -110,7 +110,7 @@ class SyncAetherOpsClient:
         except grpc.RpcError as exc:
             self.last_tracking_id = sent
             raise from_rpc_error(exc, tracking_id=sent, method=method_name(method)) from None
-        self.last_tracking_id = echoed_tracking_id(call.initial_metadata()) or sent
+        self.last_tracking_id = echoed_tracking_id(call.trailing_metadata()) or sent
         return cast(R, response)  # the stub's declared response type (grpc itself is untyped here)
 
     def _stream(

@@ -344,15 +344,23 @@ async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings, c
         await asyncio.wait_for(stopping, 10)
 
 
-async def test_tracking_id_is_echoed(channel: grpc.aio.Channel) -> None:
+async def test_tracking_id_is_echoed_in_the_trailing_metadata(channel: grpc.aio.Channel) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     tracking = uuid.uuid4().hex
     call = stub.GetCluster(
         correlation_pb2.GetClusterRequest(cluster_id="missing"), metadata=(("x-tracking-id", tracking),)
     )
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
-    assert ("x-tracking-id", tracking) in tuple(await call.initial_metadata())
+    trailers = tuple(await call.trailing_metadata())
+    assert ("x-tracking-id", tracking) in trailers
+    # Beside the error's rich details, which an explicit status would otherwise replace.
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    # A call without one gets the id the server made up, on success too.
+    ok = stub.ListActiveClusters(correlation_pb2.ListActiveClustersRequest(page_size=1))
+    await ok
+    made_up = dict(tuple(await ok.trailing_metadata()))["x-tracking-id"]
+    assert len(made_up) == 32 and made_up != tracking
 
 
 async def test_postgres_unique_schema_isolation(pg_url: str, schema: str, db: Database) -> None:

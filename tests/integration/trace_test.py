@@ -84,7 +84,7 @@ async def test_one_tracking_id_from_ingest_to_trace(
         cpb.IngestAlertRequest(alert=alert), metadata=(("x-tracking-id", ingest_tracking),)
     )
     reply = await call
-    assert _tracking(await call.initial_metadata()) == ingest_tracking
+    assert _tracking(await call.trailing_metadata()) == ingest_tracking
     cluster_id = reply.cluster_id
     assert reply.cluster_opened
 

@@ -120,9 +120,10 @@ def test_unary_call_sends_tracking_id_token_and_default_deadline(
     assert request.cluster_id == "c-1"
     assert sent[TRACKING_HEADER] == "trk-42"
     assert sent["authorization"] == "Bearer s3cret"
-    rpc.send_initial_metadata(((TRACKING_HEADER, "trk-42"),))
     cluster = correlation_pb2.Cluster(cluster_id="c-1", status=correlation_pb2.CLUSTER_STATUS_OPEN)
-    rpc.terminate(correlation_pb2.GetClusterResponse(cluster=cluster), (), grpc.StatusCode.OK, "")
+    rpc.terminate(
+        correlation_pb2.GetClusterResponse(cluster=cluster), ((TRACKING_HEADER, "trk-42"),), grpc.StatusCode.OK, ""
+    )
     reply = future.result()
     assert reply.cluster.cluster_id == "c-1"
     assert client.last_tracking_id == "trk-42"
@@ -138,8 +139,8 @@ def test_tracking_id_is_generated_per_call_and_the_servers_is_kept(
         metadata, _, rpc = channel.inner.take_unary_unary(CAPACITY.methods_by_name["GetFleetRiskSummary"])
         sent = _meta(metadata)[TRACKING_HEADER]
         seen.append(sent)
-        rpc.send_initial_metadata(((TRACKING_HEADER, sent),))
-        rpc.terminate(capacity_pb2.GetFleetRiskSummaryResponse(satellite_count=3), (), grpc.StatusCode.OK, "")
+        reply = capacity_pb2.GetFleetRiskSummaryResponse(satellite_count=3)
+        rpc.terminate(reply, ((TRACKING_HEADER, sent),), grpc.StatusCode.OK, "")
         assert future.result().satellite_count == 3
         assert client.last_tracking_id == sent
     assert len(set(seen)) == 2 and all(len(t) == 32 for t in seen)
@@ -154,14 +155,16 @@ def test_invalid_argument_carries_field_violations_and_tracking_id(
     )
     metadata, request, rpc = channel.inner.take_unary_unary(CORRELATION.methods_by_name["IngestAlert"])
     assert request.alert.alert_id == "a-1" and request.alert.timestamp.seconds > 0
-    rpc.send_initial_metadata(((TRACKING_HEADER, _meta(metadata)[TRACKING_HEADER]),))
     bad = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field="alert.severity", description="must be 1-5"),
             error_details_pb2.BadRequest.FieldViolation(field="alert.message", description="too long"),
         ]
     )
-    trailers = _rich(code_pb2.INVALID_ARGUMENT, "alert.severity: must be 1-5", bad)
+    trailers = (
+        *_rich(code_pb2.INVALID_ARGUMENT, "alert.severity: must be 1-5", bad),
+        (TRACKING_HEADER, _meta(metadata)[TRACKING_HEADER]),
+    )
     rpc.terminate(None, trailers, grpc.StatusCode.INVALID_ARGUMENT, "alert.severity: must be 1-5")
     with pytest.raises(InvalidArgument) as caught:
         future.result()

@@ -47,10 +47,10 @@ test("GetFleetRiskSummary answers with groups and a compute time", async () => {
   const headers = new Headers();
   const summary = await clients.capacity.getFleetRiskSummary(
     {},
-    { headers: { "x-tracking-id": "ts-risk-1" }, onHeader: (h) => h.forEach((v, k) => headers.set(k, v)) },
+    { headers: { "x-tracking-id": "ts-risk-1" }, onTrailer: (h) => h.forEach((v, k) => headers.set(k, v)) },
   );
   assert.ok(summary.satelliteCount >= 0);
   assert.ok(Array.isArray(summary.groups));
   assert.ok(summary.computeTime, "compute_time is set");
-  assert.equal(headers.get("x-tracking-id"), "ts-risk-1", "the tracking id comes back in the response headers");
+  assert.equal(headers.get("x-tracking-id"), "ts-risk-1", "the tracking id comes back in the response trailers");
 });
