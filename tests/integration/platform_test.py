@@ -356,6 +356,7 @@ async def test_tracking_id_is_echoed_in_the_trailing_metadata(channel: grpc.aio.
     assert ("x-tracking-id", tracking) in trailers
     # Beside the error's rich details, which an explicit status would otherwise replace.
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert "grpc-status-details-bin" in dict(trailers)
     # A call without one gets the id the server made up, on success too.
     ok = stub.ListActiveClusters(correlation_pb2.ListActiveClustersRequest(page_size=1))
     await ok

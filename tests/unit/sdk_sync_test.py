@@ -147,6 +147,28 @@ def test_tracking_id_is_generated_per_call_and_the_servers_is_kept(
     assert channel.timeouts == [1.0, 1.0]
 
 
+def test_the_tracking_id_the_server_answers_with_wins_over_the_one_sent(
+    client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
+) -> None:
+    # The server replaces an id it refuses (over 128 characters) and answers with its own, in the trailers.
+    too_long = "t" * 200
+    future = _run(pool, lambda: client.get_cluster("c-1", tracking_id=too_long))
+    metadata, _, rpc = channel.inner.take_unary_unary(CORRELATION.methods_by_name["GetCluster"])
+    assert _meta(metadata)[TRACKING_HEADER] == too_long
+    reply = correlation_pb2.GetClusterResponse(cluster=correlation_pb2.Cluster(cluster_id="c-1"))
+    rpc.terminate(reply, ((TRACKING_HEADER, "srv-made-1"),), grpc.StatusCode.OK, "")
+    future.result()
+    assert client.last_tracking_id == "srv-made-1"
+
+    future = _run(pool, lambda: client.get_cluster("missing", tracking_id=too_long))
+    _, _, rpc = channel.inner.take_unary_unary(CORRELATION.methods_by_name["GetCluster"])
+    trailers = (*_rich(code_pb2.NOT_FOUND, "no such cluster"), (TRACKING_HEADER, "srv-made-2"))
+    rpc.terminate(None, trailers, grpc.StatusCode.NOT_FOUND, "no such cluster")
+    with pytest.raises(AetherOpsError) as caught:
+        future.result()
+    assert caught.value.tracking_id == "srv-made-2"
+
+
 def test_invalid_argument_carries_field_violations_and_tracking_id(
     client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
 ) -> None:
