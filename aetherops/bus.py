@@ -29,7 +29,7 @@ from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from aetherops.db import outbox
-from aetherops.db.pool import Database
+from aetherops.db.pool import Connection, Database
 from aetherops.errors import UnavailableError
 from aetherops.tracking import new_tracking_id, reset_tracking_id, set_tracking_id
 
@@ -220,8 +220,10 @@ class OutboxRelay:
         backoff = 0.1
         while True:
             try:
-                async with self._db.connection() as leader:
-                    await self._lead(leader)
+                # Its own connection, not a pooled one: the leader lock is session state and ends
+                # with it. Every relay statement runs on it in autocommit (see `aetherops.db.outbox`).
+                async with self._db.dedicated(outbox.RELAY_SETTINGS) as conn:
+                    await self._lead(conn)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep relaying through database or NATS outages
@@ -232,42 +234,36 @@ class OutboxRelay:
             else:
                 backoff = 0.1
 
-    async def _lead(self, leader: object) -> None:
+    async def _lead(self, conn: Connection) -> None:
         key = f"{self.LEADER_LOCK}.{self._db.schema}"
-        conn = leader
-        while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):  # type: ignore[attr-defined]
+        while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
             await self._wait(self._poll_interval_s * 4)
-        try:
+        backoff = 0.1
+        while True:
+            try:
+                sent = await self.drain_once(conn)
+            except (TimeoutError, NatsError, NatsTimeoutError, OSError) as exc:
+                self.failures += 1
+                log.warning("outbox relay: NATS publish failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             backoff = 0.1
-            while True:
-                try:
-                    sent = await self.drain_once()
-                except (TimeoutError, NatsError, NatsTimeoutError, OSError) as exc:
-                    self.failures += 1
-                    log.warning("outbox relay: NATS publish failed (%s); retrying in %.1fs", exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                backoff = 0.1
-                await self._refresh_stats()
-                if sent < self._batch_size:
-                    await self._prune()
-                    await self._wait(self._poll_interval_s)
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)  # type: ignore[attr-defined]
+            await self._refresh_stats(conn)
+            if sent < self._batch_size:
+                await self._prune(conn)
+                await self._wait(self._poll_interval_s)
 
-    async def _refresh_stats(self) -> None:
+    async def _refresh_stats(self, conn: Connection) -> None:
         now = time.monotonic()
         if now - self._stats_time < 1.0:
             return
         self._stats_time = now
-        async with self._db.connection() as conn:
-            count, oldest = await outbox.backlog(conn)
+        count, oldest = await outbox.backlog(conn)
         self.backlog = count
         self.oldest_age_s = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
 
-    async def _prune(self) -> int:
+    async def _prune(self, conn: Connection) -> int:
         """Deletes events published longer than the retention ago, at most once a minute and only
         when the backlog is drained (publishing comes first); returns how many went."""
         now = time.monotonic()
@@ -275,9 +271,8 @@ class OutboxRelay:
             return 0
         self._prune_time = now
         pruned = 0
-        while True:  # bounded chunks, one short transaction each
-            async with self._db.connection() as conn:
-                n = await outbox.prune_published(conn, self._retention_s, self.PRUNE_CHUNK)
+        while True:  # bounded chunks, each its own short transaction (autocommit)
+            n = await outbox.prune_published(conn, self._retention_s, self.PRUNE_CHUNK)
             pruned += n
             if n < self.PRUNE_CHUNK:
                 break
@@ -294,26 +289,22 @@ class OutboxRelay:
                 await self._wakeup.wait()
         self._wakeup.clear()
 
-    async def drain_once(self) -> int:
+    async def drain_once(self, conn: Connection) -> int:
         """Publishes one batch; returns how many rows it published. Raises on a NATS failure
-        (the transaction rolls back, nothing is marked, the same rows go again later)."""
-        async with self._db.transaction() as conn:
-            rows = await outbox.fetch_unpublished(conn, self._batch_size)
-            if not rows:
-                return 0
-            # Pipelined: every publish is written to the socket in order, then the acks are awaited.
-            acks = [
-                self._bus.js.publish_async(
-                    row.subject,
-                    row.payload,
-                    headers=_headers(self._bus.subjects, row),
-                )
-                for row in rows
-            ]
-            futures = [await a for a in acks]
-            async with asyncio.timeout(10.0):
-                await asyncio.gather(*futures)
-            await outbox.mark_published(conn, rows)
+        (nothing is marked, the same rows go again later; JetStream drops what it already has by
+        event id). `conn` is the leader's connection."""
+        rows = await outbox.fetch_unpublished(conn, self._batch_size)
+        if not rows:
+            return 0
+        # Pipelined: every publish is written to the socket in order, then the acks are awaited.
+        acks = [
+            self._bus.js.publish_async(row.subject, row.payload, headers=_headers(self._bus.subjects, row))
+            for row in rows
+        ]
+        futures = [await a for a in acks]
+        async with asyncio.timeout(10.0):
+            await asyncio.gather(*futures)
+        await outbox.mark_published(conn, rows)
         self.published_total += len(rows)
         return len(rows)
 

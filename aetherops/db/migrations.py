@@ -43,28 +43,25 @@ def load_migrations() -> list[Migration]:
 async def apply_migrations(db: Database) -> list[int]:
     """Applies the missing migrations; returns the versions applied by this call."""
     applied_now: list[int] = []
-    async with db.connection() as conn:
-        lock_key = f"aetherops.migrations.{db.schema}"
-        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
-        try:
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS schema_migrations (
-                       version integer PRIMARY KEY,
-                       name text NOT NULL,
-                       applied_time timestamptz NOT NULL DEFAULT now())"""
-            )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for migration in load_migrations():
-                if migration.version in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        migration.version,
-                        migration.name,
-                    )
-                applied_now.append(migration.version)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+    # A dedicated connection: the session lock ends with it, whatever happens on the way.
+    async with db.dedicated() as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"aetherops.migrations.{db.schema}")
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_time timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for migration in load_migrations():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            applied_now.append(migration.version)
     return applied_now

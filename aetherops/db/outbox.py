@@ -2,6 +2,9 @@
 
 Writers call `append` on the connection of their transaction; the relay in
 `aetherops.bus` reads unpublished rows in id order and marks them published.
+Only the relay that holds the leader lock reads and marks, so its rows need no
+row locks and its statements no transaction: it runs them in autocommit on its
+own connection, opened with `RELAY_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 import asyncpg
 
 __all__ = [
+    "RELAY_SETTINGS",
     "OutboxEvent",
     "OutboxRow",
     "append",
@@ -23,6 +28,14 @@ __all__ = [
     "new_event_id",
     "prune_published",
 ]
+
+
+RELAY_SETTINGS: Final = {"enable_sort": "off"}
+"""Session settings of the relay's connection. `fetch_unpublished` must walk the partial index in id
+order and stop at its limit. The planner cannot know how many rows are unpublished (the count
+swings by thousands within a second, between analyses), guesses few, and with sorting allowed
+reads and sorts the whole backlog on every claim: the relay falls further behind the more it is
+behind. Pruning reads the head of the table by id for the same reason."""
 
 
 def new_event_id() -> str:
@@ -43,8 +56,8 @@ class OutboxEvent:
 
 @dataclass(frozen=True)
 class OutboxRow:
-    """A claimed row. `location` is its physical address (ctid): stable while the claiming
-    transaction holds the row lock, and what `mark_published` updates by."""
+    """A fetched row. `location` is its physical address (ctid), what `mark_published` updates by:
+    only the relay updates unpublished rows, so it does not move in between."""
 
     id: int
     event_id: str
@@ -68,16 +81,11 @@ async def append(conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> Non
 
 
 async def fetch_unpublished(conn: asyncpg.Connection, limit: int) -> list[OutboxRow]:
-    """The oldest unpublished rows, locked so that another relay replica skips them. Call inside a
-    transaction (the row locks and the setting below last until it ends)."""
-    # Walk the partial index in id order and stop at `limit`. The planner cannot know how many rows
-    # are unpublished (the count swings by thousands within a second, between analyses), guesses
-    # few, and otherwise reads and sorts the whole backlog on every claim: the relay falls further
-    # behind the more it is behind.
-    await conn.execute("SET LOCAL enable_sort = off")
+    """The oldest unpublished rows, in id order. For the leader relay, on a connection opened with
+    `RELAY_SETTINGS` (elsewhere the plan may read the whole backlog)."""
     rows = await conn.fetch(
         """SELECT ctid, id, event_id, subject, aggregate_id, payload, tracking_id FROM outbox
-           WHERE published_time IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
+           WHERE published_time IS NULL ORDER BY id LIMIT $1""",
         limit,
     )
     return [
@@ -95,7 +103,7 @@ async def fetch_unpublished(conn: asyncpg.Connection, limit: int) -> list[Outbox
 
 
 async def mark_published(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> None:
-    """Stamps rows claimed by `fetch_unpublished` in the same transaction as published.
+    """Stamps rows returned by `fetch_unpublished` as published.
 
     By physical address: a TID scan whatever the planner knows. (`id = ANY($1)` with a few hundred
     ids makes a planner without statistics, as on a server with autovacuum off, read the whole table,
@@ -108,9 +116,10 @@ async def mark_published(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) ->
             [r.id for r in rows],
         )
         if int(status.split()[-1]) != len(rows):
-            # Never expected (the rows are locked): roll back, and they are published again (NATS
-            # deduplicates by event id) rather than left unmarked for ever.
-            raise RuntimeError(f"outbox: marked {status.split()[-1]} of {len(rows)} claimed rows")
+            # Never expected (only the leader relay touches unpublished rows). In a transaction it
+            # rolls back; either way the unmarked rows are published again (NATS deduplicates by
+            # event id) rather than left behind.
+            raise RuntimeError(f"outbox: marked {status.split()[-1]} of {len(rows)} fetched rows")
 
 
 async def prune_published(conn: asyncpg.Connection, retention_s: float, limit: int = 10_000) -> int:

@@ -2,13 +2,22 @@
 
 Every connection's search_path is the configured schema, so SQL names tables
 unqualified and tests isolate themselves with a schema each.
+
+Pooled connections carry no session state from one user to the next: nothing
+takes a session advisory lock, LISTENs or SETs a session setting on one. What
+needs session state (the outbox relay's leader lock, the migration lock) takes a
+`Database.dedicated` connection, which is closed afterwards. That is why a
+connection going back to the pool is not reset with a query: asyncpg's default
+reset (unlock all advisory locks, CLOSE ALL, UNLISTEN *, RESET ALL) is one more
+round trip on every release, and the correlation service releases a connection
+per group commit. An open transaction is still rolled back on release.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,6 +28,13 @@ from aetherops.errors import UnavailableError
 __all__ = ["Connection", "Database"]
 
 Connection = asyncpg.Connection
+
+_COMMAND_TIMEOUT_S = 60.0
+
+
+def _server_settings(schema: str) -> dict[str, str]:
+    return {"search_path": schema, "application_name": "aetherops"}
+
 
 # Acquiring may open a new connection: refused, timed out, or the server is starting or stopping.
 _CANNOT_CONNECT = (
@@ -44,6 +60,10 @@ def _jsonb_decode(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing beyond asyncpg's own rollback (see the module docstring)."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # JSON columns come back as Python objects, not strings. jsonb uses the binary format so
     # that COPY (binary) can write it too.
@@ -56,9 +76,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """A pool of connections to one schema of one PostgreSQL database."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: str, url: str, *, timeout_s: float = 5.0) -> None:
         self._pool = pool
         self.schema = schema
+        self._url = url
+        self._timeout_s = timeout_s
 
     @classmethod
     async def connect(
@@ -84,17 +106,44 @@ class Database:
                 min_size=min_size,
                 max_size=max_size,
                 timeout=timeout_s,
-                command_timeout=60,
-                server_settings={"search_path": schema, "application_name": "aetherops"},
+                command_timeout=_COMMAND_TIMEOUT_S,
+                server_settings=_server_settings(schema),
                 init=_init_connection,
+                reset=_keep_session,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
-        return cls(pool, schema)
+        return cls(pool, schema, url, timeout_s=timeout_s)
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
+
+    @asynccontextmanager
+    async def dedicated(self, settings: Mapping[str, str] | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of its own, outside the pool, closed on exit: for session state (advisory
+        locks, session settings such as `settings`), which then ends with it. Errors as `connection`."""
+        try:
+            conn = await asyncpg.connect(
+                self._url,
+                timeout=self._timeout_s,
+                command_timeout=_COMMAND_TIMEOUT_S,
+                server_settings={**_server_settings(self.schema), **(settings or {})},
+            )
+        except _CANNOT_CONNECT as exc:
+            raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
+        try:
+            await _init_connection(conn)
+            yield conn
+        except _CONNECTION_LOST as exc:
+            raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
+        finally:
+            try:
+                await asyncio.wait_for(conn.close(), self._timeout_s)
+            except BaseException as exc:
+                conn.terminate()  # server or network gone, or we are cancelled: drop the socket
+                if not isinstance(exc, Exception):
+                    raise
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

@@ -52,7 +52,8 @@ async def test_claiming_outbox_rows_reads_the_oldest_few_not_the_whole_backlog(d
                SELECT gen_random_uuid(), 's', 'x', '\\x00' FROM generate_series(1, $1)""",
             ROWS,
         )
-    async with db.transaction() as conn:
+    # On a connection like the relay's (its session settings make the plan).
+    async with db.dedicated(outbox.RELAY_SETTINGS) as conn, conn.transaction():
         returned = "SELECT pg_stat_get_xact_tuples_returned('outbox_unpublished'::regclass)"
         before = int(await conn.fetchval(returned))
         rows = await outbox.fetch_unpublished(conn, 100)

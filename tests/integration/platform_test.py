@@ -131,6 +131,53 @@ async def test_outbox_delivers_each_event_exactly_once_across_nats_restart(
         await nats_server.astop()
 
 
+async def test_a_dedicated_connection_keeps_its_session_state_to_itself(db: Database) -> None:
+    key = f"test.{uuid.uuid4().hex}"
+    async with db.dedicated({"enable_sort": "off"}) as conn:
+        assert await conn.fetchval("SHOW enable_sort") == "off"
+        assert await conn.fetchval("SHOW search_path") == db.schema
+        assert await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+        async with db.dedicated() as other:
+            assert not await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+    # Closed with it: the lock is free again, and pooled connections never saw the setting.
+    async with db.dedicated() as other:
+        assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+    assert await db.fetchval("SHOW enable_sort") == "on"
+
+
+async def test_a_second_relay_takes_over_when_the_leader_stops(db: Database, bus: Bus) -> None:
+    await bus.ensure_streams()
+    leader, standby = (OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.05) for _ in range(2))
+    leader_task = asyncio.create_task(leader.run())
+    standby_task: asyncio.Task[None] | None = None
+
+    def published(relay: OutboxRelay, n: int) -> Callable[[], Any]:
+        async def check() -> bool:
+            return relay.published_total == n
+
+        return check
+
+    try:
+        await _write_events(db, bus, 5)
+        leader.wake()
+        await eventually(published(leader, 5), what="the leader published")
+        standby_task = asyncio.create_task(standby.run())
+        await _write_events(db, bus, 5, start=5)
+        leader.wake()
+        await eventually(published(leader, 10), what="the leader published again")
+        assert standby.published_total == 0, "one relay at a time"
+        leader_task.cancel()
+        await asyncio.gather(leader_task, return_exceptions=True)
+        # The leader's lock ended with its connection: the standby takes over.
+        await _write_events(db, bus, 5, start=10)
+        await eventually(published(standby, 5), timeout_s=10, what="the standby took over")
+    finally:
+        for task in (leader_task, standby_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_published_events_past_retention_are_pruned_in_chunks_and_unpublished_never(
     db: Database, bus: Bus
 ) -> None:
