@@ -253,6 +253,8 @@ class IngestResult:
 
     `replay` means the alert id was already known: nothing changed and the other fields repeat the
     first outcome (`duplicate`/`duplicate_of` as it was then; `opened`/`root_cause_changed` False).
+    `membership_changed`: the cluster's `satellites` or `subsystems` changed (a satellite or
+    subsystem it did not have; always on `opened`), so a writer that stores them knows when to.
     """
 
     cluster_id: str
@@ -261,6 +263,7 @@ class IngestResult:
     root_cause_changed: bool = False
     duplicate_of: str | None = None
     replay: bool = False
+    membership_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +332,7 @@ class IncidentCluster:
     _dups: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (duplicate id, id it duplicates)
     _root_rank: tuple[int, float, int, str] | None = field(default=None, repr=False)
     _root_alert: Alert | None = field(default=None, repr=False)
+    _sorted_sats: list[str] = field(default_factory=list, repr=False)  # `satellites`, while as long as _slots
 
     @classmethod
     def restore(
@@ -373,8 +377,17 @@ class IncidentCluster:
 
     @property
     def satellites(self) -> list[str]:
-        """Distinct satellite ids, sorted."""
-        return sorted(self._slots) if self._slots else sorted({a.satellite_id for a in self.alerts})
+        """Distinct satellite ids, sorted (a new list)."""
+        slots = self._slots
+        if not slots:
+            return sorted({a.satellite_id for a in self.alerts})
+        # Sorted once per new satellite, not per call: a storm's incident spans hundreds of
+        # satellites and is written (and so asked) on every commit that touches it. Satellites are
+        # only ever added to `_slots` (it is replaced wholesale on restore and drop), so an equal
+        # length means the same set.
+        if len(self._sorted_sats) != len(slots):
+            self._sorted_sats = sorted(slots)
+        return list(self._sorted_sats)
 
     @property
     def subsystems(self) -> list[str]:
@@ -402,8 +415,8 @@ _RANK_NONE: Final = 0  # root-cause ranking unaffected
 _RANK_UNKNOWN: Final = 1  # a new unknown subsystem: compare it with the current root only
 _RANK_FULL: Final = 2  # re-rank every subsystem
 
-_Outcome = tuple[str, bool, str | None, bool, bool]
-"""(cluster id, opened, duplicate of, root cause changed, replay)."""
+_Outcome = tuple[str, bool, str | None, bool, bool, bool]
+"""(cluster id, opened, duplicate of, root cause changed, replay, membership changed)."""
 
 
 # ---- engine ----------------------------------------------------------------------------------
@@ -529,8 +542,8 @@ class CorrelationEngine:
 
     def ingest_detailed(self, alert: Alert) -> IngestResult:
         """Like `ingest`, saying also whether it opened a cluster, was a duplicate, moved the root cause."""
-        cid, opened, dup_of, root_changed, replay = self._ingest(alert)
-        return IngestResult(cid, dup_of is not None, opened, root_changed, dup_of, replay)
+        cid, opened, dup_of, root_changed, replay, grew = self._ingest(alert)
+        return IngestResult(cid, dup_of is not None, opened, root_changed, dup_of, replay, grew)
 
     def _ingest(self, alert: Alert) -> _Outcome:
         # The hot path: locals instead of attribute lookups, a tuple instead of a record, and the
@@ -621,11 +634,13 @@ class CorrelationEngine:
                         best_score, best, best_slot = s, c, None
 
         if best is None:
-            return self._open(alert, key, now_dt), True, None, False, False
+            return self._open(alert, key, now_dt), True, None, False, False, True
         if best_slot is None:
             best_slot = best._slots.get(sat)
+        # A satellite or a subsystem new to the cluster (the slot and the first-alert map say so).
+        grew = best_slot is None or key not in best._sub_first
         changed = self._add(best, best_slot, alert, key, slots)
-        return best.cluster_id, False, None, changed, False
+        return best.cluster_id, False, None, changed, False, grew
 
     def _replay(self, alert: Alert) -> _Outcome:
         """The first outcome of a known alert id: its cluster and what it duplicated.
@@ -640,10 +655,10 @@ class CorrelationEngine:
         for c in itertools.chain(near, self._clusters.values()):
             for dup, orig in c._dups:
                 if dup == aid:
-                    return c.cluster_id, False, orig, False, True
+                    return c.cluster_id, False, orig, False, True, False
             for a in c.alerts:
                 if a.alert_id == aid:
-                    return c.cluster_id, False, None, False, True
+                    return c.cluster_id, False, None, False, True, False
         raise AssertionError(f"alert id {aid!r} is remembered but in no cluster")  # pragma: no cover
 
     def _duplicate(self, alert: Alert, cluster: IncidentCluster, orig: Alert) -> _Outcome:
@@ -652,7 +667,7 @@ class CorrelationEngine:
         cluster.duplicate_count += 1
         cluster._dups.append((alert.alert_id, orig.alert_id))
         self._seen.add(alert.alert_id)
-        return cluster.cluster_id, False, orig.alert_id, False, False
+        return cluster.cluster_id, False, orig.alert_id, False, False, False
 
     def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
         """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late
@@ -906,7 +921,7 @@ class CorrelationEngine:
         c = cluster
         c.alerts = []
         c._first_epoch, c._last_epoch, c._max_sev, c._mask, c._bucket = math.inf, -math.inf, 0, 0, -1
-        c._sub_first, c._sub_last, c._slots, c._names, c._dups = {}, {}, {}, [], []
+        c._sub_first, c._sub_last, c._slots, c._names, c._dups, c._sorted_sats = {}, {}, {}, [], [], []
         c._root_rank = c._root_alert = None
         c._in_memory = True
         c._joinable = c.status is ClusterStatus.OPEN

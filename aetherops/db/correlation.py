@@ -208,10 +208,19 @@ def _cluster_values(c: ClusterRecord) -> tuple[Any, ...]:
 
 
 async def upsert_clusters(
-    conn: asyncpg.Connection, clusters: Sequence[ClusterRecord], new_ids: Collection[str] = ()
+    conn: asyncpg.Connection,
+    clusters: Sequence[ClusterRecord],
+    new_ids: Collection[str],
+    grown_ids: Collection[str],
 ) -> None:
     """Writes clusters: those in `new_ids` (opened in this batch, so not stored yet) with COPY,
-    the others with one UPDATE statement each, pipelined."""
+    the others with one UPDATE statement each, pipelined.
+
+    `satellites` and `subsystems` of an existing cluster are rewritten only if it is in `grown_ids`
+    (its lists changed). A storm's incident spans hundreds of satellites and changes with nearly
+    every commit, but its lists seldom do; encoding and storing them again each time was most of
+    the cost of writing it.
+    """
     new = [_cluster_values(c) for c in clusters if c.cluster_id in new_ids]
     changed = [c for c in clusters if c.cluster_id not in new_ids]
     if new:
@@ -219,30 +228,35 @@ async def upsert_clusters(
     if changed:
         await conn.executemany(
             """UPDATE clusters SET
-                status = $2, root_cause_alert_id = $3, root_cause_confidence = $4, satellites = $5,
-                subsystems = $6, max_severity = $7, first_alert_time = $8, last_alert_time = $9,
+                status = $2, root_cause_alert_id = $3, root_cause_confidence = $4,
+                satellites = CASE WHEN $15 THEN $5::text[] ELSE satellites END,
+                subsystems = CASE WHEN $15 THEN $6::text[] ELSE subsystems END,
+                max_severity = $7, first_alert_time = $8, last_alert_time = $9,
                 closed_time = $10, close_reason = $11, closed_by = $12, alert_count = $13, duplicate_count = $14
                WHERE cluster_id = $1""",
-            [
-                (
-                    c.cluster_id,
-                    c.status,
-                    c.root_cause_alert_id,
-                    c.root_cause_confidence,
-                    c.satellites,
-                    c.subsystems,
-                    c.max_severity,
-                    c.first_alert_time,
-                    c.last_alert_time,
-                    c.closed_time,
-                    c.close_reason,
-                    c.closed_by,
-                    c.alert_count,
-                    c.duplicate_count,
-                )
-                for c in changed
-            ],
+            [_update_values(c, c.cluster_id in grown_ids) for c in changed],
         )
+
+
+def _update_values(c: ClusterRecord, grown: bool) -> tuple[Any, ...]:
+    """Parameters of `upsert_clusters`' UPDATE; the lists go empty (and unused) unless `grown`."""
+    return (
+        c.cluster_id,
+        c.status,
+        c.root_cause_alert_id,
+        c.root_cause_confidence,
+        c.satellites if grown else [],
+        c.subsystems if grown else [],
+        c.max_severity,
+        c.first_alert_time,
+        c.last_alert_time,
+        c.closed_time,
+        c.close_reason,
+        c.closed_by,
+        c.alert_count,
+        c.duplicate_count,
+        grown,
+    )
 
 
 async def get_alerts(conn: asyncpg.Connection, cluster_ids: Sequence[str]) -> dict[str, list[Alert]]:

@@ -66,8 +66,8 @@ def record_of(cluster: IncidentCluster, *, with_alerts: bool = True) -> ClusterR
         status=cluster.status.name,
         root_cause_alert_id=cluster.root_cause,
         root_cause_confidence=cluster.root_cause_confidence,
-        satellites=list(cluster.satellites),
-        subsystems=list(cluster.subsystems),
+        satellites=cluster.satellites,  # new lists each
+        subsystems=cluster.subsystems,
         max_severity=cluster.max_severity,
         first_alert_time=cluster.first_alert_time,
         last_alert_time=cluster.last_alert_time,
@@ -174,10 +174,10 @@ class CorrelationService:
         try:
             async with self._db.transaction() as conn:
                 known = await repo.known_alerts(conn, [a.alert_id for a in alerts])
-                outcomes, rows, opened, records, events = self._correlate(alerts, known)
+                outcomes, rows, opened, grown, records, events = self._correlate(alerts, known)
                 if rows:
                     # Clusters first: alerts reference them.
-                    await repo.upsert_clusters(conn, records, opened)
+                    await repo.upsert_clusters(conn, records, opened, grown)
                     await repo.insert_alerts(conn, rows)
                     await outbox.append(conn, events)
         except BaseException:
@@ -193,11 +193,13 @@ class CorrelationService:
 
     def _correlate(
         self, alerts: list[Alert], known: dict[str, tuple[str, str | None]]
-    ) -> tuple[list[IngestOutcome], list[AlertRow], set[str], list[ClusterRecord], list[outbox.OutboxEvent]]:
-        """The engine's decisions for a batch, and what to write for them."""
+    ) -> tuple[list[IngestOutcome], list[AlertRow], set[str], set[str], list[ClusterRecord], list[outbox.OutboxEvent]]:
+        """The engine's decisions for a batch, and what to write for them: the outcomes, the alert rows,
+        the clusters opened and those whose satellites or subsystems changed, their records, the events."""
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
-        touched: dict[str, tuple[bool, list[str], bool]] = {}  # cluster -> (opened, added ids, root changed)
+        # cluster -> (opened, added ids, root changed, membership changed)
+        touched: dict[str, tuple[bool, list[str], bool, bool]] = {}
         # The same alert id twice in one batch (a retry racing its original): the repeat gets the
         # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
         in_batch: dict[str, IngestOutcome] = {}
@@ -217,10 +219,15 @@ class CorrelationService:
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
             rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
-            opened, added, root_changed = touched.get(result.cluster_id, (False, [], False))
+            opened, added, root_changed, grew = touched.get(result.cluster_id, (False, [], False, False))
             if not result.duplicate:
                 added.append(alert.alert_id)
-            touched[result.cluster_id] = (opened or result.opened, added, root_changed or result.root_cause_changed)
+            touched[result.cluster_id] = (
+                opened or result.opened,
+                added,
+                root_changed or result.root_cause_changed,
+                grew or result.membership_changed,
+            )
             outcome = IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
             in_batch[aid] = outcome
             outcomes.append(outcome)
@@ -228,17 +235,20 @@ class CorrelationService:
         records: list[ClusterRecord] = []
         events: list[outbox.OutboxEvent] = []
         opened_ids: set[str] = set()
-        for cid, (opened, added, root_changed) in touched.items():
+        grown_ids: set[str] = set()
+        for cid, (opened, added, root_changed, grew) in touched.items():
             cluster = self._engine.require_cluster(cid)
             record = record_of(cluster, with_alerts=False)
             records.append(record)
             root = cluster.root_cause_alert()
+            if grew:
+                grown_ids.add(cid)
             if opened:
                 opened_ids.add(cid)
                 events.append(self._event(IncidentEvent("opened", record, root, added, True), now))
             elif added or root_changed:
                 events.append(self._event(IncidentEvent("updated", record, root, added, root_changed), now))
-        return outcomes, rows, opened_ids, records, events
+        return outcomes, rows, opened_ids, grown_ids, records, events
 
     def _event(self, event: IncidentEvent, now: datetime) -> outbox.OutboxEvent:
         event_id = outbox.new_event_id()

@@ -164,6 +164,38 @@ async def test_unrelated_faults_stay_apart_and_duplicates_are_dropped(channel: g
     assert score.components.dependency > 0
 
 
+async def test_stored_satellites_and_subsystems_follow_the_incident_across_commits(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=120)
+
+    async def ingest(sat: str, subsystem: str, after_s: float) -> str:
+        reply = await stub.IngestAlert(
+            pb.IngestAlertRequest(alert=_alert(sat, subsystem, t0 + timedelta(seconds=after_s)))
+        )
+        assert not reply.duplicate
+        return str(reply.cluster_id)
+
+    async def stored(cluster_id: str) -> tuple[list[str], list[str], int]:
+        row = await db.fetchrow(
+            "SELECT satellites, subsystems, alert_count FROM clusters WHERE cluster_id = $1", cluster_id
+        )
+        assert row is not None
+        return list(row["satellites"]), list(row["subsystems"]), row["alert_count"]
+
+    cid = await ingest("SAT-4", "power", 0)
+    # Each call its own commit. The same satellite and subsystem again (past the dedupe window): the
+    # lists are not rewritten, and must not be lost either.
+    assert await ingest("SAT-4", "power", 70) == cid
+    assert await stored(cid) == (["SAT-4"], ["power"], 2)
+    assert await ingest("SAT-3", "thermal", 80) == cid
+    assert await ingest("SAT-4", "thermal", 90) == cid  # both known to the incident already
+    assert await stored(cid) == (["SAT-3", "SAT-4"], ["power", "thermal"], 4)
+    cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=cid))).cluster
+    assert list(cluster.satellite_ids) == ["SAT-3", "SAT-4"] and list(cluster.subsystems) == ["power", "thermal"]
+
+
 async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: grpc.aio.Channel, db: Database) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     bad = pb.Alert(alert_id="bad-1", satellite_id="", subsystem="", severity=9, timestamp=_ts(datetime.now(UTC)))

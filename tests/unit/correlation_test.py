@@ -307,6 +307,32 @@ def test_ingest_reports_root_cause_changes() -> None:
     assert not r4.root_cause_changed
 
 
+def test_ingest_says_when_the_incident_gains_a_satellite_or_subsystem() -> None:
+    engine, clock = make_engine()
+    clock.set(at(200))
+    opened = engine.ingest_detailed(alert("SAT-2", "power", 0))
+    again = engine.ingest_detailed(alert("SAT-2", "EPS", 90))  # the same subsystem, past the dedupe window
+    new_subsystem = engine.ingest_detailed(alert("SAT-2", "thermal", 100))
+    new_satellite = engine.ingest_detailed(alert("SAT-1", "thermal", 110))
+    known_pair = engine.ingest_detailed(alert("SAT-1", "power", 120))  # both already in the incident
+    dup = engine.ingest_detailed(alert("SAT-1", "power", 130))
+    assert {r.cluster_id for r in (opened, again, new_subsystem, new_satellite, known_pair, dup)} == {"C1"}
+    assert opened.membership_changed and new_subsystem.membership_changed and new_satellite.membership_changed
+    assert not again.membership_changed and not known_pair.membership_changed
+    assert dup.duplicate and not dup.membership_changed
+    cluster = engine.require_cluster("C1")
+    assert cluster.satellites == ["SAT-1", "SAT-2"] and cluster.subsystems == ["power", "thermal"]
+
+
+def test_satellites_stay_sorted_as_they_grow_and_callers_get_their_own_list() -> None:
+    engine, clock = make_engine(now=100)
+    feed(engine, clock, alert("SAT-5", "power", 0))
+    listed = engine.require_cluster("C1").satellites
+    listed.append("not a satellite")
+    feed(engine, clock, alert("SAT-9", "thermal", 10), alert("SAT-0", "propulsion", 20))
+    assert engine.require_cluster("C1").satellites == ["SAT-0", "SAT-5", "SAT-9"]
+
+
 def test_late_power_alert_takes_over_the_root_cause() -> None:
     engine, clock = make_engine(now=200)
     feed(engine, clock, alert("SAT-1", "thermal", 100), alert("SAT-1", "payload", 120))
