@@ -1,10 +1,19 @@
 """Group commit: concurrent callers share one transaction.
 
 Callers `submit` items and await their results; one worker takes everything
-queued (up to `max_batch`), hands the batch to `process`, and resolves every
-caller's future when the batch committed. While a transaction is in flight the
-next batch accumulates, so durability costs one commit per batch, not per item.
-A full queue refuses new work with ResourceExhaustedError instead of growing.
+queued (up to `max_batch`), and resolves every caller's future when the batch
+committed. While a transaction is in flight the next batch accumulates, so
+durability costs one commit per batch, not per item. A full queue refuses new
+work with ResourceExhaustedError instead of growing.
+
+A batch goes through two stages: `prepare` decides what to write (it may read
+the database but writes nothing) and `write` commits that and returns the
+results. Writes run one at a time, in batch order. Under bulk load (a full batch
+already waiting when a write starts) the next batch is prepared while the
+previous one is written, so the worker's CPU and the database work overlap;
+otherwise the next batch keeps filling until the write is done. If a write
+fails, a batch prepared during it is prepared again after it, so `prepare` must
+first bring its state back in line with what was committed.
 """
 
 from __future__ import annotations
@@ -14,16 +23,22 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aetherops.errors import ResourceExhaustedError, UnavailableError
 
 __all__ = ["GroupCommitter"]
 
 Item = TypeVar("Item")
+Plan = TypeVar("Plan")
 Result = TypeVar("Result")
 
 log = logging.getLogger("aetherops.batching")
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -35,22 +50,24 @@ class _Request(Generic[Item, Result]):
     future: asyncio.Future[list[Result]]
 
 
-class GroupCommitter(Generic[Item, Result]):
-    """Batches items from concurrent callers into calls of `process` (one transaction each).
+class GroupCommitter(Generic[Item, Plan, Result]):
+    """Batches items from concurrent callers into `prepare` and `write` calls (one transaction each).
 
-    `process(items)` returns one result per item, in order, or raises: then every
-    caller in that batch gets the exception.
+    `write(await prepare(items))` returns one result per item, in order, or either raises: then
+    every caller in that batch gets the exception.
     """
 
     def __init__(
         self,
-        process: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        prepare: Callable[[list[Item]], Awaitable[Plan]],
+        write: Callable[[Plan], Awaitable[Sequence[Result]]],
         *,
         max_batch: int = 2000,
         max_queue: int = 50_000,
         name: str = "group-commit",
     ) -> None:
-        self._process = process
+        self._prepare = prepare
+        self._write = write
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._name = name
@@ -121,32 +138,77 @@ class GroupCommitter(Generic[Item, Result]):
         return taken
 
     async def _run(self) -> None:
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = self._take()
-            items = [item for request in batch for item in request.items]
-            try:
-                results = await self._process(items)
-                if len(results) != len(items):
-                    raise RuntimeError(f"{len(results)} results for {len(items)} items")
-            except asyncio.CancelledError:
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(UnavailableError("server is shutting down"))
-                raise
-            except Exception as exc:
-                log.warning("%s: batch of %d failed: %s", self._name, len(items), exc)
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.items += len(items)
-            start = 0
-            for request in batch:
-                end = start + len(request.items)
-                if not request.future.done():
-                    request.future.set_result(list(results[start:end]))
-                start = end
+        writing: tuple[list[_Request[Item, Result]], asyncio.Task[Sequence[Result]]] | None = None
+        try:
+            while True:
+                if writing is not None and self._queued < self._max_batch:
+                    # Not bulk: let the next batch fill while this write finishes.
+                    await self._settle(*writing)
+                    writing = None
+                    continue
+                if writing is None and not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = self._take()
+                items = [item for request in batch for item in request.items]
+                try:
+                    plan = await self._prepare(items)
+                    if writing is not None:
+                        ok = await self._settle(*writing)
+                        writing = None
+                        if not ok:  # prepared on top of a batch that did not commit
+                            plan = await self._prepare(items)
+                except Exception as exc:
+                    self._fail(batch, exc)
+                    if writing is not None:
+                        await self._settle(*writing)
+                        writing = None
+                    continue
+                except asyncio.CancelledError:
+                    self._fail(batch, UnavailableError("server is shutting down"))
+                    raise
+                if self._queued >= self._max_batch:
+                    # Bulk: prepare the next batch while this one is written.
+                    writing = (batch, asyncio.ensure_future(self._write_all(plan, len(items))))
+                else:
+                    await self._settle(batch, self._write_all(plan, len(items)))
+        finally:
+            if writing is not None:
+                writing[1].cancel()
+                writing[1].add_done_callback(_retrieve)  # nobody awaits it any more
+                self._fail(writing[0], UnavailableError("server is shutting down"))
+
+    async def _write_all(self, plan: Plan, count: int) -> Sequence[Result]:
+        results = await self._write(plan)
+        if len(results) != count:
+            raise RuntimeError(f"{len(results)} results for {count} items")
+        return results
+
+    async def _settle(self, batch: list[_Request[Item, Result]], write: Awaitable[Sequence[Result]]) -> bool:
+        """Waits for a batch's write and answers its callers; True if it committed. Cancelling the
+        worker here cancels the write too."""
+        try:
+            results = await write
+        except asyncio.CancelledError:
+            self._fail(batch, UnavailableError("server is shutting down"))
+            raise
+        except Exception as exc:
+            log.warning("%s: batch of %d failed: %s", self._name, sum(len(r.items) for r in batch), exc)
+            self._fail(batch, exc)
+            return False
+        self.batches += 1
+        self.items += len(results)
+        start = 0
+        for request in batch:
+            end = start + len(request.items)
+            if not request.future.done():
+                request.future.set_result(list(results[start:end]))
+            start = end
+        return True
+
+    @staticmethod
+    def _fail(batch: list[_Request[Item, Result]], exc: BaseException) -> None:
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(exc)

@@ -178,6 +178,11 @@ class _Stream:
     open: bool = True  # an open bucket may hold points not stored yet
 
 
+async def _as_prepared(items: list[_Item]) -> list[_Item]:
+    """The committer's prepare stage: a snapshot batch is decided and written in one go."""
+    return items
+
+
 def _mission_json(entry: MissionScheduleEntry) -> dict[str, Any]:
     return {
         "mission_id": entry.mission_id,
@@ -235,8 +240,8 @@ class CapacityService:
         self._encode_alert = encode_alert
         self._clock = clock
         self._max_future_skew_s = max_future_skew_s
-        self._committer: GroupCommitter[_Item, SnapshotOutcome] = GroupCommitter(
-            self._commit_batch, max_batch=max_batch, name="capacity-ingest"
+        self._committer: GroupCommitter[_Item, list[_Item], SnapshotOutcome] = GroupCommitter(
+            _as_prepared, self._commit_batch, max_batch=max_batch, name="capacity-ingest"
         )
         # Unit of every stored series: the planner's, mirrored so validation needs no planner internals.
         self._units: dict[Key, str] = {}

@@ -2,14 +2,14 @@
 
 Ingestion goes through a group committer: concurrent alerts are correlated in
 memory in arrival order, then the alerts, the changed clusters and their
-events are written in one transaction before any caller is answered. If that
-transaction fails, the engine is rebuilt from PostgreSQL so memory never runs
-ahead of what is committed.
+events are written in one transaction before any caller is answered. Under bulk
+load the next batch is correlated while the previous one is written. If a write
+fails, the engine is rebuilt from PostgreSQL before the next batch, so memory
+never runs ahead of what is committed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +80,18 @@ def record_of(cluster: IncidentCluster, *, with_alerts: bool = True) -> ClusterR
     )
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A prepared batch: the outcomes to answer with once the rest is committed."""
+
+    outcomes: list[IngestOutcome]
+    rows: list[AlertRow]
+    opened: set[str]  # clusters opened by the batch (inserted)
+    grown: set[str]  # clusters whose satellites or subsystems changed
+    records: list[ClusterRecord]
+    events: list[outbox.OutboxEvent]
+
+
 def _root_alert(record: ClusterRecord) -> Alert | None:
     return next((a for a in record.alerts if a.alert_id == record.root_cause_alert_id), None)
 
@@ -107,8 +119,8 @@ class CorrelationService:
         self._clock = clock
         self._max_future_skew_s = max_future_skew_s
         self._stale = False  # the engine may hold decisions that were never committed
-        self._committer: GroupCommitter[Alert, IngestOutcome] = GroupCommitter(
-            self._commit_batch, max_batch=max_batch, name="correlation-ingest"
+        self._committer: GroupCommitter[Alert, _Batch, IngestOutcome] = GroupCommitter(
+            self._prepare_batch, self._write_batch, max_batch=max_batch, name="correlation-ingest"
         )
 
     @property
@@ -166,36 +178,41 @@ class CorrelationService:
         # The servicer builds alerts with the request's tracking id; only other paths need the copy.
         return alert if alert.tracking_id or not tracking_id else alert.with_tracking_id(tracking_id)
 
-    async def _commit_batch(self, alerts: list[Alert]) -> list[IngestOutcome]:
-        # One connection and one transaction for the whole batch: the replay lookup, then (after the
-        # engine decided in memory) the clusters, the alerts and their events.
-        if self._stale:
-            await self._restore()  # the last restore failed too (database away): try again first
+    async def _prepare_batch(self, alerts: list[Alert]) -> _Batch:
+        """The engine's decisions for a batch (in memory only), after the replay lookup. Runs while the
+        previous batch is being written (see `GroupCommitter`): its decisions build on that batch's."""
         try:
-            async with self._db.transaction() as conn:
-                known = await repo.known_alerts(conn, [a.alert_id for a in alerts])
-                outcomes, rows, opened, grown, records, events = self._correlate(alerts, known)
-                if rows:
-                    # Clusters first: alerts reference them.
-                    await repo.upsert_clusters(conn, records, opened, grown)
-                    await repo.insert_alerts(conn, rows)
-                    await outbox.append(conn, events)
-        except BaseException:
-            # Memory must not run ahead of what is committed. If the database is away the restore
-            # fails as well; the engine stays marked stale and the next batch restores first.
-            self._stale = True
-            with contextlib.suppress(Exception):
+            if self._stale:
+                # A batch did not commit (or the restore after it failed): memory may hold decisions
+                # PostgreSQL does not. Start again from what is committed.
                 await self._restore()
+            async with self._db.connection() as conn:
+                known = await repo.known_alerts(conn, [a.alert_id for a in alerts])
+            return self._correlate(alerts, known)
+        except BaseException:
+            self._stale = True  # the engine may have taken part of the batch
             raise
-        if rows:
-            self._relay.wake()
-        return outcomes
 
-    def _correlate(
-        self, alerts: list[Alert], known: dict[str, tuple[str, str | None]]
-    ) -> tuple[list[IngestOutcome], list[AlertRow], set[str], set[str], list[ClusterRecord], list[outbox.OutboxEvent]]:
-        """The engine's decisions for a batch, and what to write for them: the outcomes, the alert rows,
-        the clusters opened and those whose satellites or subsystems changed, their records, the events."""
+    async def _write_batch(self, batch: _Batch) -> list[IngestOutcome]:
+        """The clusters, the alerts and their events, in one transaction; the outcomes once committed."""
+        try:
+            if batch.rows:
+                async with self._db.transaction() as conn:
+                    # Clusters first: alerts reference them.
+                    await repo.upsert_clusters(conn, batch.records, batch.opened, batch.grown)
+                    await repo.insert_alerts(conn, batch.rows)
+                    await outbox.append(conn, batch.events)
+        except BaseException:
+            # Memory must not run ahead of what is committed: the next batch is prepared on a
+            # restored engine (this batch's decisions, and any taken on top of them, are dropped).
+            self._stale = True
+            raise
+        if batch.rows:
+            self._relay.wake()
+        return batch.outcomes
+
+    def _correlate(self, alerts: list[Alert], known: dict[str, tuple[str, str | None]]) -> _Batch:
+        """The engine's decisions for a batch, and what to write for them."""
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
         # cluster -> (opened, added ids, root changed, membership changed)
@@ -248,7 +265,7 @@ class CorrelationService:
                 events.append(self._event(IncidentEvent("opened", record, root, added, True), now))
             elif added or root_changed:
                 events.append(self._event(IncidentEvent("updated", record, root, added, root_changed), now))
-        return outcomes, rows, opened_ids, grown_ids, records, events
+        return _Batch(outcomes, rows, opened_ids, grown_ids, records, events)
 
     def _event(self, event: IncidentEvent, now: datetime) -> outbox.OutboxEvent:
         event_id = outbox.new_event_id()

@@ -196,6 +196,34 @@ async def test_stored_satellites_and_subsystems_follow_the_incident_across_commi
     assert list(cluster.satellite_ids) == ["SAT-3", "SAT-4"] and list(cluster.subsystems) == ["power", "thermal"]
 
 
+async def test_a_batch_that_fails_to_commit_leaves_no_trace_in_memory(channel: grpc.aio.Channel, db: Database) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    # The database refuses one alert: its batch's transaction fails after the engine took the alert.
+    await db.execute(
+        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.alert_id = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"""
+    )
+    await db.execute(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON alerts FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-P", "power", t0, alert_id="poison")))
+    assert await db.fetchval("SELECT count(*) FROM clusters") == 0
+    await db.execute("DROP TRIGGER refuse_poison ON alerts")
+    # Had the engine kept the refused alert's incident, this would join it (and fail: it was never
+    # stored). Rebuilt from what is committed, the engine opens a new one.
+    thermal = await stub.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-P", "thermal", t0 + timedelta(seconds=10)))
+    )
+    assert not thermal.duplicate
+    cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=thermal.cluster_id))).cluster
+    assert cluster.alert_count == 1 and list(cluster.subsystems) == ["thermal"]
+    # The refused alert may be sent again and is stored then.
+    again = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-P", "power", t0, alert_id="poison")))
+    assert again.cluster_id == thermal.cluster_id and not again.replay
+
+
 async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: grpc.aio.Channel, db: Database) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     bad = pb.Alert(alert_id="bad-1", satellite_id="", subsystem="", severity=9, timestamp=_ts(datetime.now(UTC)))

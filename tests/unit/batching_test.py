@@ -1,5 +1,6 @@
 """GroupCommitter: concurrent callers share batches, results come back in order, failures reach
-only the callers of the failed batch, and a full queue refuses work."""
+only the callers of the failed batch, a full queue refuses work, and under bulk load the next batch
+is prepared while the previous one is written (and prepared again if that write fails)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+async def _as_is(items: list[int]) -> list[int]:
+    return items
+
+
+def _committer(write: Recorder, **kw: int) -> GroupCommitter[int, list[int], int]:
+    return GroupCommitter(_as_is, write, **kw)
+
+
 async def _let_tasks_start() -> None:
     # Tasks made with ensure_future run to their first await in the loop's next iteration, before
     # this coroutine resumes: by then each has queued its items.
@@ -38,7 +47,7 @@ async def _let_tasks_start() -> None:
 
 async def test_callers_waiting_on_one_batch_share_the_next() -> None:
     rec = Recorder()
-    committer: GroupCommitter[int, int] = GroupCommitter(rec, max_batch=100)
+    committer = _committer(rec, max_batch=100)
     committer.start()
     try:
         rec.gate.clear()
@@ -61,7 +70,7 @@ async def test_callers_waiting_on_one_batch_share_the_next() -> None:
 
 async def test_submit_many_larger_than_a_batch_spans_batches_in_order() -> None:
     rec = Recorder()
-    committer: GroupCommitter[int, int] = GroupCommitter(rec, max_batch=4)
+    committer = _committer(rec, max_batch=4)
     committer.start()
     try:
         assert await committer.submit_many(list(range(10))) == [i * 10 for i in range(10)]
@@ -73,7 +82,7 @@ async def test_submit_many_larger_than_a_batch_spans_batches_in_order() -> None:
 
 async def test_a_failed_batch_fails_its_callers_only_and_the_worker_goes_on() -> None:
     rec = Recorder(poison=3)
-    committer: GroupCommitter[int, int] = GroupCommitter(rec, max_batch=2)
+    committer = _committer(rec, max_batch=2)
     committer.start()
     try:
         with pytest.raises(ValueError, match="bad item 3"):
@@ -85,7 +94,7 @@ async def test_a_failed_batch_fails_its_callers_only_and_the_worker_goes_on() ->
 
 async def test_a_full_queue_refuses_and_stop_fails_what_is_queued() -> None:
     rec = Recorder()
-    committer: GroupCommitter[int, int] = GroupCommitter(rec, max_batch=10, max_queue=5)
+    committer = _committer(rec, max_batch=10, max_queue=5)
     committer.start()
     rec.gate.clear()
     first = asyncio.ensure_future(committer.submit(0))
@@ -102,3 +111,94 @@ async def test_a_full_queue_refuses_and_stop_fails_what_is_queued() -> None:
         await first
     with pytest.raises(UnavailableError):
         await committer.submit(7)
+
+
+class Pipeline:
+    """A prepare and a write that log what they do; each write waits for its own release."""
+
+    def __init__(self, fail_write: int | None = None) -> None:
+        self.log: list[str] = []
+        self.fail_write = fail_write
+        self.releases: dict[int, asyncio.Event] = {}
+        self.writing: dict[int, asyncio.Event] = {}
+
+    async def prepare(self, items: list[int]) -> list[int]:
+        self.log.append(f"prepare {items[0]}")
+        return items
+
+    def release(self, first: int) -> None:
+        self.releases.setdefault(first, asyncio.Event()).set()
+
+    async def wait_writing(self, first: int) -> None:
+        await asyncio.wait_for(self.writing.setdefault(first, asyncio.Event()).wait(), 5)
+
+    async def write(self, items: list[int]) -> list[int]:
+        first = items[0]
+        self.log.append(f"write {first}")
+        self.writing.setdefault(first, asyncio.Event()).set()
+        await self.releases.setdefault(first, asyncio.Event()).wait()
+        if first == self.fail_write:
+            self.fail_write = None
+            raise ValueError(f"write {first} failed")
+        self.log.append(f"committed {first}")
+        return [i * 10 for i in items]
+
+
+async def test_under_bulk_load_the_next_batch_is_prepared_while_one_is_written() -> None:
+    p = Pipeline()
+    committer: GroupCommitter[int, list[int], int] = GroupCommitter(p.prepare, p.write, max_batch=2)
+    committer.start()
+    try:
+        results = asyncio.ensure_future(committer.submit_many([1, 2, 3, 4, 5, 6]))
+        await p.wait_writing(1)
+        await _let_tasks_start()
+        assert "prepare 3" in p.log and "committed 1" not in p.log, "batch 2 prepared while batch 1 is written"
+        p.release(1)
+        await p.wait_writing(3)
+        p.release(3)
+        p.release(5)
+        assert await results == [10, 20, 30, 40, 50, 60]
+        assert [e for e in p.log if not e.startswith("prepare")] == [
+            "write 1",
+            "committed 1",
+            "write 3",
+            "committed 3",
+            "write 5",
+            "committed 5",
+        ], "writes one at a time, in order"
+    finally:
+        await committer.stop()
+
+
+async def test_a_batch_prepared_during_a_failed_write_is_prepared_again() -> None:
+    p = Pipeline(fail_write=1)
+    committer: GroupCommitter[int, list[int], int] = GroupCommitter(p.prepare, p.write, max_batch=2)
+    committer.start()
+    try:
+        first = asyncio.ensure_future(committer.submit_many([1, 2]))
+        second = asyncio.ensure_future(committer.submit_many([3, 4]))
+        third = asyncio.ensure_future(committer.submit_many([5, 6]))
+        await p.wait_writing(1)
+        await _let_tasks_start()
+        p.release(1)
+        with pytest.raises(ValueError, match="write 1 failed"):
+            await first
+        p.release(3)
+        p.release(5)
+        assert await second == [30, 40] and await third == [50, 60]
+        # Prepared once while batch 1 was written, and again after that write failed.
+        again = p.log.index("prepare 3", p.log.index("write 1"))
+        assert p.log.count("prepare 3") == 2 and again < p.log.index("write 3")
+    finally:
+        await committer.stop()
+
+
+async def test_stop_during_a_pipelined_write_fails_its_callers() -> None:
+    p = Pipeline()
+    committer: GroupCommitter[int, list[int], int] = GroupCommitter(p.prepare, p.write, max_batch=2)
+    committer.start()
+    results = asyncio.ensure_future(committer.submit_many([1, 2, 3, 4, 5, 6]))
+    await p.wait_writing(1)
+    await committer.stop()
+    with pytest.raises(UnavailableError):
+        await results
