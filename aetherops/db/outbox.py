@@ -35,7 +35,7 @@ RELAY_SETTINGS: Final = {"enable_sort": "off"}
 order and stop at its limit. The planner cannot know how many rows are unpublished (the count
 swings by thousands within a second, between analyses), guesses few, and with sorting allowed
 reads and sorts the whole backlog on every claim: the relay falls further behind the more it is
-behind. Pruning reads the head of the table by id for the same reason."""
+behind."""
 
 
 def new_event_id() -> str:

@@ -4,8 +4,10 @@ Every connection's search_path is the configured schema, so SQL names tables
 unqualified and tests isolate themselves with a schema each.
 
 Pooled connections carry no session state from one user to the next: nothing
-takes a session advisory lock, LISTENs or SETs a session setting on one. What
-needs session state (the outbox relay's leader lock, the migration lock) takes a
+takes a session advisory lock, LISTENs or SETs a session setting on one. (The one
+exception is meant to outlive its user: the capacity repository's temp load table,
+emptied at every commit, which asyncpg's reset would not drop either.) What needs
+session state (the outbox relay's leader lock, the migration lock) takes a
 `Database.dedicated` connection, which is closed afterwards. That is why a
 connection going back to the pool is not reset with a query: asyncpg's default
 reset (unlock all advisory locks, CLOSE ALL, UNLISTEN *, RESET ALL) is one more
