@@ -321,8 +321,9 @@ MessageHandler = Callable[[Msg], Awaitable[None]]
 
 def _tracking_of(msg: Msg) -> str:
     value = (msg.headers or {}).get(HEADER_TRACKING_ID, "")
-    # The same bound the edge applies to x-tracking-id.
-    return value if 0 < len(value) <= 128 else new_tracking_id()
+    # The same bounds the edge applies to x-tracking-id (gRPC itself admits only printable ASCII
+    # in metadata); anything else is replaced, as a missing one is: it is stored with every row.
+    return value if 0 < len(value) <= 128 and value.isascii() and value.isprintable() else new_tracking_id()
 
 
 class DurableConsumer:

@@ -77,9 +77,11 @@ import numpy.typing as npt
 
 from aetherops.clock import Clock, SystemClock
 from aetherops.errors import ConfigError, FieldViolation, ValidationError
+from aetherops.text import id_problem, text_problem
 
 __all__ = [
     "CRITICAL_DAYS",
+    "MAX_DESCRIPTION_LEN",
     "WARNING_DAYS",
     "WATCH_DAYS",
     "CapacityPlanner",
@@ -110,6 +112,8 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 _US_PER_DAY = 86_400_000_000
+MAX_DESCRIPTION_LEN = 4096
+"""Longest mission description, in characters."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # z such that P(Z < z) = 0.9 for a standard normal: the P10/P90 half-width in standard errors.
 _Z90 = 1.2815515655446004
@@ -425,8 +429,9 @@ def validate_snapshot(
     """Every problem with one snapshot (empty list when it is fine). Stateless: unit consistency
     with already stored snapshots is checked by `CapacityPlanner`."""
     violations: list[FieldViolation] = []
-    if not isinstance(snapshot.satellite_id, str) or not snapshot.satellite_id.strip():
-        violations.append(FieldViolation("snapshot.satellite_id", "must not be empty"))
+    problem = id_problem(snapshot.satellite_id)
+    if problem is not None:
+        violations.append(FieldViolation("snapshot.satellite_id", problem))
     if _coerce_resource(snapshot.resource_type) is None:
         violations.append(FieldViolation("snapshot.resource_type", f"unknown resource type {snapshot.resource_type!r}"))
     if not _is_real(snapshot.value):
@@ -442,18 +447,22 @@ def validate_snapshot(
         violations.append(FieldViolation("snapshot.timestamp", "must be timezone-aware"))
     elif (ts - now).total_seconds() > max_future_skew_s:
         violations.append(FieldViolation("snapshot.timestamp", f"is more than {max_future_skew_s:g} s in the future"))
-    if not isinstance(snapshot.unit, str) or not snapshot.unit.strip():
-        violations.append(FieldViolation("snapshot.unit", "must not be empty"))
+    problem = id_problem(snapshot.unit)
+    if problem is not None:
+        violations.append(FieldViolation("snapshot.unit", problem))
     return violations
 
 
 def validate_mission(entry: MissionScheduleEntry) -> list[FieldViolation]:
     """Every problem with one mission (empty list when it is fine)."""
     violations: list[FieldViolation] = []
-    if not isinstance(entry.mission_id, str) or not entry.mission_id.strip():
-        violations.append(FieldViolation("mission.mission_id", "must not be empty"))
-    if not isinstance(entry.satellite_id, str) or not entry.satellite_id.strip():
-        violations.append(FieldViolation("mission.satellite_id", "must not be empty"))
+    for name in ("mission_id", "satellite_id"):
+        problem = id_problem(getattr(entry, name))
+        if problem is not None:
+            violations.append(FieldViolation(f"mission.{name}", problem))
+    problem = text_problem(entry.description, MAX_DESCRIPTION_LEN)
+    if problem is not None:
+        violations.append(FieldViolation("mission.description", problem))
     times_ok = True
     for name, when in (("start_time", entry.start_time), ("end_time", entry.end_time)):
         if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:

@@ -69,6 +69,7 @@ from typing import Final
 from aetherops.clock import Clock, SystemClock
 from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
 from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH, DependencyGraph, normalize_name
+from aetherops.text import NUL_PROBLEM, id_problem, text_problem
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
@@ -193,9 +194,9 @@ def validate_alert(
     f = field_prefix + "."
     out: list[FieldViolation] = []
     for name in ("alert_id", "satellite_id", "subsystem"):
-        value = getattr(alert, name)
-        if not isinstance(value, str) or not value.strip():
-            out.append(FieldViolation(f + name, "required: must not be empty"))
+        problem = id_problem(getattr(alert, name))
+        if problem is not None:
+            out.append(FieldViolation(f + name, problem))
     sev = alert.severity
     if isinstance(sev, bool) or not isinstance(sev, int) or not 1 <= sev <= 5:
         out.append(FieldViolation(f + "severity", f"must be an integer between 1 and 5, got {sev!r}"))
@@ -212,10 +213,12 @@ def validate_alert(
                     f + "timestamp", f"is {ahead:.0f} s in the future; at most {max_future_skew_s:g} s of skew allowed"
                 )
             )
-    if len(alert.message) > max_message_len:
-        out.append(
-            FieldViolation(f + "message", f"at most {max_message_len} characters allowed, got {len(alert.message)}")
-        )
+    problem = text_problem(alert.message, max_message_len)
+    if problem is not None:
+        out.append(FieldViolation(f + "message", problem))
+    # Set by the edge or a NATS header, not by the alert's sender, but stored beside it all the same.
+    if "\x00" in alert.tracking_id:
+        out.append(FieldViolation(f + "tracking_id", NUL_PROBLEM))
     labels = alert.labels
     if len(labels) > max_labels:
         out.append(FieldViolation(f + "labels", f"at most {max_labels} labels allowed, got {len(labels)}"))
@@ -224,10 +227,14 @@ def validate_alert(
             out.append(FieldViolation(f + "labels", "label keys must not be empty"))
         elif len(key) > max_label_len:
             out.append(FieldViolation(f + "labels", f"label key {key[:32]!r}… longer than {max_label_len} characters"))
+        elif "\x00" in key:
+            out.append(FieldViolation(f + "labels", f"label key {key[:32]!r} {NUL_PROBLEM}"))
         if len(value) > max_label_len:
             out.append(
                 FieldViolation(f + "labels", f"value of label {key[:32]!r} longer than {max_label_len} characters")
             )
+        elif "\x00" in value:
+            out.append(FieldViolation(f + "labels", f"value of label {key[:32]!r} {NUL_PROBLEM}"))
     return out
 
 

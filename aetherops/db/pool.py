@@ -1,4 +1,5 @@
-"""The asyncpg connection pool, bound to one schema, and its error translation.
+"""The asyncpg connection pool, bound to one schema, and its error translation (an unreachable
+server is UnavailableError, text it cannot store is ValidationError).
 
 Every connection's search_path is the configured schema, so SQL names tables
 unqualified and tests isolate themselves with a schema each.
@@ -25,7 +26,8 @@ from typing import Any
 
 import asyncpg
 
-from aetherops.errors import UnavailableError
+from aetherops.errors import UnavailableError, ValidationError
+from aetherops.text import NUL_PROBLEM
 
 __all__ = ["Connection", "Database"]
 
@@ -52,6 +54,18 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
 )
+
+# Text the database cannot store: NUL in `text` (22021), `\u0000` in `jsonb` (22P05). The validators
+# of batched writes refuse it up front (see `aetherops.text`); what still gets here is a caller's
+# value used in a single statement (a looked-up id, a filter, a request id), so it is their error.
+_UNSTORABLE_TEXT = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,
+    asyncpg.exceptions.UntranslatableCharacterError,
+)
+
+
+def _unstorable(exc: Exception) -> ValidationError:
+    return ValidationError.single("request", f"text {NUL_PROBLEM} (PostgreSQL: {exc})")
 
 
 def _jsonb_encode(value: Any) -> bytes:
@@ -139,6 +153,8 @@ class Database:
             yield conn
         except _CONNECTION_LOST as exc:
             raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
+        except _UNSTORABLE_TEXT as exc:
+            raise _unstorable(exc) from exc
         finally:
             try:
                 await asyncio.wait_for(conn.close(), self._timeout_s)
@@ -165,6 +181,8 @@ class Database:
             yield conn
         except _CONNECTION_LOST as exc:
             raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
+        except _UNSTORABLE_TEXT as exc:
+            raise _unstorable(exc) from exc
         finally:
             await self._pool.release(conn)
 

@@ -107,6 +107,26 @@ async def test_bad_snapshot_reports_every_violation_and_stores_nothing(
     assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 0
 
 
+async def test_text_postgresql_cannot_store_is_refused_and_spoils_no_batch(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    # NUL in text fails a PostgreSQL statement: found only there, it failed every snapshot of the batch.
+    now = datetime.now(UTC)
+    reply = await ingest(stub, [snap("SAT-1", FUEL, now, 5.0), snap("SAT-\x00", FUEL, now, 5.0)])
+    assert (reply.accepted, reply.rejected) == (1, 1)
+    assert reply.rejections[0].index == 1 and reply.rejections[0].problems[0].field == "snapshot.satellite_id"
+    for request in (
+        pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, now, 4.0, unit="k\x00g")),
+        pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, now, 4.0), request_id="r\x00"),
+        pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, now, 4.0), request_id="r" * 257),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.IngestSnapshot(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert set(violations(caught.value)) <= {"snapshot.unit", "request_id"}
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 1
+
+
 async def test_unit_must_stay_the_same_for_a_series(stub: capacity_pb2_grpc.CapacityServiceStub, db: Database) -> None:
     now = datetime.now(UTC)
     await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-1", FUEL, now - timedelta(hours=1), 5.0)))

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _poll import eventually
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -252,6 +253,49 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     assert await db.fetchval("SELECT count(*) FROM clusters") == 0
 
 
+async def test_text_postgresql_cannot_store_is_refused_by_field_and_spoils_no_batch(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    # PostgreSQL refuses NUL in text. Found only there, it failed the whole group commit: every
+    # caller sharing the batch got INTERNAL (and a NATS redelivery repeated it).
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    poisoned = _alert("SAT-N", "power", t0)
+    poisoned.message = "bus \x00 undervoltage"
+    good = _alert("SAT-N", "thermal", t0)
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alerts=[good, poisoned])  # one message: one batch
+
+    reply = await stub.IngestAlerts(requests())
+    assert (reply.accepted, reply.rejected) == (1, 1)
+    assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(1, "alert.message")]
+    assert "NUL" in reply.rejections[0].problems[0].description
+
+    for field in ("alert_id", "satellite_id", "subsystem"):
+        bad = _alert("SAT-N", "adcs", t0)
+        setattr(bad, field, getattr(bad, field) + "\x00")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.IngestAlert(pb.IngestAlertRequest(alert=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "NUL" in _violations(err.value)[f"alert.{field}"]
+    labelled = _alert("SAT-N", "adcs", t0)
+    labelled.labels["bus"] = "A\x00"
+    too_long = _alert("SAT-N", "adcs", t0, alert_id="a" * 257)
+    for bad in (labelled, too_long):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.IngestAlert(pb.IngestAlertRequest(alert=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A value that only a lookup uses reaches PostgreSQL: still the caller's error, not INTERNAL.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetCluster(pb.GetClusterRequest(cluster_id="c\x00"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request" in _violations(err.value)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListAlerts(pb.ListAlertsRequest(cluster_id="c\x00"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await db.fetchval("SELECT array_agg(alert_id) FROM alerts") == [good.alert_id]
+
+
 async def test_bulk_stream_reports_bad_alerts_and_ingests_the_rest(channel: grpc.aio.Channel, db: Database) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=1500)
@@ -329,3 +373,38 @@ async def test_alerts_from_nats_take_the_same_path(server: Any, channel: grpc.ai
     cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=event.cluster.cluster_id))).cluster
     assert [a.alert_id for a in cluster.alerts] == [alert.alert_id]
     watch.cancel()
+
+
+async def test_an_alert_from_nats_that_cannot_be_stored_is_dropped_not_redelivered(
+    server: Any, channel: grpc.aio.Channel, bus: Bus, db: Database
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    watch = stub.WatchClusters(pb.WatchClustersRequest(satellite_ids=["SAT-43"]))
+    first_event = asyncio.ensure_future(watch.read())
+    t0 = datetime.now(UTC) - timedelta(seconds=5)
+    poisoned = _alert("SAT-43", "adcs", t0)
+    poisoned.labels["axis"] = "z\x00"
+    # A tracking id header that could not be stored either is replaced, as a missing one is.
+    await bus.js.publish(
+        bus.subjects.alerts_ingest, poisoned.SerializeToString(), headers={"Aetherops-Tracking-Id": "t\x01"}
+    )
+    good = _alert("SAT-43", "power", t0)
+    await bus.js.publish(
+        bus.subjects.alerts_ingest, good.SerializeToString(), headers={"Aetherops-Tracking-Id": "t\x01"}
+    )
+    event = await asyncio.wait_for(first_event, 15)
+    assert event.cluster.root_cause_alert_id == good.alert_id
+    watch.cancel()
+    stream = bus.subjects.stream_for(bus.subjects.alerts_ingest)
+
+    async def settled() -> bool:
+        info = await bus.js.consumer_info(stream, "correlation-alerts")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    # Both acknowledged: the refused one is not coming back to spoil later batches.
+    await eventually(settled, what="both alert messages acknowledged")
+    info = await bus.js.consumer_info(stream, "correlation-alerts")
+    assert info.num_redelivered == 0
+    rows = await db.fetch("SELECT alert_id, tracking_id FROM alerts WHERE satellite_id = 'SAT-43'")
+    assert [r["alert_id"] for r in rows] == [good.alert_id]
+    assert len(rows[0]["tracking_id"]) == 32  # a fresh one, not the unprintable header

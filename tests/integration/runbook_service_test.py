@@ -98,12 +98,24 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
     ):
         assert await code_of(call) == grpc.StatusCode.NOT_FOUND
     assert await code_of(op.GetExecutionStatus(pb.GetExecutionStatusRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+    # Text PostgreSQL cannot store (NUL) is the caller's error wherever it arrives, never INTERNAL.
+    nul_name = simple("nul")
+    nul_name.name = "Simple\x00"
+    nul_variable = pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S\x00"}))
+    for call in (
+        stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=nul_name)),
+        stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple("nul"), request_id="r\x00")),
+        op.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id="e\x00")),
+    ):
+        assert await code_of(call) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await db.fetchval("SELECT count(*) FROM runbooks") == 0
 
     await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True)))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "variables.sat" in violations(err.value)
 
+    assert await code_of(op.StartExecution(nul_variable)) == grpc.StatusCode.INVALID_ARGUMENT
     started = await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S1"})))
     eid = started.execution.execution_id
     approve = pb.ApproveStepRequest(execution_id=eid, step_id="two")

@@ -202,6 +202,14 @@ def test_validate_snapshot_reports_every_violation() -> None:
         assert len(got) == 1 and text in got[0].description
     not_dt = ResourceSnapshot("s", FUEL, "yesterday", 1.0, "kg")  # type: ignore[arg-type]
     assert [v.field for v in validate_snapshot(not_dt, now=now)] == ["snapshot.timestamp"]
+    # Text PostgreSQL cannot store, and ids longer than an index key should be, are refused by field.
+    nul = ResourceSnapshot("S\x00", FUEL, now, 1.0, "k\x00g")
+    assert [(v.field, "NUL" in v.description) for v in validate_snapshot(nul, now=now)] == [
+        ("snapshot.satellite_id", True),
+        ("snapshot.unit", True),
+    ]
+    long_id = ResourceSnapshot("s" * 257, FUEL, now, 1.0, "kg")
+    assert [v.field for v in validate_snapshot(long_id, now=now)] == ["snapshot.satellite_id"]
 
 
 def test_validate_mission() -> None:
@@ -218,6 +226,14 @@ def test_validate_mission() -> None:
     ]
     naive = MissionScheduleEntry("m", "s", datetime(2026, 1, 1), day(2))
     assert [v.field for v in validate_mission(naive)] == ["mission.start_time"]
+    nul = MissionScheduleEntry("m\x00", "s\x00", day(1), day(2), description="burn \x00")
+    assert [v.field for v in validate_mission(nul)] == [
+        "mission.mission_id",
+        "mission.satellite_id",
+        "mission.description",
+    ]
+    wordy = MissionScheduleEntry("m", "s", day(1), day(2), description="x" * 4097)
+    assert [v.field for v in validate_mission(wordy)] == ["mission.description"]
     # The stored impacts are a read-only copy.
     impacts = {FUEL: 1.0}
     entry = MissionScheduleEntry("m", "s", day(1), day(2), impacts)

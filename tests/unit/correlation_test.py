@@ -786,6 +786,36 @@ def test_validation_of_timestamps_severity_and_labels() -> None:
     assert [v.field for v in tight] == ["alerts[3].timestamp", "alerts[3].message", "alerts[3].labels"]
 
 
+def test_validation_refuses_text_postgresql_cannot_store() -> None:
+    # NUL in any stored string would fail the whole group commit in PostgreSQL; ids are index keys.
+    nul = Alert(
+        alert_id="a\x00",
+        satellite_id="SAT\x00",
+        subsystem="power\x00",
+        severity=3,
+        timestamp=at(0),
+        message="bus \x00 undervoltage",
+        labels={"k\x00": "v", "ok": "v\x00"},
+        tracking_id="t\x00",
+    )
+    problems = validate_alert(nul, now=at(0))
+    assert [v.field for v in problems] == [
+        "alert.alert_id",
+        "alert.satellite_id",
+        "alert.subsystem",
+        "alert.message",
+        "alert.tracking_id",
+        "alert.labels",
+        "alert.labels",
+    ]
+    assert all("NUL" in v.description for v in problems)
+    long_ids = Alert("a" * 257, "S" * 257, "p" * 257, 3, at(0))
+    assert [v.description for v in validate_alert(long_ids, now=at(0))] == [
+        "at most 256 characters allowed, got 257"
+    ] * 3
+    assert validate_alert(Alert("a" * 256, "S" * 256, "p" * 256, 3, at(0)), now=at(0)) == []
+
+
 # ---- records -------------------------------------------------------------------------------
 
 

@@ -77,6 +77,8 @@ Global___RiskLevel: _TypeAlias = RiskLevel  # noqa: Y015
 
 @_typing.final
 class ResourceSnapshot(_message.Message):
+    """One reading of one resource. Ids and units: at most 256 characters, no NUL."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SATELLITE_ID_FIELD_NUMBER: _builtins.int
@@ -137,6 +139,8 @@ Global___ResourceImpact: _TypeAlias = ResourceImpact  # noqa: Y015
 
 @_typing.final
 class ScheduledMission(_message.Message):
+    """Ids: at most 256 characters, no NUL."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MISSION_ID_FIELD_NUMBER: _builtins.int
@@ -148,6 +152,7 @@ class ScheduledMission(_message.Message):
     mission_id: _builtins.str
     satellite_id: _builtins.str
     description: _builtins.str
+    """At most 4096 characters."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property

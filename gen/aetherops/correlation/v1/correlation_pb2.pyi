@@ -66,7 +66,9 @@ Global___ClusterEventType: _TypeAlias = ClusterEventType  # noqa: Y015
 
 @_typing.final
 class Alert(_message.Message):
-    """An alert raised by a satellite subsystem."""
+    """An alert raised by a satellite subsystem. No string may contain NUL (U+0000):
+    PostgreSQL cannot store it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -99,7 +101,9 @@ class Alert(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACKING_ID_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
-    """Unique id chosen by the sender; the idempotency key of ingestion."""
+    """Unique id chosen by the sender; the idempotency key of ingestion. At most
+    256 characters, as are satellite_id and subsystem.
+    """
     satellite_id: _builtins.str
     """Satellite that raised the alert, e.g. "SAT-001"."""
     subsystem: _builtins.str

@@ -15,6 +15,8 @@ import type { Rejection } from "../../common/v1/common_pb.js";
 export declare const file_aetherops_capacity_v1_capacity: GenFile;
 
 /**
+ * One reading of one resource. Ids and units: at most 256 characters, no NUL.
+ *
  * @generated from message aetherops.capacity.v1.ResourceSnapshot
  */
 export declare type ResourceSnapshot = Message<"aetherops.capacity.v1.ResourceSnapshot"> & {
@@ -80,6 +82,8 @@ export declare type ResourceImpact = Message<"aetherops.capacity.v1.ResourceImpa
 export declare const ResourceImpactSchema: GenMessage<ResourceImpact>;
 
 /**
+ * Ids: at most 256 characters, no NUL.
+ *
  * @generated from message aetherops.capacity.v1.ScheduledMission
  */
 export declare type ScheduledMission = Message<"aetherops.capacity.v1.ScheduledMission"> & {
@@ -111,6 +115,8 @@ export declare type ScheduledMission = Message<"aetherops.capacity.v1.ScheduledM
   resourceImpacts: ResourceImpact[];
 
   /**
+   * At most 4096 characters.
+   *
    * @generated from field: string description = 6;
    */
   description: string;

@@ -15,13 +15,15 @@ import type { Rejection } from "../../common/v1/common_pb.js";
 export declare const file_aetherops_correlation_v1_correlation: GenFile;
 
 /**
- * An alert raised by a satellite subsystem.
+ * An alert raised by a satellite subsystem. No string may contain NUL (U+0000):
+ * PostgreSQL cannot store it.
  *
  * @generated from message aetherops.correlation.v1.Alert
  */
 export declare type Alert = Message<"aetherops.correlation.v1.Alert"> & {
   /**
-   * Unique id chosen by the sender; the idempotency key of ingestion.
+   * Unique id chosen by the sender; the idempotency key of ingestion. At most
+   * 256 characters, as are satellite_id and subsystem.
    *
    * @generated from field: string alert_id = 1;
    */

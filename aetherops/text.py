@@ -1,0 +1,39 @@
+"""What text the services accept for storage: identifiers and free text that PostgreSQL can hold.
+
+PostgreSQL's `text` and `jsonb` cannot hold the NUL character (U+0000), which protobuf strings,
+JSON and NATS headers carry happily. Found only by the database, such a value fails the whole
+statement; in a group commit that is every caller's batch, and a NATS redelivery repeats it. So
+the validators of everything that is written in batches (alerts, snapshots, missions) refuse it
+up front, with the field named, and `aetherops.db.pool` turns what still reaches the database
+into a validation error. Identifiers are also bounded: they are keys of B-tree indexes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MAX_ID_LEN", "NUL_PROBLEM", "id_problem", "text_problem"]
+
+MAX_ID_LEN = 256
+"""Longest identifier (alert, satellite, subsystem, mission id) in characters."""
+
+NUL_PROBLEM = "must not contain NUL (U+0000) characters"
+
+
+def id_problem(value: object) -> str | None:
+    """Why `value` is not a usable identifier (None when it is): a non-blank string of at most
+    MAX_ID_LEN characters without NUL."""
+    if not isinstance(value, str) or not value.strip():
+        return "required: must not be empty"
+    if len(value) > MAX_ID_LEN:
+        return f"at most {MAX_ID_LEN} characters allowed, got {len(value)}"
+    if "\x00" in value:
+        return NUL_PROBLEM
+    return None
+
+
+def text_problem(value: str, max_len: int) -> str | None:
+    """Why free text (which may be empty) cannot be stored (None when it can)."""
+    if len(value) > max_len:
+        return f"at most {max_len} characters allowed, got {len(value)}"
+    if "\x00" in value:
+        return NUL_PROBLEM
+    return None
