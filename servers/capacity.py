@@ -113,7 +113,7 @@ def snapshot_from_proto(message: pb.ResourceSnapshot, service: CapacityService) 
     resource = resource_from_proto(message.resource_type)
     if resource is None:
         problems.append(FieldViolation("snapshot.resource_type", "unspecified or unknown resource type"))
-    when = from_ts(message, "timestamp")
+    when = from_ts(message, "timestamp", path="snapshot.timestamp")
     if when is None:
         problems.append(FieldViolation("snapshot.timestamp", "required"))
     snapshot = ResourceSnapshot(
@@ -144,8 +144,8 @@ def snapshot_to_proto(snapshot: ResourceSnapshot) -> pb.ResourceSnapshot:
 def mission_from_proto(message: pb.ScheduledMission) -> MissionScheduleEntry:
     """A domain mission; raises ValidationError with every problem (mapping and core rules) at once."""
     problems: list[FieldViolation] = []
-    start = from_ts(message, "start_time")
-    end = from_ts(message, "end_time")
+    start = from_ts(message, "start_time", path="mission.start_time")
+    end = from_ts(message, "end_time", path="mission.end_time")
     for name, value in (("start_time", start), ("end_time", end)):
         if value is None:
             problems.append(FieldViolation(f"mission.{name}", "required"))

@@ -30,11 +30,24 @@ def to_ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
-def from_ts(message: Any, field: str) -> datetime | None:
-    """The timestamp field as an aware UTC datetime, or None when it is not set."""
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def from_ts(message: Any, field: str, *, path: str = "") -> datetime | None:
+    """The timestamp field as an aware UTC datetime, or None when it is not set.
+
+    A set value outside Timestamp's range (which datetime cannot hold either) is a ValidationError
+    naming `path` (by default `field`).
+    """
     if not message.HasField(field):
         return None
     ts: timestamp_pb2.Timestamp = getattr(message, field)
+    if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos <= 999_999_999):
+        raise ValidationError.single(
+            path or field, "outside the range of google.protobuf.Timestamp (years 1 to 9999, nanos 0 to 999999999)"
+        )
     return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 

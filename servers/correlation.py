@@ -60,7 +60,7 @@ def alert_from_proto(message: pb.Alert, field: str = "alert", *, tracking_id: st
 
     `tracking_id` is the request's: set here, the alert is never copied just to carry it.
     """
-    when = from_ts(message, "timestamp")
+    when = from_ts(message, "timestamp", path=f"{field}.timestamp")
     if when is None:
         raise ValidationError.single(f"{field}.timestamp", "required")
     return Alert(

@@ -104,6 +104,11 @@ async def test_bad_snapshot_reports_every_violation_and_stores_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-1", 9, datetime.now(UTC), 1.0)))
     assert set(violations(caught.value)) == {"snapshot.resource_type"}
+    beyond = snap("SAT-1", FUEL, datetime.now(UTC), 1.0)
+    beyond.timestamp.seconds = 10**12  # past year 9999: outside Timestamp's range
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=beyond))
+    assert set(violations(caught.value)) == {"snapshot.timestamp"}
     assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 0
 
 

@@ -242,6 +242,23 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.IngestAlert(pb.IngestAlertRequest(alert=future))
     assert "alert.timestamp" in _violations(err.value)
+    # Outside Timestamp's range (a datetime cannot hold it either), in a call and in a stream.
+    for seconds, nanos in ((253_402_300_800, 0), (-62_135_596_801, 0), (0, -1), (0, 1_000_000_000)):
+        out_of_range = _alert("SAT-1", "power", datetime.now(UTC))
+        out_of_range.timestamp.seconds, out_of_range.timestamp.nanos = seconds, nanos
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.IngestAlert(pb.IngestAlertRequest(alert=out_of_range))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "range" in _violations(err.value)["alert.timestamp"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ScoreAlerts(pb.ScoreAlertsRequest(first=out_of_range, second=future))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alerts=[out_of_range])
+
+    reply = await stub.IngestAlerts(requests())
+    assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(0, "alert.timestamp")]
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetCluster(pb.GetClusterRequest(cluster_id="no-such-cluster"))
