@@ -58,7 +58,7 @@ from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2
 from gen.aetherops.events.v1 import events_pb2
 from servers.component import GaugeSample, Infra
-from servers.convert import from_ts, rejection, to_ts
+from servers.convert import from_duration, from_ts, rejection, to_ts
 
 __all__ = [
     "CapacityComponent",
@@ -428,7 +428,8 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
     async def GetCriticalForecasts(
         self, request: pb.GetCriticalForecastsRequest, context: Any
     ) -> pb.GetCriticalForecastsResponse:
-        horizon = request.horizon.ToTimedelta().total_seconds() / 86400.0 if request.HasField("horizon") else None
+        horizon_s = from_duration(request, "horizon")
+        horizon = horizon_s / 86400.0 if horizon_s is not None else None
         forecasts, token = self._svc.critical_forecasts(
             horizon_days=horizon, page_size=request.page_size, page_token=request.page_token
         )

@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from aetherops.errors import FieldViolation, ValidationError
 from gen.aetherops.common.v1 import common_pb2
 
-__all__ = ["from_struct", "from_ts", "rejection", "to_duration", "to_struct", "to_ts"]
+__all__ = ["from_duration", "from_struct", "from_ts", "rejection", "to_duration", "to_struct", "to_ts"]
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -49,6 +49,28 @@ def from_ts(message: Any, field: str, *, path: str = "") -> datetime | None:
             path or field, "outside the range of google.protobuf.Timestamp (years 1 to 9999, nanos 0 to 999999999)"
         )
     return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+# google.protobuf.Duration's valid range: about +-10,000 years, nanos with the sign of seconds.
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def from_duration(message: Any, field: str, *, path: str = "") -> float | None:
+    """The duration field in seconds, or None when it is not set. A set value outside Duration's
+    range is a ValidationError naming `path` (by default `field`)."""
+    if not message.HasField(field):
+        return None
+    d: duration_pb2.Duration = getattr(message, field)
+    seconds, nanos = d.seconds, d.nanos
+    if not (
+        -_MAX_DURATION_SECONDS <= seconds <= _MAX_DURATION_SECONDS
+        and -999_999_999 <= nanos <= 999_999_999
+        and (seconds == 0 or nanos == 0 or (seconds > 0) == (nanos > 0))
+    ):
+        raise ValidationError.single(
+            path or field, "outside the range of google.protobuf.Duration (+-315576000000 s, nanos of the same sign)"
+        )
+    return seconds + nanos / 1e9
 
 
 def to_duration(seconds: float) -> duration_pb2.Duration:

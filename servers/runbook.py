@@ -62,7 +62,7 @@ from gen.aetherops.events.v1 import events_pb2
 from gen.aetherops.runbook.v1 import runbook_pb2 as pb
 from gen.aetherops.runbook.v1 import runbook_pb2_grpc
 from servers.component import GaugeSample, Infra
-from servers.convert import from_struct, from_ts, to_duration, to_struct, to_ts
+from servers.convert import from_duration, from_struct, from_ts, to_duration, to_struct, to_ts
 
 __all__ = ["RunbookComponent", "encode_message", "execution_row_to_proto", "incident_from_event"]
 
@@ -84,17 +84,10 @@ def _principal_or(request_value: str, context: Any) -> str:
 # ---- mapping -----------------------------------------------------------------------------------------
 
 
-def _seconds(message: Any, field: str) -> float | None:
-    if not message.HasField(field):
-        return None
-    duration = getattr(message, field)
-    return float(duration.seconds + duration.nanos / 1e9)
-
-
 def runbook_from_proto(message: pb.Runbook) -> Runbook:
     steps = []
-    for step in message.steps:
-        timeout = _seconds(step, "timeout")
+    for i, step in enumerate(message.steps):
+        timeout = from_duration(step, "timeout", path=f"runbook.steps[{i}].timeout")
         steps.append(
             RunbookStep(
                 step_id=step.step_id,
@@ -104,7 +97,7 @@ def runbook_from_proto(message: pb.Runbook) -> Runbook:
                 timeout_s=DEFAULT_STEP_TIMEOUT_S if timeout is None else timeout,
                 rollback_action=step.rollback_action or None,
                 rollback_parameters=from_struct(step.rollback_parameters),
-                approval_timeout_s=_seconds(step, "approval_timeout"),
+                approval_timeout_s=from_duration(step, "approval_timeout", path=f"runbook.steps[{i}].approval_timeout"),
             )
         )
     status = _RUNBOOK_STATUS_IN.get(message.status, RunbookStatus.ACTIVE)
