@@ -143,6 +143,10 @@ class Labels(Mapping[str, str]):
         """Sorted (key, value) pairs."""
         return tuple(sorted(self._data.items()))
 
+    def to_dict(self) -> dict[str, str]:
+        """A plain copy (without the Mapping protocol's per-key calls that `dict(labels)` makes)."""
+        return dict(self._data)
+
 
 _NO_LABELS: Final = Labels()
 
@@ -168,13 +172,19 @@ class Alert:
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, Labels):
-            object.__setattr__(self, "labels", Labels(self.labels))
+            # Most alerts have none: they share one empty mapping instead of two objects each.
+            object.__setattr__(self, "labels", Labels(self.labels) if self.labels else _NO_LABELS)
         try:
             ts = self.timestamp
             epoch = (ts if ts.utcoffset() is not None else ts.replace(tzinfo=UTC)).timestamp()
         except (AttributeError, TypeError, ValueError, OverflowError):
             epoch = math.nan  # not a datetime: validate_alert reports it, ingest refuses it
         object.__setattr__(self, "epoch", epoch)
+
+    def labels_dict(self) -> dict[str, str]:
+        """The labels as a plain dict of their own (for encoders that need one)."""
+        labels = self.labels
+        return labels.to_dict() if isinstance(labels, Labels) else dict(labels)
 
     def with_tracking_id(self, tracking_id: str) -> Alert:
         return replace(self, tracking_id=tracking_id)

@@ -70,7 +70,7 @@ def alert_from_proto(message: pb.Alert, field: str = "alert", *, tracking_id: st
         severity=message.severity,
         timestamp=when,
         message=message.message,
-        labels=dict(message.labels),
+        labels=message.labels,  # copied by Alert, or the shared empty mapping
         tracking_id=tracking_id,
     )
 
@@ -83,7 +83,7 @@ def alert_to_proto(alert: Alert) -> pb.Alert:
         severity=alert.severity,
         timestamp=to_ts(alert.timestamp),
         message=alert.message,
-        labels=dict(alert.labels),
+        labels=alert.labels_dict(),
         tracking_id=alert.tracking_id,
     )
 

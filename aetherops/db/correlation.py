@@ -165,7 +165,7 @@ async def insert_alerts(conn: asyncpg.Connection, rows: Sequence[AlertRow]) -> N
                 r.alert.severity,
                 r.alert.timestamp,
                 r.alert.message,
-                dict(r.alert.labels),
+                r.alert.labels_dict(),
                 r.duplicate_of,
                 r.tracking_id,
             )

@@ -69,6 +69,8 @@ def _unstorable(exc: Exception) -> ValidationError:
 
 
 def _jsonb_encode(value: Any) -> bytes:
+    if not value and isinstance(value, dict):
+        return b"\x01{}"  # most alerts' labels: no JSON encoder needed
     return b"\x01" + json.dumps(value).encode()  # jsonb binary format: version 1, then the text
 
 

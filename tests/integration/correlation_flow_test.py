@@ -378,6 +378,19 @@ async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grp
     assert again.replay and again.duplicate and again.cluster_id == by_id[first.alert_id]["cluster_id"]
 
 
+async def test_labels_are_stored_and_returned_as_sent(channel: grpc.aio.Channel) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    labelled = _alert("SAT-L", "power", t0)
+    labelled.labels.update({"bus": "A", "unit": "PCDU-2", "note": "ünïcode ✓"})
+    plain = _alert("SAT-L", "thermal", t0 + timedelta(seconds=5))
+    for alert in (labelled, plain):
+        reply = await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
+    cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=reply.cluster_id))).cluster
+    stored = {a.alert_id: dict(a.labels) for a in cluster.alerts}
+    assert stored == {labelled.alert_id: dict(labelled.labels), plain.alert_id: {}}
+
+
 async def test_alerts_from_nats_take_the_same_path(server: Any, channel: grpc.aio.Channel, bus: Bus) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     watch = stub.WatchClusters(pb.WatchClustersRequest(satellite_ids=["SAT-42"]))
