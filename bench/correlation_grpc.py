@@ -73,6 +73,9 @@ def _storm_alert(now: datetime, rng: random.Random, satellites: list[str]) -> pb
     return alert
 
 
+_SHED = (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+"""How an overloaded server refuses a call (grpc-core's pending-request limit; our ingest queue)."""
+
 MIXES = ("new", "storm")
 """`new`: every alert opens an incident (one cluster row and one event per alert, the worst case);
 `storm`: an alert flood over 1,000 satellites (see `_storm_alert`; most alerts are duplicates)."""
@@ -151,18 +154,28 @@ async def _streaming(
 
 
 async def _latency(
-    stub: correlation_pb2_grpc.CorrelationServiceStub, namespace: str, rate: int, seconds: float, path: str
-) -> tuple[float, float]:
-    """Alert in -> incident-opened event on NATS, p50/p95 in ms, at a paced `rate` alerts/s.
+    stub: correlation_pb2_grpc.CorrelationServiceStub,
+    namespace: str,
+    rate: int,
+    seconds: float,
+    path: str,
+    metadata: tuple[tuple[str, str], ...],
+) -> tuple[float, float, dict[str, int]]:
+    """Alert in -> incident-opened event on NATS, p50/p95 in ms, at a paced `rate` alerts/s, and the
+    calls the server refused, by status code.
 
     `path` "unary": one IngestAlert call per alert; "nats": published on aetherops.alerts.ingest
     (the JetStream path other services use). Every alert opens an incident, so each yields one event.
+    A server offered more calls than it can take sheds some: grpc-core cancels calls once about a
+    thousand wait unaccepted (its pending-request limit), and the clients see CANCELLED at once.
+    Those are counted, not timed; any other failure stops the benchmark.
     """
     nc = await nats.connect(NATS)
     sent: dict[str, float] = {}
     lags: list[float] = []
     done = asyncio.Event()
     total = int(rate * seconds)
+    expected = total  # events to wait for: one per alert the server took
 
     async def on_event(msg: object) -> None:
         event = events_pb2.Event()
@@ -170,7 +183,7 @@ async def _latency(
         root = event.incident_opened.incident.root_cause_alert_id
         if root in sent:
             lags.append(time.perf_counter() - sent.pop(root))
-            if len(lags) >= total:
+            if len(lags) >= expected:
                 done.set()
 
     sub = await nc.subscribe(f"{namespace}.aetherops.incidents.opened", cb=on_event)
@@ -185,19 +198,28 @@ async def _latency(
         if path == "nats":
             await nc.publish(ingest_subject, alert.SerializeToString())
         else:
-            pending.append(asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=alert))))
+            # Metadata per call, not a client interceptor: at 1,000 calls/s on this machine an
+            # interceptor's extra task per call made the client, not the server, the bottleneck
+            # (median reply time 0.5 s instead of 0.08 s).
+            call = stub.IngestAlert(pb.IngestAlertRequest(alert=alert), metadata=metadata)
+            pending.append(asyncio.ensure_future(call))
     results = await asyncio.gather(*pending, return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        codes = sorted({r.code().name if isinstance(r, grpc.aio.AioRpcError) else type(r).__name__ for r in failed})
-        raise RuntimeError(f"{len(failed)} of {total} IngestAlert calls failed: {codes}; first: {failed[0]!r}")
+    refused: dict[str, int] = {}
+    for r in results:
+        if isinstance(r, grpc.aio.AioRpcError) and r.code() in _SHED:
+            refused[r.code().name] = refused.get(r.code().name, 0) + 1
+        elif isinstance(r, BaseException):
+            raise RuntimeError(f"an IngestAlert call failed: {r!r}")
+    expected = total - sum(refused.values())
+    if len(lags) >= expected:
+        done.set()
     try:
         await asyncio.wait_for(done.wait(), 60)
     finally:
         await sub.unsubscribe()
         await nc.close()
     lags.sort()
-    return lags[len(lags) // 2] * 1000, lags[int(len(lags) * 0.95)] * 1000
+    return lags[len(lags) // 2] * 1000, lags[int(len(lags) * 0.95)] * 1000, refused
 
 
 async def main() -> None:
@@ -278,6 +300,7 @@ async def main() -> None:
 
                 health_rates: list[float] = []
                 latencies: dict[tuple[str, int], list[tuple[float, float]]] = {}
+                refused: dict[str, int] = {}  # unary latency calls the server shed, over all runs
                 ingest_rates: dict[str, list[float]] = {}
                 ratios: dict[str, list[float]] = {}
                 cpu_per_call: dict[str, list[tuple[float, float]]] = {}
@@ -310,17 +333,15 @@ async def main() -> None:
                                 stream_rates.setdefault((mix, per_message), []).append(rate)
                                 dup_shares[mix] = dup_share
 
-                class _AuthedUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-                    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-                        return await continuation(details._replace(metadata=grpc.aio.Metadata(*metadata)), request)
-
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=[_AuthedUnary()]) as authed:
-                    paced = correlation_pb2_grpc.CorrelationServiceStub(authed)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+                    paced = correlation_pb2_grpc.CorrelationServiceStub(plain)
                     for path, rate in (("nats", 1000), ("unary", args.unary_latency_rate)):
                         for _ in range(runs if "latency" in phases else 0):
                             await _drained(namespace)
-                            p50, p95 = await _latency(paced, namespace, rate, latency_seconds, path)
+                            p50, p95, shed = await _latency(paced, namespace, rate, latency_seconds, path, metadata)
                             latencies.setdefault((path, rate), []).append((p50, p95))
+                            for code, count in shed.items():
+                                refused[code] = refused.get(code, 0) + count
         finally:
             server.terminate()
             await asyncio.wait_for(server.wait(), 30)
@@ -360,6 +381,9 @@ async def main() -> None:
             f"alert -> incident event on NATS at {rate:,} alerts/s ({how}): p50 {med(f[0] for f in figures):.1f} ms,"
             f" p95 {med(f[1] for f in figures):.1f} ms  (target p95 <= 50 ms at 1,000 alerts/s)"
         )
+    if refused:
+        total = runs * int(args.unary_latency_rate * latency_seconds)
+        print(f"  unary calls shed by the overloaded server: {refused} of {total} (not timed; see _latency)")
 
 
 if __name__ == "__main__":
