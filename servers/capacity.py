@@ -291,7 +291,7 @@ def decode_telemetry(subject_tail: str, data: bytes) -> tuple[str, ResourceType,
     if data.lstrip()[:1] == b"{":
         try:
             body = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
             raise ValidationError.single("payload", f"not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ValidationError.single("payload", "expected a JSON object")
@@ -305,7 +305,10 @@ def decode_telemetry(subject_tail: str, data: bytes) -> tuple[str, ResourceType,
             when = None
         raw_value = body.get("value")
         if isinstance(raw_value, int | float) and not isinstance(raw_value, bool):
-            value = float(raw_value)
+            try:
+                value = float(raw_value)
+            except OverflowError:  # a JSON integer beyond any float
+                problems.append(FieldViolation("value", "must be finite"))
         else:
             problems.append(FieldViolation("value", "required: a number"))
         raw_unit = body.get("unit")

@@ -86,8 +86,17 @@ async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, b
                     payload = snap("", when, value).SerializeToString()  # the subject names the satellite
                 # Plain NATS publishes, as a ground station sends them; the TELEMETRY stream captures them.
                 await bus.nc.publish(subject, payload)
-        # Malformed points are acknowledged and ignored, never stored.
-        await bus.nc.publish(subject, b'{"timestamp": "yesterday", "value": -1}')
+        # Malformed points are acknowledged and ignored, never stored, never redelivered: among them
+        # a number beyond any float and JSON nested deeper than the parser goes.
+        ok_time = minute0.isoformat()
+        for payload in (
+            b'{"timestamp": "yesterday", "value": -1}',
+            b'{"timestamp": "%s", "value": 1%s, "unit": "kg"}' % (ok_time.encode(), b"0" * 400),
+            b'{"timestamp": "%s", "value": 1e999, "unit": "kg"}' % ok_time.encode(),
+            b'{"timestamp": "%s", "value": 1, "unit": "k\\u0000g"}' % ok_time.encode(),
+            b'{"nested": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        ):
+            await bus.nc.publish(subject, payload)
         await bus.nc.publish(bus.subjects.telemetry("SAT-T", "plutonium"), b'{"value": 1}')
         await bus.nc.flush()
 
@@ -99,6 +108,14 @@ async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, b
             return bool(count == 180)
 
         await eventually(stored, what="180 reduced snapshots in PostgreSQL")
+        stream = bus.subjects.stream_for(subject)
+
+        async def all_acknowledged() -> bool:
+            info = await bus.js.consumer_info(stream, "capacity-telemetry")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(all_acknowledged, what="every telemetry message acknowledged")
+        assert (await bus.js.consumer_info(stream, "capacity-telemetry")).num_redelivered == 0
         reply = await stub.ComputeConsumptionRate(
             pb.ComputeConsumptionRateRequest(satellite_id="SAT-T", resource_type=FUEL)
         )
