@@ -45,6 +45,7 @@ import inspect
 import json
 import math
 import re
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from aetherops.errors import (
     ValidationError,
 )
 from aetherops.runbook_conditions import MISSING, match_conditions, resolve_path, validate_conditions
+from aetherops.text import NUL_PROBLEM
 
 __all__ = [
     "AGENT_PREFIX",
@@ -677,14 +679,24 @@ def project(runbook: Runbook, events: Sequence[ExecutionEvent], as_of: datetime 
     return projection.snapshot()
 
 
+_MAX_DOUBLE = sys.float_info.max
+
+
 # --- validation and rendering ----------------------------------------------------------------------
 
 
 def _json_violations(value: Any, path: str, out: list[FieldViolation], depth: int = 0) -> None:
+    """Problems of a value that must be stored (jsonb) and sent (protobuf Struct, whose numbers are doubles)."""
     if depth > 64:
         out.append(FieldViolation(path, "nested too deeply"))
-    elif value is None or isinstance(value, bool | int | str):
+    elif value is None or isinstance(value, bool):
         return
+    elif isinstance(value, str):
+        if "\x00" in value:
+            out.append(FieldViolation(path, NUL_PROBLEM))
+    elif isinstance(value, int):
+        if abs(value) > _MAX_DOUBLE:
+            out.append(FieldViolation(path, "numbers must be finite (this integer is beyond any double)"))
     elif isinstance(value, float):
         if not math.isfinite(value):
             out.append(FieldViolation(path, "numbers must be finite"))
@@ -695,6 +707,8 @@ def _json_violations(value: Any, path: str, out: list[FieldViolation], depth: in
         for key, item in value.items():
             if not isinstance(key, str):
                 out.append(FieldViolation(path, f"object keys must be strings, not {type(key).__name__}"))
+            elif "\x00" in key:
+                out.append(FieldViolation(path, f"object key {key[:32]!r} {NUL_PROBLEM}"))
             else:
                 _json_violations(item, f"{path}.{key}", out, depth + 1)
     else:
@@ -950,7 +964,9 @@ def _no_tracking() -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc)
+    # Failure texts come from anywhere (an agent's error string): NUL, which could not be stored,
+    # becomes the replacement character rather than losing the failure.
+    text = str(exc).replace("\x00", "\ufffd")
     return text if text else type(exc).__name__
 
 

@@ -350,3 +350,41 @@ async def test_execution_awaiting_approval_survives_a_restart(app_factory: Any, 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b'{"ok": true, "output": {"bus": "B\\u0000"}}', "output.bus: must not contain NUL"),
+        (b'{"ok": true, "output": {"n": 1' + b"0" * 400 + b"}}", "output.n: numbers must be finite"),
+        (b'{"ok": false, "error": "bus\\u0000 busy"}', "agent odd failed: bus\ufffd busy"),
+    ],
+    ids=["nul-in-output", "integer-beyond-double", "nul-in-error"],
+)
+async def test_an_agent_reply_that_cannot_be_kept_fails_its_step(
+    app_factory: Any, bus: Bus, channel_for: Any, reply: bytes, reason: str
+) -> None:
+    # Agents are other people's programs. Their output is stored (jsonb) and sent (Struct, doubles):
+    # what neither can hold used to fail the write after the action ran, and the call was INTERNAL.
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+
+    async def on_request(msg: Msg) -> None:
+        await msg.respond(reply)
+
+    sub = await bus.nc.subscribe(bus.subjects.action("odd"), cb=on_request)
+    await bus.nc.publish(bus.subjects.action("_announce"), json.dumps({"name": "odd", "description": "odd"}).encode())
+
+    async def announced() -> bool:
+        actions = (await stubs.operator.ListActions(pb.ListActionsRequest(page_size=100))).actions
+        return any(a.name == "agent:odd" for a in actions)
+
+    await eventually(announced, timeout_s=5, what="agent:odd announced")
+    runbook = pb.Runbook(runbook_id="odd", name="Odd", steps=[step("ask", "agent:odd", {"x": 1})])
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="odd"))
+    done = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=started.execution.execution_id))
+    await sub.unsubscribe()
+    assert done.step_status == pb.STEP_STATUS_FAILED
+    assert reason in steps_by_id(done.execution)["ask"].error
+    assert done.execution.status == pb.RUNBOOK_STATUS_FAILED

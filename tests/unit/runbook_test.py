@@ -1490,6 +1490,10 @@ def test_variables_must_be_json_shaped(engine: RunbookEngine) -> None:
         engine.start_execution("r", "alice", {"keys": {1: "a"}, "deep": deep, "obj": object()})
     descriptions = [v.description for v in caught.value.violations]
     assert descriptions == ["object keys must be strings, not int", "nested too deeply", "object is not JSON-able"]
+    # What jsonb (NUL) or a Struct's doubles (huge integers) cannot hold is refused by path too.
+    with pytest.raises(ValidationError) as caught:
+        engine.start_execution("r", "alice", {"sat": "S\x00", "k\x00": 1, "n": [10**400], "ok": 2**64})
+    assert [v.field for v in caught.value.violations] == ["variables.sat", "variables", "variables.n[0]"]
 
 
 async def test_events_record_the_tracking_id_of_whoever_caused_them(clock: ManualClock, rec: Recorder) -> None:
