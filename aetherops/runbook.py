@@ -66,7 +66,7 @@ from aetherops.errors import (
     ValidationError,
 )
 from aetherops.runbook_conditions import MISSING, match_conditions, resolve_path, validate_conditions
-from aetherops.text import NUL_PROBLEM
+from aetherops.text import NUL_PROBLEM, text_problem
 
 __all__ = [
     "AGENT_PREFIX",
@@ -680,6 +680,7 @@ def project(runbook: Runbook, events: Sequence[ExecutionEvent], as_of: datetime 
 
 
 _MAX_DOUBLE = sys.float_info.max
+MAX_ACTION_DESCRIPTION_LEN = 1024
 
 
 # --- validation and rendering ----------------------------------------------------------------------
@@ -1031,6 +1032,9 @@ class RunbookEngine:
         """Declare `agent:<name>`, answered through the agent invoker (see `set_agent_invoker`)."""
         if not isinstance(name, str) or not _ACTION_NAME_RE.match(name):
             raise ValidationError.single("name", "must start with a letter: letters, digits, '_', '.', '-' (max 64)")
+        problem = text_problem(description, MAX_ACTION_DESCRIPTION_LEN)
+        if problem is not None:  # announced by an agent over NATS, and listed to every operator
+            raise ValidationError.single("description", problem)
         full = AGENT_PREFIX + name
         if full in self._actions:
             raise AlreadyExistsError(f"action {full!r} is already declared")

@@ -482,7 +482,7 @@ class RunbookComponent:
             info = self.service.declare_agent(
                 str(name), description=str(body.get("description", "")), idempotent=bool(body.get("idempotent", False))
             )
-        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, ValidationError) as exc:
             log.warning("ignoring a malformed agent announcement: %s", exc)
             return
         if info is not None:

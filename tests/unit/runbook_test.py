@@ -225,6 +225,10 @@ def test_list_actions_shows_builtin_custom_and_agent_actions(engine: RunbookEngi
         engine.declare_agent_action("switch_power_bus")
     with pytest.raises(ValidationError):
         engine.declare_agent_action("bad name")
+    for description in ("x" * 1025, "nul\x00"):  # announced over NATS by the agent itself
+        with pytest.raises(ValidationError) as caught:
+            engine.declare_agent_action("chatty", description=description)
+        assert caught.value.violations[0].field == "description"
     assert [a.name for a in builtin_actions()] == ["log", "wait", "set_variable"]
     bare = RunbookEngine(register_builtins=False)
     assert bare.list_actions() == []
