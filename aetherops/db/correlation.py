@@ -220,6 +220,10 @@ async def upsert_clusters(
     (its lists changed). A storm's incident spans hundreds of satellites and changes with nearly
     every commit, but its lists seldom do; encoding and storing them again each time was most of
     the cost of writing it.
+
+    The status and the close fields of an existing cluster are not written here: `close_cluster`
+    owns them. A batch prepared before a close commits may still carry the cluster as open, and
+    must not reopen it.
     """
     new = [_cluster_values(c) for c in clusters if c.cluster_id in new_ids]
     changed = [c for c in clusters if c.cluster_id not in new_ids]
@@ -228,11 +232,11 @@ async def upsert_clusters(
     if changed:
         await conn.executemany(
             """UPDATE clusters SET
-                status = $2, root_cause_alert_id = $3, root_cause_confidence = $4,
-                satellites = CASE WHEN $15 THEN $5::text[] ELSE satellites END,
-                subsystems = CASE WHEN $15 THEN $6::text[] ELSE subsystems END,
-                max_severity = $7, first_alert_time = $8, last_alert_time = $9,
-                closed_time = $10, close_reason = $11, closed_by = $12, alert_count = $13, duplicate_count = $14
+                root_cause_alert_id = $2, root_cause_confidence = $3,
+                satellites = CASE WHEN $11 THEN $4::text[] ELSE satellites END,
+                subsystems = CASE WHEN $11 THEN $5::text[] ELSE subsystems END,
+                max_severity = $6, first_alert_time = $7, last_alert_time = $8,
+                alert_count = $9, duplicate_count = $10
                WHERE cluster_id = $1""",
             [_update_values(c, c.cluster_id in grown_ids) for c in changed],
         )
@@ -242,7 +246,6 @@ def _update_values(c: ClusterRecord, grown: bool) -> tuple[Any, ...]:
     """Parameters of `upsert_clusters`' UPDATE; the lists go empty (and unused) unless `grown`."""
     return (
         c.cluster_id,
-        c.status,
         c.root_cause_alert_id,
         c.root_cause_confidence,
         c.satellites if grown else [],
@@ -250,9 +253,6 @@ def _update_values(c: ClusterRecord, grown: bool) -> tuple[Any, ...]:
         c.max_severity,
         c.first_alert_time,
         c.last_alert_time,
-        c.closed_time,
-        c.close_reason,
-        c.closed_by,
         c.alert_count,
         c.duplicate_count,
         grown,

@@ -370,16 +370,17 @@ class CorrelationService:
         """Closes a cluster (idempotent on request_id); its events leave with the commit."""
         now = self._clock.now()
         async with self._db.transaction() as conn:
+            # The row lock first: a concurrent close of this cluster (a retry racing its original,
+            # or another operator) waits here and then sees the outcome, instead of closing it twice.
+            status = await conn.fetchval("SELECT status FROM clusters WHERE cluster_id = $1 FOR UPDATE", cluster_id)
             if await idempotency.recall(conn, "correlation.close", request_id) is not None:
                 record = await repo.get_cluster(conn, cluster_id)
                 assert record is not None
                 return record
-            record = await repo.get_cluster(conn, cluster_id)
-            if record is None:
+            if status is None:
                 raise NotFoundError(f"cluster {cluster_id!r} not found")
-            if record.status == "CLOSED":
+            if status == "CLOSED":
                 raise FailedPreconditionError(f"cluster {cluster_id!r} is already closed")
-            await conn.execute("SELECT 1 FROM clusters WHERE cluster_id = $1 FOR UPDATE", cluster_id)
             await repo.close_cluster(conn, cluster_id, closed_time=now, reason=reason, closed_by=closed_by)
             closed = await repo.get_cluster(conn, cluster_id)
             assert closed is not None

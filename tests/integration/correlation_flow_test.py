@@ -225,6 +225,62 @@ async def test_a_batch_that_fails_to_commit_leaves_no_trace_in_memory(channel: g
     assert again.cluster_id == thermal.cluster_id and not again.replay
 
 
+async def test_a_close_racing_an_alert_into_the_same_incident_stays_closed(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    # The close takes the incident's row lock before a batch that already put an alert into that
+    # incident (in memory) writes it: that batch must not reopen the incident it then finds closed.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    first = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-C", "power", t0)))
+    cid = first.cluster_id
+
+    async def waiting_on_locks(n: int) -> bool:
+        count = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return bool(count >= n)
+
+    async with db.transaction() as holder:
+        # Another transaction holds the row, so both writers queue on it in the order they arrive.
+        await holder.execute("SELECT 1 FROM clusters WHERE cluster_id = $1 FOR UPDATE", cid)
+        close = asyncio.ensure_future(stub.CloseCluster(pb.CloseClusterRequest(cluster_id=cid, reason="fixed")))
+        await eventually(lambda: waiting_on_locks(1), what="the close waiting for the row")
+        late = asyncio.ensure_future(
+            stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-C", "thermal", t0 + timedelta(seconds=5))))
+        )
+        await eventually(lambda: waiting_on_locks(2), what="the alert's batch waiting for the row")
+    await close
+    await late
+    row = await db.fetchrow("SELECT status, alert_count FROM clusters WHERE cluster_id = $1", cid)
+    assert row["status"] == "CLOSED"
+    after = await stub.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-C", "propulsion", t0 + timedelta(seconds=10)))
+    )
+    assert after.cluster_id != cid  # memory agrees: nothing joins the closed incident
+
+    # Two closes at once (a retry racing its original, same request id; another operator, another
+    # id): the cluster is closed once, the retry gets the first answer, the other is refused.
+    other = after.cluster_id
+    async with db.transaction() as holder:
+        await holder.execute("SELECT 1 FROM clusters WHERE cluster_id = $1 FOR UPDATE", other)
+        calls = [
+            asyncio.ensure_future(
+                stub.CloseCluster(pb.CloseClusterRequest(cluster_id=other, reason="r", request_id=request_id))
+            )
+            for request_id in ("close-1", "close-1", "close-2")
+        ]
+        await eventually(lambda: waiting_on_locks(3), what="three closes waiting for the row")
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [r.cluster.status for r in results[:2]] == [pb.CLUSTER_STATUS_CLOSED] * 2  # type: ignore[union-attr]
+    assert isinstance(results[2], grpc.aio.AioRpcError)
+    assert results[2].code() == grpc.StatusCode.FAILED_PRECONDITION
+    events = await db.fetchval(
+        "SELECT count(*) FROM outbox WHERE aggregate_id = $1 AND subject LIKE '%incidents.closed'", other
+    )
+    assert events == 1
+
+
 async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: grpc.aio.Channel, db: Database) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     bad = pb.Alert(alert_id="bad-1", satellite_id="", subsystem="", severity=9, timestamp=_ts(datetime.now(UTC)))
