@@ -27,7 +27,6 @@ from gen.aetherops.capacity.v1 import capacity_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2
 from gen.aetherops.runbook.v1 import runbook_pb2
 from servers.app import Application
-from tests.conftest import authed_channel
 
 SERVICES = [
     correlation_pb2.DESCRIPTOR.services_by_name["CorrelationService"],
@@ -179,11 +178,11 @@ async def _call(channel: grpc.aio.Channel, method: descriptor.MethodDescriptor, 
 
 
 @pytest.fixture
-async def unlimited(app_factory: Any, tokens: dict[str, str]) -> AsyncIterator[grpc.aio.Channel]:
+async def unlimited(app_factory: Any, channel_for: Any) -> grpc.aio.Channel:
     """An admin channel to a server whose rate limits this test cannot reach."""
     app: Application = await app_factory(rate_limit_burst=1e6, rate_limit_per_s=1e6)
-    async with authed_channel(f"127.0.0.1:{app.port}", tokens["admin"]) as chan:
-        yield chan
+    channel: grpc.aio.Channel = channel_for("admin", app.port)
+    return channel
 
 
 @pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.name)
