@@ -37,6 +37,7 @@ from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
 from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, rejection, to_duration, to_ts
+from servers.incident_feed import IncidentFeed, Watcher, incident_of
 
 __all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
 
@@ -321,63 +322,22 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     async def WatchClusters(
         self, request: pb.WatchClustersRequest, context: Any
     ) -> AsyncIterator[pb.WatchClustersResponse]:
-        infra = self._c.infra
-        assert infra is not None
-        queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(maxsize=1024)
-        dropped = 0
-
-        async def on_message(msg: Msg) -> None:
-            nonlocal dropped
-            event = events_pb2.Event()
-            event.ParseFromString(msg.data)
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                dropped += 1  # a slow watcher loses events; ingestion never waits for it
-
-        wanted_types = set(request.event_types)
-        wanted_sats = set(request.satellite_ids)
-        sub = await infra.bus.nc.subscribe(infra.bus.subjects.incidents("*"), cb=on_message)
+        feed = self._c.feed
+        assert feed is not None
+        watcher = Watcher(frozenset(request.event_types), frozenset(request.satellite_ids), request.min_severity)
+        await feed.add(watcher)
         try:
             while True:
-                event = await queue.get()
-                kind = event.WhichOneof("payload")
-                if kind == "incident_opened":
-                    incident, etype, status = (
-                        event.incident_opened.incident,
-                        pb.CLUSTER_EVENT_TYPE_OPENED,
-                        pb.CLUSTER_STATUS_OPEN,
-                    )
-                elif kind == "incident_updated":
-                    incident, etype, status = (
-                        event.incident_updated.incident,
-                        pb.CLUSTER_EVENT_TYPE_UPDATED,
-                        pb.CLUSTER_STATUS_OPEN,
-                    )
-                elif kind == "incident_closed":
-                    incident, etype, status = (
-                        event.incident_closed.incident,
-                        pb.CLUSTER_EVENT_TYPE_CLOSED,
-                        pb.CLUSTER_STATUS_CLOSED,
-                    )
-                else:
-                    continue
-                if wanted_types and etype not in wanted_types:
-                    continue
-                if wanted_sats and not wanted_sats.intersection(incident.satellite_ids):
-                    continue
-                if request.min_severity and incident.max_severity < request.min_severity:
-                    continue
-                missed, dropped = dropped, 0
+                event_type, status, event = await watcher.queue.get()
+                missed, watcher.dropped = watcher.dropped, 0
                 yield pb.WatchClustersResponse(
-                    event_type=etype,
-                    cluster=_cluster_from_incident(incident, status),
+                    event_type=event_type,
+                    cluster=_cluster_from_incident(incident_of(event), status),
                     event_time=event.occurred_time,
                     dropped_events=missed,
                 )
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await feed.remove(watcher)
 
 
 def _require_id(value: str, field: str) -> None:
@@ -397,6 +357,7 @@ class CorrelationComponent:
         self.servicer = CorrelationServicer(self)
         self.service: CorrelationService | None = None
         self.infra: Infra | None = None
+        self.feed: IncidentFeed | None = None
         self._consumer_task: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -414,6 +375,7 @@ class CorrelationComponent:
 
     async def start(self, infra: Infra) -> None:
         self.infra = infra
+        self.feed = IncidentFeed(infra.bus)
         service = CorrelationService(
             infra.db,
             infra.relay,
@@ -462,6 +424,8 @@ class CorrelationComponent:
             log.warning("rejected alert from NATS: %s", exc)
 
     async def stop(self) -> None:
+        if self.feed is not None:
+            await self.feed.close()
         if self._consumer_task is not None:
             self._consumer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -20,6 +20,8 @@ from aetherops.db import Database
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
+from servers.correlation import CorrelationComponent
+from servers.incident_feed import IncidentFeed, Watcher
 
 
 def _ts(when: datetime) -> timestamp_pb2.Timestamp:
@@ -494,3 +496,62 @@ async def test_an_alert_from_nats_that_cannot_be_stored_is_dropped_not_redeliver
     rows = await db.fetch("SELECT alert_id, tracking_id FROM alerts WHERE satellite_id = 'SAT-43'")
     assert [r["alert_id"] for r in rows] == [good.alert_id]
     assert len(rows[0]["tracking_id"]) == 32  # a fresh one, not the unprintable header
+
+
+async def test_watchers_get_what_their_filters_ask_for_from_one_subscription(
+    server: Any, channel: grpc.aio.Channel
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    closes = stub.WatchClusters(
+        pb.WatchClustersRequest(satellite_ids=["SAT-W1"], event_types=[pb.CLUSTER_EVENT_TYPE_CLOSED])
+    )
+    severe = stub.WatchClusters(pb.WatchClustersRequest(min_severity=4))
+    first_close, first_severe = asyncio.ensure_future(closes.read()), asyncio.ensure_future(severe.read())
+    (component,) = [c for c in server.components if isinstance(c, CorrelationComponent)]
+    assert component.feed is not None
+
+    async def both_registered() -> bool:
+        return len(component.feed._watchers) == 2
+
+    await eventually(both_registered, what="both watchers registered")
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    mild = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-W1", "payload", t0, severity=2)))
+    loud = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-W2", "propulsion", t0, severity=5)))
+    await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=mild.cluster_id, reason="ok"))
+    got_close = await asyncio.wait_for(first_close, 15)
+    got_severe = await asyncio.wait_for(first_severe, 15)
+    # Each got the one event its filters let through, and nothing before it.
+    assert (got_close.event_type, got_close.cluster.cluster_id) == (pb.CLUSTER_EVENT_TYPE_CLOSED, mild.cluster_id)
+    assert got_close.cluster.status == pb.CLUSTER_STATUS_CLOSED
+    assert (got_severe.event_type, got_severe.cluster.cluster_id) == (pb.CLUSTER_EVENT_TYPE_OPENED, loud.cluster_id)
+    closes.cancel()
+    severe.cancel()
+
+    async def unsubscribed() -> bool:
+        return component.feed._sub is None and not component.feed._watchers
+
+    await eventually(unsubscribed, what="the feed to unsubscribe after the last watcher left")
+
+
+async def test_a_slow_watcher_counts_only_wanted_events_it_lost(bus: Bus) -> None:
+    feed = IncidentFeed(bus)
+    slow = Watcher(frozenset(), frozenset({"SAT-S"}), 0, queue=asyncio.Queue(maxsize=1))
+    everything = Watcher(frozenset(), frozenset(), 0)  # shows when the feed has seen all five
+    await feed.add(slow)
+    await feed.add(everything)
+    try:
+        for n, sat in enumerate(["SAT-S", "SAT-X", "SAT-S", "SAT-X", "SAT-S"]):
+            event = events_pb2.Event(event_id=f"e{n}")
+            event.incident_opened.incident.cluster_id = f"c{n}"
+            event.incident_opened.incident.satellite_ids.append(sat)
+            await bus.nc.publish(bus.subjects.incidents("opened"), event.SerializeToString())
+
+        async def all_seen() -> bool:
+            return everything.queue.qsize() == 5
+
+        await eventually(all_seen, what="the feed to see all five events")
+        assert slow.dropped == 2  # the two wanted ones it had no room for; the other satellite's never count
+        _, _, kept = slow.queue.get_nowait()
+        assert kept.incident_opened.incident.cluster_id == "c0"
+    finally:
+        await feed.close()
