@@ -69,7 +69,7 @@ from typing import Final
 from aetherops.clock import Clock, SystemClock
 from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
 from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH, DependencyGraph, normalize_name
-from aetherops.text import NUL_PROBLEM, id_problem, text_problem
+from aetherops.text import chars_problem, id_problem, text_problem
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
@@ -227,8 +227,9 @@ def validate_alert(
     if problem is not None:
         out.append(FieldViolation(f + "message", problem))
     # Set by the edge or a NATS header, not by the alert's sender, but stored beside it all the same.
-    if "\x00" in alert.tracking_id:
-        out.append(FieldViolation(f + "tracking_id", NUL_PROBLEM))
+    problem = chars_problem(alert.tracking_id)
+    if problem is not None:
+        out.append(FieldViolation(f + "tracking_id", problem))
     labels = alert.labels
     if len(labels) > max_labels:
         out.append(FieldViolation(f + "labels", f"at most {max_labels} labels allowed, got {len(labels)}"))
@@ -237,14 +238,14 @@ def validate_alert(
             out.append(FieldViolation(f + "labels", "label keys must not be empty"))
         elif len(key) > max_label_len:
             out.append(FieldViolation(f + "labels", f"label key {key[:32]!r}… longer than {max_label_len} characters"))
-        elif "\x00" in key:
-            out.append(FieldViolation(f + "labels", f"label key {key[:32]!r} {NUL_PROBLEM}"))
+        elif (problem := chars_problem(key)) is not None:
+            out.append(FieldViolation(f + "labels", f"label key {key[:32]!r} {problem}"))
         if len(value) > max_label_len:
             out.append(
                 FieldViolation(f + "labels", f"value of label {key[:32]!r} longer than {max_label_len} characters")
             )
-        elif "\x00" in value:
-            out.append(FieldViolation(f + "labels", f"value of label {key[:32]!r} {NUL_PROBLEM}"))
+        elif (problem := chars_problem(value)) is not None:
+            out.append(FieldViolation(f + "labels", f"value of label {key[:32]!r} {problem}"))
     return out
 
 

@@ -66,7 +66,7 @@ from aetherops.errors import (
     ValidationError,
 )
 from aetherops.runbook_conditions import MISSING, match_conditions, resolve_path, validate_conditions
-from aetherops.text import NUL_PROBLEM, text_problem
+from aetherops.text import chars_problem, text_problem
 
 __all__ = [
     "AGENT_PREFIX",
@@ -693,8 +693,9 @@ def _json_violations(value: Any, path: str, out: list[FieldViolation], depth: in
     elif value is None or isinstance(value, bool):
         return
     elif isinstance(value, str):
-        if "\x00" in value:
-            out.append(FieldViolation(path, NUL_PROBLEM))
+        problem = chars_problem(value)
+        if problem is not None:
+            out.append(FieldViolation(path, problem))
     elif isinstance(value, int):
         if abs(value) > _MAX_DOUBLE:
             out.append(FieldViolation(path, "numbers must be finite (this integer is beyond any double)"))
@@ -708,8 +709,8 @@ def _json_violations(value: Any, path: str, out: list[FieldViolation], depth: in
         for key, item in value.items():
             if not isinstance(key, str):
                 out.append(FieldViolation(path, f"object keys must be strings, not {type(key).__name__}"))
-            elif "\x00" in key:
-                out.append(FieldViolation(path, f"object key {key[:32]!r} {NUL_PROBLEM}"))
+            elif (problem := chars_problem(key)) is not None:
+                out.append(FieldViolation(path, f"object key {key[:32]!r} {problem}"))
             else:
                 _json_violations(item, f"{path}.{key}", out, depth + 1)
     else:

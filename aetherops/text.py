@@ -1,21 +1,37 @@
 """What text the services accept for storage: identifiers and free text that PostgreSQL can hold.
 
 PostgreSQL's `text` and `jsonb` cannot hold the NUL character (U+0000), which protobuf strings,
-JSON and NATS headers carry happily. Found only by the database, such a value fails the whole
-statement; in a group commit that is every caller's batch, and a NATS redelivery repeats it. So
-the validators of everything that is written in batches (alerts, snapshots, missions) refuse it
-up front, with the field named, and `aetherops.db.pool` turns what still reaches the database
-into a validation error. Identifiers are also bounded: they are keys of B-tree indexes.
+JSON and NATS headers carry happily; nor can UTF-8 encode an unpaired surrogate, which JSON's
+escapes can produce. Found only when written, such a value fails the whole statement; in a group
+commit that is every caller's batch, and a NATS redelivery repeats it. So the validators of what is
+written in batches (alerts, snapshots, missions) and of JSON kept in executions refuse it up front,
+with the field named, and `aetherops.db.pool` turns a NUL that still reaches the database into a
+validation error. Identifiers are also bounded: they are keys of B-tree indexes.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_ID_LEN", "NUL_PROBLEM", "id_problem", "text_problem"]
+__all__ = ["MAX_ID_LEN", "NUL_PROBLEM", "chars_problem", "id_problem", "text_problem"]
 
 MAX_ID_LEN = 256
 """Longest identifier (alert, satellite, subsystem, mission id) in characters."""
 
 NUL_PROBLEM = "must not contain NUL (U+0000) characters"
+SURROGATE_PROBLEM = "must be valid Unicode (no unpaired surrogates)"
+
+
+def chars_problem(value: str) -> str | None:
+    """Why PostgreSQL cannot store these characters (None when it can): NUL, or an unpaired
+    surrogate (JSON's "\ud800" escape decodes to one; UTF-8 cannot encode it)."""
+    if "\x00" in value:
+        return NUL_PROBLEM
+    if value.isascii():  # the common case, and a flag CPython keeps: no encoding needed
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return SURROGATE_PROBLEM
+    return None
 
 
 def id_problem(value: object) -> str | None:
@@ -25,15 +41,11 @@ def id_problem(value: object) -> str | None:
         return "required: must not be empty"
     if len(value) > MAX_ID_LEN:
         return f"at most {MAX_ID_LEN} characters allowed, got {len(value)}"
-    if "\x00" in value:
-        return NUL_PROBLEM
-    return None
+    return chars_problem(value)
 
 
 def text_problem(value: str, max_len: int) -> str | None:
     """Why free text (which may be empty) cannot be stored (None when it can)."""
     if len(value) > max_len:
         return f"at most {max_len} characters allowed, got {len(value)}"
-    if "\x00" in value:
-        return NUL_PROBLEM
-    return None
+    return chars_problem(value)

@@ -98,6 +98,11 @@ async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, b
         ):
             await bus.nc.publish(subject, payload)
         await bus.nc.publish(bus.subjects.telemetry("SAT-T", "plutonium"), b'{"value": 1}')
+        # A new series whose unit UTF-8 cannot encode (an unpaired surrogate, from a JSON escape).
+        await bus.nc.publish(
+            bus.subjects.telemetry("SAT-U", "fuel"),
+            b'{"timestamp": "%s", "value": 1, "unit": "k\\ud800g"}' % ok_time.encode(),
+        )
         await bus.nc.flush()
 
         assert app.infra is not None

@@ -358,8 +358,9 @@ async def test_execution_awaiting_approval_survives_a_restart(app_factory: Any, 
         (b'{"ok": true, "output": {"bus": "B\\u0000"}}', "output.bus: must not contain NUL"),
         (b'{"ok": true, "output": {"n": 1' + b"0" * 400 + b"}}", "output.n: numbers must be finite"),
         (b'{"ok": false, "error": "bus\\u0000 busy"}', "agent odd failed: bus\ufffd busy"),
+        (b'{"ok": true, "output": {"bus": "\\udfff"}}', "output.bus: must be valid Unicode"),
     ],
-    ids=["nul-in-output", "integer-beyond-double", "nul-in-error"],
+    ids=["nul-in-output", "integer-beyond-double", "nul-in-error", "lone-surrogate"],
 )
 async def test_an_agent_reply_that_cannot_be_kept_fails_its_step(
     app_factory: Any, bus: Bus, channel_for: Any, reply: bytes, reason: str

@@ -814,6 +814,9 @@ def test_validation_refuses_text_postgresql_cannot_store() -> None:
         "at most 256 characters allowed, got 257"
     ] * 3
     assert validate_alert(Alert("a" * 256, "S" * 256, "p" * 256, 3, at(0)), now=at(0)) == []
+    # An unpaired surrogate (from a JSON escape) cannot be encoded at all; other non-ASCII text is fine.
+    odd = validate_alert(Alert("a\ud800", "SAT-é", "power", 3, at(0), labels={"k": "\udfff"}), now=at(0))
+    assert [(v.field, "surrogate" in v.description) for v in odd] == [("alert.alert_id", True), ("alert.labels", True)]
 
 
 # ---- records -------------------------------------------------------------------------------
