@@ -65,7 +65,7 @@ from aetherops.clock import Clock
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import capacity as repo
 from aetherops.db.capacity import RiskRow, SeriesBlock
-from aetherops.errors import FieldViolation, NotFoundError, ValidationError
+from aetherops.errors import FieldViolation, NotFoundError, UnavailableError, ValidationError
 from aetherops.paging import decode_page_token, encode_page_token, filters_key
 from aetherops.services.batching import GroupCommitter
 from aetherops.telemetry import StreamingAggregator
@@ -258,6 +258,7 @@ class CapacityService:
         self.telemetry_points = 0
         self.telemetry_rejected = 0
         self.telemetry_stored = 0
+        self.telemetry_dropped = 0  # buckets the database refused even alone
         self.risk_events = 0
 
     @property
@@ -756,6 +757,14 @@ class CapacityService:
         pending, self._telemetry_pending = self._telemetry_pending, []
         try:
             outcomes = await self.ingest_many(pending)
+        except Exception as exc:
+            if isinstance(exc, UnavailableError):
+                self._telemetry_pending = pending + self._telemetry_pending
+                raise
+            # Not an outage: something in the batch was refused, and retrying the same batch would
+            # fail forever and hold back all telemetry. Each gets one more try on its own instead.
+            log.warning("capacity: a telemetry batch of %d failed (%s); storing them one by one", len(pending), exc)
+            outcomes = await self._ingest_each(pending)
         except BaseException:
             self._telemetry_pending = pending + self._telemetry_pending
             raise
@@ -770,6 +779,29 @@ class CapacityService:
         stored = sum(1 for o in outcomes if not o.duplicate and not o.violations)
         self.telemetry_stored += stored
         return stored
+
+    async def _ingest_each(self, snapshots: list[ResourceSnapshot]) -> list[SnapshotOutcome]:
+        """One commit per snapshot. One that fails alone is dropped (logged and counted); an outage
+        puts everything not yet stored back in the queue."""
+        outcomes: list[SnapshotOutcome] = []
+        for i, snapshot in enumerate(snapshots):
+            try:
+                outcomes.extend(await self.ingest_many([snapshot]))
+            except UnavailableError:
+                self._telemetry_pending = snapshots[i:] + self._telemetry_pending
+                raise
+            except Exception as exc:
+                self.telemetry_dropped += 1
+                log.error(
+                    "capacity: dropped the telemetry bucket of %s/%s at %s: %s",
+                    snapshot.satellite_id,
+                    snapshot.resource_type.name,
+                    snapshot.timestamp.isoformat(),
+                    exc,
+                )
+                refused = FieldViolation("snapshot", f"refused when stored: {exc}")
+                outcomes.append(SnapshotOutcome(violations=(refused,)))
+        return outcomes
 
     async def _telemetry_flusher(self) -> None:
         delay = self._flush_interval_s

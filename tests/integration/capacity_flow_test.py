@@ -23,6 +23,7 @@ from gen.aetherops.capacity.v1 import capacity_pb2 as pb
 from gen.aetherops.capacity.v1 import capacity_pb2_grpc
 from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
+from servers.capacity import CapacityComponent
 
 FUEL = pb.RESOURCE_TYPE_FUEL
 
@@ -131,6 +132,40 @@ async def test_telemetry_published_on_nats_becomes_snapshots(app_factory: Any, b
         )
         assert [(r["snapshot_time"], r["value"]) for r in rows] == expected
         assert {r["unit"] for r in rows} == {"kg"}
+
+
+async def test_a_telemetry_point_the_database_refuses_is_dropped_and_holds_nothing_back(
+    app_factory: Any, bus: Bus
+) -> None:
+    app = await app_factory()
+    assert app.infra is not None
+    db = app.infra.db
+    # The database refuses one satellite's snapshots (a trigger, as a stand-in for any value that
+    # passes validation but not the write). Its batch used to be retried as a whole, forever.
+    await db.execute(
+        """CREATE FUNCTION refuse_sat_p() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.satellite_id = 'SAT-P' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"""
+    )
+    await db.execute(
+        "CREATE TRIGGER refuse_sat_p BEFORE INSERT ON capacity_snapshots FOR EACH ROW EXECUTE FUNCTION refuse_sat_p()"
+    )
+    minute0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+    for m in range(3):
+        when = (minute0 + timedelta(minutes=10 * m)).isoformat()
+        for sat in ("SAT-P", "SAT-Q"):
+            payload = json.dumps({"timestamp": when, "value": 100.0 - m, "unit": "kg"}).encode()
+            await bus.nc.publish(bus.subjects.telemetry(sat, "fuel"), payload)
+    await bus.nc.flush()
+    (component,) = [c for c in app.components if isinstance(c, CapacityComponent)]
+    assert component.service is not None
+    service = component.service
+
+    async def settled() -> bool:
+        stored = await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-Q'")
+        return bool(stored == 3 and service.telemetry_dropped == 3)
+
+    await eventually(settled, what="SAT-Q's three buckets stored and SAT-P's three dropped")
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-P'") == 0
 
 
 async def test_forecast_reflects_a_scheduled_mission_and_survives_restart(app_factory: Any, channel_for: Any) -> None:
