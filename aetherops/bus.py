@@ -207,6 +207,7 @@ class OutboxRelay:
         self.pruned_total = 0
         self._wakeup = asyncio.Event()
         self.published_total = 0
+        self.dead_lettered = 0  # events too large for NATS: marked published without being sent
         self.failures = 0
         # Refreshed about once a second by the leader, read by the metrics scrape.
         self.backlog = 0
@@ -296,17 +297,40 @@ class OutboxRelay:
         rows = await outbox.fetch_unpublished(conn, self._batch_size)
         if not rows:
             return 0
+        max_payload = self._bus.nc.max_payload
+        sendable: list[tuple[outbox.OutboxRow, dict[str, str]]] = []
+        for row in rows:
+            headers = _headers(self._bus.subjects, row)
+            size = len(row.payload) + _header_bytes(headers)
+            if size > max_payload:
+                # NATS refuses it, every time: retried, it would hold back every later event of
+                # every service forever. It is marked published with the rest and stays in the
+                # outbox table (until pruning) for whoever needs to look at it.
+                self.dead_lettered += 1
+                log.error(
+                    "outbox relay: event %s on %s is %d bytes, over the NATS server's max_payload of %d;"
+                    " not published (kept in the outbox table)",
+                    row.event_id,
+                    row.subject,
+                    size,
+                    max_payload,
+                )
+                continue
+            sendable.append((row, headers))
         # Pipelined: every publish is written to the socket in order, then the acks are awaited.
-        acks = [
-            self._bus.js.publish_async(row.subject, row.payload, headers=_headers(self._bus.subjects, row))
-            for row in rows
-        ]
+        acks = [self._bus.js.publish_async(row.subject, row.payload, headers=headers) for row, headers in sendable]
         futures = [await a for a in acks]
         async with asyncio.timeout(10.0):
             await asyncio.gather(*futures)
         await outbox.mark_published(conn, rows)
-        self.published_total += len(rows)
+        self.published_total += len(sendable)
         return len(rows)
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Size of the headers block on the wire ("NATS/1.0\r\n", "Key: Value\r\n" each, "\r\n"),
+    which counts against max_payload together with the payload."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def _headers(subjects: Subjects, row: outbox.OutboxRow) -> dict[str, str]:

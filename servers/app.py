@@ -188,6 +188,12 @@ class Application:
             ("aetherops_outbox_backlog", "Outbox events not yet published", {}, float(relay.backlog)),
             ("aetherops_outbox_oldest_age_seconds", "Age of the oldest unpublished event", {}, relay.oldest_age_s),
             ("aetherops_outbox_published_total", "Events published by this relay", {}, float(relay.published_total)),
+            (
+                "aetherops_outbox_dead_lettered_total",
+                "Events over the NATS max_payload, kept in the outbox table and never published",
+                {},
+                float(relay.dead_lettered),
+            ),
         ]
 
     def _adapt_limits(self) -> None:

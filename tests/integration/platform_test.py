@@ -145,6 +145,34 @@ async def test_a_dedicated_connection_keeps_its_session_state_to_itself(db: Data
     assert await db.fetchval("SHOW enable_sort") == "on"
 
 
+async def test_an_event_too_large_for_nats_is_set_aside_and_the_rest_flow(db: Database, bus: Bus) -> None:
+    # NATS refuses a message over its max_payload every time. Retried, it held back every later
+    # event of every service for good (the relay backed off and tried the same row again).
+    await bus.ensure_streams()
+    before = await _write_events(db, bus, 2)
+    async with db.transaction() as conn:
+        huge = outbox.OutboxEvent(
+            subject=bus.subjects.incidents("opened"), aggregate_id="agg-huge", payload=b"x" * bus.nc.max_payload
+        )
+        await outbox.append(conn, [huge])
+    after = await _write_events(db, bus, 2, start=2)
+    relay = OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.05)
+    task = asyncio.create_task(relay.run())
+    try:
+
+        async def drained() -> bool:
+            return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
+
+        await eventually(drained, what="the outbox drained past the oversized event")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert (relay.dead_lettered, relay.published_total, relay.failures) == (1, 4, 0)
+    msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
+    assert [m.headers["Nats-Msg-Id"] for m in msgs] == before + after  # in order, without the huge one
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE event_id = $1", huge.event_id) == 1  # kept
+
+
 async def test_a_second_relay_takes_over_when_the_leader_stops(db: Database, bus: Bus) -> None:
     await bus.ensure_streams()
     leader, standby = (OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.05) for _ in range(2))
