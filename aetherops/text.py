@@ -11,7 +11,7 @@ validation error. Identifiers are also bounded: they are keys of B-tree indexes.
 
 from __future__ import annotations
 
-__all__ = ["MAX_ID_LEN", "NUL_PROBLEM", "chars_problem", "id_problem", "text_problem"]
+__all__ = ["MAX_ID_LEN", "NUL_PROBLEM", "SURROGATE_PROBLEM", "chars_problem", "id_problem", "text_problem"]
 
 MAX_ID_LEN = 256
 """Longest identifier (alert, satellite, subsystem, mission id) in characters."""
@@ -22,7 +22,7 @@ SURROGATE_PROBLEM = "must be valid Unicode (no unpaired surrogates)"
 
 def chars_problem(value: str) -> str | None:
     """Why PostgreSQL cannot store these characters (None when it can): NUL, or an unpaired
-    surrogate (JSON's "\ud800" escape decodes to one; UTF-8 cannot encode it)."""
+    surrogate (JSON's "\\ud800" escape decodes to one; UTF-8 cannot encode it)."""
     if "\x00" in value:
         return NUL_PROBLEM
     if value.isascii():  # the common case, and a flag CPython keeps: no encoding needed
@@ -36,7 +36,7 @@ def chars_problem(value: str) -> str | None:
 
 def id_problem(value: object) -> str | None:
     """Why `value` is not a usable identifier (None when it is): a non-blank string of at most
-    MAX_ID_LEN characters without NUL."""
+    MAX_ID_LEN characters that PostgreSQL can store (see `chars_problem`)."""
     if not isinstance(value, str) or not value.strip():
         return "required: must not be empty"
     if len(value) > MAX_ID_LEN:
