@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -64,8 +64,15 @@ _UNSTORABLE_TEXT = (
 )
 
 
-def _unstorable(exc: Exception) -> ValidationError:
-    return ValidationError.single("request", f"text {NUL_PROBLEM} (PostgreSQL: {exc})")
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Errors of statements run on a connection, as domain errors (see the module docstring)."""
+    try:
+        yield
+    except _CONNECTION_LOST as exc:
+        raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
+    except _UNSTORABLE_TEXT as exc:
+        raise ValidationError.single("request", f"text {NUL_PROBLEM} (PostgreSQL: {exc})") from exc
 
 
 def _jsonb_encode(value: Any) -> bytes:
@@ -151,12 +158,9 @@ class Database:
         except _CANNOT_CONNECT as exc:
             raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
         try:
-            await _init_connection(conn)
-            yield conn
-        except _CONNECTION_LOST as exc:
-            raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
-        except _UNSTORABLE_TEXT as exc:
-            raise _unstorable(exc) from exc
+            with _translated():
+                await _init_connection(conn)
+                yield conn
         finally:
             try:
                 await asyncio.wait_for(conn.close(), self._timeout_s)
@@ -180,11 +184,8 @@ class Database:
         except _CANNOT_CONNECT as exc:
             raise UnavailableError(f"PostgreSQL unreachable: {exc}") from exc
         try:
-            yield conn
-        except _CONNECTION_LOST as exc:
-            raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
-        except _UNSTORABLE_TEXT as exc:
-            raise _unstorable(exc) from exc
+            with _translated():
+                yield conn
         finally:
             await self._pool.release(conn)
 
