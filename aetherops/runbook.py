@@ -681,6 +681,15 @@ def project(runbook: Runbook, events: Sequence[ExecutionEvent], as_of: datetime 
 
 _MAX_DOUBLE = sys.float_info.max
 MAX_ACTION_DESCRIPTION_LEN = 1024
+MAX_JSON_BYTES = 256 * 1024
+"""Largest start variables and action output, as compact JSON. Each travels whole in one event, and
+a NATS message holds 1 MiB by default: the outbox relay sets aside an event it cannot send."""
+
+
+def _json_size_problem(value: Any) -> str | None:
+    """Why a JSON-able value is too large to carry in an event (None when it is not)."""
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    return f"at most {MAX_JSON_BYTES} bytes as JSON, got {size}" if size > MAX_JSON_BYTES else None
 
 
 # --- validation and rendering ----------------------------------------------------------------------
@@ -1130,6 +1139,8 @@ class RunbookEngine:
             return [FieldViolation("variables", "must be an object")]
         out: list[FieldViolation] = []
         _json_violations(variables, "variables", out)
+        if not out and (problem := _json_size_problem(variables)) is not None:
+            out.append(FieldViolation("variables", problem))
         return out or _missing_variables(runbook, variables)
 
     def start_execution(
@@ -1352,6 +1363,8 @@ class RunbookEngine:
         _json_violations(output, "output", problems)
         if problems:
             return None, f"action returned a non-JSON output ({problems[0].field}: {problems[0].description})"
+        if (problem := _json_size_problem(output)) is not None:
+            return None, f"action returned too large an output ({problem})"
         return dict(_json_copy(output)), None
 
     def _flush_logs(self, execution: _Execution, step: RunbookStep, ctx: ActionContext) -> None:

@@ -116,6 +116,12 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "variables.sat" in violations(err.value)
 
     assert await code_of(op.StartExecution(nul_variable)) == grpc.StatusCode.INVALID_ARGUMENT
+    # Variables the started event could not carry through NATS (1 MiB) are refused, not set aside.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb", variables=struct({"blob": "x" * 1_500_000})))
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes as JSON" in violations(err.value)["variables"]
+    )
     started = await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S1"})))
     eid = started.execution.execution_id
     approve = pb.ApproveStepRequest(execution_id=eid, step_id="two")

@@ -492,6 +492,7 @@ async def test_failing_step_marks_step_and_execution_failed_without_crashing(
         (TimeoutError("agent did not answer"), "agent did not answer"),  # the action's own timeout
         ("a string", "action returned str, not an object"),
         ({"x": float("inf")}, "non-JSON output (output.x: numbers must be finite)"),
+        ({"dump": "x" * 300_000}, "too large an output (at most 262144 bytes as JSON"),  # must fit in an event
     ],
 )
 async def test_handler_errors_and_bad_outputs_fail_the_step(
@@ -1498,6 +1499,9 @@ def test_variables_must_be_json_shaped(engine: RunbookEngine) -> None:
     with pytest.raises(ValidationError) as caught:
         engine.start_execution("r", "alice", {"sat": "S\x00", "k\x00": 1, "n": [10**400], "ok": 2**64})
     assert [v.field for v in caught.value.violations] == ["variables.sat", "variables", "variables.n[0]"]
+    with pytest.raises(ValidationError) as caught:  # the started event carries them whole
+        engine.start_execution("r", "alice", {"blob": "x" * 300_000})
+    assert [v.field for v in caught.value.violations] == ["variables"]
 
 
 async def test_events_record_the_tracking_id_of_whoever_caused_them(clock: ManualClock, rec: Recorder) -> None:
