@@ -81,8 +81,10 @@ class IncidentFeed:
             self._watchers.add(watcher)
 
     async def remove(self, watcher: Watcher) -> None:
+        # Forgotten at once, before any await: a stream cancelled again while it waits for the lock
+        # must not stay registered.
+        self._watchers.discard(watcher)
         async with self._lock:
-            self._watchers.discard(watcher)
             if not self._watchers and self._sub is not None:
                 sub, self._sub = self._sub, None
                 with contextlib.suppress(Exception):  # the connection may be closing already
