@@ -10,8 +10,10 @@ sequential scans of a table, so the checks need no timing.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 
 from aetherops.db import Database, outbox
 from aetherops.db import correlation as repo
@@ -105,3 +107,28 @@ async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Data
     for cid, listed in alerts.items():
         assert len(listed) == 9, cid  # ten alerts each, one of them a duplicate
         assert [a.timestamp for a in listed] == sorted(a.timestamp for a in listed)
+
+
+async def test_every_stored_alert_names_a_stored_cluster_checked_without_reading_the_table(db: Database) -> None:
+    # The check that replaced the foreign key (0006) probes each distinct cluster of a statement,
+    # however many clusters are stored and whatever the planner knows about them.
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO clusters (cluster_id, status, first_alert_time, last_alert_time, opened_time)
+               SELECT 'c' || g, 'OPEN', now(), now(), now() FROM generate_series(1, $1) AS g""",
+            ROWS,
+        )
+    alert = ("a1", "c7", "SAT", "power", 1, datetime.now(UTC), "", {}, None, "")
+    columns = ["alert_id", "cluster_id", "satellite_id", "subsystem", "severity", "alert_time"]
+    columns += ["message", "labels", "duplicate_of", "tracking_id"]
+    async with db.transaction() as conn:
+        before = await _seq_scans(conn, "clusters")
+        rows = [(f"a{n}", f"c{n % 500 + 1}", *alert[2:]) for n in range(BATCH)]
+        await conn.copy_records_to_table("alerts", records=rows, columns=columns)
+        assert await _seq_scans(conn, "clusters") == before
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="cluster nowhere"):
+        async with db.transaction() as conn:
+            await conn.copy_records_to_table(
+                "alerts", records=[("b1", "c1", *alert[2:]), ("b2", "nowhere", *alert[2:])], columns=columns
+            )
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id LIKE 'b%'") == 0
