@@ -8,7 +8,15 @@ work with ResourceExhaustedError instead of growing.
 
 A batch goes through two stages: `prepare` decides what to write (it may read
 the database but writes nothing) and `write` commits that and returns the
-results. Writes run one at a time, in batch order. Under bulk load (a full batch
+results. Writes run one at a time, in batch order.
+
+Before taking a batch smaller than `max_batch`, the worker lets the event loop run a few more turns
+if the previous batch came from several callers: grpc.aio takes several loop turns to hand a call
+that grpc-core already accepted to its handler, so under load the callers of the next batch are
+still on their way when the worker is free. Taking the batch at once made batches of about eight
+IngestAlert calls at 1,300 calls/s, and per-batch work (round trips, the events of large incidents)
+then cost more server CPU than the alerts themselves (figures in `linger_turns`). A lone caller is
+not made to wait. Under bulk load (a full batch
 already waiting when a write starts) the next batch is prepared while the
 previous one is written, so the worker's CPU and the database work overlap;
 otherwise the next batch keeps filling until the write is done. If a write
@@ -64,12 +72,19 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         *,
         max_batch: int = 2000,
         max_queue: int = 50_000,
+        linger_turns: int = 128,
         name: str = "group-commit",
     ) -> None:
+        """`linger_turns`: event-loop turns to wait for more callers before taking a batch smaller than
+        `max_batch`, when the previous batch had more than one caller (0: never wait). With 96
+        concurrent IngestAlert callers, 128 turns cut server CPU per call by about 10% (775-995 to
+        690-720 us) and PostgreSQL's by about 30%; when idle, a turn costs a few microseconds."""
         self._prepare = prepare
         self._write = write
         self._max_batch = max_batch
         self._max_queue = max_queue
+        self._linger_turns = linger_turns
+        self._callers_of_last_batch = 0
         self._name = name
         self._queue: list[_Request[Item, Result]] = []
         self._queued = 0  # items in the queue
@@ -150,7 +165,10 @@ class GroupCommitter(Generic[Item, Plan, Result]):
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                if self._callers_of_last_batch > 1 and self._queued < self._max_batch:
+                    await self._linger()
                 batch = self._take()
+                self._callers_of_last_batch = len(batch)
                 items = [item for request in batch for item in request.items]
                 try:
                     plan = await self._prepare(items)
@@ -178,6 +196,13 @@ class GroupCommitter(Generic[Item, Plan, Result]):
                 writing[1].cancel()
                 writing[1].add_done_callback(_retrieve)  # nobody awaits it any more
                 self._fail(writing[0], UnavailableError("server is shutting down"))
+
+    async def _linger(self) -> None:
+        """Lets callers that are on their way join the next batch (see the module docstring)."""
+        for _ in range(self._linger_turns):
+            await asyncio.sleep(0)
+            if self._queued >= self._max_batch:
+                return
 
     async def _write_all(self, plan: Plan, count: int) -> Sequence[Result]:
         results = await self._write(plan)

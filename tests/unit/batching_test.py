@@ -113,6 +113,49 @@ async def test_a_full_queue_refuses_and_stop_fails_what_is_queued() -> None:
         await committer.submit(7)
 
 
+async def _submit_after(committer: GroupCommitter[int, list[int], int], item: int, turns: int) -> int:
+    """A caller that reaches the committer `turns` event-loop turns from now (as a gRPC call that
+    grpc-core accepted reaches its handler a few turns later)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return await committer.submit(item)
+
+
+@pytest.mark.parametrize("linger_turns", [0, 16])
+async def test_after_a_batch_of_several_callers_the_next_waits_for_callers_on_their_way(linger_turns: int) -> None:
+    rec = Recorder()
+    committer = _committer(rec, max_batch=100, linger_turns=linger_turns)
+    committer.start()
+    try:
+        assert await asyncio.gather(committer.submit(1), committer.submit(2)) == [10, 20]
+        # Two callers made the last batch: the worker waits up to 16 turns for more before taking one.
+        assert await asyncio.gather(committer.submit(3), _submit_after(committer, 4, 8)) == [30, 40]
+        if linger_turns:
+            assert rec.batches == [[1, 2], [3, 4]]
+        else:
+            assert rec.batches == [[1, 2], [3], [4]]
+    finally:
+        await committer.stop()
+
+
+async def test_a_lone_caller_is_not_kept_waiting_and_lingering_ends_at_a_full_batch() -> None:
+    rec = Recorder()
+    committer = _committer(rec, max_batch=3, linger_turns=10**9)
+    committer.start()
+    try:
+        async with asyncio.timeout(5):  # a worker that lingers here would wait for ever
+            assert await committer.submit(1) == 10
+            # The last batch had one caller: the next is taken at once, without the one 8 turns away.
+            assert await asyncio.gather(committer.submit(2), _submit_after(committer, 3, 8)) == [20, 30]
+            assert rec.batches == [[1], [2], [3]]
+            await asyncio.gather(committer.submit(4), committer.submit(5))
+            # After a batch of two the worker waits, but three items fill a batch.
+            await asyncio.gather(committer.submit(6), _submit_after(committer, 7, 4), _submit_after(committer, 8, 8))
+            assert rec.batches[-1] == [6, 7, 8]
+    finally:
+        await committer.stop()
+
+
 class Pipeline:
     """A prepare and a write that log what they do; each write waits for its own release."""
 
