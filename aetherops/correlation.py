@@ -64,7 +64,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 from aetherops.clock import Clock, SystemClock
 from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
@@ -171,7 +171,7 @@ class Alert:
     epoch: float = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.labels, Labels):
+        if type(self.labels) is not Labels:  # not isinstance: Labels is an ABC, and that check is slow
             # Most alerts have none: they share one empty mapping instead of two objects each.
             object.__setattr__(self, "labels", Labels(self.labels) if self.labels else _NO_LABELS)
         try:
@@ -265,9 +265,9 @@ class ScoreComponents:
     total: float
 
 
-@dataclass(frozen=True, slots=True)
-class IngestResult:
-    """What one `ingest_detailed` did.
+class IngestResult(NamedTuple):
+    """What one `ingest_detailed` did. A named tuple: one is made per alert, and building a frozen
+    dataclass costs three times as much.
 
     `replay` means the alert id was already known: nothing changed and the other fields repeat the
     first outcome (`duplicate`/`duplicate_of` as it was then; `opened`/`root_cause_changed` False).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -58,9 +58,9 @@ class ClusterRecord:
         return (self.last_alert_time - self.first_alert_time).total_seconds()
 
 
-@dataclass(frozen=True)
-class AlertRow:
-    """One alert to store: the alert, its cluster, and what it duplicates (if it does)."""
+class AlertRow(NamedTuple):
+    """One alert to store: the alert, its cluster, and what it duplicates (if it does). A named
+    tuple: one is made per alert."""
 
     alert: Alert
     cluster_id: str

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
@@ -33,8 +34,9 @@ log = logging.getLogger("aetherops.correlation")
 _MAX_FILTER_LEN = 256
 
 
-@dataclass(frozen=True)
-class IngestOutcome:
+class IngestOutcome(NamedTuple):
+    """What ingesting one alert did, as its caller is answered (a named tuple: one per alert)."""
+
     cluster_id: str
     duplicate: bool = False
     duplicate_of: str | None = None
