@@ -8,20 +8,21 @@ work with ResourceExhaustedError instead of growing.
 
 A batch goes through two stages: `prepare` decides what to write (it may read
 the database but writes nothing) and `write` commits that and returns the
-results. Writes run one at a time, in batch order.
-
-Before taking a batch smaller than `max_batch`, the worker lets the event loop run a few more turns
-if the previous batch came from several callers: grpc.aio takes several loop turns to hand a call
-that grpc-core already accepted to its handler, so under load the callers of the next batch are
-still on their way when the worker is free. Taking the batch at once made batches of about eight
-IngestAlert calls at 1,300 calls/s, and per-batch work (round trips, the events of large incidents)
-then cost more server CPU than the alerts themselves (figures in `linger_turns`). A lone caller is
-not made to wait. Under bulk load (a full batch
+results. Writes run one at a time, in batch order. Under bulk load (a full batch
 already waiting when a write starts) the next batch is prepared while the
 previous one is written, so the worker's CPU and the database work overlap;
 otherwise the next batch keeps filling until the write is done. If a write
 fails, a batch prepared during it is prepared again after it, so `prepare` must
 first bring its state back in line with what was committed.
+
+Before taking a batch smaller than `max_batch`, the worker lets the event loop
+run a few more turns if the previous batch came from several callers. grpc.aio
+takes several loop turns to hand a call that grpc-core already accepted to its
+handler, so under load the callers of the next batch were still on their way
+when the worker became free: batches of about eight IngestAlert calls at 1,300
+calls/s, whose per-batch work (round trips, the events of large incidents) cost
+more server CPU than their alerts (figures in `linger_turns`). A lone caller is
+not made to wait.
 """
 
 from __future__ import annotations
