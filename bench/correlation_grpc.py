@@ -215,6 +215,11 @@ async def _latency(
         done.set()
     try:
         await asyncio.wait_for(done.wait(), 60)
+    except TimeoutError:
+        raise RuntimeError(
+            f"{path} path: {expected - len(lags)} of {expected} incident events did not arrive within 60 s"
+            f" of the last alert (e.g. {list(sent)[:3]})"
+        ) from None
     finally:
         await sub.unsubscribe()
         await nc.close()
