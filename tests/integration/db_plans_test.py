@@ -118,17 +118,17 @@ async def test_every_stored_alert_names_a_stored_cluster_checked_without_reading
                SELECT 'c' || g, 'OPEN', now(), now(), now() FROM generate_series(1, $1) AS g""",
             ROWS,
         )
-    alert = ("a1", "c7", "SAT", "power", 1, datetime.now(UTC), "", {}, None, "")
     columns = ["alert_id", "cluster_id", "satellite_id", "subsystem", "severity", "alert_time"]
     columns += ["message", "labels", "duplicate_of", "tracking_id"]
+    rest = ("SAT", "power", 1, datetime.now(UTC), "", {}, None, "")  # the columns after the two ids
     async with db.transaction() as conn:
         before = await _seq_scans(conn, "clusters")
-        rows = [(f"a{n}", f"c{n % 500 + 1}", *alert[2:]) for n in range(BATCH)]
+        rows = [(f"a{n}", f"c{n % 500 + 1}", *rest) for n in range(BATCH)]
         await conn.copy_records_to_table("alerts", records=rows, columns=columns)
         assert await _seq_scans(conn, "clusters") == before
     with pytest.raises(asyncpg.ForeignKeyViolationError, match="cluster nowhere"):
         async with db.transaction() as conn:
             await conn.copy_records_to_table(
-                "alerts", records=[("b1", "c1", *alert[2:]), ("b2", "nowhere", *alert[2:])], columns=columns
+                "alerts", records=[("b1", "c1", *rest), ("b2", "nowhere", *rest)], columns=columns
             )
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id LIKE 'b%'") == 0
