@@ -23,6 +23,10 @@ when the worker became free: batches of about eight IngestAlert calls at 1,300
 calls/s, whose per-batch work (round trips, the events of large incidents) cost
 more server CPU than their alerts (figures in `linger_turns`). A lone caller is
 not made to wait.
+
+`exclusive()` runs a section while no batch is between `prepare` and the end of
+its `write`: for a change those decisions must not straddle (closing an incident
+that a prepared batch has just put an alert into).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +52,15 @@ log = logging.getLogger("aetherops.batching")
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+@dataclass
+class _Pause:
+    """An `exclusive()` section: the worker resolves `granted` once it holds no batch, then waits
+    for `resume`."""
+
+    granted: asyncio.Future[None]
+    resume: asyncio.Future[None]
 
 
 @dataclass
@@ -94,6 +107,8 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         self._queued = 0  # items in the queue
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._exclusive = asyncio.Lock()  # one exclusive section at a time
+        self._pause: _Pause | None = None
         self.batches = 0
         self.items = 0
 
@@ -134,6 +149,38 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         self._wakeup.set()
         return futures
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Runs the body while the worker holds no batch.
+
+        On entry every batch the worker had taken is settled (committed, or failed and answered);
+        until the body ends it takes no new one, while callers keep queueing. Nothing the worker
+        decided can then land after what the body commits, and what the worker decides next sees the
+        body's effect. The body must not wait for a batch of its own: that would wait forever.
+        """
+        async with self._exclusive:
+            task = self._task
+            if task is None or task.done():
+                yield
+                return
+            loop = asyncio.get_running_loop()
+            pause = _Pause(loop.create_future(), loop.create_future())
+            self._pause = pause
+            self._wakeup.set()
+            try:
+                await pause.granted
+                yield
+            finally:
+                self._pause = None
+                if not pause.resume.done():
+                    pause.resume.set_result(None)
+
+    async def _hold(self, pause: _Pause) -> None:
+        """The worker's side of `exclusive()`, with no batch in hand."""
+        if not pause.granted.done():
+            pause.granted.set_result(None)
+        await pause.resume
+
     async def submit(self, item: Item) -> Result:
         (future,) = self._enqueue([item])
         return (await future)[0]
@@ -160,6 +207,13 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         writing: tuple[list[_Request[Item, Result]], asyncio.Task[Sequence[Result]]] | None = None
         try:
             while True:
+                pause = self._pause
+                if pause is not None and not pause.resume.done():
+                    if writing is not None:
+                        await self._settle(*writing)
+                        writing = None
+                    await self._hold(pause)
+                    continue
                 if writing is not None and self._queued < self._max_batch:
                     # Not bulk: let the next batch fill while this write finishes.
                     await self._settle(*writing)
@@ -196,6 +250,9 @@ class GroupCommitter(Generic[Item, Plan, Result]):
                 else:
                     await self._settle(batch, self._write_all(plan, len(items)))
         finally:
+            pause = self._pause
+            if pause is not None and not pause.granted.done():  # an exclusive section waits in vain
+                pause.granted.set_exception(UnavailableError("server is shutting down"))
             if writing is not None:
                 writing[1].cancel()
                 writing[1].add_done_callback(_retrieve)  # nobody awaits it any more

@@ -369,7 +369,20 @@ class CorrelationService:
         return page, token
 
     async def close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:
-        """Closes a cluster (idempotent on request_id); its events leave with the commit."""
+        """Closes a cluster (idempotent on request_id); its events leave with the commit.
+
+        Ingestion pauses meanwhile (`GroupCommitter.exclusive`): a batch that already put an alert
+        into this cluster commits first, so its alert and its "updated" event come before the close;
+        the next batch is correlated by an engine that knows the cluster is closed, so nothing joins it.
+        """
+        async with self._committer.exclusive():
+            closed = await self._close(cluster_id, reason=reason, closed_by=closed_by, request_id=request_id)
+            # The engine learns only after the commit, so it never holds an uncommitted close.
+            self._engine.close_cluster(cluster_id)
+        self._relay.wake()
+        return closed
+
+    async def _close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:
         now = self._clock.now()
         async with self._db.transaction() as conn:
             # The row lock first: a concurrent close of this cluster (a retry racing its original,
@@ -389,9 +402,6 @@ class CorrelationService:
             event = IncidentEvent("closed", closed, _root_alert(closed), reason=reason, closed_by=closed_by)
             await outbox.append(conn, [self._event(event, now)])
             await idempotency.remember(conn, "correlation.close", request_id, {"cluster_id": cluster_id})
-        # The engine learns only after the commit, so it never holds an uncommitted close.
-        self._engine.close_cluster(cluster_id)
-        self._relay.wake()
         return closed
 
     async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:

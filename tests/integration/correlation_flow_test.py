@@ -228,11 +228,14 @@ async def test_a_batch_that_fails_to_commit_leaves_no_trace_in_memory(channel: g
 
 
 async def test_a_close_racing_an_alert_into_the_same_incident_stays_closed(
-    channel: grpc.aio.Channel, db: Database
+    channel: grpc.aio.Channel, db: Database, server: Any
 ) -> None:
-    # The close takes the incident's row lock before a batch that already put an alert into that
-    # incident (in memory) writes it: that batch must not reopen the incident it then finds closed.
+    # An alert arrives while the close of the incident it belongs to is being committed: ingestion
+    # waits for the close, then opens a new incident. Before, the alert was correlated into the
+    # incident while the close waited for the row, stored in it after the close, and its "updated"
+    # event followed the "closed" one.
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    (component,) = [c for c in server.components if isinstance(c, CorrelationComponent)]
     t0 = datetime.now(UTC) - timedelta(seconds=60)
     first = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-C", "power", t0)))
     cid = first.cluster_id
@@ -244,18 +247,24 @@ async def test_a_close_racing_an_alert_into_the_same_incident_stays_closed(
         return bool(count >= n)
 
     async with db.transaction() as holder:
-        # Another transaction holds the row, so both writers queue on it in the order they arrive.
+        # Another transaction holds the row, so the close stays in its transaction until released.
         await holder.execute("SELECT 1 FROM clusters WHERE cluster_id = $1 FOR UPDATE", cid)
         close = asyncio.ensure_future(stub.CloseCluster(pb.CloseClusterRequest(cluster_id=cid, reason="fixed")))
         await eventually(lambda: waiting_on_locks(1), what="the close waiting for the row")
         late = asyncio.ensure_future(
             stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-C", "thermal", t0 + timedelta(seconds=5))))
         )
-        await eventually(lambda: waiting_on_locks(2), what="the alert's batch waiting for the row")
+
+        async def queued() -> bool:
+            return bool(component.ingest_utilisation > 0)
+
+        await eventually(queued, what="the alert queued behind the close")
     await close
-    await late
+    assert (await late).cluster_id != cid
     row = await db.fetchrow("SELECT status, alert_count FROM clusters WHERE cluster_id = $1", cid)
-    assert row["status"] == "CLOSED"
+    assert (row["status"], row["alert_count"]) == ("CLOSED", 1)
+    subjects = await db.fetch("SELECT subject FROM outbox WHERE aggregate_id = $1 ORDER BY id", cid)
+    assert [r["subject"].rsplit(".", 1)[-1] for r in subjects] == ["opened", "closed"]
     after = await stub.IngestAlert(
         pb.IngestAlertRequest(alert=_alert("SAT-C", "propulsion", t0 + timedelta(seconds=10)))
     )
@@ -272,7 +281,8 @@ async def test_a_close_racing_an_alert_into_the_same_incident_stays_closed(
             )
             for request_id in ("close-1", "close-1", "close-2")
         ]
-        await eventually(lambda: waiting_on_locks(3), what="three closes waiting for the row")
+        # One waits for the row; the others wait for it (one close at a time), in arrival order.
+        await eventually(lambda: waiting_on_locks(1), what="a close waiting for the row")
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert [r.cluster.status for r in results[:2]] == [pb.CLUSTER_STATUS_CLOSED] * 2  # type: ignore[union-attr]
     assert isinstance(results[2], grpc.aio.AioRpcError)

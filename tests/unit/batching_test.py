@@ -187,14 +187,20 @@ class Pipeline:
         return [i * 10 for i in items]
 
 
-async def test_under_bulk_load_the_next_batch_is_prepared_while_one_is_written() -> None:
-    p = Pipeline()
+async def _bulk(p: Pipeline) -> tuple[GroupCommitter[int, list[int], int], asyncio.Future[list[int]]]:
+    """A running committer (batches of 2) given 1..6 at once, once it writes batch 1."""
     committer: GroupCommitter[int, list[int], int] = GroupCommitter(p.prepare, p.write, max_batch=2)
     committer.start()
+    results = asyncio.ensure_future(committer.submit_many([1, 2, 3, 4, 5, 6]))
+    await p.wait_writing(1)
+    await _let_tasks_start()
+    return committer, results
+
+
+async def test_under_bulk_load_the_next_batch_is_prepared_while_one_is_written() -> None:
+    p = Pipeline()
+    committer, results = await _bulk(p)
     try:
-        results = asyncio.ensure_future(committer.submit_many([1, 2, 3, 4, 5, 6]))
-        await p.wait_writing(1)
-        await _let_tasks_start()
         assert "prepare 3" in p.log and "committed 1" not in p.log, "batch 2 prepared while batch 1 is written"
         p.release(1)
         await p.wait_writing(3)
@@ -237,11 +243,59 @@ async def test_a_batch_prepared_during_a_failed_write_is_prepared_again() -> Non
 
 
 async def test_stop_during_a_pipelined_write_fails_its_callers() -> None:
+    committer, results = await _bulk(Pipeline())
+    await committer.stop()
+    with pytest.raises(UnavailableError):
+        await results
+
+
+async def test_an_exclusive_section_waits_for_the_batches_in_hand_and_holds_new_ones() -> None:
+    p = Pipeline()
+    committer, results = await _bulk(p)
+    try:
+        assert "prepare 3" in p.log, "batch 3 is in hand: prepared while batch 1 is written"
+        entered, leave = asyncio.Event(), asyncio.Event()
+
+        async def section() -> None:
+            async with committer.exclusive():
+                p.log.append("exclusive")
+                entered.set()
+                await leave.wait()
+
+        task = asyncio.ensure_future(section())
+        p.release(1)
+        await p.wait_writing(3)
+        assert not entered.is_set()
+        p.release(3)
+        await asyncio.wait_for(entered.wait(), 5)
+        assert p.log[-3:] == ["write 3", "committed 3", "exclusive"], "entered once the batches in hand committed"
+        late = asyncio.ensure_future(committer.submit(7))
+        for _ in range(50):  # turns in which a worker that ignored the section would prepare batch 5
+            await asyncio.sleep(0)
+        assert p.log[-1] == "exclusive" and committer.utilisation > 0, "queued, but no batch taken"
+        leave.set()
+        await task
+        p.release(5)
+        p.release(7)
+        assert await results == [10, 20, 30, 40, 50, 60] and await late == 70
+    finally:
+        await committer.stop()
+
+
+async def test_an_exclusive_section_runs_at_once_without_a_worker_and_fails_when_the_worker_stops() -> None:
     p = Pipeline()
     committer: GroupCommitter[int, list[int], int] = GroupCommitter(p.prepare, p.write, max_batch=2)
+    async with committer.exclusive():
+        p.log.append("exclusive")
+    assert p.log == ["exclusive"]
     committer.start()
-    results = asyncio.ensure_future(committer.submit_many([1, 2, 3, 4, 5, 6]))
+    results = asyncio.ensure_future(committer.submit(1))
     await p.wait_writing(1)
+    section = asyncio.ensure_future(committer.exclusive().__aenter__())
+    await _let_tasks_start()
+    assert not section.done(), "waits for the write in hand"
     await committer.stop()
+    with pytest.raises(UnavailableError):
+        await asyncio.wait_for(section, 5)
     with pytest.raises(UnavailableError):
         await results
