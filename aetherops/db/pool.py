@@ -1,5 +1,6 @@
 """The asyncpg connection pool, bound to one schema, and its error translation (an unreachable
-server is UnavailableError, text it cannot store is ValidationError).
+server, or one that cannot finish a transaction for now, is UnavailableError; text it cannot store
+is ValidationError).
 
 Every connection's search_path is the configured schema, so SQL names tables
 unqualified and tests isolate themselves with a schema each.
@@ -55,6 +56,17 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
 )
 
+# The database could not finish this transaction now, through no fault of the request: a deadlock or
+# serialization failure (class 40), a full disk, memory or connection table (53), a lock timeout
+# (55P03), an I/O error (58). The same request may well succeed when retried, so these are
+# UnavailableError (the answer is UNAVAILABLE, which clients retry), not INTERNAL.
+_TRANSIENT = (
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.PostgresSystemError,
+)
+
 # Text the database cannot store: NUL in `text` (22021), `\u0000` in `jsonb` (22P05). The validators
 # of batched writes refuse it up front (see `aetherops.text`); what still gets here is a caller's
 # value used in a single statement (a looked-up id, a filter, a request id), so it is their error.
@@ -71,6 +83,8 @@ def _translated() -> Iterator[None]:
         yield
     except _CONNECTION_LOST as exc:
         raise UnavailableError(f"PostgreSQL connection lost: {exc}") from exc
+    except _TRANSIENT as exc:
+        raise UnavailableError(f"PostgreSQL could not complete the transaction; retry: {exc}") from exc
     except _UNSTORABLE_TEXT as exc:
         raise ValidationError.single("request", f"text {NUL_PROBLEM} (PostgreSQL: {exc})") from exc
 

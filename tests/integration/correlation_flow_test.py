@@ -227,6 +227,34 @@ async def test_a_batch_that_fails_to_commit_leaves_no_trace_in_memory(channel: g
     assert again.cluster_id == thermal.cluster_id and not again.replay
 
 
+@pytest.mark.parametrize(
+    ("sqlstate", "code"),
+    [
+        ("40P01", grpc.StatusCode.UNAVAILABLE),  # deadlock_detected
+        ("40001", grpc.StatusCode.UNAVAILABLE),  # serialization_failure
+        ("53100", grpc.StatusCode.UNAVAILABLE),  # disk_full
+        ("XX000", grpc.StatusCode.INTERNAL),  # internal_error: nothing a retry would fix
+    ],
+)
+async def test_a_batch_the_database_cannot_commit_for_now_is_unavailable_and_a_retry_stores_it(
+    channel: grpc.aio.Channel, db: Database, sqlstate: str, code: grpc.StatusCode
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    await db.execute(
+        f"""CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{sqlstate}'; END $$"""
+    )
+    await db.execute("CREATE TRIGGER refuse_once BEFORE INSERT ON alerts FOR EACH ROW EXECUTE FUNCTION refuse_once()")
+    alert = _alert("SAT-R", "power", datetime.now(UTC) - timedelta(seconds=30))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
+    assert err.value.code() == code
+    await db.execute("DROP TRIGGER refuse_once ON alerts")
+    again = await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
+    assert not again.replay
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", alert.alert_id) == 1
+
+
 async def test_a_close_racing_an_alert_into_the_same_incident_stays_closed(
     channel: grpc.aio.Channel, db: Database, server: Any
 ) -> None:
