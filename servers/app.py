@@ -14,7 +14,6 @@ period, then components, relay, pools and embedded servers stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from aetherops.config import Settings
 from aetherops.db import Database, apply_migrations
 from aetherops.errors import UnavailableError
 from aetherops.infra import EmbeddedNats, EmbeddedPostgres
+from aetherops.tasks import cancel_and_wait
 from servers.component import Component, Infra
 from servers.interceptors import Edge
 from servers.metrics import Metrics
@@ -247,11 +247,7 @@ class Application:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*self._tasks)
         for component in reversed(self._components):
             try:
                 await component.stop()

@@ -24,7 +24,6 @@ Invalid points are logged, counted and acknowledged: they will never become vali
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from aetherops.capacity_config import load_capacity_config
 from aetherops.config import Settings
 from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.capacity import CapacityAlert, CapacityService, SnapshotOutcome
+from aetherops.tasks import cancel_and_wait
 from gen.aetherops.capacity.v1 import capacity_pb2 as pb
 from gen.aetherops.capacity.v1 import capacity_pb2_grpc
 from gen.aetherops.common.v1 import common_pb2
@@ -586,8 +586,6 @@ class CapacityComponent:
 
     async def stop(self) -> None:
         if self._consumer_task is not None:
-            self._consumer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer_task
+            await cancel_and_wait(self._consumer_task)
         if self.service is not None:
             await self.service.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -30,6 +29,7 @@ from aetherops.db.correlation import ClusterRecord, StoredAlert
 from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.correlation import CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
+from aetherops.tasks import cancel_and_wait
 from aetherops.tracking import current_tracking_id
 from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
@@ -427,8 +427,6 @@ class CorrelationComponent:
         if self.feed is not None:
             await self.feed.close()
         if self._consumer_task is not None:
-            self._consumer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer_task
+            await cancel_and_wait(self._consumer_task)
         if self.service is not None:
             await self.service.stop()

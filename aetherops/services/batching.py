@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from aetherops.errors import ResourceExhaustedError, UnavailableError
+from aetherops.tasks import cancel_and_wait
 
 __all__ = ["GroupCommitter"]
 
@@ -124,9 +125,7 @@ class GroupCommitter(Generic[Item, Plan, Result]):
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         for request in self._queue:
             if not request.future.done():
                 request.future.set_exception(UnavailableError("server is shutting down"))

@@ -33,7 +33,6 @@ an ``await``, which serialises its use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -68,6 +67,7 @@ from aetherops.db.capacity import RiskRow, SeriesBlock
 from aetherops.errors import FieldViolation, NotFoundError, UnavailableError, ValidationError
 from aetherops.paging import decode_page_token, encode_page_token, filters_key
 from aetherops.services.batching import GroupCommitter
+from aetherops.tasks import cancel_and_wait
 from aetherops.telemetry import StreamingAggregator
 from aetherops.tracking import current_tracking_id
 
@@ -280,11 +280,7 @@ class CapacityService:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="capacity-risk-sweep"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         # Graceful stop stores every open telemetry bucket, so a restart loses nothing.
         try:
