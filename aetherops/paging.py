@@ -4,7 +4,7 @@ A token is URL-safe base64 of JSON: the position after the last item of the page
 query starts after) and a short hash of the request's filters. A token used with other filters is
 refused (`page_token: was issued for other filters`) instead of silently skipping or repeating
 rows; anything that does not decode is `page_token: not a token this server issued`. Every List
-RPC pages this way.
+RPC pages this way, reading its token with `read_page_token`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aetherops.errors import FieldViolation
 
-__all__ = ["decode_page_token", "encode_page_token", "filters_key"]
+__all__ = ["decode_page_token", "encode_page_token", "filters_key", "read_page_token"]
+
+T = TypeVar("T")
+
+_NOT_OURS = "not a token this server issued"
 
 
 def filters_key(*filters: object) -> str:
@@ -36,9 +41,31 @@ def decode_page_token(token: str, filters: str) -> tuple[dict[str, Any] | None, 
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
         position, issued_for = data["p"], data["f"]
     except (ValueError, KeyError, TypeError, binascii.Error):
-        return None, FieldViolation("page_token", "not a token this server issued")
+        return None, FieldViolation("page_token", _NOT_OURS)
     if not isinstance(position, dict):
-        return None, FieldViolation("page_token", "not a token this server issued")
+        return None, FieldViolation("page_token", _NOT_OURS)
     if issued_for != filters:
         return None, FieldViolation("page_token", "was issued for other filters")
     return position, None
+
+
+def read_page_token(
+    token: str, filters: str, parse: Callable[[dict[str, Any]], T], problems: list[FieldViolation]
+) -> T | None:
+    """Where the next page starts: `parse` applied to the position in `token`.
+
+    None for an empty token (the first page), and None with a `page_token` violation appended to
+    `problems` for a token that does not decode, was issued for other filters, or holds a position
+    `parse` cannot read (it raises KeyError, TypeError, ValueError or OverflowError).
+    """
+    if not token:
+        return None
+    position, problem = decode_page_token(token, filters)
+    if problem is None:
+        assert position is not None
+        try:
+            return parse(position)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            problem = FieldViolation("page_token", _NOT_OURS)
+    problems.append(problem)
+    return None

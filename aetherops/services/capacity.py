@@ -65,7 +65,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import capacity as repo
 from aetherops.db.capacity import RiskRow, SeriesBlock
 from aetherops.errors import FieldViolation, NotFoundError, UnavailableError, ValidationError
-from aetherops.paging import decode_page_token, encode_page_token, filters_key
+from aetherops.paging import encode_page_token, filters_key, read_page_token
 from aetherops.services.batching import GroupCommitter
 from aetherops.tasks import cancel_and_wait
 from aetherops.telemetry import StreamingAggregator
@@ -597,14 +597,7 @@ class CapacityService:
             problems.append(FieldViolation("page_size", "must not be negative"))
         bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
         filters = filters_key(satellite_id, int(resource_type), *bounds)
-        after: datetime | None = None
-        if page_token:
-            position, problem = decode_page_token(page_token, filters)
-            if problem is not None:
-                problems.append(problem)
-            else:
-                assert position is not None
-                after = _from_us(position.get("t"), problems)
+        after = read_page_token(page_token, filters, lambda p: _from_us(p["t"]), problems)
         if problems:
             raise ValidationError(problems)
         self._require_satellite(satellite_id)
@@ -641,15 +634,7 @@ class CapacityService:
         bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
         resource = int(resource_type) if resource_type is not None else 0
         filters = filters_key(satellite_id, resource, *bounds)
-        after: tuple[datetime, str] | None = None
-        if page_token:
-            position, problem = decode_page_token(page_token, filters)
-            if problem is not None:
-                problems.append(problem)
-            else:
-                assert position is not None
-                when = _from_us(position.get("t"), problems)
-                after = (when, str(position.get("m"))) if when is not None else None
+        after = read_page_token(page_token, filters, lambda p: (_from_us(p["t"]), str(p["m"])), problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 100, 1000)
@@ -676,24 +661,8 @@ class CapacityService:
             problems.append(FieldViolation("horizon", "must be positive"))
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
-        after: tuple[float, float, str, int] | None = None
         filters = filters_key(horizon)
-        if page_token:
-            position, problem = decode_page_token(page_token, filters)
-            if problem is None:
-                assert position is not None
-                try:
-                    p = position["p"]
-                    after = (
-                        float(position["d"]),
-                        math.inf if p is None else float(p),
-                        str(position["s"]),
-                        int(position["r"]),
-                    )
-                except (KeyError, TypeError, ValueError):
-                    problem = FieldViolation("page_token", "not a token this server issued")
-            if problem is not None:
-                problems.append(problem)
+        after = read_page_token(page_token, filters, _after_forecast, problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)
@@ -811,10 +780,12 @@ class CapacityService:
                 log.warning("capacity: storing telemetry failed (%s); retrying in %.1fs", exc, delay)
 
 
-def _from_us(value: Any, problems: list[FieldViolation]) -> datetime | None:
-    """A page position's time (µs since the epoch), or a page_token violation."""
-    try:
-        return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(value))
-    except (TypeError, ValueError, OverflowError):
-        problems.append(FieldViolation("page_token", "not a token this server issued"))
-        return None
+def _from_us(value: Any) -> datetime:
+    """A page position's time (µs since the epoch); TypeError, ValueError or OverflowError if it is none."""
+    return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(value))
+
+
+def _after_forecast(position: dict[str, Any]) -> tuple[float, float, str, int]:
+    """The sort key of the last forecast on a page (days left, P10 days or infinity, satellite, resource)."""
+    p10 = position["p"]
+    return float(position["d"]), math.inf if p10 is None else float(p10), str(position["s"]), int(position["r"])

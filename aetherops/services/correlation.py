@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
@@ -23,7 +23,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
 from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
 from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
-from aetherops.paging import decode_page_token, encode_page_token, filters_key
+from aetherops.paging import encode_page_token, filters_key, read_page_token
 from aetherops.services.batching import GroupCommitter
 from aetherops.tracking import current_tracking_id
 
@@ -92,6 +92,14 @@ class _Batch:
     grown: set[str]  # clusters whose satellites or subsystems changed
     records: list[ClusterRecord]
     events: list[outbox.OutboxEvent]
+
+
+def _after_cluster(position: dict[str, Any]) -> tuple[datetime, str]:
+    return datetime.fromisoformat(str(position["t"])), str(position["c"])
+
+
+def _after_alert(position: dict[str, Any]) -> tuple[datetime, str]:
+    return datetime.fromisoformat(str(position["t"])), str(position["a"])
 
 
 def _root_alert(record: ClusterRecord) -> Alert | None:
@@ -291,25 +299,15 @@ class CorrelationService:
     async def list_active(
         self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int
     ) -> tuple[list[ClusterRecord], str]:
-        problems = []
+        problems: list[FieldViolation] = []
         if page_size < 0:
-            problems.append(("page_size", "must not be negative"))
+            problems.append(FieldViolation("page_size", "must not be negative"))
         if not 0 <= min_severity <= 5:
-            problems.append(("min_severity", "must be between 1 and 5 (0 = any)"))
+            problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
         filters = filters_key(satellite_id, min_severity)
-        after = None
-        if page_token:
-            position, problem = decode_page_token(page_token, filters)
-            if problem is None:
-                assert position is not None
-                try:
-                    after = (datetime.fromisoformat(str(position["t"])), str(position["c"]))
-                except (KeyError, ValueError):
-                    problem = FieldViolation("page_token", "not a token this server issued")
-            if problem is not None:
-                problems.append((problem.field, problem.description))
+        after = read_page_token(page_token, filters, _after_cluster, problems)
         if problems:
-            raise ValidationError([FieldViolation(f, d) for f, d in problems])
+            raise ValidationError(problems)
         limit = min(page_size or 50, 500)
         since = self._clock.now() - timedelta(seconds=self._engine.time_window_s)
         async with self._db.connection() as conn:
@@ -338,17 +336,7 @@ class CorrelationService:
             if len(value) > _MAX_FILTER_LEN:
                 problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
         filters = filters_key(tracking_id, cluster_id, satellite_id)
-        after: tuple[datetime, str] | None = None
-        if page_token:
-            position, problem = decode_page_token(page_token, filters)
-            if problem is None:
-                assert position is not None
-                try:
-                    after = (datetime.fromisoformat(str(position["t"])), str(position["a"]))
-                except (KeyError, ValueError):
-                    problem = FieldViolation("page_token", "not a token this server issued")
-            if problem is not None:
-                problems.append(problem)
+        after = read_page_token(page_token, filters, _after_alert, problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)

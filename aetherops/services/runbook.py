@@ -70,7 +70,7 @@ from aetherops.errors import (
     NotFoundError,
     ValidationError,
 )
-from aetherops.paging import decode_page_token, encode_page_token, filters_key
+from aetherops.paging import encode_page_token, filters_key, read_page_token
 from aetherops.runbook import (
     ActionContext,
     ActionHandler,
@@ -245,20 +245,21 @@ def _violations(problems: Iterable[str]) -> list[FieldViolation]:
 
 def _page(page_size: int, page_token: str, listing: str) -> tuple[int, str]:
     """Page size and the id to list after, for the unfiltered listings (`listing` names which)."""
-    problems = []
+    problems: list[FieldViolation] = []
     if page_size < 0:
         problems.append(FieldViolation("page_size", "must not be negative"))
-    after = ""
-    if page_token:
-        position, problem = decode_page_token(page_token, filters_key(listing))
-        if problem is not None:
-            problems.append(problem)
-        else:
-            assert position is not None
-            after = str(position.get("id", ""))
+    after = read_page_token(page_token, filters_key(listing), _after_id, problems)
     if problems:
         raise ValidationError(problems)
-    return min(page_size or _DEFAULT_PAGE, _MAX_PAGE), after
+    return min(page_size or _DEFAULT_PAGE, _MAX_PAGE), after or ""
+
+
+def _after_id(position: dict[str, Any]) -> str:
+    return str(position["id"])
+
+
+def _after_execution(position: dict[str, Any]) -> tuple[datetime, str]:
+    return datetime.fromisoformat(str(position["t"])), str(position["e"])
 
 
 def _token(last: str, listing: str) -> str:
@@ -803,17 +804,7 @@ class RunbookService:
             names = ", ".join(s.value for s in _EXECUTION_STATUSES)
             problems.append(FieldViolation("status", f"{status.value} is not an execution status ({names})"))
         filters = filters_key(tracking_id, incident_id, runbook_id, status.value if status else "")
-        after: tuple[datetime, str] | None = None
-        if page_token:
-            position, problem = decode_page_token(page_token, filters)
-            if problem is None:
-                assert position is not None
-                try:
-                    after = (datetime.fromisoformat(str(position["t"])), str(position["e"]))
-                except (KeyError, ValueError):
-                    problem = FieldViolation("page_token", "not a token this server issued")
-            if problem is not None:
-                problems.append(problem)
+        after = read_page_token(page_token, filters, _after_execution, problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or _DEFAULT_PAGE, _MAX_PAGE)

@@ -1,10 +1,13 @@
-"""Page tokens: a round trip, and the two refusals (foreign token, other filters)."""
+"""Page tokens: a round trip, the two refusals (foreign token, other filters), and reading a
+position with `read_page_token`."""
 
 from __future__ import annotations
 
 import base64
+from typing import Any
 
-from aetherops.paging import decode_page_token, encode_page_token, filters_key
+from aetherops.errors import FieldViolation
+from aetherops.paging import decode_page_token, encode_page_token, filters_key, read_page_token
 
 
 def test_round_trip_under_the_same_filters() -> None:
@@ -31,3 +34,22 @@ def test_other_filters_and_foreign_tokens_are_field_violations() -> None:
 def test_filters_key_separates_fields() -> None:
     assert filters_key("ab", "c") != filters_key("a", "bc")
     assert filters_key("a", None) == filters_key("a", None)
+
+
+def _after(position: dict[str, Any]) -> tuple[int, str]:
+    return int(position["t"]), str(position["id"])
+
+
+def test_read_page_token_parses_the_position_or_reports_why_not() -> None:
+    filters = filters_key("SAT-1")
+    problems: list[FieldViolation] = []
+    assert read_page_token("", filters, _after, problems) is None and problems == []  # the first page
+    token = encode_page_token({"t": 5, "id": "a"}, filters)
+    assert read_page_token(token, filters, _after, problems) == (5, "a") and problems == []
+    for position in ({"t": "soon", "id": "a"}, {"t": 5}, {"t": [1], "id": "a"}):
+        assert read_page_token(encode_page_token(position, filters), filters, _after, problems) is None
+    assert read_page_token(token, filters_key("SAT-2"), _after, problems) is None
+    assert [p.description for p in problems] == ["not a token this server issued"] * 3 + [
+        "was issued for other filters"
+    ]
+    assert {p.field for p in problems} == {"page_token"}
