@@ -300,21 +300,28 @@ class _Slot:
     """One cluster's alerts on one satellite, as scoring candidates: the latest time and severity per
     subsystem.
 
-    Times and severities sit unboxed in one `array` ([t0, sev0, t1, sev1, ...]) next to a list of
+    Times and severities sit unboxed in one `array` ([t0, sev0, t1, sev1, ...]) next to a tuple of
     subsystem keys, so scoring a candidate cluster reads two buffers instead of two objects per
     alert. With tens of thousands of active clusters nothing is in the CPU cache, and those reads
     are what an ingest costs.
+
+    `keys` and `latest` are tuples, replaced when they change, not lists: a tuple of strings and
+    ints leaves the garbage collector's sight at its first collection, while every list stays in it
+    and is walked by every collection of its generation. With an incident per alert (hundreds of
+    thousands in memory), the two lists and three of the cluster's own containers (now absent or
+    immutable until needed) cost about a quarter of the collector's time in a server streaming new
+    incidents, and a third of each full collection's.
     """
 
     __slots__ = ("cluster", "data", "keys", "latest")
 
     def __init__(self, cluster: IncidentCluster) -> None:
         self.cluster = cluster
-        self.keys: list[_Key] = []
+        self.keys: tuple[_Key, ...] = ()
         self.data: array[float] = array("d")
-        # The alert behind each key's time: what a duplicate duplicates, without searching the
-        # cluster (which is long, and often full of equal timestamps, in an alert storm).
-        self.latest: list[Alert] = []
+        # The id of the alert behind each key's time: what a duplicate duplicates, without searching
+        # the cluster (which is long, and often full of equal timestamps, in an alert storm).
+        self.latest: tuple[str, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
@@ -342,15 +349,16 @@ class IncidentCluster:
     _sub_first: dict[_Key, Alert] = field(default_factory=dict, repr=False)  # earliest alert per subsystem
     _sub_last: dict[int, Alert] = field(default_factory=dict, repr=False)  # latest per known subsystem
     _slots: dict[str, _Slot] = field(default_factory=dict, repr=False)  # per satellite
-    _names: list[str] = field(default_factory=list, repr=False)  # canonical subsystem names
+    # Immutable or absent until needed (see `_Slot`): most clusters hold one alert.
+    _names: tuple[str, ...] = field(default=(), repr=False)  # canonical subsystem names
     _mask: int = field(default=0, repr=False)  # bit per known subsystem present
     _bucket: int = field(default=-1, repr=False)  # expiry bucket it is registered in
     _joinable: bool = field(default=False, repr=False)  # open and in the engine's indexes
     _in_memory: bool = field(default=False, repr=False)
-    _dups: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (duplicate id, id it duplicates)
+    _dups: list[tuple[str, str]] | None = field(default=None, repr=False)  # (duplicate id, id it duplicates)
     _root_rank: tuple[int, float, int, str] | None = field(default=None, repr=False)
     _root_alert: Alert | None = field(default=None, repr=False)
-    _sorted_sats: list[str] = field(default_factory=list, repr=False)  # `satellites`, while as long as _slots
+    _sorted_sats: tuple[str, ...] = field(default=(), repr=False)  # `satellites`, while as long as _slots
 
     @classmethod
     def restore(
@@ -404,7 +412,7 @@ class IncidentCluster:
         # only ever added to `_slots` (it is replaced wholesale on restore and drop), so an equal
         # length means the same set.
         if len(self._sorted_sats) != len(slots):
-            self._sorted_sats = sorted(slots)
+            self._sorted_sats = tuple(sorted(slots))
         return list(self._sorted_sats)
 
     @property
@@ -613,7 +621,7 @@ class CorrelationEngine:
                         if dt < 0:  # late: maybe within the dedupe window of an earlier alert
                             orig = self._late_duplicate_of(c, alert, key)
                             if orig is not None:
-                                return self._duplicate(alert, c, orig)
+                                return self._duplicate(alert, c, orig.alert_id)
                     if dt < 0:
                         dt = -dt
                     if dt >= w:
@@ -671,7 +679,7 @@ class CorrelationEngine:
         aid = alert.alert_id
         near = [slot.cluster for slot in self._sats.get(alert.satellite_id, ())]
         for c in itertools.chain(near, self._clusters.values()):
-            for dup, orig in c._dups:
+            for dup, orig in c._dups or ():
                 if dup == aid:
                     return c.cluster_id, False, orig, False, True, False
             for a in c.alerts:
@@ -679,13 +687,17 @@ class CorrelationEngine:
                     return c.cluster_id, False, None, False, True, False
         raise AssertionError(f"alert id {aid!r} is remembered but in no cluster")  # pragma: no cover
 
-    def _duplicate(self, alert: Alert, cluster: IncidentCluster, orig: Alert) -> _Outcome:
-        """Counts `alert` as a duplicate of `orig`, the cluster's alert of the same satellite and subsystem."""
+    def _duplicate(self, alert: Alert, cluster: IncidentCluster, orig: str) -> _Outcome:
+        """Counts `alert` as a duplicate of alert `orig`, the cluster's alert of the same satellite and
+        subsystem."""
         self._duplicates += 1
         cluster.duplicate_count += 1
-        cluster._dups.append((alert.alert_id, orig.alert_id))
+        dups = cluster._dups
+        if dups is None:
+            dups = cluster._dups = []
+        dups.append((alert.alert_id, orig))
         self._seen.add(alert.alert_id)
-        return cluster.cluster_id, False, orig.alert_id, False, False, False
+        return cluster.cluster_id, False, orig, False, False, False
 
     def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
         """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late
@@ -750,14 +762,15 @@ class CorrelationEngine:
             if t >= data[i]:
                 data[i] = t
                 data[i + 1] = sev
-                slot.latest[j] = alert
+                latest = slot.latest
+                slot.latest = (alert.alert_id,) if len(latest) == 1 else (*latest[:j], alert.alert_id, *latest[j + 1 :])
             if not in_order:
                 rerank = self._note_subsystem(c, alert, key)
         else:
-            keys.append(key)
+            slot.keys = (*keys, key)
             data.append(t)
             data.append(sev)
-            slot.latest.append(alert)
+            slot.latest = (*slot.latest, alert.alert_id)
             rerank = self._note_subsystem(c, alert, key)
         if isinstance(key, int):
             last = c._sub_last.get(key)
@@ -802,9 +815,9 @@ class CorrelationEngine:
         if first is None:
             c._sub_first[key] = alert
             if isinstance(key, str):
-                c._names.append(key)
+                c._names += (key,)
                 return _RANK_UNKNOWN
-            c._names.append(self._graph.names[key])
+            c._names += (self._graph.names[key],)
             c._mask |= 1 << key
             return _RANK_FULL
         if alert.epoch < first.epoch:
@@ -939,7 +952,7 @@ class CorrelationEngine:
         c = cluster
         c.alerts = []
         c._first_epoch, c._last_epoch, c._max_sev, c._mask, c._bucket = math.inf, -math.inf, 0, 0, -1
-        c._sub_first, c._sub_last, c._slots, c._names, c._dups, c._sorted_sats = {}, {}, {}, [], [], []
+        c._sub_first, c._sub_last, c._slots, c._names, c._dups, c._sorted_sats = {}, {}, {}, (), None, ()
         c._root_rank = c._root_alert = None
         c._in_memory = True
         c._joinable = c.status is ClusterStatus.OPEN
@@ -996,7 +1009,7 @@ class CorrelationEngine:
         discard = self._seen.discard
         for a in c.alerts:
             discard(a.alert_id)
-        for aid, _ in c._dups:
+        for aid, _ in c._dups or ():
             discard(aid)
         for sat, slot in c._slots.items():
             lst = self._sats.get(sat)
