@@ -64,6 +64,13 @@ async def test_claiming_outbox_rows_reads_the_oldest_few_not_the_whole_backlog(d
     assert read <= 200, f"read {read} index entries to claim 100 of {ROWS} unpublished rows"
 
 
+async def test_an_event_costs_the_outbox_two_index_entries_at_most(db: Database) -> None:
+    # The primary key, and the partial index of unpublished rows (left as soon as it is published).
+    # A UNIQUE index on the random event UUID cost more with every retained event (migration 0007).
+    names = await db.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'outbox' AND schemaname = $1", db.schema)
+    assert {r["indexname"] for r in names} == {"outbox_pkey", "outbox_unpublished"}
+
+
 async def test_pruning_reads_the_head_of_the_outbox_not_every_retained_event(db: Database) -> None:
     # A week of published events, none old enough yet: the once-a-minute prune must not read them all.
     async with db.transaction() as conn:
