@@ -59,7 +59,6 @@ import enum
 import heapq
 import itertools
 import math
-import uuid
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -68,6 +67,7 @@ from typing import Final, NamedTuple
 
 from aetherops.clock import Clock, SystemClock
 from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
+from aetherops.ids import sortable_id
 from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH, DependencyGraph, normalize_name
 from aetherops.text import chars_problem, id_problem, text_problem
 
@@ -482,7 +482,8 @@ class CorrelationEngine:
         self.same_satellite_bonus = float(same_satellite_bonus)
         self._graph = dependency_graph or DEFAULT_DEPENDENCY_GRAPH
         self._clock: Clock = clock or SystemClock()
-        self._new_id: Callable[[], str] = id_factory or (lambda: uuid.uuid4().hex)
+        # Time-ordered by default: cluster ids are PostgreSQL index keys (see `aetherops.ids`).
+        self._new_id: Callable[[], str] = id_factory or (lambda: sortable_id(self._clock.now()))
         self._bucket_width = self.time_window_s / _SWEEP_BUCKETS
 
         n = len(self._graph.names)

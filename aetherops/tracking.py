@@ -4,7 +4,9 @@ and logs, and the authenticated principal's name (for logs and audit)."""
 from __future__ import annotations
 
 import contextvars
-import os
+import time
+
+from aetherops.ids import sortable_id
 
 __all__ = [
     "current_principal_name",
@@ -20,8 +22,8 @@ _principal: contextvars.ContextVar[str] = contextvars.ContextVar("aetherops_prin
 
 
 def new_tracking_id() -> str:
-    """32 random hex digits (the shape of a UUID's hex, without building one: this runs per RPC)."""
-    return os.urandom(16).hex()
+    """32 hex digits, time-ordered (`aetherops.ids`): tracking ids are indexed with every alert."""
+    return sortable_id(time.time())
 
 
 def current_tracking_id() -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,8 +89,10 @@ def echoed_tracking_id(metadata: Any) -> str:
 
 
 def new_tracking_id() -> str:
-    """A fresh tracking id (the same shape the server generates)."""
-    return uuid.uuid4().hex
+    """A fresh tracking id, of the shape the server makes (aetherops.ids): 12 hex digits of
+    milliseconds since 1970, then 20 random ones. The server indexes them; ids in time order keep
+    its inserts on the index's last pages."""
+    return f"{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}{os.urandom(10).hex()}"
 
 
 @dataclass(frozen=True)
