@@ -6,8 +6,8 @@ and the first column of the alerts-by-cluster index) and tracking ids (alerts an
 tracking id). A random id puts each insert on a random page of an index that grows with every
 incident, so the pages an insert needs are seldom in memory and the cost rises with the table. An id
 that starts with its time goes to the right-hand edge, which stays in memory. Streaming alerts that
-each open an incident, PostgreSQL's CPU per alert fell from 23.7-34.9 to 19.1-23.0 us and the rate
-rose from 12.8k-15.3k to 15.4k-17.4k alerts/s (bench/correlation_grpc.py, new mix, two pairs).
+each open an incident, PostgreSQL's CPU per alert fell from 23.5-34.9 to 19.1-23.0 us and the rate
+rose from 12.8k-15.8k to 15.2k-17.4k alerts/s (bench/correlation_grpc.py, new mix, three pairs).
 
 The 80 random bits keep ids made in the same millisecond apart. The time prefix tells when an id
 was made; these ids are not secrets, and nothing may rely on their order beyond locality.
