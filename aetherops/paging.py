@@ -14,11 +14,12 @@ import binascii
 import hashlib
 import json
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 from aetherops.errors import FieldViolation
 
-__all__ = ["decode_page_token", "encode_page_token", "filters_key", "read_page_token"]
+__all__ = ["decode_page_token", "encode_page_token", "filters_key", "read_page_token", "time_and_id"]
 
 T = TypeVar("T")
 
@@ -69,3 +70,12 @@ def read_page_token(
             problem = FieldViolation("page_token", _NOT_OURS)
     problems.append(problem)
     return None
+
+
+def time_and_id(id_field: str) -> Callable[[dict[str, Any]], tuple[datetime, str]]:
+    """The `read_page_token` parser of a (time, id) keyset position: {"t": ISO time, id_field: id}."""
+
+    def parse(position: dict[str, Any]) -> tuple[datetime, str]:
+        return datetime.fromisoformat(str(position["t"])), str(position[id_field])
+
+    return parse

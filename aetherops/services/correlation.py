@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
@@ -23,7 +23,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
 from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
 from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
-from aetherops.paging import encode_page_token, filters_key, read_page_token
+from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
 from aetherops.tracking import current_tracking_id
 
@@ -92,14 +92,6 @@ class _Batch:
     grown: set[str]  # clusters whose satellites or subsystems changed
     records: list[ClusterRecord]
     events: list[outbox.OutboxEvent]
-
-
-def _after_cluster(position: dict[str, Any]) -> tuple[datetime, str]:
-    return datetime.fromisoformat(str(position["t"])), str(position["c"])
-
-
-def _after_alert(position: dict[str, Any]) -> tuple[datetime, str]:
-    return datetime.fromisoformat(str(position["t"])), str(position["a"])
 
 
 def _root_alert(record: ClusterRecord) -> Alert | None:
@@ -305,7 +297,7 @@ class CorrelationService:
         if not 0 <= min_severity <= 5:
             problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
         filters = filters_key(satellite_id, min_severity)
-        after = read_page_token(page_token, filters, _after_cluster, problems)
+        after = read_page_token(page_token, filters, time_and_id("c"), problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)
@@ -336,7 +328,7 @@ class CorrelationService:
             if len(value) > _MAX_FILTER_LEN:
                 problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
         filters = filters_key(tracking_id, cluster_id, satellite_id)
-        after = read_page_token(page_token, filters, _after_alert, problems)
+        after = read_page_token(page_token, filters, time_and_id("a"), problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)

@@ -70,7 +70,7 @@ from aetherops.errors import (
     NotFoundError,
     ValidationError,
 )
-from aetherops.paging import encode_page_token, filters_key, read_page_token
+from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
 from aetherops.runbook import (
     ActionContext,
     ActionHandler,
@@ -256,10 +256,6 @@ def _page(page_size: int, page_token: str, listing: str) -> tuple[int, str]:
 
 def _after_id(position: dict[str, Any]) -> str:
     return str(position["id"])
-
-
-def _after_execution(position: dict[str, Any]) -> tuple[datetime, str]:
-    return datetime.fromisoformat(str(position["t"])), str(position["e"])
 
 
 def _token(last: str, listing: str) -> str:
@@ -804,7 +800,7 @@ class RunbookService:
             names = ", ".join(s.value for s in _EXECUTION_STATUSES)
             problems.append(FieldViolation("status", f"{status.value} is not an execution status ({names})"))
         filters = filters_key(tracking_id, incident_id, runbook_id, status.value if status else "")
-        after = read_page_token(page_token, filters, _after_execution, problems)
+        after = read_page_token(page_token, filters, time_and_id("e"), problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or _DEFAULT_PAGE, _MAX_PAGE)

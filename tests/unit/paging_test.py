@@ -7,7 +7,7 @@ import base64
 from typing import Any
 
 from aetherops.errors import FieldViolation
-from aetherops.paging import decode_page_token, encode_page_token, filters_key, read_page_token
+from aetherops.paging import decode_page_token, encode_page_token, filters_key, read_page_token, time_and_id
 
 
 def test_round_trip_under_the_same_filters() -> None:
@@ -53,3 +53,15 @@ def test_read_page_token_parses_the_position_or_reports_why_not() -> None:
         "was issued for other filters"
     ]
     assert {p.field for p in problems} == {"page_token"}
+
+
+def test_time_and_id_reads_a_keyset_position() -> None:
+    filters = filters_key("x")
+    problems: list[FieldViolation] = []
+    token = encode_page_token({"t": "2026-12-04T09:00:00+00:00", "c": "C1"}, filters)
+    when, cid = read_page_token(token, filters, time_and_id("c"), problems) or (None, None)
+    assert (when.isoformat() if when else None, cid) == ("2026-12-04T09:00:00+00:00", "C1") and problems == []
+    assert read_page_token(token, filters, time_and_id("a"), problems) is None  # no "a" in it
+    bad = encode_page_token({"t": "yesterday", "c": "C1"}, filters)
+    assert read_page_token(bad, filters, time_and_id("c"), problems) is None
+    assert [p.description for p in problems] == ["not a token this server issued"] * 2
