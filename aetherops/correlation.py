@@ -33,7 +33,8 @@ Deduplication: an alert with the satellite and subsystem (aliases resolved) of a
 active open cluster, within ``dedupe_window_s`` (60 s) of it, is counted on that cluster
 (`duplicate_count`) instead of being added. The reference is the last alert *kept*, so a steady
 repeat every 30 s yields one kept alert per minute. Alert ids are idempotent: a known id returns
-its first outcome (``replay=True``) and changes nothing.
+its first outcome (``replay=True``) and changes nothing. (Unless built with
+``remember_alert_ids=False``, as the service builds it: its store answers replays first.)
 
 Root cause (`IncidentCluster.root_cause`): among the cluster's subsystems, the one upstream (per
 the graph, transitively) of the most *other* subsystems present wins; ties go to the earliest first
@@ -464,7 +465,14 @@ class CorrelationEngine:
         same_satellite_bonus: float = 0.3,
         clock: Clock | None = None,
         id_factory: Callable[[], str] | None = None,
+        remember_alert_ids: bool = True,
     ) -> None:
+        """`remember_alert_ids=False` leaves replays to the caller: a repeated alert id is then
+        correlated again like a new alert. The service turns it off because PostgreSQL already answers
+        every replay before the engine sees the alert (it looks up each batch's ids, and answers an id
+        repeated within a batch itself); remembering them here as well cost a set entry per alert in
+        memory and, with 100,000 active clusters, about a tenth of an ingest (a cache miss to look the
+        id up, and two more to forget it when its cluster expires)."""
         floor = TIME_WEIGHT + SEVERITY_WEIGHT
         if not (math.isfinite(time_window_s) and time_window_s > 0):
             raise ConfigError(f"time_window_s: must be a positive number of seconds, got {time_window_s!r}")
@@ -485,6 +493,7 @@ class CorrelationEngine:
         self._clock: Clock = clock or SystemClock()
         # Time-ordered by default: cluster ids are PostgreSQL index keys (see `aetherops.ids`).
         self._new_id: Callable[[], str] = id_factory or (lambda: sortable_id(self._clock.now()))
+        self._remember_ids = remember_alert_ids
         self._bucket_width = self.time_window_s / _SWEEP_BUCKETS
 
         n = len(self._graph.names)
@@ -510,7 +519,8 @@ class CorrelationEngine:
         # cluster: nearly every lookup misses, and a set answers a miss from one cache line where a
         # dict reads its index and then its entries (about 10% of an ingest at 100,000 clusters, measured
         # in 500,000-alert runs before expired clusters were freed as they go; see `_drop`).
-        # The rare replay finds its cluster by a search (`_replay`).
+        # The rare replay finds its cluster by a search (`_replay`). Stays empty unless
+        # `remember_alert_ids`.
         self._seen: set[str] = set()
         self._sats: dict[str, list[_Slot]] = {}  # satellite -> its clusters' slots, last updated last
         self._subs: dict[int, dict[IncidentCluster, None]] = {}  # known subsystem -> clusters, same order
@@ -698,7 +708,8 @@ class CorrelationEngine:
         if dups is None:
             dups = cluster._dups = []
         dups.append((alert.alert_id, orig))
-        self._seen.add(alert.alert_id)
+        if self._remember_ids:
+            self._seen.add(alert.alert_id)
         return cluster.cluster_id, False, orig, False, False, False
 
     def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
@@ -791,7 +802,8 @@ class CorrelationEngine:
             rerank = _RANK_FULL  # the root's "earliest alert" part of the confidence may change
         if sev > c._max_sev:
             c._max_sev = sev
-        self._seen.add(alert.alert_id)
+        if self._remember_ids:
+            self._seen.add(alert.alert_id)
         if c._joinable:
             if sat_slots is None:
                 sat_slots = self._sats[sat]
@@ -1007,11 +1019,12 @@ class CorrelationEngine:
         self._expired += 1
         c._in_memory = c._joinable = False
         del self._clusters[c.cluster_id]
-        discard = self._seen.discard
-        for a in c.alerts:
-            discard(a.alert_id)
-        for aid, _ in c._dups or ():
-            discard(aid)
+        if self._remember_ids:
+            discard = self._seen.discard
+            for a in c.alerts:
+                discard(a.alert_id)
+            for aid, _ in c._dups or ():
+                discard(aid)
         for sat, slot in c._slots.items():
             lst = self._sats.get(sat)
             if lst is not None and slot in lst:

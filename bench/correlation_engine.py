@@ -15,7 +15,9 @@ do; every 10th alert repeats the previous unit 50 s later and is deduplicated.
 
 Alerts are generated outside the timed region (in chunks, so memory stays bounded); the timed loop
 is ``clock.current = alert.timestamp; engine.ingest(alert)`` — the engine reads the clock on every
-ingest, exactly as it would in the service. The window is filled (untimed) before timing starts.
+ingest, exactly as it would in the service. The engine is configured as the service configures it:
+replayed alert ids are the store's to answer, so it does not remember them (`--remember-alert-ids`
+measures the standalone default). The window is filled (untimed) before timing starts.
 The headline rate includes the cyclic garbage collector's pauses that fall into the timed loop, under
 the collector settings `aetherops serve` uses (`aetherops.gctune`: the filled window is frozen like a
 server's restored state, young collections every 50,000 allocations); the share of time they took and
@@ -117,10 +119,15 @@ class _GcTimer:
             self.total += time.perf_counter() - self._start
 
 
-def run_once(work: Workload, n_alerts: int, warm_up: bool = True) -> RunResult:
+def run_once(work: Workload, n_alerts: int, warm_up: bool = True, remember_alert_ids: bool = False) -> RunResult:
     clock = FollowClock()
     counter = itertools.count()
-    engine = CorrelationEngine(time_window_s=WINDOW_S, clock=clock, id_factory=lambda: f"c{next(counter)}")
+    engine = CorrelationEngine(
+        time_window_s=WINDOW_S,
+        clock=clock,
+        id_factory=lambda: f"c{next(counter)}",
+        remember_alert_ids=remember_alert_ids,
+    )
     ingest = engine.ingest
     # Fill the window first (untimed) so the timed part runs at the steady-state cluster count.
     warm = work.slots * (int(WINDOW_S / PERIOD_S) + 2) if warm_up else 0
@@ -167,16 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alerts", type=int, default=None, help="alerts per run (default 1,000,000)")
     parser.add_argument("--runs", type=int, default=None, help="runs per scenario; the median is reported")
     parser.add_argument("--clusters", type=int, nargs="+", default=[100, 10_000, 100_000])
+    parser.add_argument(
+        "--remember-alert-ids",
+        action="store_true",
+        help="the engine remembers alert ids itself (its standalone default; the service leaves that to PostgreSQL)",
+    )
     args = parser.parse_args(argv)
     n_alerts = args.alerts or (20_000 if args.quick else 1_000_000)
     runs = args.runs or (1 if args.quick else 3)
 
-    print(f"correlation engine: {n_alerts:,} alerts per run, median of {runs} run(s), window {WINDOW_S:g} s")
+    print(
+        f"correlation engine: {n_alerts:,} alerts per run, median of {runs} run(s), window {WINDOW_S:g} s,"
+        f" alert ids remembered by {'the engine' if args.remember_alert_ids else 'the store (as the service runs it)'}"
+    )
     # Runs are interleaved across scenarios so that drift in machine speed hits all of them alike.
     results: dict[int, list[RunResult]] = {target: [] for target in args.clusters}
     for _ in range(runs):
         for target in args.clusters:
-            results[target].append(run_once(Workload(target), n_alerts, warm_up=not args.quick))
+            result = run_once(
+                Workload(target), n_alerts, warm_up=not args.quick, remember_alert_ids=args.remember_alert_ids
+            )
+            results[target].append(result)
     rates: dict[int, float] = {}
     for target, runs_of in results.items():
         rate = statistics.median(r.rate for r in runs_of)

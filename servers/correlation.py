@@ -371,6 +371,8 @@ class CorrelationComponent:
             dedupe_window_s=s.dedupe_window_s,
             dependency_graph=graph,
             clock=clock,
+            # CorrelationService answers replayed alert ids from PostgreSQL before the engine sees them.
+            remember_alert_ids=False,
         )
 
     async def start(self, infra: Infra) -> None:

@@ -496,6 +496,20 @@ def test_replayed_duplicate_repeats_its_first_outcome() -> None:
     assert engine.require_cluster("C1").duplicate_count == 1
 
 
+def test_an_engine_that_leaves_replays_to_its_store_correlates_a_repeated_id_again() -> None:
+    # The service's configuration: PostgreSQL answers replays before the engine sees them.
+    engine, clock = make_engine(remember_alert_ids=False)
+    a = alert("SAT-1", "power", 0)
+    feed(engine, clock, a, alert("SAT-1", "thermal", 10))
+    clock.advance(100)
+    again = engine.ingest_detailed(a)
+    assert not again.replay and again.duplicate and again.cluster_id == "C1"
+    # a reused id with other content is correlated as the alert it is
+    assert engine.ingest_detailed(alert("SAT-5", "payload", 200, alert_id=a.alert_id)).opened
+    clock.advance(1000)
+    assert engine.expire() == ["C1", "C2"]
+
+
 # ---- queries -------------------------------------------------------------------------------
 
 
