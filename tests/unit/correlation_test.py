@@ -640,6 +640,22 @@ def test_reset_forgets_everything() -> None:
 # ---- expiry --------------------------------------------------------------------------------
 
 
+def test_a_long_incident_stays_in_memory_while_active_and_goes_exactly_a_window_after_its_last_alert() -> None:
+    # Sweeps run as time passes; the incident outlives many of their buckets (75 s each by default).
+    engine, clock = make_engine()
+    for t in range(0, 1200, 50):
+        feed(engine, clock, alert("SAT-1", "power" if t % 100 else "thermal", t))
+        assert [c.cluster_id for c in engine.get_active_clusters()] == ["C1"]
+        assert engine.stats.clusters_in_memory == 1
+    feed(engine, clock, alert("SAT-2", "payload", 1400))  # another incident: ingest sweeps as well
+    assert engine.expire(at(1150 + 299)) == []
+    assert engine.get_cluster("C1") is not None
+    assert engine.expire(at(1150 + 301)) == ["C1"]
+    assert engine.stats.clusters_in_memory == 1 and engine.stats.expired == 1
+    assert engine.expire(at(1400 + 301)) == ["C2"]
+    assert engine.stats.clusters_in_memory == 0
+
+
 def test_expire_drops_clusters_that_fell_out_of_the_window() -> None:
     engine, clock = make_engine()
     old = alert("SAT-1", "payload", 0)
