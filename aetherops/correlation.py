@@ -354,9 +354,7 @@ class IncidentCluster:
     # Immutable or absent until needed (see `_Slot`): most clusters hold one alert.
     _names: tuple[str, ...] = field(default=(), repr=False)  # canonical subsystem names
     _mask: int = field(default=0, repr=False)  # bit per known subsystem present
-    _bucket: int = field(default=-1, repr=False)  # expiry bucket it is registered in
     _joinable: bool = field(default=False, repr=False)  # open and in the engine's indexes
-    _in_memory: bool = field(default=False, repr=False)
     _dups: list[tuple[str, str]] | None = field(default=None, repr=False)  # (duplicate id, id it duplicates)
     _root_rank: tuple[int, float, int, str] | None = field(default=None, repr=False)
     _root_alert: Alert | None = field(default=None, repr=False)
@@ -741,7 +739,7 @@ class CorrelationEngine:
         )
         self._clusters[cid] = c
         self._opened += 1
-        c._in_memory = c._joinable = True
+        c._joinable = True
         self._add(c, None, alert, key)
         self._register_bucket(c)
         return cid
@@ -840,7 +838,6 @@ class CorrelationEngine:
     def _register_bucket(self, c: IncidentCluster) -> None:
         """Files the cluster under the expiry bucket of its last alert (see `_sweep`)."""
         bucket = int(c._last_epoch // self._bucket_width)
-        c._bucket = bucket
         lst = self._buckets.get(bucket)
         if lst is None:
             lst = self._buckets[bucket] = []
@@ -963,10 +960,9 @@ class CorrelationEngine:
         alerts = sorted(cluster.alerts, key=_epoch_of)
         c = cluster
         c.alerts = []
-        c._first_epoch, c._last_epoch, c._max_sev, c._mask, c._bucket = math.inf, -math.inf, 0, 0, -1
+        c._first_epoch, c._last_epoch, c._max_sev, c._mask = math.inf, -math.inf, 0, 0
         c._sub_first, c._sub_last, c._slots, c._names, c._dups, c._sorted_sats = {}, {}, {}, (), None, ()
         c._root_rank = c._root_alert = None
-        c._in_memory = True
         c._joinable = c.status is ClusterStatus.OPEN
         self._clusters[c.cluster_id] = c
         for a in alerts:
@@ -1000,9 +996,8 @@ class CorrelationEngine:
         while heap and heap[0] <= limit:
             b = heap[0]
             keep: list[IncidentCluster] = []
+            # Each cluster in memory is filed in exactly one bucket, so each is met once here.
             for c in buckets[b]:
-                if c._bucket != b or not c._in_memory:
-                    continue  # already dropped, or filed again by a restore
                 if c._last_epoch < horizon:
                     self._drop(c)
                     dropped.append(c.cluster_id)
@@ -1020,7 +1015,7 @@ class CorrelationEngine:
 
     def _drop(self, c: IncidentCluster) -> None:
         self._expired += 1
-        c._in_memory = c._joinable = False
+        c._joinable = False
         del self._clusters[c.cluster_id]
         if self._remember_ids:
             discard = self._seen.discard
