@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,7 +27,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from aetherops.db import outbox
 from aetherops.db.pool import Connection, Database
@@ -102,6 +103,93 @@ class Subjects:
         raise ValueError(f"no stream captures {subject}")
 
 
+Publication = tuple[str, bytes, dict[str, str]]
+"""(subject, payload, headers) of one message for `Bus.publish_all`."""
+
+
+class _PendingAcks:
+    """The acks one `publish_all` call waits for: `done` resolves when each index was acked once,
+    or fails with the first refusal."""
+
+    def __init__(self, key: str, prefix: str, count: int) -> None:
+        self.key = key
+        self._prefix = prefix
+        self._unacked = set(range(count))
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def reply_to(self, index: int) -> str:
+        return f"{self._prefix}{index}"
+
+    def ack(self, index: int, msg: Msg) -> None:
+        if self.done.done() or index not in self._unacked:
+            return  # after a refusal, or a second reply to the same message
+        if not msg.data and msg.headers and msg.headers.get(js_api.Header.STATUS) == "503":
+            self.done.set_exception(NoStreamResponseError())
+            return
+        # A PubAck is small JSON ({"stream": .., "seq": ..}); only one that mentions an error is parsed.
+        if b'"error"' in msg.data:
+            refusal = _refusal(msg.data)
+            if refusal is not None:
+                self.done.set_exception(refusal)
+                return
+        self._unacked.discard(index)
+        if not self._unacked:
+            self.done.set_result(None)
+
+
+def _refusal(data: bytes) -> Exception | None:
+    """The error a JetStream reply carries, if it carries one."""
+    try:
+        reply = json.loads(data)
+    except ValueError as exc:
+        return APIError(description=f"unreadable JetStream reply: {exc}")
+    if not isinstance(reply, dict) or "error" not in reply:
+        return None
+    try:
+        APIError.from_error(reply["error"])  # raises the matching subclass (and only raises)
+    except APIError as exc:
+        return exc
+    return APIError(description=str(reply["error"]))
+
+
+class _AckInbox:
+    """One subscription that receives the JetStream acks of every `publish_all` on a connection.
+
+    nats-py's `publish_async` costs a semaphore, a fresh token (a system call for random bytes), a
+    future with a callback, and a JSON parse into a PubAck per message: about 35 us of CPU each,
+    against 20 us this way (20,000 messages in batches of 25). The relay publishes every event the
+    services write, on the same core as the RPCs they serve.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._pending: dict[str, _PendingAcks] = {}
+        self._sequence = 0
+
+    @classmethod
+    async def open(cls, nc: NatsClient) -> _AckInbox:
+        inbox = cls(nc.new_inbox() + ".")
+        # Reply subjects are <inbox>.<batch>.<index>; nats-py subscribes again after a reconnect.
+        await nc.subscribe(inbox._prefix + "*.*", cb=inbox._on_reply)
+        return inbox
+
+    def expect(self, count: int) -> _PendingAcks:
+        self._sequence += 1
+        key = str(self._sequence)
+        pending = self._pending[key] = _PendingAcks(key, f"{self._prefix}{key}.", count)
+        return pending
+
+    def forget(self, pending: _PendingAcks) -> None:
+        # Late replies to a batch that timed out or failed find nothing and are dropped.
+        self._pending.pop(pending.key, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        key, _, index = msg.subject[len(self._prefix) :].partition(".")
+        pending = self._pending.get(key)
+        if pending is not None and index.isdigit():
+            pending.ack(int(index), msg)
+
+
 class Bus:
     """One NATS connection with JetStream, reconnecting for as long as the process lives."""
 
@@ -109,6 +197,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.subjects = subjects
+        self._acks: _AckInbox | None = None
 
     @classmethod
     async def connect(cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0) -> Bus:
@@ -160,11 +249,25 @@ class Bus:
                 # Exists with another config (a newer release changed it): update in place.
                 await self.js.update_stream(config)
 
-    async def publish(self, subject: str, payload: bytes, *, msg_id: str, tracking_id: str = "") -> None:
-        headers = {"Nats-Msg-Id": msg_id, HEADER_EVENT_TYPE: self.subjects.event_type(subject)}
-        if tracking_id:
-            headers[HEADER_TRACKING_ID] = tracking_id
-        await self.js.publish(subject, payload, headers=headers, timeout=5.0)
+    async def publish_all(self, messages: Sequence[Publication], *, timeout_s: float = 10.0) -> None:
+        """Publishes to JetStream in order, pipelined, and returns once every message is stored.
+
+        Raises on the first refusal (an APIError, NoStreamResponseError when no stream captures a
+        subject) or after `timeout_s`; then any of them may or may not be stored, and publishing them
+        again with the same Nats-Msg-Id is how to finish (JetStream drops what it has).
+        """
+        if not messages:
+            return
+        if self._acks is None:
+            self._acks = await _AckInbox.open(self.nc)
+        batch = self._acks.expect(len(messages))
+        try:
+            for index, (subject, payload, headers) in enumerate(messages):
+                await self.nc.publish(subject, payload, reply=batch.reply_to(index), headers=headers)
+            async with asyncio.timeout(timeout_s):
+                await batch.done
+        finally:
+            self._acks.forget(batch)
 
     async def close(self, drain_timeout_s: float = 2.0) -> None:
         """Drains (bounded: a stuck subscription must not hold shutdown for nats-py's 30 s) and closes."""
@@ -298,7 +401,7 @@ class OutboxRelay:
         if not rows:
             return 0
         max_payload = self._bus.nc.max_payload
-        sendable: list[tuple[outbox.OutboxRow, dict[str, str]]] = []
+        sendable: list[Publication] = []
         for row in rows:
             headers = _headers(self._bus.subjects, row)
             size = len(row.payload) + _header_bytes(headers)
@@ -316,12 +419,8 @@ class OutboxRelay:
                     max_payload,
                 )
                 continue
-            sendable.append((row, headers))
-        # Pipelined: every publish is written to the socket in order, then the acks are awaited.
-        acks = [self._bus.js.publish_async(row.subject, row.payload, headers=headers) for row, headers in sendable]
-        futures = [await a for a in acks]
-        async with asyncio.timeout(10.0):
-            await asyncio.gather(*futures)
+            sendable.append((row.subject, row.payload, headers))
+        await self._bus.publish_all(sendable)
         await outbox.mark_published(conn, rows)
         self.published_total += len(sendable)
         return len(rows)

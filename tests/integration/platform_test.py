@@ -18,6 +18,8 @@ from _poll import eventually
 from _proxy import TcpProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from nats.js import api as js_api
+from nats.js.errors import APIError, NoStreamResponseError
 
 from aetherops.bus import Bus, OutboxRelay
 from aetherops.config import Settings
@@ -143,6 +145,41 @@ async def test_a_dedicated_connection_keeps_its_session_state_to_itself(db: Data
     async with db.dedicated() as other:
         assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
     assert await db.fetchval("SHOW enable_sort") == "on"
+
+
+async def test_publish_all_returns_once_every_message_is_stored(bus: Bus) -> None:
+    subject = bus.subjects.incidents("opened")
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    batch = [(subject, f"event {n}".encode(), {"Nats-Msg-Id": event_id}) for n, event_id in enumerate(ids)]
+    await bus.publish_all(batch)
+    await bus.publish_all(batch)  # again, as after a crash before marking: acked as duplicates, not stored
+    msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
+    assert [m.headers["Nats-Msg-Id"] for m in msgs] == ids
+    assert [m.data for m in msgs] == [payload for _, payload, _ in batch]
+
+
+async def test_publish_all_raises_when_jetstream_refuses_a_message(bus: Bus, namespace: str) -> None:
+    stored = (bus.subjects.incidents("opened"), b"fine", {"Nats-Msg-Id": str(uuid.uuid4())})
+    # No stream captures the subject: NATS answers "no responders" for it.
+    with pytest.raises(NoStreamResponseError):
+        await bus.publish_all([stored, (bus.subjects.subject("nowhere", "x"), b"lost", {})])
+    # A stream refuses it (full, discarding new messages): JetStream's error.
+    full = js_api.StreamConfig(
+        name=f"{namespace.upper()}_FULL",
+        subjects=[bus.subjects.subject("full", ">")],
+        max_msgs=1,
+        discard=js_api.DiscardPolicy.NEW,
+    )
+    await bus.js.add_stream(full)
+    try:
+        first, second = ((bus.subjects.subject("full", str(n)), b"x", {}) for n in range(2))
+        await bus.publish_all([first])
+        with pytest.raises(APIError, match="maximum messages"):
+            await bus.publish_all([second, stored])
+    finally:
+        await bus.js.delete_stream(full.name)
+    # A refusal spoils nothing for later batches.
+    await bus.publish_all([stored])
 
 
 async def test_an_event_too_large_for_nats_is_set_aside_and_the_rest_flow(db: Database, bus: Bus) -> None:
