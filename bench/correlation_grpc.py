@@ -166,9 +166,10 @@ async def _latency(
 
     `path` "unary": one IngestAlert call per alert; "nats": published on aetherops.alerts.ingest
     (the JetStream path other services use). Every alert opens an incident, so each yields one event.
-    A server offered more calls than it can take sheds some: grpc-core cancels calls once about a
-    thousand wait unaccepted (its pending-request limit), and the clients see CANCELLED at once.
-    Those are counted, not timed; any other failure stops the benchmark.
+    A server offered more calls than it can take sheds some: a full ingest queue answers
+    RESOURCE_EXHAUSTED, and grpc-core cancels calls once 10,000 wait unaccepted (its pending-request
+    limit, `servers.app.server_options`). Those are counted, not timed; any other failure stops the
+    benchmark.
     """
     nc = await nats.connect(NATS)
     sent: dict[str, float] = {}

@@ -63,6 +63,13 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Recycle connections after 30 min (with 30 s grace) so clients rebalance across replicas.
         ("grpc.max_connection_age_ms", 30 * 60_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
+        # Let grpc-core queue a burst of calls until Python takes them. With its defaults (1,000
+        # soft, 3,000 hard) it cancelled calls beyond about a thousand waiting: 1,452 of a burst of
+        # 4,000 IngestAlert calls got CANCELLED, a status that says nothing of overload and that
+        # clients do not retry. Shedding is the ingest queue's and the rate limiter's job: they
+        # answer RESOURCE_EXHAUSTED with a retry delay.
+        ("grpc.server.max_pending_requests", 10_000),
+        ("grpc.server.max_pending_requests_hard_limit", 20_000),
     ]
 
 

@@ -8,7 +8,7 @@
 
 Both clients send a tracking id (`x-tracking-id`) and the bearer token with
 every call, apply a default deadline, let gRPC retry idempotent methods on
-UNAVAILABLE (service config), and raise `AetherOpsError` subclasses.
+UNAVAILABLE and CANCELLED (service config), and raise `AetherOpsError` subclasses.
 """
 
 from clients.sdk._aio import AetherOpsClient

@@ -2,9 +2,12 @@
 
 The retry policy lives in a gRPC service config handed to the channel, not in
 a Python loop: gRPC then retries transparently, with backoff, only on
-UNAVAILABLE and only for the methods named here (reads, and writes that are
-idempotent on a key the SDK always sends), and never after a response has
-started to arrive.
+UNAVAILABLE and CANCELLED and only for the methods named here (reads, and
+writes that are idempotent on a key the SDK always sends), and never after a
+response has started to arrive. CANCELLED from the server is load shed before
+the call started (grpc-core past its pending-call limit, a proxy) or a call cut
+off by a server shutting down; a cancellation of the caller's own is not
+retried.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
 TRACKING_HEADER = "x-tracking-id"
 
-# Methods gRPC may retry on UNAVAILABLE. Reads are safe to repeat; IngestAlert is
+# Methods gRPC may retry (see RetryPolicy.retryable_status_codes). Reads are safe to repeat; IngestAlert is
 # idempotent on alert_id, IngestSnapshot on (satellite, resource, timestamp), and the
 # other writes on request_id, which the SDK fills with a uuid when the caller leaves it
 # empty (so the retry carries the same key as the first attempt). Client streams
@@ -103,7 +106,7 @@ class RetryPolicy:
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     backoff_multiplier: float = 2.0
-    retryable_status_codes: tuple[str, ...] = ("UNAVAILABLE",)
+    retryable_status_codes: tuple[str, ...] = ("UNAVAILABLE", "CANCELLED")
 
     def service_config(self) -> str:
         """The JSON service config for the `grpc.service_config` channel option."""

@@ -199,7 +199,8 @@ async def test_runbook_register_start_status(client: AetherOpsClient) -> None:
 
 
 class _Flaky(correlation_pb2_grpc.CorrelationServiceServicer):
-    """UNAVAILABLE for the first `failures` calls of each method, then an answer."""
+    """UNAVAILABLE (CANCELLED for IngestAlert, as grpc-core sheds calls) for the first `failures`
+    calls of each method, then an answer."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
@@ -214,6 +215,11 @@ class _Flaky(correlation_pb2_grpc.CorrelationServiceServicer):
         if self._attempt("GetCluster"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
         return correlation_pb2.GetClusterResponse(cluster=correlation_pb2.Cluster(cluster_id=request.cluster_id))
+
+    async def IngestAlert(self, request: Any, context: Any) -> Any:
+        if self._attempt("IngestAlert"):
+            await context.abort(grpc.StatusCode.CANCELLED, "shed")
+        return correlation_pb2.IngestAlertResponse(cluster_id="c-1")
 
     async def IngestAlerts(self, request_iterator: Any, context: Any) -> Any:
         async for _ in request_iterator:
@@ -249,6 +255,14 @@ async def test_idempotent_reads_are_retried_on_unavailable(flaky: tuple[_Flaky, 
         with pytest.raises(Unavailable):
             await sdk.ingest_alerts([correlation_pb2.Alert(alert_id="x")])
         assert servicer.calls["IngestAlerts"] == 1
+
+
+async def test_ingest_shed_with_cancelled_is_retried(flaky: tuple[_Flaky, int]) -> None:
+    servicer, port = flaky
+    async with AetherOpsClient(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=4, initial_backoff_s=0.01)) as sdk:
+        reply = await sdk.ingest_alert(alert_id="a-1", satellite_id="SAT-1", subsystem="power", severity=3)
+        assert reply.cluster_id == "c-1"
+        assert servicer.calls["IngestAlert"] == 3
 
 
 async def test_without_retry_policy_unavailable_surfaces(flaky: tuple[_Flaky, int]) -> None:

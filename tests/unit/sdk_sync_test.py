@@ -304,7 +304,7 @@ def test_retry_policy_is_a_service_config_for_idempotent_methods_only() -> None:
     assert ("aetherops.correlation.v1.CorrelationService", "IngestAlerts") not in names
     assert ("aetherops.capacity.v1.CapacityService", "IngestSnapshots") not in names
     assert method_config["retryPolicy"]["maxAttempts"] == 3
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert len(names) == sum(len(m) for m in RETRYABLE_METHODS.values())
     # Every named method exists in the contracts.
     for service, method in names:
