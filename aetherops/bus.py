@@ -34,7 +34,7 @@ from aetherops.db.pool import Connection, Database
 from aetherops.errors import UnavailableError
 from aetherops.tracking import new_tracking_id, reset_tracking_id, set_tracking_id
 
-__all__ = ["Bus", "DurableConsumer", "OutboxRelay", "Subjects"]
+__all__ = ["Bus", "DurableConsumer", "OutboxRelay", "Publication", "Subjects"]
 
 log = logging.getLogger("aetherops.bus")
 
