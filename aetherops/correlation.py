@@ -315,10 +315,13 @@ class _Slot:
     collections of the engine benchmark 1.7 times as long.
     """
 
-    __slots__ = ("cluster", "data", "keys", "latest")
+    __slots__ = ("cluster", "data", "keys", "latest", "older")
 
     def __init__(self, cluster: IncidentCluster) -> None:
         self.cluster = cluster
+        # The slot of the next less recently updated cluster on the same satellite: the engine's
+        # satellite index holds the newest slot and the rest hang off it (see `CorrelationEngine._sats`).
+        self.older: _Slot | None = None
         self.keys: tuple[_Key, ...] = ()
         self.data: array[float] = array("d")
         # The id of the alert behind each key's time: what a duplicate duplicates, without searching
@@ -331,7 +334,8 @@ class IncidentCluster:
     """A group of related alerts. Owned and mutated by the engine; callers should treat it as read-only.
 
     `alerts` is ordered by timestamp (arrival order among equal timestamps) and holds no duplicates;
-    those are only counted in `duplicate_count`. Identity, not value, is equality.
+    those are only counted in `duplicate_count`. Identity, not value, is equality. A cluster always
+    holds at least one alert: `first_alert_time` and `last_alert_time` are read off its ends.
     """
 
     cluster_id: str
@@ -339,8 +343,6 @@ class IncidentCluster:
     root_cause: str | None
     status: ClusterStatus
     opened_time: datetime
-    first_alert_time: datetime
-    last_alert_time: datetime
     closed_time: datetime | None = None
     duplicate_count: int = 0
     root_cause_confidence: float = 0.0
@@ -384,8 +386,6 @@ class IncidentCluster:
             root_cause=root_cause,
             status=status,
             opened_time=opened_time or first.timestamp,
-            first_alert_time=first.timestamp,
-            last_alert_time=last.timestamp,
             closed_time=closed_time,
             duplicate_count=duplicate_count,
             root_cause_confidence=root_cause_confidence,
@@ -393,6 +393,16 @@ class IncidentCluster:
             _last_epoch=last.epoch,
             _max_sev=max(a.severity for a in ordered),
         )
+
+    # Read off the alerts, not stored: storing the newest alert's time on every ingest released the
+    # previous alert's datetime, a cache miss per alert with tens of thousands of clusters in memory.
+    @property
+    def first_alert_time(self) -> datetime:
+        return self.alerts[0].timestamp
+
+    @property
+    def last_alert_time(self) -> datetime:
+        return self.alerts[-1].timestamp
 
     def duration_seconds(self) -> float:
         """Seconds from the earliest to the latest alert (0 for a single alert)."""
@@ -520,7 +530,11 @@ class CorrelationEngine:
         # The rare replay finds its cluster by a search (`_replay`). Stays empty unless
         # `remember_alert_ids`.
         self._seen: set[str] = set()
-        self._sats: dict[str, list[_Slot]] = {}  # satellite -> its clusters' slots, last updated last
+        # Satellite -> the slot of its most recently updated joinable cluster; the others follow
+        # through `_Slot.older`, newest first. A chain, not a list: nearly every satellite has one
+        # cluster, and a list cost two more cache misses per ingest (its object and its items) with
+        # tens of thousands of satellites in memory.
+        self._sats: dict[str, _Slot] = {}
         self._subs: dict[int, dict[IncidentCluster, None]] = {}  # known subsystem -> clusters, same order
         self._buckets: dict[int, list[IncidentCluster]] = {}
         self._bucket_heap: list[int] = []
@@ -609,14 +623,15 @@ class CorrelationEngine:
         best_slot: _Slot | None = None
         best_score = self.score_threshold - 1e-12
 
-        slots = self._sats.get(sat)
-        if slots is not None:
+        head = self._sats.get(sat)
+        if head is not None:
             dedupe = self.dedupe_window_s
             base = TIME_WEIGHT + self.same_satellite_bonus + sev_w * alert.severity
             n = 0
-            for slot in reversed(slots):
-                if n >= MAX_CANDIDATE_CLUSTERS:
-                    break
+            older: _Slot | None = head
+            while older is not None and n < MAX_CANDIDATE_CLUSTERS:
+                slot = older
+                older = slot.older
                 n += 1
                 c = slot.cluster
                 if not c._joinable or c._last_epoch < horizon:
@@ -670,12 +685,13 @@ class CorrelationEngine:
                         best_score, best, best_slot = s, c, None
 
         if best is None:
-            return self._open(alert, key, now_dt), True, None, False, False, True
+            return self._open(alert, key, now_dt, head), True, None, False, False, True
         if best_slot is None:
             best_slot = best._slots.get(sat)
         # A satellite or a subsystem new to the cluster (the slot and the first-alert map say so).
-        grew = best_slot is None or key not in best._sub_first
-        changed = self._add(best, best_slot, alert, key, slots)
+        # The slot's keys are in cache (just scored); the cluster's map is one more miss at scale.
+        grew = best_slot is None or (key not in best_slot.keys and key not in best._sub_first)
+        changed = self._add(best, best_slot, alert, key, head)
         return best.cluster_id, False, None, changed, False, grew
 
     def _replay(self, alert: Alert) -> _Outcome:
@@ -687,7 +703,7 @@ class CorrelationEngine:
         repeated within one batch (it answers the repeat itself).
         """
         aid = alert.alert_id
-        near = [slot.cluster for slot in self._sats.get(alert.satellite_id, ())]
+        near = [slot.cluster for slot in self._chain(alert.satellite_id)]
         for c in itertools.chain(near, self._clusters.values()):
             for dup, orig in c._dups or ():
                 if dup == aid:
@@ -696,6 +712,28 @@ class CorrelationEngine:
                 if a.alert_id == aid:
                     return c.cluster_id, False, None, False, True, False
         raise AssertionError(f"alert id {aid!r} is remembered but in no cluster")  # pragma: no cover
+
+    def _chain(self, sat: str) -> Iterator[_Slot]:
+        """The slots on satellite `sat`, most recently updated first."""
+        slot = self._sats.get(sat)
+        while slot is not None:
+            yield slot
+            slot = slot.older
+
+    def _unlink(self, sat: str, head: _Slot, slot: _Slot) -> None:
+        """Takes `slot` out of the chain of satellite `sat` (whose head is `head`), if it is in it."""
+        if head is slot:
+            if slot.older is None:
+                del self._sats[sat]
+            else:
+                self._sats[sat] = slot.older
+            return
+        prev = head
+        while prev.older is not None:
+            if prev.older is slot:
+                prev.older = slot.older
+                return
+            prev = prev.older
 
     def _duplicate(self, alert: Alert, cluster: IncidentCluster, orig: str) -> _Outcome:
         """Counts `alert` as a duplicate of alert `orig`, the cluster's alert of the same satellite and
@@ -724,7 +762,7 @@ class CorrelationEngine:
                     best = a
         return best
 
-    def _open(self, alert: Alert, key: _Key, now: datetime) -> str:
+    def _open(self, alert: Alert, key: _Key, now: datetime, head: _Slot | None) -> str:
         cid = self._new_id()
         if cid in self._clusters:
             raise AlreadyExistsError(f"id_factory returned cluster id {cid!r} twice")
@@ -734,23 +772,20 @@ class CorrelationEngine:
             root_cause=None,
             status=ClusterStatus.OPEN,
             opened_time=now,
-            first_alert_time=alert.timestamp,
-            last_alert_time=alert.timestamp,
         )
         self._clusters[cid] = c
         self._opened += 1
         c._joinable = True
-        self._add(c, None, alert, key)
+        self._add(c, None, alert, key, head)
         self._register_bucket(c)
         return cid
 
-    def _add(
-        self, c: IncidentCluster, slot: _Slot | None, alert: Alert, key: _Key, sat_slots: list[_Slot] | None = None
-    ) -> bool:
+    def _add(self, c: IncidentCluster, slot: _Slot | None, alert: Alert, key: _Key, head: _Slot | None = None) -> bool:
         """Puts a (non-duplicate) alert into a cluster and the indexes; True if the root cause changed.
 
-        `slot` and `sat_slots` are the cluster's slot for the alert's satellite and that satellite's
-        slot list, when the caller already has them (each lookup is a cache miss at scale)."""
+        `slot` and `head` are the cluster's slot for the alert's satellite and the head of that
+        satellite's chain in `_sats`, when the caller already has them (each lookup is a cache miss
+        at scale; `head` None means "look it up")."""
         t = alert.epoch
         sev = alert.severity
         sat = alert.satellite_id
@@ -759,10 +794,8 @@ class CorrelationEngine:
             if slot is None:
                 slot = c._slots[sat] = _Slot(c)
                 if c._joinable:
-                    sat_slots = self._sats.get(sat)
-                    if sat_slots is None:
-                        sat_slots = self._sats[sat] = []
-                    sat_slots.append(slot)
+                    slot.older = self._sats.get(sat) if head is None else head
+                    self._sats[sat] = head = slot
         in_order = t >= c._last_epoch
         keys, data = slot.keys, slot.data
         # The cluster's subsystems and their first alerts only change if the key is new to this
@@ -790,23 +823,26 @@ class CorrelationEngine:
         if in_order:
             c.alerts.append(alert)
             c._last_epoch = t
-            c.last_alert_time = alert.timestamp
         else:
             bisect.insort_right(c.alerts, alert, key=_epoch_of)
         if t < c._first_epoch:
             c._first_epoch = t
-            c.first_alert_time = alert.timestamp
             rerank = _RANK_FULL  # the root's "earliest alert" part of the confidence may change
         if sev > c._max_sev:
             c._max_sev = sev
         if self._remember_ids:
             self._seen.add(alert.alert_id)
         if c._joinable:
-            if sat_slots is None:
-                sat_slots = self._sats[sat]
-            if sat_slots[-1] is not slot:  # most recently updated last: candidates are scanned newest first
-                sat_slots.remove(slot)
-                sat_slots.append(slot)
+            if head is None:
+                head = self._sats[sat]
+            if head is not slot:  # most recently updated first: candidates are scanned newest first
+                prev = head
+                while (after := prev.older) is not slot:
+                    assert after is not None, "a joinable cluster's slot is in its satellite's chain"
+                    prev = after
+                prev.older = slot.older
+                slot.older = head
+                self._sats[sat] = slot
             if isinstance(key, int):
                 idx = self._subs.get(key)
                 if idx is None:
@@ -1024,11 +1060,10 @@ class CorrelationEngine:
             for aid, _ in c._dups or ():
                 discard(aid)
         for sat, slot in c._slots.items():
-            lst = self._sats.get(sat)
-            if lst is not None and slot in lst:
-                lst.remove(slot)
-                if not lst:
-                    del self._sats[sat]
+            head = self._sats.get(sat)
+            if head is not None:
+                self._unlink(sat, head, slot)
+            slot.older = None
         for key in c._sub_last:
             idx = self._subs.get(key)
             if idx is not None:

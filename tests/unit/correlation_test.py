@@ -1069,3 +1069,49 @@ def test_subsystem_name_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         feed(engine, clock, alert("SAT-1", name, k))
     assert len(engine._keys) <= 3
     assert engine.require_cluster("C1").subsystems == sorted(n.replace("-", "_") for n in names)
+
+
+def test_the_most_recently_updated_cluster_of_a_satellite_stays_a_candidate() -> None:
+    """Only the 16 most recently updated clusters of a satellite are scored, so an update must bring
+    its cluster to the front: here the power incident was updated after 15 others opened, then two
+    more opened, and its thermal repeat is still found (a duplicate, not a new incident)."""
+    engine, clock = make_engine(score_threshold=0.95)  # unrelated subsystems never group
+    (incident,) = feed(engine, clock, alert("SAT-1", "power", 0))
+    others = feed(engine, clock, *(alert("SAT-1", f"unit-{k}", 1 + k) for k in range(15)))
+    assert incident not in others and len(set(others)) == 15
+    thermal = alert("SAT-1", "thermal", 16)
+    assert feed(engine, clock, thermal) == [incident]  # the 16th most recent cluster: still scored
+    assert len(set(feed(engine, clock, alert("SAT-1", "unit-a", 17), alert("SAT-1", "unit-b", 18)))) == 2
+    result = engine.ingest_detailed(alert("SAT-1", "thermal", 19))
+    assert (result.cluster_id, result.duplicate_of) == (incident, thermal.alert_id)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.95])
+def test_satellite_index_follows_updates_closes_and_expiry(threshold: float) -> None:
+    """The per-satellite candidate chains against a model of them: every in-memory cluster with an
+    alert on the satellite, most recently updated there first, and nothing dropped left behind."""
+    import random
+
+    rng = random.Random(5)
+    engine, clock = make_engine(score_threshold=threshold)
+    sats = [f"SAT-{k}" for k in range(4)]
+    subsystems = ["power", "thermal", "propulsion", "comms", "unit-x", "unit-y", "unit-z"]
+    order: dict[str, list[str]] = {s: [] for s in sats}  # cluster ids, most recently updated first
+    t = 0.0
+    for step in range(1500):
+        t += rng.choice([0.0, 1.0, 5.0, 20.0, 90.0])
+        sat = rng.choice(sats)
+        clock.set(at(t))
+        result = engine.ingest_detailed(alert(sat, rng.choice(subsystems), t - rng.choice([0.0, 0.0, 30.0])))
+        if not result.duplicate and not result.replay:
+            chain = order[sat]
+            if result.cluster_id in chain:
+                chain.remove(result.cluster_id)
+            chain.insert(0, result.cluster_id)
+        if step % 37 == 0:
+            engine.close_cluster(result.cluster_id)
+        for s in sats:
+            expected = [cid for cid in order[s] if engine.get_cluster(cid) is not None]
+            assert [slot.cluster.cluster_id for slot in engine._chain(s)] == expected, (step, s)
+            assert (s in engine._sats) == bool(expected)
+    assert engine.stats.expired > 50  # the sweep dropped clusters from the middle of chains, too
