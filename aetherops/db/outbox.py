@@ -1,6 +1,7 @@
 """The transactional outbox: events are rows written with the state change they describe.
 
-Writers call `append` on the connection of their transaction; the relay in
+Writers call `append` on the connection of their transaction (or put `insert_from_arrays` with
+`event_arrays` into a statement of their own); the relay in
 `aetherops.bus` reads unpublished rows in id order and marks them published.
 Only the relay that holds the leader lock reads and marks, so its rows need no
 row locks and its statements no transaction: it runs them in autocommit on its
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -23,7 +24,9 @@ __all__ = [
     "OutboxRow",
     "append",
     "backlog",
+    "event_arrays",
     "fetch_unpublished",
+    "insert_from_arrays",
     "mark_published",
     "new_event_id",
     "prune_published",
@@ -78,6 +81,25 @@ async def append(conn: asyncpg.Connection, events: Sequence[OutboxEvent]) -> Non
         records=[(e.event_id, e.subject, e.aggregate_id, e.payload, e.tracking_id) for e in events],
         columns=["event_id", "subject", "aggregate_id", "payload", "tracking_id"],
     )
+
+
+def insert_from_arrays(first: int) -> str:
+    """SQL that inserts events given as the five parameter arrays `$first`.. (`event_arrays`' order),
+    for a writer whose events go into the same statement as its own rows (one round trip)."""
+    p = [f"${first + k}" for k in range(5)]
+    return f"""INSERT INTO outbox (event_id, subject, aggregate_id, payload, tracking_id)
+    SELECT * FROM unnest({p[0]}::uuid[], {p[1]}::text[], {p[2]}::text[], {p[3]}::bytea[], {p[4]}::text[])"""
+
+
+def event_arrays(events: Sequence[OutboxEvent]) -> list[list[Any]]:
+    """The parameters of `insert_from_arrays`: one array per column, one element per event."""
+    return [
+        [e.event_id for e in events],
+        [e.subject for e in events],
+        [e.aggregate_id for e in events],
+        [e.payload for e in events],
+        [e.tracking_id for e in events],
+    ]
 
 
 async def fetch_unpublished(conn: asyncpg.Connection, limit: int) -> list[OutboxRow]:

@@ -196,14 +196,11 @@ class CorrelationService:
             raise
 
     async def _write_batch(self, batch: _Batch) -> list[IngestOutcome]:
-        """The clusters, the alerts and their events, in one transaction; the outcomes once committed."""
+        """The clusters, the alerts and their events, all or nothing; the outcomes once committed."""
         try:
             if batch.rows:
-                async with self._db.transaction() as conn:
-                    # Clusters first: alerts reference them.
-                    await repo.upsert_clusters(conn, batch.records, batch.opened, batch.grown)
-                    await repo.insert_alerts(conn, batch.rows)
-                    await outbox.append(conn, batch.events)
+                async with self._db.connection() as conn:
+                    await repo.write_batch(conn, batch.records, batch.opened, batch.grown, batch.rows, batch.events)
         except BaseException:
             # Memory must not run ahead of what is committed: the next batch is prepared on a
             # restored engine (this batch's decisions, and any taken on top of them, are dropped).

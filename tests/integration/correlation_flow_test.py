@@ -199,6 +199,46 @@ async def test_stored_satellites_and_subsystems_follow_the_incident_across_commi
     assert list(cluster.satellite_ids) == ["SAT-3", "SAT-4"] and list(cluster.subsystems) == ["power", "thermal"]
 
 
+async def test_the_stored_incident_row_follows_every_commit(channel: grpc.aio.Channel, db: Database) -> None:
+    """Times, severity, counts and root cause of an incident as PostgreSQL holds them (what a restart
+    rebuilds from and what listings sort by), after an in-order alert, a duplicate and a late one."""
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = (datetime.now(UTC) - timedelta(seconds=200)).replace(microsecond=0)
+
+    async def ingest(subsystem: str, after_s: float, severity: int) -> pb.IngestAlertResponse:
+        alert = _alert("SAT-7", subsystem, t0 + timedelta(seconds=after_s), severity=severity)
+        reply = await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
+        return reply
+
+    async def row(cluster_id: str) -> tuple[Any, ...]:
+        r = await db.fetchrow(
+            """SELECT first_alert_time, last_alert_time, max_severity, alert_count, duplicate_count,
+                      root_cause_alert_id FROM clusters WHERE cluster_id = $1""",
+            cluster_id,
+        )
+        assert r is not None
+        return tuple(r)
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    thermal = await ingest("thermal", 50, 2)
+    cid = thermal.cluster_id
+    thermal_id = await db.fetchval("SELECT alert_id FROM alerts WHERE cluster_id = $1", cid)
+    assert await row(cid) == (at(50), at(50), 2, 1, 0, thermal_id)
+    power = await ingest("power", 100, 4)
+    assert power.cluster_id == cid
+    power_id = await db.fetchval("SELECT alert_id FROM alerts WHERE cluster_id = $1 AND subsystem = 'power'", cid)
+    assert await row(cid) == (at(50), at(100), 4, 2, 0, power_id)  # power is upstream of thermal
+    repeat = await ingest("power", 110, 4)
+    assert repeat.duplicate and repeat.cluster_id == cid
+    assert await row(cid) == (at(50), at(100), 4, 2, 1, power_id)
+    late = await ingest("power", 10, 5)  # earlier than all of them: the new first alert and root cause
+    assert late.cluster_id == cid and not late.duplicate
+    late_id = await db.fetchval("SELECT alert_id FROM alerts WHERE cluster_id = $1 AND alert_time = $2", cid, at(10))
+    assert await row(cid) == (at(10), at(100), 5, 3, 1, late_id)
+
+
 async def test_a_batch_that_fails_to_commit_leaves_no_trace_in_memory(channel: grpc.aio.Channel, db: Database) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=60)

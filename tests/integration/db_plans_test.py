@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from aetherops.correlation import Alert
 from aetherops.db import Database, outbox
 from aetherops.db import correlation as repo
 
@@ -139,3 +140,27 @@ async def test_every_stored_alert_names_a_stored_cluster_checked_without_reading
                 "alerts", records=[("b1", "c1", *rest), ("b2", "nowhere", *rest)], columns=columns
             )
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id LIKE 'b%'") == 0
+
+
+async def test_an_ingest_batch_updates_its_clusters_through_the_primary_key(db: Database) -> None:
+    # `write_batch` updates the changed clusters with one statement joined to an array parameter; on
+    # an unanalysed table that join must still probe the key, not read every stored cluster.
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO clusters (cluster_id, status, first_alert_time, last_alert_time, opened_time)
+               SELECT 'c' || g, 'OPEN', now(), now(), now() FROM generate_series(1, $1) AS g""",
+            ROWS,
+        )
+    now = datetime.now(UTC)
+    changed = [
+        repo.ClusterRecord(f"c{n}", "OPEN", None, 0.5, ["SAT"], ["power"], 3, now, now, now, 2, 0)
+        for n in range(1, 501)
+    ]
+    rows = [repo.AlertRow(Alert(f"a{n}", "SAT", "power", 3, now), f"c{n % 500 + 1}", None, "") for n in range(BATCH)]
+    async with db.transaction() as conn:
+        before = await _seq_scans(conn, "clusters")
+        await repo.write_batch(conn, changed, set(), {"c1"}, rows, [])
+        assert await _seq_scans(conn, "clusters") == before
+    assert await db.fetchval("SELECT count(*) FROM clusters WHERE alert_count = 2") == 500
+    assert await db.fetchval("SELECT satellites FROM clusters WHERE cluster_id = 'c1'") == ["SAT"]
+    assert await db.fetchval("SELECT satellites FROM clusters WHERE cluster_id = 'c2'") == []  # not grown

@@ -1,0 +1,62 @@
+"""The correlation repository against PostgreSQL: an ingest batch is written whole, whichever way
+`write_batch` takes (one statement for small batches, COPY for large ones)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from aetherops.correlation import Alert
+from aetherops.db import Database, outbox
+from aetherops.db import correlation as repo
+
+
+@pytest.mark.parametrize("alerts", [1, repo.STATEMENT_ROWS, repo.STATEMENT_ROWS + 1])
+async def test_a_batch_writes_its_clusters_alerts_and_events(db: Database, alerts: int) -> None:
+    t0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
+
+    def record(cid: str, count: int, sats: list[str]) -> repo.ClusterRecord:
+        return repo.ClusterRecord(
+            cid, "OPEN", "a0", 0.5, sats, ["power"], 4, t0, t0 + timedelta(seconds=count), t0, count, 0
+        )
+
+    async with db.connection() as conn:  # an incident stored by an earlier batch
+        await repo.write_batch(conn, [record("old", 1, ["SAT-0"])], {"old"}, {"old"}, [], [])
+    first = [
+        repo.AlertRow(Alert(f"a{n}", "SAT-1", "power", 4, t0 + timedelta(seconds=n)), "new", None, "t")
+        for n in range(alerts)
+    ]
+    later = repo.AlertRow(Alert("b0", "SAT-2", "power", 4, t0), "old", None, "")
+    events = [outbox.OutboxEvent("incidents.opened", "new", b"x"), outbox.OutboxEvent("incidents.updated", "old", b"y")]
+    clusters = [record("new", alerts, ["SAT-1"]), record("old", 2, ["SAT-0", "SAT-2"])]
+    async with db.connection() as conn:
+        await repo.write_batch(conn, clusters, {"new"}, {"old"}, [*first, later], events)
+
+    stored = {r["cluster_id"]: r for r in await db.fetch("SELECT * FROM clusters")}
+    assert stored["new"]["alert_count"] == alerts and list(stored["new"]["satellites"]) == ["SAT-1"]
+    assert stored["old"]["alert_count"] == 2 and list(stored["old"]["satellites"]) == ["SAT-0", "SAT-2"]
+    assert stored["old"]["last_alert_time"] == t0 + timedelta(seconds=2)
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE cluster_id = 'new' AND tracking_id = 't'") == alerts
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE cluster_id = 'old'") == 1
+    assert [r["aggregate_id"] for r in await db.fetch("SELECT aggregate_id FROM outbox ORDER BY id")] == ["new", "old"]
+
+
+async def test_a_batch_that_fails_writes_nothing(db: Database) -> None:
+    t0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    old = repo.ClusterRecord("old", "OPEN", "a0", 0.5, ["SAT-0"], ["power"], 4, t0, t0, t0, 1, 0)
+    async with db.connection() as conn:
+        await repo.write_batch(conn, [old], {"old"}, set(), [], [])
+    grown = dataclasses.replace(old, alert_count=99)
+    for size in (1, repo.STATEMENT_ROWS + 1):
+        rows = [repo.AlertRow(Alert(f"{size}-{n}", "SAT-1", "power", 4, t0), "nowhere", None, "") for n in range(size)]
+        event = outbox.OutboxEvent("incidents.updated", "old", b"")
+        # An alert of no stored incident: the batch is refused, the update of "old" with it.
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match="cluster nowhere"):
+            async with db.connection() as conn:
+                await repo.write_batch(conn, [grown], set(), set(), rows, [event])
+    assert await db.fetchval("SELECT alert_count FROM clusters WHERE cluster_id = 'old'") == 1
+    assert await db.fetchval("SELECT count(*) FROM alerts") == 0
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 0
