@@ -530,8 +530,9 @@ class CorrelationEngine:
         # The rare replay finds its cluster by a search (`_replay`). Stays empty unless
         # `remember_alert_ids`.
         self._seen: set[str] = set()
-        # Satellite -> the slot of its most recently updated joinable cluster; the others follow
-        # through `_Slot.older`, newest first. A chain, not a list: nearly every satellite has one
+        # Satellite -> the slot of its most recently updated cluster; the others follow through
+        # `_Slot.older`, newest first (a closed cluster's slot stays until the sweep drops the
+        # cluster; the scan skips it). A chain, not a list: nearly every satellite has one
         # cluster, and a list cost two more cache misses per ingest (its object and its items) with
         # tens of thousands of satellites in memory.
         self._sats: dict[str, _Slot] = {}
