@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, NamedTuple
@@ -232,25 +232,15 @@ async def write_batch(
             await conn.copy_records_to_table("alerts", records=[_alert_values(r) for r in rows], columns=_ALERT_COLUMNS)
             await outbox.append(conn, events)
         return
+    clusters_in = _columns(map(_cluster_values, new), len(_CLUSTER_COLUMN_NAMES))
+    # The lists as one JSON object per cluster: a list inside an array parameter would be one more
+    # dimension to asyncpg, and the lists differ in length.
+    lists = [{"satellites": c.satellites, "subsystems": c.subsystems} for c in new]
     inserts = [
-        [c.cluster_id for c in new],
-        [c.status for c in new],
-        [c.root_cause_alert_id for c in new],
-        [c.root_cause_confidence for c in new],
-        # One JSON object per cluster: a list inside an array parameter would be one more dimension
-        # to asyncpg, and the lists differ in length.
-        [{"satellites": c.satellites, "subsystems": c.subsystems} for c in new],
-        [c.max_severity for c in new],
-        [c.first_alert_time for c in new],
-        [c.last_alert_time for c in new],
-        [c.opened_time for c in new],
-        [c.closed_time for c in new],
-        [c.close_reason for c in new],
-        [c.closed_by for c in new],
-        [c.alert_count for c in new],
-        [c.duplicate_count for c in new],
-        [c.tracking_id for c in new],
-        *([list(column) for column in zip(*map(_alert_values, rows), strict=True)] or [[] for _ in _ALERT_COLUMNS]),
+        *clusters_in[:4],  # _INSERT_CLUSTERS' order: `_CLUSTER_COLUMN_NAMES` with the two lists as one
+        lists,
+        *clusters_in[6:],
+        *_columns(map(_alert_values, rows), len(_ALERT_COLUMNS)),
         *outbox.event_arrays(events),
     ]
     if not changed:
@@ -280,6 +270,11 @@ _ALERT_COLUMNS = [
     "duplicate_of",
     "tracking_id",
 ]
+
+
+def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows turned into one list per column (`width` empty ones when there are no rows)."""
+    return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(width)]
 
 
 def _alert_values(r: AlertRow) -> tuple[Any, ...]:
