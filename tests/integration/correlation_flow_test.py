@@ -207,8 +207,7 @@ async def test_the_stored_incident_row_follows_every_commit(channel: grpc.aio.Ch
 
     async def ingest(subsystem: str, after_s: float, severity: int) -> pb.IngestAlertResponse:
         alert = _alert("SAT-7", subsystem, t0 + timedelta(seconds=after_s), severity=severity)
-        reply = await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
-        return reply
+        return await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
 
     async def row(cluster_id: str) -> tuple[Any, ...]:
         r = await db.fetchrow(

@@ -143,8 +143,8 @@ async def test_every_stored_alert_names_a_stored_cluster_checked_without_reading
 
 
 async def test_an_ingest_batch_updates_its_clusters_through_the_primary_key(db: Database) -> None:
-    # `write_batch` updates the changed clusters with one statement joined to an array parameter; on
-    # an unanalysed table that join must still probe the key, not read every stored cluster.
+    # `write_batch` updates each changed cluster by its key. Joined to an array parameter instead, on
+    # an unanalysed table the planner hashed every stored cluster for 500 of them: this guards that.
     async with db.transaction() as conn:
         await conn.execute(
             """INSERT INTO clusters (cluster_id, status, first_alert_time, last_alert_time, opened_time)
