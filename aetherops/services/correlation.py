@@ -27,7 +27,7 @@ from aetherops.paging import encode_page_token, filters_key, read_page_token, ti
 from aetherops.services.batching import GroupCommitter
 from aetherops.tracking import current_tracking_id
 
-__all__ = ["CorrelationService", "IncidentEvent", "IngestOutcome"]
+__all__ = ["INGEST_BATCH", "CorrelationService", "IncidentEvent", "IngestOutcome"]
 
 log = logging.getLogger("aetherops.correlation")
 
@@ -98,6 +98,10 @@ def _root_alert(record: ClusterRecord) -> Alert | None:
     return next((a for a in record.alerts if a.alert_id == record.root_cause_alert_id), None)
 
 
+INGEST_BATCH = 4000
+"""Alerts per ingest transaction at most (see `CorrelationService`)."""
+
+
 class CorrelationService:
     """Alerts in, incidents out; every answer is committed."""
 
@@ -111,8 +115,17 @@ class CorrelationService:
         clock: Clock,
         *,
         max_future_skew_s: float = 300.0,
-        max_batch: int = 2000,
+        max_batch: int = INGEST_BATCH,
+        max_queue: int = 100_000,
     ) -> None:
+        """`max_batch`: alerts per transaction at most. Under bulk load every batch costs a few fixed
+        round trips and one update per incident it touched, so larger batches cost less per alert: an
+        alert storm streamed through four IngestAlerts streams spent 33 us of write time per alert in
+        batches of 4,000 against 43 us in batches of 2,000 (one storm incident row updated per 15
+        alerts instead of per 11). Over the same 12 s stretch of the benchmark it committed 24,300
+        against 17,100 alerts/s (one instrumented run each, pauses between runs included).
+        `max_queue`: alerts waiting at most; twelve streams, each with its chunks in flight (see
+        `servers.correlation`), fit."""
         self._db = db
         self._relay = relay
         self._subjects = subjects
@@ -122,7 +135,7 @@ class CorrelationService:
         self._max_future_skew_s = max_future_skew_s
         self._stale = False  # the engine may hold decisions that were never committed
         self._committer: GroupCommitter[Alert, _Batch, IngestOutcome] = GroupCommitter(
-            self._prepare_batch, self._write_batch, max_batch=max_batch, name="correlation-ingest"
+            self._prepare_batch, self._write_batch, max_batch=max_batch, max_queue=max_queue, name="correlation-ingest"
         )
 
     @property

@@ -4,6 +4,7 @@ reach NATS, a restart keeps the incident, duplicates and bad input behave."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from grpc_status import rpc_status
 
 from aetherops.bus import Bus
 from aetherops.db import Database
+from aetherops.services.correlation import INGEST_BATCH
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
@@ -485,6 +487,47 @@ async def test_bulk_stream_takes_batches_and_counts_indexes_across_messages(
     ]
     assert reply.accepted + reply.duplicates == 19
     assert await db.fetchval("SELECT count(*) FROM alerts") == 19
+
+
+async def test_a_stream_of_several_batches_stores_every_incident_as_its_alerts_add_up(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    """A storm longer than three ingest batches: the committer prepares each batch while the one
+    before it is written, so consecutive batches update the same incidents. Every stored incident
+    row must count exactly the alert rows stored for it."""
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    rng = random.Random(5)
+    t0 = datetime.now(UTC) - timedelta(seconds=250)
+    total = 3 * INGEST_BATCH + 500
+    subsystems = ("power", "thermal", "propulsion", "adcs", "comms", "payload", "sensor-a", "sensor-b")
+    alerts = [
+        _alert(f"SAT-S{rng.randrange(60)}", rng.choice(subsystems), t0 + timedelta(seconds=rng.uniform(0, 240)))
+        for _ in range(total)
+    ]
+
+    async def requests() -> Any:
+        for k in range(0, total, 500):
+            yield pb.IngestAlertsRequest(alerts=alerts[k : k + 500])
+
+    reply = await stub.IngestAlerts(requests())
+    assert reply.rejected == 0 and reply.accepted + reply.duplicates == total
+    assert reply.duplicates > total // 2  # mostly repeats within the dedupe window, as in a storm
+    stored = await db.fetch(
+        """SELECT c.cluster_id, c.alert_count, c.duplicate_count, c.last_alert_time,
+                  count(*) FILTER (WHERE a.duplicate_of IS NULL) AS alerts,
+                  count(*) FILTER (WHERE a.duplicate_of IS NOT NULL) AS duplicates,
+                  max(a.alert_time) FILTER (WHERE a.duplicate_of IS NULL) AS last_alert
+           FROM clusters c JOIN alerts a USING (cluster_id) GROUP BY c.cluster_id"""
+    )
+    assert sum(r["alerts"] + r["duplicates"] for r in stored) == total
+    assert sum(r["alerts"] for r in stored) == reply.accepted
+    mismatched = [
+        dict(r)
+        for r in stored
+        if (r["alert_count"], r["duplicate_count"], r["last_alert_time"])
+        != (r["alerts"], r["duplicates"], r["last_alert"])
+    ]
+    assert mismatched == []
 
 
 async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grpc.aio.Channel, db: Database) -> None:

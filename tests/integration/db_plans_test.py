@@ -18,9 +18,10 @@ import pytest
 from aetherops.correlation import Alert
 from aetherops.db import Database, outbox
 from aetherops.db import correlation as repo
+from aetherops.services.correlation import INGEST_BATCH
 
 ROWS = 20_000
-BATCH = 2_000
+BATCH = INGEST_BATCH
 
 
 async def _seq_scans(conn: asyncpg.Connection, table: str) -> int:
