@@ -13,6 +13,7 @@ import pytest
 
 from aetherops.clock import ManualClock
 from aetherops.correlation import (
+    _SWEEP_BUDGET,
     DEPENDENCY_WEIGHT,
     SEVERITY_WEIGHT,
     TIME_WEIGHT,
@@ -1084,6 +1085,44 @@ def test_the_most_recently_updated_cluster_of_a_satellite_stays_a_candidate() ->
     assert len(set(feed(engine, clock, alert("SAT-1", "unit-a", 17), alert("SAT-1", "unit-b", 18)))) == 2
     result = engine.ingest_detailed(alert("SAT-1", "thermal", 19))
     assert (result.cluster_id, result.duplicate_of) == (incident, thermal.alert_id)
+
+
+def test_clusters_that_expire_together_are_dropped_a_few_per_ingest() -> None:
+    """Alerts that arrived together expire together. No single ingest pays for dropping them all,
+    none of them is joined meanwhile, and all are dropped within a few ingests."""
+    engine, clock = make_engine()
+    n = 1000
+    for k in range(n):
+        engine.ingest(alert(f"SAT-{k}", "gyro", 0))
+    clock.set(at(301))
+    again = engine.ingest_detailed(alert("SAT-0", "gyro", 301))
+    assert again.opened  # SAT-0's cluster is past the window, dropped or not
+    assert 0 < engine.stats.expired <= _SWEEP_BUDGET
+    assert [c.cluster_id for c in engine.get_active_clusters()] == [again.cluster_id]
+    for k in range(n // _SWEEP_BUDGET + 1):
+        clock.set(at(302 + k))
+        engine.ingest(alert(f"SAT-{k}", "gyro", 302 + k))
+    assert engine.stats.expired == n
+
+
+def test_every_cluster_in_memory_is_filed_for_expiry_exactly_once() -> None:
+    """Bursts of clusters that expire together, swept a budget at a time: each cluster in memory is
+    filed under one bucket (or set aside as still active), and nothing dropped stays filed."""
+    import random
+
+    rng = random.Random(11)
+    engine, clock = make_engine()
+    t = 0.0
+    for step in range(6000):
+        t += rng.choice([310.0]) if rng.random() < 0.002 else rng.choice([0.0] * 8 + [1.0, 2.0])
+        clock.set(at(t))
+        engine.ingest(alert(f"SAT-{rng.randrange(2000)}", rng.choice(["gyro", "unit-x", "power", "thermal"]), t))
+        if step % 10 == 0:
+            filed = [c.cluster_id for bucket in (*engine._buckets.values(), *engine._kept.values()) for c in bucket]
+            assert sorted(filed) == sorted(engine._clusters), step
+    assert engine.stats.expired > 1000
+    engine.expire(at(t + 1000))
+    assert engine.stats.clusters_in_memory == 0 and not engine._buckets and not engine._kept
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.95])
