@@ -99,10 +99,10 @@ clusters scored. Real fleets have a handful; the cap bounds the pathological cas
 
 _SWEEP_BUCKETS: Final = 4  # expiry granularity: the window is cut into this many time buckets
 # Clusters an ingest examines for expiry at most; the rest wait for the next ingests. Alerts that
-# arrived together expire together: 100,000 clusters opened in one second were dropped by a single
-# ingest that took 169 ms, stalling every caller behind it (p95 of one IngestAlert call each at
-# 1,000/s rose to about 80 ms after a bulk load). A cluster past the window is never joined
-# whether or not it was dropped yet, and each ingest opens at most one, so the backlog drains.
+# arrived together expire together: 100,000 clusters opened in one second were all dropped by the
+# one ingest that crossed the window, and it took 169 ms, a stall for every caller queued behind it.
+# A cluster past the window is never joined whether or not it was dropped yet, and each ingest
+# opens at most one, so the backlog drains.
 _SWEEP_BUDGET: Final = 64
 _KEY_CACHE_LIMIT: Final = 65_536  # raw subsystem spellings remembered (unknown names are unbounded)
 
@@ -1046,7 +1046,8 @@ class CorrelationEngine:
             b = heap[0]
             filed = buckets[b]
             keep = self._kept.pop(b, [])
-            # Each cluster in memory is filed in exactly one bucket, so each is met once here.
+            # Each cluster in memory is filed in exactly one bucket (or set aside in `_kept`), so
+            # each is met once here.
             while filed:
                 if examined >= budget:
                     if keep:
