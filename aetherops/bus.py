@@ -300,7 +300,10 @@ class OutboxRelay:
         batch_size: int = 1000,
         poll_interval_s: float = 0.5,
         retention_s: float = 7 * 86400.0,
+        scan_floor: outbox.ScanFloor | None = None,
     ) -> None:
+        """`scan_floor`: where claims start (see `outbox.ScanFloor`). It stays right when another relay
+        leads for a while: rows below it are published, and published rows stay published."""
         self._db = db
         self._bus = bus
         self._batch_size = batch_size
@@ -316,6 +319,7 @@ class OutboxRelay:
         self.backlog = 0
         self.oldest_age_s = 0.0
         self._stats_time = 0.0
+        self._floor = scan_floor or outbox.ScanFloor()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -363,7 +367,7 @@ class OutboxRelay:
         if now - self._stats_time < 1.0:
             return
         self._stats_time = now
-        count, oldest = await outbox.backlog(conn)
+        count, oldest = await outbox.backlog(conn, self._floor.value)
         self.backlog = count
         self.oldest_age_s = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
 
@@ -397,7 +401,11 @@ class OutboxRelay:
         """Publishes one batch; returns how many rows it published. Raises on a NATS failure
         (nothing is marked, the same rows go again later; JetStream drops what it already has by
         event id). `conn` is the leader's connection."""
-        rows = await outbox.fetch_unpublished(conn, self._batch_size)
+        floor, now = self._floor, time.monotonic()
+        if floor.mark_due(now):
+            floor.mark(now, await outbox.last_id(conn))
+        rows = await outbox.fetch_unpublished(conn, self._batch_size, floor.start(now))
+        floor.claimed(rows[0].id if rows else None)
         if not rows:
             return 0
         max_payload = self._bus.nc.max_payload

@@ -10,7 +10,9 @@ own connection, opened with `RELAY_SETTINGS`.
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,11 +24,13 @@ __all__ = [
     "RELAY_SETTINGS",
     "OutboxEvent",
     "OutboxRow",
+    "ScanFloor",
     "append",
     "backlog",
     "event_arrays",
     "fetch_unpublished",
     "insert_from_arrays",
+    "last_id",
     "mark_published",
     "new_event_id",
     "prune_published",
@@ -102,13 +106,70 @@ def event_arrays(events: Sequence[OutboxEvent]) -> list[list[Any]]:
     ]
 
 
-async def fetch_unpublished(conn: asyncpg.Connection, limit: int) -> list[OutboxRow]:
-    """The oldest unpublished rows, in id order. For the leader relay, on a connection opened with
-    `RELAY_SETTINGS` (elsewhere the plan may read the whole backlog)."""
+class ScanFloor:
+    """Where the relay's search for unpublished rows starts: every row below it is published.
+
+    Marking a row published leaves its entry in the partial index of unpublished rows until VACUUM
+    removes it, and every search walks those entries from the lowest id up. With autovacuum off (as
+    on some servers) nothing removes them: after 900,000 published events one claim of 200 rows took
+    5.5 ms instead of 0.6 ms, and the relay claims once per commit.
+
+    The floor is never above an id that may still be unpublished. Ids are taken when a row is
+    inserted, but the row is seen only when its transaction commits, and transactions commit out of
+    id order; so the floor only passes ids taken more than `lag_s` ago (read off the id sequence
+    once a second), and the lowest unpublished id a claim found. A transaction that commits later
+    than that, with a lower id, is found by the search from the lowest id that runs every
+    `full_scan_s` instead: late, but never lost.
+    """
+
+    def __init__(self, *, lag_s: float = 10.0, full_scan_s: float = 60.0) -> None:
+        self.lag_s = lag_s
+        self.full_scan_s = full_scan_s
+        self.value = 0
+        self._settled = 0  # the highest id taken more than `lag_s` ago (0: none known)
+        self._marks: deque[tuple[float, int]] = deque()  # (time, the sequence's last id then)
+        self._mark_due = -math.inf
+        self._full_scan_due = -math.inf
+
+    def mark_due(self, now: float) -> bool:
+        """Whether to read the id sequence for `mark` now (about once a second)."""
+        return now >= self._mark_due
+
+    def mark(self, now: float, last: int) -> None:
+        """Records the sequence's last id at `now`."""
+        self._mark_due = now + 1.0
+        self._marks.append((now, last))
+        while self._marks and self._marks[0][0] <= now - self.lag_s:
+            self._settled = self._marks.popleft()[1]
+
+    def start(self, now: float) -> int:
+        """The lowest id the next claim searches from: 0 once every `full_scan_s`."""
+        if now >= self._full_scan_due:
+            self._full_scan_due = now + self.full_scan_s
+            return 0
+        return self.value
+
+    def claimed(self, lowest_unpublished: int | None) -> None:
+        """After a claim that searched from `start()`: the lowest unpublished id it found, if any."""
+        limit = self._settled + 1  # every id up to `_settled` is committed or abandoned by now
+        self.value = limit if lowest_unpublished is None else min(lowest_unpublished, limit)
+
+
+async def last_id(conn: asyncpg.Connection) -> int:
+    """The last id the outbox's sequence handed out (0 if none)."""
+    value = await conn.fetchval("SELECT pg_sequence_last_value(pg_get_serial_sequence('outbox', 'id')::regclass)")
+    return int(value or 0)
+
+
+async def fetch_unpublished(conn: asyncpg.Connection, limit: int, floor: int = 0) -> list[OutboxRow]:
+    """The oldest unpublished rows with ids from `floor` (see `ScanFloor`), in id order. For the
+    leader relay, on a connection opened with `RELAY_SETTINGS` (elsewhere the plan may read the
+    whole backlog)."""
     rows = await conn.fetch(
         """SELECT ctid, id, event_id, subject, aggregate_id, payload, tracking_id FROM outbox
-           WHERE published_time IS NULL ORDER BY id LIMIT $1""",
+           WHERE published_time IS NULL AND id >= $2 ORDER BY id LIMIT $1""",
         limit,
+        floor,
     )
     return [
         OutboxRow(
@@ -165,10 +226,11 @@ async def prune_published(conn: asyncpg.Connection, retention_s: float, limit: i
     return int(status.split()[-1])
 
 
-async def backlog(conn: asyncpg.Connection) -> tuple[int, datetime | None]:
-    """Unpublished count and the creation time of the oldest (metrics)."""
+async def backlog(conn: asyncpg.Connection, floor: int = 0) -> tuple[int, datetime | None]:
+    """Unpublished count and the creation time of the oldest, among ids from `floor` (metrics)."""
     row = await conn.fetchrow(
-        "SELECT count(*) AS n, min(created_time) AS oldest FROM outbox WHERE published_time IS NULL"
+        "SELECT count(*) AS n, min(created_time) AS oldest FROM outbox WHERE published_time IS NULL AND id >= $1",
+        floor,
     )
     assert row is not None
     return int(row["n"]), row["oldest"]

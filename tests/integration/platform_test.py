@@ -210,6 +210,41 @@ async def test_an_event_too_large_for_nats_is_set_aside_and_the_rest_flow(db: Da
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE event_id = $1", huge.event_id) == 1  # kept
 
 
+async def test_an_event_committed_after_the_scan_floor_passed_its_id_is_still_published(db: Database, bus: Bus) -> None:
+    """Ids are taken at insert and seen at commit: a transaction that holds a low id while later
+    events are published and the relay's scan floor moves past it. Its event goes out with the next
+    search from the lowest id."""
+    await bus.ensure_streams()
+    floor = outbox.ScanFloor(lag_s=0.0, full_scan_s=1.0)
+    relay = OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.05, scan_floor=floor)
+    straggler = outbox.OutboxEvent(subject=bus.subjects.incidents("opened"), aggregate_id="agg-late", payload=b"late")
+    async with db.dedicated() as held:
+        late = held.transaction()
+        await late.start()
+        await outbox.append(held, [straggler])
+        late_id = await held.fetchval("SELECT id FROM outbox WHERE event_id = $1", straggler.event_id)
+        others = await _write_events(db, bus, 3)
+        task = asyncio.create_task(relay.run())
+        try:
+
+            async def passed() -> bool:
+                published = await db.fetchval("SELECT count(*) FROM outbox WHERE published_time IS NOT NULL")
+                return published == 3 and floor.value > late_id
+
+            await eventually(passed, what="the others published and the floor past the held id")
+            await late.commit()
+
+            async def all_published() -> bool:
+                return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
+
+            await eventually(all_published, what="the late event published")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
+    assert [m.headers["Nats-Msg-Id"] for m in msgs] == [*others, straggler.event_id]
+
+
 async def test_a_second_relay_takes_over_when_the_leader_stops(db: Database, bus: Bus) -> None:
     await bus.ensure_streams()
     leader, standby = (OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.05) for _ in range(2))
