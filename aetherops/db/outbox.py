@@ -112,7 +112,7 @@ class ScanFloor:
     Marking a row published leaves its entry in the partial index of unpublished rows until VACUUM
     removes it, and every search walks those entries from the lowest id up. With autovacuum off (as
     on some servers) nothing removes them: after 900,000 published events one claim of 200 rows took
-    5.5 ms instead of 0.6 ms, and the relay claims once per commit.
+    5.5 ms instead of 0.6 ms, and the relay claims about once per commit.
 
     The floor is never above an id that may still be unpublished. Ids are taken when a row is
     inserted, but the row is seen only when its transaction commits, and transactions commit out of

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -60,6 +60,15 @@ async def test_concurrent_migrations_take_turns(pg_url: str, schema: str) -> Non
             await d.close()
 
 
+def _outbox_drained(db: Database) -> Callable[[], Awaitable[bool]]:
+    """A condition for `eventually`: no outbox row is left unpublished."""
+
+    async def drained() -> bool:
+        return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
+
+    return drained
+
+
 async def _write_events(db: Database, bus: Bus, n: int, start: int = 0) -> list[str]:
     ids = []
     async with db.transaction() as conn:
@@ -105,9 +114,7 @@ async def test_outbox_delivers_each_event_exactly_once_across_nats_restart(
         first = await _write_events(db, bus, 120)
         relay.wake()
 
-        async def all_published() -> bool:
-            return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
-
+        all_published = _outbox_drained(db)
         await eventually(all_published, what="all outbox rows published")
         await nats_server.astop()
         # Written while NATS is away: they must wait, then go out once NATS is back.
@@ -196,11 +203,7 @@ async def test_an_event_too_large_for_nats_is_set_aside_and_the_rest_flow(db: Da
     relay = OutboxRelay(db, bus, batch_size=50, poll_interval_s=0.05)
     task = asyncio.create_task(relay.run())
     try:
-
-        async def drained() -> bool:
-            return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
-
-        await eventually(drained, what="the outbox drained past the oversized event")
+        await eventually(_outbox_drained(db), what="the outbox drained past the oversized event")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -233,11 +236,7 @@ async def test_an_event_committed_after_the_scan_floor_passed_its_id_is_still_pu
 
             await eventually(passed, what="the others published and the floor past the held id")
             await late.commit()
-
-            async def all_published() -> bool:
-                return bool(await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_time IS NULL"))
-
-            await eventually(all_published, what="the late event published")
+            await eventually(_outbox_drained(db), what="the late event published")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
