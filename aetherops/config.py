@@ -17,9 +17,13 @@ from typing import Any
 from aetherops.auth import SecurityConfig
 from aetherops.errors import ConfigError
 
-__all__ = ["ALL_SERVICES", "ENV_VARS", "Settings"]
+__all__ = ["ALL_SERVICES", "ENV_VARS", "INGEST_QUEUE_BYTES", "Settings"]
 
 ALL_SERVICES: tuple[str, ...] = ("correlation", "runbook", "capacity")
+
+INGEST_QUEUE_BYTES = 256 * 1024 * 1024
+"""Default of `Settings.ingest_queue_bytes`: 100,000 typical alerts (the queue's count limit) take
+about 50 MB, so only large ones meet it."""
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
@@ -52,6 +56,9 @@ class Settings:
     """On SIGTERM, in-flight RPCs get this long to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
+    ingest_queue_bytes: int = INGEST_QUEUE_BYTES
+    """Memory the alerts waiting for their commit may hold (messages and labels as stored, plus a fixed
+    part per alert); past it, ingest answers RESOURCE_EXHAUSTED with a retry delay."""
     log_level: str = "INFO"
     """Python logging level."""
     correlation_window_s: float = 300.0
@@ -128,6 +135,7 @@ class Settings:
         )
         _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
         _check(self.max_message_bytes >= 64 * 1024, "max_message_bytes", "must be at least 65536")
+        _check(self.ingest_queue_bytes >= 1024 * 1024, "ingest_queue_bytes", "must be at least 1048576")
         _check(self.correlation_window_s > 0, "correlation_window_s", "must be positive")
         _check(self.dedupe_window_s >= 0, "dedupe_window_s", "must not be negative")
         for agent in self.agent_actions:
@@ -188,7 +196,7 @@ class Settings:
 ENV_VARS: dict[str, str] = {f.name: "AETHEROPS_" + f.name.upper() for f in fields(Settings)}
 """Setting name -> environment variable (AETHEROPS_DATABASE_URL, ...)."""
 
-_INTS = {"port", "metrics_port", "max_message_bytes"}
+_INTS = {"port", "metrics_port", "max_message_bytes", "ingest_queue_bytes"}
 _FLOATS = {
     "shutdown_grace_s",
     "correlation_window_s",

@@ -390,6 +390,7 @@ class CorrelationComponent:
             encode_incident_event,
             infra.clock,
             max_future_skew_s=self._settings.max_future_skew_s,
+            max_queue_bytes=self._settings.ingest_queue_bytes,
         )
         await service.start()
         self.service = service

@@ -4,7 +4,8 @@ Callers `submit` items and await their results; one worker takes everything
 queued (up to `max_batch`), and resolves every caller's future when the batch
 committed. While a transaction is in flight the next batch accumulates, so
 durability costs one commit per batch, not per item. A full queue refuses new
-work with ResourceExhaustedError instead of growing.
+work with ResourceExhaustedError instead of growing: it is bounded in items and,
+when the items differ a lot in size, in bytes too (`max_queue_bytes`).
 
 A batch goes through two stages: `prepare` decides what to write (it may read
 the database but writes nothing) and `write` commits that and returns the
@@ -71,6 +72,7 @@ class _Request(Generic[Item, Result]):
 
     items: Sequence[Item]
     future: asyncio.Future[list[Result]]
+    size: int  # bytes, as `size_of` counts them (0 without a byte budget)
 
 
 class GroupCommitter(Generic[Item, Plan, Result]):
@@ -88,6 +90,8 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         max_batch: int = 2000,
         max_queue: int = 50_000,
         linger_turns: int = 128,
+        max_queue_bytes: int | None = None,
+        size_of: Callable[[Item], int] | None = None,
         name: str = "group-commit",
     ) -> None:
         """`linger_turns`: event-loop turns to wait for more callers before taking a batch smaller than
@@ -96,7 +100,15 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         690-720 us) and PostgreSQL's by about 30%. On an otherwise idle loop 128 turns take about 0.5 ms:
         the most a batch of a few callers is delayed. Waiting only until as many callers as made the
         last batch were back kept batches from growing under load and lost most of the gain (measured,
-        not kept)."""
+        not kept).
+
+        `max_queue_bytes` with `size_of` (an item's size in bytes): the queued items' sizes add up to
+        at most this. A count alone bounds the memory only as far as the largest item allows. A
+        request is refused if it would take the queue past either limit, except that a request larger
+        than the whole byte budget is taken when nothing else is queued: it can never fit, and
+        refusing it forever would not protect anything that taking it alone does not."""
+        if (max_queue_bytes is None) != (size_of is None):
+            raise ValueError("max_queue_bytes and size_of go together")
         self._prepare = prepare
         self._write = write
         self._max_batch = max_batch
@@ -106,6 +118,9 @@ class GroupCommitter(Generic[Item, Plan, Result]):
         self._name = name
         self._queue: list[_Request[Item, Result]] = []
         self._queued = 0  # items in the queue
+        self._max_queue_bytes = max_queue_bytes
+        self._size_of = size_of
+        self._queued_bytes = 0  # their sizes, with a byte budget
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._exclusive = asyncio.Lock()  # one exclusive section at a time
@@ -115,8 +130,12 @@ class GroupCommitter(Generic[Item, Plan, Result]):
 
     @property
     def utilisation(self) -> float:
-        """Queued items over capacity, 0..1 (drives adaptive rate limits)."""
-        return self._queued / self._max_queue
+        """How full the queue is, 0..1, by items or by bytes, whichever is fuller (drives adaptive
+        rate limits; above 1 while an oversized request is queued alone)."""
+        by_items = self._queued / self._max_queue
+        if self._max_queue_bytes is None:
+            return by_items
+        return max(by_items, self._queued_bytes / self._max_queue_bytes)
 
     def start(self) -> None:
         if self._task is None:
@@ -130,19 +149,28 @@ class GroupCommitter(Generic[Item, Plan, Result]):
             if not request.future.done():
                 request.future.set_exception(UnavailableError("server is shutting down"))
         self._queue.clear()
-        self._queued = 0
+        self._queued = self._queued_bytes = 0
 
     def _enqueue(self, items: Sequence[Item]) -> list[asyncio.Future[list[Result]]]:
         if self._task is None:
             raise UnavailableError(f"{self._name} is not running")
         if self._queued + len(items) > self._max_queue:
             raise ResourceExhaustedError(f"{self._name}: ingest queue is full", retry_after_s=0.5)
+        size_of = self._size_of
+        sizes = [] if size_of is None else [size_of(item) for item in items]
+        if self._max_queue_bytes is not None and self._queue:
+            if self._queued_bytes + sum(sizes) > self._max_queue_bytes:
+                raise ResourceExhaustedError(
+                    f"{self._name}: ingest queue is full ({self._queued_bytes:,} bytes waiting)", retry_after_s=0.5
+                )
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Result]]] = []
         step = self._max_batch
         for start in range(0, len(items), step):
             future: asyncio.Future[list[Result]] = loop.create_future()
-            self._queue.append(_Request(items[start : start + step], future))
+            size = sum(sizes[start : start + step])
+            self._queue.append(_Request(items[start : start + step], future, size))
+            self._queued_bytes += size
             futures.append(future)
         self._queued += len(items)
         self._wakeup.set()
@@ -193,13 +221,15 @@ class GroupCommitter(Generic[Item, Plan, Result]):
 
     def _take(self) -> list[_Request[Item, Result]]:
         """Whole requests from the head of the queue, up to `max_batch` items (at least one request)."""
-        queue, total, n = self._queue, 0, 0
+        queue, total, size, n = self._queue, 0, 0, 0
         while n < len(queue) and (n == 0 or total + len(queue[n].items) <= self._max_batch):
             total += len(queue[n].items)
+            size += queue[n].size
             n += 1
         taken = queue[:n]
         del queue[:n]
         self._queued -= total
+        self._queued_bytes -= size
         return taken
 
     async def _run(self) -> None:

@@ -18,7 +18,15 @@ from typing import NamedTuple
 
 from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
-from aetherops.correlation import Alert, CorrelationEngine, IncidentCluster, ScoreComponents, validate_alert
+from aetherops.config import INGEST_QUEUE_BYTES
+from aetherops.correlation import (
+    Alert,
+    CorrelationEngine,
+    IncidentCluster,
+    ScoreComponents,
+    alert_size,
+    validate_alert,
+)
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
 from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
@@ -117,6 +125,7 @@ class CorrelationService:
         max_future_skew_s: float = 300.0,
         max_batch: int = INGEST_BATCH,
         max_queue: int = 100_000,
+        max_queue_bytes: int = INGEST_QUEUE_BYTES,
     ) -> None:
         """`max_batch`: alerts per transaction at most. Under bulk load every batch costs a few fixed
         round trips and one update per incident it touched, so larger batches cost less per alert: an
@@ -125,7 +134,8 @@ class CorrelationService:
         alerts instead of per 11). Over the same 12 s stretch of the benchmark it committed 24,300
         against 17,100 alerts/s (one instrumented run each, pauses between runs included).
         `max_queue`: alerts waiting at most; twelve streams, each with its chunks in flight (see
-        `servers.correlation`), fit."""
+        `servers.correlation`), fit. `max_queue_bytes`: their memory at most (see `alert_size`).
+        100,000 alerts at the size limits would otherwise hold about 15 GB."""
         self._db = db
         self._relay = relay
         self._subjects = subjects
@@ -135,7 +145,13 @@ class CorrelationService:
         self._max_future_skew_s = max_future_skew_s
         self._stale = False  # the engine may hold decisions that were never committed
         self._committer: GroupCommitter[Alert, _Batch, IngestOutcome] = GroupCommitter(
-            self._prepare_batch, self._write_batch, max_batch=max_batch, max_queue=max_queue, name="correlation-ingest"
+            self._prepare_batch,
+            self._write_batch,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_queue_bytes=max_queue_bytes,
+            size_of=alert_size,
+            name="correlation-ingest",
         )
 
     @property

@@ -694,3 +694,74 @@ async def test_a_burst_of_calls_waits_its_turn_instead_of_being_cancelled(
     refused = [r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results if isinstance(r, Exception)]
     assert refused == []
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE satellite_id LIKE 'SAT-B%'") == len(burst)
+
+
+async def test_large_alerts_fill_the_queue_by_bytes_and_the_next_is_refused_and_never_stored(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    # 1 MiB of waiting alerts at most; each of these holds about 50 kB (wide characters count as
+    # stored), so some twenty fit where the count limit would take 100,000.
+    server = await app_factory(ingest_queue_bytes=1024 * 1024, rate_limit_burst=1_000_000, rate_limit_per_s=1_000_000)
+    component = next(c for c in server.components if isinstance(c, CorrelationComponent))
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", server.port))
+    when = datetime.now(UTC) - timedelta(seconds=30)
+
+    def large(n: int) -> pb.Alert:
+        alert = _alert(f"SAT-Q{n}", "power", when)
+        alert.message = "\U0001f6f0" * 4096
+        alert.labels.update({f"{k:02d}" + "\U0001f6f0" * 200: "\U0001f6f0" * 256 for k in range(16)})
+        return alert
+
+    sent: list[pb.Alert] = []
+    calls: list[asyncio.Future[pb.IngestAlertResponse]] = []
+
+    def send(alert: pb.Alert) -> asyncio.Future[pb.IngestAlertResponse]:
+        sent.append(alert)
+        calls.append(asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=alert), timeout=60)))
+        return calls[-1]
+
+    async with db.dedicated() as held:
+        lock = held.transaction()
+        await lock.start()
+        await held.execute("LOCK TABLE alerts IN EXCLUSIVE MODE")  # the first batch's write waits for it
+
+        async def write_waits() -> bool:
+            return bool(
+                await db.fetchval("SELECT count(*) FROM pg_locks WHERE relation = 'alerts'::regclass AND NOT granted")
+            )
+
+        send(large(0))
+        await eventually(write_waits, what="the first batch's write waiting for the lock")
+        refused: grpc.aio.AioRpcError | None = None
+        for n in range(1, 60):
+            before = component.ingest_utilisation
+            call = send(large(n))
+
+            async def queued_or_refused(call: asyncio.Future[Any] = call, before: float = before) -> bool:
+                return call.done() or component.ingest_utilisation > before
+
+            await eventually(queued_or_refused, what=f"alert {n} queued or refused")
+            if call.done():
+                refused = call.exception()  # type: ignore[assignment]
+                break
+        assert isinstance(refused, grpc.aio.AioRpcError), refused
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "bytes waiting" in (refused.details() or "")
+        assert 10 < len(calls) < 40
+        assert 0.9 < component.ingest_utilisation <= 1.0
+        before = component.ingest_utilisation
+        small = send(_alert("SAT-Q-small", "power", when))  # a small one still fits
+
+        async def small_queued() -> bool:
+            return component.ingest_utilisation > before
+
+        await eventually(small_queued, what="the small alert queued")
+        assert not small.done()
+        await lock.rollback()
+
+    answered = await asyncio.gather(*calls, return_exceptions=True)
+    stored = [a.alert_id for a, r in zip(sent, answered, strict=True) if isinstance(r, pb.IngestAlertResponse)]
+    assert len(stored) == len(sent) - 1 and sent[-1].alert_id in stored
+    rows = await db.fetch("SELECT alert_id, message FROM alerts WHERE satellite_id LIKE 'SAT-Q%'")
+    assert sorted(r["alert_id"] for r in rows) == sorted(stored)  # the refused alert left no trace
+    assert {r["alert_id"]: r["message"] for r in rows}[sent[0].alert_id] == "\U0001f6f0" * 4096

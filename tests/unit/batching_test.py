@@ -113,6 +113,39 @@ async def test_a_full_queue_refuses_and_stop_fails_what_is_queued() -> None:
         await committer.submit(7)
 
 
+async def test_a_byte_budget_refuses_what_would_overflow_it_but_lets_an_oversized_request_through_alone() -> None:
+    rec = Recorder()
+    committer: GroupCommitter[int, list[int], int] = GroupCommitter(
+        _as_is, rec, max_batch=100, max_queue=100, max_queue_bytes=10, size_of=lambda item: item
+    )
+    committer.start()
+    rec.gate.clear()
+    try:
+        first = asyncio.ensure_future(committer.submit(50))  # larger than the budget, but nothing is queued
+        await asyncio.wait_for(rec.started.wait(), 5)
+        queued = asyncio.ensure_future(committer.submit_many([4, 5]))
+        await _let_tasks_start()
+        assert committer.utilisation == 0.9  # by bytes; by items it is 0.02
+        with pytest.raises(ResourceExhaustedError, match="9 bytes waiting"):
+            await committer.submit(2)
+        assert await asyncio.wait_for(asyncio.gather(committer.submit(1), _released(rec)), 5) == [10, None]
+        assert await first == 500
+        assert await queued == [40, 50]
+        assert committer.utilisation == 0.0
+        assert await committer.submit(10) == 100  # the budget is free again
+    finally:
+        await committer.stop()
+
+
+async def _released(rec: Recorder) -> None:
+    rec.gate.set()
+
+
+def test_a_byte_budget_needs_a_size() -> None:
+    with pytest.raises(ValueError, match="go together"):
+        GroupCommitter(_as_is, Recorder(), max_queue_bytes=10)
+
+
 async def _submit_after(committer: GroupCommitter[int, list[int], int], item: int, turns: int) -> int:
     """A caller that reaches the committer `turns` event-loop turns from now (as a gRPC call that
     grpc-core accepted reaches its handler a few turns later)."""

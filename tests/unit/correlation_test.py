@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import pickle
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,6 +24,7 @@ from aetherops.correlation import (
     IncidentCluster,
     IngestResult,
     Labels,
+    alert_size,
     validate_alert,
 )
 from aetherops.errors import AlreadyExistsError, ConfigError, NotFoundError, ValidationError
@@ -1154,3 +1156,22 @@ def test_satellite_index_follows_updates_closes_and_expiry(threshold: float) -> 
             assert [slot.cluster.cluster_id for slot in engine._chain(s)] == expected, (step, s)
             assert (s in engine._sats) == bool(expected)
     assert engine.stats.expired > 50  # the sweep dropped clusters from the middle of chains, too
+
+
+def test_alert_size_counts_the_message_and_labels_as_stored() -> None:
+    plain = alert("SAT-1", "power", 0, message="bus A undervoltage")
+    assert 400 < alert_size(plain) < 1000  # a typical alert: about half a kilobyte
+    # Four bytes a character outside the Basic Multilingual Plane, one in ASCII.
+    wide = alert("SAT-1", "power", 0, message="\U0001f6f0" * 1000)
+    narrow = alert("SAT-1", "power", 0, message="x" * 1000)
+    assert alert_size(wide) - alert_size(narrow) >= 3000
+    labelled = alert("SAT-1", "power", 0, message="bus A undervoltage", labels={"bus": "A", "orbit": "LEO"})
+    assert alert_size(labelled) > alert_size(plain) + 4 * sys.getsizeof("")
+    largest = alert(
+        "SAT-1",
+        "power",
+        0,
+        message="\U0001f6f0" * 4096,
+        labels={f"{k:02d}" + "\U0001f6f0" * 254: "\U0001f6f0" * 256 for k in range(64)},
+    )
+    assert 140_000 < alert_size(largest) < 170_000
