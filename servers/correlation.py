@@ -29,7 +29,7 @@ from aetherops.db.correlation import ClusterRecord, StoredAlert
 from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
-from aetherops.tasks import cancel_and_wait
+from aetherops.tasks import abandon, cancel_and_wait
 from aetherops.tracking import current_tracking_id
 from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
@@ -231,27 +231,34 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             while len(pending) >= _STREAM_CHUNKS_IN_FLIGHT:
                 outcomes.extend(await pending.popleft())
 
-        async for request in request_iterator:
-            # `alert` first, then the batch. A message with neither is one rejected (missing) alert.
-            messages = (
-                [request.alert, *request.alerts] if request.HasField("alert") or not request.alerts else request.alerts
-            )
-            for message in messages:
-                try:
-                    alert = alert_from_proto(message, tracking_id=tracking_id)
-                    self._svc.validate(alert)
-                except ValidationError as exc:
-                    rejections.append(rejection(index, exc))
-                else:
-                    chunk.append(alert)
-                    if len(chunk) >= _STREAM_CHUNK:
-                        await submit(chunk)
-                        chunk = []
-                index += 1
-        if chunk:
-            pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
-        while pending:
-            outcomes.extend(await pending.popleft())
+        try:
+            async for request in request_iterator:
+                # `alert` first, then the batch. A message with neither is one rejected (missing) alert.
+                messages = (
+                    [request.alert, *request.alerts]
+                    if request.HasField("alert") or not request.alerts
+                    else request.alerts
+                )
+                for message in messages:
+                    try:
+                        alert = alert_from_proto(message, tracking_id=tracking_id)
+                        self._svc.validate(alert)
+                    except ValidationError as exc:
+                        rejections.append(rejection(index, exc))
+                    else:
+                        chunk.append(alert)
+                        if len(chunk) >= _STREAM_CHUNK:
+                            await submit(chunk)
+                            chunk = []
+                    index += 1
+            if chunk:
+                pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
+            while pending:
+                outcomes.extend(await pending.popleft())
+        finally:
+            # Left only when a chunk failed or the call ended early. The chunks still in flight commit
+            # (or were refused) all the same; the failure is the one the caller is told about.
+            abandon(*pending)
         duplicates = sum(1 for o in outcomes if o.duplicate)
         return pb.IngestAlertsResponse(
             accepted=len(outcomes) - duplicates,

@@ -37,10 +37,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from aetherops.errors import ResourceExhaustedError, UnavailableError
-from aetherops.tasks import cancel_and_wait
+from aetherops.tasks import abandon, cancel_and_wait
 
 __all__ = ["GroupCommitter"]
 
@@ -49,11 +49,6 @@ Plan = TypeVar("Plan")
 Result = TypeVar("Result")
 
 log = logging.getLogger("aetherops.batching")
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 @dataclass
@@ -284,7 +279,7 @@ class GroupCommitter(Generic[Item, Plan, Result]):
                 pause.granted.set_exception(UnavailableError("server is shutting down"))
             if writing is not None:
                 writing[1].cancel()
-                writing[1].add_done_callback(_retrieve)  # nobody awaits it any more
+                abandon(writing[1])
                 self._fail(writing[0], UnavailableError("server is shutting down"))
 
     async def _linger(self) -> None:

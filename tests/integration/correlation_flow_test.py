@@ -4,6 +4,7 @@ reach NATS, a restart keeps the incident, duplicates and bad input behave."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -765,3 +766,46 @@ async def test_large_alerts_fill_the_queue_by_bytes_and_the_next_is_refused_and_
     rows = await db.fetch("SELECT alert_id, message FROM alerts WHERE satellite_id LIKE 'SAT-Q%'")
     assert sorted(r["alert_id"] for r in rows) == sorted(stored)  # the refused alert left no trace
     assert {r["alert_id"]: r["message"] for r in rows}[sent[0].alert_id] == "\U0001f6f0" * 4096
+
+
+async def test_a_stream_refused_by_a_full_queue_fails_whole_and_leaves_no_unretrieved_errors(
+    app_factory: Any, channel_for: Any, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each chunk of 1,000 alerts of about 1.5 kB is larger than the 1 MiB budget: one is taken only
+    # while nothing else waits. A write held by a lock and one alert waiting behind it keep the
+    # queue from emptying, so every chunk of the stream is refused.
+    server = await app_factory(ingest_queue_bytes=1024 * 1024)
+    component = next(c for c in server.components if isinstance(c, CorrelationComponent))
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", server.port))
+    when = datetime.now(UTC) - timedelta(seconds=30)
+    bulk = [_alert(f"SAT-S{n % 50}", "power", when) for n in range(4000)]
+    for a in bulk:
+        a.message = "x" * 1000
+    async with db.dedicated() as held:
+        lock = held.transaction()
+        await lock.start()
+        await held.execute("LOCK TABLE alerts IN EXCLUSIVE MODE")
+        first = asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-S-1", "power", when))))
+
+        async def write_waits() -> bool:
+            query = "SELECT count(*) FROM pg_locks WHERE relation = 'alerts'::regclass AND NOT granted"
+            return bool(await db.fetchval(query))
+
+        await eventually(write_waits, what="the first write waiting for the lock")
+        second = asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-S-2", "power", when))))
+
+        async def second_queued() -> bool:
+            return component.ingest_utilisation > 0
+
+        await eventually(second_queued, what="the second alert queued")
+        requests = [pb.IngestAlertsRequest(alerts=bulk[k : k + 500]) for k in range(0, len(bulk), 500)]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.IngestAlerts(iter(requests))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await lock.rollback()
+    await asyncio.gather(first, second)
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE satellite_id LIKE 'SAT-S%'") == 2
+    # The stream's chunks that nobody awaited once the first failed must not log errors when freed.
+    await server.stop()
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

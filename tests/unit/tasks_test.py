@@ -1,13 +1,15 @@
 """cancel_and_wait: the tasks end, the caller's own cancellation is never swallowed, and a task's
-error is logged rather than lost or raised."""
+error is logged rather than lost or raised. abandon: a task nobody awaits runs to its end, and its
+error is not logged as never retrieved."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
-from aetherops.tasks import cancel_and_wait
+from aetherops.tasks import abandon, cancel_and_wait
 
 
 async def test_cancels_and_waits_until_every_task_has_ended() -> None:
@@ -63,3 +65,23 @@ async def test_a_task_that_failed_is_logged_not_raised(caplog: pytest.LogCapture
     await asyncio.wait([task])
     await cancel_and_wait(task)
     assert any("broken-worker" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_an_abandoned_task_runs_to_its_end_and_its_error_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def fails(name: str) -> None:
+        await release.wait()
+        ran.append(name)
+        raise ValueError(name)
+
+    abandon(asyncio.ensure_future(fails("abandoned")))
+    kept = asyncio.ensure_future(fails("kept"))  # the control: the same, not abandoned
+    release.set()
+    await asyncio.wait_for(asyncio.wait([kept]), 5)
+    assert sorted(ran) == ["abandoned", "kept"]
+    del kept
+    gc.collect()
+    logged = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert len(logged) == 1 and "kept" in logged[0]
