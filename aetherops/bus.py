@@ -31,10 +31,10 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 
 from aetherops.db import outbox
 from aetherops.db.pool import Connection, Database
-from aetherops.errors import UnavailableError
+from aetherops.errors import ResourceExhaustedError, UnavailableError
 from aetherops.tracking import new_tracking_id, reset_tracking_id, set_tracking_id
 
-__all__ = ["Bus", "DurableConsumer", "OutboxRelay", "Publication", "Subjects"]
+__all__ = ["Bus", "DurableConsumer", "OutboxRelay", "Publication", "Subjects", "redelivery_delay"]
 
 log = logging.getLogger("aetherops.bus")
 
@@ -537,24 +537,59 @@ class DurableConsumer:
                 continue
             if self._concurrent:
                 # Each handler runs in its own task (so under its own tracking id), started in order.
-                await asyncio.gather(*(self._handle(msg) for msg in msgs))
+                refused = await asyncio.gather(*(self._handle(msg) for msg in msgs))
             else:
-                for msg in msgs:
-                    await self._handle(msg)
+                refused = [await self._handle(msg) for msg in msgs]
+            pause = max(refused, default=0.0)
+            if pause > 0:
+                # The service is full: more messages now would only be refused too, each refusal a
+                # delivery attempt used up, and the work of refusing them falls on a server that is
+                # already overloaded. Fetching resumes once the service said trying again makes sense.
+                await asyncio.sleep(pause)
 
-    async def _handle(self, msg: Msg) -> None:
-        """Runs the handler under the message's tracking id; ack after it returned, nak if it failed."""
+    async def _handle(self, msg: Msg) -> float:
+        """Runs the handler under the message's tracking id; ack after it returned, nak if it failed.
+        Returns how long to wait before fetching more: 0, or the service's retry delay if it refused
+        the message for now (ResourceExhaustedError)."""
         tracking = set_tracking_id(_tracking_of(msg))
         try:
             await self._handler(msg)
         except asyncio.CancelledError:
             raise
+        except ResourceExhaustedError as exc:
+            # Overload is not a fault: no traceback per message. Redelivered later, and later again
+            # on each refusal, so a long overload does not use up `max_deliver` in seconds.
+            delay = redelivery_delay(exc.retry_after_s, _deliveries(msg))
+            log.warning("consumer %s: refused for now (%s); redelivered in %.1f s", self._durable, exc, delay)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=delay)
+            return exc.retry_after_s
         except Exception:
             log.exception("consumer %s: handler failed; message will be redelivered", self._durable)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
-            return
+            return 0.0
         finally:
             reset_tracking_id(tracking)
         await msg.ack()
         self.handled += 1
+        return 0.0
+
+
+_MAX_REDELIVERY_DELAY_S = 30.0
+
+
+def redelivery_delay(retry_after_s: float, deliveries: int) -> float:
+    """Delay before a refused message comes back: the service's retry delay, doubled with each earlier
+    delivery of it, at most 30 s. With the consumer's 20 deliveries and the ingest queue's 0.5 s, a
+    message outlasts about seven minutes of overload; at the fixed 1 s delay of other failures it
+    would be dropped after about 20 seconds."""
+    return min(_MAX_REDELIVERY_DELAY_S, retry_after_s * 2.0 ** max(0, deliveries - 1))
+
+
+def _deliveries(msg: Msg) -> int:
+    """How many times this message was delivered, this time included (1 if NATS did not say)."""
+    try:
+        return int(msg.metadata.num_delivered or 1)
+    except Exception:  # not a JetStream message, or metadata nats-py cannot parse
+        return 1

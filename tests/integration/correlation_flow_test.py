@@ -4,9 +4,12 @@ reach NATS, a restart keeps the incident, duplicates and bad input behave."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import random
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -697,13 +700,41 @@ async def test_a_burst_of_calls_waits_its_turn_instead_of_being_cancelled(
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE satellite_id LIKE 'SAT-B%'") == len(burst)
 
 
+@contextlib.asynccontextmanager
+async def _write_held(
+    db: Database, stub: correlation_pb2_grpc.CorrelationServiceStub, alert: pb.Alert
+) -> AsyncIterator[None]:
+    """Sends `alert` and holds its batch's write with a table lock for the body: what is ingested
+    meanwhile waits in the queue. On exit the lock goes and `alert` is stored."""
+    async with db.dedicated() as held:
+        lock = held.transaction()
+        await lock.start()
+        await held.execute("LOCK TABLE alerts IN EXCLUSIVE MODE")
+        first = asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=alert), timeout=60))
+
+        async def write_waits() -> bool:
+            query = "SELECT count(*) FROM pg_locks WHERE relation = 'alerts'::regclass AND NOT granted"
+            return bool(await db.fetchval(query))
+
+        await eventually(write_waits, what="the first write waiting for the lock")
+        try:
+            yield
+        finally:
+            await lock.rollback()
+    await first
+
+
+def _correlation(server: Any) -> CorrelationComponent:
+    return next(c for c in server.components if isinstance(c, CorrelationComponent))
+
+
 async def test_large_alerts_fill_the_queue_by_bytes_and_the_next_is_refused_and_never_stored(
     app_factory: Any, channel_for: Any, db: Database
 ) -> None:
     # 1 MiB of waiting alerts at most; each of these holds about 50 kB (wide characters count as
     # stored), so some twenty fit where the count limit would take 100,000.
     server = await app_factory(ingest_queue_bytes=1024 * 1024, rate_limit_burst=1_000_000, rate_limit_per_s=1_000_000)
-    component = next(c for c in server.components if isinstance(c, CorrelationComponent))
+    component = _correlation(server)
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", server.port))
     when = datetime.now(UTC) - timedelta(seconds=30)
 
@@ -721,18 +752,8 @@ async def test_large_alerts_fill_the_queue_by_bytes_and_the_next_is_refused_and_
         calls.append(asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=alert), timeout=60)))
         return calls[-1]
 
-    async with db.dedicated() as held:
-        lock = held.transaction()
-        await lock.start()
-        await held.execute("LOCK TABLE alerts IN EXCLUSIVE MODE")  # the first batch's write waits for it
-
-        async def write_waits() -> bool:
-            return bool(
-                await db.fetchval("SELECT count(*) FROM pg_locks WHERE relation = 'alerts'::regclass AND NOT granted")
-            )
-
-        send(large(0))
-        await eventually(write_waits, what="the first batch's write waiting for the lock")
+    first = large(0)
+    async with _write_held(db, stub, first):
         refused: grpc.aio.AioRpcError | None = None
         for n in range(1, 60):
             before = component.ingest_utilisation
@@ -758,40 +779,35 @@ async def test_large_alerts_fill_the_queue_by_bytes_and_the_next_is_refused_and_
 
         await eventually(small_queued, what="the small alert queued")
         assert not small.done()
-        await lock.rollback()
 
     answered = await asyncio.gather(*calls, return_exceptions=True)
     stored = [a.alert_id for a, r in zip(sent, answered, strict=True) if isinstance(r, pb.IngestAlertResponse)]
     assert len(stored) == len(sent) - 1 and sent[-1].alert_id in stored
     rows = await db.fetch("SELECT alert_id, message FROM alerts WHERE satellite_id LIKE 'SAT-Q%'")
-    assert sorted(r["alert_id"] for r in rows) == sorted(stored)  # the refused alert left no trace
-    assert {r["alert_id"]: r["message"] for r in rows}[sent[0].alert_id] == "\U0001f6f0" * 4096
+    assert sorted(r["alert_id"] for r in rows) == sorted([first.alert_id, *stored])  # the refused one left no trace
+    assert {r["alert_id"]: r["message"] for r in rows}[first.alert_id] == "\U0001f6f0" * 4096
+
+
+def _bulk(prefix: str, count: int, when: datetime) -> list[pb.Alert]:
+    """Alerts of about 1.5 kB each: a chunk of 1,000 is larger than a 1 MiB budget, so one is taken
+    only while nothing else waits."""
+    alerts = [_alert(f"{prefix}{n % 50}", "power", when) for n in range(count)]
+    for a in alerts:
+        a.message = "x" * 1000
+    return alerts
 
 
 async def test_a_stream_refused_by_a_full_queue_fails_whole_and_leaves_no_unretrieved_errors(
     app_factory: Any, channel_for: Any, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Each chunk of 1,000 alerts of about 1.5 kB is larger than the 1 MiB budget: one is taken only
-    # while nothing else waits. A write held by a lock and one alert waiting behind it keep the
-    # queue from emptying, so every chunk of the stream is refused.
+    # A write held and one alert waiting behind it keep the queue from emptying, so every chunk of
+    # the stream is refused.
     server = await app_factory(ingest_queue_bytes=1024 * 1024)
-    component = next(c for c in server.components if isinstance(c, CorrelationComponent))
+    component = _correlation(server)
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", server.port))
     when = datetime.now(UTC) - timedelta(seconds=30)
-    bulk = [_alert(f"SAT-S{n % 50}", "power", when) for n in range(4000)]
-    for a in bulk:
-        a.message = "x" * 1000
-    async with db.dedicated() as held:
-        lock = held.transaction()
-        await lock.start()
-        await held.execute("LOCK TABLE alerts IN EXCLUSIVE MODE")
-        first = asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-S-1", "power", when))))
-
-        async def write_waits() -> bool:
-            query = "SELECT count(*) FROM pg_locks WHERE relation = 'alerts'::regclass AND NOT granted"
-            return bool(await db.fetchval(query))
-
-        await eventually(write_waits, what="the first write waiting for the lock")
+    bulk = _bulk("SAT-S", 4000, when)
+    async with _write_held(db, stub, _alert("SAT-S-1", "power", when)):
         second = asyncio.ensure_future(stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-S-2", "power", when))))
 
         async def second_queued() -> bool:
@@ -802,10 +818,43 @@ async def test_a_stream_refused_by_a_full_queue_fails_whole_and_leaves_no_unretr
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.IngestAlerts(iter(requests))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await lock.rollback()
-    await asyncio.gather(first, second)
+    await second
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE satellite_id LIKE 'SAT-S%'") == 2
     # The stream's chunks that nobody awaited once the first failed must not log errors when freed.
     await server.stop()
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_an_alert_from_nats_refused_by_a_full_queue_comes_back_and_is_stored(
+    app_factory: Any, channel_for: Any, db: Database, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A write held and, waiting behind it, one chunk larger than the whole 1 MiB budget: the queue
+    # refuses everything until the lock goes.
+    server = await app_factory(ingest_queue_bytes=1024 * 1024)
+    component = _correlation(server)
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", server.port))
+    when = datetime.now(UTC) - timedelta(seconds=30)
+    async with _write_held(db, stub, _alert("SAT-N-1", "power", when)):
+        stream = asyncio.ensure_future(
+            stub.IngestAlerts(iter([pb.IngestAlertsRequest(alerts=_bulk("SAT-N", 1000, when))]))
+        )
+
+        async def over_budget() -> bool:
+            return component.ingest_utilisation > 1.0
+
+        await eventually(over_budget, what="the oversized chunk queued")
+        from_nats = _alert("SAT-N-2", "thermal", when)
+        await bus.js.publish(bus.subjects.alerts_ingest, from_nats.SerializeToString())
+
+        async def refused() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "refused for now" in r.getMessage()]
+
+        records = await eventually(refused, what="the alert from NATS refused")
+        assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)  # no traceback
+    await stream
+
+    async def stored() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", from_nats.alert_id))
+
+    await eventually(stored, what="the alert from NATS stored once the queue had room")
