@@ -537,43 +537,50 @@ class DurableConsumer:
                 continue
             if self._concurrent:
                 # Each handler runs in its own task (so under its own tracking id), started in order.
-                refused = await asyncio.gather(*(self._handle(msg) for msg in msgs))
+                outcomes = await asyncio.gather(*(self._handle(msg) for msg in msgs))
             else:
-                refused = [await self._handle(msg) for msg in msgs]
-            pause = max(refused, default=0.0)
-            if pause > 0:
+                outcomes = [await self._handle(msg) for msg in msgs]
+            refusals = [exc for exc in outcomes if exc is not None]
+            if refusals:
                 # The service is full: more messages now would only be refused too, each refusal a
                 # delivery attempt used up, and the work of refusing them falls on a server that is
                 # already overloaded. Fetching resumes once the service said trying again makes sense.
+                pause = max(exc.retry_after_s for exc in refusals)
+                log.warning(
+                    "consumer %s: %d of %d messages refused for now (%s); redelivered later, next fetch in %.1f s",
+                    self._durable,
+                    len(refusals),
+                    len(msgs),
+                    refusals[0],
+                    pause,
+                )
                 await asyncio.sleep(pause)
 
-    async def _handle(self, msg: Msg) -> float:
+    async def _handle(self, msg: Msg) -> ResourceExhaustedError | None:
         """Runs the handler under the message's tracking id; ack after it returned, nak if it failed.
-        Returns how long to wait before fetching more: 0, or the service's retry delay if it refused
-        the message for now (ResourceExhaustedError)."""
+        Returns the refusal if the service refused the message for now (the caller logs those once
+        per fetch: overload is not a fault, and a traceback per message would bury the log)."""
         tracking = set_tracking_id(_tracking_of(msg))
         try:
             await self._handler(msg)
         except asyncio.CancelledError:
             raise
         except ResourceExhaustedError as exc:
-            # Overload is not a fault: no traceback per message. Redelivered later, and later again
-            # on each refusal, so a long overload does not use up `max_deliver` in seconds.
-            delay = redelivery_delay(exc.retry_after_s, _deliveries(msg))
-            log.warning("consumer %s: refused for now (%s); redelivered in %.1f s", self._durable, exc, delay)
+            # Redelivered later, and later again on each refusal, so a long overload does not use
+            # up `max_deliver` in seconds.
             with contextlib.suppress(Exception):
-                await msg.nak(delay=delay)
-            return exc.retry_after_s
+                await msg.nak(delay=redelivery_delay(exc.retry_after_s, _deliveries(msg)))
+            return exc
         except Exception:
             log.exception("consumer %s: handler failed; message will be redelivered", self._durable)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
-            return 0.0
+            return None
         finally:
             reset_tracking_id(tracking)
         await msg.ack()
         self.handled += 1
-        return 0.0
+        return None
 
 
 _MAX_REDELIVERY_DELAY_S = 30.0

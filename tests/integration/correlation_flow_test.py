@@ -852,6 +852,7 @@ async def test_an_alert_from_nats_refused_by_a_full_queue_comes_back_and_is_stor
 
         records = await eventually(refused, what="the alert from NATS refused")
         assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)  # no traceback
+        assert "1 of 1 messages refused for now (correlation-ingest: ingest queue is full" in records[0].getMessage()
     await stream
 
     async def stored() -> bool:
