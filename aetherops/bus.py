@@ -542,10 +542,10 @@ class DurableConsumer:
                 outcomes = [await self._handle(msg) for msg in msgs]
             refusals = [exc for exc in outcomes if exc is not None]
             if refusals:
-                # The service is full: more messages now would only be refused too, each refusal a
-                # delivery attempt used up, and the work of refusing them falls on a server that is
-                # already overloaded. Fetching resumes once the service said trying again makes sense.
-                pause = max(exc.retry_after_s for exc in refusals)
+                # The service is full or its database unreachable: more messages now would only fail
+                # too, each failure a delivery attempt used up, and the work falls on a server that
+                # is already struggling. Fetching resumes once trying again makes sense.
+                pause = max(_retry_after(exc) for exc in refusals)
                 log.warning(
                     "consumer %s: %d of %d messages refused for now (%s); redelivered later, next fetch in %.1f s",
                     self._durable,
@@ -556,25 +556,25 @@ class DurableConsumer:
                 )
                 await asyncio.sleep(pause)
 
-    async def _handle(self, msg: Msg) -> ResourceExhaustedError | None:
+    async def _handle(self, msg: Msg) -> ResourceExhaustedError | UnavailableError | None:
         """Runs the handler under the message's tracking id; ack after it returned, nak if it failed.
-        Returns the refusal if the service refused the message for now (the caller logs those once
-        per fetch: overload is not a fault, and a traceback per message would bury the log)."""
+
+        Returns the error if the service could not take the message for now (its queue is full, its
+        database unreachable). The caller logs those once per fetch: they are conditions, not faults,
+        and a traceback per message would bury the log. Any failure is redelivered later and later
+        again (`redelivery_delay`), so neither an overload nor a database failover uses up
+        `max_deliver` in seconds."""
         tracking = set_tracking_id(_tracking_of(msg))
         try:
             await self._handler(msg)
         except asyncio.CancelledError:
             raise
-        except ResourceExhaustedError as exc:
-            # Redelivered later, and later again on each refusal, so a long overload does not use
-            # up `max_deliver` in seconds.
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=redelivery_delay(exc.retry_after_s, _deliveries(msg)))
+        except (ResourceExhaustedError, UnavailableError) as exc:
+            await self._nak(msg, _retry_after(exc))
             return exc
         except Exception:
             log.exception("consumer %s: handler failed; message will be redelivered", self._durable)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)
+            await self._nak(msg, 1.0)
             return None
         finally:
             reset_tracking_id(tracking)
@@ -582,15 +582,25 @@ class DurableConsumer:
         self.handled += 1
         return None
 
+    @staticmethod
+    async def _nak(msg: Msg, retry_after_s: float) -> None:
+        with contextlib.suppress(Exception):  # not acknowledged either way: it comes back after ack_wait
+            await msg.nak(delay=redelivery_delay(retry_after_s, _deliveries(msg)))
+
+
+def _retry_after(exc: ResourceExhaustedError | UnavailableError) -> float:
+    """When trying again makes sense: the service's hint, or a second for an unreachable dependency."""
+    return exc.retry_after_s if isinstance(exc, ResourceExhaustedError) else 1.0
+
 
 _MAX_REDELIVERY_DELAY_S = 30.0
 
 
 def redelivery_delay(retry_after_s: float, deliveries: int) -> float:
-    """Delay before a refused message comes back: the service's retry delay, doubled with each earlier
-    delivery of it, at most 30 s. With the consumer's 20 deliveries and the ingest queue's 0.5 s, a
-    message outlasts about seven minutes of overload; at the fixed 1 s delay of other failures it
-    would be dropped after about 20 seconds."""
+    """Delay before a message that failed comes back: `retry_after_s`, doubled with each earlier
+    delivery of it, at most 30 s. With the consumer's 20 deliveries a message outlasts about seven
+    minutes of overload (the ingest queue's 0.5 s) or of an unreachable database (1 s); at a fixed
+    1 s delay it was dropped after about 20 seconds."""
     return min(_MAX_REDELIVERY_DELAY_S, retry_after_s * 2.0 ** max(0, deliveries - 1))
 
 

@@ -859,3 +859,29 @@ async def test_an_alert_from_nats_refused_by_a_full_queue_comes_back_and_is_stor
         return bool(await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", from_nats.alert_id))
 
     await eventually(stored, what="the alert from NATS stored once the queue had room")
+
+
+async def test_an_alert_from_nats_the_database_cannot_take_for_now_comes_back_and_is_stored(
+    server: Any, bus: Bus, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A serialization failure on every insert: UNAVAILABLE, as during a failover.
+    await db.execute(
+        """CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '40001'; END $$"""
+    )
+    await db.execute("CREATE TRIGGER refuse BEFORE INSERT ON alerts FOR EACH ROW EXECUTE FUNCTION refuse()")
+    alert = _alert("SAT-U", "power", datetime.now(UTC) - timedelta(seconds=30))
+    await bus.js.publish(bus.subjects.alerts_ingest, alert.SerializeToString())
+
+    async def refused() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "refused for now" in r.getMessage()]
+
+    records = await eventually(refused, what="the alert from NATS refused")
+    assert records[0].levelno == logging.WARNING and records[0].exc_info is None  # a condition, not a fault
+    assert not [r for r in caplog.records if r.name == "aetherops.bus" and r.exc_info is not None]
+    await db.execute("DROP TRIGGER refuse ON alerts")
+
+    async def stored() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", alert.alert_id))
+
+    await eventually(stored, what="the alert from NATS stored once the database took it")

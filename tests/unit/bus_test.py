@@ -1,4 +1,4 @@
-"""The delay before a message the service refused for now (a full ingest queue) is redelivered."""
+"""The delay before a message that failed (a full ingest queue, an unreachable database) is redelivered."""
 
 from __future__ import annotations
 
