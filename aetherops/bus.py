@@ -198,6 +198,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.subjects = subjects
         self._acks: _AckInbox | None = None
+        self.consumers: list[DurableConsumer] = []  # this connection's, for metrics
 
     @classmethod
     async def connect(cls, url: str, namespace: str = "", *, name: str = "aetherops", timeout_s: float = 5.0) -> Bus:
@@ -489,6 +490,12 @@ class DurableConsumer:
         self._ack_wait_s = ack_wait_s
         self._max_deliver = max_deliver
         self.handled = 0
+        self.dropped = 0  # messages JetStream gave up on after `max_deliver` deliveries
+        bus.consumers.append(self)
+
+    @property
+    def durable(self) -> str:
+        return self._durable
 
     async def run(self) -> None:
         stream = self._bus.subjects.stream_for(self._subject)
@@ -510,12 +517,34 @@ class DurableConsumer:
             except (TimeoutError, NatsError, NotFoundError) as exc:
                 log.warning("consumer %s: cannot subscribe yet (%s)", self._durable, exc)
                 await asyncio.sleep(1.0)
+        # JetStream drops a message after `max_deliver` deliveries and says so only in an advisory:
+        # without listening to it, an alert lost that way would leave no trace here.
+        advisories = await self._bus.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{self._durable}", cb=self._on_max_deliveries
+        )
         try:
             await self._consume(sub)
         finally:
             # Unsubscribed here, a cancelled consumer does not hold the connection's drain at shutdown.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await advisories.unsubscribe()
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        self.dropped += 1
+        try:
+            advisory = json.loads(msg.data)
+            where = f"stream {advisory['stream']} sequence {advisory['stream_seq']}"
+            deliveries = advisory.get("deliveries", self._max_deliver)
+        except (ValueError, KeyError, TypeError):
+            where, deliveries = "(unreadable advisory)", self._max_deliver
+        log.error(
+            "consumer %s: JetStream gave up on the message at %s after %s deliveries; it stays in the stream",
+            self._durable,
+            where,
+            deliveries,
+        )
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:

@@ -201,6 +201,15 @@ class Application:
                 {},
                 float(relay.dead_lettered),
             ),
+            *(
+                (
+                    "aetherops_consumer_dropped_total",
+                    "Messages JetStream stopped delivering to a consumer after its maximum deliveries",
+                    {"consumer": consumer.durable},
+                    float(consumer.dropped),
+                )
+                for consumer in self.infra.bus.consumers
+            ),
         ]
 
     def _adapt_limits(self) -> None:

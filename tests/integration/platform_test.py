@@ -21,10 +21,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from nats.js import api as js_api
 from nats.js.errors import APIError, NoStreamResponseError
 
-from aetherops.bus import Bus, OutboxRelay
+from aetherops.bus import Bus, DurableConsumer, OutboxRelay
 from aetherops.config import Settings
 from aetherops.db import Database, apply_migrations, outbox
 from aetherops.infra import EmbeddedNats, free_port
+from aetherops.tasks import cancel_and_wait
 from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 from servers.app import Application
 
@@ -558,3 +559,31 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
         "aetherops_fleet_risk_satellites",
     ):
         assert gauge in text, gauge
+    for consumer in ("correlation-alerts", "capacity-telemetry", "runbook-incidents"):
+        assert f'aetherops_consumer_dropped_total{{consumer="{consumer}"}} 0.0' in text, consumer
+
+
+async def test_a_message_jetstream_gives_up_on_is_counted_and_logged(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def always_fails(msg: Any) -> None:
+        raise ValueError("cannot handle this one")
+
+    consumer = DurableConsumer(bus, bus.subjects.alerts_ingest, "gives-up", always_fails, max_deliver=2)
+    assert consumer in bus.consumers
+    task = asyncio.create_task(consumer.run())
+    try:
+        await bus.js.publish(bus.subjects.alerts_ingest, b"never handled")
+
+        async def dropped() -> bool:
+            return consumer.dropped == 1
+
+        await eventually(dropped, what="JetStream's max-deliveries advisory")  # after 1 s + 2 s of naks
+    finally:
+        await cancel_and_wait(task)
+    stream = bus.subjects.stream_for(bus.subjects.alerts_ingest)
+    assert any(
+        f"gave up on the message at stream {stream} sequence 1 after 2 deliveries" in r.getMessage()
+        for r in caplog.records
+        if r.levelname == "ERROR"
+    )
