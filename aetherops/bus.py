@@ -511,17 +511,17 @@ class DurableConsumer:
                         deliver_policy=js_api.DeliverPolicy.ALL,
                     ),
                 )
+                # JetStream drops a message after `max_deliver` deliveries and says so only in an
+                # advisory: without listening to it, a message lost that way would leave no trace here.
+                advisories = await self._bus.nc.subscribe(
+                    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{self._durable}", cb=self._on_max_deliveries
+                )
                 break
             except asyncio.CancelledError:
                 raise
             except (TimeoutError, NatsError, NotFoundError) as exc:
                 log.warning("consumer %s: cannot subscribe yet (%s)", self._durable, exc)
                 await asyncio.sleep(1.0)
-        # JetStream drops a message after `max_deliver` deliveries and says so only in an advisory:
-        # without listening to it, an alert lost that way would leave no trace here.
-        advisories = await self._bus.nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{self._durable}", cb=self._on_max_deliveries
-        )
         try:
             await self._consume(sub)
         finally:
