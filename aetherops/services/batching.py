@@ -153,11 +153,11 @@ class GroupCommitter(Generic[Item, Plan, Result]):
             raise ResourceExhaustedError(f"{self._name}: ingest queue is full", retry_after_s=0.5)
         size_of = self._size_of
         sizes = [] if size_of is None else [size_of(item) for item in items]
-        if self._max_queue_bytes is not None and self._queue:
-            if self._queued_bytes + sum(sizes) > self._max_queue_bytes:
-                raise ResourceExhaustedError(
-                    f"{self._name}: ingest queue is full ({self._queued_bytes:,} bytes waiting)", retry_after_s=0.5
-                )
+        budget = self._max_queue_bytes
+        if budget is not None and self._queue and self._queued_bytes + sum(sizes) > budget:
+            raise ResourceExhaustedError(
+                f"{self._name}: ingest queue is full ({self._queued_bytes:,} bytes waiting)", retry_after_s=0.5
+            )
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Result]]] = []
         step = self._max_batch

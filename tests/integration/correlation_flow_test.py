@@ -47,6 +47,10 @@ def _alert(sat: str, subsystem: str, when: datetime, severity: int = 4, alert_id
     )
 
 
+def _correlation(server: Any) -> CorrelationComponent:
+    return next(c for c in server.components if isinstance(c, CorrelationComponent))
+
+
 def _violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
     status = rpc_status.from_call(err)
     assert status is not None
@@ -308,7 +312,7 @@ async def test_a_close_racing_an_alert_into_the_same_incident_stays_closed(
     # incident while the close waited for the row, stored in it after the close, and its "updated"
     # event followed the "closed" one.
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
-    (component,) = [c for c in server.components if isinstance(c, CorrelationComponent)]
+    component = _correlation(server)
     t0 = datetime.now(UTC) - timedelta(seconds=60)
     first = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-C", "power", t0)))
     cid = first.cluster_id
@@ -631,7 +635,7 @@ async def test_watchers_get_what_their_filters_ask_for_from_one_subscription(
     )
     severe = stub.WatchClusters(pb.WatchClustersRequest(min_severity=4))
     first_close, first_severe = asyncio.ensure_future(closes.read()), asyncio.ensure_future(severe.read())
-    (component,) = [c for c in server.components if isinstance(c, CorrelationComponent)]
+    component = _correlation(server)
     assert component.feed is not None
 
     async def both_registered() -> bool:
@@ -722,10 +726,6 @@ async def _write_held(
         finally:
             await lock.rollback()
     await first
-
-
-def _correlation(server: Any) -> CorrelationComponent:
-    return next(c for c in server.components if isinstance(c, CorrelationComponent))
 
 
 async def test_large_alerts_fill_the_queue_by_bytes_and_the_next_is_refused_and_never_stored(
