@@ -205,8 +205,12 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error: %s", exc)
 
+        nc: NatsClient | None = None
+
         async def on_disconnect() -> None:
-            log.warning("NATS disconnected; reconnecting")
+            # nats-py calls this on our own close too; that one is no news.
+            if nc is None or not nc.is_closed:
+                log.warning("NATS disconnected; reconnecting")
 
         async def on_reconnect() -> None:
             log.info("NATS reconnected")

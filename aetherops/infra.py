@@ -120,7 +120,10 @@ class EmbeddedNats:
             "-l",
             str(log_file),
         ]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and
+        # NATS gone at once would leave the owner's graceful shutdown without its bus (no acks, no
+        # outbox publishing, a reconnect warning). The owner stops it last, in `stop`.
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
