@@ -30,6 +30,7 @@ from aetherops.errors import FieldViolation, ValidationError
 from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
 from aetherops.tasks import abandon, cancel_and_wait
+from aetherops.text import id_problem
 from aetherops.tracking import current_tracking_id
 from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
@@ -333,6 +334,15 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     async def WatchClusters(
         self, request: pb.WatchClustersRequest, context: Any
     ) -> AsyncIterator[pb.WatchClustersResponse]:
+        problems = self._svc.watch_filter_problems(request.satellite_ids, request.min_severity)
+        known = pb.ClusterEventType.values()
+        problems += [
+            FieldViolation(f"event_types[{i}]", f"unknown event type {value}")
+            for i, value in enumerate(request.event_types)
+            if value not in known or value == pb.CLUSTER_EVENT_TYPE_UNSPECIFIED
+        ]
+        if problems:
+            raise ValidationError(problems)
         feed = self._c.feed
         assert feed is not None
         watcher = Watcher(frozenset(request.event_types), frozenset(request.satellite_ids), request.min_severity)
@@ -352,8 +362,11 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
 
 
 def _require_id(value: str, field: str) -> None:
-    if not value:
-        raise ValidationError.single(field, "required")
+    # Checked before any lookup: an id longer than any stored one would otherwise come back in the
+    # NOT_FOUND message, and a status message past the client's metadata limit breaks the call.
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValidationError.single(field, problem)
 
 
 # ---- component ---------------------------------------------------------------------------------

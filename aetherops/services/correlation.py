@@ -33,6 +33,7 @@ from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
 from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
 from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
+from aetherops.text import id_problem, text_problem
 from aetherops.tracking import current_tracking_id
 
 __all__ = ["INGEST_BATCH", "CorrelationService", "IncidentEvent", "IngestOutcome"]
@@ -40,6 +41,8 @@ __all__ = ["INGEST_BATCH", "CorrelationService", "IncidentEvent", "IngestOutcome
 log = logging.getLogger("aetherops.correlation")
 
 _MAX_FILTER_LEN = 256
+_MAX_REASON_LEN = 4096
+"""Longest close reason in characters (an alert's message has the same limit)."""
 
 
 class IngestOutcome(NamedTuple):
@@ -339,6 +342,19 @@ class CorrelationService:
             token = encode_page_token({"t": last.last_alert_time.isoformat(), "c": last.cluster_id}, filters)
         return page, token
 
+    @staticmethod
+    def watch_filter_problems(satellite_ids: Sequence[str], min_severity: int) -> list[FieldViolation]:
+        """What is wrong with a watch's filters (as ListActiveClusters would say), else nothing: a
+        watch with a filter no cluster can match would wait for ever without a word."""
+        problems: list[FieldViolation] = []
+        if not 0 <= min_severity <= 5:
+            problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
+        for i, satellite_id in enumerate(satellite_ids):
+            problem = id_problem(satellite_id)
+            if problem is not None:
+                problems.append(FieldViolation(f"satellite_ids[{i}]", problem))
+        return problems
+
     async def list_alerts(
         self, *, page_size: int, page_token: str, tracking_id: str, cluster_id: str, satellite_id: str
     ) -> tuple[list[StoredAlert], str]:
@@ -381,6 +397,10 @@ class CorrelationService:
         into this cluster commits first, so its alert and its "updated" event come before the close;
         the next batch is correlated by an engine that knows the cluster is closed, so nothing joins it.
         """
+        problem = text_problem(reason, _MAX_REASON_LEN)
+        if problem is not None:
+            # Unbounded, it would make the "closed" event too large for NATS, and nobody would hear of it.
+            raise ValidationError.single("reason", problem)
         async with self._committer.exclusive():
             closed = await self._close(cluster_id, reason=reason, closed_by=closed_by, request_id=request_id)
             # The engine learns only after the commit, so it never holds an uncommitted close.
@@ -394,7 +414,10 @@ class CorrelationService:
             # The row lock first: a concurrent close of this cluster (a retry racing its original,
             # or another operator) waits here and then sees the outcome, instead of closing it twice.
             status = await conn.fetchval("SELECT status FROM clusters WHERE cluster_id = $1 FOR UPDATE", cluster_id)
-            if await idempotency.recall(conn, "correlation.close", request_id) is not None:
+            # Scoped by cluster: the same request id sent to close another cluster is another request,
+            # not a retry whose answer (this cluster) would be the wrong one.
+            scope = f"correlation.close.{cluster_id}"
+            if await idempotency.recall(conn, scope, request_id) is not None:
                 record = await repo.get_cluster(conn, cluster_id)
                 assert record is not None
                 return record
@@ -407,7 +430,7 @@ class CorrelationService:
             assert closed is not None
             event = IncidentEvent("closed", closed, _root_alert(closed), reason=reason, closed_by=closed_by)
             await outbox.append(conn, [self._event(event, now)])
-            await idempotency.remember(conn, "correlation.close", request_id, {"cluster_id": cluster_id})
+            await idempotency.remember(conn, scope, request_id, {"cluster_id": cluster_id})
         return closed
 
     async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:

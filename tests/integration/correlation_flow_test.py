@@ -415,6 +415,68 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     assert await db.fetchval("SELECT count(*) FROM clusters") == 0
 
 
+async def test_ids_reasons_and_watch_filters_are_checked_before_anything_happens(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    # An id longer than any stored one is refused, not echoed back in a NOT_FOUND message: a 9,000
+    # character id made a status message past the Python client's 16 KiB metadata limit.
+    long_id = "x" * 9000
+    for call in (
+        stub.GetCluster(pb.GetClusterRequest(cluster_id=long_id)),
+        stub.IdentifyRootCause(pb.IdentifyRootCauseRequest(cluster_id=long_id)),
+        stub.CloseCluster(pb.CloseClusterRequest(cluster_id=long_id, request_id="r-long")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 256 characters" in _violations(err.value)["cluster_id"]
+        assert len(err.value.details() or "") < 1000
+
+    # A reason too long for the "closed" event to reach NATS is refused, and the cluster stays open.
+    opened = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-R", "power", datetime.now(UTC))))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=opened.cluster_id, reason="r" * 1_500_000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 4096 characters" in _violations(err.value)["reason"]
+    assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", opened.cluster_id) == "OPEN"
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE subject LIKE '%incidents.closed'") == 0
+
+    # Filters no cluster can match would leave a watcher waiting for ever without a word.
+    watch = stub.WatchClusters(
+        pb.WatchClustersRequest(
+            satellite_ids=["SAT-1", ""], min_severity=9, event_types=[pb.CLUSTER_EVENT_TYPE_OPENED, 7]
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await watch.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {"satellite_ids[1]", "min_severity", "event_types[1]"} == set(_violations(err.value))
+
+
+async def test_a_request_id_reused_for_another_cluster_closes_that_cluster(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    now = datetime.now(UTC)
+    first = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-U1", "unit-a", now)))
+    second = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-U2", "unit-b", now)))
+    assert first.cluster_id != second.cluster_id
+    closed = await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=first.cluster_id, request_id="cl-1"))
+    assert closed.cluster.cluster_id == first.cluster_id
+    # Another cluster with the same request id is another request: it used to answer with the first
+    # cluster (and an unknown cluster with INTERNAL) while the engine closed the one asked for.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CloseCluster(pb.CloseClusterRequest(cluster_id="no-such-cluster", request_id="cl-1"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    reply = await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=second.cluster_id, request_id="cl-1"))
+    assert (reply.cluster.cluster_id, reply.cluster.status) == (second.cluster_id, pb.CLUSTER_STATUS_CLOSED)
+    assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", second.cluster_id) == "CLOSED"
+    # A retry of either close still answers as the first call did.
+    again = await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=first.cluster_id, request_id="cl-1"))
+    assert (again.cluster.cluster_id, again.cluster.status) == (first.cluster_id, pb.CLUSTER_STATUS_CLOSED)
+
+
 async def test_text_postgresql_cannot_store_is_refused_by_field_and_spoils_no_batch(
     channel: grpc.aio.Channel, db: Database
 ) -> None:
@@ -448,13 +510,13 @@ async def test_text_postgresql_cannot_store_is_refused_by_field_and_spoils_no_ba
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.IngestAlert(pb.IngestAlertRequest(alert=bad))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # A value that only a lookup uses reaches PostgreSQL: still the caller's error, not INTERNAL.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetCluster(pb.GetClusterRequest(cluster_id="c\x00"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request" in _violations(err.value)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NUL" in _violations(err.value)["cluster_id"]
+    # A value that only a lookup uses reaches PostgreSQL: still the caller's error, not INTERNAL.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ListAlerts(pb.ListAlertsRequest(cluster_id="c\x00"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request" in _violations(err.value)
     assert await db.fetchval("SELECT array_agg(alert_id) FROM alerts") == [good.alert_id]
 
 

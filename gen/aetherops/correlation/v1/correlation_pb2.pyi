@@ -560,9 +560,9 @@ class CloseClusterRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     reason: _builtins.str
-    """Why it is closed, kept in the event and the audit."""
+    """Why it is closed, kept in the event and the audit. At most 4096 characters."""
     request_id: _builtins.str
-    """Idempotency key: retrying with the same id answers as the first call did."""
+    """Idempotency key, per cluster: retrying with the same id answers as the first call did."""
     def __init__(
         self,
         *,
@@ -670,7 +670,10 @@ Global___ScoreAlertsRequest: _TypeAlias = ScoreAlertsRequest  # noqa: Y015
 
 @_typing.final
 class ScoreComponents(_message.Message):
-    """How the score of two alerts is made up."""
+    """How the score of two alerts is made up: each component is its weighted contribution, and the
+    score is their sum, clamped to [0, 1] (0 when the alerts are a window or more apart, whatever
+    the components).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -679,13 +682,15 @@ class ScoreComponents(_message.Message):
     DEPENDENCY_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
     time: _builtins.float
-    """Closeness in time, 0..1 (1 = same instant, 0 = a window apart)."""
+    """Closeness in time: 0.3 at the same instant, falling linearly to 0 a window apart."""
     satellite: _builtins.float
     """The same-satellite bonus (0 or 0.3 by default)."""
     dependency: _builtins.float
-    """Strength of the dependency-graph link between the two subsystems, 0..1."""
+    """The dependency-graph link between the two subsystems: 0.4 times its strength (0..1), so
+    0.4 for the same subsystem and 0 for unrelated or unknown ones.
+    """
     severity: _builtins.float
-    """Contribution of severity."""
+    """Severity: 0.01 per severity point of the two alerts together (0.02..0.1)."""
     def __init__(
         self,
         *,
@@ -738,7 +743,7 @@ class WatchClustersRequest(_message.Message):
     MIN_SEVERITY_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     min_severity: _builtins.int
-    """Only clusters whose max severity is at least this, when set."""
+    """Only clusters whose max severity is at least this (1..5), when set."""
     @_builtins.property
     def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only clusters involving one of these satellites, when set."""

@@ -544,14 +544,14 @@ export declare type CloseClusterRequest = Message<"aetherops.correlation.v1.Clos
   clusterId: string;
 
   /**
-   * Why it is closed, kept in the event and the audit.
+   * Why it is closed, kept in the event and the audit. At most 4096 characters.
    *
    * @generated from field: string reason = 2;
    */
   reason: string;
 
   /**
-   * Idempotency key: retrying with the same id answers as the first call did.
+   * Idempotency key, per cluster: retrying with the same id answers as the first call did.
    *
    * @generated from field: string request_id = 3;
    */
@@ -646,13 +646,15 @@ export declare type ScoreAlertsRequest = Message<"aetherops.correlation.v1.Score
 export declare const ScoreAlertsRequestSchema: GenMessage<ScoreAlertsRequest>;
 
 /**
- * How the score of two alerts is made up.
+ * How the score of two alerts is made up: each component is its weighted contribution, and the
+ * score is their sum, clamped to [0, 1] (0 when the alerts are a window or more apart, whatever
+ * the components).
  *
  * @generated from message aetherops.correlation.v1.ScoreComponents
  */
 export declare type ScoreComponents = Message<"aetherops.correlation.v1.ScoreComponents"> & {
   /**
-   * Closeness in time, 0..1 (1 = same instant, 0 = a window apart).
+   * Closeness in time: 0.3 at the same instant, falling linearly to 0 a window apart.
    *
    * @generated from field: double time = 1;
    */
@@ -666,14 +668,15 @@ export declare type ScoreComponents = Message<"aetherops.correlation.v1.ScoreCom
   satellite: number;
 
   /**
-   * Strength of the dependency-graph link between the two subsystems, 0..1.
+   * The dependency-graph link between the two subsystems: 0.4 times its strength (0..1), so
+   * 0.4 for the same subsystem and 0 for unrelated or unknown ones.
    *
    * @generated from field: double dependency = 3;
    */
   dependency: number;
 
   /**
-   * Contribution of severity.
+   * Severity: 0.01 per severity point of the two alerts together (0.02..0.1).
    *
    * @generated from field: double severity = 4;
    */
@@ -728,7 +731,7 @@ export declare type WatchClustersRequest = Message<"aetherops.correlation.v1.Wat
   satelliteIds: string[];
 
   /**
-   * Only clusters whose max severity is at least this, when set.
+   * Only clusters whose max severity is at least this (1..5), when set.
    *
    * @generated from field: int32 min_severity = 2;
    */
