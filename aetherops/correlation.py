@@ -30,11 +30,13 @@ default threshold gives:
   SAT-1 and payload on SAT-9 within ~3 minutes), as the dependency term does not look at satellites.
 
 Deduplication: an alert with the satellite and subsystem (aliases resolved) of an alert in an
-active open cluster, within ``dedupe_window_s`` (60 s) of it, is counted on that cluster
-(`duplicate_count`) instead of being added. The reference is the last alert *kept*, so a steady
-repeat every 30 s yields one kept alert per minute. Alert ids are idempotent: a known id returns
-its first outcome (``replay=True``) and changes nothing. (Unless built with
-``remember_alert_ids=False``, as the service builds it: its store answers replays first.)
+active open cluster, within ``dedupe_window_s`` (60 s) of it and of no higher severity, is counted
+on that cluster (`duplicate_count`) instead of being added. The reference is the last alert *kept*,
+so a steady repeat every 30 s yields one kept alert per minute. An escalation (a higher severity)
+is always kept: it raises the cluster's severity, which watchers and runbook triggers match on.
+Alert ids are idempotent: a known id returns its first outcome (``replay=True``) and changes
+nothing. (Unless built with ``remember_alert_ids=False``, as the service builds it: its store
+answers replays first.)
 
 Root cause (`IncidentCluster.root_cause`): among the cluster's subsystems, the one upstream (per
 the graph, transitively) of the most *other* subsystems present wins; ties go to the earliest first
@@ -673,8 +675,9 @@ class CorrelationEngine:
                 for kb, tb, sb in zip(slot.keys, it, it, strict=False):
                     dt = t - tb
                     if kb == key:
-                        # Same satellite and subsystem: deduplicate before anything else.
-                        if -dedupe <= dt <= dedupe:
+                        # Same satellite and subsystem: deduplicate before anything else. A higher
+                        # severity is news (an escalation), never a duplicate.
+                        if -dedupe <= dt <= dedupe and alert.severity <= sb:
                             return self._duplicate(alert, c, slot.latest[slot.keys.index(key)])
                         if dt < 0:  # late: maybe within the dedupe window of an earlier alert
                             orig = self._late_duplicate_of(c, alert, key)
@@ -784,13 +787,13 @@ class CorrelationEngine:
     def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
         """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late
         alert (the slot only remembers the latest one)."""
-        t, d, sat = alert.epoch, self.dedupe_window_s, alert.satellite_id
+        t, d, sat, sev = alert.epoch, self.dedupe_window_s, alert.satellite_id, alert.severity
         alerts = cluster.alerts
         lo = bisect.bisect_left(alerts, t - d, key=_epoch_of)
         hi = bisect.bisect_right(alerts, t + d, key=_epoch_of)
         best: Alert | None = None
         for a in alerts[lo:hi]:
-            if a.satellite_id == sat and self._key_of(a.subsystem) == key:
+            if a.satellite_id == sat and a.severity >= sev and self._key_of(a.subsystem) == key:
                 if best is None or abs(a.epoch - t) < abs(best.epoch - t):
                     best = a
         return best
@@ -994,10 +997,10 @@ class CorrelationEngine:
         """The alerts without duplicates, in timestamp order.
 
         A duplicate repeats an alert id, or has the satellite and subsystem of the last *kept*
-        alert within `dedupe_window_s` of it (the same rule `ingest` applies).
+        alert within `dedupe_window_s` of it and no higher severity (the same rule `ingest` applies).
         """
         kept: list[Alert] = []
-        last: dict[tuple[str, _Key], float] = {}
+        last: dict[tuple[str, _Key], Alert] = {}
         ids: set[str] = set()
         for a in sorted(alerts, key=_epoch_of):
             if a.alert_id in ids:
@@ -1005,9 +1008,9 @@ class CorrelationEngine:
             ids.add(a.alert_id)
             k = (a.satellite_id, self._key_of(a.subsystem))
             prev = last.get(k)
-            if prev is not None and a.epoch - prev <= self.dedupe_window_s:
+            if prev is not None and a.epoch - prev.epoch <= self.dedupe_window_s and a.severity <= prev.severity:
                 continue
-            last[k] = a.epoch
+            last[k] = a
             kept.append(a)
         return kept
 

@@ -415,6 +415,22 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     assert await db.fetchval("SELECT count(*) FROM clusters") == 0
 
 
+async def test_an_escalation_within_the_dedupe_window_raises_the_incident_severity(
+    channel: grpc.aio.Channel, db: Database
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    now = datetime.now(UTC)
+    first = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-E", "power", now, severity=4)))
+    worse = await stub.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-E", "EPS", now + timedelta(seconds=10), severity=5))
+    )
+    assert (worse.cluster_id, worse.duplicate) == (first.cluster_id, False)
+    listed = await stub.ListActiveClusters(pb.ListActiveClustersRequest(min_severity=5))
+    assert [c.cluster_id for c in listed.clusters] == [first.cluster_id]
+    row = await db.fetchrow("SELECT max_severity, alert_count FROM clusters WHERE cluster_id = $1", first.cluster_id)
+    assert (row["max_severity"], row["alert_count"]) == (5, 2)
+
+
 async def test_ids_reasons_and_watch_filters_are_checked_before_anything_happens(
     channel: grpc.aio.Channel, db: Database
 ) -> None:

@@ -377,6 +377,32 @@ def test_dedupe_window_is_measured_from_the_last_kept_alert() -> None:
     assert len(engine.require_cluster("C1").alerts) == 3
 
 
+def test_an_escalation_within_the_dedupe_window_is_kept_and_raises_the_severity() -> None:
+    engine, clock = make_engine()
+    first = alert("SAT-1", "power", 0, severity=4)
+    feed(engine, clock, first)
+    clock.set(at(10))
+    worse = alert("SAT-1", "EPS", 10, severity=5)
+    escalated = engine.ingest_detailed(worse)
+    assert escalated == IngestResult("C1")  # kept in the incident, not counted as a duplicate
+    cluster = engine.require_cluster("C1")
+    assert cluster.alerts == [first, worse] and cluster.max_severity == 5 and cluster.duplicate_count == 0
+    # The escalated alert is the reference now: a repeat at its severity, or lower, is a duplicate.
+    clock.set(at(20))
+    assert engine.ingest_detailed(alert("SAT-1", "power", 20, severity=5)).duplicate_of == worse.alert_id
+    assert engine.ingest_detailed(alert("SAT-1", "power", 25, severity=3)).duplicate_of == worse.alert_id
+
+
+def test_a_late_escalation_is_kept_and_a_late_repeat_of_no_higher_severity_is_not() -> None:
+    engine, clock = make_engine(now=300)
+    first = alert("SAT-1", "power", 0, severity=3)
+    feed(engine, clock, first, alert("SAT-1", "power", 100, severity=3), alert("SAT-1", "thermal", 110))
+    assert engine.ingest_detailed(alert("SAT-1", "power", 20, severity=2)).duplicate_of == first.alert_id
+    late = engine.ingest_detailed(alert("SAT-1", "power", 20, severity=4))
+    assert not late.duplicate and late.cluster_id == "C1"
+    assert engine.require_cluster("C1").max_severity == 4
+
+
 def test_other_satellite_or_subsystem_is_not_a_duplicate() -> None:
     engine, clock = make_engine()
     feed(engine, clock, alert("SAT-1", "power", 0))
@@ -399,8 +425,10 @@ def test_deduplicate_alerts() -> None:
     c = alert("SAT-1", "power", 61)  # kept: 61 s after the last kept one
     d = alert("SAT-2", "power", 10)
     e = alert("SAT-1", "eps", 90)  # alias, dup of c
-    kept = engine.deduplicate_alerts([c, e, b, d, a, a])
-    assert kept == [a, d, c]
+    f = alert("SAT-1", "power", 100, severity=5)  # an escalation within c's minute: kept
+    g = alert("SAT-1", "power", 110, severity=4)  # dup of f
+    kept = engine.deduplicate_alerts([c, e, g, b, f, d, a, a])
+    assert kept == [a, d, c, f]
 
 
 def test_duplicate_names_the_right_alert_among_simultaneous_ones() -> None:

@@ -100,8 +100,8 @@ class CorrelationServiceServicer:
         """Ingests one alert and answers with the cluster it joined or opened.
         Idempotent on alert.alert_id: re-sending an alert returns the same cluster
         and stores nothing twice. An alert on the same satellite and subsystem
-        within the dedupe window of a clustered alert is a duplicate: counted, not
-        added.
+        within the dedupe window of a clustered alert, and of no higher severity,
+        is a duplicate: counted, not added. An escalation is always added.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,8 +43,8 @@ class CorrelationServiceStub:
     """Ingests one alert and answers with the cluster it joined or opened.
     Idempotent on alert.alert_id: re-sending an alert returns the same cluster
     and stores nothing twice. An alert on the same satellite and subsystem
-    within the dedupe window of a clustered alert is a duplicate: counted, not
-    added.
+    within the dedupe window of a clustered alert, and of no higher severity,
+    is a duplicate: counted, not added. An escalation is always added.
     """
     IngestAlerts: _grpc.StreamUnaryMultiCallable[_correlation_pb2.IngestAlertsRequest, _correlation_pb2.IngestAlertsResponse]
     """Bulk ingest over a client stream. A bad alert is rejected (with its index
@@ -96,8 +96,8 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     """Ingests one alert and answers with the cluster it joined or opened.
     Idempotent on alert.alert_id: re-sending an alert returns the same cluster
     and stores nothing twice. An alert on the same satellite and subsystem
-    within the dedupe window of a clustered alert is a duplicate: counted, not
-    added.
+    within the dedupe window of a clustered alert, and of no higher severity,
+    is a duplicate: counted, not added. An escalation is always added.
     """
     IngestAlerts: _aio.StreamUnaryMultiCallable[_correlation_pb2.IngestAlertsRequest, _correlation_pb2.IngestAlertsResponse]  # type: ignore[assignment]
     """Bulk ingest over a client stream. A bad alert is rejected (with its index
@@ -152,8 +152,8 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Ingests one alert and answers with the cluster it joined or opened.
         Idempotent on alert.alert_id: re-sending an alert returns the same cluster
         and stores nothing twice. An alert on the same satellite and subsystem
-        within the dedupe window of a clustered alert is a duplicate: counted, not
-        added.
+        within the dedupe window of a clustered alert, and of no higher severity,
+        is a duplicate: counted, not added. An escalation is always added.
         """
 
     @_abc_1.abstractmethod

@@ -864,8 +864,8 @@ export declare const CorrelationService: GenService<{
    * Ingests one alert and answers with the cluster it joined or opened.
    * Idempotent on alert.alert_id: re-sending an alert returns the same cluster
    * and stores nothing twice. An alert on the same satellite and subsystem
-   * within the dedupe window of a clustered alert is a duplicate: counted, not
-   * added.
+   * within the dedupe window of a clustered alert, and of no higher severity,
+   * is a duplicate: counted, not added. An escalation is always added.
    *
    * @generated from rpc aetherops.correlation.v1.CorrelationService.IngestAlert
    */
