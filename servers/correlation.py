@@ -234,12 +234,9 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
 
         try:
             async for request in request_iterator:
-                # `alert` first, then the batch. A message with neither is one rejected (missing) alert.
-                messages = (
-                    [request.alert, *request.alerts]
-                    if request.HasField("alert") or not request.alerts
-                    else request.alerts
-                )
+                # `alert` first, then the batch. A message with neither is an empty batch (a loader
+                # flushing nothing): it holds no alert, so it takes no index.
+                messages = [request.alert, *request.alerts] if request.HasField("alert") else request.alerts
                 for message in messages:
                     try:
                         alert = alert_from_proto(message, tracking_id=tracking_id)

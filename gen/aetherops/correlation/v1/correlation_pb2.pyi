@@ -300,7 +300,8 @@ Global___IngestAlertResponse: _TypeAlias = IngestAlertResponse  # noqa: Y015
 @_typing.final
 class IngestAlertsRequest(_message.Message):
     """One stream message carries one alert, a batch of alerts, or both (`alert`
-    first). Rejection indexes count alerts in stream order across messages.
+    first); an empty message carries none. Rejection indexes count alerts in
+    stream order across messages.
     Batches of a few hundred alerts per message cost far less per alert than one
     message each: bulk loaders should batch.
     """

@@ -274,7 +274,8 @@ export declare const IngestAlertResponseSchema: GenMessage<IngestAlertResponse>;
 
 /**
  * One stream message carries one alert, a batch of alerts, or both (`alert`
- * first). Rejection indexes count alerts in stream order across messages.
+ * first); an empty message carries none. Rejection indexes count alerts in
+ * stream order across messages.
  * Batches of a few hundred alerts per message cost far less per alert than one
  * message each: bulk loaders should batch.
  *
