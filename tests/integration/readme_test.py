@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
-import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,18 @@ async def test_readme_grpcurl_examples_work(server: Any, tokens: dict[str, str])
         pytest.fail("grpcurl missing: pip install -e '.[dev]' installs it")
     examples = _grpcurl_examples()
     assert len(examples) >= 5
+    # Through bash, as a reader pastes them: the token from the environment, `$(date ...)` expanded.
+    env = {**os.environ, "AETHEROPS_TOKEN": tokens["admin"], "PATH": f"{Path(grpcurl).parent}:{os.environ['PATH']}"}
     for example in examples:
         concrete = example.replace("localhost:50051", f"127.0.0.1:{server.port}")
-        argv = shlex.split(concrete.replace("$AETHEROPS_TOKEN", tokens["admin"]))
         proc = await asyncio.create_subprocess_exec(
-            grpcurl, *argv[1:], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            "bash", "-c", concrete, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, f"{example}\n{out.decode()}\n{err.decode()}"
         if "Health/Check" in example:
             assert json.loads(out)["status"] == "SERVING"
+        if "/ListActiveClusters" in example:  # the alert ingested above, now: an active incident
+            assert "SAT-001" in [sat for c in json.loads(out)["clusters"] for sat in c["satellite_ids"]]
         if "/ListAlerts" in example:  # the alert ingested above under that tracking id
             assert [a["alert"]["alert_id"] for a in json.loads(out)["alerts"]] == ["a-1"]
