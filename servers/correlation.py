@@ -26,8 +26,8 @@ from aetherops.clock import Clock
 from aetherops.config import Settings
 from aetherops.correlation import Alert, CorrelationEngine
 from aetherops.db.correlation import ClusterRecord, StoredAlert
-from aetherops.errors import FieldViolation, ValidationError
-from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
+from aetherops.errors import AlreadyExistsError, FieldViolation, ValidationError
+from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent, IngestOutcome
 from aetherops.subsystems import load_dependency_graph
 from aetherops.tasks import abandon, cancel_and_wait
 from aetherops.text import id_problem
@@ -220,17 +220,23 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     ) -> pb.IngestAlertsResponse:
         rejections: list[common_pb2.Rejection] = []
         tracking_id = current_tracking_id()
-        pending: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
-        outcomes: list[Any] = []
+        # Each chunk with the stream indexes of its alerts, so an outcome can name its alert.
+        pending: collections.deque[tuple[list[int], asyncio.Future[list[IngestOutcome]]]] = collections.deque()
+        outcomes: list[tuple[int, IngestOutcome]] = []
         chunk: list[Alert] = []
+        indexes: list[int] = []
         index = 0
 
-        async def submit(alerts: list[Alert]) -> None:
+        async def collect() -> None:
+            taken, future = pending.popleft()
+            outcomes.extend(zip(taken, await future, strict=True))
+
+        async def submit(alerts: list[Alert], taken: list[int]) -> None:
             # Commits overlap with reading the stream, but at most a few chunks are in flight per
             # stream: beyond that we stop reading, and HTTP/2 flow control slows the sender down.
-            pending.append(asyncio.ensure_future(self._svc.ingest_many(alerts)))
+            pending.append((taken, asyncio.ensure_future(self._svc.ingest_many(alerts))))
             while len(pending) >= _STREAM_CHUNKS_IN_FLIGHT:
-                outcomes.extend(await pending.popleft())
+                await collect()
 
         try:
             async for request in request_iterator:
@@ -245,24 +251,31 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
                         rejections.append(rejection(index, exc))
                     else:
                         chunk.append(alert)
+                        indexes.append(index)
                         if len(chunk) >= _STREAM_CHUNK:
-                            await submit(chunk)
-                            chunk = []
+                            await submit(chunk, indexes)
+                            chunk, indexes = [], []
                     index += 1
             if chunk:
-                pending.append(asyncio.ensure_future(self._svc.ingest_many(chunk)))
+                pending.append((indexes, asyncio.ensure_future(self._svc.ingest_many(chunk))))
             while pending:
-                outcomes.extend(await pending.popleft())
+                await collect()
         finally:
             # Left only when a chunk failed or the call ended early. The chunks still in flight commit
             # (or were refused) all the same; the failure is the one the caller is told about.
-            abandon(*pending)
-        duplicates = sum(1 for o in outcomes if o.duplicate)
+            abandon(*(future for _, future in pending))
+        accepted = duplicates = 0
+        for i, outcome in outcomes:
+            if outcome.conflict is not None:
+                problem = FieldViolation("alert.alert_id", f"already taken by another alert ({outcome.conflict})")
+                rejections.append(rejection(i, [problem]))
+            elif outcome.duplicate:
+                duplicates += 1
+            else:
+                accepted += 1
+        rejections.sort(key=lambda r: r.index)
         return pb.IngestAlertsResponse(
-            accepted=len(outcomes) - duplicates,
-            duplicates=duplicates,
-            rejected=len(rejections),
-            rejections=rejections,
+            accepted=accepted, duplicates=duplicates, rejected=len(rejections), rejections=rejections
         )
 
     async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:
@@ -443,8 +456,9 @@ class CorrelationComponent:
         try:
             alert = alert_from_proto(decode_alert_message(msg.data))
             await self.service.ingest(alert)
-        except (ValidationError, json_format.ParseError, DecodeError, ValueError) as exc:
-            # A malformed alert will never become valid: log it and let it be acknowledged.
+        except (ValidationError, AlreadyExistsError, json_format.ParseError, DecodeError, ValueError) as exc:
+            # A malformed alert will never become valid, nor will a taken id become free: log it
+            # and let it be acknowledged.
             log.warning("rejected alert from NATS: %s", exc)
 
     async def stop(self) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "STATEMENT_ROWS",
     "AlertRow",
     "ClusterRecord",
+    "KnownAlert",
     "StoredAlert",
     "close_cluster",
     "get_alerts",
@@ -135,20 +136,32 @@ def _alert(row: asyncpg.Record) -> Alert:
     )
 
 
-async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-    """alert_id -> (cluster_id, duplicate_of) for the ids already stored."""
+class KnownAlert(NamedTuple):
+    """A stored alert, as much of it as a resend is answered and checked with."""
+
+    cluster_id: str
+    duplicate_of: str | None
+    satellite_id: str
+    subsystem: str
+    severity: int
+    alert_time: datetime
+
+
+async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> dict[str, KnownAlert]:
+    """alert_id -> the stored alert, for the ids already stored."""
     # One primary-key probe per id, whatever the planner knows. `alert_id = ANY($1)` lets it pick a
     # sequential scan when the table has no statistics (a fresh or never-analysed table: it then
     # assumes each id matches 0.5% of the rows), and every batch then reads the whole table.
     rows = await conn.fetch(
-        """SELECT k.alert_id, a.cluster_id, a.duplicate_of
+        """SELECT k.alert_id, a.cluster_id, a.duplicate_of, a.satellite_id, a.subsystem, a.severity, a.alert_time
            FROM unnest($1::text[]) AS k(alert_id)
            CROSS JOIN LATERAL (
-               SELECT cluster_id, duplicate_of FROM alerts WHERE alerts.alert_id = k.alert_id LIMIT 1
+               SELECT cluster_id, duplicate_of, satellite_id, subsystem, severity, alert_time
+               FROM alerts WHERE alerts.alert_id = k.alert_id LIMIT 1
            ) AS a""",
         list(alert_ids),
     )
-    return {r["alert_id"]: (r["cluster_id"], r["duplicate_of"]) for r in rows}
+    return {r["alert_id"]: KnownAlert(*list(r.values())[1:]) for r in rows}
 
 
 _INSERT_CLUSTERS = """

@@ -29,8 +29,14 @@ from aetherops.correlation import (
 )
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
-from aetherops.db.correlation import AlertRow, ClusterRecord, StoredAlert
-from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
+from aetherops.db.correlation import AlertRow, ClusterRecord, KnownAlert, StoredAlert
+from aetherops.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    FieldViolation,
+    NotFoundError,
+    ValidationError,
+)
 from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
 from aetherops.text import id_problem, text_problem
@@ -53,6 +59,30 @@ class IngestOutcome(NamedTuple):
     duplicate_of: str | None = None
     opened: bool = False
     replay: bool = False
+    conflict: str | None = None
+    """Set when the alert id was already taken by a different alert: what that alert is. Nothing was
+    stored; `cluster_id` is the other alert's."""
+
+
+def _conflict(alert: Alert, stored: Alert | KnownAlert) -> str | None:
+    """What the alert stored under `alert`'s id is, when it is not the same alert (None when it is).
+
+    A resend (a client retry, a NATS redelivery, a file loaded twice) is the same alert. The same id
+    with another satellite, subsystem or severity is not: an id collision between senders, or an
+    escalation sent under the old id; answering it as a resend dropped it without a word. Time,
+    message and labels may differ in a resend (a sender that stamps each attempt) and are not compared.
+    """
+    if (stored.satellite_id, stored.subsystem, stored.severity) == (
+        alert.satellite_id,
+        alert.subsystem,
+        alert.severity,
+    ):
+        return None
+    when = stored.alert_time if isinstance(stored, KnownAlert) else stored.timestamp
+    return (
+        f"satellite {stored.satellite_id!r}, subsystem {stored.subsystem!r}, severity {stored.severity},"
+        f" at {when.isoformat()}"
+    )
 
 
 @dataclass(frozen=True)
@@ -199,11 +229,19 @@ class CorrelationService:
             raise ValidationError(problems)
 
     async def ingest(self, alert: Alert) -> IngestOutcome:
+        """Validated, correlated and committed; AlreadyExistsError when its id is another alert's."""
         self.validate(alert)
-        return await self._committer.submit(self._tracked(alert, current_tracking_id()))
+        outcome = await self._committer.submit(self._tracked(alert, current_tracking_id()))
+        if outcome.conflict is not None:
+            raise AlreadyExistsError(
+                f"alert_id {alert.alert_id!r} is already taken by another alert ({outcome.conflict}); "
+                "a resend must repeat the alert exactly"
+            )
+        return outcome
 
     async def ingest_many(self, alerts: Sequence[Alert]) -> list[IngestOutcome]:
-        """Already-validated alerts, committed in one or more batches."""
+        """Already-validated alerts, committed in one or more batches. An alert whose id is another
+        alert's is not stored: its outcome says so (`IngestOutcome.conflict`)."""
         tracking = current_tracking_id()
         return await self._committer.submit_many([self._tracked(a, tracking) for a in alerts])
 
@@ -242,7 +280,7 @@ class CorrelationService:
             self._relay.wake()
         return batch.outcomes
 
-    def _correlate(self, alerts: list[Alert], known: dict[str, tuple[str, str | None]]) -> _Batch:
+    def _correlate(self, alerts: list[Alert], known: dict[str, KnownAlert]) -> _Batch:
         """The engine's decisions for a batch, and what to write for them."""
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
@@ -250,17 +288,29 @@ class CorrelationService:
         touched: dict[str, tuple[bool, list[str], bool, bool]] = {}
         # The same alert id twice in one batch (a retry racing its original): the repeat gets the
         # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
-        in_batch: dict[str, IngestOutcome] = {}
+        in_batch: dict[str, tuple[Alert, IngestOutcome]] = {}
         ingest = self._engine.ingest_detailed
         for alert in alerts:
             aid = alert.alert_id
-            if aid in known:
-                cluster_id, dup_of = known[aid]
-                outcomes.append(IngestOutcome(cluster_id, dup_of is not None, dup_of, replay=True))
+            stored = known.get(aid)
+            if stored is not None:
+                conflict = _conflict(alert, stored)
+                dup_of = stored.duplicate_of
+                outcomes.append(
+                    IngestOutcome(stored.cluster_id, dup_of is not None, dup_of, replay=True)
+                    if conflict is None
+                    else IngestOutcome(stored.cluster_id, conflict=conflict)
+                )
                 continue
-            first = in_batch.get(aid)
-            if first is not None:
-                outcomes.append(IngestOutcome(first.cluster_id, first.duplicate, first.duplicate_of, replay=True))
+            earlier = in_batch.get(aid)
+            if earlier is not None:
+                first_alert, first = earlier
+                conflict = _conflict(alert, first_alert)
+                outcomes.append(
+                    IngestOutcome(first.cluster_id, first.duplicate, first.duplicate_of, replay=True)
+                    if conflict is None
+                    else IngestOutcome(first.cluster_id, conflict=conflict)
+                )
                 continue
             result = ingest(alert)
             if result.replay:  # known to the engine but not to PostgreSQL: cannot happen after a restore
@@ -277,7 +327,7 @@ class CorrelationService:
                 grew or result.membership_changed,
             )
             outcome = IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
-            in_batch[aid] = outcome
+            in_batch[aid] = (alert, outcome)
             outcomes.append(outcome)
         now = self._clock.now()
         records: list[ClusterRecord] = []

@@ -431,6 +431,62 @@ async def test_an_escalation_within_the_dedupe_window_raises_the_incident_severi
     assert (row["max_severity"], row["alert_count"]) == (5, 2)
 
 
+async def test_an_alert_id_taken_by_another_alert_is_refused_not_answered_as_a_resend(
+    server: Any, channel: grpc.aio.Channel, bus: Bus, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    now = datetime.now(UTC)
+    original = _alert("SAT-I1", "power", now, severity=4, alert_id="idem-1")
+    first = await stub.IngestAlert(pb.IngestAlertRequest(alert=original))
+    resend = await stub.IngestAlert(pb.IngestAlertRequest(alert=original))
+    assert (resend.cluster_id, resend.replay) == (first.cluster_id, True)
+    # The same id on another alert (another sender's id scheme, say) used to be answered as a
+    # resend, and the second alert was dropped without a word.
+    other = _alert("SAT-I9", "comms", now, severity=1, alert_id="idem-1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=other))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "'SAT-I1'" in (err.value.details() or "")
+    escalated = pb.Alert()
+    escalated.CopyFrom(original)
+    escalated.severity = 5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=escalated))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # A resend stamped anew (time, text) is still the same alert.
+    restamped = pb.Alert()
+    restamped.CopyFrom(original)
+    restamped.timestamp.CopyFrom(_ts(now + timedelta(seconds=3)))
+    restamped.message = "resent"
+    assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=restamped))).replay
+
+    # In a stream: against the stored alert, and within one batch (the first of the two is stored).
+    fresh = _alert("SAT-I2", "thermal", now, alert_id="idem-2")
+    clash = _alert("SAT-I3", "thermal", now, alert_id="idem-2")
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alerts=[other, original, fresh, clash, fresh])
+
+    reply = await stub.IngestAlerts(requests())
+    assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(0, "alert.alert_id"), (3, "alert.alert_id")]
+    assert "already taken by another alert" in reply.rejections[0].reason
+    assert (reply.rejected, reply.accepted, reply.duplicates) == (2, 3, 0)
+
+    # From NATS: refused once and acknowledged (a taken id never becomes free).
+    await bus.js.publish(bus.subjects.alerts_ingest, clash.SerializeToString())
+    stream = bus.subjects.stream_for(bus.subjects.alerts_ingest)
+
+    async def settled() -> bool:
+        info = await bus.js.consumer_info(stream, "correlation-alerts")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    await eventually(settled, what="the clashing alert's message acknowledged")
+    assert (await bus.js.consumer_info(stream, "correlation-alerts")).num_redelivered == 0
+    assert any("already taken by another alert" in r.getMessage() for r in caplog.records)
+    rows = await db.fetch("SELECT alert_id, satellite_id FROM alerts WHERE alert_id LIKE 'idem-%' ORDER BY alert_id")
+    assert [(r["alert_id"], r["satellite_id"]) for r in rows] == [("idem-1", "SAT-I1"), ("idem-2", "SAT-I2")]
+
+
 async def test_ids_reasons_and_watch_filters_are_checked_before_anything_happens(
     channel: grpc.aio.Channel, db: Database
 ) -> None:
@@ -623,13 +679,14 @@ async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grp
     other = _alert("SAT-Q", "payload", t0)
     reused = pb.Alert()
     reused.CopyFrom(first)
-    reused.satellite_id = "SAT-Z"  # same id, other content: the id decides
+    reused.satellite_id = "SAT-Z"  # same id, another satellite: not a resend, refused
 
     async def requests() -> Any:
         yield pb.IngestAlertsRequest(alerts=[first, dup, other, dup, first, reused])
 
     reply = await stub.IngestAlerts(requests())
-    assert (reply.accepted, reply.duplicates, reply.rejected) == (4, 2, 0)
+    assert (reply.accepted, reply.duplicates, reply.rejected) == (3, 2, 1)
+    assert [r.index for r in reply.rejections] == [5]
     rows = await db.fetch("SELECT alert_id, cluster_id, duplicate_of FROM alerts WHERE satellite_id LIKE 'SAT-%'")
     by_id = {r["alert_id"]: r for r in rows}
     assert set(by_id) == {first.alert_id, dup.alert_id, other.alert_id}

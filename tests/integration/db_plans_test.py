@@ -46,7 +46,7 @@ async def test_known_alerts_probes_the_primary_key_on_an_unanalysed_table(db: Da
         known = await repo.known_alerts(conn, ids)
         assert await _seq_scans(conn, "alerts") == before
     assert set(known) == {f"a{n}" for n in range(1, BATCH // 2 + 1)}
-    assert known["a7"] == ("c1", None)
+    assert known["a7"][:2] == ("c1", None)
 
 
 async def test_claiming_outbox_rows_reads_the_oldest_few_not_the_whole_backlog(db: Database) -> None:

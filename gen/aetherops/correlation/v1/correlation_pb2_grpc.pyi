@@ -42,7 +42,9 @@ class CorrelationServiceStub:
     IngestAlert: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.IngestAlertRequest, _correlation_pb2.IngestAlertResponse]
     """Ingests one alert and answers with the cluster it joined or opened.
     Idempotent on alert.alert_id: re-sending an alert returns the same cluster
-    and stores nothing twice. An alert on the same satellite and subsystem
+    and stores nothing twice. The same alert_id with another satellite,
+    subsystem or severity is not a resend: ALREADY_EXISTS (in IngestAlerts, a
+    rejection), and nothing is stored. An alert on the same satellite and subsystem
     within the dedupe window of a clustered alert, and of no higher severity,
     is a duplicate: counted, not added. An escalation is always added.
     """
@@ -95,7 +97,9 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     IngestAlert: _aio.UnaryUnaryMultiCallable[_correlation_pb2.IngestAlertRequest, _correlation_pb2.IngestAlertResponse]  # type: ignore[assignment]
     """Ingests one alert and answers with the cluster it joined or opened.
     Idempotent on alert.alert_id: re-sending an alert returns the same cluster
-    and stores nothing twice. An alert on the same satellite and subsystem
+    and stores nothing twice. The same alert_id with another satellite,
+    subsystem or severity is not a resend: ALREADY_EXISTS (in IngestAlerts, a
+    rejection), and nothing is stored. An alert on the same satellite and subsystem
     within the dedupe window of a clustered alert, and of no higher severity,
     is a duplicate: counted, not added. An escalation is always added.
     """
@@ -151,7 +155,9 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_correlation_pb2.IngestAlertResponse, _abc.Awaitable[_correlation_pb2.IngestAlertResponse]]:
         """Ingests one alert and answers with the cluster it joined or opened.
         Idempotent on alert.alert_id: re-sending an alert returns the same cluster
-        and stores nothing twice. An alert on the same satellite and subsystem
+        and stores nothing twice. The same alert_id with another satellite,
+        subsystem or severity is not a resend: ALREADY_EXISTS (in IngestAlerts, a
+        rejection), and nothing is stored. An alert on the same satellite and subsystem
         within the dedupe window of a clustered alert, and of no higher severity,
         is a duplicate: counted, not added. An escalation is always added.
         """

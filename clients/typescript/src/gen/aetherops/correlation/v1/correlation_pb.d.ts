@@ -864,7 +864,9 @@ export declare const CorrelationService: GenService<{
   /**
    * Ingests one alert and answers with the cluster it joined or opened.
    * Idempotent on alert.alert_id: re-sending an alert returns the same cluster
-   * and stores nothing twice. An alert on the same satellite and subsystem
+   * and stores nothing twice. The same alert_id with another satellite,
+   * subsystem or severity is not a resend: ALREADY_EXISTS (in IngestAlerts, a
+   * rejection), and nothing is stored. An alert on the same satellite and subsystem
    * within the dedupe window of a clustered alert, and of no higher severity,
    * is a duplicate: counted, not added. An escalation is always added.
    *
