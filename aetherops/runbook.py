@@ -739,7 +739,9 @@ def _positive_finite(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < math.inf
 
 
-def _runbook_violations(runbook: Runbook, known_actions: Collection[str] | None) -> list[FieldViolation]:
+def _runbook_violations(
+    runbook: Runbook, known_actions: Collection[str] | None, *, stored: bool = False
+) -> list[FieldViolation]:
     out: list[FieldViolation] = []
     if not isinstance(runbook.runbook_id, str) or not _ID_RE.match(runbook.runbook_id):
         out.append(FieldViolation("runbook.runbook_id", "must be 1-128 letters, digits, '.', '_' or '-'"))
@@ -788,7 +790,9 @@ def _runbook_violations(runbook: Runbook, known_actions: Collection[str] | None)
                 out.append(FieldViolation(f"{prefix}.{name}", "must be an object"))
             else:
                 _json_violations(value, f"{prefix}.{name}", out)
-    out.extend(validate_conditions(runbook.trigger_conditions, "runbook.trigger_conditions"))
+    # A stored version may hold a $regex from before RE2 (a lookaround, say): it must still load, and never
+    # matches; refusing it would stop the service from starting.
+    out.extend(validate_conditions(runbook.trigger_conditions, "runbook.trigger_conditions", lenient_regex=stored))
     if runbook.auto_start and not runbook.trigger_conditions:
         out.append(FieldViolation("runbook.trigger_conditions", "auto_start needs trigger conditions"))
     return out
@@ -1093,7 +1097,7 @@ class RunbookEngine:
         """Reinstall a stored version as is (after a restart); ConflictError if that version differs."""
         if runbook.version < 1:
             raise ValidationError.single("runbook.version", "a stored runbook has a version >= 1")
-        violations = _runbook_violations(runbook, None)
+        violations = _runbook_violations(runbook, None, stored=True)
         if violations:
             raise ValidationError(violations)
         versions = self._runbooks.setdefault(runbook.runbook_id, {})
@@ -1129,7 +1133,8 @@ class RunbookEngine:
             if runbook.status is RunbookStatus.ACTIVE
             and runbook.trigger_conditions
             and (runbook.auto_start or not auto_start_only)
-            and match_conditions(runbook.trigger_conditions, incident_data)
+            # lenient: a restored version may hold a pre-RE2 $regex (it never matches; see _runbook_violations)
+            and match_conditions(runbook.trigger_conditions, incident_data, lenient_regex=True)
         ]
 
     # -- executions: start, plan, inspect --

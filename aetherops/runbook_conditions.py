@@ -14,6 +14,14 @@ numbers with numbers and strings with strings; any other pairing (`"a" < 3`) is 
 are not numbers here (`True` does not equal `1`). When the field holds a list, comparisons, `$in` and
 `$regex` match if any element does (as in MongoDB).
 
+`$regex` uses RE2 syntax (https://github.com/google/re2/wiki/Syntax), as Prometheus and Alertmanager do,
+and is a search (unanchored unless the pattern says `^`/`$`). Patterns come from API callers and run
+against incident data on the server's event loop, so they must not backtrack: Python's `re` takes
+seconds on `^(a+)+$` against thirty characters, doubling with each one, and blocks every RPC meanwhile.
+RE2 matches in time linear in the text; in exchange it has no backreferences or lookaround, and refuses
+them at validation. Unlike Python's `re`, `\\d \\w \\s \\b` are ASCII-only and `$` matches only at the very
+end (use `(?m)` for line ends).
+
 Unknown operators are a validation error, never a silent False: `validate_conditions` reports every
 problem as a `FieldViolation`, and `match_conditions` raises `ValidationError` before evaluating.
 An empty condition document matches everything.
@@ -22,11 +30,13 @@ An empty condition document matches everything.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import re2
+
 from aetherops.errors import FieldViolation, ValidationError
+from aetherops.text import SURROGATE_PROBLEM
 
 __all__ = [
     "FIELD_OPERATORS",
@@ -44,6 +54,24 @@ LOGICAL_OPERATORS: Final = frozenset({"$and", "$or", "$not"})
 
 # Guards against pathological condition documents (they come from API callers).
 _MAX_DEPTH: Final = 32
+
+_RE2_OPTIONS: Final = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a caller's bad pattern is a validation error, not a line on stderr
+_RE2_OPTIONS.never_capture = True  # only "is there a match" is asked: no groups to track
+
+
+def _regex_problem(pattern: str) -> str | None:
+    """Why RE2 cannot compile `pattern` (None when it can)."""
+    try:
+        re2.compile(pattern, _RE2_OPTIONS)
+    except UnicodeEncodeError:
+        return f"invalid regular expression: {SURROGATE_PROBLEM}"
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else ""
+        if isinstance(detail, bytes):  # the binding passes RE2's message through as bytes
+            detail = detail.decode("utf-8", "replace")
+        return f"invalid regular expression (RE2 syntax: no backreferences or lookaround): {detail}"
+    return None
 
 
 class _Missing:
@@ -83,14 +111,20 @@ def resolve_path(data: Any, path: str) -> Any:
 # --- validation -------------------------------------------------------------------------------------
 
 
-def validate_conditions(conditions: Any, field: str = "trigger_conditions") -> list[FieldViolation]:
-    """Every problem in a condition document, each as a violation whose field is a path under `field`."""
+def validate_conditions(
+    conditions: Any, field: str = "trigger_conditions", *, lenient_regex: bool = False
+) -> list[FieldViolation]:
+    """Every problem in a condition document, each as a violation whose field is a path under `field`.
+
+    With `lenient_regex`, a `$regex` string that RE2 cannot compile is not a problem (it never matches):
+    for definitions stored before `$regex` moved from Python's `re` to RE2, which must still load.
+    """
     violations: list[FieldViolation] = []
-    _validate_document(conditions, field, violations, 0)
+    _validate_document(conditions, field, violations, 0, lenient_regex)
     return violations
 
 
-def _validate_document(doc: Any, field: str, out: list[FieldViolation], depth: int) -> None:
+def _validate_document(doc: Any, field: str, out: list[FieldViolation], depth: int, lenient_regex: bool) -> None:
     if depth > _MAX_DEPTH:
         out.append(FieldViolation(field, f"conditions nest deeper than {_MAX_DEPTH} levels"))
         return
@@ -106,32 +140,34 @@ def _validate_document(doc: Any, field: str, out: list[FieldViolation], depth: i
                 out.append(FieldViolation(path, f"{key} needs a non-empty list of condition documents"))
                 continue
             for i, sub in enumerate(value):
-                _validate_document(sub, f"{path}[{i}]", out, depth + 1)
+                _validate_document(sub, f"{path}[{i}]", out, depth + 1, lenient_regex)
         elif key == "$not":
-            _validate_document(value, path, out, depth + 1)
+            _validate_document(value, path, out, depth + 1, lenient_regex)
         elif key.startswith("$"):
             if key in FIELD_OPERATORS:
                 out.append(FieldViolation(path, f"operator {key} must be applied to a field"))
             else:
                 out.append(FieldViolation(path, f"unknown operator {key}"))
         else:
-            _validate_field_value(value, path, out, depth + 1)
+            _validate_field_value(value, path, out, depth + 1, lenient_regex)
 
 
 def _is_operator_document(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and any(isinstance(k, str) and k.startswith("$") for k in value)
 
 
-def _validate_field_value(value: Any, field: str, out: list[FieldViolation], depth: int) -> None:
+def _validate_field_value(value: Any, field: str, out: list[FieldViolation], depth: int, lenient_regex: bool) -> None:
     if not _is_operator_document(value):
         return  # a literal: anything JSON-able can be compared for equality
     if not all(isinstance(k, str) and k.startswith("$") for k in value):
         out.append(FieldViolation(field, "an operator document cannot mix $operators and plain keys"))
         return
-    _validate_operators(value, field, out, depth)
+    _validate_operators(value, field, out, depth, lenient_regex)
 
 
-def _validate_operators(ops: Mapping[str, Any], field: str, out: list[FieldViolation], depth: int) -> None:
+def _validate_operators(
+    ops: Mapping[str, Any], field: str, out: list[FieldViolation], depth: int, lenient_regex: bool
+) -> None:
     if depth > _MAX_DEPTH:
         out.append(FieldViolation(field, f"conditions nest deeper than {_MAX_DEPTH} levels"))
         return
@@ -148,16 +184,13 @@ def _validate_operators(ops: Mapping[str, Any], field: str, out: list[FieldViola
         elif op == "$regex":
             if not isinstance(arg, str):
                 out.append(FieldViolation(path, "$regex needs a string"))
-            else:
-                try:
-                    re.compile(arg)
-                except re.error as exc:
-                    out.append(FieldViolation(path, f"invalid regular expression: {exc}"))
+            elif not lenient_regex and (problem := _regex_problem(arg)) is not None:
+                out.append(FieldViolation(path, problem))
         elif op == "$not":
             if not _is_operator_document(arg):
                 out.append(FieldViolation(path, "$not on a field needs an operator document, e.g. {$gt: 3}"))
             else:
-                _validate_field_value(arg, path, out, depth + 1)
+                _validate_field_value(arg, path, out, depth + 1, lenient_regex)
         elif op in ("$lt", "$lte", "$gt", "$gte") and not _orderable(arg):
             out.append(FieldViolation(path, f"{op} needs a number or a string"))
 
@@ -165,9 +198,12 @@ def _validate_operators(ops: Mapping[str, Any], field: str, out: list[FieldViola
 # --- evaluation -------------------------------------------------------------------------------------
 
 
-def match_conditions(conditions: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
-    """Whether `data` satisfies `conditions`; raises ValidationError (all problems) for an invalid document."""
-    violations = validate_conditions(conditions)
+def match_conditions(conditions: Mapping[str, Any], data: Mapping[str, Any], *, lenient_regex: bool = False) -> bool:
+    """Whether `data` satisfies `conditions`; raises ValidationError (all problems) for an invalid document.
+
+    `lenient_regex` as in `validate_conditions`: a `$regex` that RE2 cannot compile then never matches.
+    """
+    violations = validate_conditions(conditions, lenient_regex=lenient_regex)
     if violations:
         raise ValidationError(violations)
     return _match_document(conditions, data)
@@ -215,8 +251,15 @@ def _match_operator(op: str, arg: Any, actual: Any) -> bool:
         return any(_equals_or_contains(actual, candidate) for candidate in arg)
     candidates = actual if isinstance(actual, list | tuple) else [actual]
     if op == "$regex":
-        pattern = re.compile(arg)
-        return any(isinstance(c, str) and pattern.search(c) is not None for c in candidates)
+        try:
+            pattern = re2.compile(arg, _RE2_OPTIONS)  # cached by re2 (LRU, keyed by pattern and options)
+        except (re2.error, UnicodeEncodeError):  # only with lenient_regex: a stored pre-RE2 pattern
+            return False
+        # surrogatepass: JSON escapes can put an unpaired surrogate in incident data; strict UTF-8
+        # encoding would raise, so RE2 sees those bytes as the invalid UTF-8 they are.
+        return any(
+            isinstance(c, str) and pattern.search(c.encode("utf-8", "surrogatepass")) is not None for c in candidates
+        )
     return any(_compare(op, c, arg) for c in candidates)
 
 

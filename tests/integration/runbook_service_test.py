@@ -1,6 +1,6 @@
-"""RunbookService through a real server: bad input, versioning, dry runs, idempotency, as-of reads,
-concurrency across two servers, exactly-once incident starts, old event schemas, approval expiry and
-the agent circuit breaker."""
+"""RunbookService through a real server: bad input, $regex on RE2, versioning, dry runs, idempotency,
+as-of reads, concurrency across two servers, exactly-once incident starts, old event schemas, approval
+expiry and the agent circuit breaker."""
 
 from __future__ import annotations
 
@@ -142,6 +142,35 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
     assert await code_of(stubs.admin.ApproveStep(own_approve)) == grpc.StatusCode.PERMISSION_DENIED
     await stubs.approver.ApproveStep(approve)
     assert await code_of(stubs.approver.ApproveStep(approve)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_regex_conditions_run_on_re2(server: Any, channel_for: Any, db: Database) -> None:
+    stubs = Stubs(channel_for, server.port)
+    backref = simple("backref")
+    backref.trigger_conditions.CopyFrom(struct({"msg": {"$regex": r"(a)\1"}}))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=backref))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "RE2" in violations(err.value)["runbook.trigger_conditions.msg.$regex"]
+
+    nested = simple("nested")
+    nested.trigger_conditions.CopyFrom(struct({"msg": {"$regex": "^(a+)+$"}}))
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=nested))
+    # As a server that compiled $regex with Python's re stored it: a lookahead, which RE2 lacks. It must
+    # not break the lookup (it is restored on the way) and simply never matches.
+    legacy = dict(await db.fetchval("SELECT definition FROM runbooks WHERE runbook_id = 'nested'"))
+    legacy.update(runbook_id="legacy", trigger_conditions={"msg": {"$regex": "^(?=a)a+$"}})
+    await db.execute(
+        "INSERT INTO runbooks (runbook_id, version, definition, created_time) VALUES ('legacy', 1, $1, now())",
+        legacy,
+    )
+
+    find = stubs.operator.FindMatchingRunbooks
+    # Python's re backtracks 2**40 times here, with every RPC of the server waiting; RE2 answers at once.
+    none = await find(pb.FindMatchingRunbooksRequest(incident_data=struct({"msg": "a" * 40 + "!"})))
+    assert list(none.runbooks) == []
+    found = await find(pb.FindMatchingRunbooksRequest(incident_data=struct({"msg": "a" * 40})))
+    assert [r.runbook_id for r in found.runbooks] == ["nested"]
 
 
 async def test_versioning_and_pagination(server: Any, channel_for: Any) -> None:

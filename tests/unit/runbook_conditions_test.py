@@ -196,6 +196,10 @@ def test_unknown_operator_raises_validation_error_with_every_problem() -> None:
         ({"a": {"$exists": 1}}, "tc.a.$exists", "true or false"),
         ({"a": {"$regex": 5}}, "tc.a.$regex", "needs a string"),
         ({"a": {"$regex": "("}}, "tc.a.$regex", "invalid regular expression"),
+        # RE2 (linear time) has no backreferences or lookaround: refused up front, not at match time.
+        ({"a": {"$regex": r"(a)\1"}}, "tc.a.$regex", "RE2 syntax"),
+        ({"a": {"$not": {"$regex": "x(?=y)"}}}, "tc.a.$not.$regex", "invalid perl operator: (?="),
+        ({"a": {"$regex": "\ud800"}}, "tc.a.$regex", "unpaired surrogates"),
         ({"a": {"$not": 5}}, "tc.a.$not", "operator document"),
         ({"a": {"$not": {"$wat": 1}}}, "tc.a.$not.$wat", "unknown operator"),
         ({"a": {"$lt": [1]}}, "tc.a.$lt", "number or a string"),
@@ -228,3 +232,32 @@ def test_pathological_nesting_is_rejected() -> None:
     for _ in range(40):
         ops = {"$not": ops}
     assert any("deeper than" in v.description for v in validate_conditions({"a": ops}))
+
+
+def test_a_catastrophic_regex_runs_in_linear_time() -> None:
+    # Python's backtracking `re` needs about 2**40 steps here (hours); it ran on the event loop and
+    # froze every RPC of the server. RE2 answers at once, so this test returning at all is the check.
+    conditions = {"msg": {"$regex": "^(a+)+$"}}
+    assert validate_conditions(conditions) == []
+    assert match_conditions(conditions, {"msg": "a" * 40 + "!"}) is False
+    assert match_conditions(conditions, {"msg": ["b", "a" * 40 + "!", "a" * 40]}) is True
+
+
+def test_lenient_regex_accepts_what_re2_cannot_compile_and_never_matches_it() -> None:
+    # For definitions stored while $regex still used Python's re: they must load, and never match.
+    conditions = {"a": {"$regex": r"(a)\1"}}
+    assert validate_conditions(conditions, lenient_regex=True) == []
+    assert match_conditions(conditions, {"a": "aa"}, lenient_regex=True) is False
+    assert match_conditions({"a": {"$not": {"$regex": "(?=a)"}}}, {"a": "a"}, lenient_regex=True) is True
+    with pytest.raises(ValidationError):
+        match_conditions(conditions, {"a": "aa"})
+    # Lenient only about regex syntax.
+    assert [v.field for v in validate_conditions({"a": {"$regex": 5}}, lenient_regex=True)] == [
+        "trigger_conditions.a.$regex"
+    ]
+
+
+def test_regex_on_text_with_an_unpaired_surrogate() -> None:
+    # JSON escapes put these in incident data; UTF-8 cannot encode them, RE2 sees invalid bytes.
+    assert match_conditions({"a": {"$regex": "^x.y$"}}, {"a": "x\ud800y"}) is True
+    assert match_conditions({"a": {"$regex": "^xy$"}}, {"a": "x\ud800y"}) is False

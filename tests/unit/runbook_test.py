@@ -1368,6 +1368,22 @@ def test_restore_runbook(engine: RunbookEngine, clock: ManualClock) -> None:
     assert fresh.register_runbook_ex(three_steps()) == (stored, False)
 
 
+def test_a_stored_runbook_with_a_pre_re2_regex_is_restored_and_never_matches(
+    engine: RunbookEngine, clock: ManualClock
+) -> None:
+    # Registered while $regex still used Python's re (a lookahead); RE2 cannot compile it. Refusing it at
+    # restore would keep the service from starting; a new registration is refused with the field.
+    conditions = {"subsystems": {"$regex": "^(?=p)power$"}}
+    stored = three_steps(trigger_conditions=conditions, version=1)
+    engine.restore_runbook(stored)
+    engine.restore_runbook(three_steps(runbook_id="other", trigger_conditions={"subsystems": "power"}, version=1))
+    matching = engine.find_matching_runbooks({"subsystems": ["power"], "max_severity": 5})
+    assert [r.runbook_id for r in matching] == ["other"]
+    with pytest.raises(ValidationError) as caught:
+        engine.register_runbook(three_steps(trigger_conditions=conditions))
+    assert [v.field for v in caught.value.violations] == ["runbook.trigger_conditions.subsystems.$regex"]
+
+
 def test_runbook_dict_round_trip_and_errors(engine: RunbookEngine) -> None:
     runbook = engine.register_runbook(gated_runbook(approval_timeout_s=5))
     assert runbook_from_dict(runbook_to_dict(runbook)) == runbook
