@@ -225,7 +225,8 @@ class Runbook(_message.Message):
     def trigger_conditions(self) -> _struct_pb2.Struct:
         """Conditions on incident data that trigger the runbook, in a MongoDB-like
         language: exact values, list membership, $eq $ne $lt $lte $gt $gte $in
-        $nin $exists $regex, $and $or $not, dotted paths. Example:
+        $nin $exists $regex, $and $or $not, dotted paths. $regex is an RE2
+        pattern (linear time; no backreferences or lookaround), searched. Example:
         {"max_severity": {"$gte": 4}, "subsystems": "power"}.
         """
 

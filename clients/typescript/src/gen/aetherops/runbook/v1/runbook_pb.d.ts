@@ -144,7 +144,8 @@ export declare type Runbook = Message<"aetherops.runbook.v1.Runbook"> & {
   /**
    * Conditions on incident data that trigger the runbook, in a MongoDB-like
    * language: exact values, list membership, $eq $ne $lt $lte $gt $gte $in
-   * $nin $exists $regex, $and $or $not, dotted paths. Example:
+   * $nin $exists $regex, $and $or $not, dotted paths. $regex is an RE2
+   * pattern (linear time; no backreferences or lookaround), searched. Example:
    * {"max_severity": {"$gte": 4}, "subsystems": "power"}.
    *
    * @generated from field: google.protobuf.Struct trigger_conditions = 5;
