@@ -64,6 +64,46 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseExcepti
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error; tracking id {tracking_id}")
 
 
+class _Undecodable:
+    """What a request's bytes became when they are not the method's message (see `_tolerant`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, turning bytes it cannot parse into an `_Undecodable`.
+
+    grpc answers a deserializer's exception with UNKNOWN ("Unexpected <class DecodeError>") and logs
+    a traceback, before any of our code runs: the caller's malformed bytes would look like our fault.
+    The wrapper below answers INVALID_ARGUMENT instead, after authentication.
+    """
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or invalid UTF-8 in a string field
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return tolerant
+
+
+def _undecodable(method: str, request: _Undecodable) -> errors.ValidationError:
+    return errors.ValidationError.single("request", f"not a valid request message for {method}: {request.error}")
+
+
+async def _decoded(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that fails (INVALID_ARGUMENT, at that message) on a message it could not parse."""
+    async for request in requests:
+        if type(request) is _Undecodable:
+            raise _undecodable(method, request)
+        yield request
+
+
 class Edge:
     """Tracking ids, readiness, the security gate and domain-error mapping around every business RPC.
 
@@ -92,25 +132,25 @@ class Edge:
         ready, metrics, gate = self._is_ready, self._metrics, self._gate
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, service, handler.unary_unary, ready, metrics, gate),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(method, service, handler.unary_unary, ready, metrics, gate, streaming_request=False),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, service, handler.stream_unary, ready, metrics, gate),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(method, service, handler.stream_unary, ready, metrics, gate, streaming_request=True),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, service, handler.unary_stream, ready, metrics, gate),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(method, service, handler.unary_stream, ready, metrics, gate, streaming_request=False),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, service, handler.stream_stream, ready, metrics, gate),
-            request_deserializer=handler.request_deserializer,
+            _wrap_stream(method, service, handler.stream_stream, ready, metrics, gate, streaming_request=True),
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -184,6 +224,8 @@ def _wrap_unary(
     is_ready: Callable[[str], bool],
     metrics: Metrics | None,
     gate: SecurityGate | None,
+    *,
+    streaming_request: bool,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         tracking_id = _begin(context)
@@ -195,6 +237,10 @@ def _wrap_unary(
             # Here, in the call's own task, so the principal it records is visible to the handler.
             if gate is not None:
                 await gate.check(method, context.invocation_metadata())
+            if streaming_request:
+                request = _decoded(method, request)
+            elif type(request) is _Undecodable:
+                raise _undecodable(method, request)
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
             failure = exc
@@ -215,6 +261,8 @@ def _wrap_stream(
     is_ready: Callable[[str], bool],
     metrics: Metrics | None,
     gate: SecurityGate | None,
+    *,
+    streaming_request: bool,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         tracking_id = _begin(context)
@@ -225,6 +273,10 @@ def _wrap_stream(
         try:
             if gate is not None:
                 await gate.check(method, context.invocation_metadata())
+            if streaming_request:
+                request = _decoded(method, request)
+            elif type(request) is _Undecodable:
+                raise _undecodable(method, request)
             async for item in behavior(request, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError) as exc:

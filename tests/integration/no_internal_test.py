@@ -206,3 +206,44 @@ async def test_generated_requests_never_get_internal(unlimited: grpc.aio.Channel
     assert not failures, "\n".join(failures)
     # The generator is worth something only if requests also get through.
     assert codes.get(None, 0) > len(service.methods), codes
+
+
+# Bytes no message of any method parses: a field 1 of wire type 2 whose length runs past the end.
+_GARBAGE = b"\x0a\xff\xff\xff\x0f"
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+@pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.name)
+async def test_bytes_that_are_no_request_message_get_invalid_argument(
+    unlimited: grpc.aio.Channel, service: Any
+) -> None:
+    # grpc itself answered these UNKNOWN ("Unexpected <class DecodeError>"), with a traceback in the log.
+    wrong: dict[str, str] = {}
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        try:
+            if method.client_streaming:
+
+                async def requests() -> AsyncIterator[bytes]:
+                    yield _GARBAGE
+
+                if method.server_streaming:
+                    call = unlimited.stream_stream(path, _raw, _raw)(requests(), timeout=10)
+                    await call.read()
+                else:
+                    await unlimited.stream_unary(path, _raw, _raw)(requests(), timeout=10)
+            elif method.server_streaming:
+                await unlimited.unary_stream(path, _raw, _raw)(_GARBAGE, timeout=10).read()
+            else:
+                await unlimited.unary_unary(path, _raw, _raw)(_GARBAGE, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or "not a valid request message" not in (
+                exc.details() or ""
+            ):
+                wrong[method.name] = f"{exc.code().name}: {exc.details()}"
+        else:
+            wrong[method.name] = "answered"
+    assert not wrong, wrong
