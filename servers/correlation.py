@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format
@@ -62,19 +62,18 @@ _EVENT_TYPES = {
 
 
 def alert_from_proto(message: pb.Alert, field: str = "alert", *, tracking_id: str = "") -> Alert:
-    """A domain alert; a missing timestamp is a field violation (the rest is checked by the core).
+    """A domain alert, checked by the core (`validate_alert`) before use. A timestamp out of range is
+    a field violation here; a missing one stays None, so the core reports it with every other problem.
 
     `tracking_id` is the request's: set here, the alert is never copied just to carry it.
     """
     when = from_ts(message, "timestamp", path=f"{field}.timestamp")
-    if when is None:
-        raise ValidationError.single(f"{field}.timestamp", "required")
     return Alert(
         alert_id=message.alert_id,
         satellite_id=message.satellite_id,
         subsystem=message.subsystem,
         severity=message.severity,
-        timestamp=when,
+        timestamp=cast(datetime, when),
         message=message.message,
         labels=message.labels,  # copied by Alert, or the shared empty mapping
         tracking_id=tracking_id,
@@ -323,10 +322,17 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         problems: list[FieldViolation] = []
         alerts = []
         for name in ("first", "second"):
+            if not request.HasField(name):
+                problems.append(FieldViolation(name, "required"))
+                continue
             try:
-                alerts.append(alert_from_proto(getattr(request, name), name))
+                alert = alert_from_proto(getattr(request, name), name)
             except ValidationError as exc:
                 problems.extend(exc.violations)
+                continue
+            if alert.timestamp is None:
+                problems.append(FieldViolation(f"{name}.timestamp", "required"))
+            alerts.append(alert)
         if problems:
             raise ValidationError(problems)
         components, would = self._svc.score(alerts[0], alerts[1])

@@ -382,6 +382,15 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.IngestAlert(pb.IngestAlertRequest(alert=no_time))
     assert "alert.timestamp" in _violations(err.value)
+    # A missing timestamp is one problem among the others, not the only one reported.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=pb.Alert(severity=9)))
+    assert {"alert.alert_id", "alert.satellite_id", "alert.subsystem", "alert.severity", "alert.timestamp"} == set(
+        _violations(err.value)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ScoreAlerts(pb.ScoreAlertsRequest(first=pb.Alert(severity=3)))
+    assert {"first.timestamp", "second"} == set(_violations(err.value))
 
     future = _alert("SAT-1", "power", datetime.now(UTC) + timedelta(hours=2))
     with pytest.raises(grpc.aio.AioRpcError) as err:
