@@ -988,6 +988,10 @@ class RunbookService:
             if remember is not None and remember[1]:
                 async with self._db.transaction() as conn:
                     await idempotency.remember(conn, *remember)
+            # A load appends nothing when there is nothing to settle, yet the ticker must learn of a
+            # gate it holds: after a restart, an approval nobody gave expired only when someone
+            # asked for the next step by hand.
+            self._track_gate(state)
             return state
         circuit = self._agents.drain_transitions() if self._agents is not None else []
         messages = self._outbox(state, events, published, circuit)

@@ -352,6 +352,44 @@ async def test_execution_awaiting_approval_survives_a_restart(app_factory: Any, 
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_an_approval_that_expires_across_a_restart_fails_and_rolls_back(
+    app_factory: Any, channel_for: Any
+) -> None:
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    gate = step("gate", "log", {"message": "switch to the redundant bus"}, approval=True)
+    gate.approval_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
+    runbook = pb.Runbook(
+        runbook_id="bus-switch",
+        name="Bus switch",
+        auto_rollback=True,
+        steps=[
+            step(
+                "prepare",
+                "set_variable",
+                {"name": "armed", "value": True},
+                rollback="log",
+                rollback_params={"message": "disarmed"},
+            ),
+            gate,
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="bus-switch"))
+    execution_id = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    waiting = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert waiting.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    await app.stop()
+
+    # Nobody approves, and nobody asks for the next step: the restarted service's ticker must act.
+    app2 = await app_factory()
+    stubs = Stubs(channel_for, app2.port)
+    done = await wait_status(stubs.operator, execution_id, lambda e: e.status == pb.RUNBOOK_STATUS_ROLLED_BACK)
+    transitions = [(a.transition, a.step_id) for a in done.audit_log]
+    assert ("APPROVAL_EXPIRED", "gate") in transitions and ("STEP_ROLLED_BACK", "prepare") in transitions
+
+
 @pytest.mark.parametrize(
     ("reply", "reason"),
     [
