@@ -95,6 +95,20 @@ ALERT_SUBSYSTEMS: dict[ResourceType, str] = {
 
 _SCOPE_SNAPSHOT = "capacity.ingest_snapshot"
 _SCOPE_MISSION = "capacity.add_mission"
+
+
+# Idempotency records are scoped by what the request acts on (as the runbook service scopes its
+# own): the same request id sent for another snapshot or mission is another request, where a global
+# scope answered it as a retry of the first and dropped it.
+def _snapshot_scope(snapshot: ResourceSnapshot) -> str:
+    when = snapshot.timestamp.isoformat()
+    return f"{_SCOPE_SNAPSHOT}.{snapshot.satellite_id}.{int(snapshot.resource_type)}.{when}"
+
+
+def _mission_scope(entry: MissionScheduleEntry) -> str:
+    return f"{_SCOPE_MISSION}.{entry.mission_id}"
+
+
 # Above this many touched series one vectorised fleet pass is cheaper than per-series solves.
 _FLEET_THRESHOLD = 256
 
@@ -342,7 +356,7 @@ class CapacityService:
             raise ValidationError(violations)
         if request_id:
             async with self._db.connection() as conn:
-                earlier = await idempotency.recall(conn, _SCOPE_SNAPSHOT, request_id)
+                earlier = await idempotency.recall(conn, _snapshot_scope(snapshot), request_id)
             if earlier is not None:
                 return bool(earlier["duplicate"])
         outcome = await self._committer.submit(_Item(snapshot, request_id))
@@ -394,7 +408,9 @@ class CapacityService:
             for i, item in enumerate(items):
                 result = outcomes[i]
                 if item.request_id and result is not None and not result.violations:
-                    await idempotency.remember(conn, _SCOPE_SNAPSHOT, item.request_id, {"duplicate": result.duplicate})
+                    await idempotency.remember(
+                        conn, _snapshot_scope(item.snapshot), item.request_id, {"duplicate": result.duplicate}
+                    )
         # Committed: now, and only now, the planner learns the new points.
         touched: set[Key] = set()
         for block in blocks:
@@ -423,11 +439,11 @@ class CapacityService:
         if violations:
             raise ValidationError(violations)
         async with self._db.transaction() as conn:
-            earlier = await idempotency.recall(conn, _SCOPE_MISSION, request_id)
+            earlier = await idempotency.recall(conn, _mission_scope(entry), request_id)
             if earlier is not None:
                 return _mission_from_json(earlier)
             previous = await repo.upsert_mission(conn, entry)
-            await idempotency.remember(conn, _SCOPE_MISSION, request_id, _mission_json(entry))
+            await idempotency.remember(conn, _mission_scope(entry), request_id, _mission_json(entry))
         self._planner.add_scheduled_mission(entry)
         sats = {entry.satellite_id} | ({previous.satellite_id} if previous is not None else set())
         await self._update_risk_safely({(sat, r) for sat in sats for r in ResourceType})

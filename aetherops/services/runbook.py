@@ -137,8 +137,11 @@ def incident_execution_id(cluster_id: str, runbook_id: str) -> str:
     return str(uuid.uuid5(_NS, f"incident\x00{cluster_id}\x00{runbook_id}"))
 
 
-def _request_execution_id(request_id: str) -> str:
-    return str(uuid.uuid5(_NS, f"start\x00{request_id}"))
+def _request_execution_id(runbook_id: str, triggered_by: str, request_id: str) -> str:
+    """The execution a start request makes, the same for its retries. Scoped by runbook and principal:
+    the same request id from another caller, or for another runbook, is another request (a global
+    one answered it with the first caller's execution and started nothing)."""
+    return str(uuid.uuid5(_NS, f"start\x00{runbook_id}\x00{triggered_by}\x00{request_id}"))
 
 
 def _event_id(execution_id: str, seq: int) -> str:
@@ -519,7 +522,7 @@ class RunbookService:
         problems = validate_runbook(runbook, known)
         if problems:
             raise ValidationError(_violations(problems))
-        scope = "runbook.register"
+        scope = f"runbook.register.{runbook.runbook_id}"  # per runbook: another runbook is another request
         async with self._db.transaction() as conn:
             remembered = await idempotency.recall(conn, scope, request_id)
             if remembered is not None:
@@ -629,7 +632,7 @@ class RunbookService:
         if not runbook_id:
             raise ValidationError.single("runbook_id", "required")
         if request_id:
-            execution_id = _request_execution_id(request_id)
+            execution_id = _request_execution_id(runbook_id, triggered_by, request_id)
         eid = execution_id or uuid.uuid4().hex
         if request_id or execution_id:
             async with self._db.connection() as conn:
@@ -722,7 +725,7 @@ class RunbookService:
     ) -> ExecutionContext:
         _require(execution_id, "execution_id")
         _require(step_id, "step_id")
-        scope = f"runbook.approve.{execution_id}"
+        scope = f"runbook.approve.{execution_id}.{step_id}"  # per step: another step is another approval
         if request_id:
             async with self._db.connection() as conn:
                 if await idempotency.recall(conn, scope, request_id) is not None:

@@ -168,6 +168,31 @@ async def test_snapshots_are_stored_once_and_request_ids_replay(
     assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-3'") == 10
 
 
+async def test_a_request_id_reused_for_another_snapshot_or_mission_is_another_request(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    # A global idempotency scope answered these as retries of the first request and stored nothing.
+    now = datetime.now(UTC) - timedelta(minutes=30)
+    await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-R", FUEL, now, 80.0), request_id="s-1"))
+    later = snap("SAT-R", FUEL, now + timedelta(minutes=10), 79.0)
+    reply = await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=later, request_id="s-1"))
+    assert not reply.duplicate
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-R'") == 2
+
+    start = datetime.now(UTC) + timedelta(days=1)
+    for mission_id in ("burn-1", "burn-2"):
+        mission = pb.ScheduledMission(
+            mission_id=mission_id,
+            satellite_id="SAT-R",
+            resource_impacts=[pb.ResourceImpact(resource_type=FUEL, amount=10.0)],
+        )
+        mission.start_time.FromDatetime(start)
+        mission.end_time.FromDatetime(start + timedelta(hours=1))
+        stored = await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=mission, request_id="m-1"))
+        assert stored.mission.mission_id == mission_id
+    assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 2
+
+
 async def test_queries_validate_and_unknown_satellites_are_not_found(
     stub: capacity_pb2_grpc.CapacityServiceStub,
 ) -> None:

@@ -281,6 +281,51 @@ async def test_start_is_idempotent_on_request_id_and_status_reads_as_of(
     assert await code_of(stubs.operator.GetExecutionStatus(early)) == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_request_id_reused_for_another_target_is_another_request(
+    server: Any, channel_for: Any, db: Database
+) -> None:
+    # Idempotency records used to be global: the same request id for another runbook, another
+    # caller or another step answered as a retry of the first request, and did nothing.
+    stubs = Stubs(channel_for, server.port)
+    alpha = await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple("rb-alpha"), request_id="reg-1"))
+    beta = await stubs.admin.RegisterRunbook(
+        pb.RegisterRunbookRequest(runbook=simple("rb-beta", approval=True), request_id="reg-1")
+    )
+    assert (alpha.runbook.runbook_id, beta.runbook.runbook_id) == ("rb-alpha", "rb-beta") and beta.created
+
+    sat = struct({"sat": "SAT-1"})
+    first = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb-alpha", variables=sat, request_id="start-1")
+    )
+    other_runbook = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb-beta", variables=sat, request_id="start-1")
+    )
+    other_caller = await stubs.admin.StartExecution(
+        pb.StartExecutionRequest(runbook_id="rb-alpha", variables=sat, request_id="start-1")
+    )
+    assert other_runbook.execution.runbook_id == "rb-beta"
+    ids = {first.execution.execution_id, other_runbook.execution.execution_id, other_caller.execution.execution_id}
+    assert len(ids) == 3 and await db.fetchval("SELECT count(*) FROM executions") == 3
+
+    # Two gates in one execution, approved with one request id: both are approved.
+    gates = pb.Runbook(
+        runbook_id="rb-gates",
+        name="Two gates",
+        steps=[step("g1", "log", {"message": "1"}, approval=True), step("g2", "log", {"message": "2"}, approval=True)],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=gates))
+    eid = (await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="rb-gates"))).execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    await stubs.approver.ApproveStep(pb.ApproveStepRequest(execution_id=eid, step_id="g1", request_id="ap-1"))
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    gate2 = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    assert gate2.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    approved = await stubs.approver.ApproveStep(
+        pb.ApproveStepRequest(execution_id=eid, step_id="g2", request_id="ap-1")
+    )
+    assert steps_by_id(approved.execution)["g2"].approved_by == "approver"
+
+
 async def test_two_servers_cannot_both_advance_one_execution(app_factory: Any, channel_for: Any) -> None:
     a, b = await app_factory(), await app_factory()
     on_a, on_b = Stubs(channel_for, a.port), Stubs(channel_for, b.port)

@@ -338,6 +338,9 @@ class IngestSnapshotRequest(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """Idempotency key, per snapshot (satellite, resource, time): a retry answers
+    as the first call did.
+    """
     @_builtins.property
     def snapshot(self) -> Global___ResourceSnapshot: ...
     def __init__(
@@ -430,6 +433,7 @@ class AddScheduledMissionRequest(_message.Message):
     MISSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """Idempotency key, per mission_id: a retry answers as the first call did."""
     @_builtins.property
     def mission(self) -> Global___ScheduledMission: ...
     def __init__(

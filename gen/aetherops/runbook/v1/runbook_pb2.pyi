@@ -511,6 +511,7 @@ class RegisterRunbookRequest(_message.Message):
     RUNBOOK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """Idempotency key, per runbook_id: a retry answers as the first call did."""
     @_builtins.property
     def runbook(self) -> Global___Runbook: ...
     def __init__(
@@ -699,7 +700,9 @@ class StartExecutionRequest(_message.Message):
     dry_run: _builtins.bool
     """Walk the steps without calling any action and without storing anything."""
     request_id: _builtins.str
-    """Idempotency key: the same request_id returns the same execution."""
+    """Idempotency key, per runbook and caller: the same request_id returns the
+    same execution.
+    """
     incident_id: _builtins.str
     """Optional: the incident (cluster id) this execution is started for; it is
     listed under that incident (ListExecutions incident_id, aetherops trace).
@@ -762,6 +765,7 @@ class ExecuteNextStepRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     request_id: _builtins.str
+    """Idempotency key, per execution: a retry answers as the first call did."""
     def __init__(
         self,
         *,
@@ -814,6 +818,7 @@ class ApproveStepRequest(_message.Message):
     authentication is configured; must differ from triggered_by.
     """
     request_id: _builtins.str
+    """Idempotency key, per execution and step: a retry answers as the first call did."""
     def __init__(
         self,
         *,
@@ -858,6 +863,7 @@ class RollbackExecutionRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     request_id: _builtins.str
+    """Idempotency key, per execution: a retry answers as the first call did."""
     def __init__(
         self,
         *,

@@ -316,6 +316,9 @@ export declare type IngestSnapshotRequest = Message<"aetherops.capacity.v1.Inges
   snapshot?: ResourceSnapshot | undefined;
 
   /**
+   * Idempotency key, per snapshot (satellite, resource, time): a retry answers
+   * as the first call did.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -402,6 +405,8 @@ export declare type AddScheduledMissionRequest = Message<"aetherops.capacity.v1.
   mission?: ScheduledMission | undefined;
 
   /**
+   * Idempotency key, per mission_id: a retry answers as the first call did.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;

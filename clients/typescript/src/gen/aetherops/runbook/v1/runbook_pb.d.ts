@@ -496,6 +496,8 @@ export declare type RegisterRunbookRequest = Message<"aetherops.runbook.v1.Regis
   runbook?: Runbook | undefined;
 
   /**
+   * Idempotency key, per runbook_id: a retry answers as the first call did.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -677,7 +679,8 @@ export declare type StartExecutionRequest = Message<"aetherops.runbook.v1.StartE
   dryRun: boolean;
 
   /**
-   * Idempotency key: the same request_id returns the same execution.
+   * Idempotency key, per runbook and caller: the same request_id returns the
+   * same execution.
    *
    * @generated from field: string request_id = 5;
    */
@@ -733,6 +736,8 @@ export declare type ExecuteNextStepRequest = Message<"aetherops.runbook.v1.Execu
   executionId: string;
 
   /**
+   * Idempotency key, per execution: a retry answers as the first call did.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -788,6 +793,8 @@ export declare type ApproveStepRequest = Message<"aetherops.runbook.v1.ApproveSt
   approver: string;
 
   /**
+   * Idempotency key, per execution and step: a retry answers as the first call did.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -825,6 +832,8 @@ export declare type RollbackExecutionRequest = Message<"aetherops.runbook.v1.Rol
   executionId: string;
 
   /**
+   * Idempotency key, per execution: a retry answers as the first call did.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
