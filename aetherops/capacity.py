@@ -81,7 +81,9 @@ from aetherops.text import id_problem, text_problem
 
 __all__ = [
     "CRITICAL_DAYS",
+    "EARLIEST_SNAPSHOT_TIME",
     "MAX_DESCRIPTION_LEN",
+    "MAX_SNAPSHOT_VALUE",
     "WARNING_DAYS",
     "WATCH_DAYS",
     "CapacityPlanner",
@@ -112,6 +114,14 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 _US_PER_DAY = 86_400_000_000
+MAX_SNAPSHOT_VALUE = 1e12
+"""Largest snapshot value accepted: far beyond any real tank, battery, disk or link in any unit, and
+small enough that the forecast's sums of squares stay finite. A value of 1e308 overflowed them and
+put NaN into forecasts."""
+EARLIEST_SNAPSHOT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+"""Earliest snapshot time accepted: no telemetry here predates it, and a zeroed clock (1970, or
+year 1) stretched a series over centuries and its forecast with it."""
+_EARLIEST_SNAPSHOT_US = int((EARLIEST_SNAPSHOT_TIME - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
 MAX_DESCRIPTION_LEN = 4096
 """Longest mission description, in characters."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -423,6 +433,10 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool)
 
 
+_TOO_LARGE = f"must be at most {MAX_SNAPSHOT_VALUE:g}"
+_TOO_EARLY = f"must not be before {EARLIEST_SNAPSHOT_TIME:%Y-%m-%d} (a clock that was never set?)"
+
+
 def validate_snapshot(
     snapshot: ResourceSnapshot, *, now: datetime, max_future_skew_s: float = 300.0
 ) -> list[FieldViolation]:
@@ -440,11 +454,15 @@ def validate_snapshot(
         violations.append(FieldViolation("snapshot.value", "must be finite"))
     elif float(snapshot.value) < 0.0:
         violations.append(FieldViolation("snapshot.value", "must not be negative"))
+    elif float(snapshot.value) > MAX_SNAPSHOT_VALUE:
+        violations.append(FieldViolation("snapshot.value", _TOO_LARGE))
     ts = snapshot.timestamp
     if not isinstance(ts, datetime):
         violations.append(FieldViolation("snapshot.timestamp", "must be a datetime"))
     elif ts.tzinfo is None or ts.utcoffset() is None:
         violations.append(FieldViolation("snapshot.timestamp", "must be timezone-aware"))
+    elif ts < EARLIEST_SNAPSHOT_TIME:
+        violations.append(FieldViolation("snapshot.timestamp", _TOO_EARLY))
     elif (ts - now).total_seconds() > max_future_skew_s:
         violations.append(FieldViolation("snapshot.timestamp", f"is more than {max_future_skew_s:g} s in the future"))
     problem = id_problem(snapshot.unit)
@@ -1132,9 +1150,11 @@ class CapacityPlanner:
             raise ValidationError(violations)
         limit = datetime_to_us(self._clock.now()) + int(self.max_future_skew_s * 1_000_000)
         future = t > limit
+        early = t < _EARLIEST_SNAPSHOT_US
         negative = v < 0.0
         not_finite = ~np.isfinite(v)
-        bad = future | negative | not_finite
+        too_large = v > MAX_SNAPSHOT_VALUE
+        bad = future | early | negative | not_finite | too_large
         rejected: list[tuple[int, str]] = []
         if bad.any():
             for i in np.flatnonzero(bad).tolist():
@@ -1142,6 +1162,10 @@ class CapacityPlanner:
                     reason = "snapshot.value: must be finite"
                 elif negative[i]:
                     reason = "snapshot.value: must not be negative"
+                elif too_large[i]:
+                    reason = f"snapshot.value: {_TOO_LARGE}"
+                elif early[i]:
+                    reason = f"snapshot.timestamp: {_TOO_EARLY}"
                 else:
                     reason = f"snapshot.timestamp: is more than {self.max_future_skew_s:g} s in the future"
                 rejected.append((i, reason))

@@ -112,6 +112,19 @@ async def test_bad_snapshot_reports_every_violation_and_stores_nothing(
     assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 0
 
 
+async def test_implausible_values_and_times_are_refused_and_not_stored(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    huge = snap("SAT-X", FUEL, datetime.now(UTC) - timedelta(minutes=5), 1e308)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=huge))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most" in violations(caught.value)["snapshot.value"]
+    reply = await ingest(stub, [snap("SAT-X", FUEL, datetime(1970, 1, 1, tzinfo=UTC), 50.0)])
+    assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(0, "snapshot.timestamp")]
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-X'") == 0
+
+
 async def test_text_postgresql_cannot_store_is_refused_and_spoils_no_batch(
     stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
 ) -> None:

@@ -12,6 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from aetherops.capacity import (
+    MAX_SNAPSHOT_VALUE,
     CapacityPlanner,
     ExhaustionForecast,
     MissionScheduleEntry,
@@ -210,6 +211,27 @@ def test_validate_snapshot_reports_every_violation() -> None:
     ]
     long_id = ResourceSnapshot("s" * 257, FUEL, now, 1.0, "kg")
     assert [v.field for v in validate_snapshot(long_id, now=now)] == ["snapshot.satellite_id"]
+
+
+def test_implausible_snapshots_are_refused_on_every_path() -> None:
+    # 1e308 overflowed the fit (NaN confidence in forecasts); a zeroed clock stretched a series over
+    # centuries. Both paths refuse them: one snapshot at a time, and arrays (bulk and restore).
+    now = day(0)
+    huge = ResourceSnapshot("s", FUEL, now, 1e308, "kg")
+    assert [(v.field, "at most" in v.description) for v in validate_snapshot(huge, now=now)] == [
+        ("snapshot.value", True)
+    ]
+    assert validate_snapshot(ResourceSnapshot("s", FUEL, now, MAX_SNAPSHOT_VALUE, "kg"), now=now) == []
+    for when in (datetime(1970, 1, 1, tzinfo=UTC), datetime(1, 1, 1, tzinfo=UTC)):
+        old = ResourceSnapshot("s", FUEL, when, 1.0, "kg")
+        assert [(v.field, "before 2000" in v.description) for v in validate_snapshot(old, now=now)] == [
+            ("snapshot.timestamp", True)
+        ]
+    planner, _clock = planner_at(10)
+    times = np.array([datetime_to_us(day(d)) for d in (1, 2, 3)] + [0], dtype=np.int64)
+    report = planner.ingest_series("s", FUEL, "kg", times, np.array([9.0, 1e300, 7.0, 6.0]))
+    assert report.accepted == 2
+    assert [(i, "at most" in r or "before 2000" in r) for i, r in report.rejected] == [(1, True), (3, True)]
 
 
 def test_validate_mission() -> None:

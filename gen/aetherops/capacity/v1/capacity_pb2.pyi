@@ -241,7 +241,10 @@ class ExhaustionForecast(_message.Message):
     days_remaining: _builtins.float
     """Unset when the resource is not depleting."""
     days_remaining_p10: _builtins.float
-    """Interval of days remaining from the fit's error (unset when not depleting)."""
+    """Interval of days remaining from the fit's error. Each edge is unset when it
+    does not deplete within the horizon, so P10 (the pessimistic edge) can be
+    set while the median is not.
+    """
     days_remaining_p50: _builtins.float
     days_remaining_p90: _builtins.float
     risk_level: Global___RiskLevel.ValueType

@@ -214,7 +214,9 @@ export declare type ExhaustionForecast = Message<"aetherops.capacity.v1.Exhausti
   daysRemaining?: number | undefined;
 
   /**
-   * Interval of days remaining from the fit's error (unset when not depleting).
+   * Interval of days remaining from the fit's error. Each edge is unset when it
+   * does not deplete within the horizon, so P10 (the pessimistic edge) can be
+   * set while the median is not.
    *
    * @generated from field: optional double days_remaining_p10 = 7;
    */
