@@ -6,7 +6,12 @@ exits 0 after a clean shutdown, 2 for invalid settings. The operator commands
 with `--address` / AETHEROPS_ADDRESS and `--token` / AETHEROPS_TOKEN, print
 readable tables (or JSON with `--json`) and exit 0 when all went well, 1 when a
 call failed (message and tracking id on stderr), input lines were bad or
-`trace` found nothing, 2 for usage errors.
+`trace` found nothing, 2 for usage errors. When the reader of stdout goes away
+early (`aetherops clusters list | head -1`) a command stops quietly with 141, the
+code of a process ended by SIGPIPE.
+
+Manual runbook executions advance one step per `aetherops runbooks step EXECUTION_ID`
+(ExecuteNextStep); `aetherops runbooks rollback EXECUTION_ID` rolls one back.
 
 `aetherops trace TRACKING_ID` follows one request through the system: the alerts
 ingested under it (ListAlerts), their incidents (GetCluster), the runbook
@@ -25,6 +30,7 @@ import asyncio
 import csv
 import ipaddress
 import json
+import math
 import os
 import signal
 import sys
@@ -56,14 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nats-url", help="NATS URL (default: embedded)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     check = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING (container health checks)")
-    check.add_argument("--address", default="127.0.0.1:50051")
+    check.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     check.add_argument(
         "--service",
         default="",
         help="a service name (e.g. aetherops.correlation.v1.CorrelationService, or aetherops.ratelimit: "
         "rate limits shared through Redis); empty = the whole server",
     )
-    check.add_argument("--timeout", type=float, default=3.0)
+    check.add_argument(
+        "--timeout", type=_positive_float, default=3.0, help="seconds to wait for the answer (default 3)"
+    )
     _add_tls_flags(check)
     tokens = sub.add_parser("create-tokens", help="write a new token file (stored hashed) and print the tokens once")
     tokens.add_argument("file", type=Path, help="the file to create (refused if it exists)")
@@ -82,6 +90,36 @@ _TLS_FILES = {
 
 class _UsageError(Exception):
     """Bad input from the operator (missing file, bad --var): exit 2."""
+
+
+# Types of the numeric options: argparse turns their ArgumentTypeError into a usage error (exit 2), so a
+# negative --limit or a zero --timeout is refused before anything is sent.
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer in [low, high] (no upper bound when high is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            expected = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
@@ -261,55 +299,101 @@ def _add_operator_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="server address (default AETHEROPS_ADDRESS or 127.0.0.1:50051)")
     common.add_argument("--token", help="bearer token (default AETHEROPS_TOKEN)")
-    common.add_argument("--timeout", type=float, help="deadline of each call in seconds (default 10)")
+    common.add_argument("--timeout", type=_positive_float, help="deadline of each call in seconds (default 10)")
     common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     _add_tls_flags(common)
 
     alerts = sub.add_parser("alerts", help="ingest alerts").add_subparsers(dest="action", required=True)
-    ingest = alerts.add_parser("ingest", parents=[common], help="bulk-ingest a JSONL or CSV file of alerts")
-    ingest.add_argument("file", type=Path)
+    ingest = alerts.add_parser(
+        "ingest",
+        parents=[common],
+        help="bulk-ingest a JSONL or CSV file of alerts",
+        description="Bulk-ingest alerts (IngestAlerts), one JSON object per line (JSONL; blank lines and lines "
+        "starting with # are skipped) or one CSV row per alert under a header line. Fields read: alert_id, "
+        "satellite_id, subsystem, severity (an integer, 1-5), timestamp (RFC 3339, e.g. "
+        "2025-01-01T12:00:00Z; no offset means UTC), message, labels (a JSON object, or k=v;k2=v2). "
+        "Other fields are ignored. Bad lines are reported by line number (exit 1).",
+    )
+    ingest.add_argument("file", type=Path, help="the alerts file (.csv is read as CSV, anything else as JSONL)")
     ingest.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
 
     clusters = sub.add_parser("clusters", help="incident clusters").add_subparsers(dest="action", required=True)
     listing = clusters.add_parser("list", parents=[common], help="active clusters, newest activity first")
-    listing.add_argument("--satellite", default="")
-    listing.add_argument("--min-severity", type=int, default=0)
-    listing.add_argument("--limit", type=int, default=100, help="at most this many clusters (0: all)")
+    listing.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only clusters of this satellite")
+    listing.add_argument(
+        "--min-severity",
+        type=_int_between(0, 5),
+        default=0,
+        help="only clusters whose highest severity is at least this, 1-5 (default 0: any)",
+    )
+    listing.add_argument(
+        "--limit", type=_int_between(0), default=100, help="at most this many clusters (default 100; 0: all)"
+    )
     show = clusters.add_parser("show", parents=[common], help="one cluster with its alerts")
-    show.add_argument("cluster_id")
+    show.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     close = clusters.add_parser("close", parents=[common], help="close a cluster")
-    close.add_argument("cluster_id")
-    close.add_argument("--reason", default="")
+    close.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
+    close.add_argument("--reason", default="", help="why it is closed (kept with the cluster)")
 
     runbooks = sub.add_parser("runbooks", help="remediation runbooks").add_subparsers(dest="action", required=True)
     register = runbooks.add_parser("register", parents=[common], help="register (or version) a runbook from YAML")
-    register.add_argument("file", type=Path)
+    register.add_argument("file", type=Path, help="a Runbook in its JSON form, written as YAML")
     runbooks.add_parser("list", parents=[common], help="latest version of every runbook")
     start = runbooks.add_parser("start", parents=[common], help="start an execution")
-    start.add_argument("runbook_id")
+    start.add_argument("runbook_id", help="the runbook to run (its latest version)")
     start.add_argument("--var", action="append", default=[], metavar="K=V", help="execution variable (repeatable)")
     start.add_argument("--dry-run", action="store_true", help="only show what would run")
     approve = runbooks.add_parser("approve", parents=[common], help="approve a step awaiting approval")
-    approve.add_argument("execution_id")
-    approve.add_argument("step_id")
+    approve.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    approve.add_argument("step_id", help="the step awaiting approval")
     approve.add_argument("--approver", default="", help="who approves (the authenticated principal wins)")
     status = runbooks.add_parser("status", parents=[common], help="an execution's state and steps")
-    status.add_argument("execution_id")
+    status.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    step = runbooks.add_parser(
+        "step",
+        parents=[common],
+        help="run the next step of an execution (ExecuteNextStep)",
+        description="Run the next step of an execution once (ExecuteNextStep): executions started by hand "
+        "advance only this way. Prints the step's status (AWAITING_APPROVAL for a step that needs "
+        "`runbooks approve` first) and the execution, as `runbooks status` does.",
+    )
+    step.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    rollback = runbooks.add_parser(
+        "rollback",
+        parents=[common],
+        help="roll an execution back (RollbackExecution)",
+        description="Roll an execution back (RollbackExecution): the rollback actions of its completed steps "
+        "run in reverse order; a running execution is stopped first. Prints how many steps were rolled "
+        "back and the execution.",
+    )
+    rollback.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
     watch = runbooks.add_parser("watch", parents=[common], help="follow an execution until it finishes")
-    watch.add_argument("execution_id")
+    watch.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
 
     capacity = sub.add_parser("capacity", help="resource telemetry and forecasts").add_subparsers(
         dest="action", required=True
     )
-    snapshots = capacity.add_parser("ingest", parents=[common], help="bulk-ingest a JSONL or CSV file of snapshots")
-    snapshots.add_argument("file", type=Path)
+    snapshots = capacity.add_parser(
+        "ingest",
+        parents=[common],
+        help="bulk-ingest a JSONL or CSV file of snapshots",
+        description="Bulk-ingest resource snapshots (IngestSnapshots), one JSON object per line (JSONL) or one "
+        "CSV row per snapshot under a header line. Fields read: satellite_id, resource_type or resource "
+        "(fuel, power, storage or bandwidth; in JSONL also the enum number), value (a number), unit, "
+        "timestamp (RFC 3339; no offset means UTC). Other fields are ignored. Bad lines are reported by line "
+        "number (exit 1).",
+    )
+    snapshots.add_argument("file", type=Path, help="the snapshots file (.csv is read as CSV, anything else as JSONL)")
     snapshots.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
     forecast = capacity.add_parser("forecast", parents=[common], help="when a resource runs out")
-    forecast.add_argument("satellite_id")
+    forecast.add_argument("satellite_id", help="the satellite, e.g. SAT-001")
     forecast.add_argument("resource", help="fuel, power, storage or bandwidth")
     forecast.add_argument("--plot", type=Path, metavar="OUT.png", help="write a chart of the forecast")
     forecast.add_argument(
-        "--history-days", type=float, default=90.0, help="days of stored history the chart shows (default 90)"
+        "--history-days",
+        type=_positive_float,
+        default=90.0,
+        help="days of stored history the chart shows (default 90)",
     )
 
     fleet = sub.add_parser("fleet", help="the fleet as a whole").add_subparsers(dest="action", required=True)
@@ -786,6 +870,44 @@ def _runbooks_approve(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stepped(execution: Any, step_status: int) -> Any:
+    """The step ExecuteNextStep acted on: the last step, in runbook order, that has the status it answered.
+
+    The answer carries only the status. Steps run in order, so the step just run is the last with its
+    status (steps after it are still PENDING); a step awaiting approval or failed is the only one so.
+    """
+    matching = [step for step in execution.steps if step.status == step_status]
+    return matching[-1] if matching else None
+
+
+def _runbooks_step(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
+    reply = client.execute_next_step(args.execution_id)
+    step = _stepped(reply.execution, reply.step_status)
+    if args.json:
+        body = _to_dict(reply)
+        body["step_id"] = step.step_id if step is not None else None
+        _emit(body)
+        return EXIT_OK
+    status = _enum(runbook_pb2.StepStatus, reply.step_status, "STEP_STATUS_")
+    print(f"step {step.step_id}: {status}" if step is not None else f"step: {status}")
+    _print_execution(reply.execution)
+    return EXIT_OK
+
+
+def _runbooks_rollback(client: Any, args: argparse.Namespace) -> int:
+    reply = client.rollback_execution(args.execution_id)
+    if args.json:
+        body = _to_dict(reply)
+        body.setdefault("rolled_back_count", 0)  # proto3 JSON leaves a zero out
+        _emit(body)
+        return EXIT_OK
+    print(f"rolled back {reply.rolled_back_count} step(s)")
+    _print_execution(reply.execution)
+    return EXIT_OK
+
+
 def _runbooks_status(client: Any, args: argparse.Namespace) -> int:
     execution = client.get_execution_status(args.execution_id).execution
     if args.json:
@@ -998,8 +1120,6 @@ def _print_trace(
 def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.capacity.v1 import capacity_pb2
 
-    if args.history_days <= 0:
-        raise _UsageError("--history-days must be positive")
     try:
         reply = client.forecast_exhaustion(args.satellite_id, args.resource)
     except ValueError as exc:
@@ -1335,6 +1455,8 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("runbooks", "start"): _runbooks_start,
     ("runbooks", "approve"): _runbooks_approve,
     ("runbooks", "status"): _runbooks_status,
+    ("runbooks", "step"): _runbooks_step,
+    ("runbooks", "rollback"): _runbooks_rollback,
     ("runbooks", "watch"): _runbooks_watch,
     ("capacity", "ingest"): _capacity_ingest,
     ("capacity", "forecast"): _capacity_forecast,
@@ -1343,7 +1465,29 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
 }
 
 
+# Exit code when the reader of stdout went away (`aetherops clusters list | head -1`): what a process
+# killed by SIGPIPE reports in a shell (128 + 13), so pipelines see the usual outcome and 1 keeps its
+# meaning of a failed call.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Output still in the buffer meets the closed pipe here rather than at interpreter exit;
+            # this also covers --help and other argparse exits (SystemExit).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The recipe of https://docs.python.org/3/library/signal.html#note-on-sigpipe: the rest of the
+        # output goes to devnull, so Python's own flush at exit does not fail (and print) a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     # The embedded servers are child processes started after gRPC is running; gRPC's fork
     # handlers are not needed for that (we exec at once) and only print warnings.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")

@@ -269,6 +269,119 @@ async def test_runbooks_register_list_start_status(cli: Any, tmp_path: Path) -> 
     assert missing.code == 1 and "tracking id" in missing.err
 
 
+async def test_runbooks_step_and_rollback(cli: Any, tmp_path: Path) -> None:
+    # A manual execution advances only through ExecuteNextStep: `runbooks step` is how the CLI gets it going.
+    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "runbook.yaml"
+    path.write_text(
+        f"runbook_id: {runbook_id}\n"
+        "name: Switch the bus, then confirm\n"
+        "steps:\n"
+        "  - step_id: switch\n"
+        "    action: log\n"
+        "    parameters: {message: switching to bus B}\n"
+        "    rollback_action: log\n"
+        "    rollback_parameters: {message: back to bus A}\n"
+        "  - step_id: confirm\n"
+        "    action: log\n"
+        "    parameters: {message: confirmed}\n"
+        "    requires_approval: true\n"
+    )
+    assert (await cli("runbooks", "register", str(path))).code == 0
+    started = await cli("runbooks", "start", runbook_id, "--json")
+    assert started.code == 0, started.err
+    execution_id = started.json()["execution"]["execution_id"]
+
+    first = await cli("runbooks", "step", execution_id)
+    assert first.code == 0, first.err
+    assert first.out.splitlines()[0] == "step switch: COMPLETED"
+    assert f"execution {execution_id}: RUNNING" in first.out
+    rows = {
+        line.split()[0]: line.split()[2] for line in first.out.splitlines() if line.startswith(("switch", "confirm"))
+    }
+    assert rows == {"switch": "COMPLETED", "confirm": "PENDING"}
+
+    second = await cli("runbooks", "step", execution_id, "--json")
+    assert second.code == 0, second.err
+    body = second.json()
+    assert (body["step_status"], body["step_id"]) == ("STEP_STATUS_AWAITING_APPROVAL", "confirm")
+    assert body["execution"]["status"] == "RUNBOOK_STATUS_RUNNING"
+
+    rolled = await cli("runbooks", "rollback", execution_id)
+    assert rolled.code == 0, rolled.err
+    assert rolled.out.splitlines()[0] == "rolled back 1 step(s)"
+    assert f"execution {execution_id}: ROLLED_BACK" in rolled.out
+    status = (await cli("runbooks", "status", execution_id, "--json")).json()
+    assert status["status"] == "RUNBOOK_STATUS_ROLLED_BACK"
+    assert {s["step_id"]: s["status"] for s in status["steps"]}["switch"] == "STEP_STATUS_ROLLED_BACK"
+
+    again = await cli("runbooks", "rollback", execution_id, "--json")
+    assert again.code == 1 and "FAILED_PRECONDITION" in again.err
+    assert again.json()["error"]["code"] == "FAILED_PRECONDITION"
+    finished = await cli("runbooks", "step", execution_id)
+    assert finished.code == 1 and "FAILED_PRECONDITION" in finished.err and "tracking id" in finished.err
+
+
+async def test_numeric_options_out_of_range_are_usage_errors(cli: Any) -> None:
+    for args in (
+        ("clusters", "list", "--limit", "-1"),
+        ("clusters", "list", "--min-severity", "-1"),
+        ("clusters", "list", "--min-severity", "6"),
+        ("fleet", "risk", "--timeout", "0"),
+        ("fleet", "risk", "--timeout", "nan"),
+        ("health", "--timeout", "-1"),
+        ("capacity", "forecast", "SAT-1", "fuel", "--history-days", "0"),
+    ):
+        result = await cli(*args)
+        assert result.code == 2, (args, result.out, result.err)
+        assert result.out == "" and "error: argument --" in result.err, args
+    assert (await cli("clusters", "list", "--limit", "0")).code == 0  # 0: all
+
+
+async def test_output_closed_early_exits_quietly(cli: Any, server: Any, tokens: dict[str, str], tmp_path: Path) -> None:
+    # Clusters list with their alerts: far more JSON than a pipe buffers (64 KiB), so the CLI is still
+    # writing when the reader goes away.
+    prefix = uuid.uuid4().hex[:8]
+    now = datetime.now(UTC)
+    lines = [
+        json.dumps(
+            {
+                "alert_id": f"{prefix}-{i}",
+                "satellite_id": f"SAT-PIPE-{i}",
+                "subsystem": "power",
+                "severity": 3,
+                "timestamp": now.isoformat(),
+                "message": "bus undervoltage",
+            }
+        )
+        for i in range(800)
+    ]
+    path = tmp_path / "alerts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert (await cli("alerts", "ingest", str(path))).code == 0
+    listed = await cli("clusters", "list", "--json", "--limit", "0")
+    assert listed.code == 0 and len(listed.out) > 4 * 64 * 1024
+
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "AETHEROPS_ADDRESS": f"127.0.0.1:{server.port}", "AETHEROPS_TOKEN": tokens["admin"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "clients.cli", "clusters", "list", "--json", "--limit", "0"),
+        cwd=ROOT,
+        env=env,
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:  # closing it is `| head -1` going away
+        first = await asyncio.to_thread(reader.readline)
+    assert first == b"{\n"
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert "Traceback" not in err.decode() and "BrokenPipeError" not in err.decode(), err.decode()
+    assert err.decode() == ""
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a process ended by SIGPIPE reports
+
+
 async def test_health_still_works(cli: Any, server: Any) -> None:
     healthy = await cli("health", "--address", f"127.0.0.1:{server.port}")
     assert healthy.code == 0 and healthy.out.strip() == "SERVING"
