@@ -1,7 +1,7 @@
 """The `aetherops` command line: `aetherops serve` runs the system; the operator commands talk to it.
 
 `serve` takes its settings from AETHEROPS_* variables (flags override them) and
-exits 0 after a clean shutdown, 2 for invalid settings. The operator commands
+exits 0 after a clean shutdown, 1 when it cannot listen, 2 for invalid settings. The operator commands
 (`alerts`, `clusters`, `runbooks`, `capacity`, `fleet`, `trace`) use the sync SDK
 with `--address` / AETHEROPS_ADDRESS and `--token` / AETHEROPS_TOKEN, print
 readable tables (or JSON with `--json`) and exit 0 when all went well, 1 when a
@@ -43,7 +43,7 @@ from typing import Any
 
 from aetherops.auth import Role, bootstrap_admin_token, write_token_file
 from aetherops.config import Settings
-from aetherops.errors import ConfigError
+from aetherops.errors import ConfigError, UnavailableError
 from aetherops.gctune import settle_long_lived_state
 from aetherops.logs import configure_logging
 
@@ -261,7 +261,12 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    port = await app.start()
+    try:
+        port = await app.start()
+    except UnavailableError as exc:  # the port is taken (another aetherops?): say so, no traceback
+        print(f"aetherops: {exc}", file=sys.stderr)
+        await app.stop()
+        return 1
     print(
         f"aetherops: listening on {settings.host}:{port}; bringing up dependencies",
         file=sys.stderr,

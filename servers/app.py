@@ -126,17 +126,25 @@ class Application:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings.security())
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind"; it logged the reason (address in use) itself
+            self.port = 0
         if self.port == 0:
-            raise UnavailableError(f"cannot listen on {self.settings.host}:{self.settings.port}")
+            raise UnavailableError(f"cannot listen on {address}: in use, or not an address of this host")
         await server.start()
         self._server = server
         self.metrics.add_gauge_source(self._security_gauges)
         if self.settings.metrics_port >= 0:
-            self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            try:
+                self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            except OSError as exc:
+                raise UnavailableError(
+                    f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: {exc.strerror}"
+                ) from None
         self._tasks.append(asyncio.create_task(self._bring_up(), name="bring-up"))
         if self.gate.shares_rate_limits:
             # NOT_SERVING until the first probe has reached Redis; independent of the bring-up.

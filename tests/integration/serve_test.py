@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,3 +89,29 @@ async def test_ctrl_c_stops_serve_before_its_embedded_nats(pg_url: str, schema: 
     assert "aetherops: stopped in" in log
     # NATS outlived the graceful shutdown: the bus never lost its server.
     assert "NATS disconnected" not in log, log
+
+
+async def test_a_port_in_use_is_said_plainly(pg_url: str, schema: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AETHEROPS_")}
+        env.update(
+            AETHEROPS_DATABASE_URL=pg_url,
+            AETHEROPS_DB_SCHEMA=schema,
+            AETHEROPS_NAMESPACE=schema,
+            AETHEROPS_PORT=str(port),
+            AETHEROPS_METRICS_PORT="-1",
+            AETHEROPS_SERVICES="correlation",
+            AETHEROPS_NATS_URL="nats://127.0.0.1:1",  # never reached: listening comes first
+            AETHEROPS_DATA_DIR=str(tmp_path / "data"),
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", "serve", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    log = err.decode()
+    assert proc.returncode == 1, log
+    assert f"aetherops: cannot listen on 127.0.0.1:{port}" in log
+    assert "Traceback" not in log
