@@ -89,6 +89,7 @@ from aetherops.runbook import (
     runbook_to_dict,
     validate_runbook,
 )
+from aetherops.runbook_conditions import validate_conditions
 from aetherops.services.agents import AgentCall, AgentInvoker
 from aetherops.tracking import current_tracking_id, reset_tracking_id, set_tracking_id
 
@@ -344,7 +345,18 @@ class RunbookService:
             rows = await repo.load_runbooks(conn)
             unfinished = await repo.unfinished_executions(conn)
         for row in rows:
-            self._engine.restore_runbook(runbook_from_dict(row.definition))
+            runbook = runbook_from_dict(row.definition)
+            self._engine.restore_runbook(runbook)
+            # Stored before $regex moved to RE2, a pattern RE2 refuses loads but never matches (see
+            # `aetherops.runbook_conditions`): say so once, or the runbook just stops triggering.
+            for problem in validate_conditions(runbook.trigger_conditions, "trigger_conditions"):
+                log.warning(
+                    "runbook %s version %d: %s: %s; it never matches until registered again",
+                    runbook.runbook_id,
+                    runbook.version,
+                    problem.field,
+                    problem.description,
+                )
         for pending in unfinished:
             try:
                 await self._load(pending.execution_id)

@@ -173,6 +173,25 @@ async def test_regex_conditions_run_on_re2(server: Any, channel_for: Any, db: Da
     assert [r.runbook_id for r in found.runbooks] == ["nested"]
 
 
+async def test_a_stored_pattern_re2_refuses_is_named_at_start(
+    app_factory: Any, channel_for: Any, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple("current")))
+    legacy = dict(await db.fetchval("SELECT definition FROM runbooks WHERE runbook_id = 'current'"))
+    legacy.update(runbook_id="legacy", trigger_conditions={"msg": {"$regex": "^(?=a)a+$"}})
+    await db.execute(
+        "INSERT INTO runbooks (runbook_id, version, definition, created_time) VALUES ('legacy', 1, $1, now())",
+        legacy,
+    )
+    await app.stop()
+    caplog.clear()
+    await app_factory()  # loads it (it never matches) and says so: it would otherwise just stop triggering
+    named = [r.getMessage() for r in caplog.records if "legacy" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(named) == 1 and "never matches" in named[0] and "trigger_conditions.msg.$regex" in named[0]
+
+
 async def test_versioning_and_pagination(server: Any, channel_for: Any) -> None:
     stubs = Stubs(channel_for, server.port)
     first = await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))
