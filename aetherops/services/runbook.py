@@ -91,6 +91,7 @@ from aetherops.runbook import (
 )
 from aetherops.runbook_conditions import validate_conditions
 from aetherops.services.agents import AgentCall, AgentInvoker
+from aetherops.text import MAX_ID_LEN, text_problem
 from aetherops.tracking import current_tracking_id, reset_tracking_id, set_tracking_id
 
 __all__ = [
@@ -644,6 +645,10 @@ class RunbookService:
         if not runbook_id:
             raise ValidationError.single("runbook_id", "required")
         if request_id:
+            # Checked here: it is stored with the execution, not looked up as other request ids are.
+            problem = text_problem(request_id, MAX_ID_LEN)
+            if problem is not None:
+                raise ValidationError.single("request_id", problem)
             execution_id = _request_execution_id(runbook_id, triggered_by, request_id)
         eid = execution_id or uuid.uuid4().hex
         if request_id or execution_id:

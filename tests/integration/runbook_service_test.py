@@ -116,6 +116,13 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "variables.sat" in violations(err.value)
 
     assert await code_of(op.StartExecution(nul_variable)) == grpc.StatusCode.INVALID_ARGUMENT
+    # A start's request id is stored with the execution: checked by field like every other request id.
+    for bad_id, problem in (("a\x00b", "NUL"), ("r" * 300, "at most 256")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await op.StartExecution(
+                pb.StartExecutionRequest(runbook_id="rb", variables=struct({"sat": "S"}), request_id=bad_id)
+            )
+        assert problem in violations(err.value)["request_id"]
     # Variables the started event could not carry through NATS (1 MiB) are refused, not set aside.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await op.StartExecution(pb.StartExecutionRequest(runbook_id="rb", variables=struct({"blob": "x" * 1_500_000})))
