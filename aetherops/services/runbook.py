@@ -19,7 +19,9 @@ Durability rules:
   (ConflictError; at start-up such executions are retried by the ticker).
 * At start all runbook versions and every unfinished execution are loaded; events the load itself
   appends (settling interrupted steps, resuming rollbacks) are persisted. A ticker (every second)
-  fails executions whose approval gate expired.
+  fails executions whose approval gate expired - gates loaded from the store too, including one that
+  expired while no server ran - and never does more: a gate approved on another replica meanwhile is
+  left to whoever runs the step.
 * Finished executions are evicted from memory after their last commit; reads (status, as-of, watch)
   always fold the stored events, so every replica answers the same.
 
@@ -1170,14 +1172,32 @@ class RunbookService:
             except Exception:
                 log.exception("runbook ticker failed; retrying next tick")
 
+    async def _expire(self, execution_id: str) -> None:
+        """Fail the execution if its gate, as committed, is still open and past its expiry. Since the
+        gate was tracked another replica may have approved it (the load then sees that): the ticker
+        only ever expires, it never runs a step nobody asked for."""
+
+        async def expire() -> None:
+            state = self._engine.get_execution_status(execution_id)
+            self._track_gate(state)
+            expiry = self._gates.get(execution_id)
+            if expiry is None or expiry > self._clock.now():
+                return
+            # The engine expires the gate itself when asked to move on.
+            await self._engine.execute_next_step(execution_id)
+            await self._persist(execution_id)
+
+        await self._shielded(
+            self._with_lock(execution_id, lambda: self._op(execution_id, expire, load=True)), f"expire-{execution_id}"
+        )
+
     async def tick(self) -> None:
         """Fail executions whose approval expired; retry loads that waited for a step lease."""
         now = self._clock.now()
         for execution_id, expiry in list(self._gates.items()):
             if expiry <= now:
-                # The engine expires the gate itself when asked to move on.
                 try:
-                    await self.execute_next_step(execution_id)
+                    await self._expire(execution_id)
                 except (ConflictError, NotFoundError) as exc:
                     log.info("expiring %s: %s", execution_id, exc)
                     self._gates.pop(execution_id, None)

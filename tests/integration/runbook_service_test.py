@@ -476,7 +476,7 @@ async def test_events_of_an_older_schema_are_upcast(server: Any, channel_for: An
             )
     status = (await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id="old"))).execution
     assert steps_by_id(status)["one"].status == pb.STEP_STATUS_COMPLETED
-    assert [a.transition for a in status.audit_log] == ["EXECUTION_STARTED", "STEP_STARTED", "STEP_COMPLETED"]
+    assert [e.transition for e in status.audit_log] == ["EXECUTION_STARTED", "STEP_STARTED", "STEP_COMPLETED"]
     # And the execution carries on, new events written in the current schema.
     nxt = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id="old"))
     assert nxt.step_status == pb.STEP_STATUS_COMPLETED
@@ -514,6 +514,40 @@ async def test_approval_expires(server: Any, channel_for: Any) -> None:
     assert started.execution.tracking_id
     late = pb.ApproveStepRequest(execution_id=eid, step_id="gate")
     assert await code_of(stubs.approver.ApproveStep(late)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_the_ticker_never_runs_a_step_approved_on_another_server(app_factory: Any, channel_for: Any) -> None:
+    a, b = await app_factory(), await app_factory()
+    on_a, on_b = Stubs(channel_for, a.port), Stubs(channel_for, b.port)
+    runbook = simple("gated", approval=True)
+    runbook.steps[1].approval_timeout.FromSeconds(2)
+    await on_a.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    ids = []
+    for _ in range(2):
+        started = await on_a.operator.StartExecution(
+            pb.StartExecutionRequest(runbook_id="gated", variables=struct({"sat": 1}))
+        )
+        eid = started.execution.execution_id
+        ids.append(eid)
+        one = await on_a.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+        assert one.step_status == pb.STEP_STATUS_COMPLETED
+        gate = await on_a.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+        assert gate.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    approved_id, witness_id = ids
+    # Approved on b while a still watches the gate.
+    approved = await on_b.approver.ApproveStep(pb.ApproveStepRequest(execution_id=approved_id, step_id="two"))
+
+    # a's ticker looks at its gates in the order they were requested, and the approved one expires
+    # first: once the ticker has failed the witness, it has been past the approved one too.
+    witness = await wait_status(on_a.operator, witness_id, lambda e: e.status != pb.RUNBOOK_STATUS_RUNNING)
+    assert witness.status == pb.RUNBOOK_STATUS_FAILED and "expired" in witness.error
+    status = (await on_a.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=approved_id))).execution
+    assert status.version == approved.execution.version, [e.transition for e in status.audit_log]
+    assert steps_by_id(status)["two"].status == pb.STEP_STATUS_PENDING
+    # The approved step runs when someone asks for it, on either server.
+    two = await on_a.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=approved_id))
+    assert two.step_status == pb.STEP_STATUS_COMPLETED
+    assert [e.actor for e in two.execution.audit_log if e.transition == "STEP_STARTED"][-1] == "operator"
 
 
 async def test_watch_streams_every_transition_until_finished(server: Any, channel_for: Any) -> None:
