@@ -114,10 +114,10 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 _US_PER_DAY = 86_400_000_000
-MAX_SNAPSHOT_VALUE = 1e12
-"""Largest snapshot value accepted: far beyond any real tank, battery, disk or link in any unit, and
-small enough that the forecast's sums of squares stay finite. A value of 1e308 overflowed them and
-put NaN into forecasts."""
+MAX_SNAPSHOT_VALUE = 1e15
+"""Largest snapshot value (and mission impact) accepted: beyond any real tank, battery, disk or link,
+even a petabyte counted in bytes, and small enough that the forecast's sums of squares stay finite.
+A value of 1e308 overflowed them and put NaN into forecasts."""
 EARLIEST_SNAPSHOT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 """Earliest snapshot time accepted: no telemetry here predates it, and a zeroed clock (1970, or
 year 1) stretched a series over centuries and its forecast with it."""
@@ -493,6 +493,8 @@ def validate_mission(entry: MissionScheduleEntry) -> list[FieldViolation]:
             violations.append(FieldViolation(f"mission.resource_impacts[{i}].resource_type", f"unknown {resource!r}"))
         if not _is_real(amount) or not math.isfinite(float(amount)):
             violations.append(FieldViolation(f"mission.resource_impacts[{i}].amount", "must be finite"))
+        elif abs(float(amount)) > MAX_SNAPSHOT_VALUE:  # as a reading would: the forecast adds it up
+            violations.append(FieldViolation(f"mission.resource_impacts[{i}].amount", f"{_TOO_LARGE} in magnitude"))
     return violations
 
 

@@ -317,9 +317,25 @@ class CapacityService:
                 block.satellite_id, block.resource_type, block.unit, block.times_us, block.values
             )
             points += report.accepted
+            if report.rejected:
+                # Stored before today's checks (the value bound, the time floor): kept in PostgreSQL,
+                # left out of the forecasts, and said once per series rather than dropped unseen.
+                index, reason = report.rejected[0]
+                log.warning(
+                    "capacity: %d stored snapshot(s) of %s/%s fail today's checks and are not forecast from"
+                    " (the first, #%d: %s)",
+                    len(report.rejected),
+                    block.satellite_id,
+                    block.resource_type.name.lower(),
+                    index,
+                    reason,
+                )
             self._units[(block.satellite_id, block.resource_type)] = block.unit
         for mission in missions:
-            self._planner.add_scheduled_mission(mission)
+            try:
+                self._planner.add_scheduled_mission(mission)
+            except ValidationError as exc:  # stored before today's checks: must not stop the start
+                log.warning("capacity: stored mission %s is left out of the forecasts: %s", mission.mission_id, exc)
         self._risk = risk
         log.info(
             "capacity planner restored %d snapshots of %d series, %d missions, %d risk levels in %.2f s",

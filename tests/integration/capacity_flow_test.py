@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 from _poll import eventually
 
 from aetherops.bus import Bus
@@ -256,3 +257,35 @@ async def test_entering_critical_emits_risk_event_and_opens_an_incident(
     (cluster,) = await eventually(incident, what="an incident for SAT-C")
     assert cluster.max_severity == 5
     assert [a.alert_id for a in cluster.alerts] == [alert.alert_id]
+
+
+async def test_stored_history_that_fails_todays_checks_is_set_aside_at_start(
+    app_factory: Any, channel_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await app_factory()
+    assert app.infra is not None
+    db = app.infra.db
+    stub = capacity_pb2_grpc.CapacityServiceStub(channel_for("admin", app.port))
+    await ingest(stub, fuel_history("SAT-H", kg_per_hour=0.5, hours=48))
+    # As a release without today's bounds stored them: a reading of 1e300, one from 1970, and a
+    # mission whose impact overflows the forecast.
+    await db.execute(
+        """INSERT INTO capacity_snapshots (satellite_id, resource_type, snapshot_time, value, unit)
+           VALUES ('SAT-H', 1, now() - interval '90 minutes', 1e300, 'kg'), ('SAT-H', 1, '1970-01-01', 5, 'kg')"""
+    )
+    await db.execute(
+        """INSERT INTO capacity_missions (mission_id, satellite_id, start_time, end_time, resource_impacts)
+           VALUES ('burn-huge', 'SAT-H', now() + interval '1 day', now() + interval '2 days', '{"1": 1e308}')"""
+    )
+    await app.stop()
+    caplog.clear()
+    app2 = await app_factory()  # starts: what fails today's checks is left out, and said
+    stub = capacity_pb2_grpc.CapacityServiceStub(channel_for("admin", app2.port))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "SAT-H" in r.getMessage()]
+    assert any("2 stored snapshot(s) of SAT-H/fuel" in m for m in warned), warned
+    assert any("burn-huge" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    found = await forecast(stub, "SAT-H")
+    # 76.5 kg left at 12 kg a day, from the good readings alone; a perfect fit over two days of
+    # history (confidence scales up to a week of it), where the 1e300 reading made it NaN.
+    assert found.days_remaining == pytest.approx(6.4, abs=0.3)
+    assert found.confidence == pytest.approx(47 / 24 / 7, rel=0.05)

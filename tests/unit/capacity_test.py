@@ -227,6 +227,11 @@ def test_implausible_snapshots_are_refused_on_every_path() -> None:
         assert [(v.field, "before 2000" in v.description) for v in validate_snapshot(old, now=now)] == [
             ("snapshot.timestamp", True)
         ]
+    start = now + timedelta(days=1)
+    burn = MissionScheduleEntry("m", "s", start, start + timedelta(hours=1), {FUEL: -1e308})
+    assert [(v.field, "at most" in v.description) for v in validate_mission(burn)] == [
+        ("mission.resource_impacts[0].amount", True)
+    ]
     planner, _clock = planner_at(10)
     times = np.array([datetime_to_us(day(d)) for d in (1, 2, 3)] + [0], dtype=np.int64)
     report = planner.ingest_series("s", FUEL, "kg", times, np.array([9.0, 1e300, 7.0, 6.0]))
