@@ -84,13 +84,15 @@ class Workload:
         for i in range(start, start + count):
             rnd, slot = divmod(i, slots)
             gen = (rnd + slot % INCIDENT_LEN) // INCIDENT_LEN
-            # every 10th alert of a satellite repeats the previous unit: a duplicate 50 s later
-            unit = UNITS[(rnd - 1) % len(UNITS)] if rnd % 10 == 9 else UNITS[rnd % len(UNITS)]
+            # every 10th alert of a satellite repeats the previous unit at its severity: a duplicate
+            # 50 s later (at a higher severity it would be an escalation, and kept)
+            repeat = rnd % 10 == 9
+            unit = UNITS[(rnd - 1) % len(UNITS)] if repeat else UNITS[rnd % len(UNITS)]
             yield Alert(
                 alert_id=f"a{i}",
                 satellite_id=f"SAT-{slot}-{gen}",
                 subsystem=unit,
-                severity=1 + (i % 5),
+                severity=1 + ((i - slots if repeat else i) % 5),
                 timestamp=T0 + timedelta(seconds=i * dt),
             )
 
