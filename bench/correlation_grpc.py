@@ -61,13 +61,15 @@ _STORM_SUBSYSTEMS = [
 def _storm_alert(now: datetime, rng: random.Random, satellites: list[str]) -> pb.Alert:
     # An alert storm: 1,000 satellites x 16 subsystems (8 of the bus, 8 unknown sensor groups),
     # drawn at random. The first alert of a satellite opens or joins its incident, the first of each
-    # subsystem adds to it, and repeats within the dedupe window are stored as duplicates.
+    # subsystem adds to it, and repeats within the dedupe window are stored as duplicates. A fault
+    # keeps its severity (a repeat at a higher one would be an escalation, kept as a new alert).
     key = uuid.uuid4().hex
+    satellite, subsystem = rng.choice(satellites), rng.choice(_STORM_SUBSYSTEMS)
     alert = pb.Alert(
         alert_id=key,
-        satellite_id=rng.choice(satellites),
-        subsystem=rng.choice(_STORM_SUBSYSTEMS),
-        severity=rng.randint(1, 5),
+        satellite_id=satellite,
+        subsystem=subsystem,
+        severity=1 + hash((satellite, subsystem)) % 5,
     )
     alert.timestamp.FromDatetime(now)
     return alert
