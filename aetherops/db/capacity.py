@@ -27,6 +27,7 @@ __all__ = [
     "RiskRow",
     "SeriesBlock",
     "bulk_load",
+    "conflicting_values",
     "copy_direct",
     "count_snapshots",
     "encode_copy_binary",
@@ -161,6 +162,21 @@ async def insert_snapshots(conn: asyncpg.Connection, blocks: Sequence[SeriesBloc
             RETURNING satellite_id, resource_type, snapshot_time"""
     )
     return {(r["satellite_id"], int(r["resource_type"]), datetime_to_us(r["snapshot_time"])) for r in rows}
+
+
+async def conflicting_values(conn: asyncpg.Connection) -> dict[tuple[str, int, int], float]:
+    """After `insert_snapshots`, in the same transaction: the keys that one of its rows gave another
+    value than the one stored (before, or by an earlier row of the same input), with the stored value."""
+    rows = await conn.fetch(
+        f"""SELECT DISTINCT s.satellite_id, s.resource_type, s.snapshot_time, s.value
+            FROM {_LOAD_TABLE} AS l
+            JOIN {_TABLE} AS s USING (satellite_id, resource_type, snapshot_time)
+            WHERE s.value <> l.value"""
+    )
+    return {
+        (r["satellite_id"], int(r["resource_type"]), datetime_to_us(r["snapshot_time"])): float(r["value"])
+        for r in rows
+    }
 
 
 async def bulk_load(conn: asyncpg.Connection, blocks: Sequence[SeriesBlock]) -> int:

@@ -116,7 +116,8 @@ _FLEET_THRESHOLD = 256
 @dataclass(frozen=True)
 class SnapshotOutcome:
     """What happened to one submitted snapshot: stored, duplicate, or rejected by the batch (a unit
-    conflicting with another snapshot of a new series in the same batch)."""
+    conflicting with another snapshot of a new series in the same batch, or another value than the one
+    stored for its time)."""
 
     duplicate: bool = False
     violations: tuple[FieldViolation, ...] = ()
@@ -414,13 +415,21 @@ class CapacityService:
         ]
         async with self._db.transaction() as conn:
             new_keys = await repo.insert_snapshots(conn, blocks)
+            # A resend is a duplicate; another value for a stored time is not (it would be dropped
+            # without a word). Looked up only when the batch had keys stored already.
+            stored = await repo.conflicting_values(conn) if len(new_keys) < sum(map(len, blocks)) else {}
             seen: set[tuple[str, int, int]] = set()
-            for (sat, res), (times, _, members) in grouped.items():
-                for t_us, i in zip(times, members, strict=True):
+            for (sat, res), (times, values, members) in grouped.items():
+                for t_us, value, i in zip(times, values, members, strict=True):
                     k = (sat, int(res), t_us)
                     fresh = k in new_keys and k not in seen
                     seen.add(k)
-                    outcomes[i] = SnapshotOutcome(duplicate=not fresh)
+                    other = stored.get(k)
+                    if not fresh and other is not None and other != value:
+                        problem = f"{other:g} is stored for this satellite, resource and time; a resend repeats it"
+                        outcomes[i] = SnapshotOutcome(violations=(FieldViolation("snapshot.value", problem),))
+                    else:
+                        outcomes[i] = SnapshotOutcome(duplicate=not fresh)
             for i, item in enumerate(items):
                 result = outcomes[i]
                 if item.request_id and result is not None and not result.violations:

@@ -206,6 +206,33 @@ async def test_a_request_id_reused_for_another_snapshot_or_mission_is_another_re
     assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 2
 
 
+async def test_another_value_for_a_stored_time_is_refused_not_called_a_duplicate(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    when = datetime.now(UTC) - timedelta(minutes=5)
+    await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-V", FUEL, when, 80.0)))
+    assert (await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-V", FUEL, when, 80.0)))).duplicate
+    # It used to answer duplicate: true, and the 10 kg reading was dropped without a word.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-V", FUEL, when, 10.0)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "80 is stored" in violations(caught.value)["snapshot.value"]
+    later = when + timedelta(minutes=1)
+    reply = await ingest(
+        stub,
+        [
+            snap("SAT-V", FUEL, when, 80.0),
+            snap("SAT-V", FUEL, when, 11.0),
+            snap("SAT-V", FUEL, later, 79.0),
+            snap("SAT-V", FUEL, later, 78.0),
+        ],
+    )
+    assert (reply.accepted, reply.duplicates) == (1, 1)
+    assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(1, "snapshot.value"), (3, "snapshot.value")]
+    rows = await db.fetch("SELECT value FROM capacity_snapshots WHERE satellite_id = 'SAT-V' ORDER BY snapshot_time")
+    assert [r["value"] for r in rows] == [80.0, 79.0]
+
+
 async def test_queries_validate_and_unknown_satellites_are_not_found(
     stub: capacity_pb2_grpc.CapacityServiceStub,
 ) -> None:
