@@ -254,24 +254,59 @@ class ActionDefinition:
 # --- built-in actions -------------------------------------------------------------------------------
 
 
+# Each built-in's parameter rules, as (parameter, problem) pairs: checked on the rendered parameters
+# when the step runs, and on the literal ones (no `${...}` in them) when the runbook is registered,
+# so a definition that can only fail is refused up front.
+
+
+def _log_problems(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [] if "message" in params else [("message", "log needs a message")]
+
+
+def _wait_problems(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    seconds = params.get("seconds", 0)
+    if variable_references(seconds):
+        return []  # known when the step runs
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
+        return [("seconds", "wait needs a non-negative number of seconds")]
+    return []
+
+
+def _set_variable_problems(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    name = params.get("name")
+    if variable_references(name):
+        return []
+    if not isinstance(name, str) or not name:
+        return [("name", "set_variable needs a variable name")]
+    return []
+
+
+_PARAMETER_PROBLEMS: Final[dict[str, Callable[[Mapping[str, Any]], list[tuple[str, str]]]]] = {
+    "log": _log_problems,
+    "wait": _wait_problems,
+    "set_variable": _set_variable_problems,
+}
+
+
+def _require_parameters(action: str, params: Mapping[str, Any]) -> None:
+    problems = _PARAMETER_PROBLEMS[action](params)
+    if problems:
+        raise ValidationError([FieldViolation(f"parameters.{name}", problem) for name, problem in problems])
+
+
 async def _log_action(params: dict[str, Any], ctx: ActionContext) -> None:
-    if "message" not in params:
-        raise ValidationError.single("parameters.message", "log needs a message")
+    _require_parameters("log", params)
     ctx.log(str(params["message"]))
 
 
 async def _wait_action(params: dict[str, Any], ctx: ActionContext) -> None:
-    seconds = params.get("seconds", 0)
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
-        raise ValidationError.single("parameters.seconds", "wait needs a non-negative number of seconds")
-    await asyncio.sleep(seconds)
+    _require_parameters("wait", params)
+    await asyncio.sleep(params.get("seconds", 0))
 
 
 async def _set_variable_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
-    name = params.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValidationError.single("parameters.name", "set_variable needs a variable name")
-    return {name: params.get("value")}
+    _require_parameters("set_variable", params)
+    return {params["name"]: params.get("value")}
 
 
 def builtin_actions() -> list[ActionDefinition]:
@@ -784,12 +819,15 @@ def _runbook_violations(
                 out.append(FieldViolation(f"{prefix}.approval_timeout", "only meaningful with requires_approval"))
             elif not _positive_finite(step.approval_timeout_s):
                 out.append(FieldViolation(f"{prefix}.approval_timeout", "must be a positive number of seconds"))
-        for name in ("parameters", "rollback_parameters"):
+        for name, action in (("parameters", step.action), ("rollback_parameters", step.rollback_action)):
             value = getattr(step, name)
             if not isinstance(value, Mapping):
                 out.append(FieldViolation(f"{prefix}.{name}", "must be an object"))
-            else:
-                _json_violations(value, f"{prefix}.{name}", out)
+                continue
+            _json_violations(value, f"{prefix}.{name}", out)
+            check = _PARAMETER_PROBLEMS.get(action or "") if known_actions is not None else None
+            if check is not None:
+                out.extend(FieldViolation(f"{prefix}.{name}.{key}", problem) for key, problem in check(value))
     # A stored version may hold a $regex from before RE2 (a lookaround, say): it must still load, and never
     # matches; refusing it would stop the service from starting.
     out.extend(validate_conditions(runbook.trigger_conditions, "runbook.trigger_conditions", lenient_regex=stored))

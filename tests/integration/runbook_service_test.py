@@ -109,6 +109,11 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
     ):
         assert await code_of(call) == grpc.StatusCode.INVALID_ARGUMENT
     assert await db.fetchval("SELECT count(*) FROM runbooks") == 0
+    # A step that could only fail when it runs is refused when registered.
+    never = pb.Runbook(runbook_id="never", name="Never", steps=[step("w", "wait", {"seconds": -1})])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=never))
+    assert "non-negative" in violations(err.value)["runbook.steps[0].parameters.seconds"]
 
     await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True)))
     with pytest.raises(grpc.aio.AioRpcError) as err:

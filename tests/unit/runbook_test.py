@@ -580,11 +580,33 @@ async def test_builtin_actions(engine: RunbookEngine) -> None:
         ("set_variable", {"value": 1}, "parameters.name"),
     ],
 )
-async def test_builtin_actions_reject_bad_parameters(
+async def test_builtin_actions_refuse_bad_literal_parameters_at_registration(
     engine: RunbookEngine, action: str, params: dict[str, Any], field: str
 ) -> None:
+    # A definition that can only fail when it runs is refused up front, in a step or its rollback.
+    with pytest.raises(ValidationError) as err:
+        engine.register_runbook(Runbook("r", "R", [RunbookStep("s", action, params)]))
+    assert [v.field for v in err.value.violations] == [f"runbook.steps[0].{field}"]
+    undo = RunbookStep("s", "log", {"message": "x"}, rollback_action=action, rollback_parameters=params)
+    with pytest.raises(ValidationError) as err:
+        engine.register_runbook(Runbook("r", "R", [undo]))
+    assert [v.field for v in err.value.violations] == [f"runbook.steps[0].rollback_{field}"]
+
+
+@pytest.mark.parametrize(
+    ("action", "params", "variables", "field"),
+    [
+        ("wait", {"seconds": "${delay}"}, {"delay": -1}, "parameters.seconds"),
+        ("wait", {"seconds": "${delay}"}, {"delay": "soon"}, "parameters.seconds"),
+        ("set_variable", {"name": "${which}", "value": 1}, {"which": ""}, "parameters.name"),
+    ],
+)
+async def test_builtin_actions_reject_bad_rendered_parameters_when_they_run(
+    engine: RunbookEngine, action: str, params: dict[str, Any], variables: dict[str, Any], field: str
+) -> None:
+    # What a reference stands for is known only then.
     engine.register_runbook(Runbook("r", "R", [RunbookStep("s", action, params)]))
-    ctx = engine.start_execution("r", "alice", {})
+    ctx = engine.start_execution("r", "alice", variables)
     assert await engine.execute_next_step(ctx.execution_id) is StepStatus.FAILED
     assert field in (engine.get_execution_status(ctx.execution_id).step_states["s"].error or "")
 
