@@ -65,6 +65,9 @@ class Settings:
     """Alerts further apart than this never join one cluster."""
     dedupe_window_s: float = 60.0
     """Same satellite and subsystem within this span: a duplicate."""
+    incident_resolve_after_s: float = 3600.0
+    """An open incident without an alert for this long is closed by the system (0: never). At least the
+    correlation window: an incident that can still be joined stays open."""
     max_future_skew_s: float = 300.0
     """Alerts and snapshots timestamped further than this in the future are rejected."""
     outbox_retention_s: float = 7 * 86400.0
@@ -138,6 +141,11 @@ class Settings:
         _check(self.ingest_queue_bytes >= 1024 * 1024, "ingest_queue_bytes", "must be at least 1048576")
         _check(self.correlation_window_s > 0, "correlation_window_s", "must be positive")
         _check(self.dedupe_window_s >= 0, "dedupe_window_s", "must not be negative")
+        _check(
+            self.incident_resolve_after_s == 0 or self.incident_resolve_after_s >= self.correlation_window_s,
+            "incident_resolve_after_s",
+            "must be 0 (never) or at least correlation_window_s",
+        )
         for agent in self.agent_actions:
             _check(re.fullmatch(r"[a-z][a-z0-9_]*", agent) is not None, "agent_actions", f"bad agent name {agent!r}")
         _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must not be negative")
@@ -201,6 +209,7 @@ _FLOATS = {
     "shutdown_grace_s",
     "correlation_window_s",
     "dedupe_window_s",
+    "incident_resolve_after_s",
     "max_future_skew_s",
     "rate_limit_burst",
     "rate_limit_per_s",

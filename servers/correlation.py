@@ -427,6 +427,7 @@ class CorrelationComponent:
             infra.clock,
             max_future_skew_s=self._settings.max_future_skew_s,
             max_queue_bytes=self._settings.ingest_queue_bytes,
+            resolve_after_s=self._settings.incident_resolve_after_s,
         )
         await service.start()
         self.service = service

@@ -25,6 +25,7 @@ __all__ = [
     "list_active",
     "list_alerts",
     "load_active",
+    "quiet_open_clusters",
     "write_batch",
 ]
 
@@ -145,6 +146,17 @@ class KnownAlert(NamedTuple):
     subsystem: str
     severity: int
     alert_time: datetime
+
+
+async def quiet_open_clusters(conn: asyncpg.Connection, before: datetime, limit: int) -> list[str]:
+    """Ids of open clusters whose last alert is older than `before`, quietest first (at most `limit`)."""
+    rows = await conn.fetch(
+        """SELECT cluster_id FROM clusters WHERE status = 'OPEN' AND last_alert_time < $1
+           ORDER BY last_alert_time, cluster_id LIMIT $2""",
+        before,
+        limit,
+    )
+    return [r["cluster_id"] for r in rows]
 
 
 async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> dict[str, KnownAlert]:

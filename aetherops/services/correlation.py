@@ -10,6 +10,7 @@ never runs ahead of what is committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from aetherops.errors import (
 )
 from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
+from aetherops.tasks import cancel_and_wait
 from aetherops.text import id_problem, text_problem
 from aetherops.tracking import current_tracking_id
 
@@ -159,6 +161,7 @@ class CorrelationService:
         max_batch: int = INGEST_BATCH,
         max_queue: int = 100_000,
         max_queue_bytes: int = INGEST_QUEUE_BYTES,
+        resolve_after_s: float = 0.0,
     ) -> None:
         """`max_batch`: alerts per transaction at most. Under bulk load every batch costs a few fixed
         round trips and one update per incident it touched, so larger batches cost less per alert: an
@@ -168,7 +171,9 @@ class CorrelationService:
         against 17,100 alerts/s (one instrumented run each, pauses between runs included).
         `max_queue`: alerts waiting at most; twelve streams, each with its chunks in flight (see
         `servers.correlation`), fit. `max_queue_bytes`: their memory at most (see `alert_size`).
-        100,000 alerts at the size limits would otherwise hold about 15 GB."""
+        100,000 alerts at the size limits would otherwise hold about 15 GB.
+        `resolve_after_s`: open incidents without an alert for this long are closed by the system,
+        checked at start and then periodically (0: never; see `resolve_quiet`)."""
         self._db = db
         self._relay = relay
         self._subjects = subjects
@@ -177,6 +182,8 @@ class CorrelationService:
         self._clock = clock
         self._max_future_skew_s = max_future_skew_s
         self._stale = False  # the engine may hold decisions that were never committed
+        self._resolve_after_s = resolve_after_s
+        self._resolver: asyncio.Task[None] | None = None
         self._committer: GroupCommitter[Alert, _Batch, IngestOutcome] = GroupCommitter(
             self._prepare_batch,
             self._write_batch,
@@ -198,9 +205,44 @@ class CorrelationService:
     async def start(self) -> None:
         await self._restore()
         self._committer.start()
+        if self._resolve_after_s > 0:
+            self._resolver = asyncio.create_task(self._resolve_forever(), name="correlation-resolver")
 
     async def stop(self) -> None:
+        if self._resolver is not None:
+            await cancel_and_wait(self._resolver)
         await self._committer.stop()
+
+    async def _resolve_forever(self) -> None:
+        # A tenth of the quiet time, at most a minute: incidents close at most that late.
+        interval = min(60.0, self._resolve_after_s / 10)
+        while True:
+            try:
+                await self.resolve_quiet()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database away: the next round tries again
+                log.warning("resolving quiet incidents failed: %s", exc)
+            await asyncio.sleep(interval)  # periodic work, not synchronisation
+
+    async def resolve_quiet(self, limit: int = 100) -> int:
+        """Closes open incidents whose last alert is older than `resolve_after_s` (as CloseCluster does,
+        with their "closed" events, by "system"); returns how many. At most `limit` a round, so a
+        backlog after downtime goes out over a few rounds instead of in one long pause of ingestion."""
+        quiet_for = self._resolve_after_s
+        before = self._clock.now() - timedelta(seconds=quiet_for)
+        async with self._db.connection() as conn:
+            ids = await repo.quiet_open_clusters(conn, before, limit)
+        closed = 0
+        for cluster_id in ids:
+            try:
+                await self.close(cluster_id, reason=f"no alert for {quiet_for:g} s", closed_by="system", request_id="")
+            except FailedPreconditionError:
+                continue  # closed by someone meanwhile
+            closed += 1
+        if closed:
+            log.info("closed %d incident(s) quiet for %g s", closed, quiet_for)
+        return closed
 
     async def _restore(self) -> None:
         """Rebuilds the engine's active clusters from PostgreSQL (start-up, or after a failed commit)."""

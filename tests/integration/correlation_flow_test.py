@@ -424,6 +424,30 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     assert await db.fetchval("SELECT count(*) FROM clusters") == 0
 
 
+async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    app = await app_factory(incident_resolve_after_s=600)
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app.port))
+    now = datetime.now(UTC)
+    quiet = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-Q1", "unit-q", now - timedelta(minutes=20))))
+    recent = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-Q2", "unit-r", now - timedelta(minutes=5))))
+    # Open for ever before: clusters past the window stayed OPEN in the database whatever happened.
+    await app.stop()
+    await app_factory(incident_resolve_after_s=600)  # a round runs at start, then every minute
+
+    async def resolved() -> bool:
+        status = await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", quiet.cluster_id)
+        return bool(status == "CLOSED")
+
+    await eventually(resolved, what="the quiet incident closed")
+    row = await db.fetchrow("SELECT closed_by, close_reason FROM clusters WHERE cluster_id = $1", quiet.cluster_id)
+    assert (row["closed_by"], row["close_reason"]) == ("system", "no alert for 600 s")
+    assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", recent.cluster_id) == "OPEN"
+    closes = await db.fetch("SELECT aggregate_id FROM outbox WHERE subject LIKE '%incidents.closed'")
+    assert [r["aggregate_id"] for r in closes] == [quiet.cluster_id]
+
+
 async def test_an_escalation_within_the_dedupe_window_raises_the_incident_severity(
     channel: grpc.aio.Channel, db: Database
 ) -> None:

@@ -38,6 +38,8 @@ def test_flags_override_environment() -> None:
         ({"AETHEROPS_REDIS_URL": "x"}, "AETHEROPS_REDIS_URL"),
         ({"AETHEROPS_NAMESPACE": "Bad-Name"}, "AETHEROPS_NAMESPACE"),
         ({"AETHEROPS_CORRELATION_WINDOW_S": "0"}, "AETHEROPS_CORRELATION_WINDOW_S"),
+        # An incident that can still be joined is not quiet: resolving sooner than the window is refused.
+        ({"AETHEROPS_INCIDENT_RESOLVE_AFTER_S": "120"}, "AETHEROPS_INCIDENT_RESOLVE_AFTER_S"),
         ({"AETHEROPS_LOG_LEVEL": "LOUD"}, "AETHEROPS_LOG_LEVEL"),
     ],
 )
