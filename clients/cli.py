@@ -654,11 +654,14 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
             }
         )
     bad.sort(key=lambda b: (b["line"] is None, b["line"] or 0))
+    # Alerts count records stored by an earlier load apart; a snapshot's duplicate is such a record.
+    replays = reply.replays if "replays" in reply.DESCRIPTOR.fields_by_name else None
     summary = {
         "file": str(args.file),
         "sent": len(sent_lines),
         "accepted": reply.accepted,
         "duplicates": reply.duplicates,
+        **({} if replays is None else {"replays": replays}),
         "rejected": reply.rejected,
         "unparsed": sum(1 for b in bad if b["source"] == "parse"),
         "bad_lines": bad,
@@ -667,9 +670,10 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
     if args.json:
         _emit(summary)
     else:
+        stored = "" if replays is None else f"{replays} already stored, "
         print(
-            f"{args.file}: {reply.accepted} accepted, {reply.duplicates} duplicates, {reply.rejected} rejected by "
-            f"the server, {summary['unparsed']} unreadable (tracking id {client.last_tracking_id})"
+            f"{args.file}: {reply.accepted} accepted, {reply.duplicates} duplicates, {stored}{reply.rejected} "
+            f"rejected by the server, {summary['unparsed']} unreadable (tracking id {client.last_tracking_id})"
         )
         if bad:
             print(_table(["LINE", "FROM", "REASON"], [[b["line"], b["source"], b["reason"]] for b in bad]))

@@ -30,7 +30,7 @@ from aetherops.errors import AlreadyExistsError, FieldViolation, ValidationError
 from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent, IngestOutcome
 from aetherops.subsystems import load_dependency_graph
 from aetherops.tasks import abandon, cancel_and_wait
-from aetherops.text import id_problem
+from aetherops.text import MAX_ID_LEN, id_problem, text_problem
 from aetherops.tracking import current_tracking_id
 from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
@@ -205,7 +205,16 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     async def IngestAlert(self, request: pb.IngestAlertRequest, context: Any) -> pb.IngestAlertResponse:
         if not request.HasField("alert"):
             raise ValidationError.single("alert", "required")
-        outcome = await self._svc.ingest(alert_from_proto(request.alert, tracking_id=current_tracking_id()))
+        alert = alert_from_proto(request.alert, tracking_id=current_tracking_id())
+        problem = text_problem(request.request_id, MAX_ID_LEN)
+        if problem is not None:
+            # Reported with the alert's own problems, so one answer lists everything to fix.
+            try:
+                self._svc.validate(alert)
+            except ValidationError as exc:
+                raise ValidationError([FieldViolation("request_id", problem), *exc.violations]) from None
+            raise ValidationError.single("request_id", problem)
+        outcome = await self._svc.ingest(alert)
         return pb.IngestAlertResponse(
             cluster_id=outcome.cluster_id,
             duplicate=outcome.duplicate,
@@ -263,18 +272,24 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             # Left only when a chunk failed or the call ended early. The chunks still in flight commit
             # (or were refused) all the same; the failure is the one the caller is told about.
             abandon(*(future for _, future in pending))
-        accepted = duplicates = 0
+        accepted = duplicates = replays = 0
         for i, outcome in outcomes:
             if outcome.conflict is not None:
                 problem = FieldViolation("alert.alert_id", f"already taken by another alert ({outcome.conflict})")
                 rejections.append(rejection(i, [problem]))
+            elif outcome.replay:
+                replays += 1
             elif outcome.duplicate:
                 duplicates += 1
             else:
                 accepted += 1
         rejections.sort(key=lambda r: r.index)
         return pb.IngestAlertsResponse(
-            accepted=accepted, duplicates=duplicates, rejected=len(rejections), rejections=rejections
+            accepted=accepted,
+            duplicates=duplicates,
+            replays=replays,
+            rejected=len(rejections),
+            rejections=rejections,
         )
 
     async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:

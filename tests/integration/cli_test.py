@@ -102,8 +102,10 @@ async def test_alerts_ingest_jsonl_reports_bad_lines_and_progress(cli: Any, tmp_
     count, _, rest = last.partition(" alerts sent, ")
     assert int(count) == 31 and rest.split("/s")[0].isdigit()
 
+    # Loaded again: every good line is already stored, and says so instead of "accepted".
     table = await cli("alerts", "ingest", str(path))
     assert table.code == 1
+    assert "0 accepted, 0 duplicates, 30 already stored, 1 rejected" in table.out
     assert "LINE" in table.out and "REASON" in table.out
     assert any(line.split()[:2] == ["5", "parse"] for line in table.out.splitlines())
 

@@ -391,6 +391,14 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ScoreAlerts(pb.ScoreAlertsRequest(first=pb.Alert(severity=3)))
     assert {"first.timestamp", "second"} == set(_violations(err.value))
+    # The optional request id is checked too: alone, and with the alert's own problems.
+    good = _alert("SAT-1", "power", datetime.now(UTC))
+    for alert, fields in ((good, {"request_id"}), (pb.Alert(severity=3), {"request_id", "alert.alert_id"})):
+        for request_id in ("r" * 257, "nul\x00"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.IngestAlert(pb.IngestAlertRequest(alert=alert, request_id=request_id))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fields <= set(_violations(err.value))
 
     future = _alert("SAT-1", "power", datetime.now(UTC) + timedelta(hours=2))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -503,7 +511,7 @@ async def test_an_alert_id_taken_by_another_alert_is_refused_not_answered_as_a_r
     reply = await stub.IngestAlerts(requests())
     assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(0, "alert.alert_id"), (3, "alert.alert_id")]
     assert "already taken by another alert" in reply.rejections[0].reason
-    assert (reply.rejected, reply.accepted, reply.duplicates) == (2, 3, 0)
+    assert (reply.rejected, reply.accepted, reply.duplicates, reply.replays) == (2, 1, 0, 2)
 
     # From NATS: refused once and acknowledged (a taken id never becomes free).
     await bus.js.publish(bus.subjects.alerts_ingest, clash.SerializeToString())
@@ -718,7 +726,8 @@ async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grp
         yield pb.IngestAlertsRequest(alerts=[first, dup, other, dup, first, reused])
 
     reply = await stub.IngestAlerts(requests())
-    assert (reply.accepted, reply.duplicates, reply.rejected) == (3, 2, 1)
+    # Each alert is counted once: the repeats as replays, not again as accepted or duplicates.
+    assert (reply.accepted, reply.duplicates, reply.replays, reply.rejected) == (2, 1, 2, 1)
     assert [r.index for r in reply.rejections] == [5]
     rows = await db.fetch("SELECT alert_id, cluster_id, duplicate_of FROM alerts WHERE satellite_id LIKE 'SAT-%'")
     by_id = {r["alert_id"]: r for r in rows}
@@ -727,6 +736,12 @@ async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grp
     assert by_id[dup.alert_id]["cluster_id"] == by_id[first.alert_id]["cluster_id"]
     again = await stub.IngestAlert(pb.IngestAlertRequest(alert=dup))
     assert again.replay and again.duplicate and again.cluster_id == by_id[first.alert_id]["cluster_id"]
+
+    async def resend() -> Any:  # a loader sending the same batch again, after a lost answer
+        yield pb.IngestAlertsRequest(alerts=[first, dup, other])
+
+    reply = await stub.IngestAlerts(resend())
+    assert (reply.accepted, reply.duplicates, reply.replays, reply.rejected) == (0, 0, 3, 0)
 
 
 async def test_labels_are_stored_and_returned_as_sent(channel: grpc.aio.Channel) -> None:

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*aetherops/correlation/v1/correlation.proto\x12\x18\x61\x65therops.correlation.v1\x1a aetherops/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x02\n\x05\x41lert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x14\n\x0csatellite_id\x18\x02 \x01(\t\x12\x11\n\tsubsystem\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\x05\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x06 \x01(\t\x12;\n\x06labels\x18\x07 \x03(\x0b\x32+.aetherops.correlation.v1.Alert.LabelsEntry\x12\x13\n\x0btracking_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa8\x04\n\x07\x43luster\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\'.aetherops.correlation.v1.ClusterStatus\x12/\n\x06\x61lerts\x18\x03 \x03(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12\x1b\n\x13root_cause_alert_id\x18\x04 \x01(\t\x12\x1d\n\x15root_cause_confidence\x18\x05 \x01(\x01\x12\x15\n\rsatellite_ids\x18\x06 \x03(\t\x12\x12\n\nsubsystems\x18\x07 \x03(\t\x12\x14\n\x0cmax_severity\x18\x08 \x01(\x05\x12\x34\n\x10\x66irst_alert_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_alert_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmulti_satellite\x18\r \x01(\x08\x12\x13\n\x0b\x61lert_count\x18\x0e \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x0f \x01(\x05\x12\x13\n\x0btracking_id\x18\x10 \x01(\t\"X\n\x12IngestAlertRequest\x12.\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x83\x01\n\x13IngestAlertResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x1d\n\x15\x64uplicate_of_alert_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63luster_opened\x18\x04 \x01(\x08\x12\x0e\n\x06replay\x18\x05 \x01(\x08\"v\n\x13IngestAlertsRequest\x12.\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12/\n\x06\x61lerts\x18\x02 \x03(\x0b\x32\x1f.aetherops.correlation.v1.Alert\"\x82\x01\n\x14IngestAlertsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\x05\x12\x32\n\nrejections\x18\x04 \x03(\x0b\x32\x1e.aetherops.common.v1.Rejection\"\'\n\x11GetClusterRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"H\n\x12GetClusterResponse\x12\x32\n\x07\x63luster\x18\x01 \x01(\x0b\x32!.aetherops.correlation.v1.Cluster\"n\n\x19ListActiveClustersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0csatellite_id\x18\x03 \x01(\t\x12\x14\n\x0cmin_severity\x18\x04 \x01(\x05\"j\n\x1aListActiveClustersResponse\x12\x33\n\x08\x63lusters\x18\x01 \x03(\x0b\x32!.aetherops.correlation.v1.Cluster\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa1\x01\n\x0bStoredAlert\x12.\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x1d\n\x15\x64uplicate_of_alert_id\x18\x03 \x01(\t\x12/\n\x0bingest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"y\n\x11ListAlertsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0btracking_id\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x14\n\x0csatellite_id\x18\x05 \x01(\t\"d\n\x12ListAlertsResponse\x12\x35\n\x06\x61lerts\x18\x01 \x03(\x0b\x32%.aetherops.correlation.v1.StoredAlert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x13\x43loseClusterRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x14\x43loseClusterResponse\x12\x32\n\x07\x63luster\x18\x01 \x01(\x0b\x32!.aetherops.correlation.v1.Cluster\".\n\x18IdentifyRootCauseRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"q\n\x19IdentifyRootCauseResponse\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12.\n\x05\x61lert\x18\x03 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\"u\n\x12ScoreAlertsRequest\x12.\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12/\n\x06second\x18\x02 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\"X\n\x0fScoreComponents\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x11\n\tsatellite\x18\x02 \x01(\x01\x12\x12\n\ndependency\x18\x03 \x01(\x01\x12\x10\n\x08severity\x18\x04 \x01(\x01\"|\n\x13ScoreAlertsResponse\x12\r\n\x05score\x18\x01 \x01(\x01\x12=\n\ncomponents\x18\x02 \x01(\x0b\x32).aetherops.correlation.v1.ScoreComponents\x12\x17\n\x0fwould_correlate\x18\x03 \x01(\x08\"\x84\x01\n\x14WatchClustersRequest\x12\x15\n\rsatellite_ids\x18\x01 \x03(\t\x12\x14\n\x0cmin_severity\x18\x02 \x01(\x05\x12?\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32*.aetherops.correlation.v1.ClusterEventType\"\xd3\x01\n\x15WatchClustersResponse\x12>\n\nevent_type\x18\x01 \x01(\x0e\x32*.aetherops.correlation.v1.ClusterEventType\x12\x32\n\x07\x63luster\x18\x02 \x01(\x0b\x32!.aetherops.correlation.v1.Cluster\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64ropped_events\x18\x04 \x01(\x03*c\n\rClusterStatus\x12\x1e\n\x1a\x43LUSTER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43LUSTER_STATUS_OPEN\x10\x01\x12\x19\n\x15\x43LUSTER_STATUS_CLOSED\x10\x02*\x94\x01\n\x10\x43lusterEventType\x12\"\n\x1e\x43LUSTER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43LUSTER_EVENT_TYPE_OPENED\x10\x01\x12\x1e\n\x1a\x43LUSTER_EVENT_TYPE_UPDATED\x10\x02\x12\x1d\n\x19\x43LUSTER_EVENT_TYPE_CLOSED\x10\x03\x32\x91\x08\n\x12\x43orrelationService\x12j\n\x0bIngestAlert\x12,.aetherops.correlation.v1.IngestAlertRequest\x1a-.aetherops.correlation.v1.IngestAlertResponse\x12o\n\x0cIngestAlerts\x12-.aetherops.correlation.v1.IngestAlertsRequest\x1a..aetherops.correlation.v1.IngestAlertsResponse(\x01\x12g\n\nGetCluster\x12+.aetherops.correlation.v1.GetClusterRequest\x1a,.aetherops.correlation.v1.GetClusterResponse\x12\x7f\n\x12ListActiveClusters\x12\x33.aetherops.correlation.v1.ListActiveClustersRequest\x1a\x34.aetherops.correlation.v1.ListActiveClustersResponse\x12m\n\x0c\x43loseCluster\x12-.aetherops.correlation.v1.CloseClusterRequest\x1a..aetherops.correlation.v1.CloseClusterResponse\x12|\n\x11IdentifyRootCause\x12\x32.aetherops.correlation.v1.IdentifyRootCauseRequest\x1a\x33.aetherops.correlation.v1.IdentifyRootCauseResponse\x12j\n\x0bScoreAlerts\x12,.aetherops.correlation.v1.ScoreAlertsRequest\x1a-.aetherops.correlation.v1.ScoreAlertsResponse\x12g\n\nListAlerts\x12+.aetherops.correlation.v1.ListAlertsRequest\x1a,.aetherops.correlation.v1.ListAlertsResponse\x12r\n\rWatchClusters\x12..aetherops.correlation.v1.WatchClustersRequest\x1a/.aetherops.correlation.v1.WatchClustersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*aetherops/correlation/v1/correlation.proto\x12\x18\x61\x65therops.correlation.v1\x1a aetherops/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x02\n\x05\x41lert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x14\n\x0csatellite_id\x18\x02 \x01(\t\x12\x11\n\tsubsystem\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\x05\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x06 \x01(\t\x12;\n\x06labels\x18\x07 \x03(\x0b\x32+.aetherops.correlation.v1.Alert.LabelsEntry\x12\x13\n\x0btracking_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa8\x04\n\x07\x43luster\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\'.aetherops.correlation.v1.ClusterStatus\x12/\n\x06\x61lerts\x18\x03 \x03(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12\x1b\n\x13root_cause_alert_id\x18\x04 \x01(\t\x12\x1d\n\x15root_cause_confidence\x18\x05 \x01(\x01\x12\x15\n\rsatellite_ids\x18\x06 \x03(\t\x12\x12\n\nsubsystems\x18\x07 \x03(\t\x12\x14\n\x0cmax_severity\x18\x08 \x01(\x05\x12\x34\n\x10\x66irst_alert_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_alert_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmulti_satellite\x18\r \x01(\x08\x12\x13\n\x0b\x61lert_count\x18\x0e \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x0f \x01(\x05\x12\x13\n\x0btracking_id\x18\x10 \x01(\t\"X\n\x12IngestAlertRequest\x12.\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x83\x01\n\x13IngestAlertResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x1d\n\x15\x64uplicate_of_alert_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63luster_opened\x18\x04 \x01(\x08\x12\x0e\n\x06replay\x18\x05 \x01(\x08\"v\n\x13IngestAlertsRequest\x12.\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12/\n\x06\x61lerts\x18\x02 \x03(\x0b\x32\x1f.aetherops.correlation.v1.Alert\"\x93\x01\n\x14IngestAlertsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\x05\x12\x32\n\nrejections\x18\x04 \x03(\x0b\x32\x1e.aetherops.common.v1.Rejection\x12\x0f\n\x07replays\x18\x05 \x01(\x05\"\'\n\x11GetClusterRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"H\n\x12GetClusterResponse\x12\x32\n\x07\x63luster\x18\x01 \x01(\x0b\x32!.aetherops.correlation.v1.Cluster\"n\n\x19ListActiveClustersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0csatellite_id\x18\x03 \x01(\t\x12\x14\n\x0cmin_severity\x18\x04 \x01(\x05\"j\n\x1aListActiveClustersResponse\x12\x33\n\x08\x63lusters\x18\x01 \x03(\x0b\x32!.aetherops.correlation.v1.Cluster\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa1\x01\n\x0bStoredAlert\x12.\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x1d\n\x15\x64uplicate_of_alert_id\x18\x03 \x01(\t\x12/\n\x0bingest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"y\n\x11ListAlertsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0btracking_id\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x14\n\x0csatellite_id\x18\x05 \x01(\t\"d\n\x12ListAlertsResponse\x12\x35\n\x06\x61lerts\x18\x01 \x03(\x0b\x32%.aetherops.correlation.v1.StoredAlert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x13\x43loseClusterRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x14\x43loseClusterResponse\x12\x32\n\x07\x63luster\x18\x01 \x01(\x0b\x32!.aetherops.correlation.v1.Cluster\".\n\x18IdentifyRootCauseRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"q\n\x19IdentifyRootCauseResponse\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12.\n\x05\x61lert\x18\x03 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\"u\n\x12ScoreAlertsRequest\x12.\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\x12/\n\x06second\x18\x02 \x01(\x0b\x32\x1f.aetherops.correlation.v1.Alert\"X\n\x0fScoreComponents\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x11\n\tsatellite\x18\x02 \x01(\x01\x12\x12\n\ndependency\x18\x03 \x01(\x01\x12\x10\n\x08severity\x18\x04 \x01(\x01\"|\n\x13ScoreAlertsResponse\x12\r\n\x05score\x18\x01 \x01(\x01\x12=\n\ncomponents\x18\x02 \x01(\x0b\x32).aetherops.correlation.v1.ScoreComponents\x12\x17\n\x0fwould_correlate\x18\x03 \x01(\x08\"\x84\x01\n\x14WatchClustersRequest\x12\x15\n\rsatellite_ids\x18\x01 \x03(\t\x12\x14\n\x0cmin_severity\x18\x02 \x01(\x05\x12?\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32*.aetherops.correlation.v1.ClusterEventType\"\xd3\x01\n\x15WatchClustersResponse\x12>\n\nevent_type\x18\x01 \x01(\x0e\x32*.aetherops.correlation.v1.ClusterEventType\x12\x32\n\x07\x63luster\x18\x02 \x01(\x0b\x32!.aetherops.correlation.v1.Cluster\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64ropped_events\x18\x04 \x01(\x03*c\n\rClusterStatus\x12\x1e\n\x1a\x43LUSTER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43LUSTER_STATUS_OPEN\x10\x01\x12\x19\n\x15\x43LUSTER_STATUS_CLOSED\x10\x02*\x94\x01\n\x10\x43lusterEventType\x12\"\n\x1e\x43LUSTER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43LUSTER_EVENT_TYPE_OPENED\x10\x01\x12\x1e\n\x1a\x43LUSTER_EVENT_TYPE_UPDATED\x10\x02\x12\x1d\n\x19\x43LUSTER_EVENT_TYPE_CLOSED\x10\x03\x32\x91\x08\n\x12\x43orrelationService\x12j\n\x0bIngestAlert\x12,.aetherops.correlation.v1.IngestAlertRequest\x1a-.aetherops.correlation.v1.IngestAlertResponse\x12o\n\x0cIngestAlerts\x12-.aetherops.correlation.v1.IngestAlertsRequest\x1a..aetherops.correlation.v1.IngestAlertsResponse(\x01\x12g\n\nGetCluster\x12+.aetherops.correlation.v1.GetClusterRequest\x1a,.aetherops.correlation.v1.GetClusterResponse\x12\x7f\n\x12ListActiveClusters\x12\x33.aetherops.correlation.v1.ListActiveClustersRequest\x1a\x34.aetherops.correlation.v1.ListActiveClustersResponse\x12m\n\x0c\x43loseCluster\x12-.aetherops.correlation.v1.CloseClusterRequest\x1a..aetherops.correlation.v1.CloseClusterResponse\x12|\n\x11IdentifyRootCause\x12\x32.aetherops.correlation.v1.IdentifyRootCauseRequest\x1a\x33.aetherops.correlation.v1.IdentifyRootCauseResponse\x12j\n\x0bScoreAlerts\x12,.aetherops.correlation.v1.ScoreAlertsRequest\x1a-.aetherops.correlation.v1.ScoreAlertsResponse\x12g\n\nListAlerts\x12+.aetherops.correlation.v1.ListAlertsRequest\x1a,.aetherops.correlation.v1.ListAlertsResponse\x12r\n\rWatchClusters\x12..aetherops.correlation.v1.WatchClustersRequest\x1a/.aetherops.correlation.v1.WatchClustersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ALERT_LABELSENTRY']._loaded_options = None
   _globals['_ALERT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CLUSTERSTATUS']._serialized_start=3209
-  _globals['_CLUSTERSTATUS']._serialized_end=3308
-  _globals['_CLUSTEREVENTTYPE']._serialized_start=3311
-  _globals['_CLUSTEREVENTTYPE']._serialized_end=3459
+  _globals['_CLUSTERSTATUS']._serialized_start=3226
+  _globals['_CLUSTERSTATUS']._serialized_end=3325
+  _globals['_CLUSTEREVENTTYPE']._serialized_start=3328
+  _globals['_CLUSTEREVENTTYPE']._serialized_end=3476
   _globals['_ALERT']._serialized_start=172
   _globals['_ALERT']._serialized_end=449
   _globals['_ALERT_LABELSENTRY']._serialized_start=404
@@ -53,39 +53,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTALERTSREQUEST']._serialized_start=1230
   _globals['_INGESTALERTSREQUEST']._serialized_end=1348
   _globals['_INGESTALERTSRESPONSE']._serialized_start=1351
-  _globals['_INGESTALERTSRESPONSE']._serialized_end=1481
-  _globals['_GETCLUSTERREQUEST']._serialized_start=1483
-  _globals['_GETCLUSTERREQUEST']._serialized_end=1522
-  _globals['_GETCLUSTERRESPONSE']._serialized_start=1524
-  _globals['_GETCLUSTERRESPONSE']._serialized_end=1596
-  _globals['_LISTACTIVECLUSTERSREQUEST']._serialized_start=1598
-  _globals['_LISTACTIVECLUSTERSREQUEST']._serialized_end=1708
-  _globals['_LISTACTIVECLUSTERSRESPONSE']._serialized_start=1710
-  _globals['_LISTACTIVECLUSTERSRESPONSE']._serialized_end=1816
-  _globals['_STOREDALERT']._serialized_start=1819
-  _globals['_STOREDALERT']._serialized_end=1980
-  _globals['_LISTALERTSREQUEST']._serialized_start=1982
-  _globals['_LISTALERTSREQUEST']._serialized_end=2103
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2105
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2205
-  _globals['_CLOSECLUSTERREQUEST']._serialized_start=2207
-  _globals['_CLOSECLUSTERREQUEST']._serialized_end=2284
-  _globals['_CLOSECLUSTERRESPONSE']._serialized_start=2286
-  _globals['_CLOSECLUSTERRESPONSE']._serialized_end=2360
-  _globals['_IDENTIFYROOTCAUSEREQUEST']._serialized_start=2362
-  _globals['_IDENTIFYROOTCAUSEREQUEST']._serialized_end=2408
-  _globals['_IDENTIFYROOTCAUSERESPONSE']._serialized_start=2410
-  _globals['_IDENTIFYROOTCAUSERESPONSE']._serialized_end=2523
-  _globals['_SCOREALERTSREQUEST']._serialized_start=2525
-  _globals['_SCOREALERTSREQUEST']._serialized_end=2642
-  _globals['_SCORECOMPONENTS']._serialized_start=2644
-  _globals['_SCORECOMPONENTS']._serialized_end=2732
-  _globals['_SCOREALERTSRESPONSE']._serialized_start=2734
-  _globals['_SCOREALERTSRESPONSE']._serialized_end=2858
-  _globals['_WATCHCLUSTERSREQUEST']._serialized_start=2861
-  _globals['_WATCHCLUSTERSREQUEST']._serialized_end=2993
-  _globals['_WATCHCLUSTERSRESPONSE']._serialized_start=2996
-  _globals['_WATCHCLUSTERSRESPONSE']._serialized_end=3207
-  _globals['_CORRELATIONSERVICE']._serialized_start=3462
-  _globals['_CORRELATIONSERVICE']._serialized_end=4503
+  _globals['_INGESTALERTSRESPONSE']._serialized_end=1498
+  _globals['_GETCLUSTERREQUEST']._serialized_start=1500
+  _globals['_GETCLUSTERREQUEST']._serialized_end=1539
+  _globals['_GETCLUSTERRESPONSE']._serialized_start=1541
+  _globals['_GETCLUSTERRESPONSE']._serialized_end=1613
+  _globals['_LISTACTIVECLUSTERSREQUEST']._serialized_start=1615
+  _globals['_LISTACTIVECLUSTERSREQUEST']._serialized_end=1725
+  _globals['_LISTACTIVECLUSTERSRESPONSE']._serialized_start=1727
+  _globals['_LISTACTIVECLUSTERSRESPONSE']._serialized_end=1833
+  _globals['_STOREDALERT']._serialized_start=1836
+  _globals['_STOREDALERT']._serialized_end=1997
+  _globals['_LISTALERTSREQUEST']._serialized_start=1999
+  _globals['_LISTALERTSREQUEST']._serialized_end=2120
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2122
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2222
+  _globals['_CLOSECLUSTERREQUEST']._serialized_start=2224
+  _globals['_CLOSECLUSTERREQUEST']._serialized_end=2301
+  _globals['_CLOSECLUSTERRESPONSE']._serialized_start=2303
+  _globals['_CLOSECLUSTERRESPONSE']._serialized_end=2377
+  _globals['_IDENTIFYROOTCAUSEREQUEST']._serialized_start=2379
+  _globals['_IDENTIFYROOTCAUSEREQUEST']._serialized_end=2425
+  _globals['_IDENTIFYROOTCAUSERESPONSE']._serialized_start=2427
+  _globals['_IDENTIFYROOTCAUSERESPONSE']._serialized_end=2540
+  _globals['_SCOREALERTSREQUEST']._serialized_start=2542
+  _globals['_SCOREALERTSREQUEST']._serialized_end=2659
+  _globals['_SCORECOMPONENTS']._serialized_start=2661
+  _globals['_SCORECOMPONENTS']._serialized_end=2749
+  _globals['_SCOREALERTSRESPONSE']._serialized_start=2751
+  _globals['_SCOREALERTSRESPONSE']._serialized_end=2875
+  _globals['_WATCHCLUSTERSREQUEST']._serialized_start=2878
+  _globals['_WATCHCLUSTERSREQUEST']._serialized_end=3010
+  _globals['_WATCHCLUSTERSRESPONSE']._serialized_start=3013
+  _globals['_WATCHCLUSTERSRESPONSE']._serialized_end=3224
+  _globals['_CORRELATIONSERVICE']._serialized_start=3479
+  _globals['_CORRELATIONSERVICE']._serialized_end=4520
 # @@protoc_insertion_point(module_scope)

@@ -242,7 +242,7 @@ class IngestAlertRequest(_message.Message):
     ALERT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Optional; alert_id is already the idempotency key."""
+    """Optional, at most 256 characters; alert_id is already the idempotency key."""
     @_builtins.property
     def alert(self) -> Global___Alert: ...
     def __init__(
@@ -330,15 +330,29 @@ Global___IngestAlertsRequest: _TypeAlias = IngestAlertsRequest  # noqa: Y015
 
 @_typing.final
 class IngestAlertsResponse(_message.Message):
+    """Every alert sent is counted once: accepted + duplicates + replays + rejected."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    REPLAYS_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
+    """Stored now and correlated into a cluster."""
     duplicates: _builtins.int
+    """Stored now as a duplicate of an earlier alert (same satellite and
+    subsystem within the dedupe window, no higher severity).
+    """
     rejected: _builtins.int
+    """Not stored: invalid, or its alert_id is taken by another alert. One
+    entry each in rejections.
+    """
+    replays: _builtins.int
+    """Already stored under the same alert_id before this call, or earlier in
+    this call (a retry, a file loaded twice): nothing changed.
+    """
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Rejection]:
         """One entry per rejected alert, with its index in the stream."""
@@ -350,10 +364,11 @@ class IngestAlertsResponse(_message.Message):
         duplicates: _builtins.int = ...,
         rejected: _builtins.int = ...,
         rejections: _abc.Iterable[_common_pb2.Rejection] | None = ...,
+        replays: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "rejections", b"rejections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "rejections", b"rejections", "replays", b"replays"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -212,7 +212,7 @@ export declare type IngestAlertRequest = Message<"aetherops.correlation.v1.Inges
   alert?: Alert | undefined;
 
   /**
-   * Optional; alert_id is already the idempotency key.
+   * Optional, at most 256 characters; alert_id is already the idempotency key.
    *
    * @generated from field: string request_id = 2;
    */
@@ -300,20 +300,30 @@ export declare type IngestAlertsRequest = Message<"aetherops.correlation.v1.Inge
 export declare const IngestAlertsRequestSchema: GenMessage<IngestAlertsRequest>;
 
 /**
+ * Every alert sent is counted once: accepted + duplicates + replays + rejected.
+ *
  * @generated from message aetherops.correlation.v1.IngestAlertsResponse
  */
 export declare type IngestAlertsResponse = Message<"aetherops.correlation.v1.IngestAlertsResponse"> & {
   /**
+   * Stored now and correlated into a cluster.
+   *
    * @generated from field: int32 accepted = 1;
    */
   accepted: number;
 
   /**
+   * Stored now as a duplicate of an earlier alert (same satellite and
+   * subsystem within the dedupe window, no higher severity).
+   *
    * @generated from field: int32 duplicates = 2;
    */
   duplicates: number;
 
   /**
+   * Not stored: invalid, or its alert_id is taken by another alert. One
+   * entry each in rejections.
+   *
    * @generated from field: int32 rejected = 3;
    */
   rejected: number;
@@ -324,6 +334,14 @@ export declare type IngestAlertsResponse = Message<"aetherops.correlation.v1.Ing
    * @generated from field: repeated aetherops.common.v1.Rejection rejections = 4;
    */
   rejections: Rejection[];
+
+  /**
+   * Already stored under the same alert_id before this call, or earlier in
+   * this call (a retry, a file loaded twice): nothing changed.
+   *
+   * @generated from field: int32 replays = 5;
+   */
+  replays: number;
 };
 
 /**
