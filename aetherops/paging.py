@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from aetherops.errors import FieldViolation
 
-__all__ = ["decode_page_token", "encode_page_token", "filters_key", "read_page_token", "time_and_id"]
+__all__ = ["decode_page_token", "encode_page_token", "filters_key", "position_text", "read_page_token", "time_and_id"]
 
 T = TypeVar("T")
 
@@ -72,10 +72,18 @@ def read_page_token(
     return None
 
 
+def position_text(value: object) -> str:
+    """A text part of a page position (an id); TypeError for anything else. Not `str(value)`: that
+    turned a forged null into the id "None", and the listing went on from there instead of refusing it."""
+    if not isinstance(value, str):
+        raise TypeError(f"a page position's id must be text, got {type(value).__name__}")
+    return value
+
+
 def time_and_id(id_field: str) -> Callable[[dict[str, Any]], tuple[datetime, str]]:
     """The `read_page_token` parser of a (time, id) keyset position: {"t": ISO time, id_field: id}."""
 
     def parse(position: dict[str, Any]) -> tuple[datetime, str]:
-        return datetime.fromisoformat(str(position["t"])), str(position[id_field])
+        return datetime.fromisoformat(position_text(position["t"])), position_text(position[id_field])
 
     return parse

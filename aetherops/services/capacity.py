@@ -65,7 +65,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import capacity as repo
 from aetherops.db.capacity import RiskRow, SeriesBlock
 from aetherops.errors import FieldViolation, NotFoundError, UnavailableError, ValidationError
-from aetherops.paging import encode_page_token, filters_key, read_page_token
+from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token
 from aetherops.services.batching import GroupCommitter
 from aetherops.tasks import cancel_and_wait
 from aetherops.telemetry import StreamingAggregator
@@ -675,7 +675,7 @@ class CapacityService:
         bounds = [datetime_to_us(t) if t is not None else None for t in (start, end)]
         resource = int(resource_type) if resource_type is not None else 0
         filters = filters_key(satellite_id, resource, *bounds)
-        after = read_page_token(page_token, filters, lambda p: (_from_us(p["t"]), str(p["m"])), problems)
+        after = read_page_token(page_token, filters, lambda p: (_from_us(p["t"]), position_text(p["m"])), problems)
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 100, 1000)
@@ -829,4 +829,9 @@ def _from_us(value: Any) -> datetime:
 def _after_forecast(position: dict[str, Any]) -> tuple[float, float, str, int]:
     """The sort key of the last forecast on a page (days left, P10 days or infinity, satellite, resource)."""
     p10 = position["p"]
-    return float(position["d"]), math.inf if p10 is None else float(p10), str(position["s"]), int(position["r"])
+    return (
+        float(position["d"]),
+        math.inf if p10 is None else float(p10),
+        position_text(position["s"]),
+        int(position["r"]),
+    )

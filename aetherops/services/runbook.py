@@ -72,7 +72,7 @@ from aetherops.errors import (
     NotFoundError,
     ValidationError,
 )
-from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
+from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token, time_and_id
 from aetherops.runbook import (
     ActionContext,
     ActionHandler,
@@ -262,7 +262,7 @@ def _page(page_size: int, page_token: str, listing: str) -> tuple[int, str]:
 
 
 def _after_id(position: dict[str, Any]) -> str:
-    return str(position["id"])
+    return position_text(position["id"])
 
 
 def _token(last: str, listing: str) -> str:

@@ -3,6 +3,8 @@ filters), order, and bad input as INVALID_ARGUMENT with the offending fields. Bo
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -166,5 +168,10 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
     page = await viewer.ListExecutions(pb.ListExecutionsRequest(page_size=1))
     other = pb.ListExecutionsRequest(runbook_id="rb-a", page_token=page.next_page_token)
     assert await _bad(viewer.ListExecutions(other)) == {"page_token"}
+    # The server's own token with the id nulled: refused, not read as the id "None".
+    token = json.loads(base64.urlsafe_b64decode(page.next_page_token))
+    token["p"]["e"] = None
+    forged = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+    assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(page_size=1, page_token=forged))) == {"page_token"}
     bad_start = pb.StartExecutionRequest(runbook_id="rb-a", incident_id="not an id", variables=struct({}))
     assert await _bad(operator.StartExecution(bad_start)) == {"incident_id"}

@@ -64,4 +64,8 @@ def test_time_and_id_reads_a_keyset_position() -> None:
     assert read_page_token(token, filters, time_and_id("a"), problems) is None  # no "a" in it
     bad = encode_page_token({"t": "yesterday", "c": "C1"}, filters)
     assert read_page_token(bad, filters, time_and_id("c"), problems) is None
-    assert [p.description for p in problems] == ["not a token this server issued"] * 2
+    # A null or numeric id is forged, not the id "None" or "7" to go on after.
+    for cid in (None, 7, ["C1"]):
+        forged = encode_page_token({"t": "2026-12-04T09:00:00+00:00", "c": cid}, filters)
+        assert read_page_token(forged, filters, time_and_id("c"), problems) is None
+    assert [p.description for p in problems] == ["not a token this server issued"] * 5
