@@ -1633,12 +1633,23 @@ class CapacityPlanner:
 
     def get_fleet_risk_summary(self) -> dict[RiskLevel, list[str]]:
         """Satellites grouped by risk level (every level present, ids sorted). A satellite sits at its
-        worst resource's level; satellites with no forecastable resource are not listed."""
-        out = self._compute_fleet()
-        worst = np.zeros(len(self._sat_names), np.int64)  # 0: no forecastable resource
-        np.maximum.at(worst, self._table.sat[out.slots], out.levels)
-        by_name = worst[self._sat_order]
+        worst resource's level; satellites with no forecastable resource are not listed (see
+        `satellites_without_forecast`)."""
+        by_name = self._worst_levels()
         return {level: self._sat_sorted[by_name == int(level)].tolist() for level in RiskLevel}
+
+    def satellites_without_forecast(self) -> list[str]:
+        """Known satellites none of whose resources can be forecast yet (too little history), sorted:
+        the satellites `get_fleet_risk_summary` cannot place, so that a summary can still name them."""
+        ids: list[str] = self._sat_sorted[self._worst_levels() == 0].tolist()
+        return ids
+
+    def _worst_levels(self) -> np.ndarray:
+        """Each known satellite's worst risk level, in sorted-id order; 0 without a forecast."""
+        out = self._compute_fleet()
+        worst = np.zeros(len(self._sat_names), np.int64)
+        np.maximum.at(worst, self._table.sat[out.slots], out.levels)
+        return worst[self._sat_order]
 
     def get_critical_forecasts(self, max_days: float = CRITICAL_DAYS) -> list[ExhaustionForecast]:
         """Forecasts with days_remaining < max_days, most urgent first (days, then P10, then key).

@@ -1449,8 +1449,11 @@ def _fleet_risk(client: Any, args: argparse.Namespace) -> int:
         [_enum(capacity_pb2.RiskLevel, g.risk_level, "RISK_LEVEL_"), len(g.satellite_ids), ", ".join(g.satellite_ids)]
         for g in reply.groups
     ]
+    if reply.unforecast_satellite_ids:
+        unforecast = reply.unforecast_satellite_ids
+        rows.append(["(no forecast yet)", len(unforecast), ", ".join(unforecast)])
     print(_table(["RISK", "COUNT", "SATELLITES"], rows))
-    print(f"\n{reply.satellite_count} satellites, computed {_when(reply.compute_time)}")
+    print(f"\n{reply.satellite_count} satellites forecast, computed {_when(reply.compute_time)}")
     return EXIT_OK
 
 

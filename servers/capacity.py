@@ -421,11 +421,12 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
     async def GetFleetRiskSummary(
         self, request: pb.GetFleetRiskSummaryRequest, context: Any
     ) -> pb.GetFleetRiskSummaryResponse:
-        summary = self._svc.fleet_summary()
+        summary, unforecast = self._svc.fleet_summary()
         return pb.GetFleetRiskSummaryResponse(
             groups=[pb.RiskGroup(risk_level=_risk(level), satellite_ids=summary[level]) for level in _CRITICAL_FIRST],
             satellite_count=sum(len(ids) for ids in summary.values()),
             compute_time=to_ts(self._c.now()),
+            unforecast_satellite_ids=unforecast,
         )
 
     async def GetCriticalForecasts(

@@ -610,8 +610,9 @@ class CapacityService:
         self._require_satellite(satellite_id)
         return self._planner.forecast_exhaustion_detailed(satellite_id, resource_type)
 
-    def fleet_summary(self) -> dict[RiskLevel, list[str]]:
-        return self._planner.get_fleet_risk_summary()
+    def fleet_summary(self) -> tuple[dict[RiskLevel, list[str]], list[str]]:
+        """Satellites by risk level, and those without a forecast yet."""
+        return self._planner.get_fleet_risk_summary(), self._planner.satellites_without_forecast()
 
     def interventions(self, satellite_id: str) -> list[dict[str, Any]]:
         self._require_satellite(satellite_id)

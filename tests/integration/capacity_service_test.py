@@ -312,8 +312,9 @@ async def test_critical_forecasts_page_through_in_urgency_order(
         days_left = 2.0 + i if i < 7 else 400.0
         per_hour = 47.0 / (48.0 + 24.0 * days_left) * 2.0
         snapshots += history(f"SAT-{i:02d}", start=94.0, per_hour=per_hour)
+    snapshots += history("SAT-NEW", hours=1)  # one reading: no forecast yet
     reply = await ingest(stub, snapshots)
-    assert reply.accepted == 480
+    assert reply.accepted == 481
     everything = await stub.GetCriticalForecasts(pb.GetCriticalForecastsRequest(page_size=100))
     expected = [(f.satellite_id, f.resource_type) for f in everything.forecasts]
     assert expected == [(f"SAT-{i:02d}", FUEL) for i in range(7)]
@@ -352,6 +353,8 @@ async def test_critical_forecasts_page_through_in_urgency_order(
     assert list(summary.groups[0].satellite_ids) == [f"SAT-{i:02d}" for i in range(7)]
     assert list(summary.groups[3].satellite_ids) == ["SAT-07", "SAT-08", "SAT-09"]
     assert summary.satellite_count == 10
+    # Named apart, not left out: an operator must see that its risk is unknown.
+    assert list(summary.unforecast_satellite_ids) == ["SAT-NEW"]
 
 
 async def test_list_snapshots_pages_through_a_series_in_time_order(

@@ -910,6 +910,7 @@ def test_fleet_risk_summary_groups_by_worst_resource() -> None:
         RiskLevel.NOMINAL: ["d", "e"],
     }
     assert planner.known_satellites() == ["a", "b", "c", "d", "e", "young"]
+    assert planner.satellites_without_forecast() == ["young"]
 
 
 def test_critical_forecasts_filtered_and_sorted_by_urgency() -> None:

@@ -612,23 +612,33 @@ class GetFleetRiskSummaryResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     SATELLITE_COUNT_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    UNFORECAST_SATELLITE_IDS_FIELD_NUMBER: _builtins.int
     satellite_count: _builtins.int
+    """Satellites in groups: those with at least one forecast."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskGroup]:
         """One group per risk level, CRITICAL first."""
 
     @_builtins.property
     def compute_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def unforecast_satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Satellites with snapshots but no resource that can be forecast yet (too
+        little history; ForecastExhaustion says what is missing), sorted. In no
+        group: their risk is unknown, not nominal.
+        """
+
     def __init__(
         self,
         *,
         groups: _abc.Iterable[Global___RiskGroup] | None = ...,
         satellite_count: _builtins.int = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        unforecast_satellite_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "groups", b"groups", "satellite_count", b"satellite_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "groups", b"groups", "satellite_count", b"satellite_count", "unforecast_satellite_ids", b"unforecast_satellite_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -569,6 +569,8 @@ export declare type GetFleetRiskSummaryResponse = Message<"aetherops.capacity.v1
   groups: RiskGroup[];
 
   /**
+   * Satellites in groups: those with at least one forecast.
+   *
    * @generated from field: int32 satellite_count = 2;
    */
   satelliteCount: number;
@@ -577,6 +579,15 @@ export declare type GetFleetRiskSummaryResponse = Message<"aetherops.capacity.v1
    * @generated from field: google.protobuf.Timestamp compute_time = 3;
    */
   computeTime?: Timestamp | undefined;
+
+  /**
+   * Satellites with snapshots but no resource that can be forecast yet (too
+   * little history; ForecastExhaustion says what is missing), sorted. In no
+   * group: their risk is unknown, not nominal.
+   *
+   * @generated from field: repeated string unforecast_satellite_ids = 4;
+   */
+  unforecastSatelliteIds: string[];
 };
 
 /**
