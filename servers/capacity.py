@@ -50,13 +50,13 @@ from aetherops.capacity import (
 from aetherops.capacity_config import load_capacity_config
 from aetherops.config import Settings
 from aetherops.errors import FieldViolation, ValidationError
-from aetherops.services.capacity import CapacityAlert, CapacityService, SnapshotOutcome
+from aetherops.services.capacity import CapacityAlert, CapacityService
 from aetherops.tasks import cancel_and_wait
 from gen.aetherops.capacity.v1 import capacity_pb2 as pb
 from gen.aetherops.capacity.v1 import capacity_pb2_grpc
-from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2
 from gen.aetherops.events.v1 import events_pb2
+from servers.bulk import ingest_stream
 from servers.component import GaugeSample, Infra
 from servers.convert import from_duration, from_ts, rejection, to_ts
 
@@ -78,6 +78,13 @@ log = logging.getLogger("aetherops.capacity")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CRITICAL_FIRST = (RiskLevel.CRITICAL, RiskLevel.WARNING, RiskLevel.WATCH, RiskLevel.NOMINAL)
 _CHUNK = 1000
+# Two ingest batches' worth per stream (the committer's batches hold up to 2,000), as for alerts: a
+# lone bulk stream keeps the committer busy, and a faster sender waits on flow control.
+_CHUNKS_IN_FLIGHT = 4
+
+
+def _one(request: pb.IngestSnapshotsRequest) -> tuple[pb.IngestSnapshotsRequest]:
+    return (request,)  # one snapshot per stream message
 
 
 # ---- mapping ------------------------------------------------------------------------------------
@@ -355,38 +362,22 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
     async def IngestSnapshots(
         self, request_iterator: AsyncIterator[pb.IngestSnapshotsRequest], context: Any
     ) -> pb.IngestSnapshotsResponse:
-        rejections: list[common_pb2.Rejection] = []
-        pending: list[tuple[list[int], asyncio.Future[list[SnapshotOutcome]]]] = []
-        chunk: list[ResourceSnapshot] = []
-        indexes: list[int] = []
-        index = 0
-        async for request in request_iterator:
-            try:
-                if not request.HasField("snapshot"):
-                    raise ValidationError.single("snapshot", "required")
-                snapshot = snapshot_from_proto(request.snapshot, self._svc)
-            except ValidationError as exc:
-                rejections.append(rejection(index, exc))
-            else:
-                chunk.append(snapshot)
-                indexes.append(index)
-                if len(chunk) >= _CHUNK:
-                    # Submitted while the stream still arrives, so commits overlap with reading.
-                    pending.append((indexes, asyncio.ensure_future(self._svc.ingest_many(chunk))))
-                    chunk, indexes = [], []
-            index += 1
-        if chunk:
-            pending.append((indexes, asyncio.ensure_future(self._svc.ingest_many(chunk))))
+        def convert(request: pb.IngestSnapshotsRequest) -> ResourceSnapshot:
+            if not request.HasField("snapshot"):
+                raise ValidationError.single("snapshot", "required")
+            return snapshot_from_proto(request.snapshot, self._svc)
+
+        outcomes, rejections = await ingest_stream(
+            request_iterator, _one, convert, self._svc.ingest_many, chunk_size=_CHUNK, in_flight=_CHUNKS_IN_FLIGHT
+        )
         accepted = duplicates = 0
-        results = await asyncio.gather(*(f for _, f in pending))
-        for (idx, _), outcomes in zip(pending, results, strict=True):
-            for i, outcome in zip(idx, outcomes, strict=True):
-                if outcome.violations:
-                    rejections.append(rejection(i, outcome.violations))
-                elif outcome.duplicate:
-                    duplicates += 1
-                else:
-                    accepted += 1
+        for i, outcome in outcomes:
+            if outcome.violations:
+                rejections.append(rejection(i, outcome.violations))
+            elif outcome.duplicate:
+                duplicates += 1
+            else:
+                accepted += 1
         rejections.sort(key=lambda r: r.index)
         return pb.IngestSnapshotsResponse(
             accepted=accepted, duplicates=duplicates, rejected=len(rejections), rejections=rejections

@@ -9,9 +9,8 @@ so watchers see events from every replica and never slow ingestion down.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -27,15 +26,15 @@ from aetherops.config import Settings
 from aetherops.correlation import Alert, CorrelationEngine
 from aetherops.db.correlation import ClusterRecord, StoredAlert
 from aetherops.errors import AlreadyExistsError, FieldViolation, ValidationError
-from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent, IngestOutcome
+from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
-from aetherops.tasks import abandon, cancel_and_wait
+from aetherops.tasks import cancel_and_wait
 from aetherops.text import MAX_ID_LEN, id_problem, text_problem
 from aetherops.tracking import current_tracking_id
-from gen.aetherops.common.v1 import common_pb2
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
+from servers.bulk import ingest_stream
 from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, rejection, to_duration, to_ts
 from servers.incident_feed import IncidentFeed, Watcher, incident_of
@@ -226,52 +225,26 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     async def IngestAlerts(
         self, request_iterator: AsyncIterator[pb.IngestAlertsRequest], context: Any
     ) -> pb.IngestAlertsResponse:
-        rejections: list[common_pb2.Rejection] = []
         tracking_id = current_tracking_id()
-        # Each chunk with the stream indexes of its alerts, so an outcome can name its alert.
-        pending: collections.deque[tuple[list[int], asyncio.Future[list[IngestOutcome]]]] = collections.deque()
-        outcomes: list[tuple[int, IngestOutcome]] = []
-        chunk: list[Alert] = []
-        indexes: list[int] = []
-        index = 0
 
-        async def collect() -> None:
-            taken, future = pending.popleft()
-            outcomes.extend(zip(taken, await future, strict=True))
+        def messages_of(request: pb.IngestAlertsRequest) -> Iterable[pb.Alert]:
+            # `alert` first, then the batch. A message with neither is an empty batch (a loader
+            # flushing nothing): it holds no alert, so it takes no index.
+            return [request.alert, *request.alerts] if request.HasField("alert") else request.alerts
 
-        async def submit(alerts: list[Alert], taken: list[int]) -> None:
-            # Commits overlap with reading the stream, but at most a few chunks are in flight per
-            # stream: beyond that we stop reading, and HTTP/2 flow control slows the sender down.
-            pending.append((taken, asyncio.ensure_future(self._svc.ingest_many(alerts))))
-            while len(pending) >= _STREAM_CHUNKS_IN_FLIGHT:
-                await collect()
+        def convert(message: pb.Alert) -> Alert:
+            alert = alert_from_proto(message, tracking_id=tracking_id)
+            self._svc.validate(alert)
+            return alert
 
-        try:
-            async for request in request_iterator:
-                # `alert` first, then the batch. A message with neither is an empty batch (a loader
-                # flushing nothing): it holds no alert, so it takes no index.
-                messages = [request.alert, *request.alerts] if request.HasField("alert") else request.alerts
-                for message in messages:
-                    try:
-                        alert = alert_from_proto(message, tracking_id=tracking_id)
-                        self._svc.validate(alert)
-                    except ValidationError as exc:
-                        rejections.append(rejection(index, exc))
-                    else:
-                        chunk.append(alert)
-                        indexes.append(index)
-                        if len(chunk) >= _STREAM_CHUNK:
-                            await submit(chunk, indexes)
-                            chunk, indexes = [], []
-                    index += 1
-            if chunk:
-                pending.append((indexes, asyncio.ensure_future(self._svc.ingest_many(chunk))))
-            while pending:
-                await collect()
-        finally:
-            # Left only when a chunk failed or the call ended early. The chunks still in flight commit
-            # (or were refused) all the same; the failure is the one the caller is told about.
-            abandon(*(future for _, future in pending))
+        outcomes, rejections = await ingest_stream(
+            request_iterator,
+            messages_of,
+            convert,
+            self._svc.ingest_many,
+            chunk_size=_STREAM_CHUNK,
+            in_flight=_STREAM_CHUNKS_IN_FLIGHT,
+        )
         accepted = duplicates = replays = 0
         for i, outcome in outcomes:
             if outcome.conflict is not None:
