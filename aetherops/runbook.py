@@ -81,6 +81,7 @@ __all__ = [
     "EventType",
     "ExecutionContext",
     "ExecutionEvent",
+    "ParameterCheck",
     "PlannedStep",
     "Runbook",
     "RunbookEngine",
@@ -94,6 +95,7 @@ __all__ = [
     "match_conditions",
     "project",
     "render_parameters",
+    "require_parameters",
     "runbook_from_dict",
     "runbook_to_dict",
     "upcast",
@@ -241,6 +243,13 @@ ActionHandler = Callable[[dict[str, Any], ActionContext], Awaitable[Mapping[str,
 AgentInvoker = Callable[[str, dict[str, Any], float], Awaitable[Mapping[str, Any]]]
 
 
+ParameterCheck = Callable[[Mapping[str, Any]], list[tuple[str, str]]]
+"""An action's parameter rules: the (parameter, problem) pairs of a step's parameters. Run on the
+rendered parameters when the step runs (see `require_parameters`), and on the literal ones (no `${...}`
+in them: a check skips what is only known then) when the runbook is registered, so a definition that
+can only fail is refused up front. Given to `RunbookEngine.register_action`."""
+
+
 @dataclass(frozen=True)
 class ActionDefinition:
     """A handler with its metadata, as returned by `builtin_actions()`."""
@@ -249,14 +258,10 @@ class ActionDefinition:
     handler: ActionHandler
     description: str
     idempotent: bool
+    check: ParameterCheck | None = None
 
 
 # --- built-in actions -------------------------------------------------------------------------------
-
-
-# Each built-in's parameter rules, as (parameter, problem) pairs: checked on the rendered parameters
-# when the step runs, and on the literal ones (no `${...}` in them) when the runbook is registered,
-# so a definition that can only fail is refused up front.
 
 
 def _log_problems(params: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -288,10 +293,15 @@ _PARAMETER_PROBLEMS: Final[dict[str, Callable[[Mapping[str, Any]], list[tuple[st
 }
 
 
-def _require_parameters(action: str, params: Mapping[str, Any]) -> None:
-    problems = _PARAMETER_PROBLEMS[action](params)
+def require_parameters(check: ParameterCheck, params: Mapping[str, Any]) -> None:
+    """ValidationError (fields `parameters.<name>`) when rendered parameters break an action's rules."""
+    problems = check(params)
     if problems:
         raise ValidationError([FieldViolation(f"parameters.{name}", problem) for name, problem in problems])
+
+
+def _require_parameters(action: str, params: Mapping[str, Any]) -> None:
+    require_parameters(_PARAMETER_PROBLEMS[action], params)
 
 
 async def _log_action(params: dict[str, Any], ctx: ActionContext) -> None:
@@ -312,10 +322,16 @@ async def _set_variable_action(params: dict[str, Any], ctx: ActionContext) -> di
 def builtin_actions() -> list[ActionDefinition]:
     """The pure built-ins (log, wait, set_variable); the server adds NATS `publish` via register_action."""
     return [
-        ActionDefinition("log", _log_action, "Record parameters.message in the execution's audit trail.", True),
-        ActionDefinition("wait", _wait_action, "Wait parameters.seconds seconds.", True),
         ActionDefinition(
-            "set_variable", _set_variable_action, "Set execution variable parameters.name to parameters.value.", True
+            "log", _log_action, "Record parameters.message in the execution's audit trail.", True, _log_problems
+        ),
+        ActionDefinition("wait", _wait_action, "Wait parameters.seconds seconds.", True, _wait_problems),
+        ActionDefinition(
+            "set_variable",
+            _set_variable_action,
+            "Set execution variable parameters.name to parameters.value.",
+            True,
+            _set_variable_problems,
         ),
     ]
 
@@ -775,8 +791,9 @@ def _positive_finite(value: Any) -> bool:
 
 
 def _runbook_violations(
-    runbook: Runbook, known_actions: Collection[str] | None, *, stored: bool = False
+    runbook: Runbook, known_actions: Mapping[str, ParameterCheck | None] | None, *, stored: bool = False
 ) -> list[FieldViolation]:
+    """`known_actions`: each action that may be named, with its parameter rules (None: no check)."""
     out: list[FieldViolation] = []
     if not isinstance(runbook.runbook_id, str) or not _ID_RE.match(runbook.runbook_id):
         out.append(FieldViolation("runbook.runbook_id", "must be 1-128 letters, digits, '.', '_' or '-'"))
@@ -825,7 +842,7 @@ def _runbook_violations(
                 out.append(FieldViolation(f"{prefix}.{name}", "must be an object"))
                 continue
             _json_violations(value, f"{prefix}.{name}", out)
-            check = _PARAMETER_PROBLEMS.get(action or "") if known_actions is not None else None
+            check = known_actions.get(action or "") if known_actions is not None else None
             if check is not None:
                 out.extend(FieldViolation(f"{prefix}.{name}.{key}", problem) for key, problem in check(value))
     # A stored version may hold a $regex from before RE2 (a lookaround, say): it must still load, and never
@@ -836,12 +853,18 @@ def _runbook_violations(
     return out
 
 
-def validate_runbook(runbook: Runbook, known_actions: Collection[str] | None = None) -> list[str]:
+def validate_runbook(
+    runbook: Runbook, known_actions: Mapping[str, ParameterCheck | None] | Collection[str] | None = None
+) -> list[str]:
     """Every problem with a definition, as "field: description" strings (empty when valid).
 
     Checks at least one step, unique step ids, positive timeouts, JSON-able parameters and valid trigger
-    conditions; with `known_actions` also that every action and rollback action is one of them.
+    conditions; with `known_actions` also that every action and rollback action is one of them, and
+    that literal parameters keep the actions' rules (`RunbookEngine.action_checks`; given only names,
+    the built-ins' rules).
     """
+    if known_actions is not None and not isinstance(known_actions, Mapping):
+        known_actions = {name: _PARAMETER_PROBLEMS.get(name) for name in known_actions}
     return [f"{v.field}: {v.description}" for v in _runbook_violations(runbook, known_actions)]
 
 
@@ -997,6 +1020,7 @@ class PlannedStep:
 class _Action:
     info: ActionInfo
     handler: ActionHandler
+    check: ParameterCheck | None = None
 
 
 @dataclass
@@ -1051,6 +1075,7 @@ class RunbookEngine:
                     idempotent=action.idempotent,
                     description=action.description,
                     builtin=True,
+                    check=action.check,
                 )
 
     # -- actions --
@@ -1063,8 +1088,12 @@ class RunbookEngine:
         idempotent: bool = False,
         description: str = "",
         builtin: bool = False,
+        check: ParameterCheck | None = None,
     ) -> ActionInfo:
-        """Register an async handler under `name`; ValidationError for a bad name or a non-async handler."""
+        """Register an async handler under `name`; ValidationError for a bad name or a non-async handler.
+
+        `check`: the action's parameter rules, applied to literal parameters when a runbook is
+        registered (the handler applies them to rendered ones, e.g. with `require_parameters`)."""
         violations: list[FieldViolation] = []
         if not isinstance(name, str) or not _ACTION_NAME_RE.match(name):
             violations.append(
@@ -1077,7 +1106,7 @@ class RunbookEngine:
         if name in self._actions:
             raise AlreadyExistsError(f"action {name!r} is already registered")
         info = ActionInfo(name, description, idempotent, ActionKind.BUILTIN if builtin else ActionKind.CUSTOM)
-        self._actions[name] = _Action(info, handler)
+        self._actions[name] = _Action(info, handler, check)
         return info
 
     def declare_agent_action(self, name: str, *, description: str = "", idempotent: bool = False) -> ActionInfo:
@@ -1102,6 +1131,10 @@ class RunbookEngine:
         self._actions[full] = _Action(info, invoke)
         return info
 
+    def action_checks(self) -> dict[str, ParameterCheck | None]:
+        """Every action that a runbook may name, with its parameter rules (None: none known)."""
+        return {name: action.check for name, action in self._actions.items()}
+
     def set_agent_invoker(self, invoker: AgentInvoker | None) -> None:
         """`invoker(agent_name, params, timeout_s)`; whatever it raises (e.g. an open circuit) fails the step."""
         self._agent_invoker = invoker
@@ -1119,7 +1152,7 @@ class RunbookEngine:
 
     def register_runbook_ex(self, runbook: Runbook) -> tuple[Runbook, bool]:
         """Like `register_runbook`, also saying whether a new version was created (False: identical)."""
-        violations = _runbook_violations(runbook, self._actions.keys())
+        violations = _runbook_violations(runbook, self.action_checks())
         if violations:
             raise ValidationError(violations)
         versions = self._runbooks.setdefault(runbook.runbook_id, {})

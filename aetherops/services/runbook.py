@@ -87,9 +87,11 @@ from aetherops.runbook import (
     StepStatus,
     builtin_actions,
     project,
+    require_parameters,
     runbook_from_dict,
     runbook_to_dict,
     validate_runbook,
+    variable_references,
 )
 from aetherops.runbook_conditions import validate_conditions
 from aetherops.services.agents import AgentCall, AgentInvoker
@@ -312,10 +314,12 @@ class RunbookService:
                 idempotent=action.idempotent,
                 description=action.description,
                 builtin=True,
+                check=action.check,
             )
         self._engine.register_action(
             "publish",
             self._guarded(self._publish_action),
+            check=self._publish_problems,
             idempotent=False,
             description=(
                 "Publish parameters.payload (an object) on NATS subject parameters.subject (relative to the "
@@ -447,23 +451,28 @@ class RunbookService:
             if op.timing is not None:
                 op.timing.checkpoint_s += time.perf_counter() - started
 
-    async def _publish_action(self, params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
-        subject = params.get("subject")
-        payload = params.get("payload", {})
+    def _publish_problems(self, params: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """`publish`'s parameter rules (see `ParameterCheck`): a subject some stream captures, an object."""
         problems = []
-        full = ""
-        if not isinstance(subject, str) or not subject or subject.startswith(".") or " " in subject:
-            problems.append(FieldViolation("parameters.subject", "must be a subject relative to the prefix"))
+        subject = params.get("subject")
+        if variable_references(subject):
+            pass  # known when the step runs
+        elif not isinstance(subject, str) or not subject or subject.startswith(".") or " " in subject:
+            problems.append(("subject", "must be a subject relative to the prefix"))
         else:
-            full = self._subjects.prefix + subject
             try:
-                self._subjects.stream_for(full)
+                self._subjects.stream_for(self._subjects.prefix + subject)
             except ValueError:
-                problems.append(FieldViolation("parameters.subject", f"no stream captures {subject!r}"))
-        if not isinstance(payload, Mapping):
-            problems.append(FieldViolation("parameters.payload", "must be an object"))
-        if problems:
-            raise ValidationError(problems)
+                problems.append(("subject", f"no stream captures {subject!r}"))
+        payload = params.get("payload", {})
+        if not variable_references(payload) and not isinstance(payload, Mapping):
+            problems.append(("payload", "must be an object"))
+        return problems
+
+    async def _publish_action(self, params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
+        require_parameters(self._publish_problems, params)
+        full = self._subjects.prefix + params["subject"]
+        payload = params.get("payload", {})
         op = _current_op.get()
         assert op is not None
         event_id = str(uuid.uuid4())
@@ -533,8 +542,7 @@ class RunbookService:
 
     async def register_runbook(self, runbook: Runbook, *, request_id: str = "") -> tuple[Runbook, bool]:
         """Validate and store a new version (or nothing, for an identical definition): (runbook, created)."""
-        known = [a.name for a in self._engine.list_actions()]
-        problems = validate_runbook(runbook, known)
+        problems = validate_runbook(runbook, self._engine.action_checks())
         if problems:
             raise ValidationError(_violations(problems))
         scope = f"runbook.register.{runbook.runbook_id}"  # per runbook: another runbook is another request

@@ -114,6 +114,19 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=never))
     assert "non-negative" in violations(err.value)["runbook.steps[0].parameters.seconds"]
+    # So is a literal publish no stream captures, or with a payload that is not an object, in a
+    # step or a rollback; a subject known only when the step runs is checked then.
+    lost = step("p", "publish", {"subject": "nowhere.near", "payload": "text"})
+    undo = step("q", "log", {"message": "x"}, rollback="publish", rollback_params={"subject": "runbook notes"})
+    later = step("r", "publish", {"subject": "${where}", "payload": {"sat": "${sat}"}})
+    never = pb.Runbook(runbook_id="never", name="Never", steps=[lost, undo, later])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=never))
+    assert violations(err.value) == {
+        "runbook.steps[0].parameters.subject": "no stream captures 'nowhere.near'",
+        "runbook.steps[0].parameters.payload": "must be an object",
+        "runbook.steps[1].rollback_parameters.subject": "must be a subject relative to the prefix",
+    }
 
     await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True)))
     with pytest.raises(grpc.aio.AioRpcError) as err:

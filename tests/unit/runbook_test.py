@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -591,6 +592,22 @@ async def test_builtin_actions_refuse_bad_literal_parameters_at_registration(
     with pytest.raises(ValidationError) as err:
         engine.register_runbook(Runbook("r", "R", [undo]))
     assert [v.field for v in err.value.violations] == [f"runbook.steps[0].rollback_{field}"]
+
+
+async def test_a_registered_actions_parameter_rules_apply_at_registration(engine: RunbookEngine) -> None:
+    def rules(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [] if params.get("bus") in ("A", "B") else [("bus", "must be A or B")]
+
+    async def switch(params: dict[str, Any], ctx: ActionContext) -> None:
+        return None
+
+    engine.register_action("bus_switch", switch, check=rules)
+    with pytest.raises(ValidationError) as err:
+        engine.register_runbook(Runbook("r", "R", [RunbookStep("s", "bus_switch", {"bus": "C"})]))
+    assert [(v.field, v.description) for v in err.value.violations] == [
+        ("runbook.steps[0].parameters.bus", "must be A or B")
+    ]
+    engine.register_runbook(Runbook("r", "R", [RunbookStep("s", "bus_switch", {"bus": "B"})]))
 
 
 @pytest.mark.parametrize(
