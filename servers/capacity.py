@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -78,6 +79,7 @@ log = logging.getLogger("aetherops.capacity")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CRITICAL_FIRST = (RiskLevel.CRITICAL, RiskLevel.WARNING, RiskLevel.WATCH, RiskLevel.NOMINAL)
 _CHUNK = 1000
+_IMPACT_FIELD = re.compile(r"mission\.resource_impacts\[(\d+)\](.*)")
 # Two ingest batches' worth per stream (the committer's batches hold up to 2,000), as for alerts: a
 # lone bulk stream keeps the committer busy, and a faster sender waits on flow control.
 _CHUNKS_IN_FLIGHT = 4
@@ -157,6 +159,7 @@ def mission_from_proto(message: pb.ScheduledMission) -> MissionScheduleEntry:
         if value is None:
             problems.append(FieldViolation(f"mission.{name}", "required"))
     impacts: dict[ResourceType, float] = {}
+    positions: list[int] = []  # the message's index of each entry of `impacts`, in order
     for i, impact in enumerate(message.resource_impacts):
         resource = resource_from_proto(impact.resource_type)
         if resource is None:
@@ -167,6 +170,7 @@ def mission_from_proto(message: pb.ScheduledMission) -> MissionScheduleEntry:
             problems.append(FieldViolation(f"mission.resource_impacts[{i}].resource_type", "listed twice"))
         else:
             impacts[resource] = impact.amount
+            positions.append(i)
     entry = MissionScheduleEntry(
         mission_id=message.mission_id,
         satellite_id=message.satellite_id,
@@ -179,9 +183,10 @@ def mission_from_proto(message: pb.ScheduledMission) -> MissionScheduleEntry:
     for v in validate_mission(entry):
         if v.field in reported or (v.field == "mission.end_time" and (start is None or end is None)):
             continue
-        if v.field.startswith("mission.resource_impacts["):
-            # The core numbers the de-duplicated dict; name the resource instead of a shifted index.
-            v = FieldViolation("mission.resource_impacts", v.description)
+        core = _IMPACT_FIELD.fullmatch(v.field)
+        if core is not None:
+            # The core numbers the entries it was given, which skip refused ones: name the caller's.
+            v = FieldViolation(f"mission.resource_impacts[{positions[int(core[1])]}]{core[2]}", v.description)
         problems.append(v)
     if problems:
         raise ValidationError(problems)

@@ -275,7 +275,12 @@ async def test_missions_validate_replace_by_id_and_replay_by_request_id(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violations(caught.value)) == {"mission.end_time"}
 
-    broken = pb.ScheduledMission(resource_impacts=[pb.ResourceImpact(amount=float("nan"))])
+    broken = pb.ScheduledMission(
+        resource_impacts=[
+            pb.ResourceImpact(amount=float("nan")),
+            pb.ResourceImpact(resource_type=FUEL, amount=float("inf")),
+        ]
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=broken))
     assert {
@@ -284,6 +289,7 @@ async def test_missions_validate_replace_by_id_and_replay_by_request_id(
         "mission.start_time",
         "mission.end_time",
         "mission.resource_impacts[0].resource_type",
+        "mission.resource_impacts[1].amount",  # the caller's index, past the refused first entry
     } <= set(violations(caught.value))
     assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 0
 
