@@ -480,12 +480,18 @@ class DurableConsumer:
         ack_wait_s: float = 30.0,
         max_deliver: int = 20,
         concurrent: bool = False,
+        start_time: datetime | None = None,
     ) -> None:
         """`concurrent`: handle the messages of one fetch at the same time (each still acknowledged
         only after its own handler returned). For handlers whose messages are independent and that
         batch internally (alert ingest shares group commits): one at a time, every message would
-        wait for its own commit. Off where order between messages matters."""
+        wait for its own commit. Off where order between messages matters.
+
+        `start_time`: a durable created now starts with the messages published from then on, not
+        with the stream's whole history (an existing durable keeps its place either way). For a
+        consumer added to a running deployment whose old messages must not be acted on."""
         self._concurrent = concurrent
+        self._start_time = start_time
         self._bus = bus
         self._subject = subject
         self._durable = durable
@@ -512,7 +518,10 @@ class DurableConsumer:
                     config=js_api.ConsumerConfig(
                         ack_wait=self._ack_wait_s,
                         max_deliver=self._max_deliver,
-                        deliver_policy=js_api.DeliverPolicy.ALL,
+                        deliver_policy=(
+                            js_api.DeliverPolicy.ALL if self._start_time is None else js_api.DeliverPolicy.BY_START_TIME
+                        ),
+                        opt_start_time=self._start_time,
                     ),
                 )
                 # JetStream drops a message after `max_deliver` deliveries and says so only in an

@@ -1,11 +1,17 @@
 """RunbookService servicer: proto <-> domain mapping, the event encoder, the incident consumer, agents.
 
-* Incident triggers: a durable JetStream consumer ("runbook-incidents") on aetherops.incidents.opened
-  decodes events.v1.Event and hands the incident to RunbookService.start_for_incident as a dict with
-  the keys of `aetherops.services.runbook.INCIDENT_FIELDS` - cluster_id, satellite_ids, subsystems,
-  max_severity, root_cause_alert_id, root_cause_subsystem, root_cause_satellite_id, alert_count,
-  multi_satellite. Runbook authors write trigger_conditions against these names; the same dict becomes
-  the execution's variables (`${root_cause_satellite_id}` in step parameters).
+* Incident triggers: durable JetStream consumers on aetherops.incidents.opened ("runbook-incidents")
+  and aetherops.incidents.updated ("runbook-incident-updates") decode events.v1.Event and hand the
+  incident to RunbookService.start_for_incident as a dict with the keys of
+  `aetherops.services.runbook.INCIDENT_FIELDS` - cluster_id, satellite_ids, subsystems, max_severity,
+  root_cause_alert_id, root_cause_subsystem, root_cause_satellite_id, alert_count, multi_satellite.
+  Runbook authors write trigger_conditions against these names; the same dict becomes the execution's
+  variables (`${root_cause_satellite_id}` in step parameters). Updates count because an incident opens
+  with its first alert (or first commit batch): a severity that rises, a subsystem or satellite that
+  joins later, alert_count and multi_satellite are only ever seen in an update. The execution id per
+  (incident, runbook) keeps it to one execution per incident, however many updates match. The updates
+  consumer came later than the incidents stream: created, it starts at the server's start rather
+  than replaying a month of old incidents' updates.
 * Agents: `agent:<name>` actions are declared from the constructor's `agent_actions` (default
   the AETHEROPS_AGENT_ACTIONS setting), and at runtime when an agent
   announces itself with JSON {"name": ..., "description": ..., "idempotent": ...} on
@@ -274,10 +280,15 @@ def encode_message(message: OutboxMessage) -> bytes:
 
 
 def incident_from_event(event: events_pb2.Event) -> dict[str, Any] | None:
-    """The incident data runbooks match on, from an incident_opened event (None for other payloads)."""
-    if event.WhichOneof("payload") != "incident_opened":
+    """The incident data runbooks match on, from an incident_opened or incident_updated event (None for
+    other payloads)."""
+    payload = event.WhichOneof("payload")
+    if payload == "incident_opened":
+        incident = event.incident_opened.incident
+    elif payload == "incident_updated":
+        incident = event.incident_updated.incident
+    else:
         return None
-    incident = event.incident_opened.incident
     return incident_variables(
         {
             "cluster_id": incident.cluster_id,
@@ -411,7 +422,8 @@ class RunbookComponent:
         self.service: RunbookService | None = None
         self.infra: Infra | None = None
         self.consumer: DurableConsumer | None = None
-        self._consumer_task: asyncio.Task[None] | None = None
+        self.update_consumer: DurableConsumer | None = None
+        self._consumer_tasks: list[asyncio.Task[None]] = []
         self._subscriptions: list[Subscription] = []
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -442,7 +454,15 @@ class RunbookComponent:
         self._subscriptions.append(await nc.subscribe(subjects.runbook("*"), cb=self._on_runbook_event))
         self._subscriptions.append(await nc.subscribe(subjects.action("_announce"), cb=self._on_announce))
         self.consumer = DurableConsumer(infra.bus, subjects.incidents("opened"), "runbook-incidents", self._on_incident)
-        self._consumer_task = asyncio.create_task(self.consumer.run(), name="runbook-incidents")
+        self.update_consumer = DurableConsumer(
+            infra.bus,
+            subjects.incidents("updated"),
+            "runbook-incident-updates",
+            self._on_incident,
+            start_time=infra.clock.now(),
+        )
+        for consumer in (self.consumer, self.update_consumer):
+            self._consumer_tasks.append(asyncio.create_task(consumer.run(), name=consumer.durable))
 
     async def _on_incident(self, msg: Msg) -> None:
         assert self.service is not None
@@ -493,8 +513,9 @@ class RunbookComponent:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subscriptions.clear()
-        if self._consumer_task is not None:
-            self._consumer_task.cancel()
-            await asyncio.gather(self._consumer_task, return_exceptions=True)
+        for task in self._consumer_tasks:
+            task.cancel()
+        await asyncio.gather(*self._consumer_tasks, return_exceptions=True)
+        self._consumer_tasks.clear()
         if self.service is not None:
             await self.service.stop()

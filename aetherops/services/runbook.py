@@ -686,7 +686,9 @@ class RunbookService:
         return state
 
     async def start_for_incident(self, incident: Mapping[str, Any]) -> list[str]:
-        """Start every ACTIVE auto_start runbook the incident matches, once per (incident, runbook)."""
+        """Start every ACTIVE auto_start runbook the incident matches, once per (incident, runbook):
+        called for the incident's opening and for each of its updates, so a runbook starts when the
+        incident first matches it, and never again for that incident."""
         cluster_id = str(incident.get("cluster_id", ""))
         if not cluster_id:
             raise ValidationError.single("incident.cluster_id", "required")
@@ -702,7 +704,8 @@ class RunbookService:
                     incident_id=cluster_id,
                 )
             except AlreadyExistsError:
-                log.info("incident %s already started runbook %s", cluster_id, runbook.runbook_id)
+                # The usual case for an update of an incident that matched before: not worth a line each.
+                log.debug("incident %s already started runbook %s", cluster_id, runbook.runbook_id)
                 continue
             except ValidationError as exc:
                 # E.g. the runbook needs a variable the incident lacks: retrying will not help.

@@ -427,3 +427,54 @@ async def test_an_agent_reply_that_cannot_be_kept_fails_its_step(
     assert done.step_status == pb.STEP_STATUS_FAILED
     assert reason in steps_by_id(done.execution)["ask"].error
     assert done.execution.status == pb.RUNBOOK_STATUS_FAILED
+
+
+async def test_an_incident_that_grows_to_match_starts_the_runbook_once(app_factory: Any, channel_for: Any) -> None:
+    """An incident opens with its first alert; the severity that rises and the subsystem that joins later
+    are only ever in its updates. A runbook matching only the grown incident still starts, once."""
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    runbook = pb.Runbook(
+        runbook_id="thermal-critical",
+        name="Thermal critical",
+        trigger_conditions=struct({"subsystems": "thermal", "max_severity": {"$gte": 5}}),
+        auto_start=True,
+        steps=[step("note", "log", {"message": "${alert_count} alerts, worst ${max_severity}"})],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+
+    async def ingest(subsystem: str, severity: int, at_s: int) -> cpb.IngestAlertResponse:
+        alert = cpb.Alert(
+            alert_id=uuid.uuid4().hex,
+            satellite_id="SAT-9",
+            subsystem=subsystem,
+            severity=severity,
+            timestamp=ts(t0 + timedelta(seconds=at_s)),
+            message=f"{subsystem} anomaly",
+        )
+        reply: cpb.IngestAlertResponse = await stubs.correlation.IngestAlert(cpb.IngestAlertRequest(alert=alert))
+        return reply
+
+    opened = await ingest("power", 3, 0)
+    assert opened.cluster_opened
+    cluster_id = opened.cluster_id
+    grown = await ingest("thermal", 5, 5)
+    assert grown.cluster_id == cluster_id and not grown.cluster_opened
+    execution_id = incident_execution_id(cluster_id, "thermal-critical")
+    done = await wait_status(stubs.operator, execution_id, lambda e: e.status == pb.RUNBOOK_STATUS_COMPLETED)
+    assert done.incident_id == cluster_id and done.triggered_by == f"incident:{cluster_id}"
+    variables = json_format.MessageToDict(done.variables)
+    assert set(variables["subsystems"]) == {"power", "thermal"} and variables["max_severity"] == 5
+
+    # A further update of the incident matches too, and starts nothing more.
+    component = next(c for c in app.components if c.name == "runbook")
+    handled = component.update_consumer.handled
+    assert (await ingest("propulsion", 5, 10)).cluster_id == cluster_id
+
+    async def update_handled() -> bool:
+        return bool(component.update_consumer.handled > handled)
+
+    await eventually(update_handled, timeout_s=10, what="the incident's further update handled")
+    listed = await stubs.operator.ListExecutions(pb.ListExecutionsRequest(incident_id=cluster_id))
+    assert [e.execution_id for e in listed.executions] == [execution_id]

@@ -461,6 +461,41 @@ async def test_incident_delivered_twice_starts_once(server: Any, channel_for: An
     assert await db.fetchval("SELECT count(*) FROM execution_events WHERE execution_id = $1", eid) == done.version
 
 
+async def test_updates_published_before_the_updates_consumer_existed_are_not_replayed(
+    app_factory: Any, channel_for: Any, bus: Bus, db: Database
+) -> None:
+    """The updates consumer joined a running deployment: a month of old incidents' updates in the stream
+    must not start runbooks registered since (as the incidents stream's history would on a new durable)."""
+
+    def updated(cluster_id: str) -> bytes:
+        event = events_pb2.Event()
+        event.ParseFromString(incident_event(cluster_id, f"u-{cluster_id}"))
+        incident = events_pb2.Incident()
+        incident.CopyFrom(event.incident_opened.incident)
+        event.type = "incidents.updated"
+        event.incident_updated.incident.CopyFrom(incident)
+        return bytes(event.SerializeToString())
+
+    await bus.js.publish(bus.subjects.incidents("updated"), updated("old"), headers={"Nats-Msg-Id": "u-old"})
+    server = await app_factory()
+    stubs = Stubs(channel_for, server.port)
+    runbook = pb.Runbook(
+        runbook_id="auto",
+        name="Auto",
+        auto_start=True,
+        trigger_conditions=struct({"root_cause_subsystem": "power"}),
+        steps=[step("log", "log", {"message": "on ${root_cause_satellite_id}"})],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    await bus.js.publish(bus.subjects.incidents("updated"), updated("new"), headers={"Nats-Msg-Id": "u-new"})
+    await wait_status(
+        stubs.operator, incident_execution_id("new", "auto"), lambda e: e.status == pb.RUNBOOK_STATUS_COMPLETED
+    )
+    component = next(c for c in server.components if c.name == "runbook")
+    assert component.update_consumer.handled == 1
+    assert await db.fetchval("SELECT array_agg(incident_id) FROM executions") == ["new"]
+
+
 async def test_events_of_an_older_schema_are_upcast(server: Any, channel_for: Any, db: Database) -> None:
     stubs = Stubs(channel_for, server.port)
     await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple()))

@@ -210,7 +210,10 @@ class Runbook(_message.Message):
     name: _builtins.str
     description: _builtins.str
     auto_start: _builtins.bool
-    """Start automatically when an opened incident matches."""
+    """Start automatically when an open incident matches: as it opens, or when
+    an update makes it match (a higher severity, another subsystem or
+    satellite). At most one execution per incident and runbook.
+    """
     auto_rollback: _builtins.bool
     """Roll back automatically when a step fails."""
     version: _builtins.int
@@ -385,7 +388,8 @@ class Execution(_message.Message):
     """Length of the event stream (optimistic-concurrency version)."""
     tracking_id: _builtins.str
     """Tracking id of the request that started it, or of the incident event
-    (that is, of the alert that opened the incident) for incident starts.
+    for incident starts (that is, of the alert that opened the incident, or
+    of the alert whose update made it match).
     """
     incident_id: _builtins.str
     """Cluster id of the incident it was started for (automatically, or by a

@@ -153,7 +153,9 @@ export declare type Runbook = Message<"aetherops.runbook.v1.Runbook"> & {
   triggerConditions?: JsonObject | undefined;
 
   /**
-   * Start automatically when an opened incident matches.
+   * Start automatically when an open incident matches: as it opens, or when
+   * an update makes it match (a higher severity, another subsystem or
+   * satellite). At most one execution per incident and runbook.
    *
    * @generated from field: bool auto_start = 6;
    */
@@ -390,7 +392,8 @@ export declare type Execution = Message<"aetherops.runbook.v1.Execution"> & {
 
   /**
    * Tracking id of the request that started it, or of the incident event
-   * (that is, of the alert that opened the incident) for incident starts.
+   * for incident starts (that is, of the alert that opened the incident, or
+   * of the alert whose update made it match).
    *
    * @generated from field: string tracking_id = 14;
    */
