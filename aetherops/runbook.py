@@ -16,9 +16,13 @@ Decisions worth knowing (all tested in tests/unit/runbook_test.py):
 * Versioning: registering an existing runbook_id with a different definition creates version N+1; the
   identical definition again returns the latest version unchanged. "Identical" compares with the latest
   version only. Executions pin the version they started with.
-* `${name}` references in step (and rollback) parameters are checked at start - a missing variable fails
-  the start - and rendered when the step runs, from the execution's variables at that moment (so values a
-  previous step set with `set_variable` or returned are seen). A string that is exactly `${name}` keeps
+* `${name}` references in step (and rollback) parameters are checked at start - a variable that is
+  neither given nor possibly set by an earlier step fails the start - and rendered when the step runs,
+  from the execution's variables at that moment (so values a previous step set with `set_variable` or
+  returned are seen). "Possibly set": `set_variable` sets its literal name; `log` and `wait` set nothing;
+  any other action (an agent's, a custom one) may return any variable, so after one of them every
+  reference is left to the run (a variable still missing then fails that step). A rollback's
+  parameters may also use what its own step set. A string that is exactly `${name}` keeps
   the variable's type; embedded references are rendered as text. `$${x}` is a literal `${x}`. Dotted names
   (`${incident.severity}`) look into nested variables.
 * Failure: a handler exception or timeout fails the step and the execution; the remaining steps are
@@ -886,8 +890,9 @@ def variable_references(value: Any) -> set[str]:
     return found
 
 
-def render_parameters(value: Any, variables: Mapping[str, Any]) -> Any:
-    """Substitute `${name}` references in strings of a nested value; a missing variable is a ValidationError.
+def render_parameters(value: Any, variables: Mapping[str, Any], *, keep_missing: bool = False) -> Any:
+    """Substitute `${name}` references in strings of a nested value; a missing variable is a ValidationError
+    (with `keep_missing`, as a dry run renders what a step may set later, the reference stays as written).
 
     A string that is exactly one reference becomes the variable's value with its type; references
     embedded in text are rendered as text (strings verbatim, other values as JSON).
@@ -895,19 +900,23 @@ def render_parameters(value: Any, variables: Mapping[str, Any]) -> Any:
     if isinstance(value, str):
         match = _REFERENCE_RE.fullmatch(value)
         if match is not None and not match.group(1):
+            if keep_missing and resolve_path(variables, match.group(2)) is MISSING:
+                return value
             return _json_copy(_lookup(variables, match.group(2)))
 
         def substitute(m: re.Match[str]) -> str:
             if m.group(1):
                 return m.group(0)[1:]  # "$${x}" is an escaped literal "${x}"
+            if keep_missing and resolve_path(variables, m.group(2)) is MISSING:
+                return m.group(0)
             found = _lookup(variables, m.group(2))
             return found if isinstance(found, str) else json.dumps(found, sort_keys=True)
 
         return _REFERENCE_RE.sub(substitute, value)
     if isinstance(value, Mapping):
-        return {k: render_parameters(v, variables) for k, v in value.items()}
+        return {k: render_parameters(v, variables, keep_missing=keep_missing) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [render_parameters(v, variables) for v in value]
+        return [render_parameters(v, variables, keep_missing=keep_missing) for v in value]
     return value
 
 
@@ -918,15 +927,41 @@ def _lookup(variables: Mapping[str, Any], name: str) -> Any:
     return found
 
 
+# Built-ins that never return variables (set_variable returns the one it names).
+_SETS_NOTHING: Final = frozenset({"log", "wait"})
+
+
+def _may_set(step: RunbookStep) -> set[str] | None:
+    """The variables a completed step may have set (None: any - an action whose output is not known)."""
+    if step.action in _SETS_NOTHING:
+        return set()
+    if step.action == "set_variable":
+        name = step.parameters.get("name")
+        return {name} if isinstance(name, str) and not variable_references(name) else None
+    return None
+
+
 def _missing_variables(runbook: Runbook, variables: Mapping[str, Any]) -> list[FieldViolation]:
+    """References that can only fail: neither among the start variables nor set by an earlier step (see
+    the module docstring); a rollback runs after its own step, so it may also use what that one set."""
     out: list[FieldViolation] = []
+    settable: set[str] | None = set()  # None once an earlier step may have set anything
+
+    def check(i: int, name: str) -> None:
+        step = runbook.steps[i]
+        for ref in sorted(variable_references(getattr(step, name))):
+            if settable is None or ref.split(".", 1)[0] in settable:
+                continue
+            if resolve_path(variables, ref) is MISSING:
+                out.append(
+                    FieldViolation(f"variables.{ref}", f"required by runbook.steps[{i}].{name} but not provided")
+                )
+
     for i, step in enumerate(runbook.steps):
-        for name in ("parameters", "rollback_parameters"):
-            for ref in sorted(variable_references(getattr(step, name))):
-                if resolve_path(variables, ref) is MISSING:
-                    out.append(
-                        FieldViolation(f"variables.{ref}", f"required by runbook.steps[{i}].{name} but not provided")
-                    )
+        check(i, "parameters")
+        sets = _may_set(step)
+        settable = None if sets is None or settable is None else settable | sets
+        check(i, "rollback_parameters")
     return out
 
 
@@ -1289,7 +1324,8 @@ class RunbookEngine:
                 PlannedStep(
                     step_id=step.step_id,
                     action=step.action,
-                    parameters=render_parameters(step.parameters, variables),
+                    # A reference an earlier step may set is shown as written.
+                    parameters=render_parameters(step.parameters, variables, keep_missing=True),
                     requires_approval=step.requires_approval,
                     would_run=not gated,
                     rollback_action=step.rollback_action,

@@ -461,6 +461,49 @@ async def test_incident_delivered_twice_starts_once(server: Any, channel_for: An
     assert await db.fetchval("SELECT count(*) FROM execution_events WHERE execution_id = $1", eid) == done.version
 
 
+async def test_an_incident_starts_a_runbook_that_uses_what_its_agent_returned(
+    server: Any, channel_for: Any, bus: Bus
+) -> None:
+    """The incident gives only its own fields; the rollback switches back to the bus the agent reported."""
+    stubs = Stubs(channel_for, server.port)
+    runbook = pb.Runbook(
+        runbook_id="auto",
+        name="Auto",
+        auto_start=True,
+        trigger_conditions=struct({"root_cause_subsystem": "power"}),
+        steps=[
+            step(
+                "switch",
+                "agent:switch_power_bus",
+                {"satellite": "${root_cause_satellite_id}"},
+                rollback="log",
+                rollback_params={"message": "switch ${root_cause_satellite_id} back to ${previous_bus}"},
+            ),
+            step("note", "log", {"message": "was on ${previous_bus}"}),
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+
+    async def on_request(msg: Any) -> None:
+        reply = events_pb2.AgentActionReply(ok=True, output=struct({"previous_bus": "A"}))
+        await msg.respond(json_format.MessageToJson(reply).encode())
+
+    sub = await bus.nc.subscribe(bus.subjects.action("switch_power_bus"), cb=on_request)
+    try:
+        await bus.js.publish(
+            bus.subjects.incidents("opened"), incident_event("c-1", "e1"), headers={"Nats-Msg-Id": "e1"}
+        )
+        eid = incident_execution_id("c-1", "auto")
+        done = await wait_status(stubs.operator, eid, lambda e: e.status == pb.RUNBOOK_STATUS_COMPLETED)
+    finally:
+        await sub.unsubscribe()
+    assert [a.detail for a in done.audit_log if a.transition == "ACTION_LOGGED"] == ["was on A"]
+    rolled = await stubs.operator.RollbackExecution(pb.RollbackExecutionRequest(execution_id=eid))
+    assert rolled.rolled_back_count == 1
+    logged = [a.detail for a in rolled.execution.audit_log if a.transition == "ACTION_LOGGED"]
+    assert logged[-1] == "switch SAT-1 back to A"
+
+
 async def test_updates_published_before_the_updates_consumer_existed_are_not_replayed(
     app_factory: Any, channel_for: Any, bus: Bus, db: Database
 ) -> None:

@@ -343,14 +343,68 @@ def test_start_validation(engine: RunbookEngine) -> None:
 
 
 def test_missing_rollback_parameter_variable_fails_the_start(engine: RunbookEngine) -> None:
+    # A log step sets no variable: nothing can ever provide ${gone}.
     engine.register_runbook(
         Runbook(
-            "r", "R", [RunbookStep("s", "measure", rollback_action="undo_safe", rollback_parameters={"x": "${gone}"})]
+            "r",
+            "R",
+            [
+                RunbookStep(
+                    "s", "log", {"message": "m"}, rollback_action="undo_safe", rollback_parameters={"x": "${gone}"}
+                )
+            ],
         )
     )
     with pytest.raises(ValidationError) as caught:
         engine.start_execution("r", "alice", {})
     assert caught.value.violations[0].field == "variables.gone"
+
+
+async def test_a_variable_an_earlier_step_sets_need_not_be_given_at_start(engine: RunbookEngine, rec: Recorder) -> None:
+    """An incident start gives only the incident's fields: a step using what an earlier step returned (the
+    bus an agent switched from, for the rollback to switch back) must not stop the start."""
+    engine.register_runbook(
+        Runbook(
+            "r",
+            "R",
+            [
+                RunbookStep("mode", "set_variable", {"name": "mode", "value": {"bus": "A"}}),
+                RunbookStep(
+                    "switch",
+                    "switch_bus",
+                    {"from": "${mode.bus}"},
+                    rollback_action="undo_switch",
+                    rollback_parameters={"to": "${mode.bus}"},
+                ),
+                RunbookStep("measure", "measure", rollback_action="undo_safe", rollback_parameters={"v": "${bus}"}),
+                RunbookStep("report", "safe_payload", {"voltage": "${bus_voltage} V"}),
+            ],
+        )
+    )
+    plan = engine.plan_execution("r", {})
+    assert plan[1].parameters == {"from": "${mode.bus}"} and plan[3].parameters == {"voltage": "${bus_voltage} V"}
+    ctx = engine.start_execution("r", "incident:c-1", {})
+    assert await run_to_end(engine, ctx.execution_id) == [StepStatus.COMPLETED] * 4
+    assert rec.calls[-1] == ("safe_payload", {"voltage": "27.5 V"})
+    assert await engine.rollback_execution(ctx.execution_id) == 2
+    assert ("undo_safe", {"v": "B"}) in rec.calls and ("undo_switch", {"to": "A"}) in rec.calls
+
+
+def test_a_variable_only_a_later_step_sets_fails_the_start(engine: RunbookEngine) -> None:
+    engine.register_runbook(
+        Runbook(
+            "r",
+            "R",
+            [
+                RunbookStep("use", "log", {"message": "${mode}"}),
+                RunbookStep("mode", "set_variable", {"name": "mode", "value": 1}),
+                RunbookStep("other", "log", {"message": "${other}"}),
+            ],
+        )
+    )
+    with pytest.raises(ValidationError) as caught:
+        engine.start_execution("r", "alice", {})
+    assert [v.field for v in caught.value.violations] == ["variables.mode", "variables.other"]
 
 
 def test_render_parameters() -> None:

@@ -157,7 +157,10 @@ class RunbookStep(_message.Message):
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Parameters for the action; strings may reference execution variables as
-        "${name}", rendered at start (a missing variable fails the start).
+        "${name}", rendered when the step runs: the start variables and what
+        earlier steps set (set_variable, or an agent's output). A reference that
+        neither the start variables nor an earlier step can provide fails the
+        start; one an earlier step was expected to set but did not fails the step.
         """
 
     @_builtins.property
@@ -165,7 +168,9 @@ class RunbookStep(_message.Message):
         """The action is cancelled and the step FAILED when it runs longer."""
 
     @_builtins.property
-    def rollback_parameters(self) -> _struct_pb2.Struct: ...
+    def rollback_parameters(self) -> _struct_pb2.Struct:
+        """As parameters; they may also use what this step itself set."""
+
     @_builtins.property
     def approval_timeout(self) -> _duration_pb2.Duration:
         """With requires_approval: the execution fails when nobody approves within

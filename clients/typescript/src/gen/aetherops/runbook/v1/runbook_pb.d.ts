@@ -68,7 +68,10 @@ export declare type RunbookStep = Message<"aetherops.runbook.v1.RunbookStep"> & 
 
   /**
    * Parameters for the action; strings may reference execution variables as
-   * "${name}", rendered at start (a missing variable fails the start).
+   * "${name}", rendered when the step runs: the start variables and what
+   * earlier steps set (set_variable, or an agent's output). A reference that
+   * neither the start variables nor an earlier step can provide fails the
+   * start; one an earlier step was expected to set but did not fails the step.
    *
    * @generated from field: google.protobuf.Struct parameters = 3;
    */
@@ -96,6 +99,8 @@ export declare type RunbookStep = Message<"aetherops.runbook.v1.RunbookStep"> & 
   rollbackAction: string;
 
   /**
+   * As parameters; they may also use what this step itself set.
+   *
    * @generated from field: google.protobuf.Struct rollback_parameters = 7;
    */
   rollbackParameters?: JsonObject | undefined;
