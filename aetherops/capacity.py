@@ -130,6 +130,9 @@ _Z90 = 1.2815515655446004
 # 1.4826 * MAD estimates σ for normal noise.
 _MAD_TO_SIGMA = 1.482602218505602
 
+# A week of history gives a fit full confidence (less scales it down; see `_history_days`).
+_FULL_HISTORY_DAYS = 7.0
+
 #: Days-remaining boundaries of the risk levels (see `classify_risk_level`).
 CRITICAL_DAYS = 14.0
 WARNING_DAYS = 30.0
@@ -962,7 +965,8 @@ class CapacityPlanner:
     Parameters (all keyword except `clock`):
 
     * ``min_history_points`` (3, at least 2) and ``min_history_days`` (1.0): less history than this
-      gives no rate/forecast, with the reason from the ``*_detailed`` methods.
+      gives no rate/forecast, with the reason from the ``*_detailed`` methods. A bandwidth series with
+      a budget period needs at most a tenth of the period (a daily budget: 2.4 hours of snapshots).
     * ``robust`` (True): robust Sen-type fit; False for ordinary least squares. See the module doc.
     * ``storage_capacity`` / ``default_storage_capacity``: storage capacity per satellite / fallback.
     * ``bandwidth_period_days`` / ``bandwidth_period_anchor``: the bandwidth budget period (None: none).
@@ -1349,7 +1353,8 @@ class CapacityPlanner:
         n = tab.n[slots]
         count = tab.count[slots]
         span_days = (tab.last_us[slots] - tab.first_us[slots]) / _US_PER_DAY
-        enough = (count >= self.min_history_points) & (span_days >= self.min_history_days)
+        need_days, full_days = self._history_days(slots)
+        enough = (count >= self.min_history_points) & (span_days >= need_days)
         bad = (n == 0) | tab.no_cap[slots] | ~enough
         for p in np.flatnonzero(bad).tolist():
             i = int(slots[p])
@@ -1367,11 +1372,11 @@ class CapacityPlanner:
             else:
                 reasons[key] = (
                     f"insufficient history: {span_days[p]:.3g} day(s) of snapshots{where}, "
-                    f"need at least {self.min_history_days:g}"
+                    f"need at least {need_days[p]:.3g}"
                 )
         if bad.any():
             keep = ~bad
-            slots, count, span_days = slots[keep], count[keep], span_days[keep]
+            slots, count, span_days, full_days = slots[keep], count[keep], span_days[keep], full_days[keep]
         total = int(slots.size)
         last_us = tab.last_us[slots]
         storage = tab.storage[slots]
@@ -1410,7 +1415,7 @@ class CapacityPlanner:
             rate=rate,
             se_level=se_level,
             se_rate=se_rate,
-            confidence=fit[:, _FIT_R2] * np.minimum(1.0, span_days / 7.0),
+            confidence=fit[:, _FIT_R2] * np.minimum(1.0, span_days / full_days),
             days=days,
             p10=p10,
             p90=p90,
@@ -1427,6 +1432,21 @@ class CapacityPlanner:
                 p90[i] = self._days_with(row, row.level + _Z90 * se_level[i], row.rate - _Z90 * se_rate[i], rps)
         out.levels = _classify_array(days)
         return out
+
+    def _history_days(self, slots: IntArray) -> tuple[FloatArray, FloatArray]:
+        """Per row: the span of snapshots needed for a forecast, and the span that counts as full
+        history for the confidence. A budget period bounds what a bandwidth series can have (a daily
+        budget never holds a day of snapshots, so it was never forecast, however fast it ran out): its
+        rows need a tenth of the period (at most `min_history_days`), and a whole period (at most the
+        week other series need) is full history."""
+        need = np.full(slots.size, self.min_history_days)
+        full = np.full(slots.size, _FULL_HISTORY_DAYS)
+        if self._bw_period_us is not None:
+            period_days = self._bw_period_us / _US_PER_DAY
+            periodic = self._table.bandwidth[slots]
+            need[periodic] = min(self.min_history_days, period_days / 10.0)
+            full[periodic] = min(_FULL_HISTORY_DAYS, period_days)
+        return need, full
 
     def _fit_rows(
         self,

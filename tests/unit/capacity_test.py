@@ -504,6 +504,27 @@ def test_bandwidth_budget_resets_each_period() -> None:
     assert f is not None and f.days_remaining == pytest.approx(15.0)
 
 
+def test_a_daily_bandwidth_budget_is_forecast_with_the_default_history_rules() -> None:
+    """The README's daily budget never holds the default day of snapshots: a budget running out within
+    the hour got no forecast at all, however late in the day."""
+    planner, clock = planner_at(20 + 15.5 / 24, bandwidth_period_days=1.0, bandwidth_period_anchor=day(0))
+    hours = [20 + h / 24 for h in range(16)]  # 00:00 to 15:00, 6 GB an hour out of 100
+    feed(planner, "s", BANDWIDTH, hours, [100.0 - 6.0 * h for h in range(16)])
+    f = planner.forecast_exhaustion("s", BANDWIDTH)
+    assert f is not None and f.risk_level is RiskLevel.CRITICAL
+    assert f.days_remaining == pytest.approx((16 + 2 / 3 - 15.5) / 24)  # empty at 16:40
+    assert f.confidence == pytest.approx(15 / 24), "a whole period is full history, not a week"
+    assert planner.get_fleet_risk_summary()[RiskLevel.CRITICAL] == ["s"]
+    # Right after the reset, two hours of snapshots are still too few (a tenth of the period).
+    clock.set(day(21 + 2.5 / 24))
+    feed(planner, "s", BANDWIDTH, [21 + h / 24 for h in range(3)], [100.0, 94.0, 88.0])
+    reason = planner.forecast_exhaustion_detailed("s", BANDWIDTH).reason
+    assert reason.startswith("insufficient history: 0.0833 day(s)") and reason.endswith("need at least 0.1")
+    # Other resources keep the default day.
+    feed(planner, "f", FUEL, hours, [50.0 - h for h in range(16)])
+    assert "need at least 1" in planner.forecast_exhaustion_detailed("f", FUEL).reason
+
+
 # ---- step changes and robustness ------------------------------------------------------------------
 
 
