@@ -736,6 +736,8 @@ def _print_cluster(cluster: Any) -> None:
         ]
         print()
         print(_table(["ALERT", "SATELLITE", "SUBSYSTEM", "SEV", "TIME", "MESSAGE"], rows))
+        if len(cluster.alerts) < cluster.alert_count:  # a large incident: the server sends the oldest
+            print(f"(the oldest {len(cluster.alerts)} of {cluster.alert_count} alerts; ListAlerts has them all)")
 
 
 def _clusters_show(client: Any, args: argparse.Namespace) -> int:

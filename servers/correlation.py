@@ -101,11 +101,35 @@ def stored_alert_to_proto(stored: StoredAlert) -> pb.StoredAlert:
     )
 
 
-def cluster_to_proto(record: ClusterRecord, *, with_alerts: bool = True) -> pb.Cluster:
+class AlertBudget:
+    """How many encoded bytes of alerts one response may still carry (see `cluster_to_proto`)."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        # A quarter of the message: the rest is for the clusters' other fields (a storm's incident
+        # lists every satellite it hit), so the response always fits.
+        self.remaining = max_message_bytes // 4
+
+
+def cluster_to_proto(record: ClusterRecord, budget: AlertBudget) -> pb.Cluster:
+    """The cluster with its alerts, oldest first, as many as `budget` still allows (shared by every
+    cluster of one response): an alert storm's incident holds tens of thousands, more than any
+    message may carry. With all of them, GetCluster, ListActiveClusters and CloseCluster answered
+    RESOURCE_EXHAUSTED exactly during a storm, CloseCluster after the close had committed.
+    `alert_count` says how many there are; ListAlerts pages through them all."""
+    cluster = _cluster_fields(record)
+    for alert in record.alerts:
+        message = alert_to_proto(alert)
+        budget.remaining -= message.ByteSize() + 8  # the field's tag and length prefix, generously
+        if budget.remaining < 0:
+            break
+        cluster.alerts.append(message)
+    return cluster
+
+
+def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
     return pb.Cluster(
         cluster_id=record.cluster_id,
         status=pb.CLUSTER_STATUS_OPEN if record.status == "OPEN" else pb.CLUSTER_STATUS_CLOSED,
-        alerts=[alert_to_proto(a) for a in record.alerts] if with_alerts else [],
         root_cause_alert_id=record.root_cause_alert_id or "",
         root_cause_confidence=record.root_cause_confidence,
         satellite_ids=record.satellites,
@@ -267,7 +291,8 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
 
     async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:
         _require_id(request.cluster_id, "cluster_id")
-        return pb.GetClusterResponse(cluster=cluster_to_proto(await self._svc.get_cluster(request.cluster_id)))
+        record = await self._svc.get_cluster(request.cluster_id)
+        return pb.GetClusterResponse(cluster=cluster_to_proto(record, self._c.alert_budget()))
 
     async def ListActiveClusters(
         self, request: pb.ListActiveClustersRequest, context: Any
@@ -278,7 +303,10 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             satellite_id=request.satellite_id,
             min_severity=request.min_severity,
         )
-        return pb.ListActiveClustersResponse(clusters=[cluster_to_proto(r) for r in page], next_page_token=token)
+        budget = self._c.alert_budget()
+        return pb.ListActiveClustersResponse(
+            clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token
+        )
 
     async def ListAlerts(self, request: pb.ListAlertsRequest, context: Any) -> pb.ListAlertsResponse:
         page, token = await self._svc.list_alerts(
@@ -295,7 +323,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         record = await self._svc.close(
             request.cluster_id, reason=request.reason, closed_by="operator", request_id=request.request_id
         )
-        return pb.CloseClusterResponse(cluster=cluster_to_proto(record))
+        return pb.CloseClusterResponse(cluster=cluster_to_proto(record, self._c.alert_budget()))
 
     async def IdentifyRootCause(
         self, request: pb.IdentifyRootCauseRequest, context: Any
@@ -387,6 +415,10 @@ class CorrelationComponent:
         self.infra: Infra | None = None
         self.feed: IncidentFeed | None = None
         self._consumer_task: asyncio.Task[None] | None = None
+
+    def alert_budget(self) -> AlertBudget:
+        """The alerts one response may carry (see `cluster_to_proto`)."""
+        return AlertBudget(self._settings.max_message_bytes)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         correlation_pb2_grpc.add_CorrelationServiceServicer_to_server(self.servicer, server)

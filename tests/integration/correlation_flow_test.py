@@ -744,6 +744,37 @@ async def test_an_alert_id_repeated_within_one_batch_is_stored_once(channel: grp
     assert (reply.accepted, reply.duplicates, reply.replays, reply.rejected) == (0, 0, 3, 0)
 
 
+async def test_an_incident_with_more_alerts_than_a_message_holds_is_still_shown_listed_and_closed(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    # An alert storm's incident holds tens of thousands of alerts. Sent whole, GetCluster,
+    # ListActiveClusters and CloseCluster failed with RESOURCE_EXHAUSTED (and the close had committed).
+    server = await app_factory(max_message_bytes=64 * 1024)
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", server.port))
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    # Forty subsystems on one satellite at once: one incident, none a duplicate of another.
+    storm = [_alert("SAT-S", f"unit-{n:02d}", t0 + timedelta(milliseconds=n), severity=5) for n in range(40)]
+    for alert in storm:
+        alert.message = "x" * 3000  # 120 kB in all, twice the largest message
+
+    async def requests() -> Any:
+        for alert in storm:  # each message within the limit
+            yield pb.IngestAlertsRequest(alert=alert)
+
+    assert (await stub.IngestAlerts(requests())).accepted == 40
+    (listed,) = (await stub.ListActiveClusters(pb.ListActiveClustersRequest())).clusters
+    shown = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=listed.cluster_id))).cluster
+    closed = (await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=listed.cluster_id, request_id="r1"))).cluster
+    ids = [a.alert_id for a in storm]
+    for cluster in (listed, shown, closed):
+        assert cluster.alert_count == 40
+        assert 0 < len(cluster.alerts) < 40
+        assert [a.alert_id for a in cluster.alerts] == ids[: len(cluster.alerts)]  # the oldest
+    assert closed.status == pb.CLUSTER_STATUS_CLOSED
+    every = await stub.ListAlerts(pb.ListAlertsRequest(cluster_id=listed.cluster_id, page_size=10))
+    assert [a.alert.alert_id for a in every.alerts] == ids[:10] and every.next_page_token
+
+
 async def test_labels_are_stored_and_returned_as_sent(channel: grpc.aio.Channel) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=30)

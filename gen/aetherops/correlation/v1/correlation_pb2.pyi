@@ -187,7 +187,11 @@ class Cluster(_message.Message):
     """Tracking id of the alert that opened the cluster."""
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
-        """The cluster's alerts, oldest first (duplicates are not included)."""
+        """The cluster's alerts, oldest first (duplicates are not included), as many
+        as fit in a quarter of the largest message (AETHEROPS_MAX_MESSAGE_BYTES),
+        shared by all clusters of a response: an alert storm's incident holds more.
+        Fewer than alert_count then; ListAlerts with the cluster_id has them all.
+        """
 
     @_builtins.property
     def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

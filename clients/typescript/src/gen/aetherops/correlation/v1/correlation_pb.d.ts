@@ -106,7 +106,10 @@ export declare type Cluster = Message<"aetherops.correlation.v1.Cluster"> & {
   status: ClusterStatus;
 
   /**
-   * The cluster's alerts, oldest first (duplicates are not included).
+   * The cluster's alerts, oldest first (duplicates are not included), as many
+   * as fit in a quarter of the largest message (AETHEROPS_MAX_MESSAGE_BYTES),
+   * shared by all clusters of a response: an alert storm's incident holds more.
+   * Fewer than alert_count then; ListAlerts with the cluster_id has them all.
    *
    * @generated from field: repeated aetherops.correlation.v1.Alert alerts = 3;
    */
