@@ -346,8 +346,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             except ValidationError as exc:
                 problems.extend(exc.violations)
                 continue
-            if alert.timestamp is None:
-                problems.append(FieldViolation(f"{name}.timestamp", "required"))
+            problems += self._svc.score_problems(alert, name)
             alerts.append(alert)
         if problems:
             raise ValidationError(problems)

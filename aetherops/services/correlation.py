@@ -529,6 +529,18 @@ class CorrelationService:
         record = await self.get_cluster(cluster_id)
         return _root_alert(record), record.root_cause_confidence
 
+    @staticmethod
+    def score_problems(alert: Alert, field: str) -> list[FieldViolation]:
+        """What makes an alert unfit for scoring (ids are not needed): what the score reads must be
+        what ingestion accepts. A severity of 99 made a severity component of 1.04 and "would
+        correlate" for alerts IngestAlert refuses."""
+        problems: list[FieldViolation] = []
+        if not 1 <= alert.severity <= 5:
+            problems.append(FieldViolation(f"{field}.severity", f"must be between 1 and 5, got {alert.severity}"))
+        if alert.timestamp is None:
+            problems.append(FieldViolation(f"{field}.timestamp", "required"))
+        return problems
+
     def score(self, first: Alert, second: Alert) -> tuple[ScoreComponents, bool]:
         components = self._engine.score_components(first, second)
         return components, components.total >= self._engine.score_threshold

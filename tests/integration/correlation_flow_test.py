@@ -399,6 +399,13 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
                 await stub.IngestAlert(pb.IngestAlertRequest(alert=alert, request_id=request_id))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert fields <= set(_violations(err.value))
+    # A severity IngestAlert refuses is refused here too, not scored past the documented range.
+    now = datetime.now(UTC)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ScoreAlerts(
+            pb.ScoreAlertsRequest(first=_alert("SAT-1", "power", now, 99), second=_alert("SAT-2", "comms", now, 0))
+        )
+    assert {"first.severity", "second.severity"} == set(_violations(err.value))
 
     future = _alert("SAT-1", "power", datetime.now(UTC) + timedelta(hours=2))
     with pytest.raises(grpc.aio.AioRpcError) as err:

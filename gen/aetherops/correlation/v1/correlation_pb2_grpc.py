@@ -151,7 +151,8 @@ class CorrelationServiceServicer:
 
     def ScoreAlerts(self, request, context):
         """Scores two alerts against each other and explains the components. Stores
-        nothing.
+        nothing. Each alert needs a timestamp and a severity of 1-5, as ingestion
+        does (INVALID_ARGUMENT otherwise); ids are not needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

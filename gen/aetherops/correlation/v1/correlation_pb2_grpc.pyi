@@ -69,7 +69,8 @@ class CorrelationServiceStub:
     """
     ScoreAlerts: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ScoreAlertsRequest, _correlation_pb2.ScoreAlertsResponse]
     """Scores two alerts against each other and explains the components. Stores
-    nothing.
+    nothing. Each alert needs a timestamp and a severity of 1-5, as ingestion
+    does (INVALID_ARGUMENT otherwise); ids are not needed.
     """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ListAlertsRequest, _correlation_pb2.ListAlertsResponse]
     """Lists stored alerts that match the filters, duplicates included (marked),
@@ -124,7 +125,8 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     """
     ScoreAlerts: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ScoreAlertsRequest, _correlation_pb2.ScoreAlertsResponse]  # type: ignore[assignment]
     """Scores two alerts against each other and explains the components. Stores
-    nothing.
+    nothing. Each alert needs a timestamp and a severity of 1-5, as ingestion
+    does (INVALID_ARGUMENT otherwise); ids are not needed.
     """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ListAlertsRequest, _correlation_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Lists stored alerts that match the filters, duplicates included (marked),
@@ -218,7 +220,8 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_correlation_pb2.ScoreAlertsResponse, _abc.Awaitable[_correlation_pb2.ScoreAlertsResponse]]:
         """Scores two alerts against each other and explains the components. Stores
-        nothing.
+        nothing. Each alert needs a timestamp and a severity of 1-5, as ingestion
+        does (INVALID_ARGUMENT otherwise); ids are not needed.
         """
 
     @_abc_1.abstractmethod

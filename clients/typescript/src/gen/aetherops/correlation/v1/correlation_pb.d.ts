@@ -955,7 +955,8 @@ export declare const CorrelationService: GenService<{
   },
   /**
    * Scores two alerts against each other and explains the components. Stores
-   * nothing.
+   * nothing. Each alert needs a timestamp and a severity of 1-5, as ingestion
+   * does (INVALID_ARGUMENT otherwise); ids are not needed.
    *
    * @generated from rpc aetherops.correlation.v1.CorrelationService.ScoreAlerts
    */
