@@ -168,7 +168,7 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
         event_id=event_id,
         type=f"incidents.{event.kind}",
         occurred_time=to_ts(occurred),
-        tracking_id=event.cluster.tracking_id,
+        tracking_id=event.tracking_id,
         source_service="correlation",
         aggregate_id=event.cluster.cluster_id,
     )

@@ -98,6 +98,9 @@ class IncidentEvent:
     root_cause_changed: bool = False
     reason: str = ""
     closed_by: str = ""
+    tracking_id: str = ""
+    """Of the request that caused the change: the opening alert's for "opened", the last added
+    alert's for "updated", the CloseCluster call's for "closed" (sent in the envelope and the header)."""
 
 
 EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
@@ -326,8 +329,8 @@ class CorrelationService:
         """The engine's decisions for a batch, and what to write for them."""
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
-        # cluster -> (opened, added ids, root changed, membership changed)
-        touched: dict[str, tuple[bool, list[str], bool, bool]] = {}
+        # cluster -> (opened, added ids, root changed, membership changed, tracking id of the last added)
+        touched: dict[str, tuple[bool, list[str], bool, bool, str]] = {}
         # The same alert id twice in one batch (a retry racing its original): the repeat gets the
         # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
         in_batch: dict[str, tuple[Alert, IngestOutcome]] = {}
@@ -359,14 +362,17 @@ class CorrelationService:
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
             rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
-            opened, added, root_changed, grew = touched.get(result.cluster_id, (False, [], False, False))
+            opened, added, root_changed, grew, cause = touched.get(result.cluster_id, (False, [], False, False, ""))
             if not result.duplicate:
                 added.append(alert.alert_id)
+                # The committer runs under no request's tracking id: the alert carries its own.
+                cause = alert.tracking_id
             touched[result.cluster_id] = (
                 opened or result.opened,
                 added,
                 root_changed or result.root_cause_changed,
                 grew or result.membership_changed,
+                cause,
             )
             outcome = IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
             in_batch[aid] = (alert, outcome)
@@ -376,7 +382,7 @@ class CorrelationService:
         events: list[outbox.OutboxEvent] = []
         opened_ids: set[str] = set()
         grown_ids: set[str] = set()
-        for cid, (opened, added, root_changed, grew) in touched.items():
+        for cid, (opened, added, root_changed, grew, cause) in touched.items():
             cluster = self._engine.require_cluster(cid)
             record = record_of(cluster, with_alerts=False)
             records.append(record)
@@ -385,9 +391,11 @@ class CorrelationService:
                 grown_ids.add(cid)
             if opened:
                 opened_ids.add(cid)
-                events.append(self._event(IncidentEvent("opened", record, root, added, True), now))
+                event = IncidentEvent("opened", record, root, added, True, tracking_id=record.tracking_id)
+                events.append(self._event(event, now))
             elif added or root_changed:
-                events.append(self._event(IncidentEvent("updated", record, root, added, root_changed), now))
+                event = IncidentEvent("updated", record, root, added, root_changed, tracking_id=cause)
+                events.append(self._event(event, now))
         return _Batch(outcomes, rows, opened_ids, grown_ids, records, events)
 
     def _event(self, event: IncidentEvent, now: datetime) -> outbox.OutboxEvent:
@@ -396,7 +404,7 @@ class CorrelationService:
             subject=self._subjects.incidents(event.kind),
             aggregate_id=event.cluster.cluster_id,
             payload=self._encode(event, str(event_id), now),
-            tracking_id=event.cluster.tracking_id if event.kind == "opened" else current_tracking_id(),
+            tracking_id=event.tracking_id,
             event_id=event_id,
         )
 
@@ -520,7 +528,14 @@ class CorrelationService:
             await repo.close_cluster(conn, cluster_id, closed_time=now, reason=reason, closed_by=closed_by)
             closed = await repo.get_cluster(conn, cluster_id)
             assert closed is not None
-            event = IncidentEvent("closed", closed, _root_alert(closed), reason=reason, closed_by=closed_by)
+            event = IncidentEvent(
+                "closed",
+                closed,
+                _root_alert(closed),
+                reason=reason,
+                closed_by=closed_by,
+                tracking_id=current_tracking_id(),
+            )
             await outbox.append(conn, [self._event(event, now)])
             await idempotency.remember(conn, scope, request_id, {"cluster_id": cluster_id})
         return closed

@@ -20,7 +20,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from aetherops.bus import Bus
+from aetherops.bus import HEADER_TRACKING_ID, Bus
 from aetherops.db import Database
 from aetherops.services.correlation import INGEST_BATCH
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
@@ -80,6 +80,7 @@ async def _events(bus: Bus, count: int = 0, until: str = "", timeout_s: float = 
                 event = events_pb2.Event()
                 event.ParseFromString(msg.data)
                 assert msg.headers["Nats-Msg-Id"] == event.event_id
+                assert msg.headers.get(HEADER_TRACKING_ID, "") == event.tracking_id  # one cause, said twice
                 out.append(event)
     finally:
         await sub.unsubscribe()
@@ -780,6 +781,34 @@ async def test_an_incident_with_more_alerts_than_a_message_holds_is_still_shown_
     assert closed.status == pb.CLUSTER_STATUS_CLOSED
     every = await stub.ListAlerts(pb.ListAlertsRequest(cluster_id=listed.cluster_id, page_size=10))
     assert [a.alert.alert_id for a in every.alerts] == ids[:10] and every.next_page_token
+
+
+async def test_each_incident_event_carries_the_tracking_id_of_the_request_that_caused_it(
+    channel: grpc.aio.Channel, bus: Bus
+) -> None:
+    # The "updated" event went out under no tracking id at all (ingestion commits in a task of its
+    # own), and the envelopes of "updated" and "closed" named the opening alert's request.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    opened = await stub.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-T", "power", t0)), metadata=(("x-tracking-id", "trk-open"),)
+    )
+    await stub.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-T", "thermal", t0 + timedelta(seconds=5))),
+        metadata=(("x-tracking-id", "trk-join"),),
+    )
+    await stub.CloseCluster(
+        pb.CloseClusterRequest(cluster_id=opened.cluster_id, request_id="c1"),
+        metadata=(("x-tracking-id", "trk-close"),),
+    )
+    events = await _events(bus, until="incident_closed")
+    assert [(e.WhichOneof("payload"), e.tracking_id) for e in events] == [
+        ("incident_opened", "trk-open"),
+        ("incident_updated", "trk-join"),
+        ("incident_closed", "trk-close"),
+    ]
+    cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=opened.cluster_id))).cluster
+    assert cluster.tracking_id == "trk-open"  # the incident's own stays the opening alert's
 
 
 async def test_labels_are_stored_and_returned_as_sent(channel: grpc.aio.Channel) -> None:
