@@ -160,6 +160,9 @@ def _incident(event: IncidentEvent) -> events_pb2.Incident:
         first_alert_time=to_ts(record.first_alert_time),
         last_alert_time=to_ts(record.last_alert_time),
         multi_satellite=record.multi_satellite,
+        root_cause_confidence=record.root_cause_confidence,
+        duplicate_count=record.duplicate_count,
+        tracking_id=record.tracking_id,
     )
 
 
@@ -188,11 +191,14 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
     return bytes(envelope.SerializeToString())
 
 
-def _cluster_from_incident(incident: events_pb2.Incident, status: pb.ClusterStatus.ValueType) -> pb.Cluster:
-    return pb.Cluster(
+def _cluster_from_event(event: events_pb2.Event, status: pb.ClusterStatus.ValueType) -> pb.Cluster:
+    """The cluster as of an incident event, as GetCluster would have shown it then (without alerts)."""
+    incident = incident_of(event)
+    cluster = pb.Cluster(
         cluster_id=incident.cluster_id,
         status=status,
         root_cause_alert_id=incident.root_cause_alert_id,
+        root_cause_confidence=incident.root_cause_confidence,
         satellite_ids=incident.satellite_ids,
         subsystems=incident.subsystems,
         max_severity=incident.max_severity,
@@ -200,7 +206,15 @@ def _cluster_from_incident(incident: events_pb2.Incident, status: pb.ClusterStat
         last_alert_time=incident.last_alert_time,
         multi_satellite=incident.multi_satellite,
         alert_count=incident.alert_count,
+        duplicate_count=incident.duplicate_count,
+        tracking_id=incident.tracking_id,
     )
+    cluster.duration.FromNanoseconds(
+        incident.last_alert_time.ToNanoseconds() - incident.first_alert_time.ToNanoseconds()
+    )
+    if status == pb.CLUSTER_STATUS_CLOSED:
+        cluster.close_time.CopyFrom(event.occurred_time)  # a close is committed at its event's time
+    return cluster
 
 
 def decode_alert_message(data: bytes) -> pb.Alert:
@@ -384,7 +398,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
                 missed, watcher.dropped = watcher.dropped, 0
                 yield pb.WatchClustersResponse(
                     event_type=event_type,
-                    cluster=_cluster_from_incident(incident_of(event), status),
+                    cluster=_cluster_from_event(event, status),
                     event_time=event.occurred_time,
                     dropped_events=missed,
                 )

@@ -899,6 +899,13 @@ async def test_watchers_get_what_their_filters_ask_for_from_one_subscription(
     assert (got_close.event_type, got_close.cluster.cluster_id) == (pb.CLUSTER_EVENT_TYPE_CLOSED, mild.cluster_id)
     assert got_close.cluster.status == pb.CLUSTER_STATUS_CLOSED
     assert (got_severe.event_type, got_severe.cluster.cluster_id) == (pb.CLUSTER_EVENT_TYPE_OPENED, loud.cluster_id)
+    # The cluster as of the event is the cluster GetCluster shows (neither changed since), alerts
+    # aside: it had no confidence, duplicate count, tracking id, duration or close time.
+    for got in (got_close, got_severe):
+        shown = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=got.cluster.cluster_id))).cluster
+        del shown.alerts[:]
+        assert got.cluster == shown
+        assert got.cluster.root_cause_confidence > 0 and got.cluster.tracking_id
     closes.cancel()
     severe.cancel()
 

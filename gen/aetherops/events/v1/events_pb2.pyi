@@ -112,6 +112,9 @@ class Incident(_message.Message):
     FIRST_ALERT_TIME_FIELD_NUMBER: _builtins.int
     LAST_ALERT_TIME_FIELD_NUMBER: _builtins.int
     MULTI_SATELLITE_FIELD_NUMBER: _builtins.int
+    ROOT_CAUSE_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    TRACKING_ID_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     max_severity: _builtins.int
     root_cause_alert_id: _builtins.str
@@ -119,6 +122,14 @@ class Incident(_message.Message):
     root_cause_satellite_id: _builtins.str
     alert_count: _builtins.int
     multi_satellite: _builtins.bool
+    root_cause_confidence: _builtins.float
+    """Confidence in the root cause, 0..1."""
+    duplicate_count: _builtins.int
+    """Duplicates dropped into the incident so far."""
+    tracking_id: _builtins.str
+    """Tracking id of the alert that opened the incident (the envelope's is the
+    request that caused this event).
+    """
     @_builtins.property
     def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -141,10 +152,13 @@ class Incident(_message.Message):
         first_alert_time: _timestamp_pb2.Timestamp | None = ...,
         last_alert_time: _timestamp_pb2.Timestamp | None = ...,
         multi_satellite: _builtins.bool = ...,
+        root_cause_confidence: _builtins.float = ...,
+        duplicate_count: _builtins.int = ...,
+        tracking_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "cluster_id", b"cluster_id", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_ids", b"satellite_ids", "subsystems", b"subsystems"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_ids", b"satellite_ids", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -172,6 +172,28 @@ export declare type Incident = Message<"aetherops.events.v1.Incident"> & {
    * @generated from field: bool multi_satellite = 11;
    */
   multiSatellite: boolean;
+
+  /**
+   * Confidence in the root cause, 0..1.
+   *
+   * @generated from field: double root_cause_confidence = 12;
+   */
+  rootCauseConfidence: number;
+
+  /**
+   * Duplicates dropped into the incident so far.
+   *
+   * @generated from field: int32 duplicate_count = 13;
+   */
+  duplicateCount: number;
+
+  /**
+   * Tracking id of the alert that opened the incident (the envelope's is the
+   * request that caused this event).
+   *
+   * @generated from field: string tracking_id = 14;
+   */
+  trackingId: string;
 };
 
 /**
