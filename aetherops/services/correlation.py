@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
@@ -142,6 +142,27 @@ class _Batch:
 
 def _root_alert(record: ClusterRecord) -> Alert | None:
     return next((a for a in record.alerts if a.alert_id == record.root_cause_alert_id), None)
+
+
+_EVENT_IDS_BYTES: Final = 256 * 1024
+"""Most bytes of alert ids one "updated" event lists (see `_id_chunks`)."""
+
+
+def _id_chunks(ids: list[str]) -> list[list[str]]:
+    """The alert ids a batch added to an incident, split so each "updated" event stays well within
+    NATS's max_payload (1 MB by default): a batch adds up to `INGEST_BATCH` alerts to a storm's
+    incident, and ids of up to 256 characters of up to 4 bytes each made one event of several MB,
+    which the relay could never publish. At least one chunk (a root-cause change adds no id)."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for alert_id in ids:
+        n = len(alert_id) if alert_id.isascii() else len(alert_id.encode())
+        if size + n > _EVENT_IDS_BYTES and chunks[-1]:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(alert_id)
+        size += n + 3  # the field's tag and length
+    return chunks
 
 
 INGEST_BATCH = 4000
@@ -394,8 +415,9 @@ class CorrelationService:
                 event = IncidentEvent("opened", record, root, added, True, tracking_id=record.tracking_id)
                 events.append(self._event(event, now))
             elif added or root_changed:
-                event = IncidentEvent("updated", record, root, added, root_changed, tracking_id=cause)
-                events.append(self._event(event, now))
+                for i, ids in enumerate(_id_chunks(added)):
+                    event = IncidentEvent("updated", record, root, ids, root_changed and i == 0, tracking_id=cause)
+                    events.append(self._event(event, now))
         return _Batch(outcomes, rows, opened_ids, grown_ids, records, events)
 
     def _event(self, event: IncidentEvent, now: datetime) -> outbox.OutboxEvent:

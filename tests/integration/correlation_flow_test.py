@@ -811,6 +811,37 @@ async def test_each_incident_event_carries_the_tracking_id_of_the_request_that_c
     assert cluster.tracking_id == "trk-open"  # the incident's own stays the opening alert's
 
 
+async def test_a_storm_batch_joining_an_incident_is_announced_in_events_nats_can_carry(
+    channel: grpc.aio.Channel, bus: Bus
+) -> None:
+    # One "updated" event listed every alert a batch added: 1,000 ids of 256 characters, most of
+    # four bytes, with their satellites made it 1.1 MB, over NATS's max_payload: never published.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    opener = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-0000", "power", t0)))
+    storm = [_alert(f"SAT-{n:04d}-{'x' * 56}", "power", t0, alert_id=f"{n:04d}" + "𝔸" * 252) for n in range(1, 1001)]
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alerts=storm)
+
+    assert (await stub.IngestAlerts(requests())).accepted == 1000
+    announced: list[str] = []
+    updates = 0
+    sub = await bus.js.subscribe(bus.subjects.incidents("updated"), ordered_consumer=True)
+    try:
+        async with asyncio.timeout(15):
+            while len(announced) < 1000:
+                event = events_pb2.Event()
+                event.ParseFromString((await sub.next_msg(timeout=15)).data)
+                assert event.incident_updated.incident.cluster_id == opener.cluster_id
+                announced += event.incident_updated.added_alert_ids
+                updates += 1
+    finally:
+        await sub.unsubscribe()
+    assert sorted(announced) == sorted(a.alert_id for a in storm)
+    assert updates > 1  # the batch's ids, split
+
+
 async def test_labels_are_stored_and_returned_as_sent(channel: grpc.aio.Channel) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=30)
