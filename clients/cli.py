@@ -730,6 +730,8 @@ def _print_cluster(cluster: Any) -> None:
         f"\nroot cause: {cluster.root_cause_alert_id or '-'} (confidence {cluster.root_cause_confidence:.2f}); "
         f"duplicates dropped: {cluster.duplicate_count}; tracking id: {cluster.tracking_id or '-'}"
     )
+    if cluster.closed_by:
+        print(f"closed {_when(cluster.close_time)} by {cluster.closed_by}: {cluster.close_reason or '-'}")
     if cluster.alerts:
         rows = [
             [a.alert_id, a.satellite_id, a.subsystem, a.severity, _when(a.timestamp), a.message] for a in cluster.alerts

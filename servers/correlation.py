@@ -143,6 +143,8 @@ def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
         alert_count=record.alert_count,
         duplicate_count=record.duplicate_count,
         tracking_id=record.tracking_id,
+        close_reason=record.close_reason,
+        closed_by=record.closed_by,
     )
 
 
@@ -214,6 +216,8 @@ def _cluster_from_event(event: events_pb2.Event, status: pb.ClusterStatus.ValueT
     )
     if status == pb.CLUSTER_STATUS_CLOSED:
         cluster.close_time.CopyFrom(event.occurred_time)  # a close is committed at its event's time
+        cluster.close_reason = event.incident_closed.reason
+        cluster.closed_by = event.incident_closed.closed_by
     return cluster
 
 

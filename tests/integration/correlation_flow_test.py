@@ -450,15 +450,21 @@ async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
     recent = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-Q2", "unit-r", now - timedelta(minutes=5))))
     # Open for ever before: clusters past the window stayed OPEN in the database whatever happened.
     await app.stop()
-    await app_factory(incident_resolve_after_s=600)  # a round runs at start, then every minute
+    app_after = await app_factory(incident_resolve_after_s=600)  # a round runs at start, then every minute
+    stub_after = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app_after.port))
 
     async def resolved() -> bool:
         status = await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", quiet.cluster_id)
         return bool(status == "CLOSED")
 
     await eventually(resolved, what="the quiet incident closed")
-    row = await db.fetchrow("SELECT closed_by, close_reason FROM clusters WHERE cluster_id = $1", quiet.cluster_id)
-    assert (row["closed_by"], row["close_reason"]) == ("system", "no alert for 600 s")
+    # An operator sees who closed it and why, not just that it is closed.
+    shown = (await stub_after.GetCluster(pb.GetClusterRequest(cluster_id=quiet.cluster_id))).cluster
+    assert (shown.status, shown.closed_by, shown.close_reason) == (
+        pb.CLUSTER_STATUS_CLOSED,
+        "system",
+        "no alert for 600 s",
+    )
     assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", recent.cluster_id) == "OPEN"
     closes = await db.fetch("SELECT aggregate_id FROM outbox WHERE subject LIKE '%incidents.closed'")
     assert [r["aggregate_id"] for r in closes] == [quiet.cluster_id]

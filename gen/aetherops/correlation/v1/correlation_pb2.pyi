@@ -30,18 +30,30 @@ class _ClusterStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cluster
     DESCRIPTOR: _descriptor.EnumDescriptor
     CLUSTER_STATUS_UNSPECIFIED: _ClusterStatus.ValueType  # 0
     CLUSTER_STATUS_OPEN: _ClusterStatus.ValueType  # 1
-    """Accepting alerts."""
+    """Not closed. It accepts alerts while its last alert is within the
+    correlation window (ListActiveClusters lists those); after that it waits
+    for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it.
+    """
     CLUSTER_STATUS_CLOSED: _ClusterStatus.ValueType  # 2
-    """Closed by an operator; never accepts alerts again."""
+    """Closed by an operator (CloseCluster) or by the system after
+    AETHEROPS_INCIDENT_RESOLVE_AFTER_S without an alert (closed_by says
+    which); never accepts alerts again.
+    """
 
 class ClusterStatus(_ClusterStatus, metaclass=_ClusterStatusEnumTypeWrapper):
     """Lifecycle of a cluster."""
 
 CLUSTER_STATUS_UNSPECIFIED: ClusterStatus.ValueType  # 0
 CLUSTER_STATUS_OPEN: ClusterStatus.ValueType  # 1
-"""Accepting alerts."""
+"""Not closed. It accepts alerts while its last alert is within the
+correlation window (ListActiveClusters lists those); after that it waits
+for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it.
+"""
 CLUSTER_STATUS_CLOSED: ClusterStatus.ValueType  # 2
-"""Closed by an operator; never accepts alerts again."""
+"""Closed by an operator (CloseCluster) or by the system after
+AETHEROPS_INCIDENT_RESOLVE_AFTER_S without an alert (closed_by says
+which); never accepts alerts again.
+"""
 Global___ClusterStatus: _TypeAlias = ClusterStatus  # noqa: Y015
 
 class _ClusterEventType:
@@ -170,6 +182,8 @@ class Cluster(_message.Message):
     ALERT_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     TRACKING_ID_FIELD_NUMBER: _builtins.int
+    CLOSE_REASON_FIELD_NUMBER: _builtins.int
+    CLOSED_BY_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     status: Global___ClusterStatus.ValueType
     root_cause_alert_id: _builtins.str
@@ -185,6 +199,11 @@ class Cluster(_message.Message):
     duplicate_count: _builtins.int
     tracking_id: _builtins.str
     """Tracking id of the alert that opened the cluster."""
+    close_reason: _builtins.str
+    """Set when the cluster was closed: the reason given, and who closed it
+    ("operator", or "system" for a quiet incident).
+    """
+    closed_by: _builtins.str
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
         """The cluster's alerts, oldest first (duplicates are not included), as many
@@ -230,10 +249,12 @@ class Cluster(_message.Message):
         alert_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
         tracking_id: _builtins.str = ...,
+        close_reason: _builtins.str = ...,
+        closed_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "alerts", b"alerts", "close_time", b"close_time", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "satellite_ids", b"satellite_ids", "status", b"status", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "alerts", b"alerts", "close_reason", b"close_reason", "close_time", b"close_time", "closed_by", b"closed_by", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "satellite_ids", b"satellite_ids", "status", b"status", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

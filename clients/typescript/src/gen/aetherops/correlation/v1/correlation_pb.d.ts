@@ -197,6 +197,19 @@ export declare type Cluster = Message<"aetherops.correlation.v1.Cluster"> & {
    * @generated from field: string tracking_id = 16;
    */
   trackingId: string;
+
+  /**
+   * Set when the cluster was closed: the reason given, and who closed it
+   * ("operator", or "system" for a quiet incident).
+   *
+   * @generated from field: string close_reason = 17;
+   */
+  closeReason: string;
+
+  /**
+   * @generated from field: string closed_by = 18;
+   */
+  closedBy: string;
 };
 
 /**
@@ -820,14 +833,18 @@ export enum ClusterStatus {
   UNSPECIFIED = 0,
 
   /**
-   * Accepting alerts.
+   * Not closed. It accepts alerts while its last alert is within the
+   * correlation window (ListActiveClusters lists those); after that it waits
+   * for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it.
    *
    * @generated from enum value: CLUSTER_STATUS_OPEN = 1;
    */
   OPEN = 1,
 
   /**
-   * Closed by an operator; never accepts alerts again.
+   * Closed by an operator (CloseCluster) or by the system after
+   * AETHEROPS_INCIDENT_RESOLVE_AFTER_S without an alert (closed_by says
+   * which); never accepts alerts again.
    *
    * @generated from enum value: CLUSTER_STATUS_CLOSED = 2;
    */
