@@ -127,7 +127,10 @@ class CorrelationServiceServicer:
 
     def ListActiveClusters(self, request, context):
         """Lists open clusters whose last alert is within the correlation window,
-        newest activity first. Paginated.
+        newest activity first. Paginated, by last alert time: no cluster appears on
+        two pages of one listing, but one that gets an alert while you page moves
+        ahead of the page token and is not on the later pages (start again from
+        the first page for a fresh view).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,10 @@ class CorrelationServiceStub:
     """Returns one cluster with its alerts. NOT_FOUND for an unknown id."""
     ListActiveClusters: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ListActiveClustersRequest, _correlation_pb2.ListActiveClustersResponse]
     """Lists open clusters whose last alert is within the correlation window,
-    newest activity first. Paginated.
+    newest activity first. Paginated, by last alert time: no cluster appears on
+    two pages of one listing, but one that gets an alert while you page moves
+    ahead of the page token and is not on the later pages (start again from
+    the first page for a fresh view).
     """
     CloseCluster: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.CloseClusterRequest, _correlation_pb2.CloseClusterResponse]
     """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
@@ -113,7 +116,10 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     """Returns one cluster with its alerts. NOT_FOUND for an unknown id."""
     ListActiveClusters: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ListActiveClustersRequest, _correlation_pb2.ListActiveClustersResponse]  # type: ignore[assignment]
     """Lists open clusters whose last alert is within the correlation window,
-    newest activity first. Paginated.
+    newest activity first. Paginated, by last alert time: no cluster appears on
+    two pages of one listing, but one that gets an alert while you page moves
+    ahead of the page token and is not on the later pages (start again from
+    the first page for a fresh view).
     """
     CloseCluster: _aio.UnaryUnaryMultiCallable[_correlation_pb2.CloseClusterRequest, _correlation_pb2.CloseClusterResponse]  # type: ignore[assignment]
     """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
@@ -190,7 +196,10 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_correlation_pb2.ListActiveClustersResponse, _abc.Awaitable[_correlation_pb2.ListActiveClustersResponse]]:
         """Lists open clusters whose last alert is within the correlation window,
-        newest activity first. Paginated.
+        newest activity first. Paginated, by last alert time: no cluster appears on
+        two pages of one listing, but one that gets an alert while you page moves
+        ahead of the page token and is not on the later pages (start again from
+        the first page for a fresh view).
         """
 
     @_abc_1.abstractmethod

@@ -939,7 +939,10 @@ export declare const CorrelationService: GenService<{
   },
   /**
    * Lists open clusters whose last alert is within the correlation window,
-   * newest activity first. Paginated.
+   * newest activity first. Paginated, by last alert time: no cluster appears on
+   * two pages of one listing, but one that gets an alert while you page moves
+   * ahead of the page token and is not on the later pages (start again from
+   * the first page for a fresh view).
    *
    * @generated from rpc aetherops.correlation.v1.CorrelationService.ListActiveClusters
    */
