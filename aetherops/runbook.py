@@ -154,6 +154,7 @@ class EventType(StrEnum):
     APPROVAL_REQUESTED = "APPROVAL_REQUESTED"
     APPROVAL_GRANTED = "APPROVAL_GRANTED"
     APPROVAL_EXPIRED = "APPROVAL_EXPIRED"
+    APPROVAL_REJECTED = "APPROVAL_REJECTED"
     VARIABLE_SET = "VARIABLE_SET"
     ACTION_LOGGED = "ACTION_LOGGED"
     ROLLBACK_STARTED = "ROLLBACK_STARTED"
@@ -646,7 +647,7 @@ class _Projection:
             rec.finished_time = at
             output = data.get("output")
             rec.output = dict(output) if isinstance(output, Mapping) else None
-        elif kind in (EventType.STEP_FAILED, EventType.APPROVAL_EXPIRED):
+        elif kind in (EventType.STEP_FAILED, EventType.APPROVAL_EXPIRED, EventType.APPROVAL_REJECTED):
             rec.status = StepStatus.FAILED
             rec.finished_time = at
             rec.error = str(data.get("reason", ""))
@@ -736,6 +737,7 @@ def project(runbook: Runbook, events: Sequence[ExecutionEvent], as_of: datetime 
 
 _MAX_DOUBLE = sys.float_info.max
 MAX_ACTION_DESCRIPTION_LEN = 1024
+MAX_REJECT_REASON_LEN = 4096
 MAX_JSON_BYTES = 256 * 1024
 """Largest start variables and action output, as compact JSON. Each travels whole in one event, and
 a NATS message holds 1 MiB by default: the outbox relay sets aside an event it cannot send."""
@@ -1575,6 +1577,40 @@ class RunbookEngine:
             raise FailedPreconditionError(f"the approval for step {step_id!r} expired")
         self._append(execution, EventType.APPROVAL_GRANTED, approver, {"step_id": step_id, "approver": approver})
         return True
+
+    async def reject_step(self, execution_id: str, step_id: str, approver: str, reason: str = "") -> None:
+        """Refuse the approval a step waits for: the step and the execution fail with the reason, and
+        roll back with auto_rollback.
+
+        The execution's trigger may reject (four eyes guard going ahead, not stopping). NotFoundError for
+        an unknown execution or step; ValidationError for an empty approver or a reason too long to keep;
+        FailedPreconditionError when the step is not awaiting approval or its approval has expired.
+        """
+        execution = self._get(execution_id)
+        step = execution.runbook.step(step_id)
+        problems = []
+        if not isinstance(approver, str) or not approver.strip():
+            problems.append(FieldViolation("approver", "must name who rejects"))
+        problem = text_problem(reason, MAX_REJECT_REASON_LEN)
+        if problem is not None:
+            problems.append(FieldViolation("reason", problem))
+        if problems:
+            raise ValidationError(problems)
+        async with execution.lock:
+            state = execution.state
+            record = state.steps[step.step_id]
+            if state.status is not RunbookStatus.RUNNING or record.status is not StepStatus.AWAITING_APPROVAL:
+                raise FailedPreconditionError(f"step {step_id!r} is {record.status.value}, not awaiting approval")
+            if self._expired(record):
+                raise FailedPreconditionError(f"the approval for step {step_id!r} expired")
+            why = f"approval for step {step_id} rejected by {approver}" + (f": {reason}" if reason else "")
+            self._append(
+                execution,
+                EventType.APPROVAL_REJECTED,
+                approver,
+                {"step_id": step_id, "approver": approver, "reason": why},
+            )
+            await self._fail_locked(execution, why, approver)
 
     async def _expire_locked(self, execution: _Execution, step: RunbookStep) -> None:
         expires = execution.state.steps[step.step_id].approval_expires_time

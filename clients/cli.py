@@ -352,6 +352,13 @@ def _add_operator_commands(sub: Any) -> None:
     approve.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
     approve.add_argument("step_id", help="the step awaiting approval")
     approve.add_argument("--approver", default="", help="who approves (the authenticated principal wins)")
+    reject = runbooks.add_parser(
+        "reject", parents=[common], help="refuse a step awaiting approval: the execution fails (and rolls back)"
+    )
+    reject.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    reject.add_argument("step_id", help="the step awaiting approval")
+    reject.add_argument("--reason", default="", help="why, for the audit trail")
+    reject.add_argument("--approver", default="", help="who rejects (the authenticated principal wins)")
     status = runbooks.add_parser("status", parents=[common], help="an execution's state and steps")
     status.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
     step = runbooks.add_parser(
@@ -875,7 +882,16 @@ def _runbooks_start(client: Any, args: argparse.Namespace) -> int:
 
 
 def _runbooks_approve(client: Any, args: argparse.Namespace) -> int:
-    reply = client.approve_step(args.execution_id, args.step_id, approver=args.approver)
+    return _show_execution(client.approve_step(args.execution_id, args.step_id, approver=args.approver), args)
+
+
+def _runbooks_reject(client: Any, args: argparse.Namespace) -> int:
+    reply = client.reject_step(args.execution_id, args.step_id, reason=args.reason, approver=args.approver)
+    return _show_execution(reply, args)
+
+
+def _show_execution(reply: Any, args: argparse.Namespace) -> int:
+    """Prints the execution a command answered with (as JSON with --json)."""
     if args.json:
         _emit(_to_dict(reply.execution))
     else:
@@ -1470,6 +1486,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("runbooks", "list"): _runbooks_list,
     ("runbooks", "start"): _runbooks_start,
     ("runbooks", "approve"): _runbooks_approve,
+    ("runbooks", "reject"): _runbooks_reject,
     ("runbooks", "status"): _runbooks_status,
     ("runbooks", "step"): _runbooks_step,
     ("runbooks", "rollback"): _runbooks_rollback,

@@ -371,6 +371,16 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
         )
         return pb.ApproveStepResponse(execution=execution_to_proto(state))
 
+    async def RejectStep(self, request: pb.RejectStepRequest, context: Any) -> pb.RejectStepResponse:
+        state = await self._svc.reject_step(
+            request.execution_id,
+            request.step_id,
+            _principal_or(request.approver, context),
+            reason=request.reason,
+            request_id=request.request_id,
+        )
+        return pb.RejectStepResponse(execution=execution_to_proto(state))
+
     async def RollbackExecution(
         self, request: pb.RollbackExecutionRequest, context: Any
     ) -> pb.RollbackExecutionResponse:

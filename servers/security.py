@@ -3,7 +3,7 @@
 `RPC_ROLES` maps every RPC of the three services (full method name) to the role it needs; a unit test
 walks the generated descriptors and fails when one is missing. Read RPCs (Get*, List*, Watch*, Find*,
 Score*, Identify*, Compute*, Forecast*, Recommend*) need viewer; ingest, closing clusters, mission
-planning and running executions need operator; ApproveStep needs approver; RegisterRunbook needs admin.
+planning and running executions need operator; ApproveStep and RejectStep need approver; RegisterRunbook needs admin.
 Hierarchy: admin ⊇ {operator, approver} ⊇ viewer (see `aetherops.auth`).
 
 Health and reflection need no credential: load balancers, orchestrators and `aetherops health` probe
@@ -65,6 +65,7 @@ RPC_ROLES: dict[str, Role] = {
     _RUNBOOK + "StartExecution": Role.OPERATOR,
     _RUNBOOK + "ExecuteNextStep": Role.OPERATOR,
     _RUNBOOK + "ApproveStep": Role.APPROVER,
+    _RUNBOOK + "RejectStep": Role.APPROVER,
     _RUNBOOK + "RollbackExecution": Role.OPERATOR,
     _RUNBOOK + "GetExecutionStatus": Role.VIEWER,
     _RUNBOOK + "WatchExecution": Role.VIEWER,

@@ -772,6 +772,26 @@ class RunbookService:
             self._drive(execution_id)
         return state
 
+    async def reject_step(
+        self, execution_id: str, step_id: str, approver: str, *, reason: str = "", request_id: str = ""
+    ) -> ExecutionContext:
+        """Refuse a step's approval: the execution fails (and rolls back with auto_rollback)."""
+        _require(execution_id, "execution_id")
+        _require(step_id, "step_id")
+        scope = f"runbook.reject.{execution_id}.{step_id}"
+        if request_id:
+            async with self._db.connection() as conn:
+                if await idempotency.recall(conn, scope, request_id) is not None:
+                    return await self.get_status(execution_id)
+
+        async def reject() -> ExecutionContext:
+            await self._engine.reject_step(execution_id, step_id, approver, reason)
+            return await self._persist(execution_id, remember=(scope, request_id, {"step_id": step_id}))
+
+        return await self._shielded(
+            self._with_lock(execution_id, lambda: self._op(execution_id, reject, load=True)), f"reject-{execution_id}"
+        )
+
     async def rollback_execution(
         self, execution_id: str, *, actor: str = "system", request_id: str = ""
     ) -> tuple[int, ExecutionContext]:

@@ -425,6 +425,26 @@ class AetherOpsClient:
             self.runbook.ApproveStep, request, runbook_pb2.ApproveStepResponse, timeout, tracking_id
         )
 
+    async def reject_step(
+        self,
+        execution_id: str,
+        step_id: str,
+        *,
+        reason: str = "",
+        approver: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.RejectStepResponse:
+        request = runbook_pb2.RejectStepRequest(
+            execution_id=execution_id,
+            step_id=step_id,
+            approver=approver,
+            reason=reason,
+            request_id=build.request_id(request_id),
+        )
+        return await self._unary(self.runbook.RejectStep, request, runbook_pb2.RejectStepResponse, timeout, tracking_id)
+
     async def rollback_execution(
         self,
         execution_id: str,

@@ -64,6 +64,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "StartExecution",
         "ExecuteNextStep",
         "ApproveStep",
+        "RejectStep",
         "RollbackExecution",
         "GetExecutionStatus",
         "WatchExecution",

@@ -324,6 +324,29 @@ async def test_runbooks_step_and_rollback(cli: Any, tmp_path: Path) -> None:
     assert finished.code == 1 and "FAILED_PRECONDITION" in finished.err and "tracking id" in finished.err
 
 
+async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
+    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "runbook.yaml"
+    path.write_text(
+        f"runbook_id: {runbook_id}\n"
+        "name: Switch the bus after a second look\n"
+        "steps:\n"
+        "  - step_id: switch\n"
+        "    action: log\n"
+        "    parameters: {message: switching to bus B}\n"
+        "    requires_approval: true\n"
+    )
+    assert (await cli("runbooks", "register", str(path))).code == 0
+    execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
+    assert (await cli("runbooks", "step", execution_id)).code == 0  # now awaiting approval
+
+    rejected = await cli("runbooks", "reject", execution_id, "switch", "--reason", "bus B is in eclipse")
+    assert rejected.code == 0, rejected.err
+    assert f"execution {execution_id}: FAILED" in rejected.out and "bus B is in eclipse" in rejected.out
+    again = await cli("runbooks", "reject", execution_id, "switch", "--json")
+    assert again.code == 1 and again.json()["error"]["code"] == "FAILED_PRECONDITION"
+
+
 async def test_numeric_options_out_of_range_are_usage_errors(cli: Any) -> None:
     for args in (
         ("clusters", "list", "--limit", "-1"),

@@ -22,6 +22,7 @@ from aetherops.db import Database
 from aetherops.services.runbook import incident_execution_id
 from gen.aetherops.events.v1 import events_pb2
 from gen.aetherops.runbook.v1 import runbook_pb2 as pb
+from gen.aetherops.runbook.v1 import runbook_pb2_grpc
 
 
 def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -610,6 +611,47 @@ async def test_approval_expires(server: Any, channel_for: Any) -> None:
     assert started.execution.tracking_id
     late = pb.ApproveStepRequest(execution_id=eid, step_id="gate")
     assert await code_of(stubs.approver.ApproveStep(late)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_an_approver_rejects_a_gated_step_and_the_execution_fails(
+    server: Any, channel_for: Any, db: Database
+) -> None:
+    stubs = Stubs(channel_for, server.port)
+    viewer = runbook_pb2_grpc.RunbookServiceStub(channel_for("viewer", server.port))
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple("gated", approval=True)))
+    started = await stubs.operator.StartExecution(
+        pb.StartExecutionRequest(runbook_id="gated", variables=struct({"sat": "S"}))
+    )
+    eid = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    gate = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))
+    assert gate.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+
+    request = pb.RejectStepRequest(execution_id=eid, step_id="two", reason="bus B is in eclipse", request_id="no-1")
+    assert await code_of(viewer.RejectStep(request)) == grpc.StatusCode.PERMISSION_DENIED
+    assert await code_of(stubs.operator.RejectStep(request)) == grpc.StatusCode.PERMISSION_DENIED
+    too_long = pb.RejectStepRequest(execution_id=eid, step_id="two", reason="x" * 4097)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.approver.RejectStep(too_long)
+    assert set(violations(err.value)) == {"reason"}
+    unknown = pb.RejectStepRequest(execution_id="nope", step_id="two")
+    assert await code_of(stubs.approver.RejectStep(unknown)) == grpc.StatusCode.NOT_FOUND
+
+    rejected = (await stubs.approver.RejectStep(request)).execution
+    reason = "approval for step two rejected by approver: bus B is in eclipse"
+    assert rejected.status == pb.RUNBOOK_STATUS_FAILED and rejected.error == reason
+    assert steps_by_id(rejected)["two"].status == pb.STEP_STATUS_FAILED
+    assert steps_by_id(rejected)["three"].status == pb.STEP_STATUS_SKIPPED
+    entry = next(a for a in rejected.audit_log if a.transition == "APPROVAL_REJECTED")
+    assert (entry.actor, entry.step_id, entry.detail) == ("approver", "two", reason)
+    # A retry answers as the first call did; another rejection finds nothing to decide.
+    again = (await stubs.approver.RejectStep(request)).execution
+    assert again.version == rejected.version and again.status == pb.RUNBOOK_STATUS_FAILED
+    other = pb.RejectStepRequest(execution_id=eid, step_id="two")
+    assert await code_of(stubs.approver.RejectStep(other)) == grpc.StatusCode.FAILED_PRECONDITION
+    approve = pb.ApproveStepRequest(execution_id=eid, step_id="two")
+    assert await code_of(stubs.approver.ApproveStep(approve)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert await db.fetchval("SELECT status FROM executions WHERE execution_id = $1", eid) == "FAILED"
 
 
 async def test_the_ticker_never_runs_a_step_approved_on_another_server(app_factory: Any, channel_for: Any) -> None:

@@ -89,7 +89,7 @@ _HIERARCHY = {
 
 def _policy_role(method: str) -> str:
     rpc = method.rsplit("/", 1)[1]
-    if rpc == "ApproveStep":
+    if rpc in ("ApproveStep", "RejectStep"):
         return "approver"
     if rpc == "RegisterRunbook":
         return "admin"

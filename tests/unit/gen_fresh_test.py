@@ -54,7 +54,7 @@ def test_every_contract_rpc_is_generated() -> None:
         },
         (runbook_pb2, "RunbookService"): {
             "ListActions", "RegisterRunbook", "GetRunbook", "ListRunbooks", "FindMatchingRunbooks",
-            "StartExecution", "ExecuteNextStep", "ApproveStep", "RollbackExecution", "GetExecutionStatus",
+            "StartExecution", "ExecuteNextStep", "ApproveStep", "RejectStep", "RollbackExecution", "GetExecutionStatus",
             "WatchExecution", "ListExecutions",
         },
         (capacity_pb2, "CapacityService"): {

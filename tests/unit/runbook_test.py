@@ -814,6 +814,63 @@ async def test_approval_expiry_fails_the_execution(engine: RunbookEngine, clock:
     assert rec.names() == ["safe_payload"]
 
 
+async def test_a_rejected_approval_fails_the_step_and_the_execution(
+    engine: RunbookEngine, clock: ManualClock, rec: Recorder
+) -> None:
+    engine.register_runbook(gated_runbook(approval_timeout_s=60))
+    eid = engine.start_execution("gated", "alice", {}).execution_id
+    with pytest.raises(FailedPreconditionError):
+        await engine.reject_step(eid, "switch", "bob")  # nothing awaits approval yet
+    await engine.execute_next_step(eid)
+    assert await engine.execute_next_step(eid) is StepStatus.AWAITING_APPROVAL
+    with pytest.raises(NotFoundError):
+        await engine.reject_step(eid, "nope", "bob")
+    with pytest.raises(ValidationError) as err:
+        await engine.reject_step(eid, "switch", " ", "x" * 5000)
+    assert {v.field for v in err.value.violations} == {"approver", "reason"}
+    assert engine.get_execution_status(eid).status is RunbookStatus.RUNNING  # nothing half-done
+
+    clock.advance(3)
+    # The trigger may stop what it started: four eyes guard going ahead, not stopping.
+    await engine.reject_step(eid, "switch", "alice", "bus B is in eclipse")
+    state = engine.get_execution_status(eid)
+    reason = "approval for step switch rejected by alice: bus B is in eclipse"
+    assert state.status is RunbookStatus.FAILED and state.error == reason
+    assert state.step_states["switch"].status is StepStatus.FAILED
+    assert state.step_states["switch"].error == reason
+    assert state.step_states["heater"].status is StepStatus.SKIPPED
+    rejected = [a for a in state.audit_log if a.transition == "APPROVAL_REJECTED"]
+    assert [(a.actor, a.step_id, a.time, a.detail) for a in rejected] == [
+        ("alice", "switch", T0 + timedelta(seconds=3), reason)
+    ]
+    assert rec.names() == ["safe_payload"]  # the gated step never ran
+    with pytest.raises(FailedPreconditionError):
+        engine.approve_step(eid, "switch", "bob")  # decided
+    with pytest.raises(FailedPreconditionError):
+        await engine.reject_step(eid, "switch", "bob")
+
+
+async def test_a_rejection_rolls_back_with_auto_rollback_and_an_expired_gate_cannot_be_rejected(
+    engine: RunbookEngine, clock: ManualClock, rec: Recorder
+) -> None:
+    runbook = gated_runbook(approval_timeout_s=10)
+    engine.register_runbook(Runbook(runbook.runbook_id, runbook.name, runbook.steps, auto_rollback=True))
+    eid = engine.start_execution("gated", "alice", {}).execution_id
+    await engine.execute_next_step(eid)
+    await engine.execute_next_step(eid)
+    await engine.reject_step(eid, "switch", "bob")
+    assert engine.get_execution_status(eid).status is RunbookStatus.ROLLED_BACK
+    assert engine.get_execution_status(eid).error == "approval for step switch rejected by bob"
+    assert rec.names() == ["safe_payload", "undo_safe"]
+
+    late = engine.start_execution("gated", "alice", {}).execution_id
+    await engine.execute_next_step(late)
+    await engine.execute_next_step(late)
+    clock.advance(10)
+    with pytest.raises(FailedPreconditionError, match="expired"):
+        await engine.reject_step(late, "switch", "bob")
+
+
 async def test_execute_next_step_notices_an_expired_approval(engine: RunbookEngine, clock: ManualClock) -> None:
     engine.register_runbook(gated_runbook(approval_timeout_s=10))
     eid = engine.start_execution("gated", "alice", {}).execution_id

@@ -865,6 +865,64 @@ class ApproveStepResponse(_message.Message):
 Global___ApproveStepResponse: _TypeAlias = ApproveStepResponse  # noqa: Y015
 
 @_typing.final
+class RejectStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    step_id: _builtins.str
+    approver: _builtins.str
+    """Who rejects. Overridden by the authenticated principal when
+    authentication is configured.
+    """
+    reason: _builtins.str
+    """Why, for the audit trail and the execution's error (at most 4096
+    characters).
+    """
+    request_id: _builtins.str
+    """Idempotency key, per execution and step: a retry answers as the first call did."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+        approver: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "execution_id", b"execution_id", "reason", b"reason", "request_id", b"request_id", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectStepRequest: _TypeAlias = RejectStepRequest  # noqa: Y015
+
+@_typing.final
+class RejectStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectStepResponse: _TypeAlias = RejectStepResponse  # noqa: Y015
+
+@_typing.final
 class RollbackExecutionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -83,6 +83,11 @@ class RunbookServiceStub:
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ApproveStepRequest.SerializeToString,
                 response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ApproveStepResponse.FromString,
                 _registered_method=True)
+        self.RejectStep = channel.unary_unary(
+                '/aetherops.runbook.v1.RunbookService/RejectStep',
+                request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RejectStepRequest.SerializeToString,
+                response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RejectStepResponse.FromString,
+                _registered_method=True)
         self.RollbackExecution = channel.unary_unary(
                 '/aetherops.runbook.v1.RunbookService/RollbackExecution',
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionRequest.SerializeToString,
@@ -178,6 +183,16 @@ class RunbookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RejectStep(self, request, context):
+        """Refuses a step that awaits approval: the step and the execution fail with
+        the reason (and roll back with auto_rollback). Anyone who may approve may
+        reject, the execution's trigger included (refusing is the safe
+        direction); a step not awaiting approval is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RollbackExecution(self, request, context):
         """Runs the rollback actions of completed steps in reverse order.
         """
@@ -252,6 +267,11 @@ def add_RunbookServiceServicer_to_server(servicer, server):
                     servicer.ApproveStep,
                     request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ApproveStepRequest.FromString,
                     response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ApproveStepResponse.SerializeToString,
+            ),
+            'RejectStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectStep,
+                    request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RejectStepRequest.FromString,
+                    response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RejectStepResponse.SerializeToString,
             ),
             'RollbackExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.RollbackExecution,
@@ -499,6 +519,33 @@ class RunbookService:
             '/aetherops.runbook.v1.RunbookService/ApproveStep',
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ApproveStepRequest.SerializeToString,
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ApproveStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.runbook.v1.RunbookService/RejectStep',
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RejectStepRequest.SerializeToString,
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RejectStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

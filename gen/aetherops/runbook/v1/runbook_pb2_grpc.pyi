@@ -66,6 +66,12 @@ class RunbookServiceStub:
     execution's trigger (PERMISSION_DENIED); a step not awaiting approval is
     FAILED_PRECONDITION.
     """
+    RejectStep: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.RejectStepRequest, _runbook_pb2.RejectStepResponse]
+    """Refuses a step that awaits approval: the step and the execution fail with
+    the reason (and roll back with auto_rollback). Anyone who may approve may
+    reject, the execution's trigger included (refusing is the safe
+    direction); a step not awaiting approval is FAILED_PRECONDITION.
+    """
     RollbackExecution: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.RollbackExecutionRequest, _runbook_pb2.RollbackExecutionResponse]
     """Runs the rollback actions of completed steps in reverse order."""
     GetExecutionStatus: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]
@@ -117,6 +123,12 @@ class RunbookServiceAsyncStub(RunbookServiceStub):
     """Approves a step that awaits approval. The approver must not be the
     execution's trigger (PERMISSION_DENIED); a step not awaiting approval is
     FAILED_PRECONDITION.
+    """
+    RejectStep: _aio.UnaryUnaryMultiCallable[_runbook_pb2.RejectStepRequest, _runbook_pb2.RejectStepResponse]  # type: ignore[assignment]
+    """Refuses a step that awaits approval: the step and the execution fail with
+    the reason (and roll back with auto_rollback). Anyone who may approve may
+    reject, the execution's trigger included (refusing is the safe
+    direction); a step not awaiting approval is FAILED_PRECONDITION.
     """
     RollbackExecution: _aio.UnaryUnaryMultiCallable[_runbook_pb2.RollbackExecutionRequest, _runbook_pb2.RollbackExecutionResponse]  # type: ignore[assignment]
     """Runs the rollback actions of completed steps in reverse order."""
@@ -214,6 +226,18 @@ class RunbookServiceServicer(metaclass=_abc_1.ABCMeta):
         """Approves a step that awaits approval. The approver must not be the
         execution's trigger (PERMISSION_DENIED); a step not awaiting approval is
         FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectStep(
+        self,
+        request: _runbook_pb2.RejectStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runbook_pb2.RejectStepResponse, _abc.Awaitable[_runbook_pb2.RejectStepResponse]]:
+        """Refuses a step that awaits approval: the step and the execution fail with
+        the reason (and roll back with auto_rollback). Anyone who may approve may
+        reject, the execution's trigger included (refusing is the safe
+        direction); a step not awaiting approval is FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

@@ -831,6 +831,66 @@ export declare type ApproveStepResponse = Message<"aetherops.runbook.v1.ApproveS
 export declare const ApproveStepResponseSchema: GenMessage<ApproveStepResponse>;
 
 /**
+ * @generated from message aetherops.runbook.v1.RejectStepRequest
+ */
+export declare type RejectStepRequest = Message<"aetherops.runbook.v1.RejectStepRequest"> & {
+  /**
+   * @generated from field: string execution_id = 1;
+   */
+  executionId: string;
+
+  /**
+   * @generated from field: string step_id = 2;
+   */
+  stepId: string;
+
+  /**
+   * Who rejects. Overridden by the authenticated principal when
+   * authentication is configured.
+   *
+   * @generated from field: string approver = 3;
+   */
+  approver: string;
+
+  /**
+   * Why, for the audit trail and the execution's error (at most 4096
+   * characters).
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+
+  /**
+   * Idempotency key, per execution and step: a retry answers as the first call did.
+   *
+   * @generated from field: string request_id = 5;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.RejectStepRequest.
+ * Use `create(RejectStepRequestSchema)` to create a new message.
+ */
+export declare const RejectStepRequestSchema: GenMessage<RejectStepRequest>;
+
+/**
+ * @generated from message aetherops.runbook.v1.RejectStepResponse
+ */
+export declare type RejectStepResponse = Message<"aetherops.runbook.v1.RejectStepResponse"> & {
+  /**
+   * @generated from field: aetherops.runbook.v1.Execution execution = 1;
+   */
+  execution?: Execution | undefined;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.RejectStepResponse.
+ * Use `create(RejectStepResponseSchema)` to create a new message.
+ */
+export declare const RejectStepResponseSchema: GenMessage<RejectStepResponse>;
+
+/**
  * @generated from message aetherops.runbook.v1.RollbackExecutionRequest
  */
 export declare type RollbackExecutionRequest = Message<"aetherops.runbook.v1.RollbackExecutionRequest"> & {
@@ -1266,6 +1326,19 @@ export declare const RunbookService: GenService<{
     methodKind: "unary";
     input: typeof ApproveStepRequestSchema;
     output: typeof ApproveStepResponseSchema;
+  },
+  /**
+   * Refuses a step that awaits approval: the step and the execution fail with
+   * the reason (and roll back with auto_rollback). Anyone who may approve may
+   * reject, the execution's trigger included (refusing is the safe
+   * direction); a step not awaiting approval is FAILED_PRECONDITION.
+   *
+   * @generated from rpc aetherops.runbook.v1.RunbookService.RejectStep
+   */
+  rejectStep: {
+    methodKind: "unary";
+    input: typeof RejectStepRequestSchema;
+    output: typeof RejectStepResponseSchema;
   },
   /**
    * Runs the rollback actions of completed steps in reverse order.
