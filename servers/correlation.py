@@ -101,6 +101,12 @@ def stored_alert_to_proto(stored: StoredAlert) -> pb.StoredAlert:
     )
 
 
+_SMALLEST_ALERT_BYTES = 16
+"""Fewer bytes than any alert costs a budget (three one-character ids, a severity and an empty
+timestamp encode to 13, and `cluster_to_proto` adds 8), so a budget never holds more than its bytes
+over this: what a response can show is read, and no more."""
+
+
 class AlertBudget:
     """How many encoded bytes of alerts one response may still carry (see `cluster_to_proto`)."""
 
@@ -108,6 +114,11 @@ class AlertBudget:
         # A quarter of the message: the rest is for the clusters' other fields (a storm's incident
         # lists every satellite it hit), so the response always fits.
         self.remaining = max_message_bytes // 4
+
+    @property
+    def most_alerts(self) -> int:
+        """More alerts than one cluster can show within the budget: what to read from the store."""
+        return self.remaining // _SMALLEST_ALERT_BYTES + 1
 
 
 def cluster_to_proto(record: ClusterRecord, budget: AlertBudget) -> pb.Cluster:
@@ -309,19 +320,21 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
 
     async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:
         _require_id(request.cluster_id, "cluster_id")
-        record = await self._svc.get_cluster(request.cluster_id)
-        return pb.GetClusterResponse(cluster=cluster_to_proto(record, self._c.alert_budget()))
+        budget = self._c.alert_budget()
+        record = await self._svc.get_cluster(request.cluster_id, alert_limit=budget.most_alerts)
+        return pb.GetClusterResponse(cluster=cluster_to_proto(record, budget))
 
     async def ListActiveClusters(
         self, request: pb.ListActiveClustersRequest, context: Any
     ) -> pb.ListActiveClustersResponse:
+        budget = self._c.alert_budget()
         page, token = await self._svc.list_active(
             page_size=request.page_size,
             page_token=request.page_token,
             satellite_id=request.satellite_id,
             min_severity=request.min_severity,
+            alert_limit=budget.most_alerts,
         )
-        budget = self._c.alert_budget()
         return pb.ListActiveClustersResponse(
             clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token
         )
@@ -338,10 +351,15 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
 
     async def CloseCluster(self, request: pb.CloseClusterRequest, context: Any) -> pb.CloseClusterResponse:
         _require_id(request.cluster_id, "cluster_id")
+        budget = self._c.alert_budget()
         record = await self._svc.close(
-            request.cluster_id, reason=request.reason, closed_by="operator", request_id=request.request_id
+            request.cluster_id,
+            reason=request.reason,
+            closed_by="operator",
+            request_id=request.request_id,
+            alert_limit=budget.most_alerts,
         )
-        return pb.CloseClusterResponse(cluster=cluster_to_proto(record, self._c.alert_budget()))
+        return pb.CloseClusterResponse(cluster=cluster_to_proto(record, budget))
 
     async def IdentifyRootCause(
         self, request: pb.IdentifyRootCauseRequest, context: Any

@@ -26,6 +26,7 @@ __all__ = [
     "list_alerts",
     "load_active",
     "quiet_open_clusters",
+    "root_alert",
     "write_batch",
 ]
 
@@ -358,20 +359,25 @@ def _update_values(c: ClusterRecord, grown: bool) -> tuple[Any, ...]:
     )
 
 
-async def get_alerts(conn: asyncpg.Connection, cluster_ids: Sequence[str]) -> dict[str, list[Alert]]:
-    """Non-duplicate alerts of the clusters, oldest first."""
+async def get_alerts(
+    conn: asyncpg.Connection, cluster_ids: Sequence[str], *, limit: int | None = None
+) -> dict[str, list[Alert]]:
+    """Non-duplicate alerts of the clusters, oldest first: all of them, or the oldest `limit` of each
+    (an alert storm's incident holds hundreds of thousands, more than any answer shows)."""
     # One index range per cluster (alerts_by_cluster), whatever the planner knows: with
     # `cluster_id = ANY($1)` a planner without statistics takes a page of 500 clusters for the whole
-    # table and reads all of it. OFFSET 0 keeps it from flattening the lateral subquery
-    # back into that join.
+    # table and reads all of it. OFFSET 0 (or the LIMIT) keeps it from flattening the lateral
+    # subquery back into that join. Without a limit nothing is sorted per cluster: a restart reads
+    # every active cluster's alerts this way.
+    per_cluster = "OFFSET 0" if limit is None else "ORDER BY alert_time, alert_id LIMIT $2"
     rows = await conn.fetch(
-        """SELECT a.* FROM unnest($1::text[]) AS k(cluster_id)
-           CROSS JOIN LATERAL (
-               SELECT * FROM alerts
-               WHERE alerts.cluster_id = k.cluster_id AND alerts.duplicate_of IS NULL OFFSET 0
-           ) AS a
-           ORDER BY a.alert_time, a.alert_id""",
-        list(cluster_ids),
+        f"""SELECT a.* FROM unnest($1::text[]) AS k(cluster_id)
+            CROSS JOIN LATERAL (
+                SELECT * FROM alerts
+                WHERE alerts.cluster_id = k.cluster_id AND alerts.duplicate_of IS NULL {per_cluster}
+            ) AS a
+            ORDER BY a.alert_time, a.alert_id""",
+        *((list(cluster_ids),) if limit is None else (list(cluster_ids), limit)),
     )
     out: dict[str, list[Alert]] = {cid: [] for cid in cluster_ids}
     for row in rows:
@@ -379,12 +385,27 @@ async def get_alerts(conn: asyncpg.Connection, cluster_ids: Sequence[str]) -> di
     return out
 
 
-async def get_cluster(conn: asyncpg.Connection, cluster_id: str, *, with_alerts: bool = True) -> ClusterRecord | None:
+async def get_cluster(
+    conn: asyncpg.Connection, cluster_id: str, *, alert_limit: int | None = None
+) -> ClusterRecord | None:
+    """The cluster with its oldest `alert_limit` alerts (None: all; 0: none)."""
     row = await conn.fetchrow(f"SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE cluster_id = $1", cluster_id)
     if row is None:
         return None
-    alerts = (await get_alerts(conn, [cluster_id]))[cluster_id] if with_alerts else []
+    alerts = (await get_alerts(conn, [cluster_id], limit=alert_limit))[cluster_id] if alert_limit != 0 else []
     return _record(row, alerts)
+
+
+async def root_alert(conn: asyncpg.Connection, record: ClusterRecord) -> Alert | None:
+    """The cluster's root-cause alert: among the record's alerts, or read (when only the oldest were)."""
+    root = record.root_cause_alert_id
+    if not root:
+        return None
+    found = next((a for a in record.alerts if a.alert_id == root), None)
+    if found is not None:
+        return found
+    row = await conn.fetchrow("SELECT * FROM alerts WHERE alert_id = $1", root)
+    return None if row is None else _alert(row)
 
 
 async def load_active(conn: asyncpg.Connection, since: datetime) -> list[ClusterRecord]:
@@ -404,8 +425,10 @@ async def list_active(
     min_severity: int,
     limit: int,
     after: tuple[datetime, str] | None,
+    alert_limit: int | None = None,
 ) -> list[ClusterRecord]:
-    """One page of open clusters active since `since`, newest activity first (keyset pagination)."""
+    """One page of open clusters active since `since`, newest activity first (keyset pagination),
+    each with its oldest `alert_limit` alerts (None: all)."""
     clauses = ["status = 'OPEN'", "last_alert_time >= $1"]
     args: list[Any] = [since]
     if satellite_id:
@@ -423,7 +446,7 @@ async def list_active(
             ORDER BY last_alert_time DESC, cluster_id DESC LIMIT ${len(args)}""",
         *args,
     )
-    alerts = await get_alerts(conn, [r["cluster_id"] for r in rows])
+    alerts = await get_alerts(conn, [r["cluster_id"] for r in rows], limit=alert_limit)
     return [_record(r, alerts[r["cluster_id"]]) for r in rows]
 
 

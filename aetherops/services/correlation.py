@@ -140,10 +140,6 @@ class _Batch:
     events: list[outbox.OutboxEvent]
 
 
-def _root_alert(record: ClusterRecord) -> Alert | None:
-    return next((a for a in record.alerts if a.alert_id == record.root_cause_alert_id), None)
-
-
 _EVENT_IDS_BYTES: Final = 256 * 1024
 """Most bytes of alert ids one "updated" event lists (see `_id_chunks`)."""
 
@@ -260,7 +256,9 @@ class CorrelationService:
         closed = 0
         for cluster_id in ids:
             try:
-                await self.close(cluster_id, reason=f"no alert for {quiet_for:g} s", closed_by="system", request_id="")
+                await self.close(
+                    cluster_id, reason=f"no alert for {quiet_for:g} s", closed_by="system", request_id="", alert_limit=0
+                )
             except FailedPreconditionError:
                 continue  # closed by someone meanwhile
             closed += 1
@@ -432,15 +430,16 @@ class CorrelationService:
 
     # ---- queries and commands ---------------------------------------------------------------
 
-    async def get_cluster(self, cluster_id: str) -> ClusterRecord:
+    async def get_cluster(self, cluster_id: str, *, alert_limit: int | None = None) -> ClusterRecord:
+        """The stored cluster with its oldest `alert_limit` alerts (None: all)."""
         async with self._db.connection() as conn:
-            record = await repo.get_cluster(conn, cluster_id)
+            record = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
         if record is None:
             raise NotFoundError(f"cluster {cluster_id!r} not found")
         return record
 
     async def list_active(
-        self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int
+        self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int, alert_limit: int | None = None
     ) -> tuple[list[ClusterRecord], str]:
         problems: list[FieldViolation] = []
         if page_size < 0:
@@ -455,7 +454,13 @@ class CorrelationService:
         since = self._clock.now() - timedelta(seconds=self._engine.time_window_s)
         async with self._db.connection() as conn:
             page = await repo.list_active(
-                conn, since=since, satellite_id=satellite_id, min_severity=min_severity, limit=limit + 1, after=after
+                conn,
+                since=since,
+                satellite_id=satellite_id,
+                min_severity=min_severity,
+                limit=limit + 1,
+                after=after,
+                alert_limit=alert_limit,
             )
         token = ""
         if len(page) > limit:
@@ -512,8 +517,11 @@ class CorrelationService:
             token = encode_page_token({"t": last.timestamp.isoformat(), "a": last.alert_id}, filters)
         return page, token
 
-    async def close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:
-        """Closes a cluster (idempotent on request_id); its events leave with the commit.
+    async def close(
+        self, cluster_id: str, *, reason: str, closed_by: str, request_id: str, alert_limit: int | None = None
+    ) -> ClusterRecord:
+        """Closes a cluster (idempotent on request_id); its events leave with the commit. The answer
+        holds the oldest `alert_limit` of its alerts (None: all).
 
         Ingestion pauses meanwhile (`GroupCommitter.exclusive`): a batch that already put an alert
         into this cluster commits first, so its alert and its "updated" event come before the close;
@@ -524,13 +532,19 @@ class CorrelationService:
             # Unbounded, it would make the "closed" event too large for NATS, and nobody would hear of it.
             raise ValidationError.single("reason", problem)
         async with self._committer.exclusive():
-            closed = await self._close(cluster_id, reason=reason, closed_by=closed_by, request_id=request_id)
+            closed = await self._close(
+                cluster_id, reason=reason, closed_by=closed_by, request_id=request_id, alert_limit=alert_limit
+            )
             # The engine learns only after the commit, so it never holds an uncommitted close.
             self._engine.close_cluster(cluster_id)
         self._relay.wake()
         return closed
 
-    async def _close(self, cluster_id: str, *, reason: str, closed_by: str, request_id: str) -> ClusterRecord:
+    async def _close(
+        self, cluster_id: str, *, reason: str, closed_by: str, request_id: str, alert_limit: int | None
+    ) -> ClusterRecord:
+        # Ingestion waits for this (see `close`): reading a storm incident's every alert here held it
+        # up for as long as that took, so only what the answer shows is read.
         now = self._clock.now()
         async with self._db.transaction() as conn:
             # The row lock first: a concurrent close of this cluster (a retry racing its original,
@@ -540,7 +554,7 @@ class CorrelationService:
             # not a retry whose answer (this cluster) would be the wrong one.
             scope = f"correlation.close.{cluster_id}"
             if await idempotency.recall(conn, scope, request_id) is not None:
-                record = await repo.get_cluster(conn, cluster_id)
+                record = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
                 assert record is not None
                 return record
             if status is None:
@@ -548,12 +562,12 @@ class CorrelationService:
             if status == "CLOSED":
                 raise FailedPreconditionError(f"cluster {cluster_id!r} is already closed")
             await repo.close_cluster(conn, cluster_id, closed_time=now, reason=reason, closed_by=closed_by)
-            closed = await repo.get_cluster(conn, cluster_id)
+            closed = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
             assert closed is not None
             event = IncidentEvent(
                 "closed",
                 closed,
-                _root_alert(closed),
+                await repo.root_alert(conn, closed),
                 reason=reason,
                 closed_by=closed_by,
                 tracking_id=current_tracking_id(),
@@ -563,8 +577,11 @@ class CorrelationService:
         return closed
 
     async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:
-        record = await self.get_cluster(cluster_id)
-        return _root_alert(record), record.root_cause_confidence
+        async with self._db.connection() as conn:
+            record = await repo.get_cluster(conn, cluster_id, alert_limit=0)
+            if record is None:
+                raise NotFoundError(f"cluster {cluster_id!r} not found")
+            return await repo.root_alert(conn, record), record.root_cause_confidence
 
     @staticmethod
     def score_problems(alert: Alert, field: str) -> list[FieldViolation]:

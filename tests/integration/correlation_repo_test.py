@@ -60,3 +60,33 @@ async def test_a_batch_that_fails_writes_nothing(db: Database) -> None:
     assert await db.fetchval("SELECT alert_count FROM clusters WHERE cluster_id = 'old'") == 1
     assert await db.fetchval("SELECT count(*) FROM alerts") == 0
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+async def test_a_cluster_is_read_with_its_oldest_alerts_and_its_root_cause_found_beyond_them(db: Database) -> None:
+    # A storm's incident holds more alerts than an answer shows: only those are read, yet the root
+    # cause (here the last alert) is still found for the events and IdentifyRootCause.
+    t0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    record = repo.ClusterRecord("big", "OPEN", "a4", 0.9, ["SAT-1"], ["power"], 4, t0, t0, t0, 5, 0)
+    rows = [
+        repo.AlertRow(Alert(f"a{n}", "SAT-1", "power", 4, t0 + timedelta(seconds=5 - n)), "big", None, "")
+        for n in range(5)
+    ]
+    async with db.connection() as conn:
+        await repo.write_batch(conn, [record], {"big"}, {"big"}, rows, [])
+        every = await repo.get_cluster(conn, "big")
+        oldest = await repo.get_cluster(conn, "big", alert_limit=2)
+        bare = await repo.get_cluster(conn, "big", alert_limit=0)
+        assert every is not None and oldest is not None and bare is not None
+        assert [a.alert_id for a in every.alerts] == ["a4", "a3", "a2", "a1", "a0"]
+        assert [a.alert_id for a in oldest.alerts] == ["a4", "a3"]
+        assert bare.alerts == []
+        page = await repo.list_active(
+            conn, since=t0, satellite_id="", min_severity=0, limit=10, after=None, alert_limit=1
+        )
+        assert [[a.alert_id for a in c.alerts] for c in page] == [["a4"]]
+        for read in (every, bare):
+            root = await repo.root_alert(conn, read)
+            assert root is not None and root.alert_id == "a4"
+        moved = dataclasses.replace(bare, root_cause_alert_id="a0")  # not among the alerts read
+        root = await repo.root_alert(conn, moved)
+        assert root is not None and root.alert_id == "a0"
