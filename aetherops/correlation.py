@@ -973,6 +973,11 @@ class CorrelationEngine:
         active.sort(key=lambda c: (c._first_epoch, c.cluster_id))
         return active
 
+    def active_count(self) -> int:
+        """How many clusters `get_active_clusters` would return (counted, not listed: for metrics)."""
+        horizon = self._clock.now().timestamp() - self.time_window_s
+        return sum(1 for c in self._clusters.values() if c._joinable and c._last_epoch >= horizon)
+
     def close_cluster(self, cluster_id: str) -> bool:
         """Closes an open cluster; False if it is unknown or already closed. No alert joins it again."""
         c = self._clusters.get(cluster_id)

@@ -501,9 +501,9 @@ class CorrelationComponent:
         return [
             (
                 "aetherops_active_clusters",
-                "Clusters in the engine's window",
+                "Open clusters whose last alert is within the correlation window (what ListActiveClusters lists)",
                 {},
-                float(self.service.engine.stats.clusters_in_memory),
+                float(self.service.engine.active_count()),
             ),
             (
                 "aetherops_ingest_queue_utilisation",

@@ -502,6 +502,7 @@ def test_an_alert_never_joins_a_closed_cluster() -> None:
     assert result.cluster_id == "C2" and result.opened and not result.duplicate
     assert engine.ingest(alert("SAT-1", "thermal", 30)) == "C2"
     assert [c.cluster_id for c in engine.get_active_clusters()] == ["C2"]
+    assert engine.active_count() == 1 and engine.stats.clusters_in_memory == 2  # C1 is closed
 
 
 def test_re_ingesting_an_alert_id_is_idempotent() -> None:
@@ -550,6 +551,7 @@ def test_active_clusters_are_those_within_the_window_of_the_clock() -> None:
     assert [c.cluster_id for c in engine.get_active_clusters()] == ["C1", "C2"]
     clock.set(at(350))
     assert [c.cluster_id for c in engine.get_active_clusters()] == ["C2"]
+    assert engine.active_count() == 1  # C1 is past the window, though still in memory
     clock.set(at(401))
     assert engine.get_active_clusters() == []
 
