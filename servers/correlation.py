@@ -159,12 +159,30 @@ def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
     )
 
 
+_EVENT_SATELLITES_BYTES = 256 * 1024
+_EVENT_SUBSYSTEMS_BYTES = 64 * 1024
+
+
+def _first_within(names: list[str], budget: int) -> list[str]:
+    """The first names whose encoding fits in `budget` bytes. A solar storm's incident spans a whole
+    constellation: 8,000 satellite ids of 128 characters made every event of it larger than NATS
+    takes, so none was ever published, for the incident that mattered most."""
+    size = 0
+    for i, name in enumerate(names):
+        size += (len(name) if name.isascii() else len(name.encode())) + 3  # the field's tag and length
+        if size > budget:
+            return names[:i]
+    return names
+
+
 def _incident(event: IncidentEvent) -> events_pb2.Incident:
     record, root = event.cluster, event.root_cause
     return events_pb2.Incident(
         cluster_id=record.cluster_id,
-        satellite_ids=record.satellites,
-        subsystems=record.subsystems,
+        satellite_ids=_first_within(record.satellites, _EVENT_SATELLITES_BYTES),
+        subsystems=_first_within(record.subsystems, _EVENT_SUBSYSTEMS_BYTES),
+        satellite_count=len(record.satellites),
+        subsystem_count=len(record.subsystems),
         max_severity=record.max_severity,
         root_cause_alert_id=record.root_cause_alert_id or "",
         root_cause_subsystem=root.subsystem if root else "",

@@ -848,6 +848,34 @@ async def test_a_storm_batch_joining_an_incident_is_announced_in_events_nats_can
     assert updates > 1  # the batch's ids, split
 
 
+async def test_an_incident_over_a_whole_constellation_is_still_announced(channel: grpc.aio.Channel, bus: Bus) -> None:
+    # Every event listed every satellite: 5,000 ids of 240 characters made each event of this
+    # incident 1.2 MB, over NATS's max_payload, so none after the first few batches was published.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    fleet = [_alert(f"SAT-{n:04d}-{'x' * 231}", "power", t0) for n in range(5000)]
+    sub = await bus.js.subscribe(bus.subjects.incidents("updated"), ordered_consumer=True)
+
+    async def requests() -> Any:
+        for k in range(0, len(fleet), 1000):
+            yield pb.IngestAlertsRequest(alerts=fleet[k : k + 1000])
+
+    try:
+        assert (await stub.IngestAlerts(requests())).accepted == 5000
+        async with asyncio.timeout(15):
+            while True:
+                event = events_pb2.Event()
+                event.ParseFromString((await sub.next_msg(timeout=15)).data)
+                incident = event.incident_updated.incident
+                if incident.satellite_count == 5000:
+                    break
+    finally:
+        await sub.unsubscribe()
+    assert 0 < len(incident.satellite_ids) < 5000
+    assert list(incident.satellite_ids) == sorted(a.satellite_id for a in fleet)[: len(incident.satellite_ids)]
+    assert (incident.subsystem_count, list(incident.subsystems)) == (1, ["power"])
+
+
 async def test_labels_are_stored_and_returned_as_sent(channel: grpc.aio.Channel) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=30)

@@ -115,6 +115,8 @@ class Incident(_message.Message):
     ROOT_CAUSE_CONFIDENCE_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     TRACKING_ID_FIELD_NUMBER: _builtins.int
+    SATELLITE_COUNT_FIELD_NUMBER: _builtins.int
+    SUBSYSTEM_COUNT_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     max_severity: _builtins.int
     root_cause_alert_id: _builtins.str
@@ -130,10 +132,22 @@ class Incident(_message.Message):
     """Tracking id of the alert that opened the incident (the envelope's is the
     request that caused this event).
     """
+    satellite_count: _builtins.int
+    """How many satellites and subsystems the incident involves (more than
+    satellite_ids and subsystems list when those were cut short).
+    """
+    subsystem_count: _builtins.int
     @_builtins.property
-    def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sorted. An incident over thousands of satellites lists the first that
+        fit in 256 KiB (an event must stay within NATS's max_payload);
+        satellite_count says how many there are.
+        """
+
     @_builtins.property
-    def subsystems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def subsystems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sorted; the first that fit in 64 KiB (see subsystem_count)."""
+
     @_builtins.property
     def first_alert_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -155,10 +169,12 @@ class Incident(_message.Message):
         root_cause_confidence: _builtins.float = ...,
         duplicate_count: _builtins.int = ...,
         tracking_id: _builtins.str = ...,
+        satellite_count: _builtins.int = ...,
+        subsystem_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_ids", b"satellite_ids", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_count", b"satellite_count", "satellite_ids", b"satellite_ids", "subsystem_count", b"subsystem_count", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

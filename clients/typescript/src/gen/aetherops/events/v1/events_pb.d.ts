@@ -124,11 +124,17 @@ export declare type Incident = Message<"aetherops.events.v1.Incident"> & {
   clusterId: string;
 
   /**
+   * Sorted. An incident over thousands of satellites lists the first that
+   * fit in 256 KiB (an event must stay within NATS's max_payload);
+   * satellite_count says how many there are.
+   *
    * @generated from field: repeated string satellite_ids = 2;
    */
   satelliteIds: string[];
 
   /**
+   * Sorted; the first that fit in 64 KiB (see subsystem_count).
+   *
    * @generated from field: repeated string subsystems = 3;
    */
   subsystems: string[];
@@ -194,6 +200,19 @@ export declare type Incident = Message<"aetherops.events.v1.Incident"> & {
    * @generated from field: string tracking_id = 14;
    */
   trackingId: string;
+
+  /**
+   * How many satellites and subsystems the incident involves (more than
+   * satellite_ids and subsystems list when those were cut short).
+   *
+   * @generated from field: int32 satellite_count = 15;
+   */
+  satelliteCount: number;
+
+  /**
+   * @generated from field: int32 subsystem_count = 16;
+   */
+  subsystemCount: number;
 };
 
 /**
