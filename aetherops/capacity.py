@@ -1204,6 +1204,16 @@ class CapacityPlanner:
         self._missions[entry.mission_id] = entry
         self._missions_by_sat.setdefault(entry.satellite_id, {})[entry.mission_id] = entry
 
+    def remove_scheduled_mission(self, mission_id: str) -> MissionScheduleEntry | None:
+        """Forget a mission (forecasts no longer count it); the mission it was, or None if unknown."""
+        entry = self._missions.pop(mission_id, None)
+        if entry is not None:
+            by_sat = self._missions_by_sat.get(entry.satellite_id, {})
+            by_sat.pop(mission_id, None)
+            if not by_sat:
+                self._missions_by_sat.pop(entry.satellite_id, None)
+        return entry
+
     def missions(self, satellite_id: str | None = None) -> list[MissionScheduleEntry]:
         """Scheduled missions (of one satellite, or all), by start time."""
         pool = self._missions.values() if satellite_id is None else self._missions_by_sat.get(satellite_id, {}).values()

@@ -396,6 +396,12 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
         stored = await self._svc.add_mission(mission_from_proto(request.mission), request.request_id)
         return pb.AddScheduledMissionResponse(mission=mission_to_proto(stored))
 
+    async def DeleteScheduledMission(
+        self, request: pb.DeleteScheduledMissionRequest, context: Any
+    ) -> pb.DeleteScheduledMissionResponse:
+        deleted = await self._svc.delete_mission(request.mission_id, request.request_id)
+        return pb.DeleteScheduledMissionResponse(mission=mission_to_proto(deleted))
+
     async def ComputeConsumptionRate(
         self, request: pb.ComputeConsumptionRateRequest, context: Any
     ) -> pb.ComputeConsumptionRateResponse:

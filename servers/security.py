@@ -73,6 +73,7 @@ RPC_ROLES: dict[str, Role] = {
     _CAPACITY + "IngestSnapshot": Role.OPERATOR,
     _CAPACITY + "IngestSnapshots": Role.OPERATOR,
     _CAPACITY + "AddScheduledMission": Role.OPERATOR,
+    _CAPACITY + "DeleteScheduledMission": Role.OPERATOR,
     _CAPACITY + "ComputeConsumptionRate": Role.VIEWER,
     _CAPACITY + "ForecastExhaustion": Role.VIEWER,
     _CAPACITY + "GetFleetRiskSummary": Role.VIEWER,

@@ -30,6 +30,7 @@ __all__ = [
     "conflicting_values",
     "copy_direct",
     "count_snapshots",
+    "delete_mission",
     "encode_copy_binary",
     "get_mission",
     "insert_snapshots",
@@ -322,6 +323,12 @@ async def upsert_mission(conn: asyncpg.Connection, entry: MissionScheduleEntry) 
         entry.description,
     )
     return _mission(previous) if previous is not None else None
+
+
+async def delete_mission(conn: asyncpg.Connection, mission_id: str) -> MissionScheduleEntry | None:
+    """Deletes the mission; returns it as it was, or None if there was none."""
+    row = await conn.fetchrow("DELETE FROM capacity_missions WHERE mission_id = $1 RETURNING *", mission_id)
+    return _mission(row) if row is not None else None
 
 
 async def get_mission(conn: asyncpg.Connection, mission_id: str) -> MissionScheduleEntry | None:

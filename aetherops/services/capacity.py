@@ -69,6 +69,7 @@ from aetherops.paging import encode_page_token, filters_key, position_text, read
 from aetherops.services.batching import GroupCommitter
 from aetherops.tasks import cancel_and_wait
 from aetherops.telemetry import StreamingAggregator
+from aetherops.text import id_problem
 from aetherops.tracking import current_tracking_id
 
 __all__ = [
@@ -95,6 +96,7 @@ ALERT_SUBSYSTEMS: dict[ResourceType, str] = {
 
 _SCOPE_SNAPSHOT = "capacity.ingest_snapshot"
 _SCOPE_MISSION = "capacity.add_mission"
+_SCOPE_DELETE_MISSION = "capacity.delete_mission"
 
 
 # Idempotency records are scoped by what the request acts on (as the runbook service scopes its
@@ -473,6 +475,24 @@ class CapacityService:
         sats = {entry.satellite_id} | ({previous.satellite_id} if previous is not None else set())
         await self._update_risk_safely({(sat, r) for sat in sats for r in ResourceType})
         return entry
+
+    async def delete_mission(self, mission_id: str, request_id: str = "") -> MissionScheduleEntry:
+        """Removes a mission (NotFoundError if unknown); returns it as it was. Idempotent on request_id."""
+        problem = id_problem(mission_id)
+        if problem is not None:
+            raise ValidationError.single("mission_id", problem)
+        scope = f"{_SCOPE_DELETE_MISSION}.{mission_id}"
+        async with self._db.transaction() as conn:
+            earlier = await idempotency.recall(conn, scope, request_id)
+            if earlier is not None:
+                return _mission_from_json(earlier)
+            deleted = await repo.delete_mission(conn, mission_id)
+            if deleted is None:
+                raise NotFoundError(f"mission {mission_id!r} not found")
+            await idempotency.remember(conn, scope, request_id, _mission_json(deleted))
+        self._planner.remove_scheduled_mission(mission_id)
+        await self._update_risk_safely({(deleted.satellite_id, r) for r in ResourceType})
+        return deleted
 
     # ---- risk levels, events and alerts ---------------------------------------------------------
 

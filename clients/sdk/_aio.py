@@ -581,6 +581,25 @@ class AetherOpsClient:
             self.capacity.AddScheduledMission, request, capacity_pb2.AddScheduledMissionResponse, timeout, tracking_id
         )
 
+    async def delete_scheduled_mission(
+        self,
+        mission_id: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> capacity_pb2.DeleteScheduledMissionResponse:
+        request = capacity_pb2.DeleteScheduledMissionRequest(
+            mission_id=mission_id, request_id=build.request_id(request_id)
+        )
+        return await self._unary(
+            self.capacity.DeleteScheduledMission,
+            request,
+            capacity_pb2.DeleteScheduledMissionResponse,
+            timeout,
+            tracking_id,
+        )
+
     async def compute_consumption_rate(
         self, satellite_id: str, resource: int | str, *, timeout: float | None = None, tracking_id: str | None = None
     ) -> capacity_pb2.ComputeConsumptionRateResponse:

@@ -73,6 +73,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
     "aetherops.capacity.v1.CapacityService": (
         "IngestSnapshot",
         "AddScheduledMission",
+        "DeleteScheduledMission",
         "ComputeConsumptionRate",
         "ForecastExhaustion",
         "GetFleetRiskSummary",

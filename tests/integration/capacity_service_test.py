@@ -308,6 +308,23 @@ async def test_missions_validate_replace_by_id_and_replay_by_request_id(
     rows = await db.fetch("SELECT mission_id, resource_impacts FROM capacity_missions")
     assert [(r["mission_id"], r["resource_impacts"]) for r in rows] == [("burn-1", {"1": 99.0})]
 
+    # A cancelled mission is deleted, and the forecast stops counting it.
+    await ingest(stub, history("SAT-1"))
+    query = pb.ForecastExhaustionRequest(satellite_id="SAT-1", resource_type=FUEL)
+    assert (await stub.ForecastExhaustion(query)).forecast.scheduled_impact == 99.0
+    delete = pb.DeleteScheduledMissionRequest(mission_id="burn-1", request_id="d-1")
+    deleted = await stub.DeleteScheduledMission(delete)
+    assert deleted.mission == replaced.mission
+    assert (await stub.DeleteScheduledMission(delete)).mission == replaced.mission  # a retry
+    assert (await stub.ForecastExhaustion(query)).forecast.scheduled_impact == 0.0
+    assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DeleteScheduledMission(pb.DeleteScheduledMissionRequest(mission_id="burn-1"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DeleteScheduledMission(pb.DeleteScheduledMissionRequest(mission_id=""))
+    assert set(violations(caught.value)) == {"mission_id"}
+
 
 async def test_critical_forecasts_page_through_in_urgency_order(
     stub: capacity_pb2_grpc.CapacityServiceStub,

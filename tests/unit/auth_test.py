@@ -75,6 +75,7 @@ _OPERATOR_RPCS = {
     "IngestSnapshot",
     "IngestSnapshots",
     "AddScheduledMission",
+    "DeleteScheduledMission",
     "StartExecution",
     "ExecuteNextStep",
     "RollbackExecution",

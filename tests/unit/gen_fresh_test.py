@@ -58,7 +58,8 @@ def test_every_contract_rpc_is_generated() -> None:
             "WatchExecution", "ListExecutions",
         },
         (capacity_pb2, "CapacityService"): {
-            "IngestSnapshot", "IngestSnapshots", "AddScheduledMission", "ComputeConsumptionRate",
+            "IngestSnapshot", "IngestSnapshots", "AddScheduledMission", "DeleteScheduledMission",
+            "ComputeConsumptionRate",
             "ForecastExhaustion", "GetFleetRiskSummary", "GetCriticalForecasts", "RecommendInterventions",
             "ListSnapshots",
             "ListScheduledMissions",

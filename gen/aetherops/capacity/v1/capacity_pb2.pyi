@@ -474,6 +474,51 @@ class AddScheduledMissionResponse(_message.Message):
 Global___AddScheduledMissionResponse: _TypeAlias = AddScheduledMissionResponse  # noqa: Y015
 
 @_typing.final
+class DeleteScheduledMissionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MISSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    mission_id: _builtins.str
+    request_id: _builtins.str
+    """Idempotency key, per mission_id: a retry answers as the first call did."""
+    def __init__(
+        self,
+        *,
+        mission_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mission_id", b"mission_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduledMissionRequest: _TypeAlias = DeleteScheduledMissionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteScheduledMissionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MISSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mission(self) -> Global___ScheduledMission:
+        """The mission as it was."""
+
+    def __init__(
+        self,
+        *,
+        mission: Global___ScheduledMission | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mission", b"mission"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mission", b"mission"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduledMissionResponse: _TypeAlias = DeleteScheduledMissionResponse  # noqa: Y015
+
+@_typing.final
 class ComputeConsumptionRateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -53,6 +53,11 @@ class CapacityServiceStub:
                 request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.AddScheduledMissionRequest.SerializeToString,
                 response_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.AddScheduledMissionResponse.FromString,
                 _registered_method=True)
+        self.DeleteScheduledMission = channel.unary_unary(
+                '/aetherops.capacity.v1.CapacityService/DeleteScheduledMission',
+                request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.DeleteScheduledMissionRequest.SerializeToString,
+                response_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.DeleteScheduledMissionResponse.FromString,
+                _registered_method=True)
         self.ComputeConsumptionRate = channel.unary_unary(
                 '/aetherops.capacity.v1.CapacityService/ComputeConsumptionRate',
                 request_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.ComputeConsumptionRateRequest.SerializeToString,
@@ -114,6 +119,15 @@ class CapacityServiceServicer:
 
     def AddScheduledMission(self, request, context):
         """Adds (or, with the same mission_id, replaces) a scheduled mission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteScheduledMission(self, request, context):
+        """Removes a scheduled mission (cancelled, or planned by mistake): forecasts
+        no longer count it. NOT_FOUND for an unknown mission_id (unless the same
+        request_id is retried).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +205,11 @@ def add_CapacityServiceServicer_to_server(servicer, server):
                     servicer.AddScheduledMission,
                     request_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.AddScheduledMissionRequest.FromString,
                     response_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.AddScheduledMissionResponse.SerializeToString,
+            ),
+            'DeleteScheduledMission': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteScheduledMission,
+                    request_deserializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.DeleteScheduledMissionRequest.FromString,
+                    response_serializer=aetherops_dot_capacity_dot_v1_dot_capacity__pb2.DeleteScheduledMissionResponse.SerializeToString,
             ),
             'ComputeConsumptionRate': grpc.unary_unary_rpc_method_handler(
                     servicer.ComputeConsumptionRate,
@@ -313,6 +332,33 @@ class CapacityService:
             '/aetherops.capacity.v1.CapacityService/AddScheduledMission',
             aetherops_dot_capacity_dot_v1_dot_capacity__pb2.AddScheduledMissionRequest.SerializeToString,
             aetherops_dot_capacity_dot_v1_dot_capacity__pb2.AddScheduledMissionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteScheduledMission(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.capacity.v1.CapacityService/DeleteScheduledMission',
+            aetherops_dot_capacity_dot_v1_dot_capacity__pb2.DeleteScheduledMissionRequest.SerializeToString,
+            aetherops_dot_capacity_dot_v1_dot_capacity__pb2.DeleteScheduledMissionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class CapacityServiceStub:
     """
     AddScheduledMission: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.AddScheduledMissionRequest, _capacity_pb2.AddScheduledMissionResponse]
     """Adds (or, with the same mission_id, replaces) a scheduled mission."""
+    DeleteScheduledMission: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.DeleteScheduledMissionRequest, _capacity_pb2.DeleteScheduledMissionResponse]
+    """Removes a scheduled mission (cancelled, or planned by mistake): forecasts
+    no longer count it. NOT_FOUND for an unknown mission_id (unless the same
+    request_id is retried).
+    """
     ComputeConsumptionRate: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.ComputeConsumptionRateRequest, _capacity_pb2.ComputeConsumptionRateResponse]
     """The fitted consumption rate of one resource of one satellite."""
     ForecastExhaustion: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.ForecastExhaustionRequest, _capacity_pb2.ForecastExhaustionResponse]
@@ -85,6 +90,11 @@ class CapacityServiceAsyncStub(CapacityServiceStub):
     """
     AddScheduledMission: _aio.UnaryUnaryMultiCallable[_capacity_pb2.AddScheduledMissionRequest, _capacity_pb2.AddScheduledMissionResponse]  # type: ignore[assignment]
     """Adds (or, with the same mission_id, replaces) a scheduled mission."""
+    DeleteScheduledMission: _aio.UnaryUnaryMultiCallable[_capacity_pb2.DeleteScheduledMissionRequest, _capacity_pb2.DeleteScheduledMissionResponse]  # type: ignore[assignment]
+    """Removes a scheduled mission (cancelled, or planned by mistake): forecasts
+    no longer count it. NOT_FOUND for an unknown mission_id (unless the same
+    request_id is retried).
+    """
     ComputeConsumptionRate: _aio.UnaryUnaryMultiCallable[_capacity_pb2.ComputeConsumptionRateRequest, _capacity_pb2.ComputeConsumptionRateResponse]  # type: ignore[assignment]
     """The fitted consumption rate of one resource of one satellite."""
     ForecastExhaustion: _aio.UnaryUnaryMultiCallable[_capacity_pb2.ForecastExhaustionRequest, _capacity_pb2.ForecastExhaustionResponse]  # type: ignore[assignment]
@@ -140,6 +150,17 @@ class CapacityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_capacity_pb2.AddScheduledMissionResponse, _abc.Awaitable[_capacity_pb2.AddScheduledMissionResponse]]:
         """Adds (or, with the same mission_id, replaces) a scheduled mission."""
+
+    @_abc_1.abstractmethod
+    def DeleteScheduledMission(
+        self,
+        request: _capacity_pb2.DeleteScheduledMissionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_capacity_pb2.DeleteScheduledMissionResponse, _abc.Awaitable[_capacity_pb2.DeleteScheduledMissionResponse]]:
+        """Removes a scheduled mission (cancelled, or planned by mistake): forecasts
+        no longer count it. NOT_FOUND for an unknown mission_id (unless the same
+        request_id is retried).
+        """
 
     @_abc_1.abstractmethod
     def ComputeConsumptionRate(

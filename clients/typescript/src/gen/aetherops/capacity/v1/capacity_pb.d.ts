@@ -437,6 +437,47 @@ export declare type AddScheduledMissionResponse = Message<"aetherops.capacity.v1
 export declare const AddScheduledMissionResponseSchema: GenMessage<AddScheduledMissionResponse>;
 
 /**
+ * @generated from message aetherops.capacity.v1.DeleteScheduledMissionRequest
+ */
+export declare type DeleteScheduledMissionRequest = Message<"aetherops.capacity.v1.DeleteScheduledMissionRequest"> & {
+  /**
+   * @generated from field: string mission_id = 1;
+   */
+  missionId: string;
+
+  /**
+   * Idempotency key, per mission_id: a retry answers as the first call did.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.capacity.v1.DeleteScheduledMissionRequest.
+ * Use `create(DeleteScheduledMissionRequestSchema)` to create a new message.
+ */
+export declare const DeleteScheduledMissionRequestSchema: GenMessage<DeleteScheduledMissionRequest>;
+
+/**
+ * @generated from message aetherops.capacity.v1.DeleteScheduledMissionResponse
+ */
+export declare type DeleteScheduledMissionResponse = Message<"aetherops.capacity.v1.DeleteScheduledMissionResponse"> & {
+  /**
+   * The mission as it was.
+   *
+   * @generated from field: aetherops.capacity.v1.ScheduledMission mission = 1;
+   */
+  mission?: ScheduledMission | undefined;
+};
+
+/**
+ * Describes the message aetherops.capacity.v1.DeleteScheduledMissionResponse.
+ * Use `create(DeleteScheduledMissionResponseSchema)` to create a new message.
+ */
+export declare const DeleteScheduledMissionResponseSchema: GenMessage<DeleteScheduledMissionResponse>;
+
+/**
  * @generated from message aetherops.capacity.v1.ComputeConsumptionRateRequest
  */
 export declare type ComputeConsumptionRateRequest = Message<"aetherops.capacity.v1.ComputeConsumptionRateRequest"> & {
@@ -943,6 +984,18 @@ export declare const CapacityService: GenService<{
     methodKind: "unary";
     input: typeof AddScheduledMissionRequestSchema;
     output: typeof AddScheduledMissionResponseSchema;
+  },
+  /**
+   * Removes a scheduled mission (cancelled, or planned by mistake): forecasts
+   * no longer count it. NOT_FOUND for an unknown mission_id (unless the same
+   * request_id is retried).
+   *
+   * @generated from rpc aetherops.capacity.v1.CapacityService.DeleteScheduledMission
+   */
+  deleteScheduledMission: {
+    methodKind: "unary";
+    input: typeof DeleteScheduledMissionRequestSchema;
+    output: typeof DeleteScheduledMissionResponseSchema;
   },
   /**
    * The fitted consumption rate of one resource of one satellite.
