@@ -272,9 +272,15 @@ async def _serve(settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
-    ready = asyncio.create_task(app.ready.wait())
+    ready = asyncio.create_task(app.wait_ready(timeout_s=None))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        # Not a dependency still coming up (those are retried): waiting on would never serve.
+        print(f"aetherops: {ready.exception()}", file=sys.stderr, flush=True)
+        stopping.cancel()
+        await app.stop()
+        return 1
     if ready.done():
         # Restored clusters, forecasts and executions live as long as the process.
         settle_long_lived_state()

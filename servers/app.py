@@ -95,6 +95,7 @@ class Application:
         self._health = health.aio.HealthServicer()
         self._components: list[Component] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._bring_up_task: asyncio.Task[None] | None = None
         self._embedded_pg: EmbeddedPostgres | None = None
         self._embedded_nats: EmbeddedNats | None = None
         self._stopping = False
@@ -145,7 +146,9 @@ class Application:
                 raise UnavailableError(
                     f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: {exc.strerror}"
                 ) from None
-        self._tasks.append(asyncio.create_task(self._bring_up(), name="bring-up"))
+        self._bring_up_task = bring_up = asyncio.create_task(self._bring_up(), name="bring-up")
+        bring_up.add_done_callback(self._bring_up_ended)
+        self._tasks.append(bring_up)
         if self.gate.shares_rate_limits:
             # NOT_SERVING until the first probe has reached Redis; independent of the bring-up.
             await self._health.set(RATE_LIMIT_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -287,9 +290,21 @@ class Application:
         if self._embedded_pg is not None:
             await asyncio.to_thread(self._embedded_pg.stop)
 
-    async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Waits until every component serves; raises if bring-up failed or timed out."""
-        bring_up = self._tasks[0]
+    def _bring_up_ended(self, task: asyncio.Task[None]) -> None:
+        # Kept until shutdown, the task's exception was never reported by asyncio: the server stayed
+        # "starting" for ever without a word. Reported here, and not again when stopping.
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("start-up failed: %s", task.exception(), exc_info=task.exception())
+        self._tasks.remove(task)
+
+    async def wait_ready(self, timeout_s: float | None = 30.0) -> None:
+        """Waits until every component serves; raises if bring-up failed or timed out (None: no limit).
+
+        Bring-up retries only dependencies it cannot reach; anything else (an embedded PostgreSQL that
+        cannot start, a migration or a component that fails) ends it, and this says so."""
+        bring_up = self._bring_up_task
+        assert bring_up is not None, "start() first"
         ready = asyncio.create_task(self.ready.wait())
         done, _ = await asyncio.wait({bring_up, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:

@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -115,3 +116,32 @@ async def test_a_port_in_use_is_said_plainly(pg_url: str, schema: str, tmp_path:
     assert proc.returncode == 1, log
     assert f"aetherops: cannot listen on 127.0.0.1:{port}" in log
     assert "Traceback" not in log
+
+
+async def test_a_start_up_that_cannot_finish_says_why_and_exits(pg_url: str, schema: str, tmp_path: Path) -> None:
+    # A failure bring-up does not retry (here the migrations meet a table they cannot read; an
+    # embedded PostgreSQL that cannot start is another) left the server "starting" for ever, silent.
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".schema_migrations (x int)')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AETHEROPS_")}
+        env.update(
+            AETHEROPS_DATABASE_URL=pg_url,
+            AETHEROPS_DB_SCHEMA=schema,
+            AETHEROPS_NAMESPACE=schema,
+            AETHEROPS_PORT=str(free_port()),
+            AETHEROPS_METRICS_PORT="-1",
+            AETHEROPS_SERVICES="correlation",
+            AETHEROPS_NATS_URL=os.environ.get("AETHEROPS_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+            AETHEROPS_DATA_DIR=str(tmp_path / "data"),
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", "serve", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    finally:
+        await conn.close()
+    log = err.decode()
+    assert proc.returncode == 1, log
+    assert "aetherops: start-up failed: " in log and "column" in log
+    assert log.count("UndefinedColumnError") == 1  # logged once, with its traceback
