@@ -352,7 +352,8 @@ async def list_missions(
     args: list[object] = [satellite_id]
     if resource_type is not None:
         args.append(str(int(resource_type)))
-        clauses.append(f"resource_impacts ? ${len(args)}")
+        # An impact of 0 is listed in the mission but changes nothing: forecasts ignore it too.
+        clauses.append(f"(resource_impacts ->> ${len(args)})::float8 <> 0")
     if start is not None:
         args.append(start)
         clauses.append(f"end_time > ${len(args)}")

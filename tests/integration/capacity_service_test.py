@@ -495,10 +495,12 @@ async def test_list_scheduled_missions_filters_and_pages(stub: capacity_pb2_grpc
         m.end_time.FromDatetime(base + timedelta(days=day, hours=6))
         return m
 
+    imaging = mission("imaging-2", 2, POWER)
+    imaging.resource_impacts.add(resource_type=FUEL, amount=0.0)  # no fuel used: not a fuel mission
     for m in (
         mission("burn-3", 3, FUEL),
         mission("burn-1", 1, FUEL),
-        mission("imaging-2", 2, POWER),
+        imaging,
         mission("burn-0", 0, FUEL, sat="SAT-OTHER"),
     ):
         await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=m))

@@ -180,7 +180,7 @@ class CapacityServiceServicer:
 
     def ListScheduledMissions(self, request, context):
         """Lists one satellite's scheduled missions, earliest start first: all of
-        them, those with an impact on resource_type, and/or those overlapping
+        them, those with a non-zero impact on resource_type, and/or those overlapping
         [start_time, end_time); a satellite without missions gives an empty
         list. Paginated; a page token is valid only with its filters.
         """

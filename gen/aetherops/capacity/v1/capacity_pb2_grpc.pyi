@@ -68,7 +68,7 @@ class CapacityServiceStub:
     """
     ListScheduledMissions: _grpc.UnaryUnaryMultiCallable[_capacity_pb2.ListScheduledMissionsRequest, _capacity_pb2.ListScheduledMissionsResponse]
     """Lists one satellite's scheduled missions, earliest start first: all of
-    them, those with an impact on resource_type, and/or those overlapping
+    them, those with a non-zero impact on resource_type, and/or those overlapping
     [start_time, end_time); a satellite without missions gives an empty
     list. Paginated; a page token is valid only with its filters.
     """
@@ -113,7 +113,7 @@ class CapacityServiceAsyncStub(CapacityServiceStub):
     """
     ListScheduledMissions: _aio.UnaryUnaryMultiCallable[_capacity_pb2.ListScheduledMissionsRequest, _capacity_pb2.ListScheduledMissionsResponse]  # type: ignore[assignment]
     """Lists one satellite's scheduled missions, earliest start first: all of
-    them, those with an impact on resource_type, and/or those overlapping
+    them, those with a non-zero impact on resource_type, and/or those overlapping
     [start_time, end_time); a satellite without missions gives an empty
     list. Paginated; a page token is valid only with its filters.
     """
@@ -221,7 +221,7 @@ class CapacityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_capacity_pb2.ListScheduledMissionsResponse, _abc.Awaitable[_capacity_pb2.ListScheduledMissionsResponse]]:
         """Lists one satellite's scheduled missions, earliest start first: all of
-        them, those with an impact on resource_type, and/or those overlapping
+        them, those with a non-zero impact on resource_type, and/or those overlapping
         [start_time, end_time); a satellite without missions gives an empty
         list. Paginated; a page token is valid only with its filters.
         """
