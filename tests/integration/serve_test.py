@@ -138,7 +138,12 @@ async def test_a_start_up_that_cannot_finish_says_why_and_exits(pg_url: str, sch
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "clients.cli", "serve", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
         )
-        _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        finally:
+            if proc.returncode is None:  # it hung: do not leave it running after the test
+                proc.kill()
+                await proc.wait()
     finally:
         await conn.close()
     log = err.decode()
