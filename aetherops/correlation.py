@@ -90,6 +90,7 @@ __all__ = [
     "Labels",
     "ScoreComponents",
     "alert_size",
+    "severity_problem",
     "validate_alert",
 ]
 
@@ -223,6 +224,13 @@ def alert_size(alert: Alert) -> int:
     return size
 
 
+def severity_problem(severity: object) -> str | None:
+    """Why `severity` is not an alert severity (None when it is): an integer from 1 to 5."""
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+        return f"must be an integer between 1 and 5, got {severity!r}"
+    return None
+
+
 def validate_alert(
     alert: Alert,
     *,
@@ -240,9 +248,9 @@ def validate_alert(
         problem = id_problem(getattr(alert, name))
         if problem is not None:
             out.append(FieldViolation(f + name, problem))
-    sev = alert.severity
-    if isinstance(sev, bool) or not isinstance(sev, int) or not 1 <= sev <= 5:
-        out.append(FieldViolation(f + "severity", f"must be an integer between 1 and 5, got {sev!r}"))
+    problem = severity_problem(alert.severity)
+    if problem is not None:
+        out.append(FieldViolation(f + "severity", problem))
     ts = alert.timestamp
     if not isinstance(ts, datetime):
         out.append(FieldViolation(f + "timestamp", "required"))

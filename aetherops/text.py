@@ -11,13 +11,26 @@ validation error. Identifiers are also bounded: they are keys of B-tree indexes.
 
 from __future__ import annotations
 
-__all__ = ["MAX_ID_LEN", "NUL_PROBLEM", "SURROGATE_PROBLEM", "chars_problem", "id_problem", "text_problem"]
+__all__ = [
+    "MAX_ID_LEN",
+    "NUL_PROBLEM",
+    "SURROGATE_PROBLEM",
+    "chars_problem",
+    "id_problem",
+    "text_problem",
+    "utf8_len",
+]
 
 MAX_ID_LEN = 256
 """Longest identifier (alert, satellite, subsystem, mission id) in characters."""
 
 NUL_PROBLEM = "must not contain NUL (U+0000) characters"
 SURROGATE_PROBLEM = "must be valid Unicode (no unpaired surrogates)"
+
+
+def utf8_len(value: str) -> int:
+    """Bytes of `value` in UTF-8, as protobuf and NATS carry it (ASCII, the common case, is not encoded)."""
+    return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
 
 
 def chars_problem(value: str) -> str | None:

@@ -29,7 +29,7 @@ from aetherops.errors import AlreadyExistsError, FieldViolation, ValidationError
 from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
 from aetherops.tasks import cancel_and_wait
-from aetherops.text import MAX_ID_LEN, id_problem, text_problem
+from aetherops.text import MAX_ID_LEN, id_problem, text_problem, utf8_len
 from aetherops.tracking import current_tracking_id
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
@@ -171,7 +171,7 @@ def _first_within(names: list[str], budget: int) -> list[str]:
         return names  # fits even at four bytes a character: no name-by-name count on the ingest path
     size = 0
     for i, name in enumerate(names):
-        size += (len(name) if name.isascii() else len(name.encode())) + 3  # the field's tag and length
+        size += utf8_len(name) + 3  # the field's tag and length
         if size > budget:
             return names[:i]
     return names

@@ -26,6 +26,7 @@ from aetherops.correlation import (
     IncidentCluster,
     ScoreComponents,
     alert_size,
+    severity_problem,
     validate_alert,
 )
 from aetherops.db import Database, idempotency, outbox
@@ -41,7 +42,7 @@ from aetherops.errors import (
 from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
 from aetherops.tasks import cancel_and_wait
-from aetherops.text import id_problem, text_problem
+from aetherops.text import id_problem, text_problem, utf8_len
 from aetherops.tracking import current_tracking_id
 
 __all__ = ["INGEST_BATCH", "CorrelationService", "IncidentEvent", "IngestOutcome"]
@@ -152,7 +153,7 @@ def _id_chunks(ids: list[str]) -> list[list[str]]:
     chunks: list[list[str]] = [[]]
     size = 0
     for alert_id in ids:
-        n = len(alert_id) if alert_id.isascii() else len(alert_id.encode())
+        n = utf8_len(alert_id)
         if size + n > _EVENT_IDS_BYTES and chunks[-1]:
             chunks.append([])
             size = 0
@@ -589,8 +590,9 @@ class CorrelationService:
         what ingestion accepts. A severity of 99 made a severity component of 1.04 and "would
         correlate" for alerts IngestAlert refuses."""
         problems: list[FieldViolation] = []
-        if not 1 <= alert.severity <= 5:
-            problems.append(FieldViolation(f"{field}.severity", f"must be between 1 and 5, got {alert.severity}"))
+        severity = severity_problem(alert.severity)
+        if severity is not None:
+            problems.append(FieldViolation(f"{field}.severity", severity))
         if alert.timestamp is None:
             problems.append(FieldViolation(f"{field}.timestamp", "required"))
         return problems
