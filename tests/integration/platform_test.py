@@ -537,7 +537,14 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
                 await stub.GetCluster(
                     correlation_pb2.GetClusterRequest(cluster_id=""), metadata=(("x-tracking-id", tracking),)
                 )
-    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "aetherops.rpc"]
+        # The server logs a call as its handler ends, which may come after the client has its answer.
+
+        async def logged() -> list[logging.LogRecord]:
+            records = [r for r in caplog.records if r.name == "aetherops.rpc"]
+            return records if len(records) >= 3 else []
+
+        records = await eventually(logged, timeout_s=5, what="three rpc log lines")
+    lines = [json.loads(JsonFormatter().format(r)) for r in records]
     assert len(lines) == 3
     for line in lines:
         assert line["rpc"] == "GetCluster" and line["service"] == "aetherops.correlation.v1.CorrelationService"
