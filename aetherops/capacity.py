@@ -75,13 +75,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from aetherops.clock import Clock, SystemClock
+from aetherops.clock import EARLIEST_TIME, TOO_EARLY, Clock, SystemClock
 from aetherops.errors import ConfigError, FieldViolation, ValidationError
 from aetherops.text import id_problem, text_problem
 
 __all__ = [
     "CRITICAL_DAYS",
-    "EARLIEST_SNAPSHOT_TIME",
     "MAX_DESCRIPTION_LEN",
     "MAX_SNAPSHOT_VALUE",
     "WARNING_DAYS",
@@ -118,10 +117,7 @@ MAX_SNAPSHOT_VALUE = 1e15
 """Largest snapshot value (and mission impact) accepted: beyond any real tank, battery, disk or link,
 even a petabyte counted in bytes, and small enough that the forecast's sums of squares stay finite.
 A value of 1e308 overflowed them and put NaN into forecasts."""
-EARLIEST_SNAPSHOT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
-"""Earliest snapshot time accepted: no telemetry here predates it, and a zeroed clock (1970, or
-year 1) stretched a series over centuries and its forecast with it."""
-_EARLIEST_SNAPSHOT_US = int((EARLIEST_SNAPSHOT_TIME - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+_EARLIEST_SNAPSHOT_US = int((EARLIEST_TIME - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
 MAX_DESCRIPTION_LEN = 4096
 """Longest mission description, in characters."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -437,7 +433,6 @@ def _is_real(value: object) -> bool:
 
 
 _TOO_LARGE = f"must be at most {MAX_SNAPSHOT_VALUE:g}"
-_TOO_EARLY = f"must not be before {EARLIEST_SNAPSHOT_TIME:%Y-%m-%d} (a clock that was never set?)"
 
 
 def validate_snapshot(
@@ -464,8 +459,8 @@ def validate_snapshot(
         violations.append(FieldViolation("snapshot.timestamp", "must be a datetime"))
     elif ts.tzinfo is None or ts.utcoffset() is None:
         violations.append(FieldViolation("snapshot.timestamp", "must be timezone-aware"))
-    elif ts < EARLIEST_SNAPSHOT_TIME:
-        violations.append(FieldViolation("snapshot.timestamp", _TOO_EARLY))
+    elif ts < EARLIEST_TIME:
+        violations.append(FieldViolation("snapshot.timestamp", TOO_EARLY))
     elif (ts - now).total_seconds() > max_future_skew_s:
         violations.append(FieldViolation("snapshot.timestamp", f"is more than {max_future_skew_s:g} s in the future"))
     problem = id_problem(snapshot.unit)
@@ -1171,7 +1166,7 @@ class CapacityPlanner:
                 elif too_large[i]:
                     reason = f"snapshot.value: {_TOO_LARGE}"
                 elif early[i]:
-                    reason = f"snapshot.timestamp: {_TOO_EARLY}"
+                    reason = f"snapshot.timestamp: {TOO_EARLY}"
                 else:
                     reason = f"snapshot.timestamp: is more than {self.max_future_skew_s:g} s in the future"
                 rejected.append((i, reason))

@@ -1,9 +1,18 @@
-"""Clocks: the only way core code learns the time, so tests stay deterministic."""
+"""Clocks, the only way core code learns the time (so tests stay deterministic), and the earliest time
+the fleet's records may carry."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+"""Earliest time an alert or a snapshot may carry. Nothing in the fleet's records predates it, and a
+zeroed clock (1970, or year 1) is how a time that was never set usually arrives: it stretched a
+capacity series over centuries, and it filed an alert as a long-expired incident of its own."""
+
+TOO_EARLY = f"must not be before {EARLIEST_TIME:%Y-%m-%d} (a clock that was never set?)"
+"""The field violation for a time before `EARLIEST_TIME`."""
 
 
 class Clock(Protocol):

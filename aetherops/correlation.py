@@ -69,7 +69,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
 
-from aetherops.clock import Clock, SystemClock
+from aetherops.clock import EARLIEST_TIME, TOO_EARLY, Clock, SystemClock
 from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
 from aetherops.ids import sortable_id
 from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH, DependencyGraph, normalize_name
@@ -256,6 +256,8 @@ def validate_alert(
         out.append(FieldViolation(f + "timestamp", "required"))
     elif ts.utcoffset() is None:
         out.append(FieldViolation(f + "timestamp", "must be timezone-aware (UTC)"))
+    elif ts < EARLIEST_TIME:
+        out.append(FieldViolation(f + "timestamp", TOO_EARLY))
     else:
         ahead = (ts - now).total_seconds()
         if ahead > max_future_skew_s:

@@ -12,6 +12,7 @@ validation error. Identifiers are also bounded: they are keys of B-tree indexes.
 from __future__ import annotations
 
 __all__ = [
+    "ID_WHITESPACE_PROBLEM",
     "MAX_ID_LEN",
     "NUL_PROBLEM",
     "SURROGATE_PROBLEM",
@@ -47,13 +48,24 @@ def chars_problem(value: str) -> str | None:
     return None
 
 
+ID_WHITESPACE_PROBLEM = "must not start or end with whitespace"
+
+
 def id_problem(value: object) -> str | None:
     """Why `value` is not a usable identifier (None when it is): a non-blank string of at most
-    MAX_ID_LEN characters that PostgreSQL can store (see `chars_problem`)."""
+    MAX_ID_LEN characters, with no whitespace at either end, that PostgreSQL can store (see
+    `chars_problem`).
+
+    Whitespace at an end is refused, not stripped: " SAT-001" from a hand-edited file would otherwise
+    be a satellite of its own, whose alerts never correlate with SAT-001's and whose forecasts are
+    apart; and stripping would store an id other than the one its sender keeps (an alert id is the
+    sender's idempotency key)."""
     if not isinstance(value, str) or not value.strip():
         return "required: must not be empty"
     if len(value) > MAX_ID_LEN:
         return f"at most {MAX_ID_LEN} characters allowed, got {len(value)}"
+    if value[0].isspace() or value[-1].isspace():
+        return ID_WHITESPACE_PROBLEM
     return chars_problem(value)
 
 

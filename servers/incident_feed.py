@@ -60,7 +60,14 @@ class Watcher:
     def wants(self, event_type: int, incident: events_pb2.Incident) -> bool:
         if self.event_types and event_type not in self.event_types:
             return False
-        if self.satellite_ids and self.satellite_ids.isdisjoint(incident.satellite_ids):
+        if (
+            self.satellite_ids
+            and self.satellite_ids.isdisjoint(incident.satellite_ids)
+            # An event lists only the first satellites of an incident over thousands (see
+            # events.Incident.satellite_count): a watched one may be further on, so it is delivered
+            # rather than missed.
+            and incident.satellite_count <= len(incident.satellite_ids)
+        ):
             return False
         return not (self.min_severity and incident.max_severity < self.min_severity)
 

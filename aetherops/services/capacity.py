@@ -316,9 +316,20 @@ class CapacityService:
         points = 0
         for block in blocks:
             # History in PostgreSQL was validated on the way in; ingest_series re-checks it vectorised.
-            report = self._planner.ingest_series(
-                block.satellite_id, block.resource_type, block.unit, block.times_us, block.values
-            )
+            try:
+                report = self._planner.ingest_series(
+                    block.satellite_id, block.resource_type, block.unit, block.times_us, block.values
+                )
+            except ValidationError as exc:
+                # A series whose id or unit today's checks refuse (e.g. whitespace at an end, refused
+                # since): kept in PostgreSQL, not forecast, and it must not stop the start.
+                log.warning(
+                    "capacity: stored series %r/%s fails today's checks and is not forecast from: %s",
+                    block.satellite_id,
+                    block.resource_type.name.lower(),
+                    exc,
+                )
+                continue
             points += report.accepted
             if report.rejected:
                 # Stored before today's checks (the value bound, the time floor): kept in PostgreSQL,

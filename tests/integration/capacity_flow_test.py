@@ -277,6 +277,11 @@ async def test_stored_history_that_fails_todays_checks_is_set_aside_at_start(
         """INSERT INTO capacity_missions (mission_id, satellite_id, start_time, end_time, resource_impacts)
            VALUES ('burn-huge', 'SAT-H', now() + interval '1 day', now() + interval '2 days', '{"1": 1e308}')"""
     )
+    # And a series whose satellite id ends in whitespace, refused at the edge since.
+    await db.execute(
+        """INSERT INTO capacity_snapshots (satellite_id, resource_type, snapshot_time, value, unit)
+           VALUES ('SAT-H ', 1, now() - interval '1 hour', 5, 'kg')"""
+    )
     await app.stop()
     caplog.clear()
     app2 = await app_factory()  # starts: what fails today's checks is left out, and said
@@ -284,6 +289,7 @@ async def test_stored_history_that_fails_todays_checks_is_set_aside_at_start(
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "SAT-H" in r.getMessage()]
     assert any("2 stored snapshot(s) of SAT-H/fuel" in m for m in warned), warned
     assert any("burn-huge" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert any("'SAT-H '/fuel fails today's checks" in m for m in warned), warned
     found = await forecast(stub, "SAT-H")
     # 76.5 kg left at 12 kg a day, from the good readings alone; a perfect fit over two days of
     # history (confidence scales up to a week of it), where the 1e300 reading made it NaN.

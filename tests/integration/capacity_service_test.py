@@ -122,6 +122,13 @@ async def test_implausible_values_and_times_are_refused_and_not_stored(
     assert "at most" in violations(caught.value)["snapshot.value"]
     reply = await ingest(stub, [snap("SAT-X", FUEL, datetime(1970, 1, 1, tzinfo=UTC), 50.0)])
     assert [(r.index, r.problems[0].field) for r in reply.rejections] == [(0, "snapshot.timestamp")]
+    # Whitespace at an end of an id would make a satellite (or unit) of its own: refused, not split.
+    spaced = [snap(" SAT-X", FUEL, datetime.now(UTC), 50.0), snap("SAT-X", FUEL, datetime.now(UTC), 50.0, unit="kg ")]
+    reply = await ingest(stub, spaced)
+    assert [(r.index, r.problems[0].field, r.problems[0].description) for r in reply.rejections] == [
+        (0, "snapshot.satellite_id", "must not start or end with whitespace"),
+        (1, "snapshot.unit", "must not start or end with whitespace"),
+    ]
     assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-X'") == 0
 
 

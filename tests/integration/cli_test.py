@@ -31,6 +31,7 @@ class Result:
     err: str
 
     def json(self) -> Any:
+        assert self.code == 0, f"exit {self.code}: {self.err}"  # a failed command prints no JSON: say why
         return json.loads(self.out)
 
 

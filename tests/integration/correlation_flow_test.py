@@ -408,6 +408,24 @@ async def test_bad_input_is_rejected_precisely_and_nothing_is_stored(channel: gr
         )
     assert {"first.severity", "second.severity"} == set(_violations(err.value))
 
+    # A zeroed clock's time, and ids with whitespace at an end (a satellite of their own otherwise).
+    early = _alert("SAT-1", "power", datetime(1970, 1, 1, tzinfo=UTC))
+    spaced = _alert("SAT-1 ", " power", datetime.now(UTC))
+    spaced.alert_id = "\ta-1"
+    for alert, expected in (
+        (early, {"alert.timestamp": "must not be before 2000-01-01 (a clock that was never set?)"}),
+        (
+            spaced,
+            dict.fromkeys(
+                ("alert.alert_id", "alert.satellite_id", "alert.subsystem"), "must not start or end with whitespace"
+            ),
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _violations(err.value) == expected
+
     future = _alert("SAT-1", "power", datetime.now(UTC) + timedelta(hours=2))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.IngestAlert(pb.IngestAlertRequest(alert=future))
@@ -1002,6 +1020,17 @@ async def test_a_slow_watcher_counts_only_wanted_events_it_lost(bus: Bus) -> Non
         assert kept.incident_opened.incident.cluster_id == "c0"
     finally:
         await feed.close()
+
+
+def test_a_watched_satellite_beyond_an_events_listed_satellites_is_not_missed() -> None:
+    watcher = Watcher(frozenset(), frozenset({"SAT-9999"}), 0)
+    listed = events_pb2.Incident(cluster_id="c1", satellite_ids=["SAT-0001", "SAT-0002"], satellite_count=2)
+    assert not watcher.wants(pb.CLUSTER_EVENT_TYPE_OPENED, listed)
+    # An incident over 5,000 satellites whose event could list only the first: the watched one may
+    # be among the rest.
+    cut_short = events_pb2.Incident(cluster_id="c2", satellite_ids=["SAT-0001", "SAT-0002"], satellite_count=5000)
+    assert watcher.wants(pb.CLUSTER_EVENT_TYPE_OPENED, cut_short)
+    assert Watcher(frozenset(), frozenset({"SAT-0002"}), 0).wants(pb.CLUSTER_EVENT_TYPE_OPENED, listed)
 
 
 async def test_a_burst_of_calls_waits_its_turn_instead_of_being_cancelled(

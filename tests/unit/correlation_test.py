@@ -847,6 +847,16 @@ def test_validation_of_timestamps_severity_and_labels() -> None:
     naive = Alert("a", "SAT-1", "power", 3, datetime(2026, 3, 1, 12))
     assert [v.description for v in validate_alert(naive, now=at(0))] == ["must be timezone-aware (UTC)"]
     assert naive.epoch == at(0).timestamp()  # read as UTC
+    zeroed = Alert("a", "SAT-1", "power", 3, datetime(1970, 1, 1, tzinfo=UTC))
+    assert [(v.field, v.description) for v in validate_alert(zeroed, now=at(0))] == [
+        ("alert.timestamp", "must not be before 2000-01-01 (a clock that was never set?)")
+    ]
+    spaced = Alert(" a", "SAT-1\n", "power ", 3, at(0))
+    assert [(v.field, v.description) for v in validate_alert(spaced, now=at(0))] == [
+        (f"alert.{name}", "must not start or end with whitespace") for name in ("alert_id", "satellite_id", "subsystem")
+    ]
+    inner = Alert("a 1", "SAT 1", "solar array", 3, at(0))  # whitespace inside an id is the sender's business
+    assert validate_alert(inner, now=at(0)) == []
     missing = Alert("a", "SAT-1", "power", 3, None)  # type: ignore[arg-type]
     assert [(v.field, v.description) for v in validate_alert(missing, now=at(0))] == [("alert.timestamp", "required")]
     for sev in (True, 6, 2.5):

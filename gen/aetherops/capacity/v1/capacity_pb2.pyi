@@ -77,7 +77,9 @@ Global___RiskLevel: _TypeAlias = RiskLevel  # noqa: Y015
 
 @_typing.final
 class ResourceSnapshot(_message.Message):
-    """One reading of one resource. Ids and units: at most 256 characters, no NUL."""
+    """One reading of one resource. Ids and units: at most 256 characters, no NUL,
+    no whitespace at either end.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -94,7 +96,7 @@ class ResourceSnapshot(_message.Message):
     """e.g. "kg", "Wh", "GB", "MB"; must stay the same for one satellite and resource."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
-        """Observation time (UTC)."""
+        """Observation time (UTC); not before 2000-01-01 (a zeroed clock)."""
 
     def __init__(
         self,

@@ -114,7 +114,8 @@ class Alert(_message.Message):
     TRACKING_ID_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
     """Unique id chosen by the sender; the idempotency key of ingestion. At most
-    256 characters, as are satellite_id and subsystem.
+    256 characters, as are satellite_id and subsystem; none of the three may
+    start or end with whitespace.
     """
     satellite_id: _builtins.str
     """Satellite that raised the alert, e.g. "SAT-001"."""
@@ -133,7 +134,7 @@ class Alert(_message.Message):
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the condition was observed on board (UTC). Required; may be late or
         out of order within the correlation window, but not more than the
-        configured skew in the future.
+        configured skew in the future, nor before 2000-01-01 (a zeroed clock).
         """
 
     @_builtins.property
@@ -787,7 +788,11 @@ class WatchClustersRequest(_message.Message):
     """Only clusters whose max severity is at least this (1..5), when set."""
     @_builtins.property
     def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only clusters involving one of these satellites, when set."""
+        """Only clusters involving one of these satellites, when set. An incident over
+        so many satellites that its events list only the first (see
+        aetherops.events.v1.Incident.satellite_count) is delivered to every such
+        filter.
+        """
 
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___ClusterEventType.ValueType]:

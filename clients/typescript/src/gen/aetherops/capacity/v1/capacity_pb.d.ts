@@ -15,7 +15,8 @@ import type { Rejection } from "../../common/v1/common_pb.js";
 export declare const file_aetherops_capacity_v1_capacity: GenFile;
 
 /**
- * One reading of one resource. Ids and units: at most 256 characters, no NUL.
+ * One reading of one resource. Ids and units: at most 256 characters, no NUL,
+ * no whitespace at either end.
  *
  * @generated from message aetherops.capacity.v1.ResourceSnapshot
  */
@@ -31,7 +32,7 @@ export declare type ResourceSnapshot = Message<"aetherops.capacity.v1.ResourceSn
   resourceType: ResourceType;
 
   /**
-   * Observation time (UTC).
+   * Observation time (UTC); not before 2000-01-01 (a zeroed clock).
    *
    * @generated from field: google.protobuf.Timestamp timestamp = 3;
    */

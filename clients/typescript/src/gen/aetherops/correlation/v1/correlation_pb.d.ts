@@ -23,7 +23,8 @@ export declare const file_aetherops_correlation_v1_correlation: GenFile;
 export declare type Alert = Message<"aetherops.correlation.v1.Alert"> & {
   /**
    * Unique id chosen by the sender; the idempotency key of ingestion. At most
-   * 256 characters, as are satellite_id and subsystem.
+   * 256 characters, as are satellite_id and subsystem; none of the three may
+   * start or end with whitespace.
    *
    * @generated from field: string alert_id = 1;
    */
@@ -55,7 +56,7 @@ export declare type Alert = Message<"aetherops.correlation.v1.Alert"> & {
   /**
    * When the condition was observed on board (UTC). Required; may be late or
    * out of order within the correlation window, but not more than the
-   * configured skew in the future.
+   * configured skew in the future, nor before 2000-01-01 (a zeroed clock).
    *
    * @generated from field: google.protobuf.Timestamp timestamp = 5;
    */
@@ -759,7 +760,10 @@ export declare const ScoreAlertsResponseSchema: GenMessage<ScoreAlertsResponse>;
  */
 export declare type WatchClustersRequest = Message<"aetherops.correlation.v1.WatchClustersRequest"> & {
   /**
-   * Only clusters involving one of these satellites, when set.
+   * Only clusters involving one of these satellites, when set. An incident over
+   * so many satellites that its events list only the first (see
+   * aetherops.events.v1.Incident.satellite_count) is delivered to every such
+   * filter.
    *
    * @generated from field: repeated string satellite_ids = 1;
    */
