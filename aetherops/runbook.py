@@ -162,6 +162,8 @@ class EventType(StrEnum):
     STEP_ROLLBACK_FAILED = "STEP_ROLLBACK_FAILED"
     ROLLBACK_INTERRUPTED = "ROLLBACK_INTERRUPTED"
     EXECUTION_FINISHED = "EXECUTION_FINISHED"
+    # The incident that started a running execution closed (see `RunbookEngine.note_incident_closed`).
+    INCIDENT_CLOSED = "INCIDENT_CLOSED"
 
 
 class ActionKind(StrEnum):
@@ -669,7 +671,8 @@ class _Projection:
             rec.error = None
         elif kind is EventType.STEP_ROLLBACK_FAILED:
             rec.error = f"rollback failed: {data.get('reason', '')}"
-        # ACTION_LOGGED and ROLLBACK_INTERRUPTED change nothing but the audit trail.
+        # ACTION_LOGGED and ROLLBACK_INTERRUPTED (and INCIDENT_CLOSED, which names no step) change
+        # nothing but the audit trail.
 
     def snapshot(self) -> ExecutionContext:
         assert self.started_time is not None  # every projection starts with EXECUTION_STARTED
@@ -1611,6 +1614,25 @@ class RunbookEngine:
                 {"step_id": step_id, "approver": approver, "reason": why},
             )
             await self._fail_locked(execution, why, approver)
+
+    async def note_incident_closed(self, execution_id: str, reason: str) -> bool:
+        """Record in a running execution's audit trail that the incident which started it has closed.
+
+        Nothing else changes. An approver about to let a remediation go ahead must see that its incident
+        is over, but whether the remediation is still wanted is theirs to decide (RejectStep, Cancel):
+        the fault may have cleared because of the steps already run. False when the execution has
+        finished, or holds the record already (an incident event delivered again). NotFoundError for
+        an unknown execution.
+        """
+        execution = self._get(execution_id)
+        async with execution.lock:
+            state = execution.state
+            if state.status is not RunbookStatus.RUNNING:
+                return False
+            if any(entry.transition == EventType.INCIDENT_CLOSED for entry in state.audit):
+                return False
+            self._append(execution, EventType.INCIDENT_CLOSED, f"incident:{state.incident_id}", {"reason": reason})
+            return True
 
     async def _expire_locked(self, execution: _Execution, step: RunbookStep) -> None:
         expires = execution.state.steps[step.step_id].approval_expires_time

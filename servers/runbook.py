@@ -12,6 +12,9 @@
   (incident, runbook) keeps it to one execution per incident, however many updates match. The updates
   consumer came later than the incidents stream: created, it starts at the server's start rather
   than replaying a month of old incidents' updates.
+* Closed incidents: a third durable consumer on aetherops.incidents.closed ("runbook-incident-closes",
+  from the server's start like the updates one) has RunbookService.note_incident_closed record
+  INCIDENT_CLOSED in the audit trail of every execution the incident started that is still running.
 * Agents: `agent:<name>` actions are declared from the constructor's `agent_actions` (default
   the AETHEROPS_AGENT_ACTIONS setting), and at runtime when an agent
   announces itself with JSON {"name": ..., "description": ..., "idempotent": ...} on
@@ -433,6 +436,7 @@ class RunbookComponent:
         self.infra: Infra | None = None
         self.consumer: DurableConsumer | None = None
         self.update_consumer: DurableConsumer | None = None
+        self.close_consumer: DurableConsumer | None = None
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._subscriptions: list[Subscription] = []
 
@@ -471,7 +475,14 @@ class RunbookComponent:
             self._on_incident,
             start_time=infra.clock.now(),
         )
-        for consumer in (self.consumer, self.update_consumer):
+        self.close_consumer = DurableConsumer(
+            infra.bus,
+            subjects.incidents("closed"),
+            "runbook-incident-closes",
+            self._on_incident_closed,
+            start_time=infra.clock.now(),
+        )
+        for consumer in (self.consumer, self.update_consumer, self.close_consumer):
             self._consumer_tasks.append(asyncio.create_task(consumer.run(), name=consumer.durable))
 
     async def _on_incident(self, msg: Msg) -> None:
@@ -490,6 +501,25 @@ class RunbookComponent:
         try:
             # Errors other than bad input (e.g. PostgreSQL down) propagate: the message is redelivered.
             await self.service.start_for_incident(incident)
+        finally:
+            if token is not None:
+                reset_tracking_id(token)
+
+    async def _on_incident_closed(self, msg: Msg) -> None:
+        assert self.service is not None
+        event = events_pb2.Event()
+        try:
+            event.ParseFromString(msg.data)
+        except DecodeError as exc:
+            log.warning("ignoring an undecodable incident event: %s", exc)
+            return
+        if event.WhichOneof("payload") != "incident_closed" or not event.incident_closed.incident.cluster_id:
+            return
+        closed = event.incident_closed
+        # The audit entries record the tracking id of the request that closed the incident.
+        token = set_tracking_id(event.tracking_id) if event.tracking_id else None
+        try:
+            await self.service.note_incident_closed(closed.incident.cluster_id, closed.closed_by, closed.reason)
         finally:
             if token is not None:
                 reset_tracking_id(token)

@@ -715,6 +715,37 @@ class RunbookService:
             self._drive(eid)
         return started
 
+    async def note_incident_closed(self, cluster_id: str, closed_by: str = "", reason: str = "") -> list[str]:
+        """Tell every running execution the incident started that the incident has closed: an entry in
+        its audit trail (INCIDENT_CLOSED), nothing more (see `RunbookEngine.note_incident_closed`).
+        Returns the ids of the executions told now; a repeated call (the event delivered again) tells
+        none. Found in PostgreSQL, so an execution no replica has loaded (waiting at a gate since a
+        restart) is told too."""
+        if not cluster_id:
+            raise ValidationError.single("incident.cluster_id", "required")
+        why = (
+            f"incident {cluster_id} closed"
+            + (f" by {closed_by}" if closed_by else "")
+            + (f": {reason}" if reason else "")
+        )
+        async with self._db.connection() as conn:
+            # An incident starts at most one execution per runbook: one page holds them all.
+            rows = await repo.list_executions(
+                conn, incident_id=cluster_id, status=RunbookStatus.RUNNING.value, limit=_MAX_PAGE
+            )
+        return [row.execution_id for row in rows if await self._note_incident_closed(row.execution_id, why)]
+
+    async def _note_incident_closed(self, execution_id: str, why: str) -> bool:
+        async def note() -> bool:
+            noted = await self._engine.note_incident_closed(execution_id, why)
+            await self._persist(execution_id)
+            return noted
+
+        return await self._shielded(
+            self._with_lock(execution_id, lambda: self._op(execution_id, note, load=True)),
+            f"incident-closed-{execution_id}",
+        )
+
     # ---- executions: commands ----------------------------------------------------------------------
 
     async def execute_next_step(

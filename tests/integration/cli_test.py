@@ -31,8 +31,10 @@ class Result:
     err: str
 
     def json(self) -> Any:
-        assert self.code == 0, f"exit {self.code}: {self.err}"  # a failed command prints no JSON: say why
-        return json.loads(self.out)
+        try:
+            return json.loads(self.out)
+        except json.JSONDecodeError:  # say why, not only that the output was not JSON
+            raise AssertionError(f"not JSON (exit {self.code}): {self.out!r}; stderr: {self.err}") from None
 
 
 async def run_cli(address: str, token: str, *args: str) -> Result:

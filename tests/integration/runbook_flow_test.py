@@ -478,3 +478,49 @@ async def test_an_incident_that_grows_to_match_starts_the_runbook_once(app_facto
     await eventually(update_handled, timeout_s=10, what="the incident's further update handled")
     listed = await stubs.operator.ListExecutions(pb.ListExecutionsRequest(incident_id=cluster_id))
     assert [e.execution_id for e in listed.executions] == [execution_id]
+
+
+async def test_an_incident_that_closes_is_recorded_in_the_audit_of_its_waiting_execution(
+    app_factory: Any, channel_for: Any
+) -> None:
+    # A power fault starts a bus switch that waits for approval; the fault clears and the incident is
+    # closed. The approver must see that before approving a switch nobody needs any more.
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    runbook = pb.Runbook(
+        runbook_id="bus-switch",
+        name="Bus switch",
+        trigger_conditions=struct({"subsystems": "power"}),
+        auto_start=True,
+        steps=[step("switch", "log", {"message": "switching"}, approval=True)],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    alert = cpb.Alert(
+        alert_id=uuid.uuid4().hex, satellite_id="SAT-C", subsystem="power", severity=4, timestamp=ts(datetime.now(UTC))
+    )
+    cluster_id = (await stubs.correlation.IngestAlert(cpb.IngestAlertRequest(alert=alert))).cluster_id
+    execution_id = incident_execution_id(cluster_id, "bus-switch")
+    await wait_status(
+        stubs.operator, execution_id, lambda e: steps_by_id(e)["switch"].status == pb.STEP_STATUS_AWAITING_APPROVAL
+    )
+
+    await stubs.correlation.CloseCluster(
+        cpb.CloseClusterRequest(cluster_id=cluster_id, reason="bus voltage nominal again", request_id=uuid.uuid4().hex)
+    )
+
+    def closed_entries(e: pb.Execution) -> list[pb.AuditEntry]:
+        return [a for a in e.audit_log if a.transition == "INCIDENT_CLOSED"]
+
+    noted = await wait_status(stubs.operator, execution_id, lambda e: bool(closed_entries(e)))
+    [entry] = closed_entries(noted)
+    assert entry.actor == f"incident:{cluster_id}"
+    assert entry.detail == f"incident {cluster_id} closed by operator: bus voltage nominal again"
+    # Nothing else changes: whether the switch is still wanted is the approver's call.
+    assert noted.status == pb.RUNBOOK_STATUS_RUNNING
+    assert steps_by_id(noted)["switch"].status == pb.STEP_STATUS_AWAITING_APPROVAL
+
+    # The event delivered again (or a second close path) records nothing more.
+    component = next(c for c in app.components if c.name == "runbook")
+    assert await component.service.note_incident_closed(cluster_id, "operator", "again") == []
+    again = await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
+    assert len(closed_entries(again.execution)) == 1

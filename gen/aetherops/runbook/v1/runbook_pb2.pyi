@@ -280,7 +280,9 @@ class AuditEntry(_message.Message):
     actor: _builtins.str
     """Principal, "system" or "incident:<cluster id>"."""
     transition: _builtins.str
-    """e.g. "STEP_STARTED", "APPROVAL_GRANTED"."""
+    """e.g. "STEP_STARTED", "APPROVAL_GRANTED"; "INCIDENT_CLOSED" when the
+    incident the execution runs for closed (it changes nothing else).
+    """
     step_id: _builtins.str
     detail: _builtins.str
     seq: _builtins.int

@@ -220,7 +220,8 @@ export declare type AuditEntry = Message<"aetherops.runbook.v1.AuditEntry"> & {
   actor: string;
 
   /**
-   * e.g. "STEP_STARTED", "APPROVAL_GRANTED".
+   * e.g. "STEP_STARTED", "APPROVAL_GRANTED"; "INCIDENT_CLOSED" when the
+   * incident the execution runs for closed (it changes nothing else).
    *
    * @generated from field: string transition = 3;
    */
