@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -307,6 +307,28 @@ def incident_from_event(event: events_pb2.Event) -> dict[str, Any] | None:
     )
 
 
+def _incident_event(msg: Msg) -> events_pb2.Event | None:
+    """The event a message carries (None, and a warning, for bytes that are not one)."""
+    event = events_pb2.Event()
+    try:
+        event.ParseFromString(msg.data)
+    except DecodeError as exc:
+        log.warning("ignoring an undecodable incident event: %s", exc)  # redelivery would not help
+        return None
+    return event
+
+
+@contextlib.contextmanager
+def _tracked(event: events_pb2.Event) -> Iterator[None]:
+    """Within the block, the event's tracking id (when it has one) is the current one."""
+    token = set_tracking_id(event.tracking_id) if event.tracking_id else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            reset_tracking_id(token)
+
+
 # ---- servicer ---------------------------------------------------------------------------------------
 
 
@@ -487,42 +509,26 @@ class RunbookComponent:
 
     async def _on_incident(self, msg: Msg) -> None:
         assert self.service is not None
-        event = events_pb2.Event()
-        try:
-            event.ParseFromString(msg.data)
-        except DecodeError as exc:
-            log.warning("ignoring an undecodable incident event: %s", exc)  # redelivery would not help
-            return
-        incident = incident_from_event(event)
-        if incident is None or not incident.get("cluster_id"):
+        event = _incident_event(msg)
+        incident = incident_from_event(event) if event is not None else None
+        if event is None or incident is None or not incident.get("cluster_id"):
             return
         # The executions it starts (and their driven steps) record the incident event's tracking id.
-        token = set_tracking_id(event.tracking_id) if event.tracking_id else None
-        try:
+        with _tracked(event):
             # Errors other than bad input (e.g. PostgreSQL down) propagate: the message is redelivered.
             await self.service.start_for_incident(incident)
-        finally:
-            if token is not None:
-                reset_tracking_id(token)
 
     async def _on_incident_closed(self, msg: Msg) -> None:
         assert self.service is not None
-        event = events_pb2.Event()
-        try:
-            event.ParseFromString(msg.data)
-        except DecodeError as exc:
-            log.warning("ignoring an undecodable incident event: %s", exc)
-            return
-        if event.WhichOneof("payload") != "incident_closed" or not event.incident_closed.incident.cluster_id:
+        event = _incident_event(msg)
+        if event is None or event.WhichOneof("payload") != "incident_closed":
             return
         closed = event.incident_closed
+        if not closed.incident.cluster_id:
+            return
         # The audit entries record the tracking id of the request that closed the incident.
-        token = set_tracking_id(event.tracking_id) if event.tracking_id else None
-        try:
+        with _tracked(event):
             await self.service.note_incident_closed(closed.incident.cluster_id, closed.closed_by, closed.reason)
-        finally:
-            if token is not None:
-                reset_tracking_id(token)
 
     async def _on_runbook_event(self, msg: Msg) -> None:
         if self.service is None:
