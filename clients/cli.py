@@ -304,6 +304,7 @@ async def _serve(settings: Settings) -> int:
 # protobuf and matplotlib stay inside functions so `serve` and `health` start as fast as before.
 
 EXIT_OK, EXIT_RPC, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports a process it interrupted
 
 
 def _add_operator_commands(sub: Any) -> None:
@@ -332,16 +333,34 @@ def _add_operator_commands(sub: Any) -> None:
     listing = clusters.add_parser("list", parents=[common], help="active clusters, newest activity first")
     listing.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only clusters of this satellite")
     listing.add_argument(
-        "--min-severity",
-        type=_int_between(0, 5),
-        default=0,
-        help="only clusters whose highest severity is at least this, 1-5 (default 0: any)",
-    )
-    listing.add_argument(
         "--limit", type=_int_between(0), default=100, help="at most this many clusters (default 100; 0: all)"
     )
     show = clusters.add_parser("show", parents=[common], help="one cluster with its alerts")
     show.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
+    watching = clusters.add_parser(
+        "watch", parents=[common], help="follow incidents as they open, grow and close (Ctrl-C stops)"
+    )
+    watching.add_argument(
+        "--satellite",
+        action="append",
+        default=[],
+        metavar="SATELLITE_ID",
+        help="only incidents involving this satellite (repeatable)",
+    )
+    watching.add_argument(
+        "--event",
+        action="append",
+        default=[],
+        choices=("opened", "updated", "closed"),
+        help="only these events (repeatable; default: all)",
+    )
+    for parser in (listing, watching):
+        parser.add_argument(
+            "--min-severity",
+            type=_int_between(0, 5),
+            default=0,
+            help="only clusters whose highest severity is at least this, 1-5 (default 0: any)",
+        )
     close = clusters.add_parser("close", parents=[common], help="close a cluster")
     close.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     close.add_argument("--reason", default="", help="why it is closed (kept with the cluster)")
@@ -448,6 +467,9 @@ def _run_operator_command(args: argparse.Namespace) -> int:
     except AetherOpsError as exc:
         _report_error(exc, as_json=args.json)
         return EXIT_RPC
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch ends: no traceback, and the shell's usual code for SIGINT.
+        return EXIT_INTERRUPTED
 
 
 def _report_error(exc: Any, *, as_json: bool) -> None:
@@ -761,6 +783,27 @@ def _clusters_show(client: Any, args: argparse.Namespace) -> int:
         _emit(_to_dict(cluster))
     else:
         _print_cluster(cluster)
+    return EXIT_OK
+
+
+def _clusters_watch(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    types = [correlation_pb2.ClusterEventType.Value(f"CLUSTER_EVENT_TYPE_{e.upper()}") for e in args.event]
+    updates = client.watch_clusters(satellite_ids=args.satellite, min_severity=args.min_severity, event_types=types)
+    for update in updates:
+        if args.json:
+            print(json.dumps(_to_dict(update), sort_keys=True), flush=True)  # one JSON object per line
+            continue
+        if update.dropped_events:
+            print(f"({update.dropped_events} events missed: this watch fell behind)", flush=True)
+        c = update.cluster
+        event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
+        print(
+            f"{_when(update.event_time)}  {event:<7}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
+            f"  {','.join(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
+            flush=True,
+        )
     return EXIT_OK
 
 
@@ -1488,6 +1531,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("clusters", "list"): _clusters_list,
     ("clusters", "show"): _clusters_show,
     ("clusters", "close"): _clusters_close,
+    ("clusters", "watch"): _clusters_watch,
     ("runbooks", "register"): _runbooks_register,
     ("runbooks", "list"): _runbooks_list,
     ("runbooks", "start"): _runbooks_start,

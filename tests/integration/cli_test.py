@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import struct
 import sys
 import uuid
@@ -147,6 +148,51 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     again = await cli("clusters", "close", cluster["cluster_id"])
     assert again.code == 1
     assert "FAILED_PRECONDITION" in again.err and "tracking id" in again.err
+
+
+async def test_clusters_watch_follows_incidents_until_interrupted(
+    server: Any, tokens: dict[str, str], channel_for: Any
+) -> None:
+    from gen.aetherops.correlation.v1 import correlation_pb2 as cpb
+    from gen.aetherops.correlation.v1 import correlation_pb2_grpc
+
+    env = {**os.environ, "AETHEROPS_ADDRESS": f"127.0.0.1:{server.port}", "AETHEROPS_TOKEN": tokens["viewer"]}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "clients.cli", "clusters", "watch", "--json", "--event", "opened"),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+        # Nothing says when the watch is registered: open incidents (each on a satellite and unit of its
+        # own, so none joins another) until one is shown, a bounded number of times.
+        line, opened = b"", []
+        for n in range(40):
+            alert = cpb.Alert(
+                alert_id=uuid.uuid4().hex, satellite_id=f"SAT-WATCH-{n}", subsystem=f"unit-{n}", severity=4
+            )
+            alert.timestamp.FromDatetime(datetime.now(UTC))
+            opened.append((await stub.IngestAlert(cpb.IngestAlertRequest(alert=alert))).cluster_id)
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), 0.5)
+                break
+            except TimeoutError:
+                continue
+        shown = json.loads(line)
+        assert shown["event_type"] == "CLUSTER_EVENT_TYPE_OPENED"
+        assert shown["cluster"]["cluster_id"] in opened and shown["cluster"]["max_severity"] == 4
+        # Ctrl-C ends it: the shell's code for SIGINT, and no traceback.
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 20)
+        err = (await proc.stderr.read()).decode()
+        assert code == 130 and "Traceback" not in err, err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_rpc_errors_exit_1_with_tracking_id(cli: Any) -> None:
