@@ -404,6 +404,15 @@ def _add_operator_commands(sub: Any) -> None:
         "back and the execution.",
     )
     rollback.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    executions = runbooks.add_parser(
+        "executions", parents=[common], help="executions, newest first, with the step each running one is at"
+    )
+    executions.add_argument("--status", choices=("running", "completed", "failed", "rolled_back"), default="")
+    executions.add_argument("--incident", default="", metavar="CLUSTER_ID", help="only those of this incident")
+    executions.add_argument("--runbook", default="", metavar="RUNBOOK_ID", help="only those of this runbook")
+    executions.add_argument(
+        "--limit", type=_int_between(0), default=50, help="at most this many executions (default 50; 0: all)"
+    )
     watch = runbooks.add_parser("watch", parents=[common], help="follow an execution until it finishes")
     watch.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
 
@@ -995,6 +1004,53 @@ def _runbooks_status(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
+    running = runbook_pb2.RUNBOOK_STATUS_RUNNING
+    status = (
+        runbook_pb2.RunbookStatus.Value(f"RUNBOOK_STATUS_{args.status.upper()}")
+        if args.status
+        else runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED
+    )
+    found = []
+    for execution in client.iter_executions(incident_id=args.incident, runbook_id=args.runbook, status=status):
+        found.append(execution)
+        if args.limit and len(found) >= args.limit:
+            break
+    # The listing is the index (no steps): a running execution's state says where it is, and whether
+    # that step waits for an approver - the question this listing is asked most.
+    shown = [client.get_execution_status(e.execution_id).execution if e.status == running else e for e in found]
+    if args.json:
+        _emit({"executions": [_to_dict(e) for e in shown]})
+        return EXIT_OK
+    if not shown:
+        print("no executions")
+        return EXIT_OK
+    rows = []
+    for e in shown:
+        at = "-"
+        if e.status == running and e.current_step_index < len(e.steps):
+            step = e.steps[e.current_step_index]
+            at = step.step_id
+            if step.status == runbook_pb2.STEP_STATUS_AWAITING_APPROVAL:
+                expires = _when(step.approval_expire_time)
+                at += " (awaiting approval" + (f" until {expires})" if expires else ")")
+        rows.append(
+            [
+                e.execution_id,
+                f"{e.runbook_id} v{e.runbook_version}",
+                _enum(runbook_pb2.RunbookStatus, e.status, "RUNBOOK_STATUS_"),
+                at,
+                e.incident_id or "-",
+                e.triggered_by or "-",
+                _when(e.start_time),
+            ]
+        )
+    print(_table(["EXECUTION", "RUNBOOK", "STATUS", "AT STEP", "INCIDENT", "TRIGGERED BY", "STARTED"], rows))
+    return EXIT_OK
+
+
 def _runbooks_watch(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.runbook.v1 import runbook_pb2
 
@@ -1540,6 +1596,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("runbooks", "status"): _runbooks_status,
     ("runbooks", "step"): _runbooks_step,
     ("runbooks", "rollback"): _runbooks_rollback,
+    ("runbooks", "executions"): _runbooks_executions,
     ("runbooks", "watch"): _runbooks_watch,
     ("capacity", "ingest"): _capacity_ingest,
     ("capacity", "forecast"): _capacity_forecast,

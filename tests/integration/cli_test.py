@@ -389,9 +389,22 @@ async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
     execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
     assert (await cli("runbooks", "step", execution_id)).code == 0  # now awaiting approval
 
+    # The approver's queue: running executions, with the step each waits at.
+    queue = await cli("runbooks", "executions", "--status", "running", "--runbook", runbook_id)
+    assert queue.code == 0, queue.err
+    (row,) = [line for line in queue.out.splitlines() if line.startswith(execution_id)]
+    assert "RUNNING" in row and "switch (awaiting approval" in row
+    as_json = (await cli("runbooks", "executions", "--runbook", runbook_id, "--json")).json()
+    (listed,) = as_json["executions"]
+    assert listed["execution_id"] == execution_id and listed["steps"][0]["status"] == "STEP_STATUS_AWAITING_APPROVAL"
+
     rejected = await cli("runbooks", "reject", execution_id, "switch", "--reason", "bus B is in eclipse")
     assert rejected.code == 0, rejected.err
     assert f"execution {execution_id}: FAILED" in rejected.out and "bus B is in eclipse" in rejected.out
+    none_left = await cli("runbooks", "executions", "--status", "running", "--runbook", runbook_id)
+    assert none_left.out.strip() == "no executions"
+    failed = await cli("runbooks", "executions", "--status", "failed", "--runbook", runbook_id)
+    assert execution_id in failed.out and "FAILED" in failed.out
     again = await cli("runbooks", "reject", execution_id, "switch", "--json")
     assert again.code == 1 and again.json()["error"]["code"] == "FAILED_PRECONDITION"
 
