@@ -106,6 +106,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _rfc3339(text: str) -> datetime:
+    """An RFC 3339 time (no offset means UTC), as `alerts ingest` and `capacity ingest` read them."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _impact(text: str) -> tuple[str, float]:
+    """RESOURCE=AMOUNT, e.g. fuel=-2.5 (the amount in the series' unit; negative consumes)."""
+    resource, sep, amount = text.partition("=")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = math.nan
+    if not sep or not resource or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected RESOURCE=AMOUNT (e.g. fuel=-2.5), got {text!r}")
+    return resource, value
+
+
 def _int_between(low: int, high: int | None = None) -> Callable[[str], int]:
     """An integer in [low, high] (no upper bound when high is None)."""
 
@@ -441,6 +462,32 @@ def _add_operator_commands(sub: Any) -> None:
         default=90.0,
         help="days of stored history the chart shows (default 90)",
     )
+
+    missions = capacity.add_parser(
+        "missions", parents=[common], help="a satellite's scheduled missions, earliest first"
+    )
+    missions.add_argument("satellite_id", help="the satellite, e.g. SAT-001")
+    missions.add_argument("--resource", help="only missions with an impact on this resource")
+    plan = capacity.add_parser(
+        "add-mission",
+        parents=[common],
+        help="schedule a mission (or replace the one with its id); forecasts count its impacts",
+    )
+    plan.add_argument("mission_id", help="the mission's id (adding it again replaces it)")
+    plan.add_argument("satellite_id", help="the satellite, e.g. SAT-001")
+    plan.add_argument("--start", type=_rfc3339, required=True, help="RFC 3339 start time (no offset: UTC)")
+    plan.add_argument("--end", type=_rfc3339, required=True, help="RFC 3339 end time, after --start")
+    plan.add_argument(
+        "--impact",
+        type=_impact,
+        action="append",
+        default=[],
+        metavar="RESOURCE=AMOUNT",
+        help="what it does to a resource, in the series' unit, e.g. fuel=-2.5 (repeatable)",
+    )
+    plan.add_argument("--description", default="", help="what the mission is")
+    unplan = capacity.add_parser("delete-mission", parents=[common], help="remove a scheduled mission")
+    unplan.add_argument("mission_id", help="the mission's id, as `capacity missions` shows it")
 
     fleet = sub.add_parser("fleet", help="the fleet as a whole").add_subparsers(dest="action", required=True)
     fleet.add_parser("risk", parents=[common], help="satellites grouped by risk level")
@@ -1251,6 +1298,64 @@ def _print_trace(
 # -- capacity and fleet
 
 
+def _mission_row(mission: Any) -> list[Any]:
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    impacts = ", ".join(
+        f"{_enum(capacity_pb2.ResourceType, i.resource_type, 'RESOURCE_TYPE_').lower()} {i.amount:+g}"
+        for i in mission.resource_impacts
+    )
+    return [mission.mission_id, _when(mission.start_time), _when(mission.end_time), impacts, mission.description]
+
+
+_MISSION_HEADERS = ["MISSION", "START", "END", "IMPACTS", "DESCRIPTION"]
+
+
+def _capacity_missions(client: Any, args: argparse.Namespace) -> int:
+    try:
+        found = list(client.iter_scheduled_missions(args.satellite_id, args.resource))
+    except ValueError as exc:  # an unknown --resource name
+        raise _UsageError(str(exc)) from None
+    if args.json:
+        _emit({"missions": [_to_dict(m) for m in found]})
+    elif found:
+        print(_table(_MISSION_HEADERS, [_mission_row(m) for m in found]))
+    else:
+        print(f"no scheduled missions for {args.satellite_id}")
+    return EXIT_OK
+
+
+def _capacity_add_mission(client: Any, args: argparse.Namespace) -> int:
+    from clients.sdk import resource_type
+    from gen.aetherops.capacity.v1 import capacity_pb2
+
+    mission = capacity_pb2.ScheduledMission(
+        mission_id=args.mission_id, satellite_id=args.satellite_id, description=args.description
+    )
+    mission.start_time.FromDatetime(args.start.astimezone(UTC))
+    mission.end_time.FromDatetime(args.end.astimezone(UTC))
+    try:
+        for resource, amount in args.impact:
+            mission.resource_impacts.add(resource_type=resource_type(resource), amount=amount)
+    except ValueError as exc:
+        raise _UsageError(f"--impact: {exc}") from None
+    stored = client.add_scheduled_mission(mission).mission
+    if args.json:
+        _emit(_to_dict(stored))
+    else:
+        print(_table(_MISSION_HEADERS, [_mission_row(stored)]))
+    return EXIT_OK
+
+
+def _capacity_delete_mission(client: Any, args: argparse.Namespace) -> int:
+    deleted = client.delete_scheduled_mission(args.mission_id).mission
+    if args.json:
+        _emit(_to_dict(deleted))
+    else:
+        print(f"deleted {deleted.mission_id} ({deleted.satellite_id}, {_when(deleted.start_time)})")
+    return EXIT_OK
+
+
 def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.capacity.v1 import capacity_pb2
 
@@ -1600,6 +1705,9 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("runbooks", "watch"): _runbooks_watch,
     ("capacity", "ingest"): _capacity_ingest,
     ("capacity", "forecast"): _capacity_forecast,
+    ("capacity", "missions"): _capacity_missions,
+    ("capacity", "add-mission"): _capacity_add_mission,
+    ("capacity", "delete-mission"): _capacity_delete_mission,
     ("fleet", "risk"): _fleet_risk,
     ("trace", None): _trace,
 }

@@ -409,6 +409,33 @@ async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
     assert again.code == 1 and again.json()["error"]["code"] == "FAILED_PRECONDITION"
 
 
+async def test_capacity_missions_add_list_delete(cli: Any) -> None:
+    sat = f"SAT-M-{uuid.uuid4().hex[:6]}"
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+    window = ("--start", start.isoformat(), "--end", (start + timedelta(hours=1)).isoformat())
+    added = await cli(
+        *("capacity", "add-mission", "burn-1", sat, *window),
+        *("--impact", "fuel=-2.5", "--impact", "power=-10", "--description", "orbit raise"),
+    )
+    assert added.code == 0, added.err
+    assert "burn-1" in added.out and "fuel -2.5, power -10" in added.out and "orbit raise" in added.out
+    listed = (await cli("capacity", "missions", sat, "--resource", "fuel", "--json")).json()
+    (mission,) = listed["missions"]
+    assert mission["mission_id"] == "burn-1" and len(mission["resource_impacts"]) == 2
+    # The server's checks come back as field violations; the CLI's own as usage errors.
+    backwards = await cli("capacity", "add-mission", "burn-2", sat, "--start", window[3], "--end", window[1])
+    assert backwards.code == 1 and "mission.end_time" in backwards.err
+    for bad in (("--impact", "fule=-1"), ("--impact", "fuel"), ("--impact", "fuel=lots")):
+        assert (await cli("capacity", "add-mission", "burn-3", sat, *window, *bad)).code == 2
+    assert (await cli("capacity", "missions", sat, "--resource", "fule")).code == 2
+
+    deleted = await cli("capacity", "delete-mission", "burn-1")
+    assert deleted.code == 0 and "deleted burn-1" in deleted.out
+    assert (await cli("capacity", "missions", sat)).out.strip() == f"no scheduled missions for {sat}"
+    again = await cli("capacity", "delete-mission", "burn-1")
+    assert again.code == 1 and "NOT_FOUND" in again.err
+
+
 async def test_numeric_options_out_of_range_are_usage_errors(cli: Any) -> None:
     for args in (
         ("clusters", "list", "--limit", "-1"),
