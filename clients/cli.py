@@ -336,7 +336,7 @@ def _add_operator_commands(sub: Any) -> None:
     common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     _add_tls_flags(common)
 
-    alerts = sub.add_parser("alerts", help="ingest alerts").add_subparsers(dest="action", required=True)
+    alerts = sub.add_parser("alerts", help="ingest and list alerts").add_subparsers(dest="action", required=True)
     ingest = alerts.add_parser(
         "ingest",
         parents=[common],
@@ -349,6 +349,17 @@ def _add_operator_commands(sub: Any) -> None:
     )
     ingest.add_argument("file", type=Path, help="the alerts file (.csv is read as CSV, anything else as JSONL)")
     ingest.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
+    stored = alerts.add_parser(
+        "list",
+        parents=[common],
+        help="stored alerts of an incident or a tracking id, oldest first (duplicates marked)",
+    )
+    stored.add_argument("--cluster", default="", metavar="CLUSTER_ID", help="the alerts of this incident")
+    stored.add_argument("--tracking", default="", metavar="TRACKING_ID", help="the alerts ingested under this id")
+    stored.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only this satellite's alerts")
+    stored.add_argument(
+        "--limit", type=_int_between(0), default=100, help="at most this many alerts (default 100; 0: all)"
+    )
 
     clusters = sub.add_parser("clusters", help="incident clusters").add_subparsers(dest="action", required=True)
     listing = clusters.add_parser("list", parents=[common], help="active clusters, newest activity first")
@@ -779,6 +790,36 @@ def _capacity_ingest(client: Any, args: argparse.Namespace) -> int:
     return _bulk(client, args, "snapshots", _snapshot_from, "ingest_snapshots")
 
 
+def _alerts_list(client: Any, args: argparse.Namespace) -> int:
+    if not (args.cluster or args.tracking):
+        raise _UsageError("alerts list: give --cluster or --tracking (every alert ever stored is not a query)")
+    found = []
+    for item in client.iter_alerts(by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite):
+        found.append(item)
+        if args.limit and len(found) >= args.limit:
+            break
+    if args.json:
+        _emit({"alerts": [_to_dict(a) for a in found]})
+    elif not found:
+        print("no alerts")
+    else:
+        rows = [
+            [
+                a.alert.alert_id,
+                a.alert.satellite_id,
+                a.alert.subsystem,
+                a.alert.severity,
+                _when(a.alert.timestamp),
+                a.cluster_id,
+                f"duplicate of {a.duplicate_of_alert_id}" if a.duplicate_of_alert_id else "",
+                a.alert.message,
+            ]
+            for a in found
+        ]
+        print(_table(["ALERT", "SATELLITE", "SUBSYSTEM", "SEV", "TIME", "CLUSTER", "DUPLICATE", "MESSAGE"], rows))
+    return EXIT_OK
+
+
 # -- clusters
 
 
@@ -830,7 +871,10 @@ def _print_cluster(cluster: Any) -> None:
         print()
         print(_table(["ALERT", "SATELLITE", "SUBSYSTEM", "SEV", "TIME", "MESSAGE"], rows))
         if len(cluster.alerts) < cluster.alert_count:  # a large incident: the server sends the oldest
-            print(f"(the oldest {len(cluster.alerts)} of {cluster.alert_count} alerts; ListAlerts has them all)")
+            print(
+                f"(the oldest {len(cluster.alerts)} of {cluster.alert_count} alerts;"
+                f" `aetherops alerts list --cluster {cluster.cluster_id}` has them all)"
+            )
 
 
 def _clusters_show(client: Any, args: argparse.Namespace) -> int:
@@ -1689,6 +1733,7 @@ def _fleet_risk(client: Any, args: argparse.Namespace) -> int:
 
 _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]] = {
     ("alerts", "ingest"): _alerts_ingest,
+    ("alerts", "list"): _alerts_list,
     ("clusters", "list"): _clusters_list,
     ("clusters", "show"): _clusters_show,
     ("clusters", "close"): _clusters_close,

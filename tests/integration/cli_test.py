@@ -143,6 +143,14 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     shown = await cli("clusters", "show", cluster["cluster_id"])
     assert shown.code == 0 and "ALERT" in shown.out and "SAT-CLU" in shown.out
 
+    # Every stored alert of the incident, duplicates included and marked.
+    alerts = (await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--json")).json()["alerts"]
+    assert len(alerts) == 3 and {a["cluster_id"] for a in alerts} == {cluster["cluster_id"]}
+    table = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--satellite", "SAT-CLU", "--limit", "2")
+    assert table.code == 0 and len([line for line in table.out.splitlines() if "SAT-CLU" in line]) == 2
+    unfiltered = await cli("alerts", "list")
+    assert unfiltered.code == 2 and "--cluster or --tracking" in unfiltered.err
+
     closed = await cli("clusters", "close", cluster["cluster_id"], "--reason", "fixed", "--json")
     assert closed.code == 0 and closed.json()["status"] == "CLUSTER_STATUS_CLOSED"
     again = await cli("clusters", "close", cluster["cluster_id"])
