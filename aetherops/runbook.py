@@ -141,6 +141,7 @@ class RunbookStatus(StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
+    CANCELLED = "CANCELLED"
 
 
 class EventType(StrEnum):
@@ -1072,6 +1073,20 @@ class _Execution:
     taken: int = 0
 
 
+def _check_stop(who: tuple[str, object, str], reason: str) -> None:
+    """ValidationError naming every problem of a request to stop an execution (reject a step, cancel):
+    `who` is (field, value, what to say when it is empty); the reason is kept, so it is bounded."""
+    field, value, missing = who
+    problems = []
+    if not isinstance(value, str) or not value.strip():
+        problems.append(FieldViolation(field, missing))
+    problem = text_problem(reason, MAX_REJECT_REASON_LEN)
+    if problem is not None:
+        problems.append(FieldViolation("reason", problem))
+    if problems:
+        raise ValidationError(problems)
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -1591,14 +1606,7 @@ class RunbookEngine:
         """
         execution = self._get(execution_id)
         step = execution.runbook.step(step_id)
-        problems = []
-        if not isinstance(approver, str) or not approver.strip():
-            problems.append(FieldViolation("approver", "must name who rejects"))
-        problem = text_problem(reason, MAX_REJECT_REASON_LEN)
-        if problem is not None:
-            problems.append(FieldViolation("reason", problem))
-        if problems:
-            raise ValidationError(problems)
+        _check_stop(("approver", approver, "must name who rejects"), reason)
         async with execution.lock:
             state = execution.state
             record = state.steps[step.step_id]
@@ -1619,7 +1627,8 @@ class RunbookEngine:
         """Record in a running execution's audit trail that the incident which started it has closed.
 
         Nothing else changes. An approver about to let a remediation go ahead must see that its incident
-        is over, but whether the remediation is still wanted is theirs to decide (RejectStep, Cancel):
+        is over, but whether the remediation is still wanted is for people to decide (reject the step,
+        cancel the execution, roll it back):
         the fault may have cleared because of the steps already run. False when the execution has
         finished, or holds the record already (an incident event delivered again). NotFoundError for
         an unknown execution.
@@ -1633,6 +1642,27 @@ class RunbookEngine:
                 return False
             self._append(execution, EventType.INCIDENT_CLOSED, f"incident:{state.incident_id}", {"reason": reason})
             return True
+
+    async def cancel_execution(self, execution_id: str, actor: str, reason: str = "") -> None:
+        """Stop a running execution where it is: the steps not run yet are skipped, the execution is
+        CANCELLED with the reason as its error, and nothing is rolled back (`rollback_execution` undoes
+        the completed steps, after a cancel too). A step whose action is running holds the execution's
+        lock, so it finishes first.
+
+        NotFoundError for an unknown execution; ValidationError for an empty actor or a reason too long
+        to keep; FailedPreconditionError once the execution has finished.
+        """
+        execution = self._get(execution_id)
+        _check_stop(("actor", actor, "must name who cancels"), reason)
+        async with execution.lock:
+            state = execution.state
+            if state.status is not RunbookStatus.RUNNING:
+                raise FailedPreconditionError(f"execution {execution_id!r} is {state.status.value}, not running")
+            why = f"cancelled by {actor}" + (f": {reason}" if reason else "")
+            self._skip_open_steps(execution, why, actor)
+            self._append(
+                execution, EventType.EXECUTION_FINISHED, actor, {"status": RunbookStatus.CANCELLED.value, "error": why}
+            )
 
     async def _expire_locked(self, execution: _Execution, step: RunbookStep) -> None:
         expires = execution.state.steps[step.step_id].approval_expires_time

@@ -427,6 +427,13 @@ def _add_operator_commands(sub: Any) -> None:
         "`runbooks approve` first) and the execution, as `runbooks status` does.",
     )
     step.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    cancel = runbooks.add_parser(
+        "cancel",
+        parents=[common],
+        help="stop a running execution where it is, without rolling back (CancelExecution)",
+    )
+    cancel.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    cancel.add_argument("--reason", default="", help="why (kept in the audit trail)")
     rollback = runbooks.add_parser(
         "rollback",
         parents=[common],
@@ -439,7 +446,9 @@ def _add_operator_commands(sub: Any) -> None:
     executions = runbooks.add_parser(
         "executions", parents=[common], help="executions, newest first, with the step each running one is at"
     )
-    executions.add_argument("--status", choices=("running", "completed", "failed", "rolled_back"), default="")
+    executions.add_argument(
+        "--status", choices=("running", "completed", "failed", "rolled_back", "cancelled"), default=""
+    )
     executions.add_argument("--incident", default="", metavar="CLUSTER_ID", help="only those of this incident")
     executions.add_argument("--runbook", default="", metavar="RUNBOOK_ID", help="only those of this runbook")
     executions.add_argument(
@@ -1071,6 +1080,15 @@ def _runbooks_step(client: Any, args: argparse.Namespace) -> int:
     status = _enum(runbook_pb2.StepStatus, reply.step_status, "STEP_STATUS_")
     print(f"step {step.step_id}: {status}" if step is not None else f"step: {status}")
     _print_execution(reply.execution)
+    return EXIT_OK
+
+
+def _runbooks_cancel(client: Any, args: argparse.Namespace) -> int:
+    execution = client.cancel_execution(args.execution_id, reason=args.reason).execution
+    if args.json:
+        _emit(_to_dict(execution))
+    else:
+        _print_execution(execution)
     return EXIT_OK
 
 
@@ -1745,6 +1763,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("runbooks", "reject"): _runbooks_reject,
     ("runbooks", "status"): _runbooks_status,
     ("runbooks", "step"): _runbooks_step,
+    ("runbooks", "cancel"): _runbooks_cancel,
     ("runbooks", "rollback"): _runbooks_rollback,
     ("runbooks", "executions"): _runbooks_executions,
     ("runbooks", "watch"): _runbooks_watch,

@@ -414,6 +414,15 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
         )
         return pb.RollbackExecutionResponse(rolled_back_count=count, execution=execution_to_proto(state))
 
+    async def CancelExecution(self, request: pb.CancelExecutionRequest, context: Any) -> pb.CancelExecutionResponse:
+        state = await self._svc.cancel_execution(
+            request.execution_id,
+            _principal_or("", context) or "operator",
+            reason=request.reason,
+            request_id=request.request_id,
+        )
+        return pb.CancelExecutionResponse(execution=execution_to_proto(state))
+
     async def GetExecutionStatus(
         self, request: pb.GetExecutionStatusRequest, context: Any
     ) -> pb.GetExecutionStatusResponse:

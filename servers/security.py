@@ -67,6 +67,7 @@ RPC_ROLES: dict[str, Role] = {
     _RUNBOOK + "ApproveStep": Role.APPROVER,
     _RUNBOOK + "RejectStep": Role.APPROVER,
     _RUNBOOK + "RollbackExecution": Role.OPERATOR,
+    _RUNBOOK + "CancelExecution": Role.OPERATOR,
     _RUNBOOK + "GetExecutionStatus": Role.VIEWER,
     _RUNBOOK + "WatchExecution": Role.VIEWER,
     _RUNBOOK + "ListExecutions": Role.VIEWER,

@@ -135,7 +135,13 @@ _LEASE_GRACE_S = 5.0
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 500
 _MAX_FILTER_LEN = 256
-_EXECUTION_STATUSES = (RunbookStatus.RUNNING, RunbookStatus.COMPLETED, RunbookStatus.FAILED, RunbookStatus.ROLLED_BACK)
+_EXECUTION_STATUSES = (
+    RunbookStatus.RUNNING,
+    RunbookStatus.COMPLETED,
+    RunbookStatus.FAILED,
+    RunbookStatus.ROLLED_BACK,
+    RunbookStatus.CANCELLED,
+)
 
 
 def incident_execution_id(cluster_id: str, runbook_id: str) -> str:
@@ -821,6 +827,25 @@ class RunbookService:
 
         return await self._shielded(
             self._with_lock(execution_id, lambda: self._op(execution_id, reject, load=True)), f"reject-{execution_id}"
+        )
+
+    async def cancel_execution(
+        self, execution_id: str, actor: str, *, reason: str = "", request_id: str = ""
+    ) -> ExecutionContext:
+        """Stop a running execution where it is, without rolling back (see `RunbookEngine.cancel_execution`)."""
+        _require(execution_id, "execution_id")
+        scope = f"runbook.cancel.{execution_id}"
+        if request_id:
+            async with self._db.connection() as conn:
+                if await idempotency.recall(conn, scope, request_id) is not None:
+                    return await self.get_status(execution_id)
+
+        async def cancel() -> ExecutionContext:
+            await self._engine.cancel_execution(execution_id, actor, reason)
+            return await self._persist(execution_id, remember=(scope, request_id, {}))
+
+        return await self._shielded(
+            self._with_lock(execution_id, lambda: self._op(execution_id, cancel, load=True)), f"cancel-{execution_id}"
         )
 
     async def rollback_execution(

@@ -66,6 +66,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "ApproveStep",
         "RejectStep",
         "RollbackExecution",
+        "CancelExecution",
         "GetExecutionStatus",
         "WatchExecution",
         "ListExecutions",

@@ -420,6 +420,22 @@ class SyncAetherOpsClient:
         )
         return self._unary(self.runbook.RejectStep, request, runbook_pb2.RejectStepResponse, timeout, tracking_id)
 
+    def cancel_execution(
+        self,
+        execution_id: str,
+        *,
+        reason: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> runbook_pb2.CancelExecutionResponse:
+        request = runbook_pb2.CancelExecutionRequest(
+            execution_id=execution_id, reason=reason, request_id=build.request_id(request_id)
+        )
+        return self._unary(
+            self.runbook.CancelExecution, request, runbook_pb2.CancelExecutionResponse, timeout, tracking_id
+        )
+
     def rollback_execution(
         self,
         execution_id: str,

@@ -417,6 +417,28 @@ async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
     assert again.code == 1 and again.json()["error"]["code"] == "FAILED_PRECONDITION"
 
 
+async def test_runbooks_cancel(cli: Any, tmp_path: Path) -> None:
+    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "runbook.yaml"
+    path.write_text(
+        f"runbook_id: {runbook_id}\n"
+        "name: Switch the bus, unless the fault clears\n"
+        "steps:\n"
+        "  - {step_id: switch, action: log, parameters: {message: switching}, requires_approval: true}\n"
+    )
+    assert (await cli("runbooks", "register", str(path))).code == 0
+    execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
+    assert (await cli("runbooks", "step", execution_id)).code == 0  # awaiting approval
+
+    cancelled = await cli("runbooks", "cancel", execution_id, "--reason", "the fault cleared")
+    assert cancelled.code == 0, cancelled.err
+    assert f"execution {execution_id}: CANCELLED" in cancelled.out and "the fault cleared" in cancelled.out
+    listed = await cli("runbooks", "executions", "--status", "cancelled", "--runbook", runbook_id)
+    assert execution_id in listed.out and "CANCELLED" in listed.out
+    again = await cli("runbooks", "cancel", execution_id, "--json")
+    assert again.code == 1 and again.json()["error"]["code"] == "FAILED_PRECONDITION"
+
+
 async def test_capacity_missions_add_list_delete(cli: Any) -> None:
     sat = f"SAT-M-{uuid.uuid4().hex[:6]}"
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)

@@ -524,3 +524,42 @@ async def test_an_incident_that_closes_is_recorded_in_the_audit_of_its_waiting_e
     assert await component.service.note_incident_closed(cluster_id, "operator", "again") == []
     again = await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
     assert len(closed_entries(again.execution)) == 1
+
+
+async def test_an_operator_cancels_an_execution_without_rolling_it_back(app_factory: Any, channel_for: Any) -> None:
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    runbook = pb.Runbook(
+        runbook_id="cancellable",
+        name="Cancellable",
+        auto_rollback=True,
+        steps=[
+            step("note", "log", {"message": "first"}, rollback="log", rollback_params={"message": "undo"}),
+            step("switch", "log", {"message": "switching"}, approval=True),
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="cancellable"))
+    execution_id = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+
+    viewer = runbook_pb2_grpc.RunbookServiceStub(channel_for("viewer", app.port))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await viewer.CancelExecution(pb.CancelExecutionRequest(execution_id=execution_id))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    request = pb.CancelExecutionRequest(execution_id=execution_id, reason="fault cleared", request_id=uuid.uuid4().hex)
+    cancelled = (await stubs.operator.CancelExecution(request)).execution
+    assert cancelled.status == pb.RUNBOOK_STATUS_CANCELLED
+    assert cancelled.error == "cancelled by operator: fault cleared"
+    assert [s.status for s in cancelled.steps] == [pb.STEP_STATUS_COMPLETED, pb.STEP_STATUS_SKIPPED]
+    # A retry answers as the first call did; another cancel is refused; nothing was rolled back.
+    assert (await stubs.operator.CancelExecution(request)).execution == cancelled
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.operator.CancelExecution(pb.CancelExecutionRequest(execution_id=execution_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    listed = await stubs.operator.ListExecutions(pb.ListExecutionsRequest(status=pb.RUNBOOK_STATUS_CANCELLED))
+    assert [e.execution_id for e in listed.executions] == [execution_id]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.operator.CancelExecution(pb.CancelExecutionRequest(execution_id="no-such-execution"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -79,6 +79,7 @@ _OPERATOR_RPCS = {
     "StartExecution",
     "ExecuteNextStep",
     "RollbackExecution",
+    "CancelExecution",
 }
 _HIERARCHY = {
     "viewer": {"viewer"},

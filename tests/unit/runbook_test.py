@@ -850,6 +850,48 @@ async def test_a_rejected_approval_fails_the_step_and_the_execution(
         await engine.reject_step(eid, "switch", "bob")
 
 
+async def test_a_cancelled_execution_stops_where_it_is_and_can_still_be_rolled_back(
+    engine: RunbookEngine, clock: ManualClock, rec: Recorder
+) -> None:
+    runbook = gated_runbook()
+    # auto_rollback is for failures: a cancel leaves what ran as it is, all the same.
+    engine.register_runbook(Runbook(runbook.runbook_id, runbook.name, runbook.steps, auto_rollback=True))
+    eid = engine.start_execution("gated", "alice", {}).execution_id
+    await engine.execute_next_step(eid)
+    assert await engine.execute_next_step(eid) is StepStatus.AWAITING_APPROVAL
+    with pytest.raises(ValidationError) as err:
+        await engine.cancel_execution(eid, " ", "x" * 5000)
+    assert {v.field for v in err.value.violations} == {"actor", "reason"}
+    assert engine.get_execution_status(eid).status is RunbookStatus.RUNNING  # nothing half-done
+
+    clock.advance(2)
+    await engine.cancel_execution(eid, "carol", "the fault cleared")
+    state = engine.get_execution_status(eid)
+    why = "cancelled by carol: the fault cleared"
+    assert state.status is RunbookStatus.CANCELLED and state.error == why and state.finished
+    assert [state.step_states[s].status for s in ("safe", "switch", "heater")] == [
+        StepStatus.COMPLETED,
+        StepStatus.SKIPPED,
+        StepStatus.SKIPPED,
+    ]
+    assert [(a.transition, a.actor, a.time) for a in state.audit_log[-3:]] == [
+        ("STEP_SKIPPED", "carol", T0 + timedelta(seconds=2)),
+        ("STEP_SKIPPED", "carol", T0 + timedelta(seconds=2)),
+        ("EXECUTION_FINISHED", "carol", T0 + timedelta(seconds=2)),
+    ]
+    assert rec.names() == ["safe_payload"]  # nothing rolled back, nothing more run
+    with pytest.raises(FailedPreconditionError):
+        await engine.cancel_execution(eid, "carol")
+    with pytest.raises(FailedPreconditionError):
+        await engine.execute_next_step(eid)
+    with pytest.raises(FailedPreconditionError):
+        engine.approve_step(eid, "switch", "bob")
+    # What ran can still be undone.
+    assert await engine.rollback_execution(eid, "carol") == 1
+    assert engine.get_execution_status(eid).status is RunbookStatus.ROLLED_BACK
+    assert rec.names() == ["safe_payload", "undo_safe"]
+
+
 async def test_a_rejection_rolls_back_with_auto_rollback_and_an_expired_gate_cannot_be_rejected(
     engine: RunbookEngine, clock: ManualClock, rec: Recorder
 ) -> None:

@@ -63,6 +63,8 @@ class _RunbookStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Runbook
     RUNBOOK_STATUS_COMPLETED: _RunbookStatus.ValueType  # 4
     RUNBOOK_STATUS_FAILED: _RunbookStatus.ValueType  # 5
     RUNBOOK_STATUS_ROLLED_BACK: _RunbookStatus.ValueType  # 6
+    RUNBOOK_STATUS_CANCELLED: _RunbookStatus.ValueType  # 7
+    """An execution stopped by CancelExecution."""
 
 class RunbookStatus(_RunbookStatus, metaclass=_RunbookStatusEnumTypeWrapper):
     """Status of a runbook definition (DRAFT, ACTIVE) or of an execution (RUNNING,
@@ -76,6 +78,8 @@ RUNBOOK_STATUS_RUNNING: RunbookStatus.ValueType  # 3
 RUNBOOK_STATUS_COMPLETED: RunbookStatus.ValueType  # 4
 RUNBOOK_STATUS_FAILED: RunbookStatus.ValueType  # 5
 RUNBOOK_STATUS_ROLLED_BACK: RunbookStatus.ValueType  # 6
+RUNBOOK_STATUS_CANCELLED: RunbookStatus.ValueType  # 7
+"""An execution stopped by CancelExecution."""
 Global___RunbookStatus: _TypeAlias = RunbookStatus  # noqa: Y015
 
 class _ActionKind:
@@ -971,6 +975,55 @@ class RollbackExecutionResponse(_message.Message):
 Global___RollbackExecutionResponse: _TypeAlias = RollbackExecutionResponse  # noqa: Y015
 
 @_typing.final
+class CancelExecutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    reason: _builtins.str
+    """Why, kept in the audit trail and as the execution's error. At most 4096
+    characters.
+    """
+    request_id: _builtins.str
+    """Idempotency key, per execution: a retry answers as the first call did."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExecutionRequest: _TypeAlias = CancelExecutionRequest  # noqa: Y015
+
+@_typing.final
+class CancelExecutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExecutionResponse: _TypeAlias = CancelExecutionResponse  # noqa: Y015
+
+@_typing.final
 class GetExecutionStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1038,8 +1091,8 @@ class ListExecutionsRequest(_message.Message):
     runbook_id: _builtins.str
     """Executions of this runbook (any version)."""
     status: Global___RunbookStatus.ValueType
-    """Executions in this status: RUNNING, COMPLETED, FAILED or ROLLED_BACK
-    (UNSPECIFIED: any).
+    """Executions in this status: RUNNING, COMPLETED, FAILED, ROLLED_BACK or
+    CANCELLED (UNSPECIFIED: any).
     """
     def __init__(
         self,

@@ -93,6 +93,11 @@ class RunbookServiceStub:
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionRequest.SerializeToString,
                 response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionResponse.FromString,
                 _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/aetherops.runbook.v1.RunbookService/CancelExecution',
+                request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.CancelExecutionResponse.FromString,
+                _registered_method=True)
         self.GetExecutionStatus = channel.unary_unary(
                 '/aetherops.runbook.v1.RunbookService/GetExecutionStatus',
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.SerializeToString,
@@ -200,6 +205,16 @@ class RunbookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelExecution(self, request, context):
+        """Stops a running execution where it is (CANCELLED): the steps not run yet
+        are skipped and nothing is rolled back (RollbackExecution undoes the
+        completed steps, after a cancel too). A step whose action is running
+        finishes first. An execution that has finished is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetExecutionStatus(self, request, context):
         """The execution's state, now or as it was at as_of_time.
         """
@@ -277,6 +292,11 @@ def add_RunbookServiceServicer_to_server(servicer, server):
                     servicer.RollbackExecution,
                     request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionRequest.FromString,
                     response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionResponse.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.CancelExecutionResponse.SerializeToString,
             ),
             'GetExecutionStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExecutionStatus,
@@ -573,6 +593,33 @@ class RunbookService:
             '/aetherops.runbook.v1.RunbookService/RollbackExecution',
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionRequest.SerializeToString,
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.RollbackExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.runbook.v1.RunbookService/CancelExecution',
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.CancelExecutionRequest.SerializeToString,
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.CancelExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

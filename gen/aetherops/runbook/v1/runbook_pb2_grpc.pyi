@@ -74,6 +74,12 @@ class RunbookServiceStub:
     """
     RollbackExecution: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.RollbackExecutionRequest, _runbook_pb2.RollbackExecutionResponse]
     """Runs the rollback actions of completed steps in reverse order."""
+    CancelExecution: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.CancelExecutionRequest, _runbook_pb2.CancelExecutionResponse]
+    """Stops a running execution where it is (CANCELLED): the steps not run yet
+    are skipped and nothing is rolled back (RollbackExecution undoes the
+    completed steps, after a cancel too). A step whose action is running
+    finishes first. An execution that has finished is FAILED_PRECONDITION.
+    """
     GetExecutionStatus: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]
     """The execution's state, now or as it was at as_of_time."""
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.ListExecutionsRequest, _runbook_pb2.ListExecutionsResponse]
@@ -132,6 +138,12 @@ class RunbookServiceAsyncStub(RunbookServiceStub):
     """
     RollbackExecution: _aio.UnaryUnaryMultiCallable[_runbook_pb2.RollbackExecutionRequest, _runbook_pb2.RollbackExecutionResponse]  # type: ignore[assignment]
     """Runs the rollback actions of completed steps in reverse order."""
+    CancelExecution: _aio.UnaryUnaryMultiCallable[_runbook_pb2.CancelExecutionRequest, _runbook_pb2.CancelExecutionResponse]  # type: ignore[assignment]
+    """Stops a running execution where it is (CANCELLED): the steps not run yet
+    are skipped and nothing is rolled back (RollbackExecution undoes the
+    completed steps, after a cancel too). A step whose action is running
+    finishes first. An execution that has finished is FAILED_PRECONDITION.
+    """
     GetExecutionStatus: _aio.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]  # type: ignore[assignment]
     """The execution's state, now or as it was at as_of_time."""
     ListExecutions: _aio.UnaryUnaryMultiCallable[_runbook_pb2.ListExecutionsRequest, _runbook_pb2.ListExecutionsResponse]  # type: ignore[assignment]
@@ -247,6 +259,18 @@ class RunbookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runbook_pb2.RollbackExecutionResponse, _abc.Awaitable[_runbook_pb2.RollbackExecutionResponse]]:
         """Runs the rollback actions of completed steps in reverse order."""
+
+    @_abc_1.abstractmethod
+    def CancelExecution(
+        self,
+        request: _runbook_pb2.CancelExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runbook_pb2.CancelExecutionResponse, _abc.Awaitable[_runbook_pb2.CancelExecutionResponse]]:
+        """Stops a running execution where it is (CANCELLED): the steps not run yet
+        are skipped and nothing is rolled back (RollbackExecution undoes the
+        completed steps, after a cancel too). A step whose action is running
+        finishes first. An execution that has finished is FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def GetExecutionStatus(

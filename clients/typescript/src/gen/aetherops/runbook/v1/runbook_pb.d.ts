@@ -936,6 +936,53 @@ export declare type RollbackExecutionResponse = Message<"aetherops.runbook.v1.Ro
 export declare const RollbackExecutionResponseSchema: GenMessage<RollbackExecutionResponse>;
 
 /**
+ * @generated from message aetherops.runbook.v1.CancelExecutionRequest
+ */
+export declare type CancelExecutionRequest = Message<"aetherops.runbook.v1.CancelExecutionRequest"> & {
+  /**
+   * @generated from field: string execution_id = 1;
+   */
+  executionId: string;
+
+  /**
+   * Why, kept in the audit trail and as the execution's error. At most 4096
+   * characters.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * Idempotency key, per execution: a retry answers as the first call did.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.CancelExecutionRequest.
+ * Use `create(CancelExecutionRequestSchema)` to create a new message.
+ */
+export declare const CancelExecutionRequestSchema: GenMessage<CancelExecutionRequest>;
+
+/**
+ * @generated from message aetherops.runbook.v1.CancelExecutionResponse
+ */
+export declare type CancelExecutionResponse = Message<"aetherops.runbook.v1.CancelExecutionResponse"> & {
+  /**
+   * @generated from field: aetherops.runbook.v1.Execution execution = 1;
+   */
+  execution?: Execution | undefined;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.CancelExecutionResponse.
+ * Use `create(CancelExecutionResponseSchema)` to create a new message.
+ */
+export declare const CancelExecutionResponseSchema: GenMessage<CancelExecutionResponse>;
+
+/**
  * @generated from message aetherops.runbook.v1.GetExecutionStatusRequest
  */
 export declare type GetExecutionStatusRequest = Message<"aetherops.runbook.v1.GetExecutionStatusRequest"> & {
@@ -1015,8 +1062,8 @@ export declare type ListExecutionsRequest = Message<"aetherops.runbook.v1.ListEx
   runbookId: string;
 
   /**
-   * Executions in this status: RUNNING, COMPLETED, FAILED or ROLLED_BACK
-   * (UNSPECIFIED: any).
+   * Executions in this status: RUNNING, COMPLETED, FAILED, ROLLED_BACK or
+   * CANCELLED (UNSPECIFIED: any).
    *
    * @generated from field: aetherops.runbook.v1.RunbookStatus status = 6;
    */
@@ -1184,6 +1231,13 @@ export enum RunbookStatus {
    * @generated from enum value: RUNBOOK_STATUS_ROLLED_BACK = 6;
    */
   ROLLED_BACK = 6,
+
+  /**
+   * An execution stopped by CancelExecution.
+   *
+   * @generated from enum value: RUNBOOK_STATUS_CANCELLED = 7;
+   */
+  CANCELLED = 7,
 }
 
 /**
@@ -1350,6 +1404,19 @@ export declare const RunbookService: GenService<{
     methodKind: "unary";
     input: typeof RollbackExecutionRequestSchema;
     output: typeof RollbackExecutionResponseSchema;
+  },
+  /**
+   * Stops a running execution where it is (CANCELLED): the steps not run yet
+   * are skipped and nothing is rolled back (RollbackExecution undoes the
+   * completed steps, after a cancel too). A step whose action is running
+   * finishes first. An execution that has finished is FAILED_PRECONDITION.
+   *
+   * @generated from rpc aetherops.runbook.v1.RunbookService.CancelExecution
+   */
+  cancelExecution: {
+    methodKind: "unary";
+    input: typeof CancelExecutionRequestSchema;
+    output: typeof CancelExecutionResponseSchema;
   },
   /**
    * The execution's state, now or as it was at as_of_time.
