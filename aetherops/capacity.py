@@ -884,6 +884,8 @@ class _BatchOut:
 
     table: _Table
     slots: IntArray
+    #: The moment the days are counted from (exhaustion dates must use it, not a later clock read).
+    now_us: int
     current: FloatArray
     count: IntArray
     span_days: FloatArray
@@ -1411,6 +1413,7 @@ class CapacityPlanner:
         out = _BatchOut(
             table=tab,
             slots=slots,
+            now_us=now_us,
             current=tab.current[slots],
             count=count,
             span_days=span_days,
@@ -1586,7 +1589,9 @@ class CapacityPlanner:
         days = self._opt(float(out.days[i]))
         date = None
         if days is not None:
-            date = self._clock.now() + timedelta(days=days)
+            # The computation's own now: a fresh clock read would put every forecast's date a little
+            # later than its days_remaining says, and forecasts running out together apart.
+            date = _us_to_datetime(out.now_us) + timedelta(days=days)
         satellite_id, resource = out.key(i)
         mission_ids, scheduled = out.mission_info(i)
         return ExhaustionForecast(

@@ -222,11 +222,33 @@ def _mission_from_json(data: dict[str, Any]) -> MissionScheduleEntry:
     )
 
 
-def _sort_key(f: ExhaustionForecast) -> tuple[float, float, str, int]:
-    """The urgency order of `CapacityPlanner.get_critical_forecasts` (days, P10, key), as a page key."""
-    days = f.days_remaining if f.days_remaining is not None else math.inf
-    p10 = f.days_remaining_p10 if f.days_remaining_p10 is not None else math.inf
-    return days, p10, f.satellite_id, int(f.resource_type)
+# Page-key stand-ins: an exhausted resource sorts first whatever the clock says, and a missing
+# P10 (not within the horizon even pessimistically) last.
+_KEY_FIRST = -(2**62)
+_KEY_LAST = 2**62
+_US_PER_DAY = 86_400_000_000
+
+
+def _sort_key(f: ExhaustionForecast) -> tuple[int, int, str, int]:
+    """The urgency order of `CapacityPlanner.get_critical_forecasts` (days, P10, key) as a page key
+    that holds still while the clock runs: days_remaining shrinks between two page requests, so a
+    key of days would put the next page's items before the last one's and skip them. Instead: the
+    exhaustion time (µs; exhausted first), then how much earlier P10 runs out (µs; already out
+    pessimistically first), then the series."""
+    days, p10, date = f.days_remaining, f.days_remaining_p10, f.predicted_exhaustion_date
+    if days is None or date is None:
+        when = _KEY_LAST
+    elif days <= 0.0:
+        when = _KEY_FIRST
+    else:
+        when = datetime_to_us(date)
+    if p10 is None or days is None:
+        earlier = _KEY_LAST
+    elif p10 <= 0.0:
+        earlier = _KEY_FIRST
+    else:
+        earlier = round((p10 - days) * _US_PER_DAY)
+    return when, earlier, f.satellite_id, int(f.resource_type)
 
 
 class CapacityService:
@@ -739,14 +761,15 @@ class CapacityService:
         if problems:
             raise ValidationError(problems)
         limit = min(page_size or 50, 500)
-        found = self._planner.get_critical_forecasts(horizon)
+        # Sorted by the page key itself (it differs from the planner's order only below a µs).
+        found = sorted(self._planner.get_critical_forecasts(horizon), key=_sort_key)
         if after is not None:
             found = [f for f in found if _sort_key(f) > after]
         token = ""
         if len(found) > limit:
             found = found[:limit]
-            d, p, s, r = _sort_key(found[-1])
-            token = encode_page_token({"d": d, "p": None if math.isinf(p) else p, "s": s, "r": r}, filters)
+            w, e, s, r = _sort_key(found[-1])
+            token = encode_page_token({"w": w, "e": e, "s": s, "r": r}, filters)
         return found, token
 
     # ---- telemetry ------------------------------------------------------------------------------
@@ -858,12 +881,14 @@ def _from_us(value: Any) -> datetime:
     return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(value))
 
 
-def _after_forecast(position: dict[str, Any]) -> tuple[float, float, str, int]:
-    """The sort key of the last forecast on a page (days left, P10 days or infinity, satellite, resource)."""
-    p10 = position["p"]
-    return (
-        float(position["d"]),
-        math.inf if p10 is None else float(p10),
-        position_text(position["s"]),
-        int(position["r"]),
-    )
+def _after_forecast(position: dict[str, Any]) -> tuple[int, int, str, int]:
+    """The `_sort_key` of the last forecast on a page. A token of the old days-based form lacks "w"
+    (KeyError): refused as not ours rather than misread."""
+    return _key_int(position["w"]), _key_int(position["e"]), position_text(position["s"]), _key_int(position["r"])
+
+
+def _key_int(value: Any) -> int:
+    """An integer part of a page position; TypeError for anything else (a forged 1.5 or "1")."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a page position's number must be an integer, got {type(value).__name__}")
+    return value

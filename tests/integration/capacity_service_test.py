@@ -387,6 +387,24 @@ async def test_critical_forecasts_page_through_in_urgency_order(
     assert list(summary.unforecast_satellite_ids) == ["SAT-NEW"]
 
 
+async def test_critical_forecasts_pages_skip_nothing_while_the_clock_runs(
+    stub: capacity_pb2_grpc.CapacityServiceStub,
+) -> None:
+    # Three satellites with the same history run out at the same moment. Between two pages the
+    # clock moves on, and every days_remaining shrinks with it: a page token holding the last
+    # item's days_remaining then put the next satellites before it, and paging ended after one.
+    await ingest(stub, [s for sat in ("SAT-A", "SAT-B", "SAT-C") for s in history(sat, start=94.0, per_hour=1.0)])
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await stub.GetCriticalForecasts(pb.GetCriticalForecastsRequest(page_size=1, page_token=token))
+        seen += [f.satellite_id for f in page.forecasts]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["SAT-A", "SAT-B", "SAT-C"]
+
+
 async def test_list_snapshots_pages_through_a_series_in_time_order(
     stub: capacity_pb2_grpc.CapacityServiceStub,
 ) -> None:
