@@ -102,6 +102,7 @@ __all__ = [
     "require_parameters",
     "runbook_from_dict",
     "runbook_to_dict",
+    "unprovided_references",
     "upcast",
     "validate_conditions",
     "validate_runbook",
@@ -947,10 +948,11 @@ def _may_set(step: RunbookStep) -> set[str] | None:
     return None
 
 
-def _missing_variables(runbook: Runbook, variables: Mapping[str, Any]) -> list[FieldViolation]:
-    """References that can only fail: neither among the start variables nor set by an earlier step (see
-    the module docstring); a rollback runs after its own step, so it may also use what that one set."""
-    out: list[FieldViolation] = []
+def unprovided_references(runbook: Runbook, provided: Callable[[str], bool]) -> list[tuple[int, str, str]]:
+    """(step index, "parameters" or "rollback_parameters", reference) of every reference that can only
+    fail: not `provided` and not set by an earlier step (see the module docstring); a rollback runs
+    after its own step, so it may also use what that one set."""
+    out: list[tuple[int, str, str]] = []
     settable: set[str] | None = set()  # None once an earlier step may have set anything
 
     def check(i: int, name: str) -> None:
@@ -958,10 +960,8 @@ def _missing_variables(runbook: Runbook, variables: Mapping[str, Any]) -> list[F
         for ref in sorted(variable_references(getattr(step, name))):
             if settable is None or ref.split(".", 1)[0] in settable:
                 continue
-            if resolve_path(variables, ref) is MISSING:
-                out.append(
-                    FieldViolation(f"variables.{ref}", f"required by runbook.steps[{i}].{name} but not provided")
-                )
+            if not provided(ref):
+                out.append((i, name, ref))
 
     for i, step in enumerate(runbook.steps):
         check(i, "parameters")
@@ -969,6 +969,14 @@ def _missing_variables(runbook: Runbook, variables: Mapping[str, Any]) -> list[F
         settable = None if sets is None or settable is None else settable | sets
         check(i, "rollback_parameters")
     return out
+
+
+def _missing_variables(runbook: Runbook, variables: Mapping[str, Any]) -> list[FieldViolation]:
+    """References the start variables cannot satisfy (`unprovided_references`)."""
+    return [
+        FieldViolation(f"variables.{ref}", f"required by runbook.steps[{i}].{name} but not provided")
+        for i, name, ref in unprovided_references(runbook, lambda ref: resolve_path(variables, ref) is not MISSING)
+    ]
 
 
 # --- runbook serialisation (for the store) ----------------------------------------------------------

@@ -90,6 +90,7 @@ from aetherops.runbook import (
     require_parameters,
     runbook_from_dict,
     runbook_to_dict,
+    unprovided_references,
     validate_runbook,
     variable_references,
 )
@@ -248,6 +249,20 @@ class _StartInfo:
 
 def _definition_key(runbook: Runbook) -> str:
     return json.dumps(repo.definition_of(runbook_to_dict(runbook)), sort_keys=True)
+
+
+def _beyond_incident(runbook: Runbook) -> list[FieldViolation]:
+    """An auto-start runbook's references that an incident start cannot satisfy: it has only the
+    incident's fields, so each would fail every start (seen only as a warning in the log)."""
+    fields = ", ".join(INCIDENT_FIELDS)
+    return [
+        FieldViolation(
+            f"runbook.steps[{i}].{name}",
+            f"${{{ref}}} is neither incident data ({fields}) nor set by an earlier step: "
+            "an incident could never start this auto_start runbook",
+        )
+        for i, name, ref in unprovided_references(runbook, lambda ref: ref.split(".", 1)[0] in INCIDENT_FIELDS)
+    ]
 
 
 def _violations(problems: Iterable[str]) -> list[FieldViolation]:
@@ -548,9 +563,11 @@ class RunbookService:
 
     async def register_runbook(self, runbook: Runbook, *, request_id: str = "") -> tuple[Runbook, bool]:
         """Validate and store a new version (or nothing, for an identical definition): (runbook, created)."""
-        problems = validate_runbook(runbook, self._engine.action_checks())
+        problems = _violations(validate_runbook(runbook, self._engine.action_checks()))
+        if runbook.auto_start:
+            problems += _beyond_incident(runbook)
         if problems:
-            raise ValidationError(_violations(problems))
+            raise ValidationError(problems)
         scope = f"runbook.register.{runbook.runbook_id}"  # per runbook: another runbook is another request
         async with self._db.transaction() as conn:
             remembered = await idempotency.recall(conn, scope, request_id)

@@ -430,6 +430,34 @@ def incident_event(cluster_id: str, event_id: str) -> bytes:
     return bytes(event.SerializeToString())
 
 
+async def test_an_auto_start_runbook_needing_what_no_incident_gives_is_refused(
+    server: Any, channel_for: Any, db: Database
+) -> None:
+    # An incident start has only the incident's fields: "${bus}" failed every start, and the operator
+    # learnt of it from a warning in the server's log, if at all.
+    stubs = Stubs(channel_for, server.port)
+    needy = pb.Runbook(
+        runbook_id="needy",
+        name="Needy",
+        auto_start=True,
+        trigger_conditions=struct({"subsystems": "power"}),
+        steps=[
+            step("set", "set_variable", {"name": "target", "value": "${root_cause_satellite_id}"}),
+            step("use", "log", {"message": "${target} on ${subsystems.0}, bus ${bus}"}),
+        ],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=needy))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(err.value)
+    assert list(found) == ["runbook.steps[1].parameters"], found
+    assert "${bus}" in found["runbook.steps[1].parameters"]
+    assert await db.fetchval("SELECT count(*) FROM runbooks") == 0
+    # Started by hand, the same steps may use a variable the caller gives.
+    needy.auto_start = False
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=needy))
+
+
 async def test_incident_delivered_twice_starts_once(server: Any, channel_for: Any, bus: Bus, db: Database) -> None:
     stubs = Stubs(channel_for, server.port)
     runbook = pb.Runbook(
