@@ -484,6 +484,9 @@ def validate_mission(entry: MissionScheduleEntry) -> list[FieldViolation]:
         if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
             violations.append(FieldViolation(f"mission.{name}", "must be a timezone-aware datetime"))
             times_ok = False
+        elif when < EARLIEST_TIME:  # a zeroed clock, as snapshots and alerts are refused for
+            violations.append(FieldViolation(f"mission.{name}", TOO_EARLY))
+            times_ok = False
     if times_ok and entry.end_time <= entry.start_time:
         violations.append(FieldViolation("mission.end_time", "must be after start_time"))
     for i, (resource, amount) in enumerate(entry.resource_impacts.items()):

@@ -298,6 +298,15 @@ async def test_missions_validate_replace_by_id_and_replay_by_request_id(
         "mission.resource_impacts[0].resource_type",
         "mission.resource_impacts[1].amount",  # the caller's index, past the refused first entry
     } <= set(violations(caught.value))
+    # A zeroed clock (1970) is refused, as for snapshots and alerts, not stored as a mission.
+    zeroed = pb.ScheduledMission()
+    zeroed.CopyFrom(mission)
+    zeroed.start_time.FromDatetime(datetime(1970, 1, 1, tzinfo=UTC))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=zeroed))
+    assert violations(caught.value) == {
+        "mission.start_time": "must not be before 2000-01-01 (a clock that was never set?)"
+    }
     assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 0
 
     mission.end_time.FromDatetime(start + timedelta(hours=1))

@@ -156,7 +156,9 @@ class ScheduledMission(_message.Message):
     description: _builtins.str
     """At most 4096 characters."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Not before 2000-01-01 (a zeroed clock)."""
+
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Must be after start_time."""

@@ -99,6 +99,8 @@ export declare type ScheduledMission = Message<"aetherops.capacity.v1.ScheduledM
   satelliteId: string;
 
   /**
+   * Not before 2000-01-01 (a zeroed clock).
+   *
    * @generated from field: google.protobuf.Timestamp start_time = 3;
    */
   startTime?: Timestamp | undefined;
