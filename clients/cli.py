@@ -774,6 +774,8 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
         "duplicates": reply.duplicates,
         **({} if replays is None else {"replays": replays}),
         "rejected": reply.rejected,
+        # The server lists only the first rejections of a big load (rejected counts them all).
+        "unlisted": reply.rejected - len(reply.rejections),
         "unparsed": sum(1 for b in bad if b["source"] == "parse"),
         "bad_lines": bad,
         "tracking_id": client.last_tracking_id,
@@ -788,6 +790,8 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
         )
         if bad:
             print(_table(["LINE", "FROM", "REASON"], [[b["line"], b["source"], b["reason"]] for b in bad]))
+        if summary["unlisted"]:
+            print(f"... and {summary['unlisted']} more rejected by the server, not listed (it lists the first ones)")
     return EXIT_RPC if bad else EXIT_OK
 
 

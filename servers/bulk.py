@@ -20,12 +20,18 @@ from aetherops.tasks import abandon
 from gen.aetherops.common.v1 import common_pb2
 from servers.convert import rejection
 
-__all__ = ["StreamResult", "ingest_stream"]
+__all__ = ["MAX_LISTED_REJECTIONS", "StreamResult", "ingest_stream", "listed"]
 
 Request = TypeVar("Request")
 Message = TypeVar("Message")
 Item = TypeVar("Item")
 Outcome = TypeVar("Outcome")
+
+MAX_LISTED_REJECTIONS = 1000
+"""A bulk reply lists at most this many rejections (the first, by index); its `rejected` counts them all.
+Each can take a kilobyte or two (reasons name ids and units), and a reply listing every one of a big
+bad load outgrew the 4 MiB message limit: the caller got RESOURCE_EXHAUSTED instead of its counts,
+after the good items had been stored, and again on every retry."""
 
 StreamResult = tuple[list[tuple[int, Outcome]], list[common_pb2.Rejection]]
 """The outcome of each committed item with its stream index (in stream order), and the rejections of
@@ -77,3 +83,9 @@ async def ingest_stream(
     finally:
         abandon(*(future for _, future in pending))
     return outcomes, rejections
+
+
+def listed(rejections: list[common_pb2.Rejection]) -> list[common_pb2.Rejection]:
+    """The rejections a reply lists: the first `MAX_LISTED_REJECTIONS` by stream index."""
+    rejections.sort(key=lambda r: r.index)
+    return rejections[:MAX_LISTED_REJECTIONS]

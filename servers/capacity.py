@@ -57,7 +57,7 @@ from gen.aetherops.capacity.v1 import capacity_pb2 as pb
 from gen.aetherops.capacity.v1 import capacity_pb2_grpc
 from gen.aetherops.correlation.v1 import correlation_pb2
 from gen.aetherops.events.v1 import events_pb2
-from servers.bulk import ingest_stream
+from servers.bulk import ingest_stream, listed
 from servers.component import GaugeSample, Infra
 from servers.convert import from_duration, from_ts, rejection, to_ts
 
@@ -383,9 +383,8 @@ class CapacityServicer(capacity_pb2_grpc.CapacityServiceServicer):
                 duplicates += 1
             else:
                 accepted += 1
-        rejections.sort(key=lambda r: r.index)
         return pb.IngestSnapshotsResponse(
-            accepted=accepted, duplicates=duplicates, rejected=len(rejections), rejections=rejections
+            accepted=accepted, duplicates=duplicates, rejected=len(rejections), rejections=listed(rejections)
         )
 
     async def AddScheduledMission(

@@ -34,7 +34,7 @@ from aetherops.tracking import current_tracking_id
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
-from servers.bulk import ingest_stream
+from servers.bulk import ingest_stream, listed
 from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, rejection, to_duration, to_ts
 from servers.incident_feed import IncidentFeed, Watcher, incident_of
@@ -329,13 +329,12 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
                 duplicates += 1
             else:
                 accepted += 1
-        rejections.sort(key=lambda r: r.index)
         return pb.IngestAlertsResponse(
             accepted=accepted,
             duplicates=duplicates,
             replays=replays,
             rejected=len(rejections),
-            rejections=rejections,
+            rejections=listed(rejections),
         )
 
     async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:

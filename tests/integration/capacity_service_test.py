@@ -168,6 +168,23 @@ async def test_unit_must_stay_the_same_for_a_series(stub: capacity_pb2_grpc.Capa
     assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 2
 
 
+async def test_a_stream_with_many_rejections_still_gets_its_answer(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    # A backfill in the wrong unit: every reason names both units and the series. Listing each of
+    # 4,000 rejections made a reply over the 4 MiB message limit: RESOURCE_EXHAUSTED, after the good
+    # snapshots had been stored, and the same again on every retry.
+    sat = "S" * 256
+    now = datetime.now(UTC).replace(microsecond=0)
+    await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap(sat, FUEL, now - timedelta(days=1), 90.0)))
+    wrong = [snap(sat, FUEL, now - timedelta(seconds=i), 50.0, unit="u" * 256) for i in range(4000)]
+    good = [snap("SAT-OK", FUEL, now - timedelta(minutes=i), 10.0) for i in range(3)]
+    reply = await ingest(stub, [*good, *wrong])
+    assert (reply.accepted, reply.duplicates, reply.rejected) == (3, 0, 4000)
+    assert [r.index for r in reply.rejections] == list(range(3, 1003)), "the first 1,000, in stream order"
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots") == 4
+
+
 async def test_snapshots_are_stored_once_and_request_ids_replay(
     stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
 ) -> None:

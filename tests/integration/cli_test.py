@@ -241,6 +241,22 @@ def _add_mission(address: str, token: str, mission: Any) -> None:
         client.add_scheduled_mission(mission)
 
 
+async def test_capacity_ingest_says_how_many_rejections_were_not_listed(cli: Any, tmp_path: Path) -> None:
+    # The server lists the first 1,000 rejections; the rest must not vanish from the report.
+    now = datetime.now(UTC)
+    rows = ["satellite_id,resource,timestamp,value,unit"]
+    rows += [f"SAT-NEG,fuel,{(now - timedelta(seconds=i)).isoformat()},-1,kg" for i in range(1005)]
+    path = tmp_path / "negative.csv"
+    path.write_text("\n".join(rows) + "\n")
+    text = await cli("capacity", "ingest", str(path))
+    assert text.code == 1, text.err
+    assert "1005 rejected by the server" in text.out
+    assert "... and 5 more rejected by the server, not listed" in text.out
+    as_json = await cli("capacity", "ingest", str(path), "--json")
+    summary = json.loads(as_json.out)
+    assert (summary["rejected"], summary["unlisted"], len(summary["bad_lines"])) == (1005, 5, 1000)
+
+
 async def test_capacity_ingest_forecast_plot_and_fleet_risk(
     cli: Any, tmp_path: Path, server: Any, tokens: dict[str, str]
 ) -> None:

@@ -415,8 +415,13 @@ class IngestSnapshotsResponse(_message.Message):
     accepted: _builtins.int
     duplicates: _builtins.int
     rejected: _builtins.int
+    """Every snapshot not stored."""
     @_builtins.property
-    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Rejection]: ...
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Rejection]:
+        """The first 1000 rejected snapshots by index, with their reasons (a reply
+        listing them all could outgrow the message size limit).
+        """
+
     def __init__(
         self,
         *,

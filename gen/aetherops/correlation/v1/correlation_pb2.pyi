@@ -372,16 +372,16 @@ class IngestAlertsResponse(_message.Message):
     subsystem within the dedupe window, no higher severity).
     """
     rejected: _builtins.int
-    """Not stored: invalid, or its alert_id is taken by another alert. One
-    entry each in rejections.
-    """
+    """Not stored: invalid, or its alert_id is taken by another alert."""
     replays: _builtins.int
     """Already stored under the same alert_id before this call, or earlier in
     this call (a retry, a file loaded twice): nothing changed.
     """
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Rejection]:
-        """One entry per rejected alert, with its index in the stream."""
+        """The first 1000 rejected alerts by index in the stream, with their
+        reasons (a reply listing them all could outgrow the message size limit).
+        """
 
     def __init__(
         self,

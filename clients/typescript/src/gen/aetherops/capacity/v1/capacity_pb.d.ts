@@ -384,11 +384,16 @@ export declare type IngestSnapshotsResponse = Message<"aetherops.capacity.v1.Ing
   duplicates: number;
 
   /**
+   * Every snapshot not stored.
+   *
    * @generated from field: int32 rejected = 3;
    */
   rejected: number;
 
   /**
+   * The first 1000 rejected snapshots by index, with their reasons (a reply
+   * listing them all could outgrow the message size limit).
+   *
    * @generated from field: repeated aetherops.common.v1.Rejection rejections = 4;
    */
   rejections: Rejection[];

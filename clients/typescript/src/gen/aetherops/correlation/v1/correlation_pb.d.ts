@@ -338,15 +338,15 @@ export declare type IngestAlertsResponse = Message<"aetherops.correlation.v1.Ing
   duplicates: number;
 
   /**
-   * Not stored: invalid, or its alert_id is taken by another alert. One
-   * entry each in rejections.
+   * Not stored: invalid, or its alert_id is taken by another alert.
    *
    * @generated from field: int32 rejected = 3;
    */
   rejected: number;
 
   /**
-   * One entry per rejected alert, with its index in the stream.
+   * The first 1000 rejected alerts by index in the stream, with their
+   * reasons (a reply listing them all could outgrow the message size limit).
    *
    * @generated from field: repeated aetherops.common.v1.Rejection rejections = 4;
    */
