@@ -744,8 +744,10 @@ _MAX_DOUBLE = sys.float_info.max
 MAX_ACTION_DESCRIPTION_LEN = 1024
 MAX_REJECT_REASON_LEN = 4096
 MAX_JSON_BYTES = 256 * 1024
-"""Largest start variables and action output, as compact JSON. Each travels whole in one event, and
-a NATS message holds 1 MiB by default: the outbox relay sets aside an event it cannot send."""
+"""Largest start variables, action output and runbook definition, as compact JSON. Variables and
+output travel whole in one event, and a NATS message holds 1 MiB by default: the outbox relay sets
+aside an event it cannot send. Definitions travel in replies: a few megabytes each made every
+ListRunbooks page outgrow the 4 MiB message limit."""
 
 
 def _json_size_problem(value: Any) -> str | None:
@@ -861,6 +863,9 @@ def _runbook_violations(
     out.extend(validate_conditions(runbook.trigger_conditions, "runbook.trigger_conditions", lenient_regex=stored))
     if runbook.auto_start and not runbook.trigger_conditions:
         out.append(FieldViolation("runbook.trigger_conditions", "auto_start needs trigger conditions"))
+    # Measured only when the rest is sound (it must serialise); a stored version is loaded as it is.
+    if not out and not stored and (problem := _json_size_problem(runbook_to_dict(runbook))) is not None:
+        out.append(FieldViolation("runbook", problem))
     return out
 
 

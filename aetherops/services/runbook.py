@@ -134,6 +134,7 @@ INCIDENT_FIELDS = (
 # A RUNNING step found in the store is abandoned once its timeout and this grace have passed.
 _LEASE_GRACE_S = 5.0
 _DEFAULT_PAGE = 50
+_PAGE_JSON_BYTES = 1024 * 1024  # of runbook definitions per ListRunbooks page (one always fits)
 _MAX_PAGE = 500
 _MAX_FILTER_LEN = 256
 _EXECUTION_STATUSES = (
@@ -647,8 +648,17 @@ class RunbookService:
         limit, after = _page(page_size, page_token, "runbooks")
         async with self._db.connection() as conn:
             rows = await repo.list_latest_runbooks(conn, after_id=after, limit=limit + 1)
-        page = [runbook_from_dict(r.definition) for r in rows[:limit]]
-        return page, _token(page[-1].runbook_id, "runbooks") if len(rows) > limit else ""
+        # Cut short by size as well as by count: 50 definitions of up to MAX_JSON_BYTES each would
+        # outgrow the 4 MiB reply limit, and every call to this page would fail the same way.
+        page: list[Runbook] = []
+        size = 0
+        for row in rows[:limit]:
+            size += len(json.dumps(row.definition, separators=(",", ":"), ensure_ascii=False).encode())
+            if page and size > _PAGE_JSON_BYTES:
+                break
+            page.append(runbook_from_dict(row.definition))
+        more = len(rows) > len(page)
+        return page, _token(page[-1].runbook_id, "runbooks") if more else ""
 
     async def find_matching(self, incident_data: Mapping[str, Any], *, auto_start_only: bool = False) -> list[Runbook]:
         await self._sync_all_runbooks()

@@ -278,6 +278,32 @@ async def test_versioning_and_pagination(server: Any, channel_for: Any) -> None:
     assert await code_of(stubs.operator.ListActions(bad_token)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_big_runbooks_cannot_break_the_runbook_list(server: Any, channel_for: Any, db: Database) -> None:
+    # Three 2 MB runbooks were accepted, and from then on every ListRunbooks page (and `aetherops
+    # runbooks list`) answered RESOURCE_EXHAUSTED: the page outgrew the 4 MiB message limit.
+    stubs = Stubs(channel_for, server.port)
+    huge = pb.Runbook(runbook_id="huge", name="Huge", steps=[step("s", "log", {"message": "x" * 300_000})])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=huge))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 262144 bytes as JSON" in violations(err.value)["runbook"]
+    assert await db.fetchval("SELECT count(*) FROM runbooks") == 0
+    # Twenty that each fit make a default page of 5 MB: pages are cut short by size instead.
+    for i in range(20):
+        big = pb.Runbook(runbook_id=f"big-{i:02d}", name="Big", steps=[step("s", "log", {"message": "x" * 250_000})])
+        await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=big))
+    ids: list[str] = []
+    token = ""
+    while True:
+        page = await stubs.operator.ListRunbooks(pb.ListRunbooksRequest(page_token=token))
+        assert page.runbooks
+        ids.extend(r.runbook_id for r in page.runbooks)
+        token = page.next_page_token
+        if not token:
+            break
+    assert ids == [f"big-{i:02d}" for i in range(20)]
+
+
 async def test_dry_run_plans_without_storing(server: Any, channel_for: Any, db: Database) -> None:
     stubs = Stubs(channel_for, server.port)
     await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True)))
