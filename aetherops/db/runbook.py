@@ -302,7 +302,8 @@ async def list_executions(
 
 
 async def unfinished_executions(conn: asyncpg.Connection) -> list[ExecutionRow]:
-    rows = await conn.fetch(f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE status = 'RUNNING'")
+    # finished_time is NULL while anything is left to do: running, or a rollback under way.
+    rows = await conn.fetch(f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE finished_time IS NULL")
     return [_execution(r) for r in rows]
 
 

@@ -1132,6 +1132,9 @@ class RunbookService:
         circuit = self._agents.drain_transitions() if self._agents is not None else []
         messages = self._outbox(state, events, published, circuit)
         now = self._clock.now()
+        # The index's finished_time waits for the last EXECUTION_FINISHED: a rollback after the
+        # execution failed (or completed) is work a restart must pick up (`repo.unfinished_executions`).
+        settled_time = state.finished_time if events[-1].type is EventType.EXECUTION_FINISHED else None
         try:
             async with self._db.transaction() as conn:
                 if start is not None:
@@ -1148,7 +1151,7 @@ class RunbookService:
                             incident_id=start.incident_id,
                             start_request_id=start.start_request_id,
                             started_time=state.started_time,
-                            finished_time=state.finished_time,
+                            finished_time=settled_time,
                             updated_time=now,
                             tracking_id=state.tracking_id,
                         ),
@@ -1161,7 +1164,7 @@ class RunbookService:
                         status=state.status.value,
                         version=state.version,
                         current_step_index=state.current_step_index,
-                        finished_time=state.finished_time,
+                        finished_time=settled_time,
                         updated_time=now,
                     )
                 await outbox.append(conn, messages)

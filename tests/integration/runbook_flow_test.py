@@ -19,6 +19,8 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from nats.aio.msg import Msg
 
 from aetherops.bus import Bus
+from aetherops.db import Database
+from aetherops.db import runbook as runbook_repo
 from aetherops.services.runbook import incident_execution_id
 from gen.aetherops.correlation.v1 import correlation_pb2 as cpb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
@@ -388,6 +390,52 @@ async def test_an_approval_that_expires_across_a_restart_fails_and_rolls_back(
     done = await wait_status(stubs.operator, execution_id, lambda e: e.status == pb.RUNBOOK_STATUS_ROLLED_BACK)
     transitions = [(a.transition, a.step_id) for a in done.audit_log]
     assert ("APPROVAL_EXPIRED", "gate") in transitions and ("STEP_ROLLED_BACK", "prepare") in transitions
+
+
+async def test_an_execution_rolling_back_is_one_a_restart_picks_up(
+    app_factory: Any, bus: Bus, channel_for: Any, db: Database
+) -> None:
+    # A rollback runs after the execution FAILED (or COMPLETED). A server that died in the middle
+    # of it left the rest of the rollback undone for good: a restart loads only RUNNING executions.
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def safe_payload(msg: Msg) -> None:
+        asked.set()
+        await release.wait()  # the rollback action is in flight until the test lets it finish
+        await msg.respond(json_format.MessageToJson(events_pb2.AgentActionReply(ok=True)).encode())
+
+    sub = await bus.nc.subscribe(bus.subjects.action("safe_payload"), cb=safe_payload)
+    await bus.nc.flush()
+    runbook = pb.Runbook(
+        runbook_id="unwind",
+        name="Unwind",
+        auto_rollback=True,
+        steps=[
+            step("arm", "log", {"message": "armed"}, rollback="agent:safe_payload", timeout_s=10.0),
+            step("fail", "wait", {"seconds": 2}, timeout_s=0.2),
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="unwind"))
+    execution_id = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    failing = asyncio.ensure_future(
+        stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    )
+    try:
+        await asyncio.wait_for(asked.wait(), timeout=15.0)  # the rollback action is called
+        async with db.connection() as conn:
+            loaded = {row.execution_id for row in await runbook_repo.unfinished_executions(conn)}
+        assert execution_id in loaded, "a restart now would leave the rollback half done"
+    finally:
+        release.set()
+        reply = await failing
+        await sub.unsubscribe()
+    assert reply.execution.status == pb.RUNBOOK_STATUS_ROLLED_BACK
+    async with db.connection() as conn:
+        assert execution_id not in {row.execution_id for row in await runbook_repo.unfinished_executions(conn)}
 
 
 @pytest.mark.parametrize(
