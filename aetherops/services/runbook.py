@@ -786,11 +786,10 @@ class RunbookService:
     ) -> tuple[StepStatus, ExecutionContext]:
         _require(execution_id, "execution_id")
         scope = f"runbook.execute.{execution_id}"
-        if request_id:
-            async with self._db.connection() as conn:
-                remembered = await idempotency.recall(conn, scope, request_id)
-            if remembered is not None:
-                return StepStatus(remembered["step_status"]), await self.get_status(execution_id)
+
+        async def replay(remembered: Mapping[str, Any]) -> tuple[StepStatus, ExecutionContext]:
+            return StepStatus(remembered["step_status"]), await self.get_status(execution_id)
+
         started = time.perf_counter()
 
         async def step() -> tuple[StepStatus, ExecutionContext]:
@@ -807,9 +806,7 @@ class RunbookService:
                 timing.commit_s += time.perf_counter() - commit_started
             return status, state
 
-        result = await self._shielded(
-            self._with_lock(execution_id, lambda: self._op(execution_id, step, load=True)), f"step-{execution_id}"
-        )
+        result = await self._once(execution_id, scope, request_id, replay, step, f"step-{execution_id}")
         if timing is not None:
             timing.total_s = time.perf_counter() - started
         return result
@@ -820,19 +817,21 @@ class RunbookService:
         _require(execution_id, "execution_id")
         _require(step_id, "step_id")
         scope = f"runbook.approve.{execution_id}.{step_id}"  # per step: another step is another approval
-        if request_id:
-            async with self._db.connection() as conn:
-                if await idempotency.recall(conn, scope, request_id) is not None:
-                    return await self.get_status(execution_id)
+
+        async def replay(remembered: Mapping[str, Any]) -> ExecutionContext:
+            return await self.get_status(execution_id)
+
+        approved = False  # a replay drives nothing: the call that approved did
 
         async def approve() -> ExecutionContext:
+            nonlocal approved
             self._engine.approve_step(execution_id, step_id, approver)
-            return await self._persist(execution_id, remember=(scope, request_id, {"step_id": step_id}))
+            state = await self._persist(execution_id, remember=(scope, request_id, {"step_id": step_id}))
+            approved = True
+            return state
 
-        state = await self._shielded(
-            self._with_lock(execution_id, lambda: self._op(execution_id, approve, load=True)), f"approve-{execution_id}"
-        )
-        if state.triggered_by.startswith("incident:"):
+        state = await self._once(execution_id, scope, request_id, replay, approve, f"approve-{execution_id}")
+        if approved and state.triggered_by.startswith("incident:"):
             self._drive(execution_id)
         return state
 
@@ -843,18 +842,15 @@ class RunbookService:
         _require(execution_id, "execution_id")
         _require(step_id, "step_id")
         scope = f"runbook.reject.{execution_id}.{step_id}"
-        if request_id:
-            async with self._db.connection() as conn:
-                if await idempotency.recall(conn, scope, request_id) is not None:
-                    return await self.get_status(execution_id)
+
+        async def replay(remembered: Mapping[str, Any]) -> ExecutionContext:
+            return await self.get_status(execution_id)
 
         async def reject() -> ExecutionContext:
             await self._engine.reject_step(execution_id, step_id, approver, reason)
             return await self._persist(execution_id, remember=(scope, request_id, {"step_id": step_id}))
 
-        return await self._shielded(
-            self._with_lock(execution_id, lambda: self._op(execution_id, reject, load=True)), f"reject-{execution_id}"
-        )
+        return await self._once(execution_id, scope, request_id, replay, reject, f"reject-{execution_id}")
 
     async def cancel_execution(
         self, execution_id: str, actor: str, *, reason: str = "", request_id: str = ""
@@ -880,21 +876,48 @@ class RunbookService:
     ) -> tuple[int, ExecutionContext]:
         _require(execution_id, "execution_id")
         scope = f"runbook.rollback.{execution_id}"
-        if request_id:
-            async with self._db.connection() as conn:
-                remembered = await idempotency.recall(conn, scope, request_id)
-            if remembered is not None:
-                return int(remembered["rolled_back"]), await self.get_status(execution_id)
+
+        async def replay(remembered: Mapping[str, Any]) -> tuple[int, ExecutionContext]:
+            return int(remembered["rolled_back"]), await self.get_status(execution_id)
 
         async def rollback() -> tuple[int, ExecutionContext]:
             count = await self._engine.rollback_execution(execution_id, actor)
             state = await self._persist(execution_id, remember=(scope, request_id, {"rolled_back": count}))
             return count, state
 
-        return await self._shielded(
-            self._with_lock(execution_id, lambda: self._op(execution_id, rollback, load=True)),
-            f"rollback-{execution_id}",
-        )
+        return await self._once(execution_id, scope, request_id, replay, rollback, f"rollback-{execution_id}")
+
+    async def _once(
+        self,
+        execution_id: str,
+        scope: str,
+        request_id: str,
+        replay: Callable[[Mapping[str, Any]], Awaitable[T]],
+        fn: Callable[[], Awaitable[T]],
+        name: str,
+    ) -> T:
+        """Run `fn` on the execution under its lock, unless the request id's answer is remembered: then
+        `replay` it. Checked before waiting for the lock (a plain retry) and again once it is held: a
+        retry that raced the first call (the client gave up waiting) found nothing at first, waited,
+        and then ran the next step, or failed because the first call had approved or rolled back."""
+
+        async def recalled() -> dict[str, Any] | None:
+            if not request_id:
+                return None
+            async with self._db.connection() as conn:
+                return await idempotency.recall(conn, scope, request_id)
+
+        remembered = await recalled()
+        if remembered is not None:
+            return await replay(remembered)
+
+        async def locked() -> T:
+            again = await recalled()
+            if again is not None:
+                return await replay(again)
+            return await self._op(execution_id, fn, load=True)
+
+        return await self._shielded(self._with_lock(execution_id, locked), name)
 
     # ---- executions: reads -------------------------------------------------------------------------
 

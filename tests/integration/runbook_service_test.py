@@ -352,6 +352,33 @@ async def test_start_is_idempotent_on_request_id_and_status_reads_as_of(
     assert await code_of(stubs.operator.GetExecutionStatus(early)) == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_retry_racing_the_first_call_gets_its_answer_and_does_nothing_more(
+    server: Any, channel_for: Any
+) -> None:
+    # A client that gave up waiting retries with the same request_id while the first call is still
+    # running. The retry checked the request id before waiting for the execution, found nothing yet,
+    # then ran the NEXT step (or failed: "not awaiting approval", "already rolled back").
+    stubs = Stubs(channel_for, server.port)
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=simple(approval=True, wait_s=0.3)))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="rb"))
+    eid = started.execution.execution_id
+
+    step_request = pb.ExecuteNextStepRequest(execution_id=eid, request_id="step-1")
+    answers = await asyncio.gather(*(stubs.operator.ExecuteNextStep(step_request) for _ in range(3)))
+    assert {a.step_status for a in answers} == {pb.STEP_STATUS_COMPLETED}
+    now = (await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=eid))).execution
+    assert [s.status for s in now.steps] == [pb.STEP_STATUS_COMPLETED, pb.STEP_STATUS_PENDING, pb.STEP_STATUS_PENDING]
+
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=eid))  # the gate
+    approve = pb.ApproveStepRequest(execution_id=eid, step_id="two", request_id="approve-1")
+    approvals = await asyncio.gather(*(stubs.approver.ApproveStep(approve) for _ in range(3)))
+    assert {steps_by_id(a.execution)["two"].approved_by for a in approvals} == {"approver"}
+
+    rollback = pb.RollbackExecutionRequest(execution_id=eid, request_id="rollback-1")
+    rollbacks = await asyncio.gather(*(stubs.operator.RollbackExecution(rollback) for _ in range(3)))
+    assert {r.execution.status for r in rollbacks} == {pb.RUNBOOK_STATUS_ROLLED_BACK}
+
+
 async def test_a_request_id_reused_for_another_target_is_another_request(
     server: Any, channel_for: Any, db: Database
 ) -> None:
