@@ -499,6 +499,7 @@ class CapacityService:
         if violations:
             raise ValidationError(violations)
         async with self._db.transaction() as conn:
+            await idempotency.lock(conn, _mission_scope(entry), request_id)
             earlier = await idempotency.recall(conn, _mission_scope(entry), request_id)
             if earlier is not None:
                 return _mission_from_json(earlier)
@@ -516,6 +517,7 @@ class CapacityService:
             raise ValidationError.single("mission_id", problem)
         scope = f"{_SCOPE_DELETE_MISSION}.{mission_id}"
         async with self._db.transaction() as conn:
+            await idempotency.lock(conn, scope, request_id)
             earlier = await idempotency.recall(conn, scope, request_id)
             if earlier is not None:
                 return _mission_from_json(earlier)

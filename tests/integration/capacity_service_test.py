@@ -7,6 +7,7 @@ services; `capacity_flow_test.py` runs the full server.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -357,6 +358,36 @@ async def test_missions_validate_replace_by_id_and_replay_by_request_id(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.DeleteScheduledMission(pb.DeleteScheduledMissionRequest(mission_id=""))
     assert set(violations(caught.value)) == {"mission_id"}
+
+
+async def test_a_mission_retry_racing_the_first_call_gets_its_answer(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    # Retries that overlap the first call (a client that gave up waiting): the retries of a delete
+    # found no answer yet, waited for the row, and then found no mission: NOT_FOUND for a delete
+    # that succeeded. A retried add with another payload could overwrite the first one.
+    start = datetime.now(UTC) + timedelta(days=1)
+    mission = pb.ScheduledMission(
+        mission_id="burn-r", satellite_id="SAT-R", resource_impacts=[pb.ResourceImpact(resource_type=FUEL, amount=5.0)]
+    )
+    mission.start_time.FromDatetime(start)
+    mission.end_time.FromDatetime(start + timedelta(hours=1))
+    changed = pb.ScheduledMission()
+    changed.CopyFrom(mission)
+    changed.resource_impacts[0].amount = 99.0
+    adds = await asyncio.gather(
+        *(
+            stub.AddScheduledMission(pb.AddScheduledMissionRequest(mission=m, request_id="add-r"))
+            for m in [mission] * 4 + [changed] * 4
+        )
+    )
+    assert len({a.mission.resource_impacts[0].amount for a in adds}) == 1, "every retry answers as the first call"
+    stored = await db.fetchval("SELECT count(*) FROM capacity_missions WHERE mission_id = 'burn-r'")
+    assert stored == 1
+    delete = pb.DeleteScheduledMissionRequest(mission_id="burn-r", request_id="del-r")
+    deleted = await asyncio.gather(*(stub.DeleteScheduledMission(delete) for _ in range(8)))
+    assert {d.mission.mission_id for d in deleted} == {"burn-r"}
+    assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 0
 
 
 async def test_critical_forecasts_page_through_in_urgency_order(
