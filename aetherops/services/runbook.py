@@ -571,6 +571,8 @@ class RunbookService:
             raise ValidationError(problems)
         scope = f"runbook.register.{runbook.runbook_id}"  # per runbook: another runbook is another request
         async with self._db.transaction() as conn:
+            # A retry racing the first call waits for it, then answers as it did (created included).
+            await idempotency.lock(conn, scope, request_id)
             remembered = await idempotency.recall(conn, scope, request_id)
             if remembered is not None:
                 row = await repo.get_runbook(conn, remembered["runbook_id"], remembered["version"])

@@ -378,6 +378,13 @@ async def test_a_retry_racing_the_first_call_gets_its_answer_and_does_nothing_mo
     rollbacks = await asyncio.gather(*(stubs.operator.RollbackExecution(rollback) for _ in range(3)))
     assert {r.execution.status for r in rollbacks} == {pb.RUNBOOK_STATUS_ROLLED_BACK}
 
+    # RegisterRunbook: a racing retry said created=false (it found the first call's version).
+    changed = simple("rb")
+    changed.description = "v2"
+    register = pb.RegisterRunbookRequest(runbook=changed, request_id="register-1")
+    registered = await asyncio.gather(*(stubs.admin.RegisterRunbook(register) for _ in range(4)))
+    assert {(r.runbook.version, r.created) for r in registered} == {(2, True)}
+
 
 async def test_a_request_id_reused_for_another_target_is_another_request(
     server: Any, channel_for: Any, db: Database
