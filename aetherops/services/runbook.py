@@ -860,18 +860,15 @@ class RunbookService:
         """Stop a running execution where it is, without rolling back (see `RunbookEngine.cancel_execution`)."""
         _require(execution_id, "execution_id")
         scope = f"runbook.cancel.{execution_id}"
-        if request_id:
-            async with self._db.connection() as conn:
-                if await idempotency.recall(conn, scope, request_id) is not None:
-                    return await self.get_status(execution_id)
+
+        async def replay(remembered: Mapping[str, Any]) -> ExecutionContext:
+            return await self.get_status(execution_id)
 
         async def cancel() -> ExecutionContext:
             await self._engine.cancel_execution(execution_id, actor, reason)
             return await self._persist(execution_id, remember=(scope, request_id, {}))
 
-        return await self._shielded(
-            self._with_lock(execution_id, lambda: self._op(execution_id, cancel, load=True)), f"cancel-{execution_id}"
-        )
+        return await self._once(execution_id, scope, request_id, replay, cancel, f"cancel-{execution_id}")
 
     async def rollback_execution(
         self, execution_id: str, *, actor: str = "system", request_id: str = ""

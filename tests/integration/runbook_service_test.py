@@ -378,6 +378,12 @@ async def test_a_retry_racing_the_first_call_gets_its_answer_and_does_nothing_mo
     rollbacks = await asyncio.gather(*(stubs.operator.RollbackExecution(rollback) for _ in range(3)))
     assert {r.execution.status for r in rollbacks} == {pb.RUNBOOK_STATUS_ROLLED_BACK}
 
+    # CancelExecution the same: racing retries all get the first call's answer, none "not running".
+    other = (await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="rb"))).execution.execution_id
+    cancel = pb.CancelExecutionRequest(execution_id=other, request_id="cancel-1")
+    cancels = await asyncio.gather(*(stubs.operator.CancelExecution(cancel) for _ in range(3)))
+    assert {c.execution.status for c in cancels} == {pb.RUNBOOK_STATUS_CANCELLED}
+
     # RegisterRunbook: a racing retry said created=false (it found the first call's version).
     changed = simple("rb")
     changed.description = "v2"
