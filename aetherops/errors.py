@@ -75,5 +75,9 @@ class UnavailableError(AetherOpsError):
     """A dependency (database, NATS, an agent) cannot be reached right now."""
 
 
+WATCH_ENDED_BY_SHUTDOWN = "the server is shutting down: watch again (another replica, or this one once it is back)"
+"""The UnavailableError a watch stream ends with when the server stops (see `Component.end_streams`)."""
+
+
 class ConfigError(AetherOpsError):
     """A setting has an invalid value; the message names the setting."""

@@ -7,8 +7,8 @@ report SERVING. A monitor keeps health honest while the process runs.
 With a Redis URL, the health service name `aetherops.ratelimit` reports the rate limits: SERVING while
 they are shared through Redis, NOT_SERVING while Redis is unreachable and each process limits on its own.
 The business services stay SERVING then (calls keep working on local limits).
-Shutdown (SIGTERM/SIGINT): health NOT_SERVING, in-flight RPCs get the grace
-period, then components, relay, pools and embedded servers stop.
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, watch streams end (UNAVAILABLE: watch again), in-flight
+RPCs get the grace period, then components, relay, pools and embedded servers stop.
 """
 
 from __future__ import annotations
@@ -272,6 +272,8 @@ class Application:
             return
         self._stopping = True
         await self._health.enter_graceful_shutdown()
+        for component in self._components:
+            component.end_streams()
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
         await cancel_and_wait(*self._tasks)

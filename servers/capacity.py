@@ -530,6 +530,9 @@ class CapacityComponent:
         """The server's clock (the injected one once started)."""
         return self.infra.clock.now() if self.infra is not None else datetime.now(UTC)
 
+    def end_streams(self) -> None:
+        """Capacity has no watch streams."""
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
         capacity_pb2_grpc.add_CapacityServiceServicer_to_server(self.servicer, server)
 

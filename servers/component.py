@@ -43,6 +43,12 @@ class Component(Protocol):
 
     async def stop(self) -> None: ...
 
+    def end_streams(self) -> None:
+        """Shutdown has begun: end the component's watch streams (UNAVAILABLE, `WATCH_ENDED_BY_SHUTDOWN`)
+        and take no new ones. Called before the grace period, which in-flight calls get to finish: a
+        watch never finishes, and an open one held every SIGTERM for the whole grace period."""
+        ...
+
 
 GaugeSample = tuple[str, str, dict[str, str], float]
 """(metric name, help, labels, value), as servers.metrics takes them."""

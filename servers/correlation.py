@@ -25,7 +25,13 @@ from aetherops.clock import Clock
 from aetherops.config import Settings
 from aetherops.correlation import Alert, CorrelationEngine
 from aetherops.db.correlation import ClusterRecord, StoredAlert
-from aetherops.errors import AlreadyExistsError, FieldViolation, ValidationError
+from aetherops.errors import (
+    WATCH_ENDED_BY_SHUTDOWN,
+    AlreadyExistsError,
+    FieldViolation,
+    UnavailableError,
+    ValidationError,
+)
 from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
 from aetherops.subsystems import load_dependency_graph
 from aetherops.tasks import cancel_and_wait
@@ -435,7 +441,10 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         await feed.add(watcher)
         try:
             while True:
-                event_type, status, event = await watcher.queue.get()
+                item = await watcher.queue.get()
+                if item is None:
+                    raise UnavailableError(WATCH_ENDED_BY_SHUTDOWN)
+                event_type, status, event = item
                 missed, watcher.dropped = watcher.dropped, 0
                 yield pb.WatchClustersResponse(
                     event_type=event_type,
@@ -541,6 +550,10 @@ class CorrelationComponent:
             # A malformed alert will never become valid, nor will a taken id become free: log it
             # and let it be acknowledged.
             log.warning("rejected alert from NATS: %s", exc)
+
+    def end_streams(self) -> None:
+        if self.feed is not None:
+            self.feed.end_streams()
 
     async def stop(self) -> None:
         if self.feed is not None:

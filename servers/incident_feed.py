@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from aetherops.bus import Bus
+from aetherops.errors import WATCH_ENDED_BY_SHUTDOWN, UnavailableError
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.events.v1 import events_pb2
 
@@ -54,8 +55,16 @@ class Watcher:
     event_types: frozenset[int]
     satellite_ids: frozenset[str]
     min_severity: int
-    queue: asyncio.Queue[WatchItem] = field(default_factory=lambda: asyncio.Queue(maxsize=1024))
+    # None: the server is shutting down (see `IncidentFeed.end_streams`).
+    queue: asyncio.Queue[WatchItem | None] = field(default_factory=lambda: asyncio.Queue(maxsize=1024))
     dropped: int = 0  # wanted events lost since the last one delivered
+
+    def end(self) -> None:
+        """Tell the stream the server is shutting down (ahead of one queued event, if the queue is full:
+        the stream ends anyway, and that news matters more)."""
+        if self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
 
     def wants(self, event_type: int, incident: events_pb2.Incident) -> bool:
         if self.event_types and event_type not in self.event_types:
@@ -80,8 +89,11 @@ class IncidentFeed:
         self._watchers: set[Watcher] = set()
         self._sub: Subscription | None = None
         self._lock = asyncio.Lock()  # subscribing and unsubscribing await: one at a time
+        self._ending = False
 
     async def add(self, watcher: Watcher) -> None:
+        if self._ending:
+            raise UnavailableError(WATCH_ENDED_BY_SHUTDOWN)
         async with self._lock:
             if self._sub is None:
                 self._sub = await self._bus.nc.subscribe(self._bus.subjects.incidents("*"), cb=self._on_message)
@@ -96,6 +108,12 @@ class IncidentFeed:
                 sub, self._sub = self._sub, None
                 with contextlib.suppress(Exception):  # the connection may be closing already
                     await sub.unsubscribe()
+
+    def end_streams(self) -> None:
+        """Shutdown has begun: every watcher is told, and no new one is taken."""
+        self._ending = True
+        for watcher in self._watchers:
+            watcher.end()
 
     async def close(self) -> None:
         async with self._lock:

@@ -474,6 +474,10 @@ class RunbookComponent:
     def add_to_server(self, server: grpc.aio.Server) -> None:
         runbook_pb2_grpc.add_RunbookServiceServicer_to_server(self.servicer, server)
 
+    def end_streams(self) -> None:
+        if self.service is not None:
+            self.service.end_watches()
+
     def gauges(self) -> list[GaugeSample]:
         if self.service is None:
             return []

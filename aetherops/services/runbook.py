@@ -66,10 +66,12 @@ from aetherops.clock import Clock
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import runbook as repo
 from aetherops.errors import (
+    WATCH_ENDED_BY_SHUTDOWN,
     AlreadyExistsError,
     ConflictError,
     FieldViolation,
     NotFoundError,
+    UnavailableError,
     ValidationError,
 )
 from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token, time_and_id
@@ -358,6 +360,7 @@ class RunbookService:
         self._deferred: set[str] = set()  # unfinished executions whose load waits for a step lease
         self._gates: dict[str, datetime] = {}  # execution -> approval expiry
         self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._watches_ending = False  # shutdown has begun (see `end_watches`)
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -987,6 +990,8 @@ class RunbookService:
         try:
             last = 0
             while True:
+                if self._watches_ending:
+                    raise UnavailableError(WATCH_ENDED_BY_SHUTDOWN)
                 wake.clear()
                 runbook, events = await self._read(execution_id)
                 # The first answer is the current state; after that, one answer per new transition.
@@ -1008,6 +1013,13 @@ class RunbookService:
                 waiting.discard(wake)
                 if not waiting:
                     del self._watchers[execution_id]
+
+    def end_watches(self) -> None:
+        """Shutdown has begun: every watch ends (UNAVAILABLE) at its next turn, and no new one starts."""
+        self._watches_ending = True
+        for waiting in self._watchers.values():
+            for wake in waiting:
+                wake.set()
 
     def notify(self, execution_id: str) -> None:
         """Something committed a transition of the execution (here, or another replica via NATS)."""

@@ -392,6 +392,9 @@ class _SlowComponent:
 
         self.servicer = Servicer()
 
+    def end_streams(self) -> None:
+        """No watch streams."""
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
         correlation_pb2_grpc.add_CorrelationServiceServicer_to_server(self.servicer, server)
 
@@ -489,6 +492,45 @@ async def test_graceful_shutdown_lets_in_flight_rpc_finish(settings: Settings, c
         reply = await asyncio.wait_for(call, 5)
         assert reply.cluster.cluster_id == "c-1"
         await asyncio.wait_for(stopping, 10)
+
+
+async def test_shutdown_ends_watch_streams_at_once_instead_of_waiting_out_the_grace(
+    app_factory: Any, channel_for: Any
+) -> None:
+    from gen.aetherops.runbook.v1 import runbook_pb2, runbook_pb2_grpc
+
+    # A watch never finishes by itself: each open one held SIGTERM for the whole grace period, and
+    # its client then got "Cancelling all calls". A grace longer than the bounds below shows it.
+    app = await app_factory(shutdown_grace_s=120.0)
+    async with channel_for("admin", app.port) as chan:
+        runbooks = runbook_pb2_grpc.RunbookServiceStub(chan)
+        steps = [runbook_pb2.RunbookStep(step_id="s", action="log", requires_approval=True)]
+        steps[0].parameters.update({"message": "x"})
+        await runbooks.RegisterRunbook(
+            runbook_pb2.RegisterRunbookRequest(runbook=runbook_pb2.Runbook(runbook_id="w", name="W", steps=steps))
+        )
+        started = await runbooks.StartExecution(runbook_pb2.StartExecutionRequest(runbook_id="w"))
+        execution_watch = runbooks.WatchExecution(
+            runbook_pb2.WatchExecutionRequest(execution_id=started.execution.execution_id)
+        )
+        await asyncio.wait_for(execution_watch.read(), 10)  # the current state: the watch is in place
+        cluster_watch = correlation_pb2_grpc.CorrelationServiceStub(chan).WatchClusters(
+            correlation_pb2.WatchClustersRequest()
+        )
+        feed = next(c for c in app.components if c.name == "correlation").feed
+
+        async def watching() -> bool:
+            return bool(feed._watchers)
+
+        await eventually(watching, what="the cluster watch to be registered")
+
+        stopping = asyncio.create_task(app.stop())
+        for watch in (execution_watch, cluster_watch):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(watch.read(), 30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down: watch again" in (err.value.details() or "")
+        await asyncio.wait_for(stopping, 30)
 
 
 async def test_tracking_id_is_echoed_in_the_trailing_metadata(channel: grpc.aio.Channel) -> None:
