@@ -326,6 +326,10 @@ async def _serve(settings: Settings) -> int:
 
 EXIT_OK, EXIT_RPC, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports a process it interrupted
+# The call worked, but what it ran did not: a step that failed, a rollback left incomplete, a watched
+# execution that ended other than COMPLETED. Apart from 1 so a script can tell "the server refused"
+# from "the remediation failed", and stop a chain of steps (`step && step`) at the failure.
+EXIT_NOT_COMPLETED = 3
 
 
 def _add_operator_commands(sub: Any) -> None:
@@ -1080,11 +1084,11 @@ def _runbooks_step(client: Any, args: argparse.Namespace) -> int:
         body = _to_dict(reply)
         body["step_id"] = step.step_id if step is not None else None
         _emit(body)
-        return EXIT_OK
+        return EXIT_NOT_COMPLETED if reply.step_status == runbook_pb2.STEP_STATUS_FAILED else EXIT_OK
     status = _enum(runbook_pb2.StepStatus, reply.step_status, "STEP_STATUS_")
     print(f"step {step.step_id}: {status}" if step is not None else f"step: {status}")
     _print_execution(reply.execution)
-    return EXIT_OK
+    return EXIT_NOT_COMPLETED if reply.step_status == runbook_pb2.STEP_STATUS_FAILED else EXIT_OK
 
 
 def _runbooks_cancel(client: Any, args: argparse.Namespace) -> int:
@@ -1097,15 +1101,19 @@ def _runbooks_cancel(client: Any, args: argparse.Namespace) -> int:
 
 
 def _runbooks_rollback(client: Any, args: argparse.Namespace) -> int:
+    from gen.aetherops.runbook.v1 import runbook_pb2
+
     reply = client.rollback_execution(args.execution_id)
+    # A rollback action that failed leaves the execution FAILED ("rollback incomplete").
+    code = EXIT_OK if reply.execution.status == runbook_pb2.RUNBOOK_STATUS_ROLLED_BACK else EXIT_NOT_COMPLETED
     if args.json:
         body = _to_dict(reply)
         body.setdefault("rolled_back_count", 0)  # proto3 JSON leaves a zero out
         _emit(body)
-        return EXIT_OK
+        return code
     print(f"rolled back {reply.rolled_back_count} step(s)")
     _print_execution(reply.execution)
-    return EXIT_OK
+    return code
 
 
 def _runbooks_status(client: Any, args: argparse.Namespace) -> int:
@@ -1167,8 +1175,9 @@ def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
 def _runbooks_watch(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.runbook.v1 import runbook_pb2
 
+    last = None
     for update in client.watch_execution(args.execution_id):
-        execution = update.execution
+        execution = last = update.execution
         if args.json:
             print(json.dumps(_to_dict(update), sort_keys=True), flush=True)  # one JSON object per line
             continue
@@ -1179,7 +1188,7 @@ def _runbooks_watch(client: Any, args: argparse.Namespace) -> int:
         )
         status = _enum(runbook_pb2.RunbookStatus, execution.status, "RUNBOOK_STATUS_")
         print(f"{update.transition:<20} {status:<12} next step: {step.step_id if step else '-'}", flush=True)
-    return EXIT_OK
+    return EXIT_NOT_COMPLETED if last is not None and last.status != runbook_pb2.RUNBOOK_STATUS_COMPLETED else EXIT_OK
 
 
 # -- trace

@@ -397,6 +397,27 @@ async def test_runbooks_step_and_rollback(cli: Any, tmp_path: Path) -> None:
     assert finished.code == 1 and "FAILED_PRECONDITION" in finished.err and "tracking id" in finished.err
 
 
+async def test_runbooks_that_do_not_complete_exit_3(cli: Any, tmp_path: Path) -> None:
+    # The call worked but the remediation did not: a script must see it (`step && step` stops).
+    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "runbook.yaml"
+    path.write_text(
+        f"runbook_id: {runbook_id}\n"
+        "name: A step that runs out of time\n"
+        "steps:\n"
+        "  - {step_id: slow, action: wait, parameters: {seconds: 30}, timeout: 0.2s}\n"
+    )
+    assert (await cli("runbooks", "register", str(path))).code == 0
+    execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
+    failed = await cli("runbooks", "step", execution_id)
+    assert failed.code == 3, failed.err
+    assert failed.out.splitlines()[0] == "step slow: FAILED"
+    watched = await cli("runbooks", "watch", execution_id)  # it has finished: the watch ends at once
+    assert watched.code == 3 and "FAILED" in watched.out
+    rolled = await cli("runbooks", "rollback", execution_id)  # nothing to undo: that is a complete rollback
+    assert rolled.code == 0 and "ROLLED_BACK" in rolled.out
+
+
 async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
     runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "runbook.yaml"
