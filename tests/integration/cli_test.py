@@ -397,18 +397,24 @@ async def test_runbooks_step_and_rollback(cli: Any, tmp_path: Path) -> None:
     assert finished.code == 1 and "FAILED_PRECONDITION" in finished.err and "tracking id" in finished.err
 
 
-async def test_runbooks_that_do_not_complete_exit_3(cli: Any, tmp_path: Path) -> None:
-    # The call worked but the remediation did not: a script must see it (`step && step` stops).
+async def _started(cli: Any, tmp_path: Path, name: str, steps: str) -> tuple[str, str]:
+    """A runbook (its steps as YAML lines) registered and started by hand: (runbook id, execution id)."""
     runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "runbook.yaml"
-    path.write_text(
-        f"runbook_id: {runbook_id}\n"
-        "name: A step that runs out of time\n"
-        "steps:\n"
-        "  - {step_id: slow, action: wait, parameters: {seconds: 30}, timeout: 0.2s}\n"
-    )
+    path.write_text(f"runbook_id: {runbook_id}\nname: {name}\nsteps:\n{steps}")
     assert (await cli("runbooks", "register", str(path))).code == 0
-    execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
+    started = await cli("runbooks", "start", runbook_id, "--json")
+    return runbook_id, started.json()["execution"]["execution_id"]
+
+
+async def test_runbooks_that_do_not_complete_exit_3(cli: Any, tmp_path: Path) -> None:
+    # The call worked but the remediation did not: a script must see it (`step && step` stops).
+    _, execution_id = await _started(
+        cli,
+        tmp_path,
+        "A step that runs out of time",
+        "  - {step_id: slow, action: wait, parameters: {seconds: 30}, timeout: 0.2s}\n",
+    )
     failed = await cli("runbooks", "step", execution_id)
     assert failed.code == 3, failed.err
     assert failed.out.splitlines()[0] == "step slow: FAILED"
@@ -419,19 +425,12 @@ async def test_runbooks_that_do_not_complete_exit_3(cli: Any, tmp_path: Path) ->
 
 
 async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
-    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
-    path = tmp_path / "runbook.yaml"
-    path.write_text(
-        f"runbook_id: {runbook_id}\n"
-        "name: Switch the bus after a second look\n"
-        "steps:\n"
-        "  - step_id: switch\n"
-        "    action: log\n"
-        "    parameters: {message: switching to bus B}\n"
-        "    requires_approval: true\n"
+    runbook_id, execution_id = await _started(
+        cli,
+        tmp_path,
+        "Switch the bus after a second look",
+        "  - {step_id: switch, action: log, parameters: {message: switching to bus B}, requires_approval: true}\n",
     )
-    assert (await cli("runbooks", "register", str(path))).code == 0
-    execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
     assert (await cli("runbooks", "step", execution_id)).code == 0  # now awaiting approval
 
     # The approver's queue: running executions, with the step each waits at.
@@ -455,16 +454,12 @@ async def test_runbooks_reject(cli: Any, tmp_path: Path) -> None:
 
 
 async def test_runbooks_cancel(cli: Any, tmp_path: Path) -> None:
-    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
-    path = tmp_path / "runbook.yaml"
-    path.write_text(
-        f"runbook_id: {runbook_id}\n"
-        "name: Switch the bus, unless the fault clears\n"
-        "steps:\n"
-        "  - {step_id: switch, action: log, parameters: {message: switching}, requires_approval: true}\n"
+    runbook_id, execution_id = await _started(
+        cli,
+        tmp_path,
+        "Switch the bus, unless the fault clears",
+        "  - {step_id: switch, action: log, parameters: {message: switching}, requires_approval: true}\n",
     )
-    assert (await cli("runbooks", "register", str(path))).code == 0
-    execution_id = (await cli("runbooks", "start", runbook_id, "--json")).json()["execution"]["execution_id"]
     assert (await cli("runbooks", "step", execution_id)).code == 0  # awaiting approval
 
     cancelled = await cli("runbooks", "cancel", execution_id, "--reason", "the fault cleared")
