@@ -483,8 +483,7 @@ def _add_operator_commands(sub: Any) -> None:
     forecast.add_argument(
         "--history-days",
         type=_positive_float,
-        default=90.0,
-        help="days of stored history the chart shows (default 90)",
+        help="days of stored history the chart shows (default 90; only with --plot)",
     )
 
     missions = capacity.add_parser(
@@ -1129,11 +1128,7 @@ def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.runbook.v1 import runbook_pb2
 
     running = runbook_pb2.RUNBOOK_STATUS_RUNNING
-    status = (
-        runbook_pb2.RunbookStatus.Value(f"RUNBOOK_STATUS_{args.status.upper()}")
-        if args.status
-        else runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED
-    )
+    status = args.status or runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED
     found = []
     for execution in client.iter_executions(incident_id=args.incident, runbook_id=args.runbook, status=status):
         found.append(execution)
@@ -1434,6 +1429,8 @@ def _capacity_delete_mission(client: Any, args: argparse.Namespace) -> int:
 def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.capacity.v1 import capacity_pb2
 
+    if args.history_days is not None and args.plot is None:
+        raise _UsageError("--history-days sets what the chart shows: it needs --plot")
     try:
         reply = client.forecast_exhaustion(args.satellite_id, args.resource)
     except ValueError as exc:
@@ -1448,7 +1445,7 @@ def _capacity_forecast(client: Any, args: argparse.Namespace) -> int:
     history: list[tuple[datetime, float]] = []
     missions: list[MissionSpan] = []
     if args.plot is not None:
-        history = _fetch_history(client, forecast, days=args.history_days)
+        history = _fetch_history(client, forecast, days=args.history_days or 90.0)
         missions = _fetch_missions(client, forecast, since=history[0][0] if history else datetime.now(UTC))
         _plot_forecast(plot_series(forecast, history, datetime.now(UTC), missions), forecast, args.plot)
     if args.json:

@@ -70,18 +70,32 @@ def struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
     return result
 
 
+def _enum_number(enum: Any, prefix: str, value: int | str, what: str) -> int:
+    """An enum number from its number, full name (PREFIX_NAME) or short name (name, any case)."""
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper()
+    if not name.startswith(prefix):
+        name = prefix + name
+    try:
+        return int(enum.Value(name))
+    except ValueError:
+        known = ", ".join(n.removeprefix(prefix).lower() for n in enum.keys()[1:])
+        raise ValueError(f"unknown {what} {value!r} (one of {known})") from None
+
+
 def resource_type(value: int | str) -> capacity_pb2.ResourceType.ValueType:
     """A ResourceType number from its number, full name (RESOURCE_TYPE_FUEL) or short name (fuel)."""
-    if isinstance(value, int):
-        return capacity_pb2.ResourceType.ValueType(value)
-    name = value.strip().upper()
-    if not name.startswith("RESOURCE_TYPE_"):
-        name = "RESOURCE_TYPE_" + name
-    try:
-        return capacity_pb2.ResourceType.Value(name)
-    except ValueError:
-        known = ", ".join(n.removeprefix("RESOURCE_TYPE_").lower() for n in capacity_pb2.ResourceType.keys()[1:])
-        raise ValueError(f"unknown resource type {value!r} (one of {known})") from None
+    return capacity_pb2.ResourceType.ValueType(
+        _enum_number(capacity_pb2.ResourceType, "RESOURCE_TYPE_", value, "resource type")
+    )
+
+
+def runbook_status(value: int | str) -> runbook_pb2.RunbookStatus.ValueType:
+    """A RunbookStatus number from its number, full name (RUNBOOK_STATUS_RUNNING) or short name (running)."""
+    return runbook_pb2.RunbookStatus.ValueType(
+        _enum_number(runbook_pb2.RunbookStatus, "RUNBOOK_STATUS_", value, "status")
+    )
 
 
 def alert(

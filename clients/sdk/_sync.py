@@ -472,7 +472,7 @@ class SyncAetherOpsClient:
         by_tracking_id: str = "",
         incident_id: str = "",
         runbook_id: str = "",
-        status: runbook_pb2.RunbookStatus.ValueType = runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED,
+        status: int | str = runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
@@ -481,14 +481,15 @@ class SyncAetherOpsClient:
         """Executions, newest start first (index fields only: GetExecutionStatus has steps and audit).
 
         `by_tracking_id` filters (executions started under it or changed by a request under it);
-        `tracking_id`, as everywhere, is the one this call itself is sent under."""
+        `status` takes the enum's number or name ("running", "RUNBOOK_STATUS_RUNNING"); `tracking_id`,
+        as everywhere, is the one this call itself is sent under."""
         request = runbook_pb2.ListExecutionsRequest(
             page_size=page_size,
             page_token=page_token,
             tracking_id=by_tracking_id,
             incident_id=incident_id,
             runbook_id=runbook_id,
-            status=status,
+            status=build.runbook_status(status),
         )
         return self._unary(
             self.runbook.ListExecutions, request, runbook_pb2.ListExecutionsResponse, timeout, tracking_id
@@ -500,7 +501,7 @@ class SyncAetherOpsClient:
         by_tracking_id: str = "",
         incident_id: str = "",
         runbook_id: str = "",
-        status: runbook_pb2.RunbookStatus.ValueType = runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED,
+        status: int | str = runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED,
         page_size: int = 0,
     ) -> Iterator[runbook_pb2.Execution]:
         """Every matching execution, following next_page_token."""

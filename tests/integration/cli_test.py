@@ -512,6 +512,9 @@ async def test_numeric_options_out_of_range_are_usage_errors(cli: Any) -> None:
         assert result.code == 2, (args, result.out, result.err)
         assert result.out == "" and "error: argument --" in result.err, args
     assert (await cli("clusters", "list", "--limit", "0")).code == 0  # 0: all
+    # An option that only shapes the chart is refused without it, not silently ignored.
+    unplotted = await cli("capacity", "forecast", "SAT-1", "fuel", "--history-days", "30")
+    assert unplotted.code == 2 and "needs --plot" in unplotted.err
 
 
 async def test_output_closed_early_exits_quietly(cli: Any, server: Any, tokens: dict[str, str], tmp_path: Path) -> None:

@@ -248,6 +248,23 @@ def test_mutations_get_a_request_id_unless_given(
     future.result()
 
 
+def test_execution_status_filters_take_names_as_resources_do(
+    client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
+) -> None:
+    for given, expected in (
+        ("running", runbook_pb2.RUNBOOK_STATUS_RUNNING),
+        ("RUNBOOK_STATUS_CANCELLED", runbook_pb2.RUNBOOK_STATUS_CANCELLED),
+        (runbook_pb2.RUNBOOK_STATUS_FAILED, runbook_pb2.RUNBOOK_STATUS_FAILED),
+    ):
+        future = _run(pool, lambda given=given: client.list_executions(status=given))
+        _, request, rpc = channel.inner.take_unary_unary(RUNBOOK.methods_by_name["ListExecutions"])
+        assert request.status == expected
+        rpc.terminate(runbook_pb2.ListExecutionsResponse(), (), grpc.StatusCode.OK, "")
+        future.result()
+    with pytest.raises(ValueError, match="unknown status 'runing'"):
+        client.list_executions(status="runing")
+
+
 def test_bulk_ingest_streams_every_alert(
     client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
 ) -> None:
