@@ -14,8 +14,8 @@ and window ``W`` (``time_window_s``)::
     severity   = 0.1 * (sev_a + sev_b) / 10              in [0.02, 0.1]
     total      = clamp(time + satellite + dependency + severity, 0, 1), and 0 if dt >= W
 
-An alert joins the open, *active* cluster (last alert within ``W`` of the engine clock) with the
-best score >= ``score_threshold`` (default 0.5), where a cluster's score is the *maximum* pairwise
+An alert joins the open cluster in memory with the best score >= ``score_threshold`` (default 0.5),
+where a cluster's score is the *maximum* pairwise
 score against its candidate alerts: one related alert is enough evidence for a cascade, while sums
 or means would favour big clusters or penalise diverse ones. Clusters are never merged: an alert
 that relates to two clusters joins the better one. Duplicates (below) are checked first. The
@@ -30,7 +30,7 @@ default threshold gives:
   SAT-1 and payload on SAT-9 within ~3 minutes), as the dependency term does not look at satellites.
 
 Deduplication: an alert with the satellite and subsystem (aliases resolved) of an alert in an
-active open cluster, within ``dedupe_window_s`` (60 s) of it and of no higher severity, is counted
+open cluster in memory, within ``dedupe_window_s`` (60 s) of it and of no higher severity, is counted
 on that cluster (`duplicate_count`) instead of being added. The reference is the last alert *kept*,
 so a steady repeat every 30 s yields one kept alert per minute. An escalation (a higher severity)
 is always kept: it raises the cluster's severity, which watchers and runbook triggers match on.
@@ -53,6 +53,12 @@ Within a cluster, the candidates are the latest alert per (satellite, subsystem)
 latest alert per known subsystem (late alerts compare with the nearer of the two). Clusters whose
 last alert fell out of the window are dropped from memory by a bucketed sweep during `ingest`
 (`expire` does it on demand); they stay OPEN in the database, and their alert ids are forgotten.
+
+Late alerts: a satellite out of contact logs its alerts and downlinks them at the next pass, hours
+later. Such a batch correlates among itself as it would have live: the scores compare alert times,
+not the clock, and a cluster that takes an alert already older than the window stays in memory
+for a window after that arrival (`IncidentCluster._late_touch`), for the rest of its batch. It is
+not *active* (`get_active_clusters`: last alert within ``W`` of the clock) for that.
 """
 
 from __future__ import annotations
@@ -339,6 +345,13 @@ def _epoch_of(alert: Alert) -> float:
     return alert.epoch
 
 
+def _kept_until(c: IncidentCluster) -> float:
+    """What keeps a cluster in memory for another window: its last alert, or the arrival (engine clock)
+    of its last late alert, whichever is later."""
+    last, late = c._last_epoch, c._late_touch
+    return last if last >= late else late
+
+
 class _Slot:
     """One cluster's alerts on one satellite, as scoring candidates: the latest time and severity per
     subsystem.
@@ -403,6 +416,10 @@ class IncidentCluster:
     _root_rank: tuple[int, float, int, str] | None = field(default=None, repr=False)
     _root_alert: Alert | None = field(default=None, repr=False)
     _sorted_sats: tuple[str, ...] = field(default=(), repr=False)  # `satellites`, while as long as _slots
+    # Engine clock time of the last alert that was already older than the window when it came (a pass
+    # downlinking what the satellite logged out of contact): keeps the cluster in memory for its
+    # batch-mates (see `CorrelationEngine._sweep`). Untouched (-inf) for alerts that come in time.
+    _late_touch: float = field(default=-math.inf, repr=False)
 
     @classmethod
     def restore(
@@ -654,7 +671,7 @@ class CorrelationEngine:
         if now >= self._next_sweep:
             self._sweep(now, _SWEEP_BUDGET)
         w = self.time_window_s
-        horizon = now - w  # clusters whose last alert is older are no longer active
+        horizon = now - w  # an alert older than this came late (see `IncidentCluster._late_touch`)
         raw = alert.subsystem
         key = self._keys.get(raw)
         if key is None:
@@ -679,7 +696,9 @@ class CorrelationEngine:
                 older = slot.older
                 n += 1
                 c = slot.cluster
-                if not c._joinable or c._last_epoch < horizon:
+                # Not "last alert within the window of the clock": a late alert (a batch downlinked
+                # after a pass) belongs with its contemporaries. Each candidate's own time decides.
+                if not c._joinable:
                     continue
                 it = iter(slot.data)
                 for kb, tb, sb in zip(slot.keys, it, it, strict=False):
@@ -713,7 +732,7 @@ class CorrelationEngine:
                     if n >= MAX_CANDIDATE_CLUSTERS:
                         break
                     n += 1
-                    if not c._joinable or c._last_epoch < horizon:
+                    if not c._joinable:
                         continue
                     b = c._sub_last[j]
                     dt = t - b.epoch
@@ -731,7 +750,10 @@ class CorrelationEngine:
                         best_score, best, best_slot = s, c, None
 
         if best is None:
-            return self._open(alert, key, now_dt, head), True, None, False, False, True
+            late_touch = now if t < horizon else -math.inf
+            return self._open(alert, key, now_dt, head, late_touch), True, None, False, False, True
+        if t < horizon:
+            best._late_touch = now
         if best_slot is None:
             best_slot = best._slots.get(sat)
         # A satellite or a subsystem new to the cluster (the slot and the first-alert map say so).
@@ -808,7 +830,7 @@ class CorrelationEngine:
                     best = a
         return best
 
-    def _open(self, alert: Alert, key: _Key, now: datetime, head: _Slot | None) -> str:
+    def _open(self, alert: Alert, key: _Key, now: datetime, head: _Slot | None, late_touch: float) -> str:
         cid = self._new_id()
         if cid in self._clusters:
             raise AlreadyExistsError(f"id_factory returned cluster id {cid!r} twice")
@@ -822,6 +844,7 @@ class CorrelationEngine:
         self._clusters[cid] = c
         self._opened += 1
         c._joinable = True
+        c._late_touch = late_touch
         self._add(c, None, alert, key, head)
         self._register_bucket(c)
         return cid
@@ -918,8 +941,9 @@ class CorrelationEngine:
         return _RANK_NONE
 
     def _register_bucket(self, c: IncidentCluster) -> None:
-        """Files the cluster under the expiry bucket of its last alert (see `_sweep`)."""
-        bucket = int(c._last_epoch // self._bucket_width)
+        """Files the cluster under the expiry bucket of its last alert, or of its last late alert's
+        arrival when that is later (see `_sweep`)."""
+        bucket = int(_kept_until(c) // self._bucket_width)
         lst = self._buckets.get(bucket)
         if lst is None:
             lst = self._buckets[bucket] = []
@@ -1050,6 +1074,7 @@ class CorrelationEngine:
         c._first_epoch, c._last_epoch, c._max_sev, c._mask = math.inf, -math.inf, 0, 0
         c._sub_first, c._sub_last, c._slots, c._names, c._dups, c._sorted_sats = {}, {}, {}, (), None, ()
         c._root_rank = c._root_alert = None
+        c._late_touch = -math.inf
         c._joinable = c.status is ClusterStatus.OPEN
         self._clusters[c.cluster_id] = c
         for a in alerts:
@@ -1058,7 +1083,8 @@ class CorrelationEngine:
         self._update_root(c)
 
     def expire(self, now: datetime | None = None) -> list[str]:
-        """Drops clusters whose last alert is older than the window from memory; returns their ids.
+        """Drops clusters whose last alert is older than the window (and that took no late alert within
+        it) from memory; returns their ids.
 
         They are not closed (the database keeps them OPEN until someone closes them); they only stop
         being joinable. `ingest` runs this itself as time passes, so memory stays bounded.
@@ -1097,10 +1123,11 @@ class CorrelationEngine:
                     return dropped  # `_next_sweep` is still due: the next ingest goes on
                 examined += 1
                 c = filed.pop()
-                if c._last_epoch < horizon:
+                alive = _kept_until(c)
+                if alive < horizon:
                     self._drop(c)
                     dropped.append(c.cluster_id)
-                elif int(c._last_epoch // width) == b:  # b is the bucket the horizon cuts: still active
+                elif int(alive // width) == b:  # b is the bucket the horizon cuts: still in memory
                     keep.append(c)
                 else:
                     self._register_bucket(c)  # a later bucket (pushed on the heap if it is new)

@@ -682,6 +682,35 @@ async def test_bulk_stream_reports_bad_alerts_and_ingests_the_rest(channel: grpc
     assert await db.fetchval("SELECT count(*) FROM alerts") == 19
 
 
+async def test_a_batch_downlinked_after_a_pass_is_one_incident(channel: grpc.aio.Channel) -> None:
+    # Logged on board out of contact, two hours ago, and downlinked together at the next pass.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(hours=2)
+    batch = [
+        _alert("SAT-DL", "thermal", t0),
+        _alert("SAT-DL", "power", t0 + timedelta(seconds=5), severity=5),
+        _alert("SAT-DL", "propulsion", t0 + timedelta(seconds=20)),
+    ]
+
+    async def requests() -> Any:
+        yield pb.IngestAlertsRequest(alerts=batch[:2])
+        yield pb.IngestAlertsRequest(alerts=batch[2:])
+
+    reply = await stub.IngestAlerts(requests())
+    assert (reply.accepted, reply.rejected) == (3, 0)
+    listed = await stub.ListAlerts(pb.ListAlertsRequest(cluster_id=(await _cluster_of(stub, batch[0])), page_size=10))
+    assert {a.alert.alert_id for a in listed.alerts} == {a.alert_id for a in batch}
+    root = await stub.IdentifyRootCause(pb.IdentifyRootCauseRequest(cluster_id=listed.alerts[0].cluster_id))
+    assert root.alert_id == batch[1].alert_id
+
+
+async def _cluster_of(stub: correlation_pb2_grpc.CorrelationServiceStub, alert: pb.Alert) -> str:
+    """The cluster an ingested alert is in (IngestAlert again answers the stored outcome: a replay)."""
+    again = await stub.IngestAlert(pb.IngestAlertRequest(alert=alert))
+    assert again.replay
+    return again.cluster_id
+
+
 async def test_bulk_stream_takes_batches_and_counts_indexes_across_messages(
     channel: grpc.aio.Channel, db: Database
 ) -> None:

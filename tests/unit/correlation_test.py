@@ -92,6 +92,26 @@ def test_alerts_outside_the_window_start_a_new_cluster() -> None:
     assert feed(engine, clock, alert("SAT-1", "propulsion", 350)) == ["C2"]
 
 
+def test_a_batch_downlinked_after_a_pass_correlates_as_it_would_have_live() -> None:
+    # SAT-1 was out of contact for two hours: its power fault and the fallout come down together at
+    # the next pass, long after the window. They are one incident, with the power alert the root, as
+    # they would have been live (each used to open an incident of its own).
+    engine, clock = make_engine(now=7200)
+    batch = [alert("SAT-1", "thermal", 0), alert("SAT-1", "power", 5, severity=5), alert("SAT-1", "propulsion", 20)]
+    ids = [engine.ingest(batch[0]), engine.ingest(batch[1])]
+    clock.advance(250)  # the pass goes on past sweeps: the batch's incident stays for the rest of it
+    engine.ingest(alert("SAT-9", "comms", 7450))  # a live alert elsewhere moves the sweep on
+    ids.append(engine.ingest(batch[2]))
+    assert ids == ["C1", "C1", "C1"]
+    assert engine.identify_root_cause("C1") == batch[1].alert_id
+    # Not active (its alerts are two hours old), and never joined by what happens now.
+    assert [c.cluster_id for c in engine.get_active_clusters()] == ["C2"]
+    assert engine.ingest(alert("SAT-1", "thermal", 7455)) == "C3"
+    # A window after the batch's last arrival it leaves memory like any other.
+    clock.advance(301)
+    assert "C1" in engine.expire()
+
+
 def test_window_is_configurable() -> None:
     engine, clock = make_engine(time_window_s=60)
     assert feed(engine, clock, alert("SAT-1", "power", 0), alert("SAT-1", "thermal", 61)) == ["C1", "C2"]
