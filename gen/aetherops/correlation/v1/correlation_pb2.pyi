@@ -133,8 +133,9 @@ class Alert(_message.Message):
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the condition was observed on board (UTC). Required; may be late or
-        out of order within the correlation window, but not more than the
-        configured skew in the future, nor before 2000-01-01 (a zeroed clock).
+        out of order (a batch logged out of contact and downlinked at the next
+        pass correlates among itself as it would have live), but not more than
+        the configured skew in the future, nor before 2000-01-01 (a zeroed clock).
         """
 
     @_builtins.property
