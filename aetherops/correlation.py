@@ -15,11 +15,10 @@ and window ``W`` (``time_window_s``)::
     total      = clamp(time + satellite + dependency + severity, 0, 1), and 0 if dt >= W
 
 An alert joins the open cluster in memory with the best score >= ``score_threshold`` (default 0.5),
-where a cluster's score is the *maximum* pairwise
-score against its candidate alerts: one related alert is enough evidence for a cascade, while sums
-or means would favour big clusters or penalise diverse ones. Clusters are never merged: an alert
-that relates to two clusters joins the better one. Duplicates (below) are checked first. The
-default threshold gives:
+where a cluster's score is the *maximum* pairwise score against its candidate alerts: one related
+alert is enough evidence for a cascade, while sums or means would favour big clusters or penalise
+diverse ones. Clusters are never merged: an alert that relates to two clusters joins the better
+one. Duplicates (below) are checked first. The default threshold gives:
 
 * power, then thermal/propulsion on one satellite: one cluster anywhere in the window (>= 0.68);
 * the same subsystem on several satellites: one cluster within 220 s (260 s at severity 3);
