@@ -332,6 +332,19 @@ async def test_runbooks_register_list_start_status(cli: Any, tmp_path: Path) -> 
     assert runbook_id in registered.out and "version 1" in registered.out
     assert runbook_id in (await cli("runbooks", "list")).out
 
+    # Shown as register takes it: the same text registers as it stands (nothing new), and edited as a
+    # new version.
+    shown = await cli("runbooks", "show", runbook_id)
+    assert shown.code == 0, shown.err
+    assert "switching to bus ${bus}" in shown.out and "timeout: 30s" in shown.out
+    path.write_text(shown.out)
+    assert "unchanged" in (await cli("runbooks", "register", str(path))).out
+    path.write_text(shown.out.replace("switching to bus", "now switching to bus"))
+    assert "version 2" in (await cli("runbooks", "register", str(path))).out
+    first = (await cli("runbooks", "show", runbook_id, "--version", "1", "--json")).json()
+    assert first["version"] == 1 and first["steps"][0]["parameters"]["message"] == "switching to bus ${bus}"
+    assert (await cli("runbooks", "show", "no-such-runbook")).code == 1
+
     dry = await cli("runbooks", "start", runbook_id, "--var", "bus=B", "--dry-run")
     assert dry.code == 0 and "switching to bus B" in dry.out
 
