@@ -150,9 +150,11 @@ class KnownAlert(NamedTuple):
 
 
 async def quiet_open_clusters(conn: asyncpg.Connection, before: datetime, limit: int) -> list[str]:
-    """Ids of open clusters whose last alert is older than `before`, quietest first (at most `limit`)."""
+    """Ids of open clusters whose last alert is older than `before` and that were opened before it,
+    quietest first (at most `limit`). An incident of alerts downlinked hours late is old by its
+    alerts from the start: it counts as quiet only once it has been open that long."""
     rows = await conn.fetch(
-        """SELECT cluster_id FROM clusters WHERE status = 'OPEN' AND last_alert_time < $1
+        """SELECT cluster_id FROM clusters WHERE status = 'OPEN' AND last_alert_time < $1 AND opened_time < $1
            ORDER BY last_alert_time, cluster_id LIMIT $2""",
         before,
         limit,

@@ -247,8 +247,9 @@ class CorrelationService:
             await asyncio.sleep(interval)  # periodic work, not synchronisation
 
     async def resolve_quiet(self, limit: int = 100) -> int:
-        """Closes open incidents whose last alert is older than `resolve_after_s` (as CloseCluster does,
-        with their "closed" events, by "system"); returns how many. At most `limit` a round, so a
+        """Closes open incidents whose last alert is older than `resolve_after_s`, and that have been open
+        that long (a batch downlinked hours late is not closed as it arrives), as CloseCluster does
+        (with their "closed" events, by "system"); returns how many. At most `limit` a round, so a
         backlog after downtime goes out over a few rounds instead of in one long pause of ingestion."""
         quiet_for = self._resolve_after_s
         before = self._clock.now() - timedelta(seconds=quiet_for)

@@ -466,6 +466,13 @@ async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
     now = datetime.now(UTC)
     quiet = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-Q1", "unit-q", now - timedelta(minutes=20))))
     recent = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-Q2", "unit-r", now - timedelta(minutes=5))))
+    # As if it had come live, twenty minutes ago; the next one instead was downlinked just now, as late.
+    await db.execute(
+        "UPDATE clusters SET opened_time = opened_time - interval '20 minutes' WHERE cluster_id = $1", quiet.cluster_id
+    )
+    downlinked = await stub.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-Q3", "unit-d", now - timedelta(minutes=20)))
+    )
     # Open for ever before: clusters past the window stayed OPEN in the database whatever happened.
     await app.stop()
     app_after = await app_factory(incident_resolve_after_s=600)  # a round runs at start, then every minute
@@ -484,6 +491,8 @@ async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
         "no alert for 600 s",
     )
     assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", recent.cluster_id) == "OPEN"
+    # Old by its alert, but open for a moment only: not closed as it arrives (the same round found none).
+    assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", downlinked.cluster_id) == "OPEN"
     closes = await db.fetch("SELECT aggregate_id FROM outbox WHERE subject LIKE '%incidents.closed'")
     assert [r["aggregate_id"] for r in closes] == [quiet.cluster_id]
 
