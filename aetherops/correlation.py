@@ -56,8 +56,9 @@ last alert fell out of the window are dropped from memory by a bucketed sweep du
 Late alerts: a satellite out of contact logs its alerts and downlinks them at the next pass, hours
 later. Such a batch correlates among itself as it would have live: the scores compare alert times,
 not the clock, and a cluster that takes an alert already older than the window stays in memory
-for a window after that arrival (`IncidentCluster._late_touch`), for the rest of its batch. It is
-not *active* (`get_active_clusters`: last alert within ``W`` of the clock) for that.
+for a window after that arrival (`IncidentCluster.late_arrival_time`, which the service stores so a
+restart keeps it), for the rest of its batch. It is not *active* (`get_active_clusters`: last alert
+within ``W`` of the clock) for that.
 """
 
 from __future__ import annotations
@@ -432,8 +433,13 @@ class IncidentCluster:
         status: ClusterStatus = ClusterStatus.OPEN,
         closed_time: datetime | None = None,
         root_cause_confidence: float = 0.0,
+        late_arrival_time: datetime | None = None,
     ) -> IncidentCluster:
-        """A cluster rebuilt from its persisted form, ready for `CorrelationEngine.restore_cluster`."""
+        """A cluster rebuilt from its persisted form, ready for `CorrelationEngine.restore_cluster`.
+
+        `late_arrival_time` is its `late_arrival_time` as stored: a cluster that a downlinked batch is
+        still joining stays in memory for the rest of the batch, as it would have without the restart.
+        """
         ordered = sorted(alerts, key=_epoch_of)
         if not ordered:
             raise ValidationError.single("cluster.alerts", f"cluster {cluster_id!r} has no alerts")
@@ -450,6 +456,7 @@ class IncidentCluster:
             _first_epoch=first.epoch,
             _last_epoch=last.epoch,
             _max_sev=max(a.severity for a in ordered),
+            _late_touch=-math.inf if late_arrival_time is None else late_arrival_time.timestamp(),
         )
 
     # Read off the alerts, not stored: storing the newest alert's time on every ingest released the
@@ -468,6 +475,13 @@ class IncidentCluster:
 
     def is_multi_satellite(self) -> bool:
         return len(self.satellites) > 1
+
+    @property
+    def late_arrival_time(self) -> datetime | None:
+        """When (engine clock) the last alert that was already older than the window arrived, if one
+        did: a downlinked batch is joining the cluster (it stays in memory for a window after this)."""
+        late = self._late_touch
+        return None if late == -math.inf else datetime.fromtimestamp(late, UTC)
 
     @property
     def satellites(self) -> list[str]:
@@ -1069,11 +1083,12 @@ class CorrelationEngine:
                 raise AlreadyExistsError(f"alert {a.alert_id!r} of cluster {cluster.cluster_id!r} is already known")
         alerts = sorted(cluster.alerts, key=_epoch_of)
         c = cluster
+        late = c._late_touch  # as restored: `_add` below does not set it
         c.alerts = []
         c._first_epoch, c._last_epoch, c._max_sev, c._mask = math.inf, -math.inf, 0, 0
         c._sub_first, c._sub_last, c._slots, c._names, c._dups, c._sorted_sats = {}, {}, {}, (), None, ()
         c._root_rank = c._root_alert = None
-        c._late_touch = -math.inf
+        c._late_touch = late
         c._joinable = c.status is ClusterStatus.OPEN
         self._clusters[c.cluster_id] = c
         for a in alerts:

@@ -51,6 +51,9 @@ class ClusterRecord:
     closed_time: datetime | None = None
     close_reason: str = ""
     closed_by: str = ""
+    # Arrival of the last alert that joined already older than the correlation window (a downlinked
+    # batch; `IncidentCluster.late_arrival_time`); None when none did since it was opened.
+    late_arrival_time: datetime | None = None
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -100,7 +103,8 @@ _CLUSTER_COLUMN_NAMES = [
     "duplicate_count",
     "tracking_id",
 ]
-_CLUSTER_COLUMNS = ", ".join(_CLUSTER_COLUMN_NAMES)
+# Written by updates only (`_UPDATE_CLUSTER`); read with the rest.
+_CLUSTER_COLUMNS = ", ".join([*_CLUSTER_COLUMN_NAMES, "late_arrival_time"])
 
 
 def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRecord:
@@ -121,6 +125,7 @@ def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRe
         alert_count=row["alert_count"],
         duplicate_count=row["duplicate_count"],
         tracking_id=row["tracking_id"],
+        late_arrival_time=row["late_arrival_time"],
         alerts=alerts or [],
     )
 
@@ -152,9 +157,11 @@ class KnownAlert(NamedTuple):
 async def quiet_open_clusters(conn: asyncpg.Connection, before: datetime, limit: int) -> list[str]:
     """Ids of open clusters whose last alert is older than `before` and that were opened before it,
     quietest first (at most `limit`). An incident of alerts downlinked hours late is old by its
-    alerts from the start: it counts as quiet only once it has been open that long."""
+    alerts from the start: it counts as quiet only once it has been open that long, and no late
+    alert has joined it since."""
     rows = await conn.fetch(
         """SELECT cluster_id FROM clusters WHERE status = 'OPEN' AND last_alert_time < $1 AND opened_time < $1
+             AND (late_arrival_time IS NULL OR late_arrival_time < $1)
            ORDER BY last_alert_time, cluster_id LIMIT $2""",
         before,
         limit,
@@ -205,7 +212,7 @@ _UPDATE_CLUSTER = """
         satellites = CASE WHEN $11 THEN $4::text[] ELSE satellites END,
         subsystems = CASE WHEN $11 THEN $5::text[] ELSE subsystems END,
         max_severity = $6, first_alert_time = $7, last_alert_time = $8,
-        alert_count = $9, duplicate_count = $10
+        alert_count = $9, duplicate_count = $10, late_arrival_time = $12
     WHERE cluster_id = $1"""
 
 _INSERT_ALERTS = """
@@ -358,6 +365,7 @@ def _update_values(c: ClusterRecord, grown: bool) -> tuple[Any, ...]:
         c.alert_count,
         c.duplicate_count,
         grown,
+        c.late_arrival_time,
     )
 
 
@@ -411,9 +419,12 @@ async def root_alert(conn: asyncpg.Connection, record: ClusterRecord) -> Alert |
 
 
 async def load_active(conn: asyncpg.Connection, since: datetime) -> list[ClusterRecord]:
-    """Open clusters with activity since `since`, with their alerts (restart recovery)."""
+    """Open clusters with activity since `since`, with their alerts (restart recovery): a last alert
+    since then, or an arrival since then of an alert older than that (a downlinked batch)."""
     rows = await conn.fetch(
-        f"SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE status = 'OPEN' AND last_alert_time >= $1", since
+        f"""SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE status = 'OPEN'
+              AND (last_alert_time >= $1 OR opened_time >= $1 OR late_arrival_time >= $1)""",
+        since,
     )
     alerts = await get_alerts(conn, [r["cluster_id"] for r in rows])
     return [_record(r, alerts[r["cluster_id"]]) for r in rows]

@@ -104,6 +104,16 @@ class IncidentEvent:
     alert's for "updated", the CloseCluster call's for "closed" (sent in the envelope and the header)."""
 
 
+def _late_arrival(rec: ClusterRecord, since: datetime) -> datetime | None:
+    """When the last late alert reached a stored cluster: a cluster whose last alert is older than
+    the window is in memory for a downlinked batch, and the alert that opened it arrived late too
+    (at opened_time, which the column does not repeat)."""
+    late = rec.late_arrival_time
+    if rec.last_alert_time < since and (late is None or late < rec.opened_time):
+        return rec.opened_time
+    return late
+
+
 EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
 """(event, event_id, occurred_time) -> encoded events.v1.Event envelope."""
 
@@ -125,6 +135,7 @@ def record_of(cluster: IncidentCluster, *, with_alerts: bool = True) -> ClusterR
         alert_count=len(cluster.alerts),
         duplicate_count=cluster.duplicate_count,
         tracking_id=cluster.alerts[0].tracking_id if cluster.alerts else "",
+        late_arrival_time=cluster.late_arrival_time,
         alerts=list(cluster.alerts) if with_alerts else [],
     )
 
@@ -283,6 +294,7 @@ class CorrelationService:
                     root_cause=rec.root_cause_alert_id,
                     opened_time=rec.opened_time,
                     duplicate_count=rec.duplicate_count,
+                    late_arrival_time=_late_arrival(rec, since),
                 )
             )
         log.info("correlation engine restored %d active clusters", len(records))

@@ -473,6 +473,14 @@ async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
     downlinked = await stub.IngestAlert(
         pb.IngestAlertRequest(alert=_alert("SAT-Q3", "unit-d", now - timedelta(minutes=20)))
     )
+    # A batch whose pass began twenty minutes ago, and whose last alert has just come down.
+    batch = [_alert("SAT-Q4", sub, now - timedelta(minutes=40, seconds=-i)) for i, sub in enumerate(("power", "adcs"))]
+    still_coming = await stub.IngestAlert(pb.IngestAlertRequest(alert=batch[0]))
+    await db.execute(
+        "UPDATE clusters SET opened_time = opened_time - interval '20 minutes' WHERE cluster_id = $1",
+        still_coming.cluster_id,
+    )
+    assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=batch[1]))).cluster_id == still_coming.cluster_id
     # Open for ever before: clusters past the window stayed OPEN in the database whatever happened.
     await app.stop()
     app_after = await app_factory(incident_resolve_after_s=600)  # a round runs at start, then every minute
@@ -493,6 +501,7 @@ async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
     assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", recent.cluster_id) == "OPEN"
     # Old by its alert, but open for a moment only: not closed as it arrives (the same round found none).
     assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", downlinked.cluster_id) == "OPEN"
+    assert await db.fetchval("SELECT status FROM clusters WHERE cluster_id = $1", still_coming.cluster_id) == "OPEN"
     closes = await db.fetch("SELECT aggregate_id FROM outbox WHERE subject LIKE '%incidents.closed'")
     assert [r["aggregate_id"] for r in closes] == [quiet.cluster_id]
 
@@ -711,6 +720,35 @@ async def test_a_batch_downlinked_after_a_pass_is_one_incident(channel: grpc.aio
     assert {a.alert.alert_id for a in listed.alerts} == {a.alert_id for a in batch}
     root = await stub.IdentifyRootCause(pb.IdentifyRootCauseRequest(cluster_id=listed.alerts[0].cluster_id))
     assert root.alert_id == batch[1].alert_id
+
+
+async def test_a_downlinked_batch_straddling_a_restart_is_one_incident(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    # Two satellites' batches, logged out of contact and downlinked at their passes, each cut in two
+    # by a restart of the server. Hours apart, so the two batches do not correlate with each other.
+    now = datetime.now(UTC)
+    one = [_alert("SAT-DL1", sub, now - timedelta(hours=3, seconds=-i)) for i, sub in enumerate(("power", "thermal"))]
+    two = [_alert("SAT-DL2", sub, now - timedelta(hours=2, seconds=-i)) for i, sub in enumerate(("power", "thermal"))]
+    one.append(_alert("SAT-DL1", "propulsion", now - timedelta(hours=3, seconds=-5)))
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app.port))
+    first = await stub.IngestAlert(pb.IngestAlertRequest(alert=one[0]))
+    # SAT-DL1's pass began twenty minutes ago: its incident opened then; the next alert came just now.
+    await db.execute(
+        "UPDATE clusters SET opened_time = opened_time - interval '20 minutes' WHERE cluster_id = $1", first.cluster_id
+    )
+    assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=one[1]))).cluster_id == first.cluster_id
+    second = await stub.IngestAlert(pb.IngestAlertRequest(alert=two[0]))  # SAT-DL2's pass begins
+    assert second.cluster_opened and second.cluster_id != first.cluster_id
+    await app.stop()
+
+    app_after = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app_after.port))
+    # The rest of each batch joins its incident, as it would have without the restart.
+    rest = [await stub.IngestAlert(pb.IngestAlertRequest(alert=a)) for a in (one[2], two[1])]
+    assert [(r.cluster_id, r.cluster_opened) for r in rest] == [(first.cluster_id, False), (second.cluster_id, False)]
+    assert await db.fetchval("SELECT count(*) FROM clusters") == 2
 
 
 async def _cluster_of(stub: correlation_pb2_grpc.CorrelationServiceStub, alert: pb.Alert) -> str:

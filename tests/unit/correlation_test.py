@@ -611,7 +611,31 @@ def _persisted(cluster: IncidentCluster) -> IncidentCluster:
         status=cluster.status,
         closed_time=cluster.closed_time,
         root_cause_confidence=cluster.root_cause_confidence,
+        late_arrival_time=cluster.late_arrival_time,
     )
+
+
+def test_a_downlinked_batch_cut_by_a_restart_rejoins_its_cluster() -> None:
+    engine, clock = make_engine(now=7200)
+    batch = [alert("SAT-1", "power", 0, severity=5), alert("SAT-1", "thermal", 10), alert("SAT-1", "propulsion", 20)]
+    engine.ingest(batch[0])
+    clock.advance(200)
+    engine.ingest(batch[1])
+    cluster = engine.require_cluster("C1")
+    assert cluster.late_arrival_time == at(7400)  # the arrival of the batch's latest alert
+    assert engine.get_active_clusters() == []  # two hours old: in memory for its batch only
+
+    restarted, clock2 = make_engine(now=7450, first_id=100)
+    restarted.restore_cluster(_persisted(cluster))
+    clock2.advance(200)  # past sweeps: it stays for a window after that arrival, as before the restart
+    restarted.ingest(alert("SAT-9", "comms", 7650))
+    assert restarted.ingest(batch[2]) == "C1"
+    assert restarted.require_cluster("C1").late_arrival_time == at(7650)
+    clock2.advance(301)
+    assert "C1" in restarted.expire()
+    live = make_engine()[0]  # an alert that comes in time is no late arrival
+    live.ingest(alert("SAT-1", "power", 0))
+    assert live.require_cluster("C1").late_arrival_time is None
 
 
 def test_restore_after_restart_joins_the_same_cluster() -> None:
