@@ -10,7 +10,9 @@ each open an incident, PostgreSQL's CPU per alert fell from 23.5-34.9 to 19.1-23
 rose from 12.8k-15.8k to 15.2k-17.4k alerts/s (bench/correlation_grpc.py, new mix, three pairs).
 
 The 80 random bits keep ids made in the same millisecond apart. The time prefix tells when an id
-was made; these ids are not secrets, and nothing may rely on their order beyond locality.
+was made; these ids are not secrets. ListClusters pages by cluster id, newest first: by opening to
+the millisecond (in any order within one), with no index of its own to maintain on ingest. Nothing
+else relies on their order beyond locality.
 """
 
 from __future__ import annotations

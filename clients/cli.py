@@ -366,8 +366,23 @@ def _add_operator_commands(sub: Any) -> None:
     )
 
     clusters = sub.add_parser("clusters", help="incident clusters").add_subparsers(dest="action", required=True)
-    listing = clusters.add_parser("list", parents=[common], help="active clusters, newest activity first")
+    listing = clusters.add_parser(
+        "list", parents=[common], help="active clusters, newest activity first (--status: every open one, history)"
+    )
     listing.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only clusters of this satellite")
+    listing.add_argument(
+        "--status",
+        choices=("active", "open", "closed", "all"),
+        default="active",
+        help="active (default): open, with an alert within the correlation window; open: every open incident,"
+        " quiet ones too; closed; all. All but active list the most recently opened first",
+    )
+    listing.add_argument(
+        "--since", type=_rfc3339, help="only clusters with an alert at or after this RFC 3339 time (not with active)"
+    )
+    listing.add_argument(
+        "--until", type=_rfc3339, help="only clusters with an alert before this RFC 3339 time (not with active)"
+    )
     listing.add_argument(
         "--limit", type=_int_between(0), default=100, help="at most this many clusters (default 100; 0: all)"
     )
@@ -865,8 +880,20 @@ _CLUSTER_HEADERS = ["CLUSTER", "STATUS", "SEV", "ALERTS", "SATELLITES", "SUBSYST
 
 
 def _clusters_list(client: Any, args: argparse.Namespace) -> int:
+    if args.status == "active":
+        if args.since or args.until:
+            raise _UsageError("--since and --until need --status open, closed or all (active means: now)")
+        found = client.iter_active_clusters(satellite_id=args.satellite, min_severity=args.min_severity)
+    else:
+        found = client.iter_clusters(
+            status=0 if args.status == "all" else args.status,
+            satellite_id=args.satellite,
+            min_severity=args.min_severity,
+            start=args.since,
+            end=args.until,
+        )
     clusters = []
-    for cluster in client.iter_active_clusters(satellite_id=args.satellite, min_severity=args.min_severity):
+    for cluster in found:
         clusters.append(cluster)
         if args.limit and len(clusters) >= args.limit:
             break
@@ -875,7 +902,7 @@ def _clusters_list(client: Any, args: argparse.Namespace) -> int:
     elif clusters:
         print(_table(_CLUSTER_HEADERS, [_cluster_row(c) for c in clusters]))
     else:
-        print("no active clusters")
+        print("no active clusters" if args.status == "active" else "no clusters")
     return EXIT_OK
 
 

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from aetherops.bus import DurableConsumer
 from aetherops.clock import Clock
 from aetherops.config import Settings
-from aetherops.correlation import Alert, CorrelationEngine
+from aetherops.correlation import Alert, ClusterStatus, CorrelationEngine
 from aetherops.db.correlation import ClusterRecord, StoredAlert
 from aetherops.errors import (
     WATCH_ENDED_BY_SHUTDOWN,
@@ -141,6 +141,9 @@ def cluster_to_proto(record: ClusterRecord, budget: AlertBudget) -> pb.Cluster:
             break
         cluster.alerts.append(message)
     return cluster
+
+
+_CLUSTER_STATUS_IN = {pb.CLUSTER_STATUS_OPEN: ClusterStatus.OPEN, pb.CLUSTER_STATUS_CLOSED: ClusterStatus.CLOSED}
 
 
 def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
@@ -363,6 +366,25 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         return pb.ListActiveClustersResponse(
             clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token
         )
+
+    async def ListClusters(self, request: pb.ListClustersRequest, context: Any) -> pb.ListClustersResponse:
+        status: ClusterStatus | None = None
+        if request.status:
+            status = _CLUSTER_STATUS_IN.get(request.status)
+            if status is None:
+                raise ValidationError.single("status", f"unknown status {request.status}")
+        budget = self._c.alert_budget()
+        page, token = await self._svc.list_clusters(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            status=status,
+            satellite_id=request.satellite_id,
+            min_severity=request.min_severity,
+            start=from_ts(request, "start_time"),
+            end=from_ts(request, "end_time"),
+            alert_limit=budget.most_alerts,
+        )
+        return pb.ListClustersResponse(clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token)
 
     async def ListAlerts(self, request: pb.ListAlertsRequest, context: Any) -> pb.ListAlertsResponse:
         page, token = await self._svc.list_alerts(

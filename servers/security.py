@@ -52,6 +52,7 @@ RPC_ROLES: dict[str, Role] = {
     _CORRELATION + "IngestAlerts": Role.OPERATOR,
     _CORRELATION + "GetCluster": Role.VIEWER,
     _CORRELATION + "ListActiveClusters": Role.VIEWER,
+    _CORRELATION + "ListClusters": Role.VIEWER,
     _CORRELATION + "CloseCluster": Role.OPERATOR,
     _CORRELATION + "IdentifyRootCause": Role.VIEWER,
     _CORRELATION + "ScoreAlerts": Role.VIEWER,

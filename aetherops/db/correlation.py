@@ -24,6 +24,7 @@ __all__ = [
     "known_alerts",
     "list_active",
     "list_alerts",
+    "list_clusters",
     "load_active",
     "quiet_open_clusters",
     "root_alert",
@@ -458,6 +459,47 @@ async def list_active(
         f"""SELECT {_CLUSTER_COLUMNS} FROM clusters WHERE {" AND ".join(clauses)}
             ORDER BY last_alert_time DESC, cluster_id DESC LIMIT ${len(args)}""",
         *args,
+    )
+    alerts = await get_alerts(conn, [r["cluster_id"] for r in rows], limit=alert_limit)
+    return [_record(r, alerts[r["cluster_id"]]) for r in rows]
+
+
+async def list_clusters(
+    conn: asyncpg.Connection,
+    *,
+    status: str | None,
+    satellite_id: str,
+    min_severity: int,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+    after: str | None,
+    alert_limit: int | None = None,
+) -> list[ClusterRecord]:
+    """One page of stored clusters, most recently opened first (keyset pagination by id), each with
+    its oldest `alert_limit` alerts (None: all).
+
+    Cluster ids start with the time they were made (`aetherops.ids`), so the primary key serves the
+    order and nothing on the ingest path maintains another index for it. The filters are checked
+    while walking back from the newest: a rare satellite over a long history reads that history.
+    """
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in (
+        ("status = ${}", status),
+        ("${} = ANY(satellites)", satellite_id or None),
+        ("max_severity >= ${}", min_severity or None),
+        ("last_alert_time >= ${}", start),
+        ("first_alert_time < ${}", end),
+        ("cluster_id < ${}", after),
+    ):
+        if value is not None:
+            args.append(value)
+            clauses.append(clause.format(len(args)))
+    args.append(limit)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = await conn.fetch(
+        f"SELECT {_CLUSTER_COLUMNS} FROM clusters {where} ORDER BY cluster_id DESC LIMIT ${len(args)}", *args
     )
     alerts = await get_alerts(conn, [r["cluster_id"] for r in rows], limit=alert_limit)
     return [_record(r, alerts[r["cluster_id"]]) for r in rows]

@@ -22,6 +22,7 @@ from aetherops.clock import Clock
 from aetherops.config import INGEST_QUEUE_BYTES
 from aetherops.correlation import (
     Alert,
+    ClusterStatus,
     CorrelationEngine,
     IncidentCluster,
     ScoreComponents,
@@ -39,7 +40,7 @@ from aetherops.errors import (
     NotFoundError,
     ValidationError,
 )
-from aetherops.paging import encode_page_token, filters_key, read_page_token, time_and_id
+from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
 from aetherops.tasks import cancel_and_wait
 from aetherops.text import id_problem, text_problem, utf8_len
@@ -481,6 +482,55 @@ class CorrelationService:
             page = page[:limit]
             last = page[-1]
             token = encode_page_token({"t": last.last_alert_time.isoformat(), "c": last.cluster_id}, filters)
+        return page, token
+
+    async def list_clusters(
+        self,
+        *,
+        page_size: int,
+        page_token: str,
+        status: ClusterStatus | None,
+        satellite_id: str,
+        min_severity: int,
+        start: datetime | None,
+        end: datetime | None,
+        alert_limit: int | None = None,
+    ) -> tuple[list[ClusterRecord], str]:
+        """One page of stored clusters (open, closed or both), most recently opened first."""
+        problems: list[FieldViolation] = []
+        if page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        if not 0 <= min_severity <= 5:
+            problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
+        if satellite_id:
+            problem = id_problem(satellite_id)
+            if problem is not None:
+                problems.append(FieldViolation("satellite_id", problem))
+        if start is not None and end is not None and end <= start:
+            problems.append(FieldViolation("end_time", "must be after start_time"))
+        state = None if status is None else status.name
+        bounds = (None if t is None else t.isoformat() for t in (start, end))
+        filters = filters_key(state, satellite_id, min_severity, *bounds)
+        after = read_page_token(page_token, filters, lambda p: position_text(p["c"]), problems)
+        if problems:
+            raise ValidationError(problems)
+        limit = min(page_size or 50, 500)
+        async with self._db.connection() as conn:
+            page = await repo.list_clusters(
+                conn,
+                status=state,
+                satellite_id=satellite_id,
+                min_severity=min_severity,
+                start=start,
+                end=end,
+                limit=limit + 1,
+                after=after,
+                alert_limit=alert_limit,
+            )
+        token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            token = encode_page_token({"c": page[-1].cluster_id}, filters)
         return page, token
 
     @staticmethod

@@ -231,6 +231,60 @@ class AetherOpsClient:
             lambda page: page.clusters,
         )
 
+    async def list_clusters(
+        self,
+        *,
+        status: int | str = correlation_pb2.CLUSTER_STATUS_UNSPECIFIED,
+        satellite_id: str = "",
+        min_severity: int = 0,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.ListClustersResponse:
+        """Stored clusters, open or closed (the incident history), most recently opened first.
+
+        `status` takes the enum's number or name ("open", "CLUSTER_STATUS_CLOSED"; unspecified: both);
+        `start` and `end` keep the clusters with alerts in [start, end)."""
+        request = build.list_clusters(
+            status=status,
+            satellite_id=satellite_id,
+            min_severity=min_severity,
+            start=start,
+            end=end,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._unary(
+            self.correlation.ListClusters, request, correlation_pb2.ListClustersResponse, timeout, tracking_id
+        )
+
+    def iter_clusters(
+        self,
+        *,
+        status: int | str = correlation_pb2.CLUSTER_STATUS_UNSPECIFIED,
+        satellite_id: str = "",
+        min_severity: int = 0,
+        start: build.TimeLike | None = None,
+        end: build.TimeLike | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[correlation_pb2.Cluster]:
+        """Every matching stored cluster, following next_page_token."""
+        return follow_async(
+            lambda token: self.list_clusters(
+                status=status,
+                satellite_id=satellite_id,
+                min_severity=min_severity,
+                start=start,
+                end=end,
+                page_size=page_size,
+                page_token=token,
+            ),
+            lambda page: page.clusters,
+        )
+
     async def list_alerts(
         self,
         *,

@@ -49,6 +49,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "IngestAlert",
         "GetCluster",
         "ListActiveClusters",
+        "ListClusters",
         "CloseCluster",
         "IdentifyRootCause",
         "ScoreAlerts",

@@ -98,6 +98,37 @@ def runbook_status(value: int | str) -> runbook_pb2.RunbookStatus.ValueType:
     )
 
 
+def cluster_status(value: int | str) -> correlation_pb2.ClusterStatus.ValueType:
+    """A ClusterStatus number from its number, full name (CLUSTER_STATUS_OPEN) or short name (open)."""
+    return correlation_pb2.ClusterStatus.ValueType(
+        _enum_number(correlation_pb2.ClusterStatus, "CLUSTER_STATUS_", value, "status")
+    )
+
+
+def list_clusters(
+    *,
+    status: int | str,
+    satellite_id: str,
+    min_severity: int,
+    start: TimeLike | None,
+    end: TimeLike | None,
+    page_size: int,
+    page_token: str,
+) -> correlation_pb2.ListClustersRequest:
+    request = correlation_pb2.ListClustersRequest(
+        page_size=page_size,
+        page_token=page_token,
+        status=cluster_status(status),
+        satellite_id=satellite_id,
+        min_severity=min_severity,
+    )
+    if start is not None:
+        request.start_time.CopyFrom(timestamp(start))
+    if end is not None:
+        request.end_time.CopyFrom(timestamp(end))
+    return request
+
+
 def alert(
     *,
     alert_id: str,

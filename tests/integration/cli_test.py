@@ -157,6 +157,19 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert again.code == 1
     assert "FAILED_PRECONDITION" in again.err and "tracking id" in again.err
 
+    # Closed: no longer active, but in the history, and in no list of open ones.
+    assert (await cli("clusters", "list", "--satellite", "SAT-CLU")).out.strip() == "no active clusters"
+    history = await cli("clusters", "list", "--satellite", "SAT-CLU", "--status", "closed", "--json")
+    assert [c["cluster_id"] for c in history.json()["clusters"]] == [cluster["cluster_id"]]
+    since = cluster["first_alert_time"]
+    every = await cli("clusters", "list", "--satellite", "SAT-CLU", "--status", "all", "--since", since)
+    assert every.code == 0 and cluster["cluster_id"] in every.out
+    assert (await cli("clusters", "list", "--satellite", "SAT-CLU", "--status", "open")).out.strip() == "no clusters"
+    before = await cli("clusters", "list", "--satellite", "SAT-CLU", "--status", "all", "--until", since, "--json")
+    assert before.json()["clusters"] == []
+    mixed = await cli("clusters", "list", "--since", since)
+    assert mixed.code == 2 and "--status" in mixed.err
+
 
 async def test_clusters_watch_follows_incidents_until_interrupted(
     server: Any, tokens: dict[str, str], channel_for: Any

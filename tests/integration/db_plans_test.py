@@ -118,6 +118,35 @@ async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Data
         assert [a.timestamp for a in listed] == sorted(a.timestamp for a in listed)
 
 
+async def test_the_incident_history_pages_down_the_primary_key(db: Database) -> None:
+    async with db.transaction() as conn:
+        await conn.execute(
+            """INSERT INTO clusters (cluster_id, status, root_cause_confidence, satellites, subsystems,
+                   max_severity, first_alert_time, last_alert_time, opened_time, alert_count)
+               SELECT lpad(g::text, 8, '0'), CASE WHEN g % 2 = 0 THEN 'OPEN' ELSE 'CLOSED' END, 0, '{}', '{}',
+                      1, now(), now(), now(), 0
+               FROM generate_series(1, $1) AS g""",
+            ROWS,
+        )
+    # An operator's query, not a per-batch one: unlike those above, it counts on the statistics
+    # autovacuum keeps (without them the planner takes `status = 'CLOSED'` to match a few rows, and
+    # sorts what it finds in the table rather than walk the key).
+    await db.execute("ANALYZE clusters")
+    pages: list[list[str]] = []
+    async with db.transaction() as conn:
+        before = await _seq_scans(conn, "clusters")
+        for status, after in (("OPEN", None), ("CLOSED", None), ("OPEN", "00019000"), (None, "00019000")):
+            page = await repo.list_clusters(
+                conn, status=status, satellite_id="", min_severity=0, start=None, end=None, limit=51, after=after
+            )
+            pages.append([c.cluster_id for c in page])
+        assert await _seq_scans(conn, "clusters") == before
+    assert pages[0] == [f"{n:08d}" for n in range(ROWS, ROWS - 102, -2)]
+    assert pages[1] == [f"{n:08d}" for n in range(ROWS - 1, ROWS - 103, -2)]
+    assert pages[2] == [f"{n:08d}" for n in range(18998, 18998 - 102, -2)]
+    assert pages[3] == [f"{n:08d}" for n in range(18999, 18999 - 51, -1)]
+
+
 async def test_every_stored_alert_names_a_stored_cluster_checked_without_reading_the_table(db: Database) -> None:
     # The check that replaced the foreign key (0006) probes each distinct cluster of a statement,
     # however many clusters are stored and whatever the planner knows about them.

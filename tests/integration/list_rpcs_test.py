@@ -1,4 +1,4 @@
-"""ListAlerts and ListExecutions through a real server: filters, pagination (tokens bound to their
+"""ListAlerts, ListClusters and ListExecutions through a real server: filters, pagination (tokens bound to their
 filters), order, and bad input as INVALID_ARGUMENT with the offending fields. Both are viewer reads."""
 
 from __future__ import annotations
@@ -104,6 +104,76 @@ async def test_list_alerts_by_tracking_id_cluster_and_satellite(server: Any, cha
     page = await viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=bulk, page_size=1))
     reused = cpb.ListAlertsRequest(tracking_id=other, page_token=page.next_page_token)
     assert await _bad(viewer.ListAlerts(reused)) == {"page_token"}
+
+
+async def test_list_clusters_is_the_incident_history_open_quiet_and_closed(server: Any, channel_for: Any) -> None:
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    viewer = correlation_pb2_grpc.CorrelationServiceStub(channel_for("viewer", server.port))
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    async def incident(sat: str, sub: str, when: datetime, severity: int = 3) -> str:
+        alert = cpb.Alert(alert_id=uuid.uuid4().hex, satellite_id=sat, subsystem=sub, severity=severity)
+        alert.timestamp.CopyFrom(ts(when))
+        return (await operator.IngestAlert(cpb.IngestAlertRequest(alert=alert))).cluster_id
+
+    # A quiet incident two hours old by its alert (downlinked late), a live one, and one an operator
+    # has closed. Hours apart: three incidents.
+    quiet = await incident("SAT-H1", "power", now - timedelta(hours=2), severity=5)
+    live = await incident("SAT-H2", "thermal", now - timedelta(seconds=30))
+    closed = await incident("SAT-H3", "comms", now - timedelta(hours=5))
+    await operator.CloseCluster(cpb.CloseClusterRequest(cluster_id=closed, reason="handled"))
+
+    async def ids(**filters: Any) -> list[str]:
+        found, _ = await _pages(
+            lambda token: viewer.ListClusters(cpb.ListClustersRequest(page_size=1, page_token=token, **filters)),
+            "clusters",
+        )
+        return [c.cluster_id for c in found]
+
+    # ListActiveClusters leaves the quiet one out; ListClusters has every open one, and the history.
+    active = (await viewer.ListActiveClusters(cpb.ListActiveClustersRequest())).clusters
+    assert [c.cluster_id for c in active] == [live]
+    # Most recently opened first: ids start with the time they were made (two made within one
+    # millisecond may come in either order, so the test orders them by id as the listing must).
+    newest_first = sorted([quiet, live, closed], reverse=True)
+    assert await ids() == newest_first
+    assert await ids(status=cpb.CLUSTER_STATUS_OPEN) == [c for c in newest_first if c != closed]
+    assert await ids(status=cpb.CLUSTER_STATUS_CLOSED) == [closed]
+    assert await ids(satellite_id="SAT-H1") == [quiet]
+    assert await ids(min_severity=5) == [quiet]
+    # By alert time: what had alerts in [start, end).
+    assert await ids(start_time=ts(now - timedelta(hours=3))) == [c for c in newest_first if c != closed]
+    assert await ids(start_time=ts(now - timedelta(hours=3)), end_time=ts(now - timedelta(hours=1))) == [quiet]
+    assert await ids(end_time=ts(now - timedelta(hours=2))) == [closed]
+    shown = (await viewer.ListClusters(cpb.ListClustersRequest(status=cpb.CLUSTER_STATUS_CLOSED))).clusters[0]
+    assert (shown.closed_by, shown.close_reason, len(shown.alerts)) == ("operator", "handled", 1)
+
+    # Paging is by opening: an incident that grows or closes while you page keeps its place.
+    first = await viewer.ListClusters(cpb.ListClustersRequest(page_size=1))
+    assert [c.cluster_id for c in first.clusters] == newest_first[:1]
+    await incident("SAT-H2", "thermal", now - timedelta(seconds=10), severity=4)
+    await operator.CloseCluster(cpb.CloseClusterRequest(cluster_id=live, reason="done"))
+    rest, _ = await _pages(
+        lambda token: viewer.ListClusters(
+            cpb.ListClustersRequest(page_size=1, page_token=token or first.next_page_token)
+        ),
+        "clusters",
+    )
+    assert [c.cluster_id for c in rest] == newest_first[1:]
+
+    # Bad input.
+    assert await _bad(viewer.ListClusters(cpb.ListClustersRequest(status=cast_status(9)))) == {"status"}
+    assert await _bad(viewer.ListClusters(cpb.ListClustersRequest(min_severity=6))) == {"min_severity"}
+    backwards = cpb.ListClustersRequest(start_time=ts(now), end_time=ts(now - timedelta(hours=1)), page_size=-1)
+    assert await _bad(viewer.ListClusters(backwards)) == {"end_time", "page_size"}
+    assert await _bad(viewer.ListClusters(cpb.ListClustersRequest(satellite_id=" SAT-H1"))) == {"satellite_id"}
+    reused = cpb.ListClustersRequest(status=cpb.CLUSTER_STATUS_OPEN, page_token=first.next_page_token)
+    assert await _bad(viewer.ListClusters(reused)) == {"page_token"}
+
+
+def cast_status(number: int) -> Any:
+    """A ClusterStatus number this server does not know (a newer client's)."""
+    return cpb.ClusterStatus.ValueType(number)
 
 
 async def test_list_executions_filters_and_pages_newest_first(server: Any, channel_for: Any) -> None:

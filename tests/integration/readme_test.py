@@ -40,5 +40,7 @@ async def test_readme_grpcurl_examples_work(server: Any, tokens: dict[str, str])
             assert json.loads(out)["status"] == "SERVING"
         if "/ListActiveClusters" in example:  # the alert ingested above, now: an active incident
             assert "SAT-001" in [sat for c in json.loads(out)["clusters"] for sat in c["satellite_ids"]]
+        if "/ListClusters" in example:  # the same incident, through the history's filters
+            assert [c["satellite_ids"] for c in json.loads(out)["clusters"]] == [["SAT-001"]]
         if "/ListAlerts" in example:  # the alert ingested above under that tracking id
             assert [a["alert"]["alert_id"] for a in json.loads(out)["alerts"]] == ["a-1"]

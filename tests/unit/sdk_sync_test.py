@@ -265,6 +265,19 @@ def test_execution_status_filters_take_names_as_resources_do(
         client.list_executions(status="runing")
 
 
+def test_cluster_history_takes_status_names_and_times(
+    client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
+) -> None:
+    future = _run(pool, lambda: client.list_clusters(status="closed", start="2026-12-01T00:00:00Z", satellite_id="S"))
+    _, request, rpc = channel.inner.take_unary_unary(CORRELATION.methods_by_name["ListClusters"])
+    assert request.status == correlation_pb2.CLUSTER_STATUS_CLOSED and request.satellite_id == "S"
+    assert request.start_time.ToJsonString() == "2026-12-01T00:00:00Z" and not request.HasField("end_time")
+    rpc.terminate(correlation_pb2.ListClustersResponse(), (), grpc.StatusCode.OK, "")
+    future.result()
+    with pytest.raises(ValueError, match="unknown status 'opne'"):
+        client.list_clusters(status="opne")
+
+
 def test_bulk_ingest_streams_every_alert(
     client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
 ) -> None:

@@ -32,7 +32,8 @@ class _ClusterStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cluster
     CLUSTER_STATUS_OPEN: _ClusterStatus.ValueType  # 1
     """Not closed. It accepts alerts while its last alert is within the
     correlation window (ListActiveClusters lists those); after that it waits
-    for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it.
+    for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it
+    (ListClusters lists every open one).
     """
     CLUSTER_STATUS_CLOSED: _ClusterStatus.ValueType  # 2
     """Closed by an operator (CloseCluster) or by the system after
@@ -47,7 +48,8 @@ CLUSTER_STATUS_UNSPECIFIED: ClusterStatus.ValueType  # 0
 CLUSTER_STATUS_OPEN: ClusterStatus.ValueType  # 1
 """Not closed. It accepts alerts while its last alert is within the
 correlation window (ListActiveClusters lists those); after that it waits
-for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it.
+for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it
+(ListClusters lists every open one).
 """
 CLUSTER_STATUS_CLOSED: ClusterStatus.ValueType  # 2
 """Closed by an operator (CloseCluster) or by the system after
@@ -495,6 +497,80 @@ class ListActiveClustersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListActiveClustersResponse: _TypeAlias = ListActiveClustersResponse  # noqa: Y015
+
+@_typing.final
+class ListClustersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SATELLITE_ID_FIELD_NUMBER: _builtins.int
+    MIN_SEVERITY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many clusters per page (default 50, max 500)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first. Valid only
+    with the filters it was issued for.
+    """
+    status: Global___ClusterStatus.ValueType
+    """Only clusters with this status; unspecified: open and closed."""
+    satellite_id: _builtins.str
+    """Only clusters involving this satellite, when set."""
+    min_severity: _builtins.int
+    """Only clusters whose max severity is at least this, when set (1-5)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only clusters with alerts in [start_time, end_time): the last alert at or
+        after start_time, the first before end_time. Either may be left out.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        status: Global___ClusterStatus.ValueType = ...,
+        satellite_id: _builtins.str = ...,
+        min_severity: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "min_severity", b"min_severity", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClustersRequest: _TypeAlias = ListClustersRequest  # noqa: Y015
+
+@_typing.final
+class ListClustersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def clusters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cluster]: ...
+    def __init__(
+        self,
+        *,
+        clusters: _abc.Iterable[Global___Cluster] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clusters", b"clusters", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClustersResponse: _TypeAlias = ListClustersResponse  # noqa: Y015
 
 @_typing.final
 class StoredAlert(_message.Message):

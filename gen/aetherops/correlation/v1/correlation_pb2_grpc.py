@@ -60,6 +60,11 @@ class CorrelationServiceStub:
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListActiveClustersRequest.SerializeToString,
                 response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListActiveClustersResponse.FromString,
                 _registered_method=True)
+        self.ListClusters = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/ListClusters',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListClustersRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListClustersResponse.FromString,
+                _registered_method=True)
         self.CloseCluster = channel.unary_unary(
                 '/aetherops.correlation.v1.CorrelationService/CloseCluster',
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterRequest.SerializeToString,
@@ -136,6 +141,17 @@ class CorrelationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListClusters(self, request, context):
+        """Lists stored clusters, open or closed, most recently opened first: the
+        incident history, and every open incident (ListActiveClusters leaves out
+        an open one whose last alert is older than the correlation window).
+        Filters combine. Paginated by opening, so an incident that gets alerts or
+        closes while you page keeps its place: no cluster is skipped or repeated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseCluster(self, request, context):
         """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
         is closed already (unless the same request_id is retried).
@@ -202,6 +218,11 @@ def add_CorrelationServiceServicer_to_server(servicer, server):
                     servicer.ListActiveClusters,
                     request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListActiveClustersRequest.FromString,
                     response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListActiveClustersResponse.SerializeToString,
+            ),
+            'ListClusters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClusters,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListClustersRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListClustersResponse.SerializeToString,
             ),
             'CloseCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseCluster,
@@ -343,6 +364,33 @@ class CorrelationService:
             '/aetherops.correlation.v1.CorrelationService/ListActiveClusters',
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListActiveClustersRequest.SerializeToString,
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListActiveClustersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClusters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/ListClusters',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListClustersRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListClustersResponse.FromString,
             options,
             channel_credentials,
             insecure,

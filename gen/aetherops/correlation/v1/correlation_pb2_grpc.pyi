@@ -62,6 +62,13 @@ class CorrelationServiceStub:
     ahead of the page token and is not on the later pages (start again from
     the first page for a fresh view).
     """
+    ListClusters: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ListClustersRequest, _correlation_pb2.ListClustersResponse]
+    """Lists stored clusters, open or closed, most recently opened first: the
+    incident history, and every open incident (ListActiveClusters leaves out
+    an open one whose last alert is older than the correlation window).
+    Filters combine. Paginated by opening, so an incident that gets alerts or
+    closes while you page keeps its place: no cluster is skipped or repeated.
+    """
     CloseCluster: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.CloseClusterRequest, _correlation_pb2.CloseClusterResponse]
     """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
     is closed already (unless the same request_id is retried).
@@ -120,6 +127,13 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     two pages of one listing, but one that gets an alert while you page moves
     ahead of the page token and is not on the later pages (start again from
     the first page for a fresh view).
+    """
+    ListClusters: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ListClustersRequest, _correlation_pb2.ListClustersResponse]  # type: ignore[assignment]
+    """Lists stored clusters, open or closed, most recently opened first: the
+    incident history, and every open incident (ListActiveClusters leaves out
+    an open one whose last alert is older than the correlation window).
+    Filters combine. Paginated by opening, so an incident that gets alerts or
+    closes while you page keeps its place: no cluster is skipped or repeated.
     """
     CloseCluster: _aio.UnaryUnaryMultiCallable[_correlation_pb2.CloseClusterRequest, _correlation_pb2.CloseClusterResponse]  # type: ignore[assignment]
     """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
@@ -200,6 +214,19 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         two pages of one listing, but one that gets an alert while you page moves
         ahead of the page token and is not on the later pages (start again from
         the first page for a fresh view).
+        """
+
+    @_abc_1.abstractmethod
+    def ListClusters(
+        self,
+        request: _correlation_pb2.ListClustersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.ListClustersResponse, _abc.Awaitable[_correlation_pb2.ListClustersResponse]]:
+        """Lists stored clusters, open or closed, most recently opened first: the
+        incident history, and every open incident (ListActiveClusters leaves out
+        an open one whose last alert is older than the correlation window).
+        Filters combine. Paginated by opening, so an incident that gets alerts or
+        closes while you page keeps its place: no cluster is skipped or repeated.
         """
 
     @_abc_1.abstractmethod

@@ -463,6 +463,89 @@ export declare type ListActiveClustersResponse = Message<"aetherops.correlation.
 export declare const ListActiveClustersResponseSchema: GenMessage<ListActiveClustersResponse>;
 
 /**
+ * @generated from message aetherops.correlation.v1.ListClustersRequest
+ */
+export declare type ListClustersRequest = Message<"aetherops.correlation.v1.ListClustersRequest"> & {
+  /**
+   * At most this many clusters per page (default 50, max 500).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first. Valid only
+   * with the filters it was issued for.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only clusters with this status; unspecified: open and closed.
+   *
+   * @generated from field: aetherops.correlation.v1.ClusterStatus status = 3;
+   */
+  status: ClusterStatus;
+
+  /**
+   * Only clusters involving this satellite, when set.
+   *
+   * @generated from field: string satellite_id = 4;
+   */
+  satelliteId: string;
+
+  /**
+   * Only clusters whose max severity is at least this, when set (1-5).
+   *
+   * @generated from field: int32 min_severity = 5;
+   */
+  minSeverity: number;
+
+  /**
+   * Only clusters with alerts in [start_time, end_time): the last alert at or
+   * after start_time, the first before end_time. Either may be left out.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 6;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 7;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ListClustersRequest.
+ * Use `create(ListClustersRequestSchema)` to create a new message.
+ */
+export declare const ListClustersRequestSchema: GenMessage<ListClustersRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ListClustersResponse
+ */
+export declare type ListClustersResponse = Message<"aetherops.correlation.v1.ListClustersResponse"> & {
+  /**
+   * @generated from field: repeated aetherops.correlation.v1.Cluster clusters = 1;
+   */
+  clusters: Cluster[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ListClustersResponse.
+ * Use `create(ListClustersResponseSchema)` to create a new message.
+ */
+export declare const ListClustersResponseSchema: GenMessage<ListClustersResponse>;
+
+/**
  * An alert as stored: where it went and when.
  *
  * @generated from message aetherops.correlation.v1.StoredAlert
@@ -840,7 +923,8 @@ export enum ClusterStatus {
   /**
    * Not closed. It accepts alerts while its last alert is within the
    * correlation window (ListActiveClusters lists those); after that it waits
-   * for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it.
+   * for an operator, or for AETHEROPS_INCIDENT_RESOLVE_AFTER_S, to close it
+   * (ListClusters lists every open one).
    *
    * @generated from enum value: CLUSTER_STATUS_OPEN = 1;
    */
@@ -955,6 +1039,20 @@ export declare const CorrelationService: GenService<{
     methodKind: "unary";
     input: typeof ListActiveClustersRequestSchema;
     output: typeof ListActiveClustersResponseSchema;
+  },
+  /**
+   * Lists stored clusters, open or closed, most recently opened first: the
+   * incident history, and every open incident (ListActiveClusters leaves out
+   * an open one whose last alert is older than the correlation window).
+   * Filters combine. Paginated by opening, so an incident that gets alerts or
+   * closes while you page keeps its place: no cluster is skipped or repeated.
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.ListClusters
+   */
+  listClusters: {
+    methodKind: "unary";
+    input: typeof ListClustersRequestSchema;
+    output: typeof ListClustersResponseSchema;
   },
   /**
    * Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
