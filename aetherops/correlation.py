@@ -79,7 +79,7 @@ from aetherops.clock import EARLIEST_TIME, TOO_EARLY, Clock, SystemClock
 from aetherops.errors import AlreadyExistsError, ConfigError, FieldViolation, NotFoundError, ValidationError
 from aetherops.ids import sortable_id
 from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH, DependencyGraph, normalize_name
-from aetherops.text import chars_problem, id_problem, text_problem
+from aetherops.text import chars_problem, id_problem, labels_problems, text_problem
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
@@ -279,22 +279,7 @@ def validate_alert(
     problem = chars_problem(alert.tracking_id)
     if problem is not None:
         out.append(FieldViolation(f + "tracking_id", problem))
-    labels = alert.labels
-    if len(labels) > max_labels:
-        out.append(FieldViolation(f + "labels", f"at most {max_labels} labels allowed, got {len(labels)}"))
-    for key, value in labels.items():
-        if not key:
-            out.append(FieldViolation(f + "labels", "label keys must not be empty"))
-        elif len(key) > max_label_len:
-            out.append(FieldViolation(f + "labels", f"label key {key[:32]!r}… longer than {max_label_len} characters"))
-        elif (problem := chars_problem(key)) is not None:
-            out.append(FieldViolation(f + "labels", f"label key {key[:32]!r} {problem}"))
-        if len(value) > max_label_len:
-            out.append(
-                FieldViolation(f + "labels", f"value of label {key[:32]!r} longer than {max_label_len} characters")
-            )
-        elif (problem := chars_problem(value)) is not None:
-            out.append(FieldViolation(f + "labels", f"value of label {key[:32]!r} {problem}"))
+    out.extend(labels_problems(alert.labels, f + "labels", max_labels=max_labels, max_len=max_label_len))
     return out
 
 

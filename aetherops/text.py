@@ -11,6 +11,10 @@ validation error. Identifiers are also bounded: they are keys of B-tree indexes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from aetherops.errors import FieldViolation
+
 __all__ = [
     "ID_WHITESPACE_PROBLEM",
     "MAX_ID_LEN",
@@ -18,6 +22,7 @@ __all__ = [
     "SURROGATE_PROBLEM",
     "chars_problem",
     "id_problem",
+    "labels_problems",
     "text_problem",
     "utf8_len",
 ]
@@ -74,3 +79,26 @@ def text_problem(value: str, max_len: int) -> str | None:
     if len(value) > max_len:
         return f"at most {max_len} characters allowed, got {len(value)}"
     return chars_problem(value)
+
+
+def labels_problems(
+    labels: Mapping[str, str], field: str, *, max_labels: int = 64, max_len: int = 256
+) -> list[FieldViolation]:
+    """Every problem with a label map (alert labels, a silence's label matchers), each under `field`:
+    at most `max_labels` entries; keys non-empty; keys and values at most `max_len` characters that
+    PostgreSQL can store."""
+    out: list[FieldViolation] = []
+    if len(labels) > max_labels:
+        out.append(FieldViolation(field, f"at most {max_labels} labels allowed, got {len(labels)}"))
+    for key, value in labels.items():
+        if not key:
+            out.append(FieldViolation(field, "label keys must not be empty"))
+        elif len(key) > max_len:
+            out.append(FieldViolation(field, f"label key {key[:32]!r}… longer than {max_len} characters"))
+        elif (problem := chars_problem(key)) is not None:
+            out.append(FieldViolation(field, f"label key {key[:32]!r} {problem}"))
+        if len(value) > max_len:
+            out.append(FieldViolation(field, f"value of label {key[:32]!r} longer than {max_len} characters"))
+        elif (problem := chars_problem(value)) is not None:
+            out.append(FieldViolation(field, f"value of label {key[:32]!r} {problem}"))
+    return out

@@ -2,7 +2,7 @@
 
 `serve` takes its settings from AETHEROPS_* variables (flags override them) and
 exits 0 after a clean shutdown, 1 when it cannot listen, 2 for invalid settings. The operator commands
-(`alerts`, `clusters`, `runbooks`, `capacity`, `fleet`, `trace`) use the sync SDK
+(`alerts`, `clusters`, `silences`, `runbooks`, `capacity`, `fleet`, `trace`) use the sync SDK
 with `--address` / AETHEROPS_ADDRESS and `--token` / AETHEROPS_TOKEN, print
 readable tables (or JSON with `--json`) and exit 0 when all went well, 1 when a
 call failed (message and tracking id on stderr), input lines were bad or
@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,21 @@ def _rfc3339(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _span(text: str) -> timedelta:
+    """A positive length of time: a number and a unit (s, m, h, d), e.g. 90m or 1.5h."""
+    unit = _SPAN_UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1]) if unit else math.nan
+    except ValueError:
+        value = math.nan
+    if unit is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a length of time such as 90m, 2h or 1d: {text!r}")
+    return timedelta(seconds=value * unit)
 
 
 def _impact(text: str) -> tuple[str, float]:
@@ -360,6 +375,7 @@ def _add_operator_commands(sub: Any) -> None:
     )
     stored.add_argument("--cluster", default="", metavar="CLUSTER_ID", help="the alerts of this incident")
     stored.add_argument("--tracking", default="", metavar="TRACKING_ID", help="the alerts ingested under this id")
+    stored.add_argument("--silence", default="", metavar="SILENCE_ID", help="the alerts this silence covered")
     stored.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only this satellite's alerts")
     stored.add_argument(
         "--limit", type=_int_between(0), default=100, help="at most this many alerts (default 100; 0: all)"
@@ -415,6 +431,26 @@ def _add_operator_commands(sub: Any) -> None:
     close = clusters.add_parser("close", parents=[common], help="close a cluster")
     close.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     close.add_argument("--reason", default="", help="why it is closed (kept with the cluster)")
+
+    silences = sub.add_parser(
+        "silences", help="keep expected alerts (a burn, a test) out of incidents for a while"
+    ).add_subparsers(dest="action", required=True)
+    silence = silences.add_parser(
+        "create", parents=[common], help="silence the alerts that match every matcher given, observed in a window"
+    )
+    silence.add_argument("--satellite", action="append", default=[], metavar="SATELLITE_ID", help="(repeatable)")
+    silence.add_argument("--subsystem", action="append", default=[], metavar="NAME", help="(repeatable)")
+    silence.add_argument("--label", action="append", default=[], metavar="K=V", help="(repeatable; all must match)")
+    silence.add_argument("--start", type=_rfc3339, help="RFC 3339 time (default: now)")
+    until = silence.add_mutually_exclusive_group(required=True)
+    until.add_argument("--end", type=_rfc3339, help="RFC 3339 time")
+    until.add_argument("--for", dest="span", type=_span, metavar="SPAN", help="from the start, e.g. 90m, 2h, 1d")
+    silence.add_argument("--comment", required=True, help="why: the manoeuvre, the test, the ticket")
+    listed_silences = silences.add_parser("list", parents=[common], help="silences not yet ended, newest first")
+    listed_silences.add_argument("--all", action="store_true", help="ended ones too")
+    listed_silences.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only those naming it")
+    expire = silences.add_parser("expire", parents=[common], help="end a silence now")
+    expire.add_argument("silence_id")
 
     runbooks = sub.add_parser("runbooks", help="remediation runbooks").add_subparsers(dest="action", required=True)
     register = runbooks.add_parser("register", parents=[common], help="register (or version) a runbook from YAML")
@@ -792,12 +828,14 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
     bad.sort(key=lambda b: (b["line"] is None, b["line"] or 0))
     # Alerts count records stored by an earlier load apart; a snapshot's duplicate is such a record.
     replays = reply.replays if "replays" in reply.DESCRIPTOR.fields_by_name else None
+    silenced = reply.silenced if "silenced" in reply.DESCRIPTOR.fields_by_name else None
     summary = {
         "file": str(args.file),
         "sent": len(sent_lines),
         "accepted": reply.accepted,
         "duplicates": reply.duplicates,
         **({} if replays is None else {"replays": replays}),
+        **({} if silenced is None else {"silenced": silenced}),
         "rejected": reply.rejected,
         # The server lists only the first rejections of a big load (rejected counts them all).
         "unlisted": reply.rejected - len(reply.rejections),
@@ -809,6 +847,8 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
         _emit(summary)
     else:
         stored = "" if replays is None else f"{replays} already stored, "
+        if silenced:  # said only when a silence covered some: most loads have none
+            stored = f"{silenced} silenced, {stored}"
         print(
             f"{args.file}: {reply.accepted} accepted, {reply.duplicates} duplicates, {stored}{reply.rejected} "
             f"rejected by the server, {summary['unparsed']} unreadable (tracking id {client.last_tracking_id})"
@@ -829,10 +869,14 @@ def _capacity_ingest(client: Any, args: argparse.Namespace) -> int:
 
 
 def _alerts_list(client: Any, args: argparse.Namespace) -> int:
-    if not (args.cluster or args.tracking):
-        raise _UsageError("alerts list: give --cluster or --tracking (every alert ever stored is not a query)")
+    if not (args.cluster or args.tracking or args.silence):
+        raise _UsageError(
+            "alerts list: give --cluster, --tracking or --silence (every alert ever stored is not a query)"
+        )
     found = []
-    for item in client.iter_alerts(by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite):
+    for item in client.iter_alerts(
+        by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite, silence_id=args.silence
+    ):
         found.append(item)
         if args.limit and len(found) >= args.limit:
             break
@@ -848,7 +892,7 @@ def _alerts_list(client: Any, args: argparse.Namespace) -> int:
                 a.alert.subsystem,
                 a.alert.severity,
                 _when(a.alert.timestamp),
-                a.cluster_id,
+                a.cluster_id or f"(silenced: {a.silence_id})",
                 f"duplicate of {a.duplicate_of_alert_id}" if a.duplicate_of_alert_id else "",
                 a.alert.message,
             ]
@@ -963,6 +1007,62 @@ def _clusters_close(client: Any, args: argparse.Namespace) -> int:
         _emit(_to_dict(cluster))
     else:
         print(f"closed {cluster.cluster_id} at {_when(cluster.close_time)}")
+    return EXIT_OK
+
+
+# -- silences
+
+
+def _silence_row(s: Any) -> list[Any]:
+    matchers = [*s.satellite_ids, *s.subsystems, *(f"{k}={v}" for k, v in sorted(s.labels.items()))]
+    return [s.silence_id, _when(s.start_time), _when(s.end_time), ",".join(matchers), s.created_by, s.comment]
+
+
+def _silences_create(client: Any, args: argparse.Namespace) -> int:
+    labels: dict[str, str] = {}
+    for pair in args.label:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--label {pair!r}: expected K=V")
+        labels[key] = value
+    if not (args.satellite or args.subsystem or labels):
+        raise _UsageError(
+            "silences create: give --satellite, --subsystem or --label (a silence of everything hides every fault)"
+        )
+    start = args.start
+    end = args.end if args.end is not None else (start or datetime.now(UTC)) + args.span
+    silence = client.create_silence(
+        end=end,
+        comment=args.comment,
+        satellite_ids=args.satellite,
+        subsystems=args.subsystem,
+        labels=labels,
+        start=start,
+    ).silence
+    if args.json:
+        _emit(_to_dict(silence))
+    else:
+        print(f"silence {silence.silence_id}: {_when(silence.start_time)} until {_when(silence.end_time)}")
+    return EXIT_OK
+
+
+def _silences_list(client: Any, args: argparse.Namespace) -> int:
+    found = list(client.iter_silences(include_ended=args.all, satellite_id=args.satellite))
+    if args.json:
+        _emit({"silences": [_to_dict(s) for s in found]})
+    elif found:
+        print(_table(["SILENCE", "FROM", "UNTIL", "MATCHERS", "BY", "COMMENT"], [_silence_row(s) for s in found]))
+    else:
+        print("no silences")
+    return EXIT_OK
+
+
+def _silences_expire(client: Any, args: argparse.Namespace) -> int:
+    silence = client.expire_silence(args.silence_id).silence
+    if args.json:
+        _emit(_to_dict(silence))
+    else:
+        print(f"silence {silence.silence_id} ended at {_when(silence.end_time)}")
     return EXIT_OK
 
 
@@ -1818,6 +1918,9 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("clusters", "show"): _clusters_show,
     ("clusters", "close"): _clusters_close,
     ("clusters", "watch"): _clusters_watch,
+    ("silences", "create"): _silences_create,
+    ("silences", "list"): _silences_list,
+    ("silences", "expire"): _silences_expire,
     ("runbooks", "register"): _runbooks_register,
     ("runbooks", "list"): _runbooks_list,
     ("runbooks", "show"): _runbooks_show,

@@ -33,10 +33,12 @@ from aetherops.errors import (
     ValidationError,
 )
 from aetherops.services.correlation import INGEST_BATCH, CorrelationService, IncidentEvent
+from aetherops.services.silences import SilenceService
+from aetherops.silences import Silence
 from aetherops.subsystems import load_dependency_graph
 from aetherops.tasks import cancel_and_wait
 from aetherops.text import MAX_ID_LEN, id_problem, text_problem, utf8_len
-from aetherops.tracking import current_tracking_id
+from aetherops.tracking import current_principal_name, current_tracking_id
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
@@ -101,9 +103,10 @@ def alert_to_proto(alert: Alert) -> pb.Alert:
 def stored_alert_to_proto(stored: StoredAlert) -> pb.StoredAlert:
     return pb.StoredAlert(
         alert=alert_to_proto(stored.alert),
-        cluster_id=stored.cluster_id,
+        cluster_id=stored.cluster_id or "",
         duplicate_of_alert_id=stored.duplicate_of or "",
         ingest_time=to_ts(stored.ingested_time),
+        silence_id=stored.silence_id or "",
     )
 
 
@@ -283,6 +286,11 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         assert self._c.service is not None
         return self._c.service
 
+    @property
+    def _silences(self) -> SilenceService:
+        assert self._c.silences is not None
+        return self._c.silences
+
     async def IngestAlert(self, request: pb.IngestAlertRequest, context: Any) -> pb.IngestAlertResponse:
         if not request.HasField("alert"):
             raise ValidationError.single("alert", "required")
@@ -302,6 +310,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             duplicate_of_alert_id=outcome.duplicate_of or "",
             cluster_opened=outcome.opened,
             replay=outcome.replay,
+            silence_id=outcome.silence_id or "",
         )
 
     async def IngestAlerts(
@@ -327,13 +336,15 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             chunk_size=_STREAM_CHUNK,
             in_flight=_STREAM_CHUNKS_IN_FLIGHT,
         )
-        accepted = duplicates = replays = 0
+        accepted = duplicates = replays = silenced = 0
         for i, outcome in outcomes:
             if outcome.conflict is not None:
                 problem = FieldViolation("alert.alert_id", f"already taken by another alert ({outcome.conflict})")
                 rejections.append(rejection(i, [problem]))
             elif outcome.replay:
                 replays += 1
+            elif outcome.silence_id is not None:
+                silenced += 1
             elif outcome.duplicate:
                 duplicates += 1
             else:
@@ -342,6 +353,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             accepted=accepted,
             duplicates=duplicates,
             replays=replays,
+            silenced=silenced,
             rejected=len(rejections),
             rejections=listed(rejections),
         )
@@ -393,6 +405,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             tracking_id=request.tracking_id,
             cluster_id=request.cluster_id,
             satellite_id=request.satellite_id,
+            silence_id=request.silence_id,
         )
         return pb.ListAlertsResponse(alerts=[stored_alert_to_proto(a) for a in page], next_page_token=token)
 
@@ -477,6 +490,53 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         finally:
             await feed.remove(watcher)
 
+    async def CreateSilence(self, request: pb.CreateSilenceRequest, context: Any) -> pb.CreateSilenceResponse:
+        if not request.HasField("silence"):
+            raise ValidationError.single("silence", "required")
+        given = request.silence
+        silence = await self._silences.create(
+            satellite_ids=given.satellite_ids,
+            subsystems=given.subsystems,
+            labels=dict(given.labels),
+            start=from_ts(given, "start_time", path="silence.start_time"),
+            end=from_ts(given, "end_time", path="silence.end_time"),
+            comment=given.comment,
+            request_id=request.request_id,
+            by=current_principal_name(),
+        )
+        return pb.CreateSilenceResponse(silence=silence_to_proto(silence))
+
+    async def ListSilences(self, request: pb.ListSilencesRequest, context: Any) -> pb.ListSilencesResponse:
+        page, token = await self._silences.list_page(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            include_ended=request.include_ended,
+            satellite_id=request.satellite_id,
+        )
+        return pb.ListSilencesResponse(silences=[silence_to_proto(s) for s in page], next_page_token=token)
+
+    async def ExpireSilence(self, request: pb.ExpireSilenceRequest, context: Any) -> pb.ExpireSilenceResponse:
+        silence = await self._silences.expire(
+            request.silence_id, request_id=request.request_id, by=current_principal_name()
+        )
+        return pb.ExpireSilenceResponse(silence=silence_to_proto(silence))
+
+
+def silence_to_proto(s: Silence) -> pb.Silence:
+    return pb.Silence(
+        silence_id=s.silence_id,
+        satellite_ids=sorted(s.satellite_ids),
+        subsystems=sorted(s.subsystems),
+        labels=dict(s.labels),
+        start_time=to_ts(s.start_time),
+        end_time=to_ts(s.end_time),
+        comment=s.comment,
+        created_by=s.created_by,
+        create_time=to_ts(s.create_time),
+        expired_by=s.expired_by,
+        expire_time=to_ts(s.expire_time),
+    )
+
 
 def _require_id(value: str, field: str) -> None:
     # Checked before any lookup: an id longer than any stored one would otherwise come back in the
@@ -497,6 +557,7 @@ class CorrelationComponent:
         self._settings = settings
         self.servicer = CorrelationServicer(self)
         self.service: CorrelationService | None = None
+        self.silences: SilenceService | None = None
         self.infra: Infra | None = None
         self.feed: IncidentFeed | None = None
         self._consumer_task: asyncio.Task[None] | None = None
@@ -523,16 +584,21 @@ class CorrelationComponent:
     async def start(self, infra: Infra) -> None:
         self.infra = infra
         self.feed = IncidentFeed(infra.bus)
+        engine = self._engine(infra.clock)
+        silences = SilenceService(infra.db, infra.clock, engine.dependency_graph.canonical)
+        await silences.start()
+        self.silences = silences
         service = CorrelationService(
             infra.db,
             infra.relay,
             infra.bus.subjects,
-            self._engine(infra.clock),
+            engine,
             encode_incident_event,
             infra.clock,
             max_future_skew_s=self._settings.max_future_skew_s,
             max_queue_bytes=self._settings.ingest_queue_bytes,
             resolve_after_s=self._settings.incident_resolve_after_s,
+            silenced=silences.match,
         )
         await service.start()
         self.service = service
@@ -584,3 +650,5 @@ class CorrelationComponent:
             await cancel_and_wait(self._consumer_task)
         if self.service is not None:
             await self.service.stop()
+        if self.silences is not None:
+            await self.silences.stop()

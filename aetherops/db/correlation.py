@@ -67,13 +67,14 @@ class ClusterRecord:
 
 
 class AlertRow(NamedTuple):
-    """One alert to store: the alert, its cluster, and what it duplicates (if it does). A named
-    tuple: one is made per alert."""
+    """One alert to store: the alert, its cluster, and what it duplicates (if it does); or, for an
+    alert a silence covered, no cluster and the silence. A named tuple: one is made per alert."""
 
     alert: Alert
-    cluster_id: str
+    cluster_id: str | None
     duplicate_of: str | None
     tracking_id: str
+    silence_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,10 @@ class StoredAlert:
     """An alert as stored: the cluster it went to, what it duplicates (if it does), when it was stored."""
 
     alert: Alert
-    cluster_id: str
+    cluster_id: str | None  # None when a silence covered it
     duplicate_of: str | None
     ingested_time: datetime
+    silence_id: str | None = None
 
 
 _CLUSTER_COLUMN_NAMES = [
@@ -147,12 +149,13 @@ def _alert(row: asyncpg.Record) -> Alert:
 class KnownAlert(NamedTuple):
     """A stored alert, as much of it as a resend is answered and checked with."""
 
-    cluster_id: str
+    cluster_id: str | None
     duplicate_of: str | None
     satellite_id: str
     subsystem: str
     severity: int
     alert_time: datetime
+    silence_id: str | None
 
 
 async def quiet_open_clusters(conn: asyncpg.Connection, before: datetime, limit: int) -> list[str]:
@@ -176,10 +179,11 @@ async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> di
     # sequential scan when the table has no statistics (a fresh or never-analysed table: it then
     # assumes each id matches 0.5% of the rows), and every batch then reads the whole table.
     rows = await conn.fetch(
-        """SELECT k.alert_id, a.cluster_id, a.duplicate_of, a.satellite_id, a.subsystem, a.severity, a.alert_time
+        """SELECT k.alert_id, a.cluster_id, a.duplicate_of, a.satellite_id, a.subsystem, a.severity, a.alert_time,
+                  a.silence_id
            FROM unnest($1::text[]) AS k(alert_id)
            CROSS JOIN LATERAL (
-               SELECT cluster_id, duplicate_of, satellite_id, subsystem, severity, alert_time
+               SELECT cluster_id, duplicate_of, satellite_id, subsystem, severity, alert_time, silence_id
                FROM alerts WHERE alerts.alert_id = k.alert_id LIMIT 1
            ) AS a""",
         list(alert_ids),
@@ -218,9 +222,9 @@ _UPDATE_CLUSTER = """
 
 _INSERT_ALERTS = """
     INSERT INTO alerts (alert_id, cluster_id, satellite_id, subsystem, severity, alert_time, message, labels,
-                        duplicate_of, tracking_id)
+                        duplicate_of, tracking_id, silence_id)
     SELECT * FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::int[], $21::timestamptz[],
-                         $22::text[], $23::jsonb[], $24::text[], $25::text[])"""
+                         $22::text[], $23::jsonb[], $24::text[], $25::text[], $26::text[])"""
 
 STATEMENT_ROWS: Final = 100
 """Largest batch (in alerts) that `write_batch` inserts with one statement rather than with COPY."""
@@ -228,7 +232,7 @@ STATEMENT_ROWS: Final = 100
 _INSERT_BATCH = f"""
     WITH new_clusters AS ({_INSERT_CLUSTERS}),
          new_alerts AS ({_INSERT_ALERTS})
-    {outbox.insert_from_arrays(26)}"""
+    {outbox.insert_from_arrays(27)}"""
 
 
 async def write_batch(
@@ -305,6 +309,7 @@ _ALERT_COLUMNS = [
     "labels",
     "duplicate_of",
     "tracking_id",
+    "silence_id",
 ]
 
 
@@ -327,6 +332,7 @@ def _alert_values(r: AlertRow) -> tuple[Any, ...]:
         a.labels_dict(),
         r.duplicate_of,
         r.tracking_id,
+        r.silence_id,
     )
 
 
@@ -513,14 +519,20 @@ async def list_alerts(
     satellite_id: str,
     after: tuple[datetime, str] | None,
     limit: int,
+    silence_id: str = "",
 ) -> list[StoredAlert]:
     """One page of stored alerts (duplicates included), oldest alert time first (keyset pagination).
-    The caller filters by tracking id or cluster (or both): those are what the indexes serve."""
-    if not (tracking_id or cluster_id):
-        raise ValueError("list_alerts needs a tracking id or a cluster id")
+    The caller filters by tracking id, cluster or silence: those are what the indexes serve."""
+    if not (tracking_id or cluster_id or silence_id):
+        raise ValueError("list_alerts needs a tracking id, a cluster id or a silence id")
     clauses: list[str] = []
     args: list[Any] = []
-    for column, value in (("tracking_id", tracking_id), ("cluster_id", cluster_id), ("satellite_id", satellite_id)):
+    for column, value in (
+        ("tracking_id", tracking_id),
+        ("cluster_id", cluster_id),
+        ("silence_id", silence_id),
+        ("satellite_id", satellite_id),
+    ):
         if value:
             args.append(value)
             clauses.append(f"{column} = ${len(args)}")
@@ -538,7 +550,9 @@ async def list_alerts(
     else:
         query = f"SELECT * FROM alerts WHERE {where} ORDER BY alert_time, alert_id LIMIT ${n}"
     rows = await conn.fetch(query, *args)
-    return [StoredAlert(_alert(r), r["cluster_id"], r["duplicate_of"], r["ingested_time"]) for r in rows]
+    return [
+        StoredAlert(_alert(r), r["cluster_id"], r["duplicate_of"], r["ingested_time"], r["silence_id"]) for r in rows
+    ]
 
 
 async def close_cluster(

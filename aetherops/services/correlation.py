@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, NamedTuple
@@ -42,6 +42,7 @@ from aetherops.errors import (
 )
 from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
+from aetherops.silences import Silence
 from aetherops.tasks import cancel_and_wait
 from aetherops.text import id_problem, text_problem, utf8_len
 from aetherops.tracking import current_tracking_id
@@ -58,7 +59,7 @@ _MAX_REASON_LEN = 4096
 class IngestOutcome(NamedTuple):
     """What ingesting one alert did, as its caller is answered (a named tuple: one per alert)."""
 
-    cluster_id: str
+    cluster_id: str  # empty when a silence covered the alert
     duplicate: bool = False
     duplicate_of: str | None = None
     opened: bool = False
@@ -66,6 +67,13 @@ class IngestOutcome(NamedTuple):
     conflict: str | None = None
     """Set when the alert id was already taken by a different alert: what that alert is. Nothing was
     stored; `cluster_id` is the other alert's."""
+    silence_id: str | None = None
+    """Set when a silence covered the alert: stored, in no cluster."""
+
+
+Silencer = Callable[[str, str, Mapping[str, str], datetime], Silence | None]
+"""(satellite id, subsystem, labels, observed time) -> the silence covering such an alert, if any
+(`aetherops.services.silences.SilenceService.match`)."""
 
 
 def _conflict(alert: Alert, stored: Alert | KnownAlert) -> str | None:
@@ -195,6 +203,7 @@ class CorrelationService:
         max_queue: int = 100_000,
         max_queue_bytes: int = INGEST_QUEUE_BYTES,
         resolve_after_s: float = 0.0,
+        silenced: Silencer | None = None,
     ) -> None:
         """`max_batch`: alerts per transaction at most. Under bulk load every batch costs a few fixed
         round trips and one update per incident it touched, so larger batches cost less per alert: an
@@ -206,7 +215,9 @@ class CorrelationService:
         `servers.correlation`), fit. `max_queue_bytes`: their memory at most (see `alert_size`).
         100,000 alerts at the size limits would otherwise hold about 15 GB.
         `resolve_after_s`: open incidents without an alert for this long are closed by the system,
-        checked at start and then periodically (0: never; see `resolve_quiet`)."""
+        checked at start and then periodically (0: never; see `resolve_quiet`).
+        `silenced`: which silence covers an alert (None: no silences); a covered alert is stored and
+        answered, but the engine never sees it."""
         self._db = db
         self._relay = relay
         self._subjects = subjects
@@ -216,6 +227,7 @@ class CorrelationService:
         self._max_future_skew_s = max_future_skew_s
         self._stale = False  # the engine may hold decisions that were never committed
         self._resolve_after_s = resolve_after_s
+        self._silenced = silenced
         self._resolver: asyncio.Task[None] | None = None
         self._committer: GroupCommitter[Alert, _Batch, IngestOutcome] = GroupCommitter(
             self._prepare_batch,
@@ -369,16 +381,17 @@ class CorrelationService:
         # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
         in_batch: dict[str, tuple[Alert, IngestOutcome]] = {}
         ingest = self._engine.ingest_detailed
+        silenced = self._silenced
         for alert in alerts:
             aid = alert.alert_id
             stored = known.get(aid)
             if stored is not None:
                 conflict = _conflict(alert, stored)
-                dup_of = stored.duplicate_of
+                dup_of, cid = stored.duplicate_of, stored.cluster_id or ""
                 outcomes.append(
-                    IngestOutcome(stored.cluster_id, dup_of is not None, dup_of, replay=True)
+                    IngestOutcome(cid, dup_of is not None, dup_of, replay=True, silence_id=stored.silence_id)
                     if conflict is None
-                    else IngestOutcome(stored.cluster_id, conflict=conflict)
+                    else IngestOutcome(cid, conflict=conflict)
                 )
                 continue
             earlier = in_batch.get(aid)
@@ -386,11 +399,19 @@ class CorrelationService:
                 first_alert, first = earlier
                 conflict = _conflict(alert, first_alert)
                 outcomes.append(
-                    IngestOutcome(first.cluster_id, first.duplicate, first.duplicate_of, replay=True)
+                    first._replace(opened=False, replay=True)
                     if conflict is None
                     else IngestOutcome(first.cluster_id, conflict=conflict)
                 )
                 continue
+            if silenced is not None:
+                silence = silenced(alert.satellite_id, alert.subsystem, alert.labels, alert.timestamp)
+                if silence is not None:
+                    rows.append(AlertRow(alert, None, None, alert.tracking_id, silence.silence_id))
+                    outcome = IngestOutcome("", silence_id=silence.silence_id)
+                    in_batch[aid] = (alert, outcome)
+                    outcomes.append(outcome)
+                    continue
             result = ingest(alert)
             if result.replay:  # known to the engine but not to PostgreSQL: cannot happen after a restore
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
@@ -547,20 +568,33 @@ class CorrelationService:
         return problems
 
     async def list_alerts(
-        self, *, page_size: int, page_token: str, tracking_id: str, cluster_id: str, satellite_id: str
+        self,
+        *,
+        page_size: int,
+        page_token: str,
+        tracking_id: str,
+        cluster_id: str,
+        satellite_id: str,
+        silence_id: str = "",
     ) -> tuple[list[StoredAlert], str]:
-        """One page of stored alerts (duplicates included), oldest alert time first. A tracking id or a
-        cluster id is required: an unfiltered listing of every alert ever ingested is not a query anyone
-        should run through an RPC (and no index would serve it)."""
+        """One page of stored alerts (duplicates included), oldest alert time first. A tracking id, a
+        cluster id or a silence id is required: an unfiltered listing of every alert ever ingested is
+        not a query anyone should run through an RPC (and no index would serve it)."""
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
-        if not tracking_id and not cluster_id:
-            problems.append(FieldViolation("tracking_id", "set tracking_id or cluster_id (or both)"))
-        for name, value in (("tracking_id", tracking_id), ("cluster_id", cluster_id), ("satellite_id", satellite_id)):
+        if not (tracking_id or cluster_id or silence_id):
+            problems.append(FieldViolation("tracking_id", "set tracking_id, cluster_id or silence_id"))
+        for name, value in (
+            ("tracking_id", tracking_id),
+            ("cluster_id", cluster_id),
+            ("satellite_id", satellite_id),
+            ("silence_id", silence_id),
+        ):
             if len(value) > _MAX_FILTER_LEN:
                 problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
-        filters = filters_key(tracking_id, cluster_id, satellite_id)
+        # The silence joins the key only when set: tokens issued before it existed stay valid.
+        filters = filters_key(tracking_id, cluster_id, satellite_id, *([silence_id] if silence_id else []))
         after = read_page_token(page_token, filters, time_and_id("a"), problems)
         if problems:
             raise ValidationError(problems)
@@ -571,6 +605,7 @@ class CorrelationService:
                 tracking_id=tracking_id,
                 cluster_id=cluster_id,
                 satellite_id=satellite_id,
+                silence_id=silence_id,
                 after=after,
                 limit=limit + 1,
             )

@@ -8,7 +8,7 @@ retried write carries the same idempotency key as its first attempt.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -127,6 +127,28 @@ def list_clusters(
     if end is not None:
         request.end_time.CopyFrom(timestamp(end))
     return request
+
+
+def silence(
+    *,
+    end: TimeLike,
+    comment: str,
+    satellite_ids: Iterable[str] = (),
+    subsystems: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    start: TimeLike | None = None,
+) -> correlation_pb2.Silence:
+    """A silence to create: from `start` (None: when the server stores it) until `end`."""
+    message = correlation_pb2.Silence(
+        satellite_ids=list(satellite_ids),
+        subsystems=list(subsystems),
+        labels=dict(labels or {}),
+        end_time=timestamp(end),
+        comment=comment,
+    )
+    if start is not None:
+        message.start_time.CopyFrom(timestamp(start))
+    return message
 
 
 def alert(

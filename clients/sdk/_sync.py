@@ -272,12 +272,14 @@ class SyncAetherOpsClient:
         by_tracking_id: str = "",
         cluster_id: str = "",
         satellite_id: str = "",
+        silence_id: str = "",
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.ListAlertsResponse:
-        """Stored alerts (duplicates included) by the tracking id they were ingested under and/or cluster.
+        """Stored alerts (duplicates included) by the tracking id they were ingested under, cluster or
+        the silence that covered them.
 
         `by_tracking_id` filters; `tracking_id`, as everywhere, is the one this call itself is sent under."""
         request = correlation_pb2.ListAlertsRequest(
@@ -286,13 +288,20 @@ class SyncAetherOpsClient:
             tracking_id=by_tracking_id,
             cluster_id=cluster_id,
             satellite_id=satellite_id,
+            silence_id=silence_id,
         )
         return self._unary(
             self.correlation.ListAlerts, request, correlation_pb2.ListAlertsResponse, timeout, tracking_id
         )
 
     def iter_alerts(
-        self, *, by_tracking_id: str = "", cluster_id: str = "", satellite_id: str = "", page_size: int = 0
+        self,
+        *,
+        by_tracking_id: str = "",
+        cluster_id: str = "",
+        satellite_id: str = "",
+        silence_id: str = "",
+        page_size: int = 0,
     ) -> Iterator[correlation_pb2.StoredAlert]:
         """Every matching stored alert, following next_page_token."""
         return follow(
@@ -300,6 +309,7 @@ class SyncAetherOpsClient:
                 by_tracking_id=by_tracking_id,
                 cluster_id=cluster_id,
                 satellite_id=satellite_id,
+                silence_id=silence_id,
                 page_size=page_size,
                 page_token=token,
             ),
@@ -320,6 +330,79 @@ class SyncAetherOpsClient:
         )
         return self._unary(
             self.correlation.CloseCluster, request, correlation_pb2.CloseClusterResponse, timeout, tracking_id
+        )
+
+    def create_silence(
+        self,
+        *,
+        end: build.TimeLike,
+        comment: str,
+        satellite_ids: Iterable[str] = (),
+        subsystems: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        start: build.TimeLike | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.CreateSilenceResponse:
+        """Keeps the alerts that match (every matcher given; at least one) and were observed in
+        [start, end) out of incidents. `start` None: from now."""
+        request = correlation_pb2.CreateSilenceRequest(
+            silence=build.silence(
+                end=end,
+                comment=comment,
+                satellite_ids=satellite_ids,
+                subsystems=subsystems,
+                labels=labels,
+                start=start,
+            ),
+            request_id=build.request_id(request_id),
+        )
+        return self._unary(
+            self.correlation.CreateSilence, request, correlation_pb2.CreateSilenceResponse, timeout, tracking_id
+        )
+
+    def list_silences(
+        self,
+        *,
+        include_ended: bool = False,
+        satellite_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.ListSilencesResponse:
+        """Silences, most recently created first; those not yet ended unless `include_ended`."""
+        request = correlation_pb2.ListSilencesRequest(
+            page_size=page_size, page_token=page_token, include_ended=include_ended, satellite_id=satellite_id
+        )
+        return self._unary(
+            self.correlation.ListSilences, request, correlation_pb2.ListSilencesResponse, timeout, tracking_id
+        )
+
+    def iter_silences(
+        self, *, include_ended: bool = False, satellite_id: str = "", page_size: int = 0
+    ) -> Iterator[correlation_pb2.Silence]:
+        """Every matching silence, following next_page_token."""
+        return follow(
+            lambda token: self.list_silences(
+                include_ended=include_ended, satellite_id=satellite_id, page_size=page_size, page_token=token
+            ),
+            lambda page: page.silences,
+        )
+
+    def expire_silence(
+        self,
+        silence_id: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.ExpireSilenceResponse:
+        """Ends a silence now: alerts observed from now on correlate again."""
+        request = correlation_pb2.ExpireSilenceRequest(silence_id=silence_id, request_id=build.request_id(request_id))
+        return self._unary(
+            self.correlation.ExpireSilence, request, correlation_pb2.ExpireSilenceResponse, timeout, tracking_id
         )
 
     def identify_root_cause(

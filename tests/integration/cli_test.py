@@ -149,7 +149,7 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     table = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--satellite", "SAT-CLU", "--limit", "2")
     assert table.code == 0 and len([line for line in table.out.splitlines() if "SAT-CLU" in line]) == 2
     unfiltered = await cli("alerts", "list")
-    assert unfiltered.code == 2 and "--cluster or --tracking" in unfiltered.err
+    assert unfiltered.code == 2 and "--cluster, --tracking or --silence" in unfiltered.err
 
     closed = await cli("clusters", "close", cluster["cluster_id"], "--reason", "fixed", "--json")
     assert closed.code == 0 and closed.json()["status"] == "CLUSTER_STATUS_CLOSED"
@@ -214,6 +214,51 @@ async def test_clusters_watch_follows_incidents_until_interrupted(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_silences_create_list_expire_and_what_they_covered(cli: Any, tmp_path: Path) -> None:
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    made = await cli(
+        "silences", "create", "--satellite", "SAT-SIL", "--subsystem", "power", "--label", "source=cli-test",
+        "--start", start.isoformat(), "--for", "1h", "--comment", "bus test", "--json",
+    )  # fmt: skip
+    assert made.code == 0, made.err
+    silence = made.json()
+    assert silence["end_time"] == (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert silence["created_by"] == "admin"
+    now = await cli("silences", "create", "--label", "mode=burn", "--for", "2h", "--comment", "burn 7")
+    assert now.code == 0 and "until" in now.out
+
+    # Observed in and after the first silence's window, downlinked now: power in the window is covered.
+    lines = [
+        json.dumps({**json.loads(line), "timestamp": (start + timedelta(minutes=50 * i)).isoformat()})
+        for i, line in enumerate(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-SIL"))
+    ]  # power at +0 (covered), thermal at +50 min (another subsystem), comms at +100 min (after the end)
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = await cli("alerts", "ingest", str(path))
+    assert loaded.code == 0 and "2 accepted, 0 duplicates, 1 silenced, 0 already stored" in loaded.out
+    covered = await cli("alerts", "list", "--silence", silence["silence_id"])
+    assert covered.code == 0 and f"(silenced: {silence['silence_id']})" in covered.out
+
+    listed = await cli("silences", "list", "--json")
+    assert len(listed.json()["silences"]) == 1  # the first one ended long ago
+    every = await cli("silences", "list", "--all")
+    assert every.code == 0 and "bus test" in every.out and "SAT-SIL,power,source=cli-test" in every.out
+    current = listed.json()["silences"][0]["silence_id"]
+    assert (await cli("silences", "expire", current)).code == 0
+    assert (await cli("silences", "list")).out.strip() == "no silences"
+    ended = await cli("silences", "expire", current)
+    assert ended.code == 1 and "FAILED_PRECONDITION" in ended.err
+
+    for args in (
+        ("silences", "create", "--for", "1h", "--comment", "everything"),  # no matcher
+        ("silences", "create", "--satellite", "S", "--comment", "no end"),
+        ("silences", "create", "--satellite", "S", "--for", "soon", "--comment", "c"),
+        ("silences", "create", "--satellite", "S", "--for", "1h", "--end", "2026-01-01T00:00Z", "--comment", "c"),
+        ("silences", "create", "--label", "novalue", "--for", "1h", "--comment", "c"),
+    ):
+        assert (await cli(*args)).code == 2, args
 
 
 async def test_rpc_errors_exit_1_with_tracking_id(cli: Any) -> None:

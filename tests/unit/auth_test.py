@@ -72,6 +72,8 @@ _OPERATOR_RPCS = {
     "IngestAlert",
     "IngestAlerts",
     "CloseCluster",
+    "CreateSilence",
+    "ExpireSilence",
     "IngestSnapshot",
     "IngestSnapshots",
     "AddScheduledMission",

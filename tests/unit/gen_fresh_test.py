@@ -51,6 +51,7 @@ def test_every_contract_rpc_is_generated() -> None:
         (correlation_pb2, "CorrelationService"): {
             "IngestAlert", "IngestAlerts", "GetCluster", "ListActiveClusters", "CloseCluster",
             "IdentifyRootCause", "ScoreAlerts", "WatchClusters", "ListAlerts", "ListClusters",
+            "CreateSilence", "ListSilences", "ExpireSilence",
         },
         (runbook_pb2, "RunbookService"): {
             "ListActions", "RegisterRunbook", "GetRunbook", "ListRunbooks", "FindMatchingRunbooks",

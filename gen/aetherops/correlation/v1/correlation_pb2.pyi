@@ -297,6 +297,7 @@ class IngestAlertResponse(_message.Message):
     DUPLICATE_OF_ALERT_ID_FIELD_NUMBER: _builtins.int
     CLUSTER_OPENED_FIELD_NUMBER: _builtins.int
     REPLAY_FIELD_NUMBER: _builtins.int
+    SILENCE_ID_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     """The cluster the alert joined or opened (for a duplicate: the cluster of
     the alert it duplicates).
@@ -309,6 +310,10 @@ class IngestAlertResponse(_message.Message):
     """True when this alert opened a new cluster."""
     replay: _builtins.bool
     """True when this exact alert_id had been ingested before (a retry)."""
+    silence_id: _builtins.str
+    """Set when a silence covered the alert: it is stored, in no cluster
+    (cluster_id is empty).
+    """
     def __init__(
         self,
         *,
@@ -317,10 +322,11 @@ class IngestAlertResponse(_message.Message):
         duplicate_of_alert_id: _builtins.str = ...,
         cluster_opened: _builtins.bool = ...,
         replay: _builtins.bool = ...,
+        silence_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "cluster_opened", b"cluster_opened", "duplicate", b"duplicate", "duplicate_of_alert_id", b"duplicate_of_alert_id", "replay", b"replay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "cluster_opened", b"cluster_opened", "duplicate", b"duplicate", "duplicate_of_alert_id", b"duplicate_of_alert_id", "replay", b"replay", "silence_id", b"silence_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,7 +365,9 @@ Global___IngestAlertsRequest: _TypeAlias = IngestAlertsRequest  # noqa: Y015
 
 @_typing.final
 class IngestAlertsResponse(_message.Message):
-    """Every alert sent is counted once: accepted + duplicates + replays + rejected."""
+    """Every alert sent is counted once: accepted + duplicates + replays + rejected
+    + silenced.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -368,6 +376,7 @@ class IngestAlertsResponse(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
     REPLAYS_FIELD_NUMBER: _builtins.int
+    SILENCED_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     """Stored now and correlated into a cluster."""
     duplicates: _builtins.int
@@ -380,6 +389,8 @@ class IngestAlertsResponse(_message.Message):
     """Already stored under the same alert_id before this call, or earlier in
     this call (a retry, a file loaded twice): nothing changed.
     """
+    silenced: _builtins.int
+    """Stored now, covered by a silence: in no cluster."""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Rejection]:
         """The first 1000 rejected alerts by index in the stream, with their
@@ -394,10 +405,11 @@ class IngestAlertsResponse(_message.Message):
         rejected: _builtins.int = ...,
         rejections: _abc.Iterable[_common_pb2.Rejection] | None = ...,
         replays: _builtins.int = ...,
+        silenced: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "rejections", b"rejections", "replays", b"replays"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "rejections", b"rejections", "replays", b"replays", "silenced", b"silenced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -582,10 +594,13 @@ class StoredAlert(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     DUPLICATE_OF_ALERT_ID_FIELD_NUMBER: _builtins.int
     INGEST_TIME_FIELD_NUMBER: _builtins.int
+    SILENCE_ID_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     """The cluster it joined or opened (for a duplicate: the cluster of the alert it duplicates)."""
     duplicate_of_alert_id: _builtins.str
     """Set when the alert was dropped as a duplicate of this alert."""
+    silence_id: _builtins.str
+    """Set when a silence covered it (cluster_id is then empty)."""
     @_builtins.property
     def alert(self) -> Global___Alert: ...
     @_builtins.property
@@ -599,10 +614,11 @@ class StoredAlert(_message.Message):
         cluster_id: _builtins.str = ...,
         duplicate_of_alert_id: _builtins.str = ...,
         ingest_time: _timestamp_pb2.Timestamp | None = ...,
+        silence_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "ingest_time", b"ingest_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "cluster_id", b"cluster_id", "duplicate_of_alert_id", b"duplicate_of_alert_id", "ingest_time", b"ingest_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "cluster_id", b"cluster_id", "duplicate_of_alert_id", b"duplicate_of_alert_id", "ingest_time", b"ingest_time", "silence_id", b"silence_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -617,6 +633,7 @@ class ListAlertsRequest(_message.Message):
     TRACKING_ID_FIELD_NUMBER: _builtins.int
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     SATELLITE_ID_FIELD_NUMBER: _builtins.int
+    SILENCE_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many alerts per page (default 50, max 500)."""
     page_token: _builtins.str
@@ -629,6 +646,8 @@ class ListAlertsRequest(_message.Message):
     """Only alerts of this cluster."""
     satellite_id: _builtins.str
     """Only alerts of this satellite, when set."""
+    silence_id: _builtins.str
+    """Only alerts this silence covered."""
     def __init__(
         self,
         *,
@@ -637,10 +656,11 @@ class ListAlertsRequest(_message.Message):
         tracking_id: _builtins.str = ...,
         cluster_id: _builtins.str = ...,
         satellite_id: _builtins.str = ...,
+        silence_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id", "silence_id", b"silence_id", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -922,3 +942,251 @@ class WatchClustersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchClustersResponse: _TypeAlias = WatchClustersResponse  # noqa: Y015
+
+@_typing.final
+class Silence(_message.Message):
+    """A window in which the alerts that match are kept out of incidents. Every
+    matcher that is set must match; at least one must be set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SILENCE_ID_FIELD_NUMBER: _builtins.int
+    SATELLITE_IDS_FIELD_NUMBER: _builtins.int
+    SUBSYSTEMS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRED_BY_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    silence_id: _builtins.str
+    """Output only."""
+    comment: _builtins.str
+    """Why (the manoeuvre, the test, the ticket). Required, at most 4096
+    characters.
+    """
+    created_by: _builtins.str
+    """Output only: who created it (the authenticated principal) and when."""
+    expired_by: _builtins.str
+    """Output only, set when ExpireSilence ended it (end_time is then that
+    moment): by whom and when.
+    """
+    @_builtins.property
+    def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only alerts of these satellites (empty: any), at most 256."""
+
+    @_builtins.property
+    def subsystems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only alerts of these subsystems (names or aliases, as alerts give them;
+        stored canonical; empty: any), at most 256.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only alerts carrying every one of these labels with these values."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Alerts observed from start_time (default: now) until end_time (required;
+        at most 31 days later) are covered. Alerts observed in the window but
+        downlinked up to 7 days after its end are covered too.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        silence_id: _builtins.str = ...,
+        satellite_ids: _abc.Iterable[_builtins.str] | None = ...,
+        subsystems: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        comment: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expired_by: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time", "expire_time", b"expire_time", "expired_by", b"expired_by", "labels", b"labels", "satellite_ids", b"satellite_ids", "silence_id", b"silence_id", "start_time", b"start_time", "subsystems", b"subsystems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Silence: _TypeAlias = Silence  # noqa: Y015
+
+@_typing.final
+class CreateSilenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILENCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key: retrying with the same id answers with the silence the
+    first call created.
+    """
+    @_builtins.property
+    def silence(self) -> Global___Silence: ...
+    def __init__(
+        self,
+        *,
+        silence: Global___Silence | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["silence", b"silence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "silence", b"silence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSilenceRequest: _TypeAlias = CreateSilenceRequest  # noqa: Y015
+
+@_typing.final
+class CreateSilenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILENCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def silence(self) -> Global___Silence: ...
+    def __init__(
+        self,
+        *,
+        silence: Global___Silence | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["silence", b"silence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["silence", b"silence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSilenceResponse: _TypeAlias = CreateSilenceResponse  # noqa: Y015
+
+@_typing.final
+class ListSilencesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
+    SATELLITE_ID_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many silences per page (default 50, max 500)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first. Valid only
+    with the filters it was issued for.
+    """
+    include_ended: _builtins.bool
+    """Also those that have ended."""
+    satellite_id: _builtins.str
+    """Only silences naming this satellite, when set."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_ended: _builtins.bool = ...,
+        satellite_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_ended", b"include_ended", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSilencesRequest: _TypeAlias = ListSilencesRequest  # noqa: Y015
+
+@_typing.final
+class ListSilencesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILENCES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def silences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Silence]: ...
+    def __init__(
+        self,
+        *,
+        silences: _abc.Iterable[Global___Silence] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "silences", b"silences"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSilencesResponse: _TypeAlias = ListSilencesResponse  # noqa: Y015
+
+@_typing.final
+class ExpireSilenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILENCE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    silence_id: _builtins.str
+    request_id: _builtins.str
+    """Idempotency key, per silence."""
+    def __init__(
+        self,
+        *,
+        silence_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "silence_id", b"silence_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpireSilenceRequest: _TypeAlias = ExpireSilenceRequest  # noqa: Y015
+
+@_typing.final
+class ExpireSilenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILENCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def silence(self) -> Global___Silence: ...
+    def __init__(
+        self,
+        *,
+        silence: Global___Silence | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["silence", b"silence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["silence", b"silence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpireSilenceResponse: _TypeAlias = ExpireSilenceResponse  # noqa: Y015

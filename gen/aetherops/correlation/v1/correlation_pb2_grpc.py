@@ -90,6 +90,21 @@ class CorrelationServiceStub:
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersRequest.SerializeToString,
                 response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersResponse.FromString,
                 _registered_method=True)
+        self.CreateSilence = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/CreateSilence',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CreateSilenceRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CreateSilenceResponse.FromString,
+                _registered_method=True)
+        self.ListSilences = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/ListSilences',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListSilencesRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListSilencesResponse.FromString,
+                _registered_method=True)
+        self.ExpireSilence = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/ExpireSilence',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ExpireSilenceRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ExpireSilenceResponse.FromString,
+                _registered_method=True)
 
 
 class CorrelationServiceServicer:
@@ -180,7 +195,8 @@ class CorrelationServiceServicer:
     def ListAlerts(self, request, context):
         """Lists stored alerts that match the filters, duplicates included (marked),
         oldest alert time first: e.g. every alert ingested under one tracking id,
-        and the clusters they went to. tracking_id or cluster_id is required.
+        and the clusters they went to, or every alert a silence covered.
+        tracking_id, cluster_id or silence_id is required.
         Paginated; a page token is valid only with the filters it was issued for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -191,6 +207,35 @@ class CorrelationServiceServicer:
         """Streams cluster events (opened, updated, closed) as they are committed.
         A slow watcher misses events (it is told how many) rather than stalling
         ingestion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSilence(self, request, context):
+        """Silences the alerts an operator expects (a planned burn, a test, a fault
+        being worked) for a window: an alert that matches every matcher set, and
+        was observed in the window (its timestamp, so a batch downlinked after the
+        window is covered too), is stored and listed but opens and joins no
+        incident, so nothing pages and no runbook starts. It does not change
+        incidents already open. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSilences(self, request, context):
+        """Lists silences, most recently created first: by default those not yet
+        ended. Paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExpireSilence(self, request, context):
+        """Ends a silence now: alerts observed from now on correlate again (those
+        observed before stay covered). FAILED_PRECONDITION if it has ended
+        already (unless the same request_id is retried).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +293,21 @@ def add_CorrelationServiceServicer_to_server(servicer, server):
                     servicer.WatchClusters,
                     request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersRequest.FromString,
                     response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersResponse.SerializeToString,
+            ),
+            'CreateSilence': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSilence,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CreateSilenceRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CreateSilenceResponse.SerializeToString,
+            ),
+            'ListSilences': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSilences,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListSilencesRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListSilencesResponse.SerializeToString,
+            ),
+            'ExpireSilence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpireSilence,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ExpireSilenceRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ExpireSilenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +586,87 @@ class CorrelationService:
             '/aetherops.correlation.v1.CorrelationService/WatchClusters',
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersRequest.SerializeToString,
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.WatchClustersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSilence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/CreateSilence',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CreateSilenceRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CreateSilenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSilences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/ListSilences',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListSilencesRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ListSilencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpireSilence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/ExpireSilence',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ExpireSilenceRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.ExpireSilenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,13 +85,31 @@ class CorrelationServiceStub:
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ListAlertsRequest, _correlation_pb2.ListAlertsResponse]
     """Lists stored alerts that match the filters, duplicates included (marked),
     oldest alert time first: e.g. every alert ingested under one tracking id,
-    and the clusters they went to. tracking_id or cluster_id is required.
+    and the clusters they went to, or every alert a silence covered.
+    tracking_id, cluster_id or silence_id is required.
     Paginated; a page token is valid only with the filters it was issued for.
     """
     WatchClusters: _grpc.UnaryStreamMultiCallable[_correlation_pb2.WatchClustersRequest, _correlation_pb2.WatchClustersResponse]
     """Streams cluster events (opened, updated, closed) as they are committed.
     A slow watcher misses events (it is told how many) rather than stalling
     ingestion.
+    """
+    CreateSilence: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.CreateSilenceRequest, _correlation_pb2.CreateSilenceResponse]
+    """Silences the alerts an operator expects (a planned burn, a test, a fault
+    being worked) for a window: an alert that matches every matcher set, and
+    was observed in the window (its timestamp, so a batch downlinked after the
+    window is covered too), is stored and listed but opens and joins no
+    incident, so nothing pages and no runbook starts. It does not change
+    incidents already open. Idempotent on request_id.
+    """
+    ListSilences: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ListSilencesRequest, _correlation_pb2.ListSilencesResponse]
+    """Lists silences, most recently created first: by default those not yet
+    ended. Paginated.
+    """
+    ExpireSilence: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.ExpireSilenceRequest, _correlation_pb2.ExpireSilenceResponse]
+    """Ends a silence now: alerts observed from now on correlate again (those
+    observed before stay covered). FAILED_PRECONDITION if it has ended
+    already (unless the same request_id is retried).
     """
 
 @_typing.type_check_only
@@ -151,13 +169,31 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     ListAlerts: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ListAlertsRequest, _correlation_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Lists stored alerts that match the filters, duplicates included (marked),
     oldest alert time first: e.g. every alert ingested under one tracking id,
-    and the clusters they went to. tracking_id or cluster_id is required.
+    and the clusters they went to, or every alert a silence covered.
+    tracking_id, cluster_id or silence_id is required.
     Paginated; a page token is valid only with the filters it was issued for.
     """
     WatchClusters: _aio.UnaryStreamMultiCallable[_correlation_pb2.WatchClustersRequest, _correlation_pb2.WatchClustersResponse]  # type: ignore[assignment]
     """Streams cluster events (opened, updated, closed) as they are committed.
     A slow watcher misses events (it is told how many) rather than stalling
     ingestion.
+    """
+    CreateSilence: _aio.UnaryUnaryMultiCallable[_correlation_pb2.CreateSilenceRequest, _correlation_pb2.CreateSilenceResponse]  # type: ignore[assignment]
+    """Silences the alerts an operator expects (a planned burn, a test, a fault
+    being worked) for a window: an alert that matches every matcher set, and
+    was observed in the window (its timestamp, so a batch downlinked after the
+    window is covered too), is stored and listed but opens and joins no
+    incident, so nothing pages and no runbook starts. It does not change
+    incidents already open. Idempotent on request_id.
+    """
+    ListSilences: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ListSilencesRequest, _correlation_pb2.ListSilencesResponse]  # type: ignore[assignment]
+    """Lists silences, most recently created first: by default those not yet
+    ended. Paginated.
+    """
+    ExpireSilence: _aio.UnaryUnaryMultiCallable[_correlation_pb2.ExpireSilenceRequest, _correlation_pb2.ExpireSilenceResponse]  # type: ignore[assignment]
+    """Ends a silence now: alerts observed from now on correlate again (those
+    observed before stay covered). FAILED_PRECONDITION if it has ended
+    already (unless the same request_id is retried).
     """
 
 class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -268,7 +304,8 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_correlation_pb2.ListAlertsResponse, _abc.Awaitable[_correlation_pb2.ListAlertsResponse]]:
         """Lists stored alerts that match the filters, duplicates included (marked),
         oldest alert time first: e.g. every alert ingested under one tracking id,
-        and the clusters they went to. tracking_id or cluster_id is required.
+        and the clusters they went to, or every alert a silence covered.
+        tracking_id, cluster_id or silence_id is required.
         Paginated; a page token is valid only with the filters it was issued for.
         """
 
@@ -281,6 +318,41 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams cluster events (opened, updated, closed) as they are committed.
         A slow watcher misses events (it is told how many) rather than stalling
         ingestion.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSilence(
+        self,
+        request: _correlation_pb2.CreateSilenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.CreateSilenceResponse, _abc.Awaitable[_correlation_pb2.CreateSilenceResponse]]:
+        """Silences the alerts an operator expects (a planned burn, a test, a fault
+        being worked) for a window: an alert that matches every matcher set, and
+        was observed in the window (its timestamp, so a batch downlinked after the
+        window is covered too), is stored and listed but opens and joins no
+        incident, so nothing pages and no runbook starts. It does not change
+        incidents already open. Idempotent on request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSilences(
+        self,
+        request: _correlation_pb2.ListSilencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.ListSilencesResponse, _abc.Awaitable[_correlation_pb2.ListSilencesResponse]]:
+        """Lists silences, most recently created first: by default those not yet
+        ended. Paginated.
+        """
+
+    @_abc_1.abstractmethod
+    def ExpireSilence(
+        self,
+        request: _correlation_pb2.ExpireSilenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.ExpireSilenceResponse, _abc.Awaitable[_correlation_pb2.ExpireSilenceResponse]]:
+        """Ends a silence now: alerts observed from now on correlate again (those
+        observed before stay covered). FAILED_PRECONDITION if it has ended
+        already (unless the same request_id is retried).
         """
 
 def add_CorrelationServiceServicer_to_server(servicer: CorrelationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

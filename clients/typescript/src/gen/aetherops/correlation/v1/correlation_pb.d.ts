@@ -282,6 +282,14 @@ export declare type IngestAlertResponse = Message<"aetherops.correlation.v1.Inge
    * @generated from field: bool replay = 5;
    */
   replay: boolean;
+
+  /**
+   * Set when a silence covered the alert: it is stored, in no cluster
+   * (cluster_id is empty).
+   *
+   * @generated from field: string silence_id = 6;
+   */
+  silenceId: string;
 };
 
 /**
@@ -318,7 +326,8 @@ export declare type IngestAlertsRequest = Message<"aetherops.correlation.v1.Inge
 export declare const IngestAlertsRequestSchema: GenMessage<IngestAlertsRequest>;
 
 /**
- * Every alert sent is counted once: accepted + duplicates + replays + rejected.
+ * Every alert sent is counted once: accepted + duplicates + replays + rejected
+ * + silenced.
  *
  * @generated from message aetherops.correlation.v1.IngestAlertsResponse
  */
@@ -360,6 +369,13 @@ export declare type IngestAlertsResponse = Message<"aetherops.correlation.v1.Ing
    * @generated from field: int32 replays = 5;
    */
   replays: number;
+
+  /**
+   * Stored now, covered by a silence: in no cluster.
+   *
+   * @generated from field: int32 silenced = 6;
+   */
+  silenced: number;
 };
 
 /**
@@ -576,6 +592,13 @@ export declare type StoredAlert = Message<"aetherops.correlation.v1.StoredAlert"
    * @generated from field: google.protobuf.Timestamp ingest_time = 4;
    */
   ingestTime?: Timestamp | undefined;
+
+  /**
+   * Set when a silence covered it (cluster_id is then empty).
+   *
+   * @generated from field: string silence_id = 5;
+   */
+  silenceId: string;
 };
 
 /**
@@ -623,6 +646,13 @@ export declare type ListAlertsRequest = Message<"aetherops.correlation.v1.ListAl
    * @generated from field: string satellite_id = 5;
    */
   satelliteId: string;
+
+  /**
+   * Only alerts this silence covered.
+   *
+   * @generated from field: string silence_id = 6;
+   */
+  silenceId: string;
 };
 
 /**
@@ -910,6 +940,238 @@ export declare type WatchClustersResponse = Message<"aetherops.correlation.v1.Wa
 export declare const WatchClustersResponseSchema: GenMessage<WatchClustersResponse>;
 
 /**
+ * A window in which the alerts that match are kept out of incidents. Every
+ * matcher that is set must match; at least one must be set.
+ *
+ * @generated from message aetherops.correlation.v1.Silence
+ */
+export declare type Silence = Message<"aetherops.correlation.v1.Silence"> & {
+  /**
+   * Output only.
+   *
+   * @generated from field: string silence_id = 1;
+   */
+  silenceId: string;
+
+  /**
+   * Only alerts of these satellites (empty: any), at most 256.
+   *
+   * @generated from field: repeated string satellite_ids = 2;
+   */
+  satelliteIds: string[];
+
+  /**
+   * Only alerts of these subsystems (names or aliases, as alerts give them;
+   * stored canonical; empty: any), at most 256.
+   *
+   * @generated from field: repeated string subsystems = 3;
+   */
+  subsystems: string[];
+
+  /**
+   * Only alerts carrying every one of these labels with these values.
+   *
+   * @generated from field: map<string, string> labels = 4;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * Alerts observed from start_time (default: now) until end_time (required;
+   * at most 31 days later) are covered. Alerts observed in the window but
+   * downlinked up to 7 days after its end are covered too.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 5;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 6;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * Why (the manoeuvre, the test, the ticket). Required, at most 4096
+   * characters.
+   *
+   * @generated from field: string comment = 7;
+   */
+  comment: string;
+
+  /**
+   * Output only: who created it (the authenticated principal) and when.
+   *
+   * @generated from field: string created_by = 8;
+   */
+  createdBy: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp create_time = 9;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Output only, set when ExpireSilence ended it (end_time is then that
+   * moment): by whom and when.
+   *
+   * @generated from field: string expired_by = 10;
+   */
+  expiredBy: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp expire_time = 11;
+   */
+  expireTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.Silence.
+ * Use `create(SilenceSchema)` to create a new message.
+ */
+export declare const SilenceSchema: GenMessage<Silence>;
+
+/**
+ * @generated from message aetherops.correlation.v1.CreateSilenceRequest
+ */
+export declare type CreateSilenceRequest = Message<"aetherops.correlation.v1.CreateSilenceRequest"> & {
+  /**
+   * @generated from field: aetherops.correlation.v1.Silence silence = 1;
+   */
+  silence?: Silence | undefined;
+
+  /**
+   * Idempotency key: retrying with the same id answers with the silence the
+   * first call created.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.CreateSilenceRequest.
+ * Use `create(CreateSilenceRequestSchema)` to create a new message.
+ */
+export declare const CreateSilenceRequestSchema: GenMessage<CreateSilenceRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.CreateSilenceResponse
+ */
+export declare type CreateSilenceResponse = Message<"aetherops.correlation.v1.CreateSilenceResponse"> & {
+  /**
+   * @generated from field: aetherops.correlation.v1.Silence silence = 1;
+   */
+  silence?: Silence | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.CreateSilenceResponse.
+ * Use `create(CreateSilenceResponseSchema)` to create a new message.
+ */
+export declare const CreateSilenceResponseSchema: GenMessage<CreateSilenceResponse>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ListSilencesRequest
+ */
+export declare type ListSilencesRequest = Message<"aetherops.correlation.v1.ListSilencesRequest"> & {
+  /**
+   * At most this many silences per page (default 50, max 500).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first. Valid only
+   * with the filters it was issued for.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Also those that have ended.
+   *
+   * @generated from field: bool include_ended = 3;
+   */
+  includeEnded: boolean;
+
+  /**
+   * Only silences naming this satellite, when set.
+   *
+   * @generated from field: string satellite_id = 4;
+   */
+  satelliteId: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ListSilencesRequest.
+ * Use `create(ListSilencesRequestSchema)` to create a new message.
+ */
+export declare const ListSilencesRequestSchema: GenMessage<ListSilencesRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ListSilencesResponse
+ */
+export declare type ListSilencesResponse = Message<"aetherops.correlation.v1.ListSilencesResponse"> & {
+  /**
+   * @generated from field: repeated aetherops.correlation.v1.Silence silences = 1;
+   */
+  silences: Silence[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ListSilencesResponse.
+ * Use `create(ListSilencesResponseSchema)` to create a new message.
+ */
+export declare const ListSilencesResponseSchema: GenMessage<ListSilencesResponse>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ExpireSilenceRequest
+ */
+export declare type ExpireSilenceRequest = Message<"aetherops.correlation.v1.ExpireSilenceRequest"> & {
+  /**
+   * @generated from field: string silence_id = 1;
+   */
+  silenceId: string;
+
+  /**
+   * Idempotency key, per silence.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ExpireSilenceRequest.
+ * Use `create(ExpireSilenceRequestSchema)` to create a new message.
+ */
+export declare const ExpireSilenceRequestSchema: GenMessage<ExpireSilenceRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.ExpireSilenceResponse
+ */
+export declare type ExpireSilenceResponse = Message<"aetherops.correlation.v1.ExpireSilenceResponse"> & {
+  /**
+   * @generated from field: aetherops.correlation.v1.Silence silence = 1;
+   */
+  silence?: Silence | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.ExpireSilenceResponse.
+ * Use `create(ExpireSilenceResponseSchema)` to create a new message.
+ */
+export declare const ExpireSilenceResponseSchema: GenMessage<ExpireSilenceResponse>;
+
+/**
  * Lifecycle of a cluster.
  *
  * @generated from enum aetherops.correlation.v1.ClusterStatus
@@ -1091,7 +1353,8 @@ export declare const CorrelationService: GenService<{
   /**
    * Lists stored alerts that match the filters, duplicates included (marked),
    * oldest alert time first: e.g. every alert ingested under one tracking id,
-   * and the clusters they went to. tracking_id or cluster_id is required.
+   * and the clusters they went to, or every alert a silence covered.
+   * tracking_id, cluster_id or silence_id is required.
    * Paginated; a page token is valid only with the filters it was issued for.
    *
    * @generated from rpc aetherops.correlation.v1.CorrelationService.ListAlerts
@@ -1112,6 +1375,44 @@ export declare const CorrelationService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchClustersRequestSchema;
     output: typeof WatchClustersResponseSchema;
+  },
+  /**
+   * Silences the alerts an operator expects (a planned burn, a test, a fault
+   * being worked) for a window: an alert that matches every matcher set, and
+   * was observed in the window (its timestamp, so a batch downlinked after the
+   * window is covered too), is stored and listed but opens and joins no
+   * incident, so nothing pages and no runbook starts. It does not change
+   * incidents already open. Idempotent on request_id.
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.CreateSilence
+   */
+  createSilence: {
+    methodKind: "unary";
+    input: typeof CreateSilenceRequestSchema;
+    output: typeof CreateSilenceResponseSchema;
+  },
+  /**
+   * Lists silences, most recently created first: by default those not yet
+   * ended. Paginated.
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.ListSilences
+   */
+  listSilences: {
+    methodKind: "unary";
+    input: typeof ListSilencesRequestSchema;
+    output: typeof ListSilencesResponseSchema;
+  },
+  /**
+   * Ends a silence now: alerts observed from now on correlate again (those
+   * observed before stay covered). FAILED_PRECONDITION if it has ended
+   * already (unless the same request_id is retried).
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.ExpireSilence
+   */
+  expireSilence: {
+    methodKind: "unary";
+    input: typeof ExpireSilenceRequestSchema;
+    output: typeof ExpireSilenceResponseSchema;
   },
 }>;
 
