@@ -19,7 +19,16 @@ from typing import Any, TypeVar
 
 from aetherops.errors import FieldViolation
 
-__all__ = ["decode_page_token", "encode_page_token", "filters_key", "position_text", "read_page_token", "time_and_id"]
+__all__ = [
+    "cut_page",
+    "decode_page_token",
+    "encode_page_token",
+    "filters_key",
+    "page_limit",
+    "position_text",
+    "read_page_token",
+    "time_and_id",
+]
 
 T = TypeVar("T")
 
@@ -87,3 +96,17 @@ def time_and_id(id_field: str) -> Callable[[dict[str, Any]], tuple[datetime, str
         return datetime.fromisoformat(position_text(position["t"])), position_text(position[id_field])
 
     return parse
+
+
+def page_limit(page_size: int) -> int:
+    """Items per page: `page_size`, 50 when unset, never more than 500."""
+    return min(page_size or 50, 500)
+
+
+def cut_page(rows: list[T], limit: int, position: Callable[[T], dict[str, Any]], filters: str) -> tuple[list[T], str]:
+    """A page and the token for the next one, from `rows` fetched with one more than `limit` (that
+    extra row only says that more follow; the token holds the position of the page's last item)."""
+    if len(rows) <= limit:
+        return rows, ""
+    page = rows[:limit]
+    return page, encode_page_token(position(page[-1]), filters)

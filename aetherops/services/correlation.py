@@ -40,7 +40,7 @@ from aetherops.errors import (
     NotFoundError,
     ValidationError,
 )
-from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token, time_and_id
+from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
 from aetherops.silences import Silence
 from aetherops.tasks import cancel_and_wait
@@ -486,7 +486,7 @@ class CorrelationService:
         after = read_page_token(page_token, filters, time_and_id("c"), problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or 50, 500)
+        limit = page_limit(page_size)
         since = self._clock.now() - timedelta(seconds=self._engine.time_window_s)
         async with self._db.connection() as conn:
             page = await repo.list_active(
@@ -498,12 +498,7 @@ class CorrelationService:
                 after=after,
                 alert_limit=alert_limit,
             )
-        token = ""
-        if len(page) > limit:
-            page = page[:limit]
-            last = page[-1]
-            token = encode_page_token({"t": last.last_alert_time.isoformat(), "c": last.cluster_id}, filters)
-        return page, token
+        return cut_page(page, limit, lambda c: {"t": c.last_alert_time.isoformat(), "c": c.cluster_id}, filters)
 
     async def list_clusters(
         self,
@@ -535,7 +530,7 @@ class CorrelationService:
         after = read_page_token(page_token, filters, lambda p: position_text(p["c"]), problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or 50, 500)
+        limit = page_limit(page_size)
         async with self._db.connection() as conn:
             page = await repo.list_clusters(
                 conn,
@@ -548,11 +543,7 @@ class CorrelationService:
                 after=after,
                 alert_limit=alert_limit,
             )
-        token = ""
-        if len(page) > limit:
-            page = page[:limit]
-            token = encode_page_token({"c": page[-1].cluster_id}, filters)
-        return page, token
+        return cut_page(page, limit, lambda c: {"c": c.cluster_id}, filters)
 
     @staticmethod
     def watch_filter_problems(satellite_ids: Sequence[str], min_severity: int) -> list[FieldViolation]:
@@ -598,7 +589,7 @@ class CorrelationService:
         after = read_page_token(page_token, filters, time_and_id("a"), problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or 50, 500)
+        limit = page_limit(page_size)
         async with self._db.connection() as conn:
             page = await repo.list_alerts(
                 conn,
@@ -609,12 +600,7 @@ class CorrelationService:
                 after=after,
                 limit=limit + 1,
             )
-        token = ""
-        if len(page) > limit:
-            page = page[:limit]
-            last = page[-1].alert
-            token = encode_page_token({"t": last.timestamp.isoformat(), "a": last.alert_id}, filters)
-        return page, token
+        return cut_page(page, limit, lambda a: {"t": a.alert.timestamp.isoformat(), "a": a.alert.alert_id}, filters)
 
     async def close(
         self, cluster_id: str, *, reason: str, closed_by: str, request_id: str, alert_limit: int | None = None

@@ -21,7 +21,7 @@ from aetherops.db import Database, idempotency
 from aetherops.db import silences as repo
 from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
 from aetherops.ids import sortable_id
-from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token
+from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token
 from aetherops.silences import Silence, SilenceIndex, silence_problems
 from aetherops.tasks import cancel_and_wait
 from aetherops.text import id_problem
@@ -164,7 +164,7 @@ class SilenceService:
         after = read_page_token(page_token, filters, lambda p: position_text(p["s"]), problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or 50, 500)
+        limit = page_limit(page_size)
         async with self._db.connection() as conn:
             page = await repo.list_page(
                 conn,
@@ -173,8 +173,4 @@ class SilenceService:
                 after=after,
                 limit=limit + 1,
             )
-        token = ""
-        if len(page) > limit:
-            page = page[:limit]
-            token = encode_page_token({"s": page[-1].silence_id}, filters)
-        return page, token
+        return cut_page(page, limit, lambda s: {"s": s.silence_id}, filters)
