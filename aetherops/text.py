@@ -21,6 +21,7 @@ __all__ = [
     "NUL_PROBLEM",
     "SURROGATE_PROBLEM",
     "chars_problem",
+    "filter_problems",
     "id_problem",
     "labels_problems",
     "text_problem",
@@ -72,6 +73,18 @@ def id_problem(value: object) -> str | None:
     if value[0].isspace() or value[-1].isspace():
         return ID_WHITESPACE_PROBLEM
     return chars_problem(value)
+
+
+def filter_problems(**filters: str) -> list[FieldViolation]:
+    """What is wrong with a listing's identifier filters, one violation per field (keyword = field
+    name). Empty means "any"; anything else must be a usable identifier (`id_problem`). Checked
+    before the query: a NUL would otherwise fail the statement and be reported against the whole
+    request, and an id no row can have (too long, padded) is a mistake to name, not an empty page."""
+    problems = []
+    for name, value in filters.items():
+        if value and (problem := id_problem(value)) is not None:
+            problems.append(FieldViolation(name, problem))
+    return problems
 
 
 def text_problem(value: str, max_len: int) -> str | None:

@@ -652,8 +652,9 @@ class CapacityService:
     # ---- queries --------------------------------------------------------------------------------
 
     def _require_satellite(self, satellite_id: str) -> None:
-        if not satellite_id.strip():
-            raise ValidationError.single("satellite_id", "must not be empty")
+        # An id no satellite can have is named as such, and is not echoed in a NOT_FOUND message.
+        if (problem := id_problem(satellite_id)) is not None:
+            raise ValidationError.single("satellite_id", problem)
         if not self._planner.has_satellite(satellite_id):
             raise NotFoundError(f"unknown satellite {satellite_id!r}: no snapshots stored")
 
@@ -686,8 +687,8 @@ class CapacityService:
         """One page of a stored series, oldest first, within [start, end). Read from PostgreSQL, so every
         replica answers the same; the token is the last timestamp (µs), bound to the series and range."""
         problems: list[FieldViolation] = []
-        if not satellite_id.strip():
-            problems.append(FieldViolation("satellite_id", "must not be empty"))
+        if (problem := id_problem(satellite_id)) is not None:
+            problems.append(FieldViolation("satellite_id", problem))
         if start is not None and end is not None and end <= start:
             problems.append(FieldViolation("end_time", "must be after start_time"))
         if page_size < 0:
@@ -722,8 +723,8 @@ class CapacityService:
         """One page of a satellite's scheduled missions, earliest start first, from PostgreSQL. The
         token is the last (start time, id), bound to the filters it was issued for."""
         problems: list[FieldViolation] = []
-        if not satellite_id.strip():
-            problems.append(FieldViolation("satellite_id", "must not be empty"))
+        if (problem := id_problem(satellite_id)) is not None:
+            problems.append(FieldViolation("satellite_id", problem))
         if start is not None and end is not None and end <= start:
             problems.append(FieldViolation("end_time", "must be after start_time"))
         if page_size < 0:

@@ -32,6 +32,7 @@ from aetherops.correlation import (
 )
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
+from aetherops.db import silences as silence_repo
 from aetherops.db.correlation import AlertRow, ClusterRecord, KnownAlert, StoredAlert
 from aetherops.errors import (
     AlreadyExistsError,
@@ -44,14 +45,13 @@ from aetherops.paging import cut_page, filters_key, page_limit, position_text, r
 from aetherops.services.batching import GroupCommitter
 from aetherops.silences import Silence
 from aetherops.tasks import cancel_and_wait
-from aetherops.text import id_problem, text_problem, utf8_len
+from aetherops.text import filter_problems, id_problem, text_problem, utf8_len
 from aetherops.tracking import current_tracking_id
 
 __all__ = ["INGEST_BATCH", "CorrelationService", "IncidentEvent", "IngestOutcome"]
 
 log = logging.getLogger("aetherops.correlation")
 
-_MAX_FILTER_LEN = 256
 _MAX_REASON_LEN = 4096
 """Longest close reason in characters (an alert's message has the same limit)."""
 
@@ -482,6 +482,7 @@ class CorrelationService:
             problems.append(FieldViolation("page_size", "must not be negative"))
         if not 0 <= min_severity <= 5:
             problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
+        problems += filter_problems(satellite_id=satellite_id)
         filters = filters_key(satellite_id, min_severity)
         after = read_page_token(page_token, filters, time_and_id("c"), problems)
         if problems:
@@ -518,10 +519,7 @@ class CorrelationService:
             problems.append(FieldViolation("page_size", "must not be negative"))
         if not 0 <= min_severity <= 5:
             problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
-        if satellite_id:
-            problem = id_problem(satellite_id)
-            if problem is not None:
-                problems.append(FieldViolation("satellite_id", problem))
+        problems += filter_problems(satellite_id=satellite_id)
         if start is not None and end is not None and end <= start:
             problems.append(FieldViolation("end_time", "must be after start_time"))
         state = None if status is None else status.name
@@ -576,14 +574,9 @@ class CorrelationService:
             problems.append(FieldViolation("page_size", "must not be negative"))
         if not (tracking_id or cluster_id or silence_id):
             problems.append(FieldViolation("tracking_id", "set tracking_id, cluster_id or silence_id"))
-        for name, value in (
-            ("tracking_id", tracking_id),
-            ("cluster_id", cluster_id),
-            ("satellite_id", satellite_id),
-            ("silence_id", silence_id),
-        ):
-            if len(value) > _MAX_FILTER_LEN:
-                problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
+        problems += filter_problems(
+            tracking_id=tracking_id, cluster_id=cluster_id, satellite_id=satellite_id, silence_id=silence_id
+        )
         # The silence joins the key only when set: tokens issued before it existed stay valid.
         filters = filters_key(tracking_id, cluster_id, satellite_id, *([silence_id] if silence_id else []))
         after = read_page_token(page_token, filters, time_and_id("a"), problems)
@@ -600,6 +593,13 @@ class CorrelationService:
                 after=after,
                 limit=limit + 1,
             )
+            if not page and after is None:
+                # An empty first page for a cluster or silence that does not exist is a mistyped id,
+                # not "no alerts": say so (checked only then, so listings cost no extra query).
+                if cluster_id and await repo.get_cluster(conn, cluster_id, alert_limit=0) is None:
+                    raise NotFoundError(f"cluster {cluster_id!r} not found")
+                if silence_id and await silence_repo.get(conn, silence_id) is None:
+                    raise NotFoundError(f"silence {silence_id!r} not found")
         return cut_page(page, limit, lambda a: {"t": a.alert.timestamp.isoformat(), "a": a.alert.alert_id}, filters)
 
     async def close(

@@ -98,7 +98,7 @@ from aetherops.runbook import (
 )
 from aetherops.runbook_conditions import validate_conditions
 from aetherops.services.agents import AgentCall, AgentInvoker
-from aetherops.text import MAX_ID_LEN, text_problem
+from aetherops.text import MAX_ID_LEN, filter_problems, text_problem
 from aetherops.tracking import current_tracking_id, reset_tracking_id, set_tracking_id
 
 __all__ = [
@@ -138,7 +138,6 @@ _LEASE_GRACE_S = 5.0
 _DEFAULT_PAGE = 50
 _PAGE_JSON_BYTES = 1024 * 1024  # of runbook definitions per ListRunbooks page (one always fits)
 _MAX_PAGE = 500
-_MAX_FILTER_LEN = 256
 _EXECUTION_STATUSES = (
     RunbookStatus.RUNNING,
     RunbookStatus.COMPLETED,
@@ -954,9 +953,7 @@ class RunbookService:
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
-        for name, value in (("tracking_id", tracking_id), ("incident_id", incident_id), ("runbook_id", runbook_id)):
-            if len(value) > _MAX_FILTER_LEN:
-                problems.append(FieldViolation(name, f"at most {_MAX_FILTER_LEN} characters"))
+        problems += filter_problems(tracking_id=tracking_id, incident_id=incident_id, runbook_id=runbook_id)
         if status is not None and status not in _EXECUTION_STATUSES:
             names = ", ".join(s.value for s in _EXECUTION_STATUSES)
             problems.append(FieldViolation("status", f"{status.value} is not an execution status ({names})"))

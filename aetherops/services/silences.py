@@ -24,7 +24,7 @@ from aetherops.ids import sortable_id
 from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token
 from aetherops.silences import Silence, SilenceIndex, silence_problems
 from aetherops.tasks import cancel_and_wait
-from aetherops.text import id_problem
+from aetherops.text import filter_problems, id_problem
 
 __all__ = ["SilenceService"]
 
@@ -158,8 +158,7 @@ class SilenceService:
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
-        if satellite_id and (problem := id_problem(satellite_id)) is not None:
-            problems.append(FieldViolation("satellite_id", problem))
+        problems += filter_problems(satellite_id=satellite_id)
         filters = filters_key(include_ended, satellite_id)
         after = read_page_token(page_token, filters, lambda p: position_text(p["s"]), problems)
         if problems:

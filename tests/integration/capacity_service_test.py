@@ -273,6 +273,18 @@ async def test_queries_validate_and_unknown_satellites_are_not_found(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # An id no satellite can have is named (not a NOT_FOUND echoing 5,000 characters, nor a NUL
+    # reaching PostgreSQL).
+    for bad in ("x" * 5000, "SAT\x00", " SAT-1"):
+        for call in (
+            stub.ForecastExhaustion(pb.ForecastExhaustionRequest(satellite_id=bad, resource_type=FUEL)),
+            stub.ListSnapshots(pb.ListSnapshotsRequest(satellite_id=bad, resource_type=FUEL)),
+            stub.ListScheduledMissions(pb.ListScheduledMissionsRequest(satellite_id=bad)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad[:20]
+            assert set(violations(caught.value)) == {"satellite_id"}, bad[:20]
 
     # Known satellite, too little history: an empty forecast with the reason, not an error.
     await ingest(stub, history("SAT-1", hours=2))

@@ -104,6 +104,29 @@ async def test_list_alerts_by_tracking_id_cluster_and_satellite(server: Any, cha
     page = await viewer.ListAlerts(cpb.ListAlertsRequest(tracking_id=bulk, page_size=1))
     reused = cpb.ListAlertsRequest(tracking_id=other, page_token=page.next_page_token)
     assert await _bad(viewer.ListAlerts(reused)) == {"page_token"}
+    # A filter no stored id can match is named, not answered with an empty page (a NUL would
+    # otherwise fail the query and be blamed on the whole request).
+    assert await _bad(viewer.ListAlerts(cpb.ListAlertsRequest(cluster_id="c\x00", satellite_id=" SAT-L1"))) == {
+        "cluster_id",
+        "satellite_id",
+    }
+    # An unknown cluster or silence is NOT_FOUND; a known one with no alerts (here: none on that
+    # satellite) is an empty page.
+    for unknown in (cpb.ListAlertsRequest(cluster_id="c-nope"), cpb.ListAlertsRequest(silence_id="s-nope")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await viewer.ListAlerts(unknown)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND, unknown
+    assert not (await viewer.ListAlerts(cpb.ListAlertsRequest(cluster_id=cluster_id, satellite_id="SAT-L9"))).alerts
+
+
+async def test_listing_filters_no_id_can_match_are_refused_by_field(server: Any, channel_for: Any) -> None:
+    viewer = correlation_pb2_grpc.CorrelationServiceStub(channel_for("viewer", server.port))
+    for bad in ("SAT\x00", "x" * 300, "SAT-1 "):
+        assert await _bad(viewer.ListActiveClusters(cpb.ListActiveClustersRequest(satellite_id=bad))) == {
+            "satellite_id"
+        }, bad
+        assert await _bad(viewer.ListClusters(cpb.ListClustersRequest(satellite_id=bad))) == {"satellite_id"}, bad
+        assert await _bad(viewer.ListSilences(cpb.ListSilencesRequest(satellite_id=bad))) == {"satellite_id"}, bad
 
 
 async def test_list_clusters_is_the_incident_history_open_quiet_and_closed(server: Any, channel_for: Any) -> None:
@@ -234,6 +257,8 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
         "page_size",
         "runbook_id",
     }
+    nul = pb.ListExecutionsRequest(incident_id="inc\x00", tracking_id="t\x00")
+    assert await _bad(viewer.ListExecutions(nul)) == {"incident_id", "tracking_id"}
     assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(page_token="%%%"))) == {"page_token"}
     page = await viewer.ListExecutions(pb.ListExecutionsRequest(page_size=1))
     other = pb.ListExecutionsRequest(runbook_id="rb-a", page_token=page.next_page_token)
