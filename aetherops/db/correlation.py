@@ -55,6 +55,8 @@ class ClusterRecord:
     # Arrival of the last alert that joined already older than the correlation window (a downlinked
     # batch; `IncidentCluster.late_arrival_time`); None when none did since it was opened.
     late_arrival_time: datetime | None = None
+    # The alert that opened it (None for clusters stored before migration 0012 recorded it).
+    opened_by_alert_id: str | None = None
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -105,6 +107,7 @@ _CLUSTER_COLUMN_NAMES = [
     "alert_count",
     "duplicate_count",
     "tracking_id",
+    "opened_by_alert_id",
 ]
 # Written by updates only (`_UPDATE_CLUSTER`); read with the rest.
 _CLUSTER_COLUMNS = ", ".join([*_CLUSTER_COLUMN_NAMES, "late_arrival_time"])
@@ -129,6 +132,7 @@ def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRe
         duplicate_count=row["duplicate_count"],
         tracking_id=row["tracking_id"],
         late_arrival_time=row["late_arrival_time"],
+        opened_by_alert_id=row["opened_by_alert_id"],
         alerts=alerts or [],
     )
 
@@ -156,6 +160,7 @@ class KnownAlert(NamedTuple):
     severity: int
     alert_time: datetime
     silence_id: str | None
+    opened: bool  # it opened its cluster (IngestAlert's cluster_opened)
 
 
 async def quiet_open_clusters(conn: asyncpg.Connection, before: datetime, limit: int) -> list[str]:
@@ -180,12 +185,13 @@ async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> di
     # assumes each id matches 0.5% of the rows), and every batch then reads the whole table.
     rows = await conn.fetch(
         """SELECT k.alert_id, a.cluster_id, a.duplicate_of, a.satellite_id, a.subsystem, a.severity, a.alert_time,
-                  a.silence_id
+                  a.silence_id, COALESCE(c.opened_by_alert_id = k.alert_id, false)
            FROM unnest($1::text[]) AS k(alert_id)
            CROSS JOIN LATERAL (
                SELECT cluster_id, duplicate_of, satellite_id, subsystem, severity, alert_time, silence_id
                FROM alerts WHERE alerts.alert_id = k.alert_id LIMIT 1
-           ) AS a""",
+           ) AS a
+           LEFT JOIN clusters AS c ON c.cluster_id = a.cluster_id""",
         list(alert_ids),
     )
     return {r["alert_id"]: KnownAlert(*list(r.values())[1:]) for r in rows}
@@ -194,18 +200,18 @@ async def known_alerts(conn: asyncpg.Connection, alert_ids: Sequence[str]) -> di
 _INSERT_CLUSTERS = """
     INSERT INTO clusters (cluster_id, status, root_cause_alert_id, root_cause_confidence, satellites, subsystems,
                           max_severity, first_alert_time, last_alert_time, opened_time, closed_time, close_reason,
-                          closed_by, alert_count, duplicate_count, tracking_id)
+                          closed_by, alert_count, duplicate_count, tracking_id, opened_by_alert_id)
     SELECT v.cluster_id, v.status, v.root_cause_alert_id, v.root_cause_confidence,
            ARRAY(SELECT jsonb_array_elements_text(v.lists -> 'satellites')),
            ARRAY(SELECT jsonb_array_elements_text(v.lists -> 'subsystems')),
            v.max_severity, v.first_alert_time, v.last_alert_time, v.opened_time, v.closed_time, v.close_reason,
-           v.closed_by, v.alert_count, v.duplicate_count, v.tracking_id
+           v.closed_by, v.alert_count, v.duplicate_count, v.tracking_id, v.opened_by_alert_id
     FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::jsonb[], $6::int[], $7::timestamptz[],
                 $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[], $13::int[],
-                $14::int[], $15::text[])
+                $14::int[], $15::text[], $16::text[])
       AS v(cluster_id, status, root_cause_alert_id, root_cause_confidence, lists, max_severity, first_alert_time,
            last_alert_time, opened_time, closed_time, close_reason, closed_by, alert_count, duplicate_count,
-           tracking_id)"""
+           tracking_id, opened_by_alert_id)"""
 
 # The status and the close fields of an existing cluster are not written here: `close_cluster` owns
 # them. A batch prepared before a close commits may still carry the cluster as open, and must not
@@ -223,8 +229,8 @@ _UPDATE_CLUSTER = """
 _INSERT_ALERTS = """
     INSERT INTO alerts (alert_id, cluster_id, satellite_id, subsystem, severity, alert_time, message, labels,
                         duplicate_of, tracking_id, silence_id)
-    SELECT * FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::int[], $21::timestamptz[],
-                         $22::text[], $23::jsonb[], $24::text[], $25::text[], $26::text[])"""
+    SELECT * FROM unnest($17::text[], $18::text[], $19::text[], $20::text[], $21::int[], $22::timestamptz[],
+                         $23::text[], $24::jsonb[], $25::text[], $26::text[], $27::text[])"""
 
 STATEMENT_ROWS: Final = 100
 """Largest batch (in alerts) that `write_batch` inserts with one statement rather than with COPY."""
@@ -232,7 +238,7 @@ STATEMENT_ROWS: Final = 100
 _INSERT_BATCH = f"""
     WITH new_clusters AS ({_INSERT_CLUSTERS}),
          new_alerts AS ({_INSERT_ALERTS})
-    {outbox.insert_from_arrays(27)}"""
+    {outbox.insert_from_arrays(28)}"""
 
 
 async def write_batch(
@@ -355,6 +361,7 @@ def _cluster_values(c: ClusterRecord) -> tuple[Any, ...]:
         c.alert_count,
         c.duplicate_count,
         c.tracking_id,
+        c.opened_by_alert_id,
     )
 
 

@@ -127,8 +127,9 @@ EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
 """(event, event_id, occurred_time) -> encoded events.v1.Event envelope."""
 
 
-def record_of(cluster: IncidentCluster, *, with_alerts: bool = True) -> ClusterRecord:
-    """The stored form of an engine cluster (without its alerts for writes: they are stored as rows)."""
+def record_of(cluster: IncidentCluster, *, with_alerts: bool = True, opened_by: str | None = None) -> ClusterRecord:
+    """The stored form of an engine cluster (without its alerts for writes: they are stored as rows);
+    `opened_by` is the alert that opened it, for a cluster about to be inserted."""
     return ClusterRecord(
         cluster_id=cluster.cluster_id,
         status=cluster.status.name,
@@ -145,6 +146,7 @@ def record_of(cluster: IncidentCluster, *, with_alerts: bool = True) -> ClusterR
         duplicate_count=cluster.duplicate_count,
         tracking_id=cluster.alerts[0].tracking_id if cluster.alerts else "",
         late_arrival_time=cluster.late_arrival_time,
+        opened_by_alert_id=opened_by,
         alerts=list(cluster.alerts) if with_alerts else [],
     )
 
@@ -375,8 +377,9 @@ class CorrelationService:
         """The engine's decisions for a batch, and what to write for them."""
         outcomes: list[IngestOutcome] = []
         rows: list[AlertRow] = []
-        # cluster -> (opened, added ids, root changed, membership changed, tracking id of the last added)
-        touched: dict[str, tuple[bool, list[str], bool, bool, str]] = {}
+        # cluster -> (the alert that opened it, if this batch did; added ids, root changed, membership
+        # changed, tracking id of the last added)
+        touched: dict[str, tuple[str | None, list[str], bool, bool, str]] = {}
         # The same alert id twice in one batch (a retry racing its original): the repeat gets the
         # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
         in_batch: dict[str, tuple[Alert, IngestOutcome]] = {}
@@ -389,7 +392,9 @@ class CorrelationService:
                 conflict = _conflict(alert, stored)
                 dup_of, cid = stored.duplicate_of, stored.cluster_id or ""
                 outcomes.append(
-                    IngestOutcome(cid, dup_of is not None, dup_of, replay=True, silence_id=stored.silence_id)
+                    IngestOutcome(
+                        cid, dup_of is not None, dup_of, stored.opened, replay=True, silence_id=stored.silence_id
+                    )
                     if conflict is None
                     else IngestOutcome(cid, conflict=conflict)
                 )
@@ -399,7 +404,7 @@ class CorrelationService:
                 first_alert, first = earlier
                 conflict = _conflict(alert, first_alert)
                 outcomes.append(
-                    first._replace(opened=False, replay=True)
+                    first._replace(replay=True)
                     if conflict is None
                     else IngestOutcome(first.cluster_id, conflict=conflict)
                 )
@@ -417,13 +422,13 @@ class CorrelationService:
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
             rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
-            opened, added, root_changed, grew, cause = touched.get(result.cluster_id, (False, [], False, False, ""))
+            opener, added, root_changed, grew, cause = touched.get(result.cluster_id, (None, [], False, False, ""))
             if not result.duplicate:
                 added.append(alert.alert_id)
                 # The committer runs under no request's tracking id: the alert carries its own.
                 cause = alert.tracking_id
             touched[result.cluster_id] = (
-                opened or result.opened,
+                aid if result.opened else opener,
                 added,
                 root_changed or result.root_cause_changed,
                 grew or result.membership_changed,
@@ -437,14 +442,14 @@ class CorrelationService:
         events: list[outbox.OutboxEvent] = []
         opened_ids: set[str] = set()
         grown_ids: set[str] = set()
-        for cid, (opened, added, root_changed, grew, cause) in touched.items():
+        for cid, (opener, added, root_changed, grew, cause) in touched.items():
             cluster = self._engine.require_cluster(cid)
-            record = record_of(cluster, with_alerts=False)
+            record = record_of(cluster, with_alerts=False, opened_by=opener)
             records.append(record)
             root = cluster.root_cause_alert()
             if grew:
                 grown_ids.add(cid)
-            if opened:
+            if opener is not None:
                 opened_ids.add(cid)
                 event = IncidentEvent("opened", record, root, added, True, tracking_id=record.tracking_id)
                 events.append(self._event(event, now))

@@ -150,7 +150,9 @@ async def test_power_cascade_over_three_satellites_is_one_incident_across_restar
 async def test_unrelated_faults_stay_apart_and_duplicates_are_dropped(channel: grpc.aio.Channel, db: Database) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=60)
-    a = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-1", "payload", t0)))
+    a_id = uuid.uuid4().hex
+    a = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-1", "payload", t0, alert_id=a_id)))
+    assert a.cluster_opened
     b = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-7", "comms", t0 + timedelta(seconds=30))))
     assert a.cluster_id != b.cluster_id
 
@@ -158,7 +160,11 @@ async def test_unrelated_faults_stay_apart_and_duplicates_are_dropped(channel: g
     dup = await stub.IngestAlert(pb.IngestAlertRequest(alert=first))
     assert dup.duplicate and dup.cluster_id == a.cluster_id and dup.duplicate_of_alert_id
     replay = await stub.IngestAlert(pb.IngestAlertRequest(alert=first))
-    assert replay.replay and replay.cluster_id == a.cluster_id
+    assert replay.replay and replay.cluster_id == a.cluster_id and not replay.cluster_opened
+    # A retry answers as the first call did (its answer may have been lost): the opening alert's
+    # retry says it opened the cluster, so a caller paging on new incidents still pages.
+    opener = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-1", "payload", t0, alert_id=a_id)))
+    assert (opener.replay, opener.cluster_opened, opener.cluster_id) == (True, True, a.cluster_id)
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", first.alert_id) == 1
 
     cluster = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=a.cluster_id))).cluster

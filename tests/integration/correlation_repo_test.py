@@ -31,7 +31,8 @@ async def test_a_batch_writes_its_clusters_alerts_and_events(db: Database, alert
     ]
     later = repo.AlertRow(Alert("b0", "SAT-2", "power", 4, t0), "old", None, "")
     events = [outbox.OutboxEvent("incidents.opened", "new", b"x"), outbox.OutboxEvent("incidents.updated", "old", b"y")]
-    clusters = [record("new", alerts, ["SAT-1"]), record("old", 2, ["SAT-0", "SAT-2"])]
+    opened = dataclasses.replace(record("new", alerts, ["SAT-1"]), opened_by_alert_id="a0")
+    clusters = [opened, record("old", 2, ["SAT-0", "SAT-2"])]
     async with db.connection() as conn:
         await repo.write_batch(conn, clusters, {"new"}, {"old"}, [*first, later], events)
 
@@ -42,6 +43,11 @@ async def test_a_batch_writes_its_clusters_alerts_and_events(db: Database, alert
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE cluster_id = 'new' AND tracking_id = 't'") == alerts
     assert await db.fetchval("SELECT count(*) FROM alerts WHERE cluster_id = 'old'") == 1
     assert [r["aggregate_id"] for r in await db.fetch("SELECT aggregate_id FROM outbox ORDER BY id")] == ["new", "old"]
+    # A resend is answered with whether the alert opened its cluster (the first answer may be lost).
+    async with db.connection() as conn:
+        known = await repo.known_alerts(conn, ["a0", f"a{alerts - 1}", "b0", "never"])
+    assert known["a0"].opened and not known["b0"].opened and "never" not in known
+    assert known[f"a{alerts - 1}"].opened == (alerts == 1)
 
 
 async def test_a_batch_that_fails_writes_nothing(db: Database) -> None:

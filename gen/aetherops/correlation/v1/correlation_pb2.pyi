@@ -307,7 +307,7 @@ class IngestAlertResponse(_message.Message):
     duplicate_of_alert_id: _builtins.str
     """The alert it duplicates, when duplicate is true."""
     cluster_opened: _builtins.bool
-    """True when this alert opened a new cluster."""
+    """True when this alert opened a new cluster (a retry of it says so too)."""
     replay: _builtins.bool
     """True when this exact alert_id had been ingested before (a retry)."""
     silence_id: _builtins.str

@@ -270,7 +270,7 @@ export declare type IngestAlertResponse = Message<"aetherops.correlation.v1.Inge
   duplicateOfAlertId: string;
 
   /**
-   * True when this alert opened a new cluster.
+   * True when this alert opened a new cluster (a retry of it says so too).
    *
    * @generated from field: bool cluster_opened = 4;
    */
