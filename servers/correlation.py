@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 
 from aetherops.bus import DurableConsumer
 from aetherops.clock import Clock
@@ -262,6 +263,14 @@ def _cluster_from_event(event: events_pb2.Event, status: pb.ClusterStatus.ValueT
         cluster.close_reason = event.incident_closed.reason
         cluster.closed_by = event.incident_closed.closed_by
     return cluster
+
+
+def _stream_sequence(msg: Msg) -> int | str:
+    """The message's sequence in its JetStream stream ("?" for a message that did not come from one)."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except NotJSMessageError:
+        return "?"
 
 
 def decode_alert_message(data: bytes) -> pb.Alert:
@@ -631,13 +640,18 @@ class CorrelationComponent:
 
     async def _on_alert(self, msg: Msg) -> None:
         assert self.service is not None
+        alert_id = ""
         try:
-            alert = alert_from_proto(decode_alert_message(msg.data))
-            await self.service.ingest(alert)
+            message = decode_alert_message(msg.data)
+            alert_id = message.alert_id
+            await self.service.ingest(alert_from_proto(message))
         except (ValidationError, AlreadyExistsError, json_format.ParseError, DecodeError, ValueError) as exc:
             # A malformed alert will never become valid, nor will a taken id become free: log it
-            # and let it be acknowledged.
-            log.warning("rejected alert from NATS: %s", exc)
+            # and let it be acknowledged. The stream sequence finds the message (`nats stream get`)
+            # and the alert id its sender, when the message got that far.
+            log.warning(
+                "rejected alert %r from NATS (stream sequence %s): %s", alert_id[:80], _stream_sequence(msg), exc
+            )
 
     def end_streams(self) -> None:
         if self.feed is not None:

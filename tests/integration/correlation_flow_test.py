@@ -579,7 +579,10 @@ async def test_an_alert_id_taken_by_another_alert_is_refused_not_answered_as_a_r
 
     await eventually(settled, what="the clashing alert's message acknowledged")
     assert (await bus.js.consumer_info(stream, "correlation-alerts")).num_redelivered == 0
-    assert any("already taken by another alert" in r.getMessage() for r in caplog.records)
+    (logged,) = [r.getMessage() for r in caplog.records if "already taken by another alert" in r.getMessage()]
+    # Which alert, and where in the stream: enough to find the message again.
+    info = await bus.js.get_last_msg(stream, bus.subjects.alerts_ingest)
+    assert "'idem-2'" in logged and f"stream sequence {info.seq}" in logged, logged
     rows = await db.fetch("SELECT alert_id, satellite_id FROM alerts WHERE alert_id LIKE 'idem-%' ORDER BY alert_id")
     assert [(r["alert_id"], r["satellite_id"]) for r in rows] == [("idem-1", "SAT-I1"), ("idem-2", "SAT-I2")]
 
