@@ -43,7 +43,10 @@ TRACKING_HEADER = "x-tracking-id"
 # other writes on request_id, which the SDK fills with a uuid when the caller leaves it
 # empty (so the retry carries the same key as the first attempt). Client streams
 # (IngestAlerts, IngestSnapshots) are left out: their rejections are reported by
-# position in the stream, and gRPC's retry buffer would cap large uploads anyway.
+# position in the stream, and gRPC's retry buffer would cap large uploads anyway. So are the
+# watches: a watch the server ends before its first event ("shutting down: watch again") was retried
+# against a server that is gone, and the sync client's iterator then waited for ever instead of
+# raising UNAVAILABLE, the caller's cue to watch again (elsewhere).
 RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
     "aetherops.correlation.v1.CorrelationService": (
         "IngestAlert",
@@ -56,7 +59,6 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "ExpireSilence",
         "IdentifyRootCause",
         "ScoreAlerts",
-        "WatchClusters",
         "ListAlerts",
     ),
     "aetherops.runbook.v1.RunbookService": (
@@ -72,7 +74,6 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "RollbackExecution",
         "CancelExecution",
         "GetExecutionStatus",
-        "WatchExecution",
         "ListExecutions",
     ),
     "aetherops.capacity.v1.CapacityService": (

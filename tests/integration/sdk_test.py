@@ -7,6 +7,7 @@ service is implemented.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _poll import eventually
 
 from clients.sdk import (
     AetherOpsClient,
@@ -21,6 +23,7 @@ from clients.sdk import (
     InvalidArgument,
     NotFound,
     RetryPolicy,
+    SyncAetherOpsClient,
     Unavailable,
     alert,
     resource_type,
@@ -281,3 +284,41 @@ async def test_default_deadline_applies(flaky: tuple[_Flaky, int]) -> None:
         with pytest.raises(DeadlineExceeded) as caught:
             await sdk.list_active_clusters()
         assert caught.value.tracking_id
+
+
+async def test_a_watch_ended_by_shutdown_raises_unavailable_at_once(app_factory: Any, tokens: dict[str, str]) -> None:
+    # The server ends a watch at shutdown with UNAVAILABLE ("watch again"). While the SDK's retry
+    # policy covered the watches, that was retried against the stopped server, and the sync
+    # client's iterator then waited for ever instead of raising.
+    app = await app_factory(shutdown_grace_s=30.0)
+    address, token = f"127.0.0.1:{app.port}", tokens["admin"]
+    outcome: list[BaseException] = []
+
+    def watch_in_a_thread() -> None:
+        with SyncAetherOpsClient(address, token=token, timeout=None) as sync_client:
+            try:
+                for _ in sync_client.watch_clusters():
+                    pass
+            except Unavailable as exc:
+                outcome.append(exc)
+
+    async with AetherOpsClient(address, token=token, timeout=None) as async_client:
+        thread = threading.Thread(target=watch_in_a_thread, daemon=True)
+        thread.start()
+        async_watch = async_client.watch_clusters()
+        pending = asyncio.ensure_future(anext(aiter(async_watch)))
+        feed = next(c for c in app.components if c.name == "correlation").feed
+
+        async def both_watching() -> bool:
+            return len(feed._watchers) == 2
+
+        await eventually(both_watching, what="both watches registered")
+        await app.stop()
+        with pytest.raises(Unavailable, match="watch again"):
+            await asyncio.wait_for(pending, 10)
+
+        async def thread_done() -> bool:
+            return not thread.is_alive()
+
+        await eventually(thread_done, timeout_s=10, what="the sync watch to end")
+        assert len(outcome) == 1 and "watch again" in str(outcome[0])
