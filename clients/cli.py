@@ -351,7 +351,9 @@ def _add_operator_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="server address (default AETHEROPS_ADDRESS or 127.0.0.1:50051)")
     common.add_argument("--token", help="bearer token (default AETHEROPS_TOKEN)")
-    common.add_argument("--timeout", type=_positive_float, help="deadline of each call in seconds (default 10)")
+    common.add_argument(
+        "--timeout", type=_positive_float, help="deadline of each call in seconds (default 10; ingest: none)"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     _add_tls_flags(common)
 
@@ -813,7 +815,7 @@ def _bulk(client: Any, args: argparse.Namespace, noun: str, parse: Callable[[dic
 
     if not args.file.is_file():
         raise _UsageError(f"no such file: {args.file}")
-    reply = getattr(client, send)(stream())
+    reply = getattr(client, send)(stream(), timeout=args.timeout)  # none unless given: see the SDK
     progress.done()
     for rejection in reply.rejections:
         line = sent_lines[rejection.index] if 0 <= rejection.index < len(sent_lines) else None

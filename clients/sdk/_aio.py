@@ -120,9 +120,14 @@ class AetherOpsClient:
         response_type: type[R],
         timeout: float | None,
         tracking_id: str | None,
+        *,
+        bulk: bool = False,
     ) -> R:
+        # A bulk upload lasts as long as its input: no default deadline (10 s cut a load of 300,000
+        # alerts short), only the caller's.
+        deadline = timeout if bulk else self._timeout(timeout)
         sent = tracking_id or new_tracking_id()
-        call = method(request, timeout=self._timeout(timeout), metadata=self.config.metadata(sent))
+        call = method(request, timeout=deadline, metadata=self.config.metadata(sent))
         try:
             response = await call
             self.last_tracking_id = echoed_tracking_id(await call.trailing_metadata()) or sent
@@ -185,10 +190,16 @@ class AetherOpsClient:
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.IngestAlertsResponse:
-        """Bulk ingest over the client stream; rejections come back with their index in `alerts`."""
+        """Bulk ingest over the client stream; rejections come back with their index in `alerts`.
+        No deadline unless `timeout` is given: the upload takes as long as its input."""
         requests = (correlation_pb2.IngestAlertsRequest(alert=a) async for a in _as_async(alerts))
         return await self._unary(
-            self.correlation.IngestAlerts, requests, correlation_pb2.IngestAlertsResponse, timeout, tracking_id
+            self.correlation.IngestAlerts,
+            requests,
+            correlation_pb2.IngestAlertsResponse,
+            timeout,
+            tracking_id,
+            bulk=True,
         )
 
     async def get_cluster(
@@ -717,9 +728,15 @@ class AetherOpsClient:
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> capacity_pb2.IngestSnapshotsResponse:
+        """Bulk ingest over the client stream (no deadline unless `timeout` is given, as for alerts)."""
         requests = (capacity_pb2.IngestSnapshotsRequest(snapshot=s) async for s in _as_async(snapshots))
         return await self._unary(
-            self.capacity.IngestSnapshots, requests, capacity_pb2.IngestSnapshotsResponse, timeout, tracking_id
+            self.capacity.IngestSnapshots,
+            requests,
+            capacity_pb2.IngestSnapshotsResponse,
+            timeout,
+            tracking_id,
+            bulk=True,
         )
 
     async def add_scheduled_mission(

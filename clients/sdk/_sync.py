@@ -101,11 +101,16 @@ class SyncAetherOpsClient:
         response_type: type[R],
         timeout: float | None,
         tracking_id: str | None,
+        *,
+        bulk: bool = False,
     ) -> R:
+        # A bulk upload lasts as long as its input: no default deadline (10 s cut a load of 300,000
+        # alerts short), only the caller's.
+        deadline = timeout if bulk else self._timeout(timeout)
         sent = tracking_id or new_tracking_id()
         try:
             response, call = method.with_call(  # type: ignore[attr-defined]
-                request, timeout=self._timeout(timeout), metadata=self.config.metadata(sent)
+                request, timeout=deadline, metadata=self.config.metadata(sent)
             )
         except grpc.RpcError as exc:
             self.last_tracking_id = sent
@@ -166,10 +171,16 @@ class SyncAetherOpsClient:
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.IngestAlertsResponse:
-        """Bulk ingest over the client stream; rejections come back with their index in `alerts`."""
+        """Bulk ingest over the client stream; rejections come back with their index in `alerts`.
+        No deadline unless `timeout` is given: the upload takes as long as its input."""
         requests = (correlation_pb2.IngestAlertsRequest(alert=a) for a in alerts)
         return self._unary(
-            self.correlation.IngestAlerts, requests, correlation_pb2.IngestAlertsResponse, timeout, tracking_id
+            self.correlation.IngestAlerts,
+            requests,
+            correlation_pb2.IngestAlertsResponse,
+            timeout,
+            tracking_id,
+            bulk=True,
         )
 
     def get_cluster(
@@ -692,9 +703,15 @@ class SyncAetherOpsClient:
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> capacity_pb2.IngestSnapshotsResponse:
+        """Bulk ingest over the client stream (no deadline unless `timeout` is given, as for alerts)."""
         requests = (capacity_pb2.IngestSnapshotsRequest(snapshot=s) for s in snapshots)
         return self._unary(
-            self.capacity.IngestSnapshots, requests, capacity_pb2.IngestSnapshotsResponse, timeout, tracking_id
+            self.capacity.IngestSnapshots,
+            requests,
+            capacity_pb2.IngestSnapshotsResponse,
+            timeout,
+            tracking_id,
+            bulk=True,
         )
 
     def add_scheduled_mission(

@@ -291,6 +291,13 @@ def test_bulk_ingest_streams_every_alert(
     assert received == ["a-0", "a-1", "a-2"]
     rpc.terminate(correlation_pb2.IngestAlertsResponse(accepted=3), (), grpc.StatusCode.OK, "")
     assert future.result().accepted == 3
+    # An upload lasts as long as its input: not the default deadline (7.5 s here), only one given.
+    future = _run(pool, lambda: client.ingest_snapshots([], timeout=60.0))
+    _, rpc = channel.inner.take_stream_unary(CAPACITY.methods_by_name["IngestSnapshots"])
+    rpc.requests_closed()
+    rpc.terminate(capacity_pb2.IngestSnapshotsResponse(), (), grpc.StatusCode.OK, "")
+    future.result()
+    assert channel.timeouts == [None, 60.0]
 
 
 def test_watch_streams_responses_and_maps_the_final_error(
