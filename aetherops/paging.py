@@ -98,9 +98,9 @@ def time_and_id(id_field: str) -> Callable[[dict[str, Any]], tuple[datetime, str
     return parse
 
 
-def page_limit(page_size: int) -> int:
-    """Items per page: `page_size`, 50 when unset, never more than 500."""
-    return min(page_size or 50, 500)
+def page_limit(page_size: int, default: int = 50, most: int = 500) -> int:
+    """Items per page: `page_size`, `default` when unset, never more than `most`."""
+    return min(page_size or default, most)
 
 
 def cut_page(rows: list[T], limit: int, position: Callable[[T], dict[str, Any]], filters: str) -> tuple[list[T], str]:

@@ -65,7 +65,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import capacity as repo
 from aetherops.db.capacity import RiskRow, SeriesBlock
 from aetherops.errors import FieldViolation, NotFoundError, UnavailableError, ValidationError
-from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token
+from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token
 from aetherops.services.batching import GroupCommitter
 from aetherops.tasks import cancel_and_wait
 from aetherops.telemetry import StreamingAggregator
@@ -699,16 +699,12 @@ class CapacityService:
         if problems:
             raise ValidationError(problems)
         self._require_satellite(satellite_id)
-        limit = min(page_size or 1000, 10_000)
+        limit = page_limit(page_size, 1000, 10_000)
         async with self._db.connection() as conn:
             page = await repo.list_snapshots(
                 conn, satellite_id, resource_type, start=start, end=end, after=after, limit=limit + 1
             )
-        token = ""
-        if len(page) > limit:
-            page = page[:limit]
-            token = encode_page_token({"t": datetime_to_us(page[-1].timestamp)}, filters)
-        return page, token
+        return cut_page(page, limit, lambda s: {"t": datetime_to_us(s.timestamp)}, filters)
 
     async def list_missions(
         self,
@@ -735,17 +731,12 @@ class CapacityService:
         after = read_page_token(page_token, filters, lambda p: (_from_us(p["t"]), position_text(p["m"])), problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or 100, 1000)
+        limit = page_limit(page_size, 100, 1000)
         async with self._db.connection() as conn:
             page = await repo.list_missions(
                 conn, satellite_id, resource_type=resource_type, start=start, end=end, after=after, limit=limit + 1
             )
-        token = ""
-        if len(page) > limit:
-            page = page[:limit]
-            last = page[-1]
-            token = encode_page_token({"t": datetime_to_us(last.start_time), "m": last.mission_id}, filters)
-        return page, token
+        return cut_page(page, limit, lambda m: {"t": datetime_to_us(m.start_time), "m": m.mission_id}, filters)
 
     def critical_forecasts(
         self, *, horizon_days: float | None, page_size: int, page_token: str
@@ -763,17 +754,12 @@ class CapacityService:
         after = read_page_token(page_token, filters, _after_forecast, problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or 50, 500)
+        limit = page_limit(page_size)
         # Sorted by the page key itself (it differs from the planner's order only below a µs).
         found = sorted(self._planner.get_critical_forecasts(horizon), key=_sort_key)
         if after is not None:
             found = [f for f in found if _sort_key(f) > after]
-        token = ""
-        if len(found) > limit:
-            found = found[:limit]
-            w, e, s, r = _sort_key(found[-1])
-            token = encode_page_token({"w": w, "e": e, "s": s, "r": r}, filters)
-        return found, token
+        return cut_page(found, limit, lambda f: dict(zip("wesr", _sort_key(f), strict=True)), filters)
 
     # ---- telemetry ------------------------------------------------------------------------------
 

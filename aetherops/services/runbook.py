@@ -74,7 +74,15 @@ from aetherops.errors import (
     UnavailableError,
     ValidationError,
 )
-from aetherops.paging import encode_page_token, filters_key, position_text, read_page_token, time_and_id
+from aetherops.paging import (
+    cut_page,
+    encode_page_token,
+    filters_key,
+    page_limit,
+    position_text,
+    read_page_token,
+    time_and_id,
+)
 from aetherops.runbook import (
     ActionContext,
     ActionHandler,
@@ -135,7 +143,6 @@ INCIDENT_FIELDS = (
 
 # A RUNNING step found in the store is abandoned once its timeout and this grace have passed.
 _LEASE_GRACE_S = 5.0
-_DEFAULT_PAGE = 50
 _PAGE_JSON_BYTES = 1024 * 1024  # of runbook definitions per ListRunbooks page (one always fits)
 _MAX_PAGE = 500
 _EXECUTION_STATUSES = (
@@ -283,7 +290,7 @@ def _page(page_size: int, page_token: str, listing: str) -> tuple[int, str]:
     after = read_page_token(page_token, filters_key(listing), _after_id, problems)
     if problems:
         raise ValidationError(problems)
-    return min(page_size or _DEFAULT_PAGE, _MAX_PAGE), after or ""
+    return page_limit(page_size), after or ""
 
 
 def _after_id(position: dict[str, Any]) -> str:
@@ -444,8 +451,7 @@ class RunbookService:
         limit, after = _page(page_size, page_token, "actions")
         ordered = sorted(self._engine.list_actions(), key=lambda a: a.name)
         remaining = [a for a in ordered if a.name > after]
-        page = remaining[:limit]
-        return page, _token(page[-1].name, "actions") if len(remaining) > limit else ""
+        return cut_page(remaining, limit, lambda a: {"id": a.name}, filters_key("actions"))
 
     def _guarded(self, handler: ActionHandler) -> ActionHandler:
         """Wrap a handler: commit the events so far before it runs, and time it."""
@@ -961,7 +967,7 @@ class RunbookService:
         after = read_page_token(page_token, filters, time_and_id("e"), problems)
         if problems:
             raise ValidationError(problems)
-        limit = min(page_size or _DEFAULT_PAGE, _MAX_PAGE)
+        limit = page_limit(page_size)
         async with self._db.connection() as conn:
             rows = await repo.list_executions(
                 conn,
@@ -972,12 +978,7 @@ class RunbookService:
                 after=after,
                 limit=limit + 1,
             )
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1]
-            token = encode_page_token({"t": last.started_time.isoformat(), "e": last.execution_id}, filters)
-        return rows, token
+        return cut_page(rows, limit, lambda e: {"t": e.started_time.isoformat(), "e": e.execution_id}, filters)
 
     async def watch(self, execution_id: str) -> AsyncIterator[tuple[ExecutionContext, str]]:
         """The current state, then the state after every committed transition, until it finishes."""
