@@ -20,7 +20,7 @@ from aetherops.tasks import abandon
 from gen.aetherops.common.v1 import common_pb2
 from servers.convert import rejection
 
-__all__ = ["MAX_LISTED_REJECTIONS", "StreamResult", "ingest_stream", "listed"]
+__all__ = ["MAX_LISTED_BYTES", "MAX_LISTED_REJECTIONS", "StreamResult", "ingest_stream", "listed"]
 
 Request = TypeVar("Request")
 Message = TypeVar("Message")
@@ -85,7 +85,18 @@ async def ingest_stream(
     return outcomes, rejections
 
 
+MAX_LISTED_BYTES = 1 << 20
+"""... and at most this many bytes of them: each lists up to `servers.status.DETAIL_BYTES` of problems,
+and a thousand of those would come close to the 4 MiB limit."""
+
+
 def listed(rejections: list[common_pb2.Rejection]) -> list[common_pb2.Rejection]:
-    """The rejections a reply lists: the first `MAX_LISTED_REJECTIONS` by stream index."""
+    """The rejections a reply lists: the first by stream index, `MAX_LISTED_REJECTIONS` and
+    `MAX_LISTED_BYTES` at most (at least one)."""
     rejections.sort(key=lambda r: r.index)
+    used = 0
+    for i, r in enumerate(rejections[:MAX_LISTED_REJECTIONS]):
+        used += r.ByteSize()
+        if used > MAX_LISTED_BYTES and i > 0:
+            return rejections[:i]
     return rejections[:MAX_LISTED_REJECTIONS]

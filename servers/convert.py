@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from aetherops.errors import FieldViolation, ValidationError
 from gen.aetherops.common.v1 import common_pb2
+from servers.status import first_violations
 
 __all__ = ["from_duration", "from_struct", "from_ts", "rejection", "to_duration", "to_struct", "to_ts"]
 
@@ -95,6 +96,12 @@ def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
 def rejection(index: int, problem: ValidationError | Sequence[FieldViolation]) -> common_pb2.Rejection:
     """One rejected item of a client-streaming ingest, with its index and field problems."""
     violations = problem.violations if isinstance(problem, ValidationError) else list(problem)
+    # Bounded as a status is: a reply of a thousand rejections of 64 bad labels each would outgrow
+    # the 4 MiB message limit (the caller got RESOURCE_EXHAUSTED after the good items were stored).
+    shown = first_violations(violations)
+    if len(shown) < len(violations):
+        shown = [*shown, FieldViolation(shown[-1].field, f"and {len(violations) - len(shown)} more problems")]
+    violations = shown
     return common_pb2.Rejection(
         index=index,
         reason="; ".join(f"{v.field}: {v.description}" for v in violations),

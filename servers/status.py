@@ -3,6 +3,11 @@
 Validation errors carry a google.rpc.BadRequest with one field violation per
 problem; rate limits carry a google.rpc.RetryInfo. Anything unexpected is
 INTERNAL with the tracking id, never a traceback to the caller.
+
+A status travels in the trailing metadata, which a gRPC client refuses over 16 KiB (and may refuse
+over 8 KiB): an alert with 64 bad labels came back RESOURCE_EXHAUSTED ("received metadata size
+exceeds hard limit") instead of its problems. So the message and the violations listed are bounded
+(`MESSAGE_BYTES`, `DETAIL_BYTES`); the message says how many problems were left out.
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from aetherops import errors
+from aetherops.errors import FieldViolation
 
-__all__ = ["status_for"]
+__all__ = ["DETAIL_BYTES", "MESSAGE_BYTES", "first_violations", "status_for"]
+
+MESSAGE_BYTES = 512
+"""Most UTF-8 bytes of a status message (grpc-message percent-encodes non-ASCII: up to 3x on the wire)."""
+DETAIL_BYTES = 3072
+"""Most bytes of field violations one status (or one bulk rejection) lists (base64 on the wire: 4/3x)."""
 
 _CODES: list[tuple[type[errors.AetherOpsError], int]] = [
     (errors.ValidationError, code_pb2.INVALID_ARGUMENT),
@@ -37,20 +48,42 @@ def status_for(exc: errors.AetherOpsError) -> grpc.Status:
         if isinstance(exc, kind):
             code = mapped
             break
-    status = status_pb2.Status(code=code, message=str(exc))
+    message, left_out = str(exc), ""
     if isinstance(exc, errors.ValidationError):
+        shown = first_violations(exc.violations)
+        if len(shown) < len(exc.violations):
+            message = "; ".join(f"{v.field}: {v.description}" for v in shown)
+            left_out = f" (and {len(exc.violations) - len(shown)} more problems not listed)"
         detail = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in exc.violations
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in shown
             ]
         )
+    status = status_pb2.Status(code=code, message=_cut(message) + left_out)
+    if isinstance(exc, errors.ValidationError):
         _attach(status, detail)
     if isinstance(exc, errors.ResourceExhaustedError):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
         _attach(status, error_details_pb2.RetryInfo(retry_delay=delay))
     return rpc_status.to_status(status)
+
+
+def first_violations(violations: list[FieldViolation], budget: int = DETAIL_BYTES) -> list[FieldViolation]:
+    """The leading `violations` that fit in `budget` bytes of field and description (at least one)."""
+    used = 0
+    for i, v in enumerate(violations):
+        used += len(v.field.encode()) + len(v.description.encode()) + 8  # + protobuf framing
+        if used > budget and i > 0:
+            return violations[:i]
+    return violations
+
+
+def _cut(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MESSAGE_BYTES:
+        return message
+    return data[:MESSAGE_BYTES].decode(errors="ignore") + "…"
 
 
 def _attach(status: status_pb2.Status, message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> None:

@@ -1318,3 +1318,40 @@ async def test_an_alert_from_nats_the_database_cannot_take_for_now_comes_back_an
         return bool(await db.fetchval("SELECT count(*) FROM alerts WHERE alert_id = $1", alert.alert_id))
 
     await eventually(stored, what="the alert from NATS stored once the database took it")
+
+
+async def test_many_problems_in_one_alert_are_answered_not_cut_off(channel: grpc.aio.Channel, db: Database) -> None:
+    # 64 labels (the most allowed), every value with a NUL: listing all 64 problems made trailing
+    # metadata over the client's 16 KiB limit, and the caller got RESOURCE_EXHAUSTED ("received
+    # metadata size exceeds hard limit") instead of INVALID_ARGUMENT.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    noisy = _alert("SAT-LBL", "power", datetime.now(UTC))
+    for i in range(64):
+        noisy.labels[f"label-number-{i:02d}-" + "k" * 18] = "v\x00"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=noisy))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = rpc_status.from_call(err.value)
+    assert details is not None
+    bad_request = error_details_pb2.BadRequest()
+    details.details[0].Unpack(bad_request)
+    listed = len(bad_request.field_violations)
+    assert 10 <= listed < 64 and {v.field for v in bad_request.field_violations} == {"alert.labels"}
+    assert f"and {64 - listed} more problems not listed" in (err.value.details() or "")
+
+    # A stream of such alerts still gets its counts (each rejection lists what fits, then a count).
+    async def requests() -> AsyncIterator[pb.IngestAlertsRequest]:
+        for n in range(1000):
+            bad = pb.Alert()
+            bad.CopyFrom(noisy)
+            bad.alert_id = f"noisy-{n}"
+            yield pb.IngestAlertsRequest(alert=bad)
+        yield pb.IngestAlertsRequest(alert=_alert("SAT-LBL", "power", datetime.now(UTC)))
+
+    reply = await stub.IngestAlerts(requests())
+    assert (reply.accepted, reply.rejected) == (1, 1000)
+    # The first ones, as many as fit in a megabyte; `rejected` counts them all.
+    shown = len(reply.rejections)
+    assert 100 < shown < 1000 and [r.index for r in reply.rejections] == list(range(shown))
+    assert reply.rejections[0].problems[-1].description == f"and {64 - listed} more problems"
+    assert await db.fetchval("SELECT count(*) FROM alerts WHERE satellite_id = 'SAT-LBL'") == 1
