@@ -688,7 +688,12 @@ def _records(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any] 
             except json.JSONDecodeError as exc:
                 yield number, f"not valid JSON: {exc.msg} (column {exc.colno})"
                 continue
-            yield number, record if isinstance(record, dict) else "not a JSON object"
+            if not isinstance(record, dict):
+                yield number, "not a JSON object"
+                continue
+            # A null field is an absent one (as in CSV, where an empty cell is left out): never the text
+            # "None" sent as an id, nor a null severity reported as "not an integer".
+            yield number, {k: v for k, v in record.items() if v is not None}
 
 
 def _labels(value: Any) -> dict[str, str]:
@@ -705,7 +710,7 @@ def _labels(value: Any) -> dict[str, str]:
             return {k.strip(): v.strip() for k, v in pairs}
     if not isinstance(value, dict):
         raise ValueError("labels: expected an object")
-    return {str(k): str(v) for k, v in value.items()}
+    return {str(k): str(v) for k, v in value.items() if v is not None}  # a null label is no label
 
 
 def _alert_from(record: dict[str, Any]) -> Any:

@@ -129,6 +129,24 @@ async def test_alerts_ingest_csv(cli: Any, tmp_path: Path) -> None:
     assert "severity" in summary["bad_lines"][0]["reason"]
 
 
+async def test_alerts_ingest_null_fields_are_absent(cli: Any, tmp_path: Path) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    good, unrated = (json.loads(line) for line in _alert_lines(prefix, 2, "SAT-NULL"))
+    path = tmp_path / "nulls.jsonl"
+    path.write_text(
+        json.dumps({**good, "message": None, "labels": None})
+        + "\n"
+        + json.dumps({**unrated, "severity": None})  # no severity: the server says why, as when it is missing
+        + "\n"
+    )
+    summary = (await cli("alerts", "ingest", str(path), "--json")).json()
+    assert (summary["accepted"], summary["rejected"], summary["unparsed"]) == (1, 1, 0)
+    ((bad,),) = [summary["bad_lines"]]
+    assert (bad["line"], bad["source"]) == (2, "server") and "severity" in bad["reason"]
+    (stored,) = (await cli("alerts", "list", "--tracking", summary["tracking_id"], "--json")).json()["alerts"]
+    assert stored["alert"]["alert_id"] == good["alert_id"] and "message" not in stored["alert"]  # not "None"
+
+
 async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     path = tmp_path / "alerts.jsonl"
     path.write_text("\n".join(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-CLU")) + "\n")

@@ -1,0 +1,86 @@
+"""The `aetherops` CLI's own logic, without a server: reading bulk input files into alerts and snapshots.
+
+End-to-end runs against a server are in tests/integration/cli_test.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.cli import _alert_from, _records, _snapshot_from
+
+TIME = "2026-03-01T12:00:00Z"
+
+
+def _jsonl(tmp_path: Path, *records: dict[str, Any]) -> Path:
+    path = tmp_path / "input.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+# -- JSON null is an absent field
+
+
+def test_null_fields_are_absent_fields(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path,
+        {
+            "alert_id": None,
+            "satellite_id": None,
+            "subsystem": None,
+            "severity": None,
+            "timestamp": None,
+            "message": None,
+            "labels": None,
+            "unit": None,
+        },
+    )
+    ((number, record),) = list(_records(path, None))
+    assert (number, record) == (1, {})
+    message = _alert_from(record)  # not "severity: not an integer: None"
+    assert (message.alert_id, message.satellite_id, message.subsystem, message.message) == ("", "", "", "")
+    assert message.severity == 0  # absent: the server rejects it with its own reason
+    assert not message.HasField("timestamp") and not message.labels
+
+
+def test_null_alert_fields_are_not_sent_as_the_text_none(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path,
+        {"alert_id": "a-1", "satellite_id": "SAT-1", "subsystem": "power", "severity": 3, "timestamp": TIME,
+         "message": None, "labels": {"site": "kiruna", "pass": None}},
+    )  # fmt: skip
+    ((_, record),) = list(_records(path, None))
+    assert isinstance(record, dict)
+    message = _alert_from(record)
+    assert message.message == "" and dict(message.labels) == {"site": "kiruna"}
+
+
+def test_null_snapshot_fields_are_absent_fields(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path,
+        {"satellite_id": "SAT-1", "resource_type": None, "resource": "fuel", "value": 3.5, "unit": None,
+         "timestamp": TIME},
+    )  # fmt: skip
+    ((_, record),) = list(_records(path, None))
+    assert isinstance(record, dict)
+    snapshot = _snapshot_from(record)
+    assert snapshot.unit == "" and snapshot.value == 3.5 and snapshot.resource_type == 1  # fuel
+    assert snapshot.satellite_id == "SAT-1"
+
+
+def test_a_null_record_is_still_not_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_text("null\n[1]\n", encoding="utf-8")
+    assert list(_records(path, None)) == [(1, "not a JSON object"), (2, "not a JSON object")]
+
+
+@pytest.mark.parametrize("field", ["alert_id", "satellite_id", "subsystem", "message"])
+def test_a_null_text_field_is_empty(tmp_path: Path, field: str) -> None:
+    record = {"alert_id": "a-1", "satellite_id": "SAT-1", "subsystem": "power", "severity": 2, "message": "m"}
+    ((_, read),) = list(_records(_jsonl(tmp_path, {**record, field: None}), None))
+    assert isinstance(read, dict)
+    assert getattr(_alert_from(read), field) == ""
