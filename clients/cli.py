@@ -713,13 +713,38 @@ def _labels(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items() if v is not None}  # a null label is no label
 
 
+_INT32 = range(-(2**31), 2**31)  # what Alert.severity (int32) can carry
+
+
+def _severity(value: Any) -> int:
+    """An alert's severity: an integer, as a JSON number (3 or 3.0) or text (a CSV cell, "3").
+
+    int() alone would truncate 3.7 to 3 and take a JSON true as 1: a typo sent as another severity.
+    """
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = int(value) if value.is_integer() else None
+    elif isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+    else:
+        number = None
+    if number is None:
+        raise ValueError(f"severity: not an integer: {value!r}")
+    if number not in _INT32:  # the server judges 1-5; this could not even be sent
+        raise ValueError(f"severity: out of range: {value!r}")
+    return number
+
+
 def _alert_from(record: dict[str, Any]) -> Any:
     from clients.sdk import alert
 
-    try:
-        severity = int(record.get("severity", 0))
-    except (TypeError, ValueError):
-        raise ValueError(f"severity: not an integer: {record.get('severity')!r}") from None
+    severity = _severity(record.get("severity", 0))
     timestamp = record.get("timestamp")
     try:
         message = alert(
@@ -746,6 +771,8 @@ def _snapshot_from(record: dict[str, Any]) -> Any:
 
     resource = record.get("resource_type", record.get("resource", ""))
     try:
+        if isinstance(record.get("value"), bool):  # float(true) would be 1.0
+            raise TypeError
         value = float(record.get("value", "nan"))
     except (TypeError, ValueError):
         raise ValueError(f"value: not a number: {record.get('value')!r}") from None
@@ -753,7 +780,8 @@ def _snapshot_from(record: dict[str, Any]) -> Any:
     try:
         parsed = snapshot(
             satellite_id=str(record.get("satellite_id", "")),
-            resource=int(resource) if isinstance(resource, int) else str(resource),
+            # A JSON true is no enum number (it would read as 1, fuel): as text it is an unknown name.
+            resource=resource if isinstance(resource, int) and not isinstance(resource, bool) else str(resource),
             value=value,
             unit=str(record.get("unit", "")),
             timestamp_=str(timestamp) if timestamp else None,

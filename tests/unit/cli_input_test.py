@@ -84,3 +84,66 @@ def test_a_null_text_field_is_empty(tmp_path: Path, field: str) -> None:
     ((_, read),) = list(_records(_jsonl(tmp_path, {**record, field: None}), None))
     assert isinstance(read, dict)
     assert getattr(_alert_from(read), field) == ""
+
+
+# -- severity is an integer, a value a number
+
+
+def _alert_record(**changes: Any) -> dict[str, Any]:
+    return {"alert_id": "a-1", "satellite_id": "SAT-1", "subsystem": "power", "timestamp": TIME, **changes}
+
+
+@pytest.mark.parametrize("severity", [3, 3.0, "3", " 3 "])
+def test_severity_integral_numbers_and_text(severity: Any) -> None:
+    assert _alert_from(_alert_record(severity=severity)).severity == 3
+
+
+@pytest.mark.parametrize(
+    ("severity", "shown"),
+    [(3.7, "3.7"), (True, "True"), (False, "False"), ("3.0", "'3.0'"), ("high", "'high'"), ([3], "[3]"),
+     (float("nan"), "nan"), (float("inf"), "inf")],
+)  # fmt: skip
+def test_severity_that_is_not_an_integer_is_a_bad_line(severity: Any, shown: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        _alert_from(_alert_record(severity=severity))
+    assert str(caught.value) == f"severity: not an integer: {shown}"
+
+
+@pytest.mark.parametrize("severity", [2**31, -(2**31) - 1, 1e20])
+def test_severity_beyond_int32_is_a_bad_line_not_a_timestamp_error(severity: Any) -> None:
+    with pytest.raises(ValueError, match=r"^severity: out of range"):
+        _alert_from(_alert_record(severity=severity))
+
+
+def test_severity_from_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_text('{"severity": 3.0}\n{"severity": 3.7}\n{"severity": true}\n', encoding="utf-8")
+    results = []
+    for _, record in _records(path, None):
+        assert isinstance(record, dict)
+        try:
+            results.append(_alert_from(_alert_record(**record)).severity)
+        except ValueError as exc:
+            results.append(str(exc))
+    assert results == [3, "severity: not an integer: 3.7", "severity: not an integer: True"]
+
+
+def _snapshot_record(**changes: Any) -> dict[str, Any]:
+    return {"satellite_id": "SAT-1", "resource": "fuel", "value": 2.5, "unit": "kg", "timestamp": TIME, **changes}
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_snapshot_value_boolean_is_a_bad_line(value: bool) -> None:
+    with pytest.raises(ValueError, match=f"^value: not a number: {value}$"):
+        _snapshot_from(_snapshot_record(value=value))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(2, 2.0), (2.5, 2.5), ("2.5", 2.5)])
+def test_snapshot_value_numbers(value: Any, expected: float) -> None:
+    assert _snapshot_from(_snapshot_record(value=value)).value == expected
+
+
+def test_snapshot_resource_boolean_is_no_enum_number() -> None:
+    assert _snapshot_from(_snapshot_record(resource_type=1)).resource_type == 1
+    with pytest.raises(ValueError, match=r"^resource_type: unknown resource type 'True'"):
+        _snapshot_from(_snapshot_record(resource_type=True))
