@@ -364,7 +364,8 @@ def _add_operator_commands(sub: Any) -> None:
         "starting with # are skipped) or one CSV row per alert under a header line. Fields read: alert_id, "
         "satellite_id, subsystem, severity (an integer, 1-5), timestamp (RFC 3339, e.g. "
         "2025-01-01T12:00:00Z; no offset means UTC), message, labels (a JSON object, or k=v;k2=v2). "
-        "Other fields are ignored. Bad lines are reported by line number (exit 1).",
+        "Other fields are ignored. The file is UTF-8 (a byte order mark is skipped). Bad lines, and lines that "
+        "are not UTF-8, are reported by line number (exit 1).",
     )
     ingest.add_argument("file", type=Path, help="the alerts file (.csv is read as CSV, anything else as JSONL)")
     ingest.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
@@ -529,8 +530,8 @@ def _add_operator_commands(sub: Any) -> None:
         description="Bulk-ingest resource snapshots (IngestSnapshots), one JSON object per line (JSONL) or one "
         "CSV row per snapshot under a header line. Fields read: satellite_id, resource_type or resource "
         "(fuel, power, storage or bandwidth; in JSONL also the enum number), value (a number), unit, "
-        "timestamp (RFC 3339; no offset means UTC). Other fields are ignored. Bad lines are reported by line "
-        "number (exit 1).",
+        "timestamp (RFC 3339; no offset means UTC). Other fields are ignored. The file is UTF-8 (a byte order "
+        "mark is skipped). Bad lines, and lines that are not UTF-8, are reported by line number (exit 1).",
     )
     snapshots.add_argument("file", type=Path, help="the snapshots file (.csv is read as CSV, anything else as JSONL)")
     snapshots.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
@@ -665,23 +666,52 @@ def _enum(enum: Any, value: int, prefix: str) -> str:
 # -- bulk input files
 
 
+def _not_utf8(text: str) -> str | None:
+    """Why text read with errors="surrogateescape" was not valid UTF-8 (its first bad byte), or None.
+
+    That handler turns each byte that does not decode into a lone surrogate U+DC80-U+DCFF, which
+    valid UTF-8 never decodes to, so a bad line is found (and reported) on its own.
+    """
+    for column, char in enumerate(text, start=1):
+        if "\udc80" <= char <= "\udcff":
+            return f"not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x} at character {column})"
+    return None
+
+
 def _records(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, record or parse error) for each record of a JSONL or CSV file."""
     if not path.is_file():
         raise _UsageError(f"no such file: {path}")
     kind = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a byte order mark (Excel, Notepad) is not part of the first field name or JSON object.
+    # surrogateescape: a line that is not UTF-8 is a bad line, not a UnicodeDecodeError ending the load.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         if kind == "csv":
             reader = csv.DictReader(handle)
+            header_problem = _not_utf8(",".join(reader.fieldnames or ()))
+            if header_problem is not None:
+                # Field names that cannot be read match nothing: every row would be wrong.
+                yield reader.line_num, f"header: {header_problem}; no row read"
+                return
             for row in reader:
                 if None in row:
                     yield reader.line_num, "more fields than the header has"
+                    continue
+                problem = next(
+                    (f"{k}: {p}" for k, v in row.items() if isinstance(v, str) and (p := _not_utf8(v))), None
+                )
+                if problem is not None:
+                    yield reader.line_num, problem
                     continue
                 yield reader.line_num, {k.strip(): v for k, v in row.items() if k is not None and v not in ("", None)}
             return
         for number, line in enumerate(handle, start=1):
             text = line.strip()
             if not text or text.startswith("#"):
+                continue
+            problem = _not_utf8(line)  # its column as in the file
+            if problem is not None:
+                yield number, problem
                 continue
             try:
                 record = json.loads(text)

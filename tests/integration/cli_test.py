@@ -147,6 +147,19 @@ async def test_alerts_ingest_null_fields_are_absent(cli: Any, tmp_path: Path) ->
     assert stored["alert"]["alert_id"] == good["alert_id"] and "message" not in stored["alert"]  # not "None"
 
 
+async def test_alerts_ingest_reads_a_byte_order_mark_and_reports_lines_not_utf8(cli: Any, tmp_path: Path) -> None:
+    lines = [line.encode() for line in _alert_lines(uuid.uuid4().hex[:8], 3, "SAT-UTF8")]
+    lines[1] = lines[1].replace(b'"message": "alert 1"', b'"message": "caf\xe9"')  # Latin-1: not UTF-8
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    result = await cli("alerts", "ingest", str(path), "--json")
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    summary = result.json()
+    assert (summary["sent"], summary["accepted"]) == (2, 2)
+    assert [(b["line"], b["source"]) for b in summary["bad_lines"]] == [(2, "parse")]
+    assert summary["bad_lines"][0]["reason"].startswith("not valid UTF-8")
+
+
 async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     path = tmp_path / "alerts.jsonl"
     path.write_text("\n".join(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-CLU")) + "\n")

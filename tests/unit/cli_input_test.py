@@ -147,3 +147,54 @@ def test_snapshot_resource_boolean_is_no_enum_number() -> None:
     assert _snapshot_from(_snapshot_record(resource_type=1)).resource_type == 1
     with pytest.raises(ValueError, match=r"^resource_type: unknown resource type 'True'"):
         _snapshot_from(_snapshot_record(resource_type=True))
+
+
+# -- encoding: a byte order mark is read, a line that is not UTF-8 is a bad line
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(BOM + b'{"alert_id": "a-1"}\r\n{"alert_id": "a-2"}\r\n')
+    assert list(_records(path, None)) == [(1, {"alert_id": "a-1"}), (2, {"alert_id": "a-2"})]
+
+
+def test_jsonl_line_not_utf8_is_a_bad_line_and_the_rest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(
+        b'{"message": "ok"}\n'
+        b'{"message": "caf\xe9"}\n'  # Latin-1
+        b"# a comment in Latin-1 is still a comment: \xe9\n"
+        b'{"message": "caf\xc3\xa9 \xe2\x82"}\n' + '{"message": "café ✓"}\n'.encode()  # a sequence cut short
+    )
+    assert list(_records(path, None)) == [
+        (1, {"message": "ok"}),
+        (2, "not valid UTF-8 (byte 0xe9 at character 17)"),
+        (4, "not valid UTF-8 (byte 0xe2 at character 19)"),
+        (5, {"message": "café ✓"}),
+    ]
+
+
+def test_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "input.csv"
+    path.write_bytes(BOM + b"alert_id,severity\r\na-1,3\r\n")
+    assert list(_records(path, None)) == [(2, {"alert_id": "a-1", "severity": "3"})]
+
+
+def test_csv_row_not_utf8_is_a_bad_line_and_the_rest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "input.csv"
+    path.write_bytes(b"alert_id,message\na-1,ok\na-2,caf\xe9\n" + "a-3,café\n".encode())
+    assert list(_records(path, None)) == [
+        (2, {"alert_id": "a-1", "message": "ok"}),
+        (3, "message: not valid UTF-8 (byte 0xe9 at character 4)"),
+        (4, {"alert_id": "a-3", "message": "café"}),
+    ]
+
+
+def test_csv_header_not_utf8_refuses_the_file_as_a_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "input.csv"
+    path.write_bytes(b"alert_id,m\xe9ssage\na-1,ok\n")
+    assert list(_records(path, None)) == [
+        (1, "header: not valid UTF-8 (byte 0xe9 at character 11); no row read"),
+    ]
