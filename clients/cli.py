@@ -29,17 +29,18 @@ import argparse
 import asyncio
 import csv
 import ipaddress
+import itertools
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aetherops.auth import Role, bootstrap_admin_token, write_token_file
 from aetherops.config import Settings
@@ -663,6 +664,26 @@ def _enum(enum: Any, value: int, prefix: str) -> str:
         return str(value)
 
 
+T = TypeVar("T")
+
+
+def _up_to(items: Iterable[T], limit: int) -> tuple[list[T], bool]:
+    """The first `limit` items (0: all), and whether more were left out.
+
+    Whether there are more is known by asking for one more: from the page at hand, or the next page's
+    first item when the limit falls on a page's end (a next page token need not mean another item).
+    """
+    iterator = iter(items)
+    found = list(itertools.islice(iterator, limit) if limit else iterator)
+    return found, bool(limit) and len(found) == limit and next(iterator, None) is not None
+
+
+def _say_cut(more: bool, noun: str) -> None:
+    """On stderr, so a listing cut by --limit says so and stdout (table or JSON) stays what scripts read."""
+    if more:
+        print(f"... more {noun} not shown (raise --limit; --limit 0 shows all)", file=sys.stderr)
+
+
 # -- bulk input files
 
 
@@ -936,13 +957,12 @@ def _alerts_list(client: Any, args: argparse.Namespace) -> int:
         raise _UsageError(
             "alerts list: give --cluster, --tracking or --silence (every alert ever stored is not a query)"
         )
-    found = []
-    for item in client.iter_alerts(
-        by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite, silence_id=args.silence
-    ):
-        found.append(item)
-        if args.limit and len(found) >= args.limit:
-            break
+    found, more = _up_to(
+        client.iter_alerts(
+            by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite, silence_id=args.silence
+        ),
+        args.limit,
+    )
     if args.json:
         _emit({"alerts": [_to_dict(a) for a in found]})
     elif not found:
@@ -962,6 +982,7 @@ def _alerts_list(client: Any, args: argparse.Namespace) -> int:
             for a in found
         ]
         print(_table(["ALERT", "SATELLITE", "SUBSYSTEM", "SEV", "TIME", "CLUSTER", "DUPLICATE", "MESSAGE"], rows))
+    _say_cut(more, "alerts")
     return EXIT_OK
 
 
@@ -999,17 +1020,14 @@ def _clusters_list(client: Any, args: argparse.Namespace) -> int:
             start=args.since,
             end=args.until,
         )
-    clusters = []
-    for cluster in found:
-        clusters.append(cluster)
-        if args.limit and len(clusters) >= args.limit:
-            break
+    clusters, more = _up_to(found, args.limit)
     if args.json:
         _emit({"clusters": [_to_dict(c) for c in clusters]})
     elif clusters:
         print(_table(_CLUSTER_HEADERS, [_cluster_row(c) for c in clusters]))
     else:
         print("no active clusters" if args.status == "active" else "no clusters")
+    _say_cut(more, "clusters")
     return EXIT_OK
 
 
@@ -1344,16 +1362,15 @@ def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
 
     running = runbook_pb2.RUNBOOK_STATUS_RUNNING
     status = args.status or runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED
-    found = []
-    for execution in client.iter_executions(incident_id=args.incident, runbook_id=args.runbook, status=status):
-        found.append(execution)
-        if args.limit and len(found) >= args.limit:
-            break
+    found, more = _up_to(
+        client.iter_executions(incident_id=args.incident, runbook_id=args.runbook, status=status), args.limit
+    )
     # The listing is the index (no steps): a running execution's state says where it is, and whether
     # that step waits for an approver - the question this listing is asked most.
     shown = [client.get_execution_status(e.execution_id).execution if e.status == running else e for e in found]
     if args.json:
         _emit({"executions": [_to_dict(e) for e in shown]})
+        _say_cut(more, "executions")
         return EXIT_OK
     if not shown:
         print("no executions")
@@ -1379,6 +1396,7 @@ def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
             ]
         )
     print(_table(["EXECUTION", "RUNBOOK", "STATUS", "AT STEP", "INCIDENT", "TRIGGERED BY", "STARTED"], rows))
+    _say_cut(more, "executions")
     return EXIT_OK
 
 

@@ -179,6 +179,11 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert len(alerts) == 3 and {a["cluster_id"] for a in alerts} == {cluster["cluster_id"]}
     table = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--satellite", "SAT-CLU", "--limit", "2")
     assert table.code == 0 and len([line for line in table.out.splitlines() if "SAT-CLU" in line]) == 2
+    assert "... more alerts not shown (raise --limit" in table.err  # on stderr: stdout is only the table
+    cut = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--limit", "2", "--json")
+    assert len(cut.json()["alerts"]) == 2 and "more alerts not shown" in cut.err
+    exact = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--limit", "3")
+    assert exact.code == 0 and "not shown" not in exact.err
     unfiltered = await cli("alerts", "list")
     assert unfiltered.code == 2 and "--cluster, --tracking or --silence" in unfiltered.err
 
@@ -200,6 +205,28 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert before.json()["clusters"] == []
     mixed = await cli("clusters", "list", "--since", since)
     assert mixed.code == 2 and "--status" in mixed.err
+
+
+async def test_clusters_list_cut_by_limit_says_so_on_stderr(cli: Any, tmp_path: Path) -> None:
+    now = datetime.now(UTC).isoformat()
+    # Each on a satellite and unit of its own, so none joins another: three incidents.
+    path = tmp_path / "three.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"alert_id": uuid.uuid4().hex, "satellite_id": f"SAT-LIM-{i}", "subsystem": f"unit-{i}",
+                        "severity": 3, "timestamp": now}) + "\n"
+            for i in range(3)
+        )
+    )  # fmt: skip
+    assert (await cli("alerts", "ingest", str(path))).code == 0
+    cut = await cli("clusters", "list", "--limit", "2", "--json")
+    assert cut.code == 0 and len(cut.json()["clusters"]) == 2  # stdout as before: only the JSON
+    assert cut.err.strip() == "... more clusters not shown (raise --limit; --limit 0 shows all)"
+    table = await cli("clusters", "list", "--limit", "2")
+    assert "more clusters not shown" in table.err and "more" not in table.out
+    for limit in ("3", "0"):
+        every = await cli("clusters", "list", "--limit", limit)
+        assert every.code == 0 and every.err == "" and every.out.count("SAT-LIM-") == 3
 
 
 async def test_clusters_watch_follows_incidents_until_interrupted(

@@ -1,4 +1,4 @@
-"""The `aetherops` CLI's own logic, without a server: reading bulk input files into alerts and snapshots.
+"""The `aetherops` CLI's own logic, without a server: reading bulk input files, cutting listings.
 
 End-to-end runs against a server are in tests/integration/cli_test.py.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from clients.cli import _alert_from, _records, _snapshot_from
+from clients.cli import _alert_from, _records, _snapshot_from, _up_to
 
 TIME = "2026-03-01T12:00:00Z"
 
@@ -198,3 +198,34 @@ def test_csv_header_not_utf8_refuses_the_file_as_a_bad_line(tmp_path: Path) -> N
     assert list(_records(path, None)) == [
         (1, "header: not valid UTF-8 (byte 0xe9 at character 11); no row read"),
     ]
+
+
+# -- listings cut by --limit know whether more were left out
+
+
+def _pages(*pages: list[int]) -> tuple[Any, list[int]]:
+    """Items page by page as the SDK's iter_* yields them; `fetched` records each page asked for."""
+    fetched: list[int] = []
+
+    def items() -> Any:
+        for number, page in enumerate(pages):
+            fetched.append(number)
+            yield from page
+
+    return items(), fetched
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected", "more", "fetched"),
+    [
+        (2, [1, 2], True, [0]),  # more on the page at hand: no other call
+        (3, [1, 2, 3], True, [0, 1]),  # the limit on a page's end: the next page has more
+        (4, [1, 2, 3, 4], False, [0, 1, 2]),  # everything, though a next page was there (empty)
+        (9, [1, 2, 3, 4], False, [0, 1, 2]),
+        (0, [1, 2, 3, 4], False, [0, 1, 2]),  # 0: all
+    ],
+)
+def test_up_to_says_whether_more_were_left_out(limit: int, expected: list[int], more: bool, fetched: list[int]) -> None:
+    items, pages = _pages([1, 2, 3], [4], [])
+    assert _up_to(items, limit) == (expected, more)
+    assert pages == fetched
