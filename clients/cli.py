@@ -989,6 +989,18 @@ def _alerts_list(client: Any, args: argparse.Namespace) -> int:
 # -- clusters
 
 
+# Satellites named in a cluster's line of a table: a fleet-wide incident lists thousands, and its line
+# would be as wide. The rest are counted; --json (and `alerts list --cluster`) has them all.
+_SATELLITES_SHOWN = 8
+
+
+def _satellites(satellite_ids: Sequence[str]) -> str:
+    """The first satellites of a cluster, then "+N more"."""
+    shown = ",".join(satellite_ids[:_SATELLITES_SHOWN])
+    rest = len(satellite_ids) - _SATELLITES_SHOWN
+    return f"{shown} +{rest} more" if rest > 0 else shown
+
+
 def _cluster_row(cluster: Any) -> list[Any]:
     from gen.aetherops.correlation.v1 import correlation_pb2
 
@@ -997,7 +1009,7 @@ def _cluster_row(cluster: Any) -> list[Any]:
         _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_"),
         cluster.max_severity,
         cluster.alert_count,
-        ",".join(cluster.satellite_ids),
+        _satellites(cluster.satellite_ids),
         ",".join(cluster.subsystems),
         cluster.root_cause_alert_id,
         _when(cluster.last_alert_time),
@@ -1076,7 +1088,7 @@ def _clusters_watch(client: Any, args: argparse.Namespace) -> int:
         event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
         print(
             f"{_when(update.event_time)}  {event:<7}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
-            f"  {','.join(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
+            f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
             flush=True,
         )
     return EXIT_OK
@@ -1579,8 +1591,8 @@ def _print_trace(
             status = _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_")
             label = (
                 f"incident {cluster.cluster_id}  {status}  severity {cluster.max_severity}  "
-                f"{cluster.alert_count} alert(s)  {','.join(cluster.satellite_ids)}  {','.join(cluster.subsystems)}  "
-                f"root cause {cluster.root_cause_alert_id or '-'}"
+                f"{cluster.alert_count} alert(s)  {_satellites(cluster.satellite_ids)}  "
+                f"{','.join(cluster.subsystems)}  root cause {cluster.root_cause_alert_id or '-'}"
             )
         children: list[tuple[str, list[Any]]] = []
         for stored in incident["alerts"]:

@@ -1,17 +1,18 @@
-"""The `aetherops` CLI's own logic, without a server: reading bulk input files, cutting listings.
+"""The `aetherops` CLI's own logic, without a server: reading bulk input files, cutting listings and tables.
 
 End-to-end runs against a server are in tests/integration/cli_test.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from clients.cli import _alert_from, _records, _snapshot_from, _up_to
+from clients.cli import _alert_from, _cluster_row, _clusters_list, _clusters_watch, _records, _snapshot_from, _up_to
 
 TIME = "2026-03-01T12:00:00Z"
 
@@ -229,3 +230,68 @@ def test_up_to_says_whether_more_were_left_out(limit: int, expected: list[int], 
     items, pages = _pages([1, 2, 3], [4], [])
     assert _up_to(items, limit) == (expected, more)
     assert pages == fetched
+
+
+# -- a cluster's satellites in a table: the first few, then a count
+
+
+def _cluster(satellites: int) -> Any:
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    return correlation_pb2.Cluster(
+        cluster_id="c-1", satellite_ids=[f"SAT-{i:04d}" for i in range(satellites)], subsystems=["power"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("satellites", "shown"),
+    [
+        (1, "SAT-0000"),
+        (8, ",".join(f"SAT-{i:04d}" for i in range(8))),
+        (9, ",".join(f"SAT-{i:04d}" for i in range(8)) + " +1 more"),
+        (3000, ",".join(f"SAT-{i:04d}" for i in range(8)) + " +2992 more"),
+    ],
+)
+def test_cluster_row_shows_eight_satellites_then_a_count(satellites: int, shown: str) -> None:
+    assert _cluster_row(_cluster(satellites))[4] == shown
+
+
+class _Clusters:
+    """The one SDK call `clusters list` makes."""
+
+    def __init__(self, *clusters: Any) -> None:
+        self.clusters = clusters
+
+    def iter_active_clusters(self, **_: Any) -> Any:
+        return iter(self.clusters)
+
+
+def _list_clusters(capsys: pytest.CaptureFixture[str], *, as_json: bool) -> str:
+    args = argparse.Namespace(status="active", since=None, until=None, satellite="", min_severity=0, limit=100)
+    args.json = as_json
+    assert _clusters_list(_Clusters(_cluster(3000)), args) == 0
+    return capsys.readouterr().out
+
+
+def test_fleet_wide_incident_is_one_short_line_in_the_table_and_whole_in_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    table = _list_clusters(capsys, as_json=False)
+    assert max(len(line) for line in table.splitlines()) < 200 and "+2992 more" in table
+    (cluster,) = json.loads(_list_clusters(capsys, as_json=True))["clusters"]
+    assert len(cluster["satellite_ids"]) == 3000
+
+
+def test_watch_line_of_a_fleet_wide_incident_is_short(capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    class Watch:
+        def watch_clusters(self, **_: Any) -> Any:
+            yield correlation_pb2.WatchClustersResponse(
+                event_type=correlation_pb2.CLUSTER_EVENT_TYPE_OPENED, cluster=_cluster(3000)
+            )
+
+    args = argparse.Namespace(event=[], satellite=[], min_severity=0, json=False)
+    assert _clusters_watch(Watch(), args) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(line) < 200 and "SAT-0007 +2992 more" in line
