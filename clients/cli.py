@@ -29,17 +29,18 @@ import argparse
 import asyncio
 import csv
 import ipaddress
+import itertools
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aetherops.auth import Role, bootstrap_admin_token, write_token_file
 from aetherops.config import Settings
@@ -366,7 +367,8 @@ def _add_operator_commands(sub: Any) -> None:
         "starting with # are skipped) or one CSV row per alert under a header line. Fields read: alert_id, "
         "satellite_id, subsystem, severity (an integer, 1-5), timestamp (RFC 3339, e.g. "
         "2025-01-01T12:00:00Z; no offset means UTC), message, labels (a JSON object, or k=v;k2=v2). "
-        "Other fields are ignored. Bad lines are reported by line number (exit 1).",
+        "Other fields are ignored. The file is UTF-8 (a byte order mark is skipped). Bad lines, and lines that "
+        "are not UTF-8, are reported by line number (exit 1).",
     )
     ingest.add_argument("file", type=Path, help="the alerts file (.csv is read as CSV, anything else as JSONL)")
     ingest.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
@@ -531,8 +533,8 @@ def _add_operator_commands(sub: Any) -> None:
         description="Bulk-ingest resource snapshots (IngestSnapshots), one JSON object per line (JSONL) or one "
         "CSV row per snapshot under a header line. Fields read: satellite_id, resource_type or resource "
         "(fuel, power, storage or bandwidth; in JSONL also the enum number), value (a number), unit, "
-        "timestamp (RFC 3339; no offset means UTC). Other fields are ignored. Bad lines are reported by line "
-        "number (exit 1).",
+        "timestamp (RFC 3339; no offset means UTC). Other fields are ignored. The file is UTF-8 (a byte order "
+        "mark is skipped). Bad lines, and lines that are not UTF-8, are reported by line number (exit 1).",
     )
     snapshots.add_argument("file", type=Path, help="the snapshots file (.csv is read as CSV, anything else as JSONL)")
     snapshots.add_argument("--format", choices=("jsonl", "csv"), help="default: from the file extension")
@@ -664,7 +666,39 @@ def _enum(enum: Any, value: int, prefix: str) -> str:
         return str(value)
 
 
+T = TypeVar("T")
+
+
+def _up_to(items: Iterable[T], limit: int) -> tuple[list[T], bool]:
+    """The first `limit` items (0: all), and whether more were left out.
+
+    Whether there are more is known by asking for one more: from the page at hand, or the next page's
+    first item when the limit falls on a page's end (a next page token need not mean another item).
+    """
+    iterator = iter(items)
+    found = list(itertools.islice(iterator, limit) if limit else iterator)
+    return found, bool(limit) and len(found) == limit and next(iterator, None) is not None
+
+
+def _say_cut(more: bool, noun: str) -> None:
+    """On stderr, so a listing cut by --limit says so and stdout (table or JSON) stays what scripts read."""
+    if more:
+        print(f"... more {noun} not shown (raise --limit; --limit 0 shows all)", file=sys.stderr)
+
+
 # -- bulk input files
+
+
+def _not_utf8(text: str) -> str | None:
+    """Why text read with errors="surrogateescape" was not valid UTF-8 (its first bad byte), or None.
+
+    That handler turns each byte that does not decode into a lone surrogate U+DC80-U+DCFF, which
+    valid UTF-8 never decodes to, so a bad line is found (and reported) on its own.
+    """
+    for column, char in enumerate(text, start=1):
+        if "\udc80" <= char <= "\udcff":
+            return f"not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x} at character {column})"
+    return None
 
 
 def _records(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -672,12 +706,25 @@ def _records(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any] 
     if not path.is_file():
         raise _UsageError(f"no such file: {path}")
     kind = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a byte order mark (Excel, Notepad) is not part of the first field name or JSON object.
+    # surrogateescape: a line that is not UTF-8 is a bad line, not a UnicodeDecodeError ending the load.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         if kind == "csv":
             reader = csv.DictReader(handle)
+            header_problem = _not_utf8(",".join(reader.fieldnames or ()))
+            if header_problem is not None:
+                # Field names that cannot be read match nothing: every row would be wrong.
+                yield reader.line_num, f"header: {header_problem}; no row read"
+                return
             for row in reader:
                 if None in row:
                     yield reader.line_num, "more fields than the header has"
+                    continue
+                problem = next(
+                    (f"{k}: {p}" for k, v in row.items() if isinstance(v, str) and (p := _not_utf8(v))), None
+                )
+                if problem is not None:
+                    yield reader.line_num, problem
                     continue
                 yield reader.line_num, {k.strip(): v for k, v in row.items() if k is not None and v not in ("", None)}
             return
@@ -685,12 +732,21 @@ def _records(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any] 
             text = line.strip()
             if not text or text.startswith("#"):
                 continue
+            problem = _not_utf8(line)  # its column as in the file
+            if problem is not None:
+                yield number, problem
+                continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield number, f"not valid JSON: {exc.msg} (column {exc.colno})"
                 continue
-            yield number, record if isinstance(record, dict) else "not a JSON object"
+            if not isinstance(record, dict):
+                yield number, "not a JSON object"
+                continue
+            # A null field is an absent one (as in CSV, where an empty cell is left out): never the text
+            # "None" sent as an id, nor a null severity reported as "not an integer".
+            yield number, {k: v for k, v in record.items() if v is not None}
 
 
 def _labels(value: Any) -> dict[str, str]:
@@ -707,16 +763,41 @@ def _labels(value: Any) -> dict[str, str]:
             return {k.strip(): v.strip() for k, v in pairs}
     if not isinstance(value, dict):
         raise ValueError("labels: expected an object")
-    return {str(k): str(v) for k, v in value.items()}
+    return {str(k): str(v) for k, v in value.items() if v is not None}  # a null label is no label
+
+
+_INT32 = range(-(2**31), 2**31)  # what Alert.severity (int32) can carry
+
+
+def _severity(value: Any) -> int:
+    """An alert's severity: an integer, as a JSON number (3 or 3.0) or text (a CSV cell, "3").
+
+    int() alone would truncate 3.7 to 3 and take a JSON true as 1: a typo sent as another severity.
+    """
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = int(value) if value.is_integer() else None
+    elif isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+    else:
+        number = None
+    if number is None:
+        raise ValueError(f"severity: not an integer: {value!r}")
+    if number not in _INT32:  # the server judges 1-5; this could not even be sent
+        raise ValueError(f"severity: out of range: {value!r}")
+    return number
 
 
 def _alert_from(record: dict[str, Any]) -> Any:
     from clients.sdk import alert
 
-    try:
-        severity = int(record.get("severity", 0))
-    except (TypeError, ValueError):
-        raise ValueError(f"severity: not an integer: {record.get('severity')!r}") from None
+    severity = _severity(record.get("severity", 0))
     timestamp = record.get("timestamp")
     try:
         message = alert(
@@ -743,6 +824,8 @@ def _snapshot_from(record: dict[str, Any]) -> Any:
 
     resource = record.get("resource_type", record.get("resource", ""))
     try:
+        if isinstance(record.get("value"), bool):  # float(true) would be 1.0
+            raise TypeError
         value = float(record.get("value", "nan"))
     except (TypeError, ValueError):
         raise ValueError(f"value: not a number: {record.get('value')!r}") from None
@@ -750,7 +833,8 @@ def _snapshot_from(record: dict[str, Any]) -> Any:
     try:
         parsed = snapshot(
             satellite_id=str(record.get("satellite_id", "")),
-            resource=int(resource) if isinstance(resource, int) else str(resource),
+            # A JSON true is no enum number (it would read as 1, fuel): as text it is an unknown name.
+            resource=resource if isinstance(resource, int) and not isinstance(resource, bool) else str(resource),
             value=value,
             unit=str(record.get("unit", "")),
             timestamp_=str(timestamp) if timestamp else None,
@@ -875,13 +959,12 @@ def _alerts_list(client: Any, args: argparse.Namespace) -> int:
         raise _UsageError(
             "alerts list: give --cluster, --tracking or --silence (every alert ever stored is not a query)"
         )
-    found = []
-    for item in client.iter_alerts(
-        by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite, silence_id=args.silence
-    ):
-        found.append(item)
-        if args.limit and len(found) >= args.limit:
-            break
+    found, more = _up_to(
+        client.iter_alerts(
+            by_tracking_id=args.tracking, cluster_id=args.cluster, satellite_id=args.satellite, silence_id=args.silence
+        ),
+        args.limit,
+    )
     if args.json:
         _emit({"alerts": [_to_dict(a) for a in found]})
     elif not found:
@@ -901,10 +984,23 @@ def _alerts_list(client: Any, args: argparse.Namespace) -> int:
             for a in found
         ]
         print(_table(["ALERT", "SATELLITE", "SUBSYSTEM", "SEV", "TIME", "CLUSTER", "DUPLICATE", "MESSAGE"], rows))
+    _say_cut(more, "alerts")
     return EXIT_OK
 
 
 # -- clusters
+
+
+# Satellites named in a cluster's line of a table: a fleet-wide incident lists thousands, and its line
+# would be as wide. The rest are counted; --json (and `alerts list --cluster`) has them all.
+_SATELLITES_SHOWN = 8
+
+
+def _satellites(satellite_ids: Sequence[str]) -> str:
+    """The first satellites of a cluster, then "+N more"."""
+    shown = ",".join(satellite_ids[:_SATELLITES_SHOWN])
+    rest = len(satellite_ids) - _SATELLITES_SHOWN
+    return f"{shown} +{rest} more" if rest > 0 else shown
 
 
 def _cluster_row(cluster: Any) -> list[Any]:
@@ -915,7 +1011,7 @@ def _cluster_row(cluster: Any) -> list[Any]:
         _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_"),
         cluster.max_severity,
         cluster.alert_count,
-        ",".join(cluster.satellite_ids),
+        _satellites(cluster.satellite_ids),
         ",".join(cluster.subsystems),
         cluster.root_cause_alert_id,
         _when(cluster.last_alert_time),
@@ -938,17 +1034,14 @@ def _clusters_list(client: Any, args: argparse.Namespace) -> int:
             start=args.since,
             end=args.until,
         )
-    clusters = []
-    for cluster in found:
-        clusters.append(cluster)
-        if args.limit and len(clusters) >= args.limit:
-            break
+    clusters, more = _up_to(found, args.limit)
     if args.json:
         _emit({"clusters": [_to_dict(c) for c in clusters]})
     elif clusters:
         print(_table(_CLUSTER_HEADERS, [_cluster_row(c) for c in clusters]))
     else:
         print("no active clusters" if args.status == "active" else "no clusters")
+    _say_cut(more, "clusters")
     return EXIT_OK
 
 
@@ -997,7 +1090,7 @@ def _clusters_watch(client: Any, args: argparse.Namespace) -> int:
         event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
         print(
             f"{_when(update.event_time)}  {event:<7}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
-            f"  {','.join(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
+            f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
             flush=True,
         )
     return EXIT_OK
@@ -1283,16 +1376,15 @@ def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
 
     running = runbook_pb2.RUNBOOK_STATUS_RUNNING
     status = args.status or runbook_pb2.RUNBOOK_STATUS_UNSPECIFIED
-    found = []
-    for execution in client.iter_executions(incident_id=args.incident, runbook_id=args.runbook, status=status):
-        found.append(execution)
-        if args.limit and len(found) >= args.limit:
-            break
+    found, more = _up_to(
+        client.iter_executions(incident_id=args.incident, runbook_id=args.runbook, status=status), args.limit
+    )
     # The listing is the index (no steps): a running execution's state says where it is, and whether
     # that step waits for an approver - the question this listing is asked most.
     shown = [client.get_execution_status(e.execution_id).execution if e.status == running else e for e in found]
     if args.json:
         _emit({"executions": [_to_dict(e) for e in shown]})
+        _say_cut(more, "executions")
         return EXIT_OK
     if not shown:
         print("no executions")
@@ -1318,6 +1410,7 @@ def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
             ]
         )
     print(_table(["EXECUTION", "RUNBOOK", "STATUS", "AT STEP", "INCIDENT", "TRIGGERED BY", "STARTED"], rows))
+    _say_cut(more, "executions")
     return EXIT_OK
 
 
@@ -1500,8 +1593,8 @@ def _print_trace(
             status = _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_")
             label = (
                 f"incident {cluster.cluster_id}  {status}  severity {cluster.max_severity}  "
-                f"{cluster.alert_count} alert(s)  {','.join(cluster.satellite_ids)}  {','.join(cluster.subsystems)}  "
-                f"root cause {cluster.root_cause_alert_id or '-'}"
+                f"{cluster.alert_count} alert(s)  {_satellites(cluster.satellite_ids)}  "
+                f"{','.join(cluster.subsystems)}  root cause {cluster.root_cause_alert_id or '-'}"
             )
         children: list[tuple[str, list[Any]]] = []
         for stored in incident["alerts"]:

@@ -129,6 +129,37 @@ async def test_alerts_ingest_csv(cli: Any, tmp_path: Path) -> None:
     assert "severity" in summary["bad_lines"][0]["reason"]
 
 
+async def test_alerts_ingest_null_fields_are_absent(cli: Any, tmp_path: Path) -> None:
+    prefix = uuid.uuid4().hex[:8]
+    good, unrated = (json.loads(line) for line in _alert_lines(prefix, 2, "SAT-NULL"))
+    path = tmp_path / "nulls.jsonl"
+    path.write_text(
+        json.dumps({**good, "message": None, "labels": None})
+        + "\n"
+        + json.dumps({**unrated, "severity": None})  # no severity: the server says why, as when it is missing
+        + "\n"
+    )
+    summary = (await cli("alerts", "ingest", str(path), "--json")).json()
+    assert (summary["accepted"], summary["rejected"], summary["unparsed"]) == (1, 1, 0)
+    ((bad,),) = [summary["bad_lines"]]
+    assert (bad["line"], bad["source"]) == (2, "server") and "severity" in bad["reason"]
+    (stored,) = (await cli("alerts", "list", "--tracking", summary["tracking_id"], "--json")).json()["alerts"]
+    assert stored["alert"]["alert_id"] == good["alert_id"] and "message" not in stored["alert"]  # not "None"
+
+
+async def test_alerts_ingest_reads_a_byte_order_mark_and_reports_lines_not_utf8(cli: Any, tmp_path: Path) -> None:
+    lines = [line.encode() for line in _alert_lines(uuid.uuid4().hex[:8], 3, "SAT-UTF8")]
+    lines[1] = lines[1].replace(b'"message": "alert 1"', b'"message": "caf\xe9"')  # Latin-1: not UTF-8
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    result = await cli("alerts", "ingest", str(path), "--json")
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    summary = result.json()
+    assert (summary["sent"], summary["accepted"]) == (2, 2)
+    assert [(b["line"], b["source"]) for b in summary["bad_lines"]] == [(2, "parse")]
+    assert summary["bad_lines"][0]["reason"].startswith("not valid UTF-8")
+
+
 async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     path = tmp_path / "alerts.jsonl"
     path.write_text("\n".join(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-CLU")) + "\n")
@@ -148,6 +179,11 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert len(alerts) == 3 and {a["cluster_id"] for a in alerts} == {cluster["cluster_id"]}
     table = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--satellite", "SAT-CLU", "--limit", "2")
     assert table.code == 0 and len([line for line in table.out.splitlines() if "SAT-CLU" in line]) == 2
+    assert "... more alerts not shown (raise --limit" in table.err  # on stderr: stdout is only the table
+    cut = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--limit", "2", "--json")
+    assert len(cut.json()["alerts"]) == 2 and "more alerts not shown" in cut.err
+    exact = await cli("alerts", "list", "--cluster", cluster["cluster_id"], "--limit", "3")
+    assert exact.code == 0 and "not shown" not in exact.err
     unfiltered = await cli("alerts", "list")
     assert unfiltered.code == 2 and "--cluster, --tracking or --silence" in unfiltered.err
 
@@ -169,6 +205,28 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert before.json()["clusters"] == []
     mixed = await cli("clusters", "list", "--since", since)
     assert mixed.code == 2 and "--status" in mixed.err
+
+
+async def test_clusters_list_cut_by_limit_says_so_on_stderr(cli: Any, tmp_path: Path) -> None:
+    now = datetime.now(UTC).isoformat()
+    # Each on a satellite and unit of its own, so none joins another: three incidents.
+    path = tmp_path / "three.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"alert_id": uuid.uuid4().hex, "satellite_id": f"SAT-LIM-{i}", "subsystem": f"unit-{i}",
+                        "severity": 3, "timestamp": now}) + "\n"
+            for i in range(3)
+        )
+    )  # fmt: skip
+    assert (await cli("alerts", "ingest", str(path))).code == 0
+    cut = await cli("clusters", "list", "--limit", "2", "--json")
+    assert cut.code == 0 and len(cut.json()["clusters"]) == 2  # stdout as before: only the JSON
+    assert cut.err.strip() == "... more clusters not shown (raise --limit; --limit 0 shows all)"
+    table = await cli("clusters", "list", "--limit", "2")
+    assert "more clusters not shown" in table.err and "more" not in table.out
+    for limit in ("3", "0"):
+        every = await cli("clusters", "list", "--limit", limit)
+        assert every.code == 0 and every.err == "" and every.out.count("SAT-LIM-") == 3
 
 
 async def test_clusters_watch_follows_incidents_until_interrupted(
