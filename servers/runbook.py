@@ -364,8 +364,10 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
     async def FindMatchingRunbooks(
         self, request: pb.FindMatchingRunbooksRequest, context: Any
     ) -> pb.FindMatchingRunbooksResponse:
-        found = await self._svc.find_matching(from_struct(request.incident_data))
-        return pb.FindMatchingRunbooksResponse(runbooks=[runbook_to_proto(r) for r in found])
+        found, token = await self._svc.find_matching_page(
+            from_struct(request.incident_data), page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.FindMatchingRunbooksResponse(runbooks=[runbook_to_proto(r) for r in found], next_page_token=token)
 
     async def StartExecution(self, request: pb.StartExecutionRequest, context: Any) -> pb.StartExecutionResponse:
         variables = from_struct(request.variables)

@@ -301,6 +301,18 @@ def _token(last: str, listing: str) -> str:
     return encode_page_token({"id": last}, filters_key(listing))
 
 
+def _sized(definitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leading runbook definitions within `_PAGE_JSON_BYTES` (at least one): 50 definitions of up
+    to MAX_JSON_BYTES each would outgrow the 4 MiB reply limit, and every call for that page would
+    fail the same way."""
+    size = 0
+    for i, definition in enumerate(definitions):
+        size += len(json.dumps(definition, separators=(",", ":"), ensure_ascii=False).encode())
+        if i and size > _PAGE_JSON_BYTES:
+            return definitions[:i]
+    return definitions
+
+
 @contextlib.contextmanager
 def _on_behalf_of(tracking_id: str) -> Iterator[None]:
     """Within the block, `tracking_id` is the current one - unless a request's is set already."""
@@ -658,21 +670,25 @@ class RunbookService:
         limit, after = _page(page_size, page_token, "runbooks")
         async with self._db.connection() as conn:
             rows = await repo.list_latest_runbooks(conn, after_id=after, limit=limit + 1)
-        # Cut short by size as well as by count: 50 definitions of up to MAX_JSON_BYTES each would
-        # outgrow the 4 MiB reply limit, and every call to this page would fail the same way.
-        page: list[Runbook] = []
-        size = 0
-        for row in rows[:limit]:
-            size += len(json.dumps(row.definition, separators=(",", ":"), ensure_ascii=False).encode())
-            if page and size > _PAGE_JSON_BYTES:
-                break
-            page.append(runbook_from_dict(row.definition))
-        more = len(rows) > len(page)
-        return page, _token(page[-1].runbook_id, "runbooks") if more else ""
+        kept = _sized([row.definition for row in rows[:limit]])
+        page = [runbook_from_dict(d) for d in kept]
+        return page, _token(page[-1].runbook_id, "runbooks") if len(rows) > len(page) else ""
 
     async def find_matching(self, incident_data: Mapping[str, Any], *, auto_start_only: bool = False) -> list[Runbook]:
         await self._sync_all_runbooks()
         return self._engine.find_matching_runbooks(incident_data, auto_start_only=auto_start_only)
+
+    async def find_matching_page(
+        self, incident_data: Mapping[str, Any], *, page_size: int, page_token: str
+    ) -> tuple[list[Runbook], str]:
+        """One page of the runbooks `incident_data` matches, by runbook id (as ListRunbooks pages,
+        cut by size too). The token is bound to the incident data."""
+        listing = "matching " + json.dumps(incident_data, sort_keys=True, separators=(",", ":"), default=str)
+        limit, after = _page(page_size, page_token, listing)
+        found = [r for r in await self.find_matching(incident_data) if r.runbook_id > after]
+        kept = _sized([runbook_to_dict(r) for r in found[:limit]])
+        page = found[: len(kept)]
+        return page, _token(page[-1].runbook_id, listing) if len(found) > len(page) else ""
 
     # ---- executions: start -------------------------------------------------------------------------
 

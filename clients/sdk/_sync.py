@@ -488,11 +488,28 @@ class SyncAetherOpsClient:
         return self._unary(self.runbook.ListRunbooks, request, runbook_pb2.ListRunbooksResponse, timeout, tracking_id)
 
     def find_matching_runbooks(
-        self, incident_data: Mapping[str, Any], *, timeout: float | None = None, tracking_id: str | None = None
+        self,
+        incident_data: Mapping[str, Any],
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        tracking_id: str | None = None,
     ) -> runbook_pb2.FindMatchingRunbooksResponse:
-        request = runbook_pb2.FindMatchingRunbooksRequest(incident_data=build.struct(incident_data))
+        request = runbook_pb2.FindMatchingRunbooksRequest(
+            incident_data=build.struct(incident_data), page_size=page_size, page_token=page_token
+        )
         return self._unary(
             self.runbook.FindMatchingRunbooks, request, runbook_pb2.FindMatchingRunbooksResponse, timeout, tracking_id
+        )
+
+    def iter_matching_runbooks(
+        self, incident_data: Mapping[str, Any], *, page_size: int = 0
+    ) -> Iterator[runbook_pb2.Runbook]:
+        """Every runbook `incident_data` matches, following next_page_token."""
+        return follow(
+            lambda token: self.find_matching_runbooks(incident_data, page_size=page_size, page_token=token),
+            lambda page: page.runbooks,
         )
 
     def start_execution(

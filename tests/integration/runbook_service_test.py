@@ -291,17 +291,39 @@ async def test_big_runbooks_cannot_break_the_runbook_list(server: Any, channel_f
     # Twenty that each fit make a default page of 5 MB: pages are cut short by size instead.
     for i in range(20):
         big = pb.Runbook(runbook_id=f"big-{i:02d}", name="Big", steps=[step("s", "log", {"message": "x" * 250_000})])
+        big.trigger_conditions.CopyFrom(struct({"subsystems": "power"}))
         await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=big))
-    ids: list[str] = []
-    token = ""
-    while True:
-        page = await stubs.operator.ListRunbooks(pb.ListRunbooksRequest(page_token=token))
-        assert page.runbooks
-        ids.extend(r.runbook_id for r in page.runbooks)
-        token = page.next_page_token
-        if not token:
-            break
-    assert ids == [f"big-{i:02d}" for i in range(20)]
+    power = struct({"subsystems": ["power"]})
+
+    async def every(call: Any, make: Any) -> tuple[list[str], int]:
+        ids: list[str] = []
+        token, pages = "", 0
+        while True:
+            page = await call(make(token))
+            assert page.runbooks
+            ids.extend(r.runbook_id for r in page.runbooks)
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                return ids, pages
+
+    listed, _ = await every(stubs.operator.ListRunbooks, lambda t: pb.ListRunbooksRequest(page_token=t))
+    assert listed == [f"big-{i:02d}" for i in range(20)]
+    # So is FindMatchingRunbooks, which answered every match at once (a 5 MB reply: RESOURCE_EXHAUSTED).
+    find = stubs.operator.FindMatchingRunbooks
+    matched, pages = await every(find, lambda t: pb.FindMatchingRunbooksRequest(incident_data=power, page_token=t))
+    assert matched == listed and pages > 1
+    sized, pages = await every(
+        find, lambda t: pb.FindMatchingRunbooksRequest(incident_data=power, page_size=7, page_token=t)
+    )
+    assert sized == listed and pages >= 3
+    # A token is for the incident data it was issued for.
+    first = await find(pb.FindMatchingRunbooksRequest(incident_data=power, page_size=1))
+    other = pb.FindMatchingRunbooksRequest(incident_data=struct({"subsystems": ["thermal"]}), page_token="x")
+    other.page_token = first.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await find(other)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and set(violations(err.value)) == {"page_token"}
 
 
 async def test_dry_run_plans_without_storing(server: Any, channel_for: Any, db: Database) -> None:

@@ -198,6 +198,23 @@ async def test_runbook_register_start_status(client: AetherOpsClient) -> None:
     assert status.execution.runbook_id == runbook_id
 
 
+async def test_matching_runbooks_page_through(client: AetherOpsClient) -> None:
+    tag = _id("tag")
+    ids = sorted(_id("match") for _ in range(3))
+    for runbook_id in ids:
+        await client.register_runbook(
+            {
+                "runbook_id": runbook_id,
+                "name": "match",
+                "trigger_conditions": {"tag": tag},
+                "steps": [{"step_id": "say", "action": "log", "parameters": {"message": "hi"}}],
+            }
+        )
+    first = await client.find_matching_runbooks({"tag": tag}, page_size=2)
+    assert [r.runbook_id for r in first.runbooks] == ids[:2] and first.next_page_token
+    assert [r.runbook_id async for r in client.iter_matching_runbooks({"tag": tag}, page_size=1)] == ids
+
+
 # -- retries and deadlines against a scripted server ------------------------------------------
 
 

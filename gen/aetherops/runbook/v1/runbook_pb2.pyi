@@ -660,6 +660,14 @@ class FindMatchingRunbooksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCIDENT_DATA_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many runbooks (0 = 50; never more than 500, nor more than
+    about 1 MiB of definitions). Matches come in runbook id order.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page, for the same incident_data."""
     @_builtins.property
     def incident_data(self) -> _struct_pb2.Struct:
         """Incident fields, e.g. {"max_severity": 5, "subsystems": ["power"]}."""
@@ -668,10 +676,12 @@ class FindMatchingRunbooksRequest(_message.Message):
         self,
         *,
         incident_data: _struct_pb2.Struct | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["incident_data", b"incident_data"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident_data", b"incident_data"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident_data", b"incident_data", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -682,16 +692,20 @@ class FindMatchingRunbooksResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNBOOKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set when more runbooks match."""
     @_builtins.property
     def runbooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Runbook]: ...
     def __init__(
         self,
         *,
         runbooks: _abc.Iterable[Global___Runbook] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["runbooks", b"runbooks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runbooks", b"runbooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -632,6 +632,21 @@ export declare type FindMatchingRunbooksRequest = Message<"aetherops.runbook.v1.
    * @generated from field: google.protobuf.Struct incident_data = 1;
    */
   incidentData?: JsonObject | undefined;
+
+  /**
+   * At most this many runbooks (0 = 50; never more than 500, nor more than
+   * about 1 MiB of definitions). Matches come in runbook id order.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page, for the same incident_data.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
 };
 
 /**
@@ -648,6 +663,13 @@ export declare type FindMatchingRunbooksResponse = Message<"aetherops.runbook.v1
    * @generated from field: repeated aetherops.runbook.v1.Runbook runbooks = 1;
    */
   runbooks: Runbook[];
+
+  /**
+   * Set when more runbooks match.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
 };
 
 /**
