@@ -713,7 +713,10 @@ def _describe(event: ExecutionEvent) -> str:
     if kind is EventType.APPROVAL_GRANTED:
         return f"approved by {d.get('approver', event.actor)}"
     if kind is EventType.VARIABLE_SET:
-        return f"{d.get('name')} = {json.dumps(d.get('value'), sort_keys=True)}"
+        value = json.dumps(d.get("value"), sort_keys=True)
+        if len(value) > _AUDIT_VALUE_CHARS:
+            value = value[:_AUDIT_VALUE_CHARS] + f"… ({len(value)} characters)"
+        return f"{d.get('name')} = {value}"
     if kind is EventType.ACTION_LOGGED:
         return str(d.get("message", ""))
     if kind is EventType.STEP_ROLLED_BACK:
@@ -750,10 +753,20 @@ aside an event it cannot send. Definitions travel in replies: a few megabytes ea
 ListRunbooks page outgrow the 4 MiB message limit."""
 
 
-def _json_size_problem(value: Any) -> str | None:
-    """Why a JSON-able value is too large to carry in an event (None when it is not)."""
+MAX_VARIABLES_BYTES = 1024 * 1024
+"""Largest an execution's variables may grow as step outputs are merged into them: they travel whole in
+every answer about the execution (its status, each step's reply, each watch update), beside the
+outputs, and twenty outputs of MAX_JSON_BYTES made that outgrow the 4 MiB message limit."""
+
+_AUDIT_VALUE_CHARS = 200
+"""A variable's value in its audit entry is cut to this many characters: the trail says what changed;
+the value is whole in the variables and the step's output."""
+
+
+def _json_size_problem(value: Any, limit: int = MAX_JSON_BYTES) -> str | None:
+    """Why a JSON-able value is too large (None when it is not): to carry in an event, by default."""
     size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-    return f"at most {MAX_JSON_BYTES} bytes as JSON, got {size}" if size > MAX_JSON_BYTES else None
+    return f"at most {limit} bytes as JSON, got {size}" if size > limit else None
 
 
 # --- validation and rendering ----------------------------------------------------------------------
@@ -1510,6 +1523,9 @@ class RunbookEngine:
             return None, f"action returned a non-JSON output ({problems[0].field}: {problems[0].description})"
         if (problem := _json_size_problem(output)) is not None:
             return None, f"action returned too large an output ({problem})"
+        merged = {**execution.state.variables, **output}
+        if not rollback and (problem := _json_size_problem(merged, MAX_VARIABLES_BYTES)) is not None:
+            return None, f"the action's output would make the variables too large ({problem})"
         return dict(_json_copy(output)), None
 
     def _flush_logs(self, execution: _Execution, step: RunbookStep, ctx: ActionContext) -> None:

@@ -484,6 +484,11 @@ def _add_operator_commands(sub: Any) -> None:
     reject.add_argument("--approver", default="", help="who rejects (the authenticated principal wins)")
     status = runbooks.add_parser("status", parents=[common], help="an execution's state and steps")
     status.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
+    output = runbooks.add_parser(
+        "output", parents=[common], help="a step's output, whole, as JSON (status leaves big ones out)"
+    )
+    output.add_argument("execution_id")
+    output.add_argument("step_id")
     step = runbooks.add_parser(
         "step",
         parents=[common],
@@ -1371,6 +1376,13 @@ def _runbooks_status(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _runbooks_output(client: Any, args: argparse.Namespace) -> int:
+    reply = client.get_step_output(args.execution_id, args.step_id)
+    # JSON either way: an output is data for a script or a person to read as it is.
+    _emit(_to_dict(reply.output) if reply.HasField("output") else None)
+    return EXIT_OK
+
+
 def _runbooks_executions(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.runbook.v1 import runbook_pb2
 
@@ -2020,6 +2032,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("runbooks", "list"): _runbooks_list,
     ("runbooks", "show"): _runbooks_show,
     ("runbooks", "start"): _runbooks_start,
+    ("runbooks", "output"): _runbooks_output,
     ("runbooks", "approve"): _runbooks_approve,
     ("runbooks", "reject"): _runbooks_reject,
     ("runbooks", "status"): _runbooks_status,

@@ -149,6 +149,37 @@ def runbook_to_proto(runbook: Runbook) -> pb.Runbook:
     )
 
 
+OUTPUT_BYTES = 2 * 1024 * 1024
+"""Most bytes of step outputs one Execution carries; the rest are marked output_omitted (GetStepOutput
+has them). Each output may take 256 KiB: twenty such steps made every answer about the execution
+(its status, each step's reply, the watch) outgrow the 4 MiB message limit."""
+
+
+def _steps_to_proto(state: ExecutionContext) -> list[pb.StepState]:
+    steps, room = [], OUTPUT_BYTES
+    for s in state.step_states.values():
+        step = pb.StepState(
+            step_id=s.step_id,
+            action=s.action,
+            status=_STEP_STATUS[s.status],
+            start_time=to_ts(s.started_time),
+            finish_time=to_ts(s.finished_time),
+            attempts=s.attempts,
+            error=s.error or "",
+            approved_by=s.approved_by or "",
+            approval_expire_time=to_ts(s.approval_expires_time),
+        )
+        if s.output is not None:
+            output = to_struct(dict(s.output))
+            room -= output.ByteSize()
+            if room >= 0:
+                step.output.CopyFrom(output)
+            else:
+                step.output_omitted = True
+        steps.append(step)
+    return steps
+
+
 def execution_to_proto(state: ExecutionContext) -> pb.Execution:
     return pb.Execution(
         execution_id=state.execution_id,
@@ -157,21 +188,7 @@ def execution_to_proto(state: ExecutionContext) -> pb.Execution:
         triggered_by=state.triggered_by,
         status=_RUNBOOK_STATUS[state.status],
         current_step_index=state.current_step_index,
-        steps=[
-            pb.StepState(
-                step_id=s.step_id,
-                action=s.action,
-                status=_STEP_STATUS[s.status],
-                start_time=to_ts(s.started_time),
-                finish_time=to_ts(s.finished_time),
-                attempts=s.attempts,
-                error=s.error or "",
-                output=to_struct(dict(s.output)) if s.output is not None else None,
-                approved_by=s.approved_by or "",
-                approval_expire_time=to_ts(s.approval_expires_time),
-            )
-            for s in state.step_states.values()
-        ],
+        steps=_steps_to_proto(state),
         variables=to_struct(dict(state.variables)),
         audit_log=[
             pb.AuditEntry(
@@ -430,6 +447,10 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
     ) -> pb.GetExecutionStatusResponse:
         state = await self._svc.get_status(request.execution_id, from_ts(request, "as_of_time"))
         return pb.GetExecutionStatusResponse(execution=execution_to_proto(state))
+
+    async def GetStepOutput(self, request: pb.GetStepOutputRequest, context: Any) -> pb.GetStepOutputResponse:
+        output = await self._svc.step_output(request.execution_id, request.step_id)
+        return pb.GetStepOutputResponse(output=None if output is None else to_struct(dict(output)))
 
     async def ListExecutions(self, request: pb.ListExecutionsRequest, context: Any) -> pb.ListExecutionsResponse:
         status: RunbookStatus | None = None

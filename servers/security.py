@@ -73,6 +73,7 @@ RPC_ROLES: dict[str, Role] = {
     _RUNBOOK + "RollbackExecution": Role.OPERATOR,
     _RUNBOOK + "CancelExecution": Role.OPERATOR,
     _RUNBOOK + "GetExecutionStatus": Role.VIEWER,
+    _RUNBOOK + "GetStepOutput": Role.VIEWER,
     _RUNBOOK + "WatchExecution": Role.VIEWER,
     _RUNBOOK + "ListExecutions": Role.VIEWER,
     _CAPACITY + "IngestSnapshot": Role.OPERATOR,

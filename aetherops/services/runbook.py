@@ -960,6 +960,15 @@ class RunbookService:
             raise NotFoundError(f"execution {execution_id!r} had not started at {as_of.isoformat()}")
         return project(runbook, events, as_of)
 
+    async def step_output(self, execution_id: str, step_id: str) -> Mapping[str, Any] | None:
+        """A step's output as committed (None while it has none)."""
+        _require(step_id, "step_id")
+        state = await self.get_status(execution_id)
+        step = state.step_states.get(step_id)
+        if step is None:
+            raise NotFoundError(f"execution {execution_id!r} has no step {step_id!r}")
+        return step.output
+
     async def list_executions(
         self,
         *,

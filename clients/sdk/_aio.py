@@ -656,6 +656,15 @@ class AetherOpsClient:
             self.runbook.GetExecutionStatus, request, runbook_pb2.GetExecutionStatusResponse, timeout, tracking_id
         )
 
+    async def get_step_output(
+        self, execution_id: str, step_id: str, *, timeout: float | None = None, tracking_id: str | None = None
+    ) -> runbook_pb2.GetStepOutputResponse:
+        """One step's output, whole (an Execution leaves out outputs past about 2 MiB: output_omitted)."""
+        request = runbook_pb2.GetStepOutputRequest(execution_id=execution_id, step_id=step_id)
+        return await self._unary(
+            self.runbook.GetStepOutput, request, runbook_pb2.GetStepOutputResponse, timeout, tracking_id
+        )
+
     async def list_executions(
         self,
         *,

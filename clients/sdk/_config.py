@@ -74,6 +74,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "RollbackExecution",
         "CancelExecution",
         "GetExecutionStatus",
+        "GetStepOutput",
         "ListExecutions",
     ),
     "aetherops.capacity.v1.CapacityService": (

@@ -693,3 +693,15 @@ async def test_output_closed_early_exits_quietly(cli: Any, server: Any, tokens: 
 async def test_health_still_works(cli: Any, server: Any) -> None:
     healthy = await cli("health", "--address", f"127.0.0.1:{server.port}")
     assert healthy.code == 0 and healthy.out.strip() == "SERVING"
+
+
+async def test_runbooks_output_prints_a_steps_output_whole(cli: Any, tmp_path: Path) -> None:
+    steps = "  - step_id: pick\n    action: set_variable\n    parameters: {name: bus, value: B}\n"
+    _, execution_id = await _started(cli, tmp_path, "Pick a bus", steps)
+    before = await cli("runbooks", "output", execution_id, "pick")
+    assert before.code == 0 and before.json() is None  # not run yet: no output
+    assert (await cli("runbooks", "step", execution_id)).code == 0
+    after = await cli("runbooks", "output", execution_id, "pick")
+    assert after.code == 0 and after.json() == {"bus": "B"}
+    missing = await cli("runbooks", "output", execution_id, "nope")
+    assert missing.code == 1 and "NOT_FOUND" in missing.err

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -91,6 +91,20 @@ async def agent(bus: Bus, name: str, reply: Reply) -> AsyncIterator[list[events_
         yield seen
     finally:
         await sub.unsubscribe()
+
+
+async def announced_agent(bus: Bus, stubs: Stubs, name: str, on_request: Callable[[Msg], Awaitable[None]]) -> Any:
+    """An agent answering `agent:<name>` with `on_request`, announced and listed by the server; its
+    subscription (unsubscribe when done)."""
+    sub = await bus.nc.subscribe(bus.subjects.action(name), cb=on_request)
+    await bus.nc.publish(bus.subjects.action("_announce"), json.dumps({"name": name, "description": name}).encode())
+
+    async def announced() -> bool:
+        actions = (await stubs.operator.ListActions(pb.ListActionsRequest(page_size=100))).actions
+        return any(a.name == f"agent:{name}" for a in actions)
+
+    await eventually(announced, timeout_s=5, what=f"agent:{name} announced")
+    return sub
 
 
 async def wait_status(
@@ -459,14 +473,7 @@ async def test_an_agent_reply_that_cannot_be_kept_fails_its_step(
     async def on_request(msg: Msg) -> None:
         await msg.respond(reply)
 
-    sub = await bus.nc.subscribe(bus.subjects.action("odd"), cb=on_request)
-    await bus.nc.publish(bus.subjects.action("_announce"), json.dumps({"name": "odd", "description": "odd"}).encode())
-
-    async def announced() -> bool:
-        actions = (await stubs.operator.ListActions(pb.ListActionsRequest(page_size=100))).actions
-        return any(a.name == "agent:odd" for a in actions)
-
-    await eventually(announced, timeout_s=5, what="agent:odd announced")
+    sub = await announced_agent(bus, stubs, "odd", on_request)
     runbook = pb.Runbook(runbook_id="odd", name="Odd", steps=[step("ask", "agent:odd", {"x": 1})])
     await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
     started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="odd"))
@@ -611,3 +618,71 @@ async def test_an_operator_cancels_an_execution_without_rolling_it_back(app_fact
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs.operator.CancelExecution(pb.CancelExecutionRequest(execution_id="no-such-execution"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_big_outputs_leave_every_answer_about_the_execution_within_the_message_limit(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    # Each output may take 256 KiB, and an agent's output becomes variables (and an audit entry):
+    # twelve such steps made every answer about the execution (each step's reply, its status, the
+    # watch) outgrow the 4 MiB message limit - RESOURCE_EXHAUSTED, with the steps run all the same.
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    dumps = [f"{n:02d}" + "x" * 200_000 for n in range(12)]
+
+    async def on_request(msg: Msg) -> None:
+        request = json_format.Parse(msg.data, events_pb2.AgentActionRequest())
+        n = int(request.step_id.removeprefix("dump-"))
+        # The same key each time (the variables stay one dump), then a key of its own (they grow).
+        output = {"dump": dumps[n]} if n < 12 else {f"dump{n}": dumps[n % 12]}
+        reply = events_pb2.AgentActionReply(ok=True, output=struct(output))
+        await msg.respond(json_format.MessageToJson(reply).encode())
+
+    sub = await announced_agent(bus, stubs, "dumper", on_request)
+    steps = [step(f"dump-{n}", "agent:dumper", {"n": n}) for n in range(12)]
+    await stubs.admin.RegisterRunbook(
+        pb.RegisterRunbookRequest(runbook=pb.Runbook(runbook_id="dumps", name="Dumps", steps=steps))
+    )
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="dumps"))
+    execution_id = started.execution.execution_id
+    for _ in steps:
+        reply = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+        assert reply.step_status == pb.STEP_STATUS_COMPLETED
+    status = (
+        await stubs.operator.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id=execution_id))
+    ).execution
+    assert status.status == pb.RUNBOOK_STATUS_COMPLETED and status.ByteSize() < 4 * 1024 * 1024
+    kept = [s.step_id for s in status.steps if s.HasField("output")]
+    omitted = [s.step_id for s in status.steps if s.output_omitted]
+    assert kept == [f"dump-{n}" for n in range(len(kept))] and 5 <= len(kept) < 12
+    assert omitted == [f"dump-{n}" for n in range(len(kept), 12)]
+    # The audit says which variable changed, not its 200,000 characters.
+    assert all(len(a.detail) < 300 for a in status.audit_log)
+    # An omitted output, whole.
+    last = await stubs.operator.GetStepOutput(pb.GetStepOutputRequest(execution_id=execution_id, step_id="dump-11"))
+    assert json_format.MessageToDict(last.output) == {"dump": dumps[11]}
+    for request, code in (
+        (pb.GetStepOutputRequest(execution_id=execution_id, step_id="nope"), grpc.StatusCode.NOT_FOUND),
+        (pb.GetStepOutputRequest(execution_id="nope", step_id="dump-1"), grpc.StatusCode.NOT_FOUND),
+        (pb.GetStepOutputRequest(execution_id=execution_id), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stubs.operator.GetStepOutput(request)
+        assert err.value.code() == code, request
+
+    # Variables that would outgrow 1 MiB: the step that would do it fails, the execution with it.
+    growing = [step(f"dump-{n}", "agent:dumper", {"n": n}) for n in range(12, 18)]
+    await stubs.admin.RegisterRunbook(
+        pb.RegisterRunbookRequest(runbook=pb.Runbook(runbook_id="grow", name="Grow", steps=growing))
+    )
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="grow"))
+    execution_id = started.execution.execution_id
+    outcomes = []
+    for _ in growing:
+        reply = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+        outcomes.append(reply.step_status)
+        if reply.step_status == pb.STEP_STATUS_FAILED:
+            break
+    await sub.unsubscribe()
+    assert outcomes == [pb.STEP_STATUS_COMPLETED] * 5 + [pb.STEP_STATUS_FAILED]
+    assert "would make the variables too large" in steps_by_id(reply.execution)["dump-17"].error

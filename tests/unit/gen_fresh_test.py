@@ -56,6 +56,7 @@ def test_every_contract_rpc_is_generated() -> None:
         (runbook_pb2, "RunbookService"): {
             "ListActions", "RegisterRunbook", "GetRunbook", "ListRunbooks", "FindMatchingRunbooks",
             "StartExecution", "ExecuteNextStep", "ApproveStep", "RejectStep", "RollbackExecution", "GetExecutionStatus",
+            "GetStepOutput",
             "WatchExecution", "ListExecutions", "CancelExecution",
         },
         (capacity_pb2, "CapacityService"): {

@@ -331,12 +331,18 @@ class StepState(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     APPROVAL_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    OUTPUT_OMITTED_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     action: _builtins.str
     status: Global___StepStatus.ValueType
     attempts: _builtins.int
     error: _builtins.str
     approved_by: _builtins.str
+    output_omitted: _builtins.bool
+    """Set when the step has an output that this answer leaves out: an
+    execution's outputs (up to 256 KiB each) together could outgrow the
+    4 MiB message limit. GetStepOutput returns it.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -358,10 +364,11 @@ class StepState(_message.Message):
         output: _struct_pb2.Struct | None = ...,
         approved_by: _builtins.str = ...,
         approval_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        output_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["approval_expire_time", b"approval_expire_time", "finish_time", b"finish_time", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "approval_expire_time", b"approval_expire_time", "approved_by", b"approved_by", "attempts", b"attempts", "error", b"error", "finish_time", b"finish_time", "output", b"output", "start_time", b"start_time", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "approval_expire_time", b"approval_expire_time", "approved_by", b"approved_by", "attempts", b"attempts", "error", b"error", "finish_time", b"finish_time", "output", b"output", "output_omitted", b"output_omitted", "start_time", b"start_time", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1081,6 +1088,52 @@ class GetExecutionStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExecutionStatusResponse: _TypeAlias = GetExecutionStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetStepOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    step_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStepOutputRequest: _TypeAlias = GetStepOutputRequest  # noqa: Y015
+
+@_typing.final
+class GetStepOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def output(self) -> _struct_pb2.Struct:
+        """Unset while the step has no output (not run yet, or its action returned
+        none).
+        """
+
+    def __init__(
+        self,
+        *,
+        output: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStepOutputResponse: _TypeAlias = GetStepOutputResponse  # noqa: Y015
 
 @_typing.final
 class ListExecutionsRequest(_message.Message):

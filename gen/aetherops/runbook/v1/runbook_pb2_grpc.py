@@ -103,6 +103,11 @@ class RunbookServiceStub:
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.SerializeToString,
                 response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusResponse.FromString,
                 _registered_method=True)
+        self.GetStepOutput = channel.unary_unary(
+                '/aetherops.runbook.v1.RunbookService/GetStepOutput',
+                request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetStepOutputRequest.SerializeToString,
+                response_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetStepOutputResponse.FromString,
+                _registered_method=True)
         self.ListExecutions = channel.unary_unary(
                 '/aetherops.runbook.v1.RunbookService/ListExecutions',
                 request_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.ListExecutionsRequest.SerializeToString,
@@ -222,6 +227,14 @@ class RunbookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStepOutput(self, request, context):
+        """One step's output, whole: an Execution carries outputs up to about 2 MiB
+        in all, and marks the rest output_omitted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListExecutions(self, request, context):
         """Lists executions, most recently started first, filtered by any of
         tracking_id, incident_id, runbook_id and status. Entries come from the
@@ -302,6 +315,11 @@ def add_RunbookServiceServicer_to_server(servicer, server):
                     servicer.GetExecutionStatus,
                     request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.FromString,
                     response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusResponse.SerializeToString,
+            ),
+            'GetStepOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStepOutput,
+                    request_deserializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetStepOutputRequest.FromString,
+                    response_serializer=aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetStepOutputResponse.SerializeToString,
             ),
             'ListExecutions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListExecutions,
@@ -647,6 +665,33 @@ class RunbookService:
             '/aetherops.runbook.v1.RunbookService/GetExecutionStatus',
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusRequest.SerializeToString,
             aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetExecutionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStepOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.runbook.v1.RunbookService/GetStepOutput',
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetStepOutputRequest.SerializeToString,
+            aetherops_dot_runbook_dot_v1_dot_runbook__pb2.GetStepOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,10 @@ class RunbookServiceStub:
     """
     GetExecutionStatus: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]
     """The execution's state, now or as it was at as_of_time."""
+    GetStepOutput: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.GetStepOutputRequest, _runbook_pb2.GetStepOutputResponse]
+    """One step's output, whole: an Execution carries outputs up to about 2 MiB
+    in all, and marks the rest output_omitted.
+    """
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.ListExecutionsRequest, _runbook_pb2.ListExecutionsResponse]
     """Lists executions, most recently started first, filtered by any of
     tracking_id, incident_id, runbook_id and status. Entries come from the
@@ -146,6 +150,10 @@ class RunbookServiceAsyncStub(RunbookServiceStub):
     """
     GetExecutionStatus: _aio.UnaryUnaryMultiCallable[_runbook_pb2.GetExecutionStatusRequest, _runbook_pb2.GetExecutionStatusResponse]  # type: ignore[assignment]
     """The execution's state, now or as it was at as_of_time."""
+    GetStepOutput: _aio.UnaryUnaryMultiCallable[_runbook_pb2.GetStepOutputRequest, _runbook_pb2.GetStepOutputResponse]  # type: ignore[assignment]
+    """One step's output, whole: an Execution carries outputs up to about 2 MiB
+    in all, and marks the rest output_omitted.
+    """
     ListExecutions: _aio.UnaryUnaryMultiCallable[_runbook_pb2.ListExecutionsRequest, _runbook_pb2.ListExecutionsResponse]  # type: ignore[assignment]
     """Lists executions, most recently started first, filtered by any of
     tracking_id, incident_id, runbook_id and status. Entries come from the
@@ -279,6 +287,16 @@ class RunbookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runbook_pb2.GetExecutionStatusResponse, _abc.Awaitable[_runbook_pb2.GetExecutionStatusResponse]]:
         """The execution's state, now or as it was at as_of_time."""
+
+    @_abc_1.abstractmethod
+    def GetStepOutput(
+        self,
+        request: _runbook_pb2.GetStepOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runbook_pb2.GetStepOutputResponse, _abc.Awaitable[_runbook_pb2.GetStepOutputResponse]]:
+        """One step's output, whole: an Execution carries outputs up to about 2 MiB
+        in all, and marks the rest output_omitted.
+        """
 
     @_abc_1.abstractmethod
     def ListExecutions(

@@ -313,6 +313,15 @@ export declare type StepState = Message<"aetherops.runbook.v1.StepState"> & {
    * @generated from field: google.protobuf.Timestamp approval_expire_time = 10;
    */
   approvalExpireTime?: Timestamp | undefined;
+
+  /**
+   * Set when the step has an output that this answer leaves out: an
+   * execution's outputs (up to 256 KiB each) together could outgrow the
+   * 4 MiB message limit. GetStepOutput returns it.
+   *
+   * @generated from field: bool output_omitted = 11;
+   */
+  outputOmitted: boolean;
 };
 
 /**
@@ -1044,6 +1053,46 @@ export declare type GetExecutionStatusResponse = Message<"aetherops.runbook.v1.G
 export declare const GetExecutionStatusResponseSchema: GenMessage<GetExecutionStatusResponse>;
 
 /**
+ * @generated from message aetherops.runbook.v1.GetStepOutputRequest
+ */
+export declare type GetStepOutputRequest = Message<"aetherops.runbook.v1.GetStepOutputRequest"> & {
+  /**
+   * @generated from field: string execution_id = 1;
+   */
+  executionId: string;
+
+  /**
+   * @generated from field: string step_id = 2;
+   */
+  stepId: string;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.GetStepOutputRequest.
+ * Use `create(GetStepOutputRequestSchema)` to create a new message.
+ */
+export declare const GetStepOutputRequestSchema: GenMessage<GetStepOutputRequest>;
+
+/**
+ * @generated from message aetherops.runbook.v1.GetStepOutputResponse
+ */
+export declare type GetStepOutputResponse = Message<"aetherops.runbook.v1.GetStepOutputResponse"> & {
+  /**
+   * Unset while the step has no output (not run yet, or its action returned
+   * none).
+   *
+   * @generated from field: google.protobuf.Struct output = 1;
+   */
+  output?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message aetherops.runbook.v1.GetStepOutputResponse.
+ * Use `create(GetStepOutputResponseSchema)` to create a new message.
+ */
+export declare const GetStepOutputResponseSchema: GenMessage<GetStepOutputResponse>;
+
+/**
  * @generated from message aetherops.runbook.v1.ListExecutionsRequest
  */
 export declare type ListExecutionsRequest = Message<"aetherops.runbook.v1.ListExecutionsRequest"> & {
@@ -1449,6 +1498,17 @@ export declare const RunbookService: GenService<{
     methodKind: "unary";
     input: typeof GetExecutionStatusRequestSchema;
     output: typeof GetExecutionStatusResponseSchema;
+  },
+  /**
+   * One step's output, whole: an Execution carries outputs up to about 2 MiB
+   * in all, and marks the rest output_omitted.
+   *
+   * @generated from rpc aetherops.runbook.v1.RunbookService.GetStepOutput
+   */
+  getStepOutput: {
+    methodKind: "unary";
+    input: typeof GetStepOutputRequestSchema;
+    output: typeof GetStepOutputResponseSchema;
   },
   /**
    * Lists executions, most recently started first, filtered by any of
