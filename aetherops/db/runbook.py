@@ -301,9 +301,16 @@ async def list_executions(
     return [_execution(r) for r in rows]
 
 
-async def unfinished_executions(conn: asyncpg.Connection) -> list[ExecutionRow]:
-    # finished_time is NULL while anything is left to do: running, or a rollback under way.
-    rows = await conn.fetch(f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE finished_time IS NULL")
+async def unfinished_executions(conn: asyncpg.Connection, *, idle_before: datetime | None = None) -> list[ExecutionRow]:
+    """Executions with anything left to do (running, or a rollback under way: finished_time is NULL),
+    only those last changed before `idle_before` when given."""
+    if idle_before is None:
+        rows = await conn.fetch(f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE finished_time IS NULL")
+    else:
+        rows = await conn.fetch(
+            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE finished_time IS NULL AND updated_time < $1",
+            idle_before,
+        )
     return [_execution(r) for r in rows]
 
 

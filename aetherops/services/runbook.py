@@ -22,6 +22,10 @@ Durability rules:
   fails executions whose approval gate expired - gates loaded from the store too, including one that
   expired while no server ran - and never does more: a gate approved on another replica meanwhile is
   left to whoever runs the step.
+* Every replica also takes up, every `ADOPT_AFTER_S`, the unfinished executions it does not hold
+  that nothing has changed for that long: those of a replica that stopped (or started after this one
+  did). Their gates are then watched here, and incident-started ones driven here - safely even if
+  their owner is merely slow, by the rules above.
 * Finished executions are evicted from memory after their last commit; reads (status, as-of, watch)
   always fold the stored events, so every replica answers the same.
 
@@ -143,6 +147,11 @@ INCIDENT_FIELDS = (
 
 # A RUNNING step found in the store is abandoned once its timeout and this grace have passed.
 _LEASE_GRACE_S = 5.0
+ADOPT_AFTER_S = 30.0
+"""An unfinished execution unchanged this long, and not held by this replica, is taken up by it: at
+start, a replica loads every unfinished execution, but one started on another replica afterwards was
+watched (its approval gate's expiry) and driven (an incident's) only there, so when that replica
+stopped, nobody did either until a restart."""
 _PAGE_JSON_BYTES = 1024 * 1024  # of runbook definitions per ListRunbooks page (one always fits)
 _MAX_PAGE = 500
 _EXECUTION_STATUSES = (
@@ -340,6 +349,7 @@ class RunbookService:
         agents: AgentInvoker | None = None,
         agent_actions: Sequence[str] = (),
         tick_interval_s: float = 1.0,
+        adopt_after_s: float = ADOPT_AFTER_S,
     ) -> None:
         self._db = db
         self._relay = relay
@@ -348,6 +358,8 @@ class RunbookService:
         self._clock = clock
         self._agents = agents
         self._tick_interval_s = tick_interval_s
+        self._adopt_after_s = adopt_after_s
+        self._next_adoption: datetime | None = None
         self._engine = RunbookEngine(clock, register_builtins=False, tracking=current_tracking_id)
         for action in builtin_actions():
             self._engine.register_action(
@@ -1346,6 +1358,25 @@ class RunbookService:
             except Exception:
                 log.exception("runbook ticker failed; retrying next tick")
 
+    async def _adopt(self, now: datetime) -> None:
+        """Loads the unfinished executions unchanged for `adopt_after_s` that this replica does not
+        hold; resumes the incident-started ones (see `ADOPT_AFTER_S`)."""
+        async with self._db.connection() as conn:
+            idle = await repo.unfinished_executions(conn, idle_before=now - timedelta(seconds=self._adopt_after_s))
+        for row in idle:
+            execution_id = row.execution_id
+            if self._loaded(execution_id) or execution_id in self._deferred:
+                continue
+            try:
+                await self._load(execution_id)
+            except ConflictError:
+                self._deferred.add(execution_id)  # a step still within its lease: the ticker retries
+                continue
+            except NotFoundError:
+                continue
+            log.info("took up execution %s (unchanged since %s)", execution_id, row.updated_time.isoformat())
+            self._resume(execution_id, row.triggered_by)
+
     async def _expire(self, execution_id: str) -> None:
         """Fail the execution if its gate, as committed, is still open and past its expiry. Since the
         gate was tracked another replica may have approved it (the load then sees that): the ticker
@@ -1366,8 +1397,12 @@ class RunbookService:
         )
 
     async def tick(self) -> None:
-        """Fail executions whose approval expired; retry loads that waited for a step lease."""
+        """Fail executions whose approval expired; retry loads that waited for a step lease; now and
+        then, take up executions nobody else seems to hold (`_adopt`)."""
         now = self._clock.now()
+        if self._next_adoption is None or now >= self._next_adoption:
+            self._next_adoption = now + timedelta(seconds=self._adopt_after_s)
+            await self._adopt(now)
         for execution_id, expiry in list(self._gates.items()):
             if expiry <= now:
                 try:

@@ -406,6 +406,31 @@ async def test_an_approval_that_expires_across_a_restart_fails_and_rolls_back(
     assert ("APPROVAL_EXPIRED", "gate") in transitions and ("STEP_ROLLED_BACK", "prepare") in transitions
 
 
+async def test_a_replica_takes_up_the_gates_of_a_replica_that_stopped(app_factory: Any, channel_for: Any) -> None:
+    # Two replicas. B starts first, so it never loads (at start) the execution A starts afterwards;
+    # when A stops, B must watch its approval gate all the same (it did only after a restart).
+    b = await app_factory()
+    b_service = next(c for c in b.components if c.name == "runbook").service
+    b_service._adopt_after_s = 0.5  # a test's patience (30 s in service)
+    a = await app_factory()
+    stubs = Stubs(channel_for, a.port)
+    gate = step("gate", "log", {"message": "switch to the redundant bus"}, approval=True)
+    gate.approval_timeout.CopyFrom(duration_pb2.Duration(seconds=2))
+    runbook = pb.Runbook(runbook_id="adopt", name="Adopt", steps=[step("note", "log", {"message": "hi"}), gate])
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="adopt"))
+    execution_id = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    waiting = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert waiting.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    await a.stop()
+
+    stubs = Stubs(channel_for, b.port)
+    done = await wait_status(stubs.operator, execution_id, lambda e: e.status != pb.RUNBOOK_STATUS_RUNNING)
+    assert done.status == pb.RUNBOOK_STATUS_FAILED
+    assert ("APPROVAL_EXPIRED", "gate") in [(x.transition, x.step_id) for x in done.audit_log]
+
+
 async def test_an_execution_rolling_back_is_one_a_restart_picks_up(
     app_factory: Any, bus: Bus, channel_for: Any, db: Database
 ) -> None:
