@@ -454,6 +454,7 @@ class CapacityService:
             # without a word). Looked up only when the batch had keys stored already.
             stored = await repo.conflicting_values(conn) if len(new_keys) < sum(map(len, blocks)) else {}
             seen: set[tuple[str, int, int]] = set()
+            answered: dict[tuple[str, str], bool] = {}  # (scope, request id) -> duplicate, this batch
             for (sat, res), (times, values, members) in grouped.items():
                 for t_us, value, i in zip(times, values, members, strict=True):
                     k = (sat, int(res), t_us)
@@ -463,8 +464,21 @@ class CapacityService:
                     if not fresh and other is not None and other != value:
                         problem = f"{other:g} is stored for this satellite, resource and time; a resend repeats it"
                         outcomes[i] = SnapshotOutcome(violations=(FieldViolation("snapshot.value", problem),))
-                    else:
-                        outcomes[i] = SnapshotOutcome(duplicate=not fresh)
+                        continue
+                    duplicate = not fresh
+                    request_id = items[i].request_id
+                    if request_id:
+                        scope = _snapshot_scope(items[i].snapshot)
+                        if duplicate:
+                            # A retry racing its first call (both passed the recall in `ingest`): it
+                            # answers as that call did, in this batch or an earlier one, not "duplicate".
+                            first = answered.get((scope, request_id))
+                            if first is None:
+                                earlier = await idempotency.recall(conn, scope, request_id)
+                                first = None if earlier is None else bool(earlier["duplicate"])
+                            duplicate = duplicate if first is None else first
+                        answered.setdefault((scope, request_id), duplicate)
+                    outcomes[i] = SnapshotOutcome(duplicate=duplicate)
             for i, item in enumerate(items):
                 result = outcomes[i]
                 if item.request_id and result is not None and not result.violations:

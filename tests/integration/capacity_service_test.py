@@ -404,6 +404,23 @@ async def test_a_mission_retry_racing_the_first_call_gets_its_answer(
     assert await db.fetchval("SELECT count(*) FROM capacity_missions") == 0
 
 
+async def test_a_snapshot_retry_racing_the_first_call_gets_its_answer(
+    stub: capacity_pb2_grpc.CapacityServiceStub, db: Database
+) -> None:
+    # Retries overlapping the first call all passed the replay lookup before it committed: the first
+    # said stored (duplicate=false) and the retries duplicate=true, for one request.
+    when = datetime.now(UTC) - timedelta(minutes=1)
+    for attempt in range(3):  # the retries land in the first call's batch or a later one
+        one = snap("SAT-RACE", FUEL, when + timedelta(seconds=attempt), 42.0)
+        request = pb.IngestSnapshotRequest(snapshot=one, request_id=f"race-{attempt}")
+        replies = await asyncio.gather(*(stub.IngestSnapshot(request) for _ in range(8)))
+        assert [r.duplicate for r in replies] == [False] * 8
+    # Without a request id, a resend is a duplicate as before.
+    again = await stub.IngestSnapshot(pb.IngestSnapshotRequest(snapshot=snap("SAT-RACE", FUEL, when, 42.0)))
+    assert again.duplicate
+    assert await db.fetchval("SELECT count(*) FROM capacity_snapshots WHERE satellite_id = 'SAT-RACE'") == 3
+
+
 async def test_critical_forecasts_page_through_in_urgency_order(
     stub: capacity_pb2_grpc.CapacityServiceStub,
 ) -> None:
