@@ -96,6 +96,7 @@ __all__ = [
     "builtin_actions",
     "event_from_dict",
     "event_to_dict",
+    "key_problem",
     "match_conditions",
     "project",
     "render_parameters",
@@ -115,6 +116,15 @@ SYSTEM_ACTOR: Final = "system"
 DEFAULT_STEP_TIMEOUT_S: Final = 60.0
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def key_problem(value: object) -> str | None:
+    """Why `value` cannot be an execution's or incident's id here (None when it can)."""
+    if isinstance(value, str) and _ID_RE.match(value):
+        return None
+    return "must be 1-128 letters, digits, '.', '_' or '-'"
+
+
 _ACTION_NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 # `$${x}` escapes a literal `${x}`; names are identifiers joined by dots (nested variables).
 _REFERENCE_RE: Final = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
@@ -1321,10 +1331,10 @@ class RunbookEngine:
         violations: list[FieldViolation] = []
         if not isinstance(triggered_by, str) or not triggered_by.strip():
             violations.append(FieldViolation("triggered_by", "must name who starts the execution"))
-        if execution_id is not None and (not isinstance(execution_id, str) or not _ID_RE.match(execution_id)):
-            violations.append(FieldViolation("execution_id", "must be 1-128 letters, digits, '.', '_' or '-'"))
-        if incident_id and (not isinstance(incident_id, str) or not _ID_RE.match(incident_id)):
-            violations.append(FieldViolation("incident_id", "must be 1-128 letters, digits, '.', '_' or '-'"))
+        if execution_id is not None and (problem := key_problem(execution_id)) is not None:
+            violations.append(FieldViolation("execution_id", problem))
+        if incident_id and (problem := key_problem(incident_id)) is not None:
+            violations.append(FieldViolation("incident_id", problem))
         violations.extend(self._start_checks(runbook, variables))
         if violations:
             raise ValidationError(violations)

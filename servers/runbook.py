@@ -397,6 +397,7 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
             variables,
             request_id=request.request_id,
             incident_id=request.incident_id,
+            check_incident=True,
         )
         return pb.StartExecutionResponse(execution=execution_to_proto(state))
 

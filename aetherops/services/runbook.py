@@ -68,6 +68,7 @@ from aetherops.bus import Subjects
 from aetherops.circuit import TransitionEvent
 from aetherops.clock import Clock
 from aetherops.db import Database, idempotency, outbox
+from aetherops.db import correlation as correlation_repo
 from aetherops.db import runbook as repo
 from aetherops.errors import (
     WATCH_ENDED_BY_SHUTDOWN,
@@ -100,6 +101,7 @@ from aetherops.runbook import (
     RunbookStatus,
     StepStatus,
     builtin_actions,
+    key_problem,
     project,
     require_parameters,
     runbook_from_dict,
@@ -720,11 +722,20 @@ class RunbookService:
         request_id: str = "",
         execution_id: str | None = None,
         incident_id: str = "",
+        check_incident: bool = False,
     ) -> ExecutionContext:
         """Start (and commit) an execution. With a request_id, a retry answers with the same execution;
-        with an explicit execution_id that exists already, AlreadyExistsError."""
+        with an explicit execution_id that exists already, AlreadyExistsError. With `check_incident`
+        (a start by hand), an `incident_id` no stored incident has is NOT_FOUND: a mistyped id would
+        link the execution to nothing, and `executions --incident` and `trace` would never show it."""
         if not runbook_id:
             raise ValidationError.single("runbook_id", "required")
+        if incident_id and check_incident:
+            if (problem := key_problem(incident_id)) is not None:
+                raise ValidationError.single("incident_id", problem)
+            async with self._db.connection() as conn:
+                if await correlation_repo.get_cluster(conn, incident_id, alert_limit=0) is None:
+                    raise NotFoundError(f"incident {incident_id!r} not found")
         if request_id:
             # Checked here: it is stored with the execution, not looked up as other request ids are.
             problem = text_problem(request_id, MAX_ID_LEN)

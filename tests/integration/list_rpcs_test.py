@@ -224,8 +224,13 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
         return reply.execution.execution_id
 
     e1 = await start("rb-a", x)
-    e2 = await start("rb-a", y, "inc-1")
-    e3 = await start("rb-b", x, "inc-1")
+    # An incident to start them for (a StartExecution naming an incident nobody stored is NOT_FOUND).
+    alert = cpb.Alert(alert_id=uuid.uuid4().hex, satellite_id="SAT-E", subsystem="power", severity=3)
+    alert.timestamp.CopyFrom(ts(datetime.now(UTC)))
+    correlation = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    incident = (await correlation.IngestAlert(cpb.IngestAlertRequest(alert=alert))).cluster_id
+    e2 = await start("rb-a", y, incident)
+    e3 = await start("rb-b", x, incident)
     done = await operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=e1), metadata=(("x-tracking-id", z),))
     assert done.execution.status == pb.RUNBOOK_STATUS_COMPLETED
 
@@ -234,7 +239,7 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
     )
     assert pages == 2 and [e.execution_id for e in listed] == [e3, e2, e1], "newest start first"
     entry = {e.execution_id: e for e in listed}
-    assert (entry[e2].runbook_id, entry[e2].incident_id, entry[e2].tracking_id) == ("rb-a", "inc-1", y)
+    assert (entry[e2].runbook_id, entry[e2].incident_id, entry[e2].tracking_id) == ("rb-a", incident, y)
     assert entry[e2].triggered_by == "operator" and entry[e2].start_time.seconds > 0
     assert entry[e1].status == pb.RUNBOOK_STATUS_COMPLETED and entry[e1].finish_time.seconds > 0
     assert not entry[e1].steps and not entry[e1].audit_log, "index entries: GetExecutionStatus has the rest"
@@ -245,10 +250,10 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
 
     assert await ids(tracking_id=x) == [e3, e1]
     assert await ids(tracking_id=z) == [e1], "ExecuteNextStep under z changed e1"
-    assert await ids(incident_id="inc-1") == [e3, e2]
+    assert await ids(incident_id=incident) == [e3, e2]
     assert await ids(runbook_id="rb-a") == [e2, e1]
     assert await ids(status=pb.RUNBOOK_STATUS_COMPLETED) == [e1]
-    assert await ids(status=pb.RUNBOOK_STATUS_RUNNING, incident_id="inc-1", tracking_id=x) == [e3]
+    assert await ids(status=pb.RUNBOOK_STATUS_RUNNING, incident_id=incident, tracking_id=x) == [e3]
     assert await ids(runbook_id="rb-none") == []
 
     assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(status=pb.RUNBOOK_STATUS_DRAFT))) == {"status"}
@@ -270,3 +275,7 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
     assert await _bad(viewer.ListExecutions(pb.ListExecutionsRequest(page_size=1, page_token=forged))) == {"page_token"}
     bad_start = pb.StartExecutionRequest(runbook_id="rb-a", incident_id="not an id", variables=struct({}))
     assert await _bad(operator.StartExecution(bad_start)) == {"incident_id"}
+    unknown = pb.StartExecutionRequest(runbook_id="rb-a", incident_id="c-unknown", variables=struct({}))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await operator.StartExecution(unknown)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -742,6 +742,7 @@ class StartExecutionRequest(_message.Message):
     incident_id: _builtins.str
     """Optional: the incident (cluster id) this execution is started for; it is
     listed under that incident (ListExecutions incident_id, aetherops trace).
+    NOT_FOUND when no such incident is stored.
     """
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:

@@ -729,6 +729,7 @@ export declare type StartExecutionRequest = Message<"aetherops.runbook.v1.StartE
   /**
    * Optional: the incident (cluster id) this execution is started for; it is
    * listed under that incident (ListExecutions incident_id, aetherops trace).
+   * NOT_FOUND when no such incident is stored.
    *
    * @generated from field: string incident_id = 6;
    */
