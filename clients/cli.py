@@ -425,6 +425,11 @@ def _add_operator_commands(sub: Any) -> None:
         choices=("opened", "updated", "closed"),
         help="only these events (repeatable; default: all)",
     )
+    watching.add_argument(
+        "--since",
+        type=_rfc3339,
+        help="first the events published since this RFC 3339 time (e.g. the last one seen), then live",
+    )
     for parser in (listing, watching):
         parser.add_argument(
             "--min-severity",
@@ -1084,7 +1089,9 @@ def _clusters_watch(client: Any, args: argparse.Namespace) -> int:
     from gen.aetherops.correlation.v1 import correlation_pb2
 
     types = [correlation_pb2.ClusterEventType.Value(f"CLUSTER_EVENT_TYPE_{e.upper()}") for e in args.event]
-    updates = client.watch_clusters(satellite_ids=args.satellite, min_severity=args.min_severity, event_types=types)
+    updates = client.watch_clusters(
+        satellite_ids=args.satellite, min_severity=args.min_severity, event_types=types, since=args.since
+    )
     for update in updates:
         if args.json:
             print(json.dumps(_to_dict(update), sort_keys=True), flush=True)  # one JSON object per line

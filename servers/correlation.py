@@ -46,7 +46,7 @@ from gen.aetherops.events.v1 import events_pb2
 from servers.bulk import ingest_stream, listed
 from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, rejection, to_duration, to_ts
-from servers.incident_feed import IncidentFeed, Watcher, incident_of
+from servers.incident_feed import IncidentFeed, Watcher, WatchItem, incident_of
 
 __all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
 
@@ -479,23 +479,36 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         ]
         if problems:
             raise ValidationError(problems)
+        since = from_ts(request, "start_time")
         feed = self._c.feed
         assert feed is not None
         watcher = Watcher(frozenset(request.event_types), frozenset(request.satellite_ids), request.min_severity)
+        # With a start time: the stored events from then, read to the stream's end; then the watcher
+        # joins the live feed, and the events stored meanwhile are read too. Those may also arrive
+        # live: each is sent once (by event id). Joining only after the long read keeps the live
+        # queue from filling (and dropping) while a day of history streams out.
+        replayed: set[str] = set()
+        last = 0
+        if since is not None:
+            async for seq, item in feed.history(watcher, since=since):
+                last = seq
+                if item is not None:
+                    yield _watch_response(item, 0)
         await feed.add(watcher)
         try:
+            if since is not None:
+                async for _, item in feed.history(watcher, after_seq=last):
+                    if item is not None:
+                        replayed.add(item[2].event_id)
+                        yield _watch_response(item, 0)
             while True:
                 item = await watcher.queue.get()
                 if item is None:
                     raise UnavailableError(WATCH_ENDED_BY_SHUTDOWN)
-                event_type, status, event = item
+                if replayed and item[2].event_id in replayed:
+                    continue
                 missed, watcher.dropped = watcher.dropped, 0
-                yield pb.WatchClustersResponse(
-                    event_type=event_type,
-                    cluster=_cluster_from_event(event, status),
-                    event_time=event.occurred_time,
-                    dropped_events=missed,
-                )
+                yield _watch_response(item, missed)
         finally:
             await feed.remove(watcher)
 
@@ -529,6 +542,16 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             request.silence_id, request_id=request.request_id, by=current_principal_name()
         )
         return pb.ExpireSilenceResponse(silence=silence_to_proto(silence))
+
+
+def _watch_response(item: WatchItem, dropped: int) -> pb.WatchClustersResponse:
+    event_type, status, event = item
+    return pb.WatchClustersResponse(
+        event_type=event_type,
+        cluster=_cluster_from_event(event, status),
+        event_time=event.occurred_time,
+        dropped_events=dropped,
+    )
 
 
 def silence_to_proto(s: Silence) -> pb.Silence:

@@ -1,6 +1,9 @@
 """The incident events behind every WatchClusters stream of one server: one NATS subscription,
 each event parsed once and offered to the watchers whose filters it passes.
 
+A watch that gives a start time first reads the incident events JetStream keeps (`history`), then
+joins the live feed: see `CorrelationServicer.WatchClusters` for how nothing is missed or repeated.
+
 Each stream used to subscribe on its own and parse every incident event, wanted or not: with a
 few dashboards watching, the server parsed each event once per watcher, on the event loop that also
 ingests alerts (8 watchers added 10-30 us per alert to a stream of new incidents). Filtering before
@@ -13,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from aetherops.bus import Bus
 from aetherops.errors import WATCH_ENDED_BY_SHUTDOWN, UnavailableError
@@ -123,22 +129,57 @@ class IncidentFeed:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
-    async def _on_message(self, msg: Msg) -> None:
-        event = events_pb2.Event()
+    async def history(
+        self, watcher: Watcher, *, since: datetime | None = None, after_seq: int = 0
+    ) -> AsyncIterator[tuple[int, WatchItem | None]]:
+        """The incident events JetStream stored from `since` (or after stream sequence `after_seq`) up
+        to the end of the stream as it is read, oldest first, as (stream sequence, the item if the
+        watcher wants it). The first sequence yielded is the stream's last one when reading begins,
+        with no item: where a later `history` may start even when nothing was read."""
+        js = self._bus.js
+        subject = self._bus.subjects.incidents("*")
+        last = (await js.stream_info(self._bus.subjects.stream_for(subject))).state.last_seq
+        yield max(last, after_seq), None
+        if since is not None:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
+        sub = await js.subscribe(subject, ordered_consumer=True, config=config)
         try:
-            event.ParseFromString(msg.data)
-        except DecodeError:
-            log.warning("ignoring an undecodable message on %s", msg.subject)
+            pending = (await sub.consumer_info()).num_pending
+            while pending:
+                msg = await sub.next_msg(timeout=10)
+                pending = msg.metadata.num_pending
+                item = _item(msg)
+                wanted = item is not None and watcher.wants(item[0], incident_of(item[2]))
+                yield msg.metadata.sequence.stream, item if wanted else None
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_message(self, msg: Msg) -> None:
+        item = _item(msg)
+        if item is None:
             return
-        kinds = _KINDS.get(event.WhichOneof("payload") or "")
-        if kinds is None:
-            return
-        event_type, status = kinds
-        incident = incident_of(event)
+        incident = incident_of(item[2])
         for watcher in self._watchers:
-            if not watcher.wants(event_type, incident):
+            if not watcher.wants(item[0], incident):
                 continue
             try:
-                watcher.queue.put_nowait((event_type, status, event))
+                watcher.queue.put_nowait(item)
             except asyncio.QueueFull:
                 watcher.dropped += 1
+
+
+def _item(msg: Msg) -> WatchItem | None:
+    """The watch item an incident event message makes (None for anything else)."""
+    event = events_pb2.Event()
+    try:
+        event.ParseFromString(msg.data)
+    except DecodeError:
+        log.warning("ignoring an undecodable message on %s", msg.subject)
+        return None
+    kinds = _KINDS.get(event.WhichOneof("payload") or "")
+    if kinds is None:
+        return None
+    return kinds[0], kinds[1], event

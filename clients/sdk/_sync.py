@@ -443,12 +443,16 @@ class SyncAetherOpsClient:
         satellite_ids: Iterable[str] = (),
         min_severity: int = 0,
         event_types: Iterable[correlation_pb2.ClusterEventType.ValueType] = (),
+        since: build.TimeLike | None = None,
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> Iterator[correlation_pb2.WatchClustersResponse]:
+        """Cluster events as they are committed; with `since`, first those published since then."""
         request = correlation_pb2.WatchClustersRequest(
             satellite_ids=list(satellite_ids), min_severity=min_severity, event_types=list(event_types)
         )
+        if since is not None:
+            request.start_time.CopyFrom(build.timestamp(since))
         return self._stream(self.correlation.WatchClusters, request, timeout, tracking_id)
 
     # -- RunbookService -----------------------------------------------------------------------

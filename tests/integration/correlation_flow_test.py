@@ -1083,6 +1083,48 @@ async def test_watchers_get_what_their_filters_ask_for_from_one_subscription(
     await eventually(unsubscribed, what="the feed to unsubscribe after the last watcher left")
 
 
+async def test_a_watch_from_a_start_time_sends_what_it_missed_then_goes_live(
+    server: Any, channel: grpc.aio.Channel, bus: Bus
+) -> None:
+    # A watcher that lost its stream ("watch again" at a restart) used to lose the events in between.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    stream = bus.subjects.stream_for(bus.subjects.incidents("opened"))
+
+    async def stored(count: int) -> bool:
+        return (await bus.js.stream_info(stream)).state.messages >= count
+
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    # Subsystems no other satellite's correlate with, apart from SAT-R2's pair: three incidents.
+    await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-R1", "unit-1", t0)))
+    await eventually(lambda: stored(1), what="the first incident's event stored")
+    start = datetime.now(UTC)  # what the watcher saw last: the events after it are the ones it missed
+    missed = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-R2", "power", t0)))
+    await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-R2", "thermal", t0 + timedelta(seconds=5))))
+    await eventually(lambda: stored(3), what="the missed events stored")
+
+    everything = stub.WatchClusters(pb.WatchClustersRequest(start_time=_ts(start)))
+    only_r3 = stub.WatchClusters(pb.WatchClustersRequest(start_time=_ts(start), satellite_ids=["SAT-R3"]))
+    replayed = [await asyncio.wait_for(everything.read(), 10) for _ in range(2)]
+    assert [(r.event_type, r.cluster.cluster_id) for r in replayed] == [
+        (pb.CLUSTER_EVENT_TYPE_OPENED, missed.cluster_id),
+        (pb.CLUSTER_EVENT_TYPE_UPDATED, missed.cluster_id),
+    ]
+    assert replayed[1].cluster.subsystems == ["power", "thermal"]
+    component = _correlation(server)
+    assert component.feed is not None
+
+    async def both_live() -> bool:
+        return len(component.feed._watchers) == 2
+
+    await eventually(both_live, what="both watches live")
+    live = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-R3", "unit-3", t0)))
+    # Next on both: the live event, nothing replayed twice before it, nothing of other satellites.
+    for watch in (everything, only_r3):
+        got = await asyncio.wait_for(watch.read(), 10)
+        assert (got.event_type, got.cluster.cluster_id) == (pb.CLUSTER_EVENT_TYPE_OPENED, live.cluster_id)
+        watch.cancel()
+
+
 async def test_a_slow_watcher_counts_only_wanted_events_it_lost(bus: Bus) -> None:
     feed = IncidentFeed(bus)
     slow = Watcher(frozenset(), frozenset({"SAT-S"}), 0, queue=asyncio.Queue(maxsize=1))

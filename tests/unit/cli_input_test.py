@@ -291,7 +291,7 @@ def test_watch_line_of_a_fleet_wide_incident_is_short(capsys: pytest.CaptureFixt
                 event_type=correlation_pb2.CLUSTER_EVENT_TYPE_OPENED, cluster=_cluster(3000)
             )
 
-    args = argparse.Namespace(event=[], satellite=[], min_severity=0, json=False)
+    args = argparse.Namespace(event=[], satellite=[], min_severity=0, since=None, json=False)
     assert _clusters_watch(Watch(), args) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert len(line) < 200 and "SAT-0007 +2992 more" in line

@@ -330,6 +330,16 @@ def test_watch_streams_responses_and_maps_the_final_error(
     assert channel.timeouts == [None]
 
 
+def test_a_cluster_watch_from_a_start_time_sends_it(
+    client: SyncAetherOpsClient, channel: _RecordingChannel, pool: ThreadPoolExecutor
+) -> None:
+    future = _run(pool, lambda: list(client.watch_clusters(satellite_ids=["S"], since="2026-12-01T00:00:00Z")))
+    _, request, rpc = channel.inner.take_unary_stream(CORRELATION.methods_by_name["WatchClusters"])
+    assert request.start_time.ToJsonString() == "2026-12-01T00:00:00Z" and list(request.satellite_ids) == ["S"]
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert future.result() == []
+
+
 def test_retry_policy_is_a_service_config_for_idempotent_methods_only() -> None:
     options = dict(ClientConfig(retry=RetryPolicy(max_attempts=3)).channel_options())
     config = json.loads(options["grpc.service_config"])

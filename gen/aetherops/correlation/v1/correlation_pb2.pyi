@@ -881,6 +881,7 @@ class WatchClustersRequest(_message.Message):
     SATELLITE_IDS_FIELD_NUMBER: _builtins.int
     MIN_SEVERITY_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     min_severity: _builtins.int
     """Only clusters whose max severity is at least this (1..5), when set."""
     @_builtins.property
@@ -895,16 +896,27 @@ class WatchClustersRequest(_message.Message):
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___ClusterEventType.ValueType]:
         """Only these event types, when set."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When set, the stream first sends the events published since this time
+        (JetStream keeps 30 days), then carries on live, none missed or repeated
+        in between. A watcher that reconnects (after "watch again") passes the
+        event_time of the last event it got: that event (and any published
+        within the relay's delay of it) may come again; event_time and the
+        cluster tell them apart.
+        """
+
     def __init__(
         self,
         *,
         satellite_ids: _abc.Iterable[_builtins.str] | None = ...,
         min_severity: _builtins.int = ...,
         event_types: _abc.Iterable[Global___ClusterEventType.ValueType] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_types", b"event_types", "min_severity", b"min_severity", "satellite_ids", b"satellite_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_types", b"event_types", "min_severity", b"min_severity", "satellite_ids", b"satellite_ids", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

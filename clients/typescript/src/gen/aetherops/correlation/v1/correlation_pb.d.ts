@@ -896,6 +896,18 @@ export declare type WatchClustersRequest = Message<"aetherops.correlation.v1.Wat
    * @generated from field: repeated aetherops.correlation.v1.ClusterEventType event_types = 3;
    */
   eventTypes: ClusterEventType[];
+
+  /**
+   * When set, the stream first sends the events published since this time
+   * (JetStream keeps 30 days), then carries on live, none missed or repeated
+   * in between. A watcher that reconnects (after "watch again") passes the
+   * event_time of the last event it got: that event (and any published
+   * within the relay's delay of it) may come again; event_time and the
+   * cluster tell them apart.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 4;
+   */
+  startTime?: Timestamp | undefined;
 };
 
 /**
