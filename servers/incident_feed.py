@@ -148,7 +148,10 @@ class IncidentFeed:
         try:
             pending = (await sub.consumer_info()).num_pending
             while pending:
-                msg = await sub.next_msg(timeout=10)
+                try:
+                    msg = await sub.next_msg(timeout=10)
+                except TimeoutError:  # nats-py's is one too: what was pending expired (max age) meanwhile
+                    return
                 pending = msg.metadata.num_pending
                 item = _item(msg)
                 wanted = item is not None and watcher.wants(item[0], incident_of(item[2]))
