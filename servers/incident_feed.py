@@ -146,13 +146,15 @@ class IncidentFeed:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
         sub = await js.subscribe(subject, ordered_consumer=True, config=config)
         try:
-            pending = (await sub.consumer_info()).num_pending
+            # The consumer pushes at once: by now some (or all) may be delivered, and no longer pending.
+            info = await sub.consumer_info()
+            pending = (info.num_pending or 0) + (info.delivered.consumer_seq if info.delivered else 0)
             while pending:
                 try:
                     msg = await sub.next_msg(timeout=10)
                 except TimeoutError:  # nats-py's is one too: what was pending expired (max age) meanwhile
                     return
-                pending = msg.metadata.num_pending
+                pending = msg.metadata.num_pending  # after this one, as the message left the server
                 item = _item(msg)
                 wanted = item is not None and watcher.wants(item[0], incident_of(item[2]))
                 yield msg.metadata.sequence.stream, item if wanted else None

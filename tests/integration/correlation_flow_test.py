@@ -1125,6 +1125,33 @@ async def test_a_watch_from_a_start_time_sends_what_it_missed_then_goes_live(
         watch.cancel()
 
 
+async def test_history_reads_what_jetstream_pushed_before_it_was_counted(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The replay consumer pushes at once. Counted as "pending" after the push (a busy machine), the
+    # history read nothing, and the watch then waited for the live events only (CI saw it).
+    from nats.js.client import JetStreamContext
+
+    counted = JetStreamContext.PushSubscription.consumer_info
+
+    async def after_the_push(sub: Any) -> Any:
+        async def pushed() -> bool:
+            return bool(sub.pending_msgs >= 2)  # both in nats-py's buffer, delivered, no longer pending
+
+        await eventually(pushed, timeout_s=5, what="the replay consumer's push")
+        return await counted(sub)
+
+    monkeypatch.setattr(JetStreamContext.PushSubscription, "consumer_info", after_the_push)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    for n in range(2):
+        event = events_pb2.Event(event_id=f"h{n}")
+        event.incident_opened.incident.cluster_id = f"c{n}"
+        await bus.js.publish(bus.subjects.incidents("opened"), event.SerializeToString())
+    feed = IncidentFeed(bus)
+    read = [item async for _, item in feed.history(Watcher(frozenset(), frozenset(), 0), since=since)]
+    assert [item[2].event_id for item in read if item is not None] == ["h0", "h1"]
+
+
 async def test_a_slow_watcher_counts_only_wanted_events_it_lost(bus: Bus) -> None:
     feed = IncidentFeed(bus)
     slow = Watcher(frozenset(), frozenset({"SAT-S"}), 0, queue=asyncio.Queue(maxsize=1))
