@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import csv
 import ipaddress
 import itertools
@@ -1085,27 +1086,69 @@ def _clusters_show(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+WATCH_PATIENCE_S = 60.0
+"""How long `clusters watch` keeps trying to resume a watch the server ended or lost before it gives up."""
+
+
 def _clusters_watch(client: Any, args: argparse.Namespace) -> int:
+    """Prints cluster events until Ctrl-C. A watch the server ends ("watch again": a restart) or
+    loses resumes from the last event printed (WatchClusters start_time), through another replica or
+    this one once it is back; the replayed last event is not printed twice. After WATCH_PATIENCE_S of
+    failed attempts the error stands (exit 1)."""
+    from clients.sdk import Unavailable
     from gen.aetherops.correlation.v1 import correlation_pb2
 
     types = [correlation_pb2.ClusterEventType.Value(f"CLUSTER_EVENT_TYPE_{e.upper()}") for e in args.event]
-    updates = client.watch_clusters(
-        satellite_ids=args.satellite, min_severity=args.min_severity, event_types=types, since=args.since
+    since: datetime | None = args.since
+    resume_from = since or datetime.now(UTC)
+    # The latest events printed: a resume replays from the last one's time, and may repeat a few.
+    printed: collections.deque[tuple[int, bytes, bytes]] = collections.deque(maxlen=1000)
+    failing_since: float | None = None
+    delay = 0.5
+    while True:
+        try:
+            updates = client.watch_clusters(
+                satellite_ids=args.satellite, min_severity=args.min_severity, event_types=types, since=since
+            )
+            for update in updates:
+                failing_since, delay = None, 0.5
+                key = (
+                    update.event_type,
+                    update.event_time.SerializeToString(),
+                    update.cluster.SerializeToString(deterministic=True),
+                )
+                if key in printed:
+                    continue  # replayed by a resume: printed before it
+                printed.append(key)
+                resume_from = max(resume_from, update.event_time.ToDatetime(tzinfo=UTC))
+                _print_watch_update(update, args)
+            return EXIT_OK
+        except Unavailable as exc:
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since > WATCH_PATIENCE_S:
+                raise
+            print(f"(watch interrupted: {exc.message}; resuming in {delay:g} s)", file=sys.stderr, flush=True)
+            time.sleep(delay)  # a pause before reconnecting, not synchronisation
+            delay = min(delay * 2, 5.0)
+            since = resume_from
+
+
+def _print_watch_update(update: Any, args: argparse.Namespace) -> None:
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    if args.json:
+        print(json.dumps(_to_dict(update), sort_keys=True), flush=True)  # one JSON object per line
+        return
+    if update.dropped_events:
+        print(f"({update.dropped_events} events missed: this watch fell behind)", flush=True)
+    c = update.cluster
+    event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
+    print(
+        f"{_when(update.event_time)}  {event:<7}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
+        f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
+        flush=True,
     )
-    for update in updates:
-        if args.json:
-            print(json.dumps(_to_dict(update), sort_keys=True), flush=True)  # one JSON object per line
-            continue
-        if update.dropped_events:
-            print(f"({update.dropped_events} events missed: this watch fell behind)", flush=True)
-        c = update.cluster
-        event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
-        print(
-            f"{_when(update.event_time)}  {event:<7}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
-            f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
-            flush=True,
-        )
-    return EXIT_OK
 
 
 def _clusters_close(client: Any, args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,60 @@ def test_watch_line_of_a_fleet_wide_incident_is_short(capsys: pytest.CaptureFixt
     assert _clusters_watch(Watch(), args) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert len(line) < 200 and "SAT-0007 +2992 more" in line
+
+
+def test_a_watch_the_server_ends_resumes_from_the_last_event_printed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clients import cli
+    from clients.sdk import Unavailable
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    def update(cluster_id: str, second: int) -> Any:
+        reply = correlation_pb2.WatchClustersResponse(
+            event_type=correlation_pb2.CLUSTER_EVENT_TYPE_OPENED, cluster=correlation_pb2.Cluster(cluster_id=cluster_id)
+        )
+        reply.event_time.FromSeconds(1_800_000_000 + second)
+        return reply
+
+    class Restarting:
+        def __init__(self) -> None:
+            self.since: list[Any] = []
+
+        def watch_clusters(self, **kwargs: Any) -> Any:
+            self.since.append(kwargs["since"])
+            if len(self.since) == 1:
+                yield update("c-1", 0)
+                raise Unavailable("the server is shutting down: watch again")
+            if len(self.since) == 2:
+                raise Unavailable("failed to connect to all addresses")  # not back yet
+            yield update("c-1", 0)  # replayed: the resume starts at the last event's time
+            yield update("c-2", 1)
+
+    monkeypatch.setattr(cli.time, "sleep", lambda _: None)
+    client = Restarting()
+    args = argparse.Namespace(event=[], satellite=[], min_severity=0, since=None, json=False)
+    assert _clusters_watch(client, args) == 0
+    out, err = capsys.readouterr()
+    assert [word for line in out.splitlines() for word in line.split() if word.startswith("c-")] == ["c-1", "c-2"]
+    assert client.since[0] is None and client.since[1] == client.since[2] == update("c-1", 0).event_time.ToDatetime(
+        tzinfo=UTC
+    )
+    assert err.count("resuming") == 2 and "watch again" in err
+
+
+def test_a_watch_that_cannot_resume_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients import cli
+    from clients.sdk import Unavailable
+
+    class Gone:
+        def watch_clusters(self, **_: Any) -> Any:
+            raise Unavailable("failed to connect to all addresses")
+            yield  # a generator, as the SDK's
+
+    clock = iter(range(0, 1000, 30))
+    monkeypatch.setattr(cli.time, "sleep", lambda _: None)
+    monkeypatch.setattr(cli.time, "monotonic", lambda: float(next(clock)))
+    args = argparse.Namespace(event=[], satellite=[], min_severity=0, since=None, json=False)
+    with pytest.raises(Unavailable):
+        _clusters_watch(Gone(), args)
