@@ -107,6 +107,18 @@ async def announced_agent(bus: Bus, stubs: Stubs, name: str, on_request: Callabl
     return sub
 
 
+async def waiting_at_its_gate(stubs: Stubs, runbook: pb.Runbook) -> str:
+    """Registers a runbook of one step and then a gated one, starts it and runs it up to the gate:
+    the execution's id."""
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id=runbook.runbook_id))
+    execution_id = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    waiting = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert waiting.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    return execution_id
+
+
 async def wait_status(
     stub: runbook_pb2_grpc.RunbookServiceStub,
     execution_id: str,
@@ -390,12 +402,7 @@ async def test_an_approval_that_expires_across_a_restart_fails_and_rolls_back(
             gate,
         ],
     )
-    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
-    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="bus-switch"))
-    execution_id = started.execution.execution_id
-    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
-    waiting = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
-    assert waiting.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    execution_id = await waiting_at_its_gate(stubs, runbook)
     await app.stop()
 
     # Nobody approves, and nobody asks for the next step: the restarted service's ticker must act.
@@ -417,12 +424,7 @@ async def test_a_replica_takes_up_the_gates_of_a_replica_that_stopped(app_factor
     gate = step("gate", "log", {"message": "switch to the redundant bus"}, approval=True)
     gate.approval_timeout.CopyFrom(duration_pb2.Duration(seconds=2))
     runbook = pb.Runbook(runbook_id="adopt", name="Adopt", steps=[step("note", "log", {"message": "hi"}), gate])
-    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
-    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="adopt"))
-    execution_id = started.execution.execution_id
-    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
-    waiting = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
-    assert waiting.step_status == pb.STEP_STATUS_AWAITING_APPROVAL
+    execution_id = await waiting_at_its_gate(stubs, runbook)
     await a.stop()
 
     stubs = Stubs(channel_for, b.port)
