@@ -103,10 +103,26 @@ def page_limit(page_size: int, default: int = 50, most: int = 500) -> int:
     return min(page_size or default, most)
 
 
-def cut_page(rows: list[T], limit: int, position: Callable[[T], dict[str, Any]], filters: str) -> tuple[list[T], str]:
+def cut_page(
+    rows: list[T],
+    limit: int,
+    position: Callable[[T], dict[str, Any]],
+    filters: str,
+    *,
+    size: Callable[[T], int] | None = None,
+    budget: int = 0,
+) -> tuple[list[T], str]:
     """A page and the token for the next one, from `rows` fetched with one more than `limit` (that
-    extra row only says that more follow; the token holds the position of the page's last item)."""
-    if len(rows) <= limit:
-        return rows, ""
+    extra row only says that more follow; the token holds the position of the page's last item).
+    With `size`, the page also ends before its items' sizes pass `budget` (it holds one at least)."""
     page = rows[:limit]
+    if size is not None:
+        used = 0
+        for i, row in enumerate(page):
+            used += size(row)
+            if i and used > budget:
+                page = page[:i]
+                break
+    if len(rows) <= len(page):
+        return page, ""
     return page, encode_page_token(position(page[-1]), filters)

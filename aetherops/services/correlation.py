@@ -52,6 +52,21 @@ __all__ = ["INGEST_BATCH", "CorrelationService", "IncidentEvent", "IngestOutcome
 
 log = logging.getLogger("aetherops.correlation")
 
+LISTED_CLUSTER_BYTES = 2 * 1024 * 1024
+"""Most bytes of satellite and subsystem names one page of clusters lists (their alerts have a budget
+of their own, `servers.correlation.AlertBudget`): 500 storm incidents over hundreds of satellites
+each would outgrow the 4 MiB message limit, on every call for that page."""
+
+
+def _listed_bytes(record: ClusterRecord) -> int:
+    """About what a cluster's names and fixed fields take in a listing."""
+    return 256 + sum(utf8_len(name) + 3 for name in (*record.satellites, *record.subsystems))
+
+
+def _active_position(record: ClusterRecord) -> dict[str, str]:
+    return {"t": record.last_alert_time.isoformat(), "c": record.cluster_id}
+
+
 _MAX_REASON_LEN = 4096
 """Longest close reason in characters (an alert's message has the same limit)."""
 
@@ -504,7 +519,7 @@ class CorrelationService:
                 after=after,
                 alert_limit=alert_limit,
             )
-        return cut_page(page, limit, lambda c: {"t": c.last_alert_time.isoformat(), "c": c.cluster_id}, filters)
+        return cut_page(page, limit, _active_position, filters, size=_listed_bytes, budget=LISTED_CLUSTER_BYTES)
 
     async def list_clusters(
         self,
@@ -546,7 +561,9 @@ class CorrelationService:
                 after=after,
                 alert_limit=alert_limit,
             )
-        return cut_page(page, limit, lambda c: {"c": c.cluster_id}, filters)
+        return cut_page(
+            page, limit, lambda c: {"c": c.cluster_id}, filters, size=_listed_bytes, budget=LISTED_CLUSTER_BYTES
+        )
 
     @staticmethod
     def watch_filter_problems(satellite_ids: Sequence[str], min_severity: int) -> list[FieldViolation]:

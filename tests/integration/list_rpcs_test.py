@@ -15,6 +15,8 @@ import pytest
 from runbook_flow_test import step, struct, ts
 from runbook_service_test import violations
 
+from aetherops.db import Database
+from aetherops.db import correlation as repo
 from gen.aetherops.correlation.v1 import correlation_pb2 as cpb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.runbook.v1 import runbook_pb2 as pb
@@ -279,3 +281,26 @@ async def test_list_executions_filters_and_pages_newest_first(server: Any, chann
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await operator.StartExecution(unknown)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cluster_pages_are_cut_by_the_size_of_their_satellite_lists(
+    server: Any, channel_for: Any, db: Database
+) -> None:
+    # Six storm incidents over 3,000 satellites with long ids: about 750 KB of names each. One page of
+    # them outgrew the 4 MiB message limit (RESOURCE_EXHAUSTED on every call).
+    now = datetime.now(UTC)
+    satellites = [f"SAT-{n:04d}-" + "x" * 240 for n in range(3000)]
+    records = [
+        repo.ClusterRecord(f"c-storm-{k}", "OPEN", None, 0.5, satellites, ["power"], 4, now, now, now, 3000, 0)
+        for k in range(6)
+    ]
+    async with db.connection() as conn:
+        await repo.write_batch(conn, records, {r.cluster_id for r in records}, set(), [], [])
+    viewer = correlation_pb2_grpc.CorrelationServiceStub(channel_for("viewer", server.port))
+    for call, make in (
+        (viewer.ListClusters, lambda t: cpb.ListClustersRequest(page_size=50, page_token=t)),
+        (viewer.ListActiveClusters, lambda t: cpb.ListActiveClustersRequest(page_size=50, page_token=t)),
+    ):
+        listed, pages = await _pages(lambda token, call=call, make=make: call(make(token)), "clusters")
+        assert sorted(c.cluster_id for c in listed) == [r.cluster_id for r in records] and pages >= 2
+        assert all(len(c.satellite_ids) == 3000 for c in listed)

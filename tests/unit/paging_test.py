@@ -7,7 +7,14 @@ import base64
 from typing import Any
 
 from aetherops.errors import FieldViolation
-from aetherops.paging import decode_page_token, encode_page_token, filters_key, read_page_token, time_and_id
+from aetherops.paging import (
+    cut_page,
+    decode_page_token,
+    encode_page_token,
+    filters_key,
+    read_page_token,
+    time_and_id,
+)
 
 
 def test_round_trip_under_the_same_filters() -> None:
@@ -69,3 +76,20 @@ def test_time_and_id_reads_a_keyset_position() -> None:
         forged = encode_page_token({"t": "2026-12-04T09:00:00+00:00", "c": cid}, filters)
         assert read_page_token(forged, filters, time_and_id("c"), problems) is None
     assert [p.description for p in problems] == ["not a token this server issued"] * 5
+
+
+def test_cut_page_by_count_and_by_size() -> None:
+    rows = list(range(10))
+
+    def position(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    assert cut_page(rows[:3], 5, position, "f") == ([0, 1, 2], "")
+    page, token = cut_page(rows[:6], 5, position, "f")
+    assert page == [0, 1, 2, 3, 4] and decode_page_token(token, "f")[0] == {"n": 4}
+    # Each row weighs 40: a budget of 100 holds two; a row over the budget alone is still a page.
+    page, token = cut_page(rows[:6], 5, position, "f", size=lambda _: 40, budget=100)
+    assert page == [0, 1] and decode_page_token(token, "f")[0] == {"n": 1}
+    assert cut_page(rows[:1], 5, position, "f", size=lambda _: 500, budget=100) == ([0], "")
+    page, token = cut_page(rows[:3], 5, position, "f", size=lambda _: 500, budget=100)
+    assert page == [0] and token
