@@ -97,9 +97,12 @@ class IncidentFeed:
         self._lock = asyncio.Lock()  # subscribing and unsubscribing await: one at a time
         self._ending = False
 
-    async def add(self, watcher: Watcher) -> None:
+    def _check_not_ending(self) -> None:
         if self._ending:
             raise UnavailableError(WATCH_ENDED_BY_SHUTDOWN)
+
+    async def add(self, watcher: Watcher) -> None:
+        self._check_not_ending()
         async with self._lock:
             if self._sub is None:
                 self._sub = await self._bus.nc.subscribe(self._bus.subjects.incidents("*"), cb=self._on_message)
@@ -135,7 +138,12 @@ class IncidentFeed:
         """The incident events JetStream stored from `since` (or after stream sequence `after_seq`) up
         to the end of the stream as it is read, oldest first, as (stream sequence, the item if the
         watcher wants it). The first sequence yielded is the stream's last one when reading begins,
-        with no item: where a later `history` may start even when nothing was read."""
+        with no item: where a later `history` may start even when nothing was read.
+
+        Ends with UNAVAILABLE (`WATCH_ENDED_BY_SHUTDOWN`) at the next event once shutdown has begun: a
+        replay of a day of events is not yet a registered watcher, and would otherwise hold the
+        shutdown for its whole grace period."""
+        self._check_not_ending()
         js = self._bus.js
         subject = self._bus.subjects.incidents("*")
         last = (await js.stream_info(self._bus.subjects.stream_for(subject))).state.last_seq
@@ -154,6 +162,7 @@ class IncidentFeed:
                     msg = await sub.next_msg(timeout=10)
                 except TimeoutError:  # nats-py's is one too: what was pending expired (max age) meanwhile
                     return
+                self._check_not_ending()
                 pending = msg.metadata.num_pending  # after this one, as the message left the server
                 item = _item(msg)
                 wanted = item is not None and watcher.wants(item[0], incident_of(item[2]))

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from aetherops.bus import HEADER_TRACKING_ID, Bus
 from aetherops.db import Database
+from aetherops.errors import UnavailableError
 from aetherops.services.correlation import INGEST_BATCH
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
@@ -1125,6 +1126,14 @@ async def test_a_watch_from_a_start_time_sends_what_it_missed_then_goes_live(
         watch.cancel()
 
 
+async def _store_opened_events(bus: Bus, event_ids: list[str]) -> None:
+    """Stores an incident-opened event per id in JetStream, as the outbox relay would."""
+    for n, event_id in enumerate(event_ids):
+        event = events_pb2.Event(event_id=event_id)
+        event.incident_opened.incident.cluster_id = f"c{n}"
+        await bus.js.publish(bus.subjects.incidents("opened"), event.SerializeToString())
+
+
 async def test_history_reads_what_jetstream_pushed_before_it_was_counted(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1143,13 +1152,25 @@ async def test_history_reads_what_jetstream_pushed_before_it_was_counted(
 
     monkeypatch.setattr(JetStreamContext.PushSubscription, "consumer_info", after_the_push)
     since = datetime.now(UTC) - timedelta(seconds=1)
-    for n in range(2):
-        event = events_pb2.Event(event_id=f"h{n}")
-        event.incident_opened.incident.cluster_id = f"c{n}"
-        await bus.js.publish(bus.subjects.incidents("opened"), event.SerializeToString())
+    await _store_opened_events(bus, [f"h{n}" for n in range(2)])
     feed = IncidentFeed(bus)
     read = [item async for _, item in feed.history(Watcher(frozenset(), frozenset(), 0), since=since)]
     assert [item[2].event_id for item in read if item is not None] == ["h0", "h1"]
+
+
+async def test_a_replay_ends_at_its_next_event_once_shutdown_began(bus: Bus) -> None:
+    # A replay is not a registered watcher yet: it used to stream the whole history first, holding
+    # the server's shutdown for its grace period, and only then heard the news.
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    await _store_opened_events(bus, [f"s{n}" for n in range(3)])
+    feed = IncidentFeed(bus)
+    history = feed.history(Watcher(frozenset(), frozenset(), 0), since=since)
+    (_, mark), (_, first) = [await anext(history) for _ in range(2)]  # the stream's end, then an event
+    assert mark is None and first is not None and first[2].event_id == "s0"
+    feed.end_streams()
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await anext(history)
+    await history.aclose()
 
 
 async def test_a_slow_watcher_counts_only_wanted_events_it_lost(bus: Bus) -> None:
