@@ -87,6 +87,7 @@ __all__ = [
     "MAX_CANDIDATE_CLUSTERS",
     "SEVERITY_WEIGHT",
     "TIME_WEIGHT",
+    "Acknowledgement",
     "Alert",
     "ClusterStatus",
     "CorrelationEngine",
@@ -289,6 +290,15 @@ class ClusterStatus(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    """Someone is working on an incident: who, since when, and what they said they are doing."""
+
+    by: str
+    time: datetime
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ScoreComponents:
     """The weighted parts of a pairwise score; `total` is their clamped sum (0 outside the window)."""
 
@@ -386,6 +396,7 @@ class IncidentCluster:
     closed_time: datetime | None = None
     duplicate_count: int = 0
     root_cause_confidence: float = 0.0
+    acknowledgement: Acknowledgement | None = None
     # ---- engine index state (rebuilt by CorrelationEngine.restore_cluster) ----
     _first_epoch: float = field(default=math.inf, repr=False)
     _last_epoch: float = field(default=-math.inf, repr=False)
@@ -419,6 +430,7 @@ class IncidentCluster:
         closed_time: datetime | None = None,
         root_cause_confidence: float = 0.0,
         late_arrival_time: datetime | None = None,
+        acknowledgement: Acknowledgement | None = None,
     ) -> IncidentCluster:
         """A cluster rebuilt from its persisted form, ready for `CorrelationEngine.restore_cluster`.
 
@@ -438,6 +450,7 @@ class IncidentCluster:
             closed_time=closed_time,
             duplicate_count=duplicate_count,
             root_cause_confidence=root_cause_confidence,
+            acknowledgement=acknowledgement,
             _first_epoch=first.epoch,
             _last_epoch=last.epoch,
             _max_sev=max(a.severity for a in ordered),
@@ -1018,6 +1031,15 @@ class CorrelationEngine:
         c.status = ClusterStatus.CLOSED
         c.closed_time = self._clock.now()
         c._joinable = False  # the indexes skip it from now on; the sweep frees the memory
+        return True
+
+    def acknowledge_cluster(self, cluster_id: str, acknowledgement: Acknowledgement) -> bool:
+        """Records that someone works on an open cluster; False if it is unknown, closed or acknowledged
+        already. Alerts keep joining it: an acknowledgement changes who is paged, not the correlation."""
+        c = self._clusters.get(cluster_id)
+        if c is None or c.status is ClusterStatus.CLOSED or c.acknowledgement is not None:
+            return False
+        c.acknowledgement = acknowledgement
         return True
 
     def identify_root_cause(self, cluster_id: str) -> str | None:

@@ -423,7 +423,7 @@ def _add_operator_commands(sub: Any) -> None:
         "--event",
         action="append",
         default=[],
-        choices=("opened", "updated", "closed"),
+        choices=("opened", "updated", "acknowledged", "closed"),
         help="only these events (repeatable; default: all)",
     )
     watching.add_argument(
@@ -441,6 +441,9 @@ def _add_operator_commands(sub: Any) -> None:
     close = clusters.add_parser("close", parents=[common], help="close a cluster")
     close.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     close.add_argument("--reason", default="", help="why it is closed (kept with the cluster)")
+    ack = clusters.add_parser("ack", parents=[common], help="acknowledge a cluster: you are working on it")
+    ack.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
+    ack.add_argument("--note", default="", help="what you are doing about it (kept with the cluster)")
 
     silences = sub.add_parser(
         "silences", help="keep expected alerts (a burn, a test) out of incidents for a while"
@@ -1020,6 +1023,7 @@ def _cluster_row(cluster: Any) -> list[Any]:
     return [
         cluster.cluster_id,
         _enum(correlation_pb2.ClusterStatus, cluster.status, "CLUSTER_STATUS_"),
+        cluster.acknowledged_by or "-",
         cluster.max_severity,
         cluster.alert_count,
         _satellites(cluster.satellite_ids),
@@ -1029,7 +1033,17 @@ def _cluster_row(cluster: Any) -> list[Any]:
     ]
 
 
-_CLUSTER_HEADERS = ["CLUSTER", "STATUS", "SEV", "ALERTS", "SATELLITES", "SUBSYSTEMS", "ROOT CAUSE", "LAST ALERT"]
+_CLUSTER_HEADERS = [
+    "CLUSTER",
+    "STATUS",
+    "ACK BY",
+    "SEV",
+    "ALERTS",
+    "SATELLITES",
+    "SUBSYSTEMS",
+    "ROOT CAUSE",
+    "LAST ALERT",
+]
 
 
 def _clusters_list(client: Any, args: argparse.Namespace) -> int:
@@ -1062,6 +1076,11 @@ def _print_cluster(cluster: Any) -> None:
         f"\nroot cause: {cluster.root_cause_alert_id or '-'} (confidence {cluster.root_cause_confidence:.2f}); "
         f"duplicates dropped: {cluster.duplicate_count}; tracking id: {cluster.tracking_id or '-'}"
     )
+    if cluster.acknowledged_by:
+        print(
+            f"acknowledged {_when(cluster.acknowledge_time)} by {cluster.acknowledged_by}:"
+            f" {cluster.acknowledge_note or '-'}"
+        )
     if cluster.closed_by:
         print(f"closed {_when(cluster.close_time)} by {cluster.closed_by}: {cluster.close_reason or '-'}")
     if cluster.alerts:
@@ -1145,10 +1164,19 @@ def _print_watch_update(update: Any, args: argparse.Namespace) -> None:
     c = update.cluster
     event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
     print(
-        f"{_when(update.event_time)}  {event:<7}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
+        f"{_when(update.event_time)}  {event:<12}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
         f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
         flush=True,
     )
+
+
+def _clusters_ack(client: Any, args: argparse.Namespace) -> int:
+    cluster = client.acknowledge_cluster(args.cluster_id, note=args.note).cluster
+    if args.json:
+        _emit(_to_dict(cluster))
+    else:
+        print(f"acknowledged {cluster.cluster_id} at {_when(cluster.acknowledge_time)} as {cluster.acknowledged_by}")
+    return EXIT_OK
 
 
 def _clusters_close(client: Any, args: argparse.Namespace) -> int:
@@ -2074,6 +2102,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("clusters", "list"): _clusters_list,
     ("clusters", "show"): _clusters_show,
     ("clusters", "close"): _clusters_close,
+    ("clusters", "ack"): _clusters_ack,
     ("clusters", "watch"): _clusters_watch,
     ("silences", "create"): _silences_create,
     ("silences", "list"): _silences_list,

@@ -151,6 +151,7 @@ _CLUSTER_STATUS_IN = {pb.CLUSTER_STATUS_OPEN: ClusterStatus.OPEN, pb.CLUSTER_STA
 
 
 def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
+    ack = record.acknowledgement
     return pb.Cluster(
         cluster_id=record.cluster_id,
         status=pb.CLUSTER_STATUS_OPEN if record.status == "OPEN" else pb.CLUSTER_STATUS_CLOSED,
@@ -169,6 +170,9 @@ def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
         tracking_id=record.tracking_id,
         close_reason=record.close_reason,
         closed_by=record.closed_by,
+        acknowledge_time=to_ts(ack.time) if ack else None,
+        acknowledged_by=ack.by if ack else "",
+        acknowledge_note=ack.note if ack else "",
     )
 
 
@@ -192,7 +196,7 @@ def _first_within(names: list[str], budget: int) -> list[str]:
 
 def _incident(event: IncidentEvent) -> events_pb2.Incident:
     record, root = event.cluster, event.root_cause
-    return events_pb2.Incident(
+    incident = events_pb2.Incident(
         cluster_id=record.cluster_id,
         satellite_ids=_first_within(record.satellites, _EVENT_SATELLITES_BYTES),
         subsystems=_first_within(record.subsystems, _EVENT_SUBSYSTEMS_BYTES),
@@ -210,6 +214,11 @@ def _incident(event: IncidentEvent) -> events_pb2.Incident:
         duplicate_count=record.duplicate_count,
         tracking_id=record.tracking_id,
     )
+    if (ack := record.acknowledgement) is not None:  # set only then: this runs for every event
+        incident.acknowledged_by = ack.by
+        incident.acknowledge_time.FromDatetime(ack.time)
+        incident.acknowledge_note = ack.note
+    return incident
 
 
 def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetime) -> bytes:
@@ -230,6 +239,8 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
                 incident=incident, added_alert_ids=event.added_alert_ids, root_cause_changed=event.root_cause_changed
             )
         )
+    elif event.kind == "acknowledged":
+        envelope.incident_acknowledged.incident.CopyFrom(incident)
     else:
         envelope.incident_closed.CopyFrom(
             events_pb2.IncidentClosed(incident=incident, reason=event.reason, closed_by=event.closed_by)
@@ -254,7 +265,11 @@ def _cluster_from_event(event: events_pb2.Event, status: pb.ClusterStatus.ValueT
         alert_count=incident.alert_count,
         duplicate_count=incident.duplicate_count,
         tracking_id=incident.tracking_id,
+        acknowledged_by=incident.acknowledged_by,
+        acknowledge_note=incident.acknowledge_note,
     )
+    if incident.HasField("acknowledge_time"):
+        cluster.acknowledge_time.CopyFrom(incident.acknowledge_time)
     cluster.duration.FromNanoseconds(
         incident.last_alert_time.ToNanoseconds() - incident.first_alert_time.ToNanoseconds()
     )
@@ -429,6 +444,20 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             alert_limit=budget.most_alerts,
         )
         return pb.CloseClusterResponse(cluster=cluster_to_proto(record, budget))
+
+    async def AcknowledgeCluster(
+        self, request: pb.AcknowledgeClusterRequest, context: Any
+    ) -> pb.AcknowledgeClusterResponse:
+        _require_id(request.cluster_id, "cluster_id")
+        budget = self._c.alert_budget()
+        record = await self._svc.acknowledge(
+            request.cluster_id,
+            note=request.note,
+            by=current_principal_name() or "operator",
+            request_id=request.request_id,
+            alert_limit=budget.most_alerts,
+        )
+        return pb.AcknowledgeClusterResponse(cluster=cluster_to_proto(record, budget))
 
     async def IdentifyRootCause(
         self, request: pb.IdentifyRootCauseRequest, context: Any

@@ -40,6 +40,7 @@ WatchItem = tuple["pb.ClusterEventType.ValueType", "pb.ClusterStatus.ValueType",
 _KINDS: dict[str, tuple[pb.ClusterEventType.ValueType, pb.ClusterStatus.ValueType]] = {
     "incident_opened": (pb.CLUSTER_EVENT_TYPE_OPENED, pb.CLUSTER_STATUS_OPEN),
     "incident_updated": (pb.CLUSTER_EVENT_TYPE_UPDATED, pb.CLUSTER_STATUS_OPEN),
+    "incident_acknowledged": (pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED, pb.CLUSTER_STATUS_OPEN),
     "incident_closed": (pb.CLUSTER_EVENT_TYPE_CLOSED, pb.CLUSTER_STATUS_CLOSED),
 }
 
@@ -51,6 +52,8 @@ def incident_of(event: events_pb2.Event) -> events_pb2.Incident:
         return event.incident_opened.incident
     if kind == "incident_updated":
         return event.incident_updated.incident
+    if kind == "incident_acknowledged":
+        return event.incident_acknowledged.incident
     return event.incident_closed.incident
 
 

@@ -57,6 +57,7 @@ RPC_ROLES: dict[str, Role] = {
     _CORRELATION + "CreateSilence": Role.OPERATOR,
     _CORRELATION + "ExpireSilence": Role.OPERATOR,
     _CORRELATION + "CloseCluster": Role.OPERATOR,
+    _CORRELATION + "AcknowledgeCluster": Role.OPERATOR,
     _CORRELATION + "IdentifyRootCause": Role.VIEWER,
     _CORRELATION + "ScoreAlerts": Role.VIEWER,
     _CORRELATION + "WatchClusters": Role.VIEWER,

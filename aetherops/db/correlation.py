@@ -9,7 +9,7 @@ from typing import Any, Final, NamedTuple
 
 import asyncpg
 
-from aetherops.correlation import Alert
+from aetherops.correlation import Acknowledgement, Alert
 from aetherops.db import outbox
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ClusterRecord",
     "KnownAlert",
     "StoredAlert",
+    "acknowledge_cluster",
     "close_cluster",
     "get_alerts",
     "get_cluster",
@@ -57,6 +58,7 @@ class ClusterRecord:
     late_arrival_time: datetime | None = None
     # The alert that opened it (None for clusters stored before migration 0012 recorded it).
     opened_by_alert_id: str | None = None
+    acknowledgement: Acknowledgement | None = None
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -109,8 +111,10 @@ _CLUSTER_COLUMN_NAMES = [
     "tracking_id",
     "opened_by_alert_id",
 ]
-# Written by updates only (`_UPDATE_CLUSTER`); read with the rest.
-_CLUSTER_COLUMNS = ", ".join([*_CLUSTER_COLUMN_NAMES, "late_arrival_time"])
+# Written by updates only (`_UPDATE_CLUSTER`, `acknowledge_cluster`); read with the rest.
+_CLUSTER_COLUMNS = ", ".join(
+    [*_CLUSTER_COLUMN_NAMES, "late_arrival_time", "acknowledge_time", "acknowledged_by", "acknowledge_note"]
+)
 
 
 def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRecord:
@@ -133,6 +137,9 @@ def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRe
         tracking_id=row["tracking_id"],
         late_arrival_time=row["late_arrival_time"],
         opened_by_alert_id=row["opened_by_alert_id"],
+        acknowledgement=None
+        if row["acknowledge_time"] is None
+        else Acknowledgement(row["acknowledged_by"], row["acknowledge_time"], row["acknowledge_note"]),
         alerts=alerts or [],
     )
 
@@ -572,4 +579,15 @@ async def close_cluster(
         closed_time,
         reason,
         closed_by,
+    )
+
+
+async def acknowledge_cluster(conn: asyncpg.Connection, cluster_id: str, acknowledgement: Acknowledgement) -> None:
+    await conn.execute(
+        """UPDATE clusters SET acknowledge_time = $2, acknowledged_by = $3, acknowledge_note = $4
+           WHERE cluster_id = $1""",
+        cluster_id,
+        acknowledgement.time,
+        acknowledgement.by,
+        acknowledgement.note,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Final, NamedTuple
 
@@ -21,6 +21,7 @@ from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
 from aetherops.config import INGEST_QUEUE_BYTES
 from aetherops.correlation import (
+    Acknowledgement,
     Alert,
     ClusterStatus,
     CorrelationEngine,
@@ -116,7 +117,7 @@ def _conflict(alert: Alert, stored: Alert | KnownAlert) -> str | None:
 class IncidentEvent:
     """What the outbox carries for a cluster change; encoded by the server layer."""
 
-    kind: str  # "opened" | "updated" | "closed"
+    kind: str  # "opened" | "updated" | "acknowledged" | "closed"
     cluster: ClusterRecord
     root_cause: Alert | None
     added_alert_ids: list[str] = field(default_factory=list)
@@ -125,7 +126,7 @@ class IncidentEvent:
     closed_by: str = ""
     tracking_id: str = ""
     """Of the request that caused the change: the opening alert's for "opened", the last added
-    alert's for "updated", the CloseCluster call's for "closed" (sent in the envelope and the header)."""
+    alert's for "updated", the call's for "acknowledged" and "closed" (sent in the envelope and the header)."""
 
 
 def _late_arrival(rec: ClusterRecord, since: datetime) -> datetime | None:
@@ -162,6 +163,7 @@ def record_of(cluster: IncidentCluster, *, with_alerts: bool = True, opened_by: 
         tracking_id=cluster.alerts[0].tracking_id if cluster.alerts else "",
         late_arrival_time=cluster.late_arrival_time,
         opened_by_alert_id=opened_by,
+        acknowledgement=cluster.acknowledgement,
         alerts=list(cluster.alerts) if with_alerts else [],
     )
 
@@ -325,6 +327,7 @@ class CorrelationService:
                     opened_time=rec.opened_time,
                     duplicate_count=rec.duplicate_count,
                     late_arrival_time=_late_arrival(rec, since),
+                    acknowledgement=rec.acknowledgement,
                 )
             )
         log.info("correlation engine restored %d active clusters", len(records))
@@ -638,50 +641,92 @@ class CorrelationService:
         if problem is not None:
             # Unbounded, it would make the "closed" event too large for NATS, and nobody would hear of it.
             raise ValidationError.single("reason", problem)
-        async with self._committer.exclusive():
-            closed = await self._close(
-                cluster_id, reason=reason, closed_by=closed_by, request_id=request_id, alert_limit=alert_limit
-            )
-            # The engine learns only after the commit, so it never holds an uncommitted close.
-            self._engine.close_cluster(cluster_id)
+
+        def closing(record: ClusterRecord, now: datetime) -> IncidentEvent:
+            if record.status == "CLOSED":
+                raise FailedPreconditionError(f"cluster {cluster_id!r} is already closed")
+            closed = replace(record, status="CLOSED", closed_time=now, close_reason=reason, closed_by=closed_by)
+            return IncidentEvent("closed", closed, None, reason=reason, closed_by=closed_by)
+
+        closed = await self._change(cluster_id, "close", request_id, alert_limit, closing)
         self._relay.wake()
         return closed
 
-    async def _close(
-        self, cluster_id: str, *, reason: str, closed_by: str, request_id: str, alert_limit: int | None
+    async def acknowledge(
+        self, cluster_id: str, *, note: str, by: str, request_id: str, alert_limit: int | None = None
     ) -> ClusterRecord:
-        # Ingestion waits for this (see `close`): reading a storm incident's every alert here held it
-        # up for as long as that took, so only what the answer shows is read.
-        now = self._clock.now()
-        async with self._db.transaction() as conn:
-            # The row lock first: a concurrent close of this cluster (a retry racing its original,
-            # or another operator) waits here and then sees the outcome, instead of closing it twice.
-            status = await conn.fetchval("SELECT status FROM clusters WHERE cluster_id = $1 FOR UPDATE", cluster_id)
-            # Scoped by cluster: the same request id sent to close another cluster is another request,
-            # not a retry whose answer (this cluster) would be the wrong one.
-            scope = f"correlation.close.{cluster_id}"
-            if await idempotency.recall(conn, scope, request_id) is not None:
+        """Records that `by` works on an open cluster (idempotent on request_id); its "acknowledged"
+        event leaves with the commit. The answer holds the oldest `alert_limit` of its alerts.
+
+        Ingestion pauses meanwhile, as for `close`: every event of the incident committed after this
+        one carries the acknowledgement, and none committed before it does."""
+        problem = text_problem(note, _MAX_REASON_LEN)
+        if problem is not None:
+            raise ValidationError.single("note", problem)
+
+        def acknowledging(record: ClusterRecord, now: datetime) -> IncidentEvent:
+            if record.status == "CLOSED":
+                raise FailedPreconditionError(f"cluster {cluster_id!r} is closed: there is nothing left to work on")
+            if (ack := record.acknowledgement) is not None:
+                raise FailedPreconditionError(
+                    f"cluster {cluster_id!r} was acknowledged by {ack.by!r} at {ack.time.isoformat()}"
+                )
+            acknowledged = replace(record, acknowledgement=Acknowledgement(by, now, note))
+            return IncidentEvent("acknowledged", acknowledged, None)
+
+        acknowledged = await self._change(cluster_id, "acknowledge", request_id, alert_limit, acknowledging)
+        self._relay.wake()
+        return acknowledged
+
+    async def _change(
+        self,
+        cluster_id: str,
+        verb: str,
+        request_id: str,
+        alert_limit: int | None,
+        change: Callable[[ClusterRecord, datetime], IncidentEvent],
+    ) -> ClusterRecord:
+        """Commits an operator's change to a stored cluster with its event, then tells the engine.
+
+        `change` gets the cluster as stored (locked) and the time, and returns the event whose cluster
+        is the changed one; that is stored, and answered. A retried `request_id` answers the cluster as
+        it is. Ingestion waits for this (see `close`): reading a storm incident's every alert here held
+        it up for as long as that took, so only what the answer shows is read."""
+        async with self._committer.exclusive():
+            now = self._clock.now()
+            async with self._db.transaction() as conn:
+                # The row lock first: a concurrent change of this cluster (a retry racing its original,
+                # or another operator) waits here and then sees the outcome, instead of making it twice.
+                found = await conn.fetchval("SELECT true FROM clusters WHERE cluster_id = $1 FOR UPDATE", cluster_id)
+                # Scoped by cluster: the same request id sent for another cluster is another request,
+                # not a retry whose answer (this cluster) would be the wrong one.
+                scope = f"correlation.{verb}.{cluster_id}"
+                replayed = await idempotency.recall(conn, scope, request_id) is not None
+                if not found:
+                    raise NotFoundError(f"cluster {cluster_id!r} not found")
                 record = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
                 assert record is not None
-                return record
-            if status is None:
-                raise NotFoundError(f"cluster {cluster_id!r} not found")
-            if status == "CLOSED":
-                raise FailedPreconditionError(f"cluster {cluster_id!r} is already closed")
-            await repo.close_cluster(conn, cluster_id, closed_time=now, reason=reason, closed_by=closed_by)
-            closed = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
-            assert closed is not None
-            event = IncidentEvent(
-                "closed",
-                closed,
-                await repo.root_alert(conn, closed),
-                reason=reason,
-                closed_by=closed_by,
-                tracking_id=current_tracking_id(),
-            )
-            await outbox.append(conn, [self._event(event, now)])
-            await idempotency.remember(conn, scope, request_id, {"cluster_id": cluster_id})
-        return closed
+                if replayed:
+                    return record
+                event = change(record, now)
+                changed = event.cluster
+                if event.kind == "closed":
+                    await repo.close_cluster(
+                        conn, cluster_id, closed_time=now, reason=event.reason, closed_by=event.closed_by
+                    )
+                else:
+                    assert event.kind == "acknowledged" and changed.acknowledgement is not None
+                    await repo.acknowledge_cluster(conn, cluster_id, changed.acknowledgement)
+                root = await repo.root_alert(conn, changed)
+                event = replace(event, root_cause=root, tracking_id=current_tracking_id())
+                await outbox.append(conn, [self._event(event, now)])
+                await idempotency.remember(conn, scope, request_id, {"cluster_id": cluster_id})
+            # The engine learns only after the commit, so it never holds an uncommitted change.
+            if event.kind == "closed":
+                self._engine.close_cluster(cluster_id)
+            elif changed.acknowledgement is not None:
+                self._engine.acknowledge_cluster(cluster_id, changed.acknowledgement)
+        return changed
 
     async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:
         async with self._db.connection() as conn:

@@ -54,6 +54,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "ListActiveClusters",
         "ListClusters",
         "CloseCluster",
+        "AcknowledgeCluster",
         "CreateSilence",
         "ListSilences",
         "ExpireSilence",

@@ -343,6 +343,26 @@ class SyncAetherOpsClient:
             self.correlation.CloseCluster, request, correlation_pb2.CloseClusterResponse, timeout, tracking_id
         )
 
+    def acknowledge_cluster(
+        self,
+        cluster_id: str,
+        *,
+        note: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.AcknowledgeClusterResponse:
+        request = correlation_pb2.AcknowledgeClusterRequest(
+            cluster_id=cluster_id, note=note, request_id=build.request_id(request_id)
+        )
+        return self._unary(
+            self.correlation.AcknowledgeCluster,
+            request,
+            correlation_pb2.AcknowledgeClusterResponse,
+            timeout,
+            tracking_id,
+        )
+
     def create_silence(
         self,
         *,

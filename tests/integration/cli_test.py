@@ -187,6 +187,13 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     unfiltered = await cli("alerts", "list")
     assert unfiltered.code == 2 and "--cluster, --tracking or --silence" in unfiltered.err
 
+    acked = await cli("clusters", "ack", cluster["cluster_id"], "--note", "resetting the bus", "--json")
+    assert acked.code == 0 and acked.json()["acknowledge_note"] == "resetting the bus"
+    shown = await cli("clusters", "show", cluster["cluster_id"])
+    assert f"by {acked.json()['acknowledged_by']}: resetting the bus" in shown.out
+    again = await cli("clusters", "ack", cluster["cluster_id"])
+    assert again.code == 1 and "FAILED_PRECONDITION" in again.err and "acknowledged by" in again.err
+
     closed = await cli("clusters", "close", cluster["cluster_id"], "--reason", "fixed", "--json")
     assert closed.code == 0 and closed.json()["status"] == "CLUSTER_STATUS_CLOSED"
     again = await cli("clusters", "close", cluster["cluster_id"])

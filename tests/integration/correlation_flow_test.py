@@ -28,7 +28,7 @@ from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from gen.aetherops.events.v1 import events_pb2
 from servers.correlation import CorrelationComponent
-from servers.incident_feed import IncidentFeed, Watcher
+from servers.incident_feed import IncidentFeed, Watcher, incident_of
 
 
 def _ts(when: datetime) -> timestamp_pb2.Timestamp:
@@ -730,6 +730,66 @@ async def test_a_batch_downlinked_after_a_pass_is_one_incident(channel: grpc.aio
     assert {a.alert.alert_id for a in listed.alerts} == {a.alert_id for a in batch}
     root = await stub.IdentifyRootCause(pb.IdentifyRootCauseRequest(cluster_id=listed.alerts[0].cluster_id))
     assert root.alert_id == batch[1].alert_id
+
+
+async def test_an_acknowledged_incident_says_who_is_on_it_in_every_view_and_event_across_restart(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    acks = stub.WatchClusters(pb.WatchClustersRequest(event_types=[pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED]))
+    first_ack = asyncio.ensure_future(acks.read())
+    component = _correlation(app)
+    assert component.feed is not None
+    feed = component.feed
+
+    async def watching() -> bool:
+        return len(feed._watchers) == 1
+
+    await eventually(watching, what="the watch registered")
+    opened = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-K1", "power", t0, severity=5)))
+    cid = opened.cluster_id
+    request = pb.AcknowledgeClusterRequest(cluster_id=cid, note="switching to the backup bus", request_id="ack-1")
+    acked = (await stub.AcknowledgeCluster(request)).cluster
+    assert (acked.acknowledged_by, acked.acknowledge_note) == ("operator", "switching to the backup bus")
+    assert acked.HasField("acknowledge_time") and acked.status == pb.CLUSTER_STATUS_OPEN
+    assert (await stub.AcknowledgeCluster(request)).cluster == acked  # a retry answers as the first call
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, request_id="ack-2"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "acknowledged by 'operator'" in (err.value.details() or "")
+    shown = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=cid))).cluster
+    assert (shown.acknowledge_time, shown.acknowledged_by) == (acked.acknowledge_time, "operator")
+    listed = (await stub.ListActiveClusters(pb.ListActiveClustersRequest())).clusters
+    assert [(c.cluster_id, c.acknowledged_by) for c in listed] == [(cid, "operator")]
+    watched = await asyncio.wait_for(first_ack, 10)
+    assert watched.event_type == pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED
+    assert (watched.cluster.cluster_id, watched.cluster.acknowledged_by) == (cid, "operator")
+    assert watched.cluster.acknowledge_note == "switching to the backup bus"
+    acks.cancel()
+
+    # The incident keeps correlating, across a restart, and its later events still say who is on it.
+    await app.stop()
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    joined = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-K1", "thermal", t0 + timedelta(seconds=9))))
+    assert joined.cluster_id == cid
+    await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=cid, reason="bus restored"))
+    events = await _events(bus, until="incident_closed")
+    kinds = [e.WhichOneof("payload") for e in events]
+    assert kinds == ["incident_opened", "incident_acknowledged", "incident_updated", "incident_closed"]
+    assert [incident_of(e).acknowledged_by for e in events] == ["", "operator", "operator", "operator"]
+    assert events[1].tracking_id and events[1].aggregate_id == cid
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, request_id="ack-3"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "closed" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id="no-such-cluster"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, note="x" * 5000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "note" in _violations(err.value)
 
 
 async def test_a_downlinked_batch_straddling_a_restart_is_one_incident(

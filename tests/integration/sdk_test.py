@@ -143,6 +143,16 @@ async def test_not_found_and_failed_precondition(client: AetherOpsClient) -> Non
     assert retried.cluster.cluster_id == reply.cluster_id
     with pytest.raises(FailedPrecondition):
         await client.close_cluster(reply.cluster_id, reason="again")
+    with pytest.raises(FailedPrecondition, match="closed"):
+        await client.acknowledge_cluster(reply.cluster_id, note="too late")
+
+
+async def test_acknowledge_cluster(client: AetherOpsClient) -> None:
+    reply = await client.ingest_alert(alert_id=_id("k"), satellite_id="SAT-ACK", subsystem="power", severity=4)
+    acked = (await client.acknowledge_cluster(reply.cluster_id, note="on it")).cluster
+    assert acked.acknowledged_by and acked.acknowledge_note == "on it" and acked.HasField("acknowledge_time")
+    with pytest.raises(FailedPrecondition, match="acknowledged by"):
+        await client.acknowledge_cluster(reply.cluster_id)
 
 
 async def test_bulk_ingest_reports_rejections_by_index(client: AetherOpsClient) -> None:

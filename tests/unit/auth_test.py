@@ -72,6 +72,7 @@ _OPERATOR_RPCS = {
     "IngestAlert",
     "IngestAlerts",
     "CloseCluster",
+    "AcknowledgeCluster",
     "CreateSilence",
     "ExpireSilence",
     "IngestSnapshot",

@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from clients.cli import _alert_from, _cluster_row, _clusters_list, _clusters_watch, _records, _snapshot_from, _up_to
+from clients.cli import (
+    _CLUSTER_HEADERS,
+    _alert_from,
+    _cluster_row,
+    _clusters_list,
+    _clusters_watch,
+    _records,
+    _snapshot_from,
+    _up_to,
+)
 
 TIME = "2026-03-01T12:00:00Z"
 
@@ -254,7 +263,7 @@ def _cluster(satellites: int) -> Any:
     ],
 )
 def test_cluster_row_shows_eight_satellites_then_a_count(satellites: int, shown: str) -> None:
-    assert _cluster_row(_cluster(satellites))[4] == shown
+    assert _cluster_row(_cluster(satellites))[_CLUSTER_HEADERS.index("SATELLITES")] == shown
 
 
 class _Clusters:

@@ -18,6 +18,7 @@ from aetherops.correlation import (
     DEPENDENCY_WEIGHT,
     SEVERITY_WEIGHT,
     TIME_WEIGHT,
+    Acknowledgement,
     Alert,
     ClusterStatus,
     CorrelationEngine,
@@ -523,6 +524,24 @@ def test_an_alert_never_joins_a_closed_cluster() -> None:
     assert engine.ingest(alert("SAT-1", "thermal", 30)) == "C2"
     assert [c.cluster_id for c in engine.get_active_clusters()] == ["C2"]
     assert engine.active_count() == 1 and engine.stats.clusters_in_memory == 2  # C1 is closed
+
+
+def test_an_acknowledged_cluster_keeps_correlating_and_is_acknowledged_once() -> None:
+    engine, clock = make_engine()
+    feed(engine, clock, alert("SAT-1", "power", 0))
+    ack = Acknowledgement(by="ops-jane", time=at(5), note="switching to the backup bus")
+    assert engine.acknowledge_cluster("C1", ack) is True
+    assert engine.acknowledge_cluster("C1", Acknowledgement(by="ops-joe", time=at(6))) is False
+    assert engine.acknowledge_cluster("missing", ack) is False
+    assert engine.require_cluster("C1").acknowledgement == ack
+    # Still the incident its related alerts join; the acknowledgement stays.
+    feed(engine, clock, alert("SAT-1", "thermal", 30))
+    cluster = engine.require_cluster("C1")
+    assert cluster.alert_count == 2 and cluster.acknowledgement == ack
+    single, _ = make_engine()
+    single.ingest(alert("SAT-9", "power", 0))
+    single.close_cluster("C1")
+    assert single.acknowledge_cluster("C1", ack) is False  # closed: nobody needs to work on it
 
 
 def test_re_ingesting_an_alert_id_is_idempotent() -> None:

@@ -241,6 +241,11 @@ def test_mutations_get_a_request_id_unless_given(
     assert request.reason == "resolved" and len(request.request_id) == 32
     rpc.terminate(correlation_pb2.CloseClusterResponse(), (), grpc.StatusCode.OK, "")
     future.result()
+    future = _run(pool, lambda: client.acknowledge_cluster("c-1", note="on it"))
+    _, request, rpc = channel.inner.take_unary_unary(CORRELATION.methods_by_name["AcknowledgeCluster"])
+    assert (request.cluster_id, request.note, len(request.request_id)) == ("c-1", "on it", 32)
+    rpc.terminate(correlation_pb2.AcknowledgeClusterResponse(), (), grpc.StatusCode.OK, "")
+    future.result()
     future = _run(pool, lambda: client.start_execution("rb-1", variables={"bus": "B"}, request_id="r-1"))
     _, request, rpc = channel.inner.take_unary_unary(RUNBOOK.methods_by_name["StartExecution"])
     assert request.request_id == "r-1" and request.variables["bus"] == "B"

@@ -68,6 +68,7 @@ class _ClusterEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Clus
     CLUSTER_EVENT_TYPE_OPENED: _ClusterEventType.ValueType  # 1
     CLUSTER_EVENT_TYPE_UPDATED: _ClusterEventType.ValueType  # 2
     CLUSTER_EVENT_TYPE_CLOSED: _ClusterEventType.ValueType  # 3
+    CLUSTER_EVENT_TYPE_ACKNOWLEDGED: _ClusterEventType.ValueType  # 4
 
 class ClusterEventType(_ClusterEventType, metaclass=_ClusterEventTypeEnumTypeWrapper):
     """Kinds of cluster events."""
@@ -76,6 +77,7 @@ CLUSTER_EVENT_TYPE_UNSPECIFIED: ClusterEventType.ValueType  # 0
 CLUSTER_EVENT_TYPE_OPENED: ClusterEventType.ValueType  # 1
 CLUSTER_EVENT_TYPE_UPDATED: ClusterEventType.ValueType  # 2
 CLUSTER_EVENT_TYPE_CLOSED: ClusterEventType.ValueType  # 3
+CLUSTER_EVENT_TYPE_ACKNOWLEDGED: ClusterEventType.ValueType  # 4
 Global___ClusterEventType: _TypeAlias = ClusterEventType  # noqa: Y015
 
 @_typing.final
@@ -188,6 +190,9 @@ class Cluster(_message.Message):
     TRACKING_ID_FIELD_NUMBER: _builtins.int
     CLOSE_REASON_FIELD_NUMBER: _builtins.int
     CLOSED_BY_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_TIME_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_BY_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_NOTE_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     status: Global___ClusterStatus.ValueType
     root_cause_alert_id: _builtins.str
@@ -208,6 +213,8 @@ class Cluster(_message.Message):
     ("operator", or "system" for a quiet incident).
     """
     closed_by: _builtins.str
+    acknowledged_by: _builtins.str
+    acknowledge_note: _builtins.str
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
         """The cluster's alerts, oldest first (duplicates are not included), as many
@@ -234,6 +241,12 @@ class Cluster(_message.Message):
     def duration(self) -> _duration_pb2.Duration:
         """From the earliest to the latest alert."""
 
+    @_builtins.property
+    def acknowledge_time(self) -> _timestamp_pb2.Timestamp:
+        """Set when the cluster was acknowledged (AcknowledgeCluster): when, by
+        whom, and the note given.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +268,13 @@ class Cluster(_message.Message):
         tracking_id: _builtins.str = ...,
         close_reason: _builtins.str = ...,
         closed_by: _builtins.str = ...,
+        acknowledge_time: _timestamp_pb2.Timestamp | None = ...,
+        acknowledged_by: _builtins.str = ...,
+        acknowledge_note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acknowledge_time", b"acknowledge_time", "close_time", b"close_time", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "alerts", b"alerts", "close_reason", b"close_reason", "close_time", b"close_time", "closed_by", b"closed_by", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "satellite_ids", b"satellite_ids", "status", b"status", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_note", b"acknowledge_note", "acknowledge_time", b"acknowledge_time", "acknowledged_by", b"acknowledged_by", "alert_count", b"alert_count", "alerts", b"alerts", "close_reason", b"close_reason", "close_time", b"close_time", "closed_by", b"closed_by", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "satellite_ids", b"satellite_ids", "status", b"status", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -736,6 +752,55 @@ class CloseClusterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseClusterResponse: _TypeAlias = CloseClusterResponse  # noqa: Y015
+
+@_typing.final
+class AcknowledgeClusterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    cluster_id: _builtins.str
+    note: _builtins.str
+    """What the operator is doing about it, kept on the cluster and in the
+    event. Optional, at most 4096 characters.
+    """
+    request_id: _builtins.str
+    """Idempotency key, per cluster: retrying with the same id answers as the first call did."""
+    def __init__(
+        self,
+        *,
+        cluster_id: _builtins.str = ...,
+        note: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "note", b"note", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeClusterRequest: _TypeAlias = AcknowledgeClusterRequest  # noqa: Y015
+
+@_typing.final
+class AcknowledgeClusterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cluster(self) -> Global___Cluster: ...
+    def __init__(
+        self,
+        *,
+        cluster: Global___Cluster | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeClusterResponse: _TypeAlias = AcknowledgeClusterResponse  # noqa: Y015
 
 @_typing.final
 class IdentifyRootCauseRequest(_message.Message):

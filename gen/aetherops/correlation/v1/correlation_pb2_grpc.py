@@ -70,6 +70,11 @@ class CorrelationServiceStub:
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterRequest.SerializeToString,
                 response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterResponse.FromString,
                 _registered_method=True)
+        self.AcknowledgeCluster = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/AcknowledgeCluster',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterResponse.FromString,
+                _registered_method=True)
         self.IdentifyRootCause = channel.unary_unary(
                 '/aetherops.correlation.v1.CorrelationService/IdentifyRootCause',
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.IdentifyRootCauseRequest.SerializeToString,
@@ -175,6 +180,17 @@ class CorrelationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcknowledgeCluster(self, request, context):
+        """Acknowledges an open cluster: someone is working on it, so it need not
+        page anyone else. The cluster shows who, when and their note from then on
+        (GetCluster, the listings and every later event), and an "acknowledged"
+        event is published. Alerts still join it. FAILED_PRECONDITION if it is
+        closed or already acknowledged (unless the same request_id is retried).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def IdentifyRootCause(self, request, context):
         """Names the probable root cause of a cluster: the earliest alert upstream
         in the causal chain, with a confidence.
@@ -204,7 +220,8 @@ class CorrelationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchClusters(self, request, context):
-        """Streams cluster events (opened, updated, closed) as they are committed.
+        """Streams cluster events (opened, updated, acknowledged, closed) as they
+        are committed.
         A slow watcher misses events (it is told how many) rather than stalling
         ingestion.
         """
@@ -273,6 +290,11 @@ def add_CorrelationServiceServicer_to_server(servicer, server):
                     servicer.CloseCluster,
                     request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterRequest.FromString,
                     response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterResponse.SerializeToString,
+            ),
+            'AcknowledgeCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeCluster,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterResponse.SerializeToString,
             ),
             'IdentifyRootCause': grpc.unary_unary_rpc_method_handler(
                     servicer.IdentifyRootCause,
@@ -478,6 +500,33 @@ class CorrelationService:
             '/aetherops.correlation.v1.CorrelationService/CloseCluster',
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterRequest.SerializeToString,
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.CloseClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/AcknowledgeCluster',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,13 @@ class CorrelationServiceStub:
     """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
     is closed already (unless the same request_id is retried).
     """
+    AcknowledgeCluster: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.AcknowledgeClusterRequest, _correlation_pb2.AcknowledgeClusterResponse]
+    """Acknowledges an open cluster: someone is working on it, so it need not
+    page anyone else. The cluster shows who, when and their note from then on
+    (GetCluster, the listings and every later event), and an "acknowledged"
+    event is published. Alerts still join it. FAILED_PRECONDITION if it is
+    closed or already acknowledged (unless the same request_id is retried).
+    """
     IdentifyRootCause: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.IdentifyRootCauseRequest, _correlation_pb2.IdentifyRootCauseResponse]
     """Names the probable root cause of a cluster: the earliest alert upstream
     in the causal chain, with a confidence.
@@ -90,7 +97,8 @@ class CorrelationServiceStub:
     Paginated; a page token is valid only with the filters it was issued for.
     """
     WatchClusters: _grpc.UnaryStreamMultiCallable[_correlation_pb2.WatchClustersRequest, _correlation_pb2.WatchClustersResponse]
-    """Streams cluster events (opened, updated, closed) as they are committed.
+    """Streams cluster events (opened, updated, acknowledged, closed) as they
+    are committed.
     A slow watcher misses events (it is told how many) rather than stalling
     ingestion.
     """
@@ -157,6 +165,13 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     """Closes a cluster; later alerts open a new one. FAILED_PRECONDITION if it
     is closed already (unless the same request_id is retried).
     """
+    AcknowledgeCluster: _aio.UnaryUnaryMultiCallable[_correlation_pb2.AcknowledgeClusterRequest, _correlation_pb2.AcknowledgeClusterResponse]  # type: ignore[assignment]
+    """Acknowledges an open cluster: someone is working on it, so it need not
+    page anyone else. The cluster shows who, when and their note from then on
+    (GetCluster, the listings and every later event), and an "acknowledged"
+    event is published. Alerts still join it. FAILED_PRECONDITION if it is
+    closed or already acknowledged (unless the same request_id is retried).
+    """
     IdentifyRootCause: _aio.UnaryUnaryMultiCallable[_correlation_pb2.IdentifyRootCauseRequest, _correlation_pb2.IdentifyRootCauseResponse]  # type: ignore[assignment]
     """Names the probable root cause of a cluster: the earliest alert upstream
     in the causal chain, with a confidence.
@@ -174,7 +189,8 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     Paginated; a page token is valid only with the filters it was issued for.
     """
     WatchClusters: _aio.UnaryStreamMultiCallable[_correlation_pb2.WatchClustersRequest, _correlation_pb2.WatchClustersResponse]  # type: ignore[assignment]
-    """Streams cluster events (opened, updated, closed) as they are committed.
+    """Streams cluster events (opened, updated, acknowledged, closed) as they
+    are committed.
     A slow watcher misses events (it is told how many) rather than stalling
     ingestion.
     """
@@ -276,6 +292,19 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def AcknowledgeCluster(
+        self,
+        request: _correlation_pb2.AcknowledgeClusterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.AcknowledgeClusterResponse, _abc.Awaitable[_correlation_pb2.AcknowledgeClusterResponse]]:
+        """Acknowledges an open cluster: someone is working on it, so it need not
+        page anyone else. The cluster shows who, when and their note from then on
+        (GetCluster, the listings and every later event), and an "acknowledged"
+        event is published. Alerts still join it. FAILED_PRECONDITION if it is
+        closed or already acknowledged (unless the same request_id is retried).
+        """
+
+    @_abc_1.abstractmethod
     def IdentifyRootCause(
         self,
         request: _correlation_pb2.IdentifyRootCauseRequest,
@@ -315,7 +344,8 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _correlation_pb2.WatchClustersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_correlation_pb2.WatchClustersResponse], _abc.AsyncIterator[_correlation_pb2.WatchClustersResponse]]:
-        """Streams cluster events (opened, updated, closed) as they are committed.
+        """Streams cluster events (opened, updated, acknowledged, closed) as they
+        are committed.
         A slow watcher misses events (it is told how many) rather than stalling
         ingestion.
         """

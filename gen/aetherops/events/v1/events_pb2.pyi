@@ -40,6 +40,7 @@ class Event(_message.Message):
     INCIDENT_OPENED_FIELD_NUMBER: _builtins.int
     INCIDENT_UPDATED_FIELD_NUMBER: _builtins.int
     INCIDENT_CLOSED_FIELD_NUMBER: _builtins.int
+    INCIDENT_ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
     EXECUTION_TRANSITION_FIELD_NUMBER: _builtins.int
     RISK_CHANGED_FIELD_NUMBER: _builtins.int
     CIRCUIT_STATE_CHANGED_FIELD_NUMBER: _builtins.int
@@ -64,6 +65,8 @@ class Event(_message.Message):
     @_builtins.property
     def incident_closed(self) -> Global___IncidentClosed: ...
     @_builtins.property
+    def incident_acknowledged(self) -> Global___IncidentAcknowledged: ...
+    @_builtins.property
     def execution_transition(self) -> Global___ExecutionTransition: ...
     @_builtins.property
     def risk_changed(self) -> Global___RiskChanged: ...
@@ -81,15 +84,16 @@ class Event(_message.Message):
         incident_opened: Global___IncidentOpened | None = ...,
         incident_updated: Global___IncidentUpdated | None = ...,
         incident_closed: Global___IncidentClosed | None = ...,
+        incident_acknowledged: Global___IncidentAcknowledged | None = ...,
         execution_transition: Global___ExecutionTransition | None = ...,
         risk_changed: Global___RiskChanged | None = ...,
         circuit_state_changed: Global___CircuitStateChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["circuit_state_changed", b"circuit_state_changed", "execution_transition", b"execution_transition", "incident_closed", b"incident_closed", "incident_opened", b"incident_opened", "incident_updated", b"incident_updated", "occurred_time", b"occurred_time", "payload", b"payload", "risk_changed", b"risk_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["circuit_state_changed", b"circuit_state_changed", "execution_transition", b"execution_transition", "incident_acknowledged", b"incident_acknowledged", "incident_closed", b"incident_closed", "incident_opened", b"incident_opened", "incident_updated", b"incident_updated", "occurred_time", b"occurred_time", "payload", b"payload", "risk_changed", b"risk_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "circuit_state_changed", b"circuit_state_changed", "event_id", b"event_id", "execution_transition", b"execution_transition", "incident_closed", b"incident_closed", "incident_opened", b"incident_opened", "incident_updated", b"incident_updated", "occurred_time", b"occurred_time", "payload", b"payload", "risk_changed", b"risk_changed", "source_service", b"source_service", "tracking_id", b"tracking_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "circuit_state_changed", b"circuit_state_changed", "event_id", b"event_id", "execution_transition", b"execution_transition", "incident_acknowledged", b"incident_acknowledged", "incident_closed", b"incident_closed", "incident_opened", b"incident_opened", "incident_updated", b"incident_updated", "occurred_time", b"occurred_time", "payload", b"payload", "risk_changed", b"risk_changed", "source_service", b"source_service", "tracking_id", b"tracking_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["incident_opened", "incident_updated", "incident_closed", "execution_transition", "risk_changed", "circuit_state_changed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["incident_opened", "incident_updated", "incident_closed", "incident_acknowledged", "execution_transition", "risk_changed", "circuit_state_changed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -117,6 +121,9 @@ class Incident(_message.Message):
     TRACKING_ID_FIELD_NUMBER: _builtins.int
     SATELLITE_COUNT_FIELD_NUMBER: _builtins.int
     SUBSYSTEM_COUNT_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_BY_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_TIME_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_NOTE_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     max_severity: _builtins.int
     root_cause_alert_id: _builtins.str
@@ -137,6 +144,9 @@ class Incident(_message.Message):
     satellite_ids and subsystems list when those were cut short).
     """
     subsystem_count: _builtins.int
+    acknowledged_by: _builtins.str
+    """Set once the incident is acknowledged: who, when and their note."""
+    acknowledge_note: _builtins.str
     @_builtins.property
     def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Sorted. An incident over thousands of satellites lists the first that
@@ -152,6 +162,8 @@ class Incident(_message.Message):
     def first_alert_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_alert_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def acknowledge_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -171,10 +183,13 @@ class Incident(_message.Message):
         tracking_id: _builtins.str = ...,
         satellite_count: _builtins.int = ...,
         subsystem_count: _builtins.int = ...,
+        acknowledged_by: _builtins.str = ...,
+        acknowledge_time: _timestamp_pb2.Timestamp | None = ...,
+        acknowledge_note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acknowledge_time", b"acknowledge_time", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_count", b"satellite_count", "satellite_ids", b"satellite_ids", "subsystem_count", b"subsystem_count", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_note", b"acknowledge_note", "acknowledge_time", b"acknowledge_time", "acknowledged_by", b"acknowledged_by", "alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_count", b"satellite_count", "satellite_ids", b"satellite_ids", "subsystem_count", b"subsystem_count", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +269,30 @@ class IncidentClosed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IncidentClosed: _TypeAlias = IncidentClosed  # noqa: Y015
+
+@_typing.final
+class IncidentAcknowledged(_message.Message):
+    """Someone is working on the incident (CorrelationService.AcknowledgeCluster);
+    the incident carries who, when and the note.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCIDENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def incident(self) -> Global___Incident: ...
+    def __init__(
+        self,
+        *,
+        incident: Global___Incident | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentAcknowledged: _TypeAlias = IncidentAcknowledged  # noqa: Y015
 
 @_typing.final
 class ExecutionTransition(_message.Message):

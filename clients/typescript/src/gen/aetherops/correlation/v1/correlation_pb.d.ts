@@ -212,6 +212,24 @@ export declare type Cluster = Message<"aetherops.correlation.v1.Cluster"> & {
    * @generated from field: string closed_by = 18;
    */
   closedBy: string;
+
+  /**
+   * Set when the cluster was acknowledged (AcknowledgeCluster): when, by
+   * whom, and the note given.
+   *
+   * @generated from field: google.protobuf.Timestamp acknowledge_time = 19;
+   */
+  acknowledgeTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string acknowledged_by = 20;
+   */
+  acknowledgedBy: string;
+
+  /**
+   * @generated from field: string acknowledge_note = 21;
+   */
+  acknowledgeNote: string;
 };
 
 /**
@@ -731,6 +749,53 @@ export declare type CloseClusterResponse = Message<"aetherops.correlation.v1.Clo
 export declare const CloseClusterResponseSchema: GenMessage<CloseClusterResponse>;
 
 /**
+ * @generated from message aetherops.correlation.v1.AcknowledgeClusterRequest
+ */
+export declare type AcknowledgeClusterRequest = Message<"aetherops.correlation.v1.AcknowledgeClusterRequest"> & {
+  /**
+   * @generated from field: string cluster_id = 1;
+   */
+  clusterId: string;
+
+  /**
+   * What the operator is doing about it, kept on the cluster and in the
+   * event. Optional, at most 4096 characters.
+   *
+   * @generated from field: string note = 2;
+   */
+  note: string;
+
+  /**
+   * Idempotency key, per cluster: retrying with the same id answers as the first call did.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.AcknowledgeClusterRequest.
+ * Use `create(AcknowledgeClusterRequestSchema)` to create a new message.
+ */
+export declare const AcknowledgeClusterRequestSchema: GenMessage<AcknowledgeClusterRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.AcknowledgeClusterResponse
+ */
+export declare type AcknowledgeClusterResponse = Message<"aetherops.correlation.v1.AcknowledgeClusterResponse"> & {
+  /**
+   * @generated from field: aetherops.correlation.v1.Cluster cluster = 1;
+   */
+  cluster?: Cluster | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.AcknowledgeClusterResponse.
+ * Use `create(AcknowledgeClusterResponseSchema)` to create a new message.
+ */
+export declare const AcknowledgeClusterResponseSchema: GenMessage<AcknowledgeClusterResponse>;
+
+/**
  * @generated from message aetherops.correlation.v1.IdentifyRootCauseRequest
  */
 export declare type IdentifyRootCauseRequest = Message<"aetherops.correlation.v1.IdentifyRootCauseRequest"> & {
@@ -1244,6 +1309,11 @@ export enum ClusterEventType {
    * @generated from enum value: CLUSTER_EVENT_TYPE_CLOSED = 3;
    */
   CLOSED = 3,
+
+  /**
+   * @generated from enum value: CLUSTER_EVENT_TYPE_ACKNOWLEDGED = 4;
+   */
+  ACKNOWLEDGED = 4,
 }
 
 /**
@@ -1340,6 +1410,20 @@ export declare const CorrelationService: GenService<{
     output: typeof CloseClusterResponseSchema;
   },
   /**
+   * Acknowledges an open cluster: someone is working on it, so it need not
+   * page anyone else. The cluster shows who, when and their note from then on
+   * (GetCluster, the listings and every later event), and an "acknowledged"
+   * event is published. Alerts still join it. FAILED_PRECONDITION if it is
+   * closed or already acknowledged (unless the same request_id is retried).
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.AcknowledgeCluster
+   */
+  acknowledgeCluster: {
+    methodKind: "unary";
+    input: typeof AcknowledgeClusterRequestSchema;
+    output: typeof AcknowledgeClusterResponseSchema;
+  },
+  /**
    * Names the probable root cause of a cluster: the earliest alert upstream
    * in the causal chain, with a confidence.
    *
@@ -1377,7 +1461,8 @@ export declare const CorrelationService: GenService<{
     output: typeof ListAlertsResponseSchema;
   },
   /**
-   * Streams cluster events (opened, updated, closed) as they are committed.
+   * Streams cluster events (opened, updated, acknowledged, closed) as they
+   * are committed.
    * A slow watcher misses events (it is told how many) rather than stalling
    * ingestion.
    *

@@ -87,6 +87,12 @@ export declare type Event = Message<"aetherops.events.v1.Event"> & {
     case: "incidentClosed";
   } | {
     /**
+     * @generated from field: aetherops.events.v1.IncidentAcknowledged incident_acknowledged = 13;
+     */
+    value: IncidentAcknowledged;
+    case: "incidentAcknowledged";
+  } | {
+    /**
      * @generated from field: aetherops.events.v1.ExecutionTransition execution_transition = 20;
      */
     value: ExecutionTransition;
@@ -213,6 +219,23 @@ export declare type Incident = Message<"aetherops.events.v1.Incident"> & {
    * @generated from field: int32 subsystem_count = 16;
    */
   subsystemCount: number;
+
+  /**
+   * Set once the incident is acknowledged: who, when and their note.
+   *
+   * @generated from field: string acknowledged_by = 17;
+   */
+  acknowledgedBy: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp acknowledge_time = 18;
+   */
+  acknowledgeTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string acknowledge_note = 19;
+   */
+  acknowledgeNote: string;
 };
 
 /**
@@ -290,6 +313,25 @@ export declare type IncidentClosed = Message<"aetherops.events.v1.IncidentClosed
  * Use `create(IncidentClosedSchema)` to create a new message.
  */
 export declare const IncidentClosedSchema: GenMessage<IncidentClosed>;
+
+/**
+ * Someone is working on the incident (CorrelationService.AcknowledgeCluster);
+ * the incident carries who, when and the note.
+ *
+ * @generated from message aetherops.events.v1.IncidentAcknowledged
+ */
+export declare type IncidentAcknowledged = Message<"aetherops.events.v1.IncidentAcknowledged"> & {
+  /**
+   * @generated from field: aetherops.events.v1.Incident incident = 1;
+   */
+  incident?: Incident | undefined;
+};
+
+/**
+ * Describes the message aetherops.events.v1.IncidentAcknowledged.
+ * Use `create(IncidentAcknowledgedSchema)` to create a new message.
+ */
+export declare const IncidentAcknowledgedSchema: GenMessage<IncidentAcknowledged>;
 
 /**
  * One transition of a runbook execution.
