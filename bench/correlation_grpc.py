@@ -6,7 +6,9 @@ Prints, as medians over --runs:
   * IngestAlerts client streaming: durable alerts/s (the reply comes after the commit; target >= 30,000),
     for two alert mixes (see MIXES) and with one alert per stream message or batches of 500;
   * alert in -> incident event on NATS at a paced 1,000 alerts/s: p50/p95 (target p95 <= 50 ms), with
-    the alerts published on NATS (aetherops.alerts.ingest) and sent as IngestAlert calls.
+    the alerts published on NATS (aetherops.alerts.ingest) and sent as IngestAlert calls;
+  * a dashboard's ListActiveClusters (page of 50) during a storm of 50 incidents of 2,000 alerts each:
+    time and server CPU per call (no target in the issue: what polling costs the ingest path).
 
 Uses AETHEROPS_TEST_DATABASE_URL / AETHEROPS_TEST_NATS_URL (defaults: the local services) with a
 throwaway schema and namespace. `--quick` shrinks every phase to a smoke test.
@@ -235,6 +237,38 @@ async def _latency(
     return lags[len(lags) // 2] * 1000, lags[int(len(lags) * 0.95)] * 1000, refused
 
 
+async def _listing(
+    stub: correlation_pb2_grpc.CorrelationServiceStub, pid: int, calls: int, metadata: tuple[tuple[str, str], ...]
+) -> tuple[float, float, str]:
+    """ms per ListActiveClusters call, server CPU ms per call, and what the page showed, with 50 storm
+    incidents of 2,000 alerts each (every alert a subsystem of its own: none is a duplicate)."""
+    now = datetime.now(UTC)
+    storm = f"LIST-{uuid.uuid4().hex[:6]}"
+    messages = []
+    for i in range(50):
+        alerts = [
+            pb.Alert(
+                alert_id=uuid.uuid4().hex,
+                satellite_id=f"{storm}-{i}",
+                subsystem=f"unit-{j}",
+                severity=3,
+                message="bus undervoltage on the primary power bus",
+            )
+            for j in range(2000)
+        ]
+        for alert in alerts:
+            alert.timestamp.FromDatetime(now)
+        messages += [pb.IngestAlertsRequest(alerts=alerts[k : k + 500]) for k in range(0, 2000, 500)]
+    reply = await stub.IngestAlerts(iter(messages))
+    assert reply.accepted == 100_000, reply
+    cpu_before, start = _cpu_seconds(pid), time.perf_counter()
+    for _ in range(calls):
+        page = await stub.ListActiveClusters(pb.ListActiveClustersRequest(page_size=50), metadata=metadata)
+    elapsed, cpu = (time.perf_counter() - start) / calls, (_cpu_seconds(pid) - cpu_before) / calls
+    shown = f"{sum(len(c.alerts) for c in page.clusters):,} alerts shown, {page.ByteSize():,} bytes"
+    return elapsed * 1000, cpu * 1000, shown
+
+
 async def main() -> None:
     cancel_on_sigterm()
     parser = argparse.ArgumentParser()
@@ -248,7 +282,7 @@ async def main() -> None:
         help="alerts/s for the unary latency phase (a machine that cannot serve that many calls queues them)",
     )
     parser.add_argument(
-        "--phases", default="unary,stream,latency", help="comma-separated subset of unary,stream,latency"
+        "--phases", default="unary,stream,latency,list", help="comma-separated subset of unary,stream,latency,list"
     )
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
@@ -318,6 +352,7 @@ async def main() -> None:
                 ratios: dict[str, list[float]] = {}
                 cpu_per_call: dict[str, list[tuple[float, float]]] = {}
                 stream_rates: dict[tuple[str, int], list[float]] = {}
+                listing: tuple[float, float, str] | None = None
                 dup_shares: dict[str, float] = {}
                 for _ in range(runs if "unary" in phases else 0):
                     for mix in MIXES:
@@ -345,6 +380,9 @@ async def main() -> None:
                                 rate, dup_share = await _streaming(bulk, streams, per_stream, mix, per_message)
                                 stream_rates.setdefault((mix, per_message), []).append(rate)
                                 dup_shares[mix] = dup_share
+                    if "list" in phases:
+                        await _drained(namespace)
+                        listing = await _listing(bulk, server.pid, 2 if args.quick else 5, metadata)
 
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
                     paced = correlation_pb2_grpc.CorrelationServiceStub(plain)
@@ -393,6 +431,11 @@ async def main() -> None:
         print(
             f"alert -> incident event on NATS at {rate:,} alerts/s ({how}): p50 {med(f[0] for f in figures):.1f} ms,"
             f" p95 {med(f[1] for f in figures):.1f} ms  (target p95 <= 50 ms at 1,000 alerts/s)"
+        )
+    if listing is not None:
+        print(
+            f"ListActiveClusters (page of 50) over 50 storm incidents of 2,000 alerts: {listing[0]:.0f} ms per call,"
+            f" server CPU {listing[1]:.0f} ms per call ({listing[2]})"
         )
     if refused:
         total = runs * int(args.unary_latency_rate * latency_seconds)

@@ -111,12 +111,6 @@ def stored_alert_to_proto(stored: StoredAlert) -> pb.StoredAlert:
     )
 
 
-_SMALLEST_ALERT_BYTES = 16
-"""Fewer bytes than any alert costs a budget (three one-character ids, a severity and an empty
-timestamp encode to 13, and `cluster_to_proto` adds 8), so a budget never holds more than its bytes
-over this: what a response can show is read, and no more."""
-
-
 class AlertBudget:
     """How many encoded bytes of alerts one response may still carry (see `cluster_to_proto`)."""
 
@@ -124,11 +118,6 @@ class AlertBudget:
         # A quarter of the message: the rest is for the clusters' other fields (a storm's incident
         # lists every satellite it hit), so the response always fits.
         self.remaining = max_message_bytes // 4
-
-    @property
-    def most_alerts(self) -> int:
-        """More alerts than one cluster can show within the budget: what to read from the store."""
-        return self.remaining // _SMALLEST_ALERT_BYTES + 1
 
 
 def cluster_to_proto(record: ClusterRecord, budget: AlertBudget) -> pb.Cluster:
@@ -140,7 +129,9 @@ def cluster_to_proto(record: ClusterRecord, budget: AlertBudget) -> pb.Cluster:
     cluster = _cluster_fields(record)
     for alert in record.alerts:
         message = alert_to_proto(alert)
-        budget.remaining -= message.ByteSize() + 8  # the field's tag and length prefix, generously
+        # The field's tag and length prefix, generously. The store reads by a lower bound of this
+        # (`repo.ALERT_BYTES_FLOOR`), so it reads every alert that can fit, and few more.
+        budget.remaining -= message.ByteSize() + 8
         if budget.remaining < 0:
             break
         cluster.alerts.append(message)
@@ -385,7 +376,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
     async def GetCluster(self, request: pb.GetClusterRequest, context: Any) -> pb.GetClusterResponse:
         _require_id(request.cluster_id, "cluster_id")
         budget = self._c.alert_budget()
-        record = await self._svc.get_cluster(request.cluster_id, alert_limit=budget.most_alerts)
+        record = await self._svc.get_cluster(request.cluster_id, alert_bytes=budget.remaining)
         return pb.GetClusterResponse(cluster=cluster_to_proto(record, budget))
 
     async def ListActiveClusters(
@@ -397,7 +388,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             page_token=request.page_token,
             satellite_id=request.satellite_id,
             min_severity=request.min_severity,
-            alert_limit=budget.most_alerts,
+            alert_bytes=budget.remaining,
         )
         return pb.ListActiveClustersResponse(
             clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token
@@ -418,7 +409,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             min_severity=request.min_severity,
             start=from_ts(request, "start_time"),
             end=from_ts(request, "end_time"),
-            alert_limit=budget.most_alerts,
+            alert_bytes=budget.remaining,
         )
         return pb.ListClustersResponse(clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token)
 
@@ -441,7 +432,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             reason=request.reason,
             closed_by="operator",
             request_id=request.request_id,
-            alert_limit=budget.most_alerts,
+            alert_bytes=budget.remaining,
         )
         return pb.CloseClusterResponse(cluster=cluster_to_proto(record, budget))
 
@@ -455,7 +446,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             note=request.note,
             by=current_principal_name() or "operator",
             request_id=request.request_id,
-            alert_limit=budget.most_alerts,
+            alert_bytes=budget.remaining,
         )
         return pb.AcknowledgeClusterResponse(cluster=cluster_to_proto(record, budget))
 

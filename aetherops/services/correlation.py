@@ -302,7 +302,7 @@ class CorrelationService:
         for cluster_id in ids:
             try:
                 await self.close(
-                    cluster_id, reason=f"no alert for {quiet_for:g} s", closed_by="system", request_id="", alert_limit=0
+                    cluster_id, reason=f"no alert for {quiet_for:g} s", closed_by="system", request_id="", alert_bytes=0
                 )
             except FailedPreconditionError:
                 continue  # closed by someone meanwhile
@@ -489,16 +489,17 @@ class CorrelationService:
 
     # ---- queries and commands ---------------------------------------------------------------
 
-    async def get_cluster(self, cluster_id: str, *, alert_limit: int | None = None) -> ClusterRecord:
-        """The stored cluster with its oldest `alert_limit` alerts (None: all)."""
+    async def get_cluster(self, cluster_id: str, *, alert_bytes: int | None = None) -> ClusterRecord:
+        """The stored cluster with its oldest alerts, as many as `alert_bytes` holds (None: all; see
+        `repo.get_alerts`)."""
         async with self._db.connection() as conn:
-            record = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
+            record = await repo.get_cluster(conn, cluster_id, alert_bytes=alert_bytes)
         if record is None:
             raise NotFoundError(f"cluster {cluster_id!r} not found")
         return record
 
     async def list_active(
-        self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int, alert_limit: int | None = None
+        self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int, alert_bytes: int | None = None
     ) -> tuple[list[ClusterRecord], str]:
         problems: list[FieldViolation] = []
         if page_size < 0:
@@ -520,7 +521,7 @@ class CorrelationService:
                 min_severity=min_severity,
                 limit=limit + 1,
                 after=after,
-                alert_limit=alert_limit,
+                alert_bytes=alert_bytes,
             )
         return cut_page(page, limit, _active_position, filters, size=_listed_bytes, budget=LISTED_CLUSTER_BYTES)
 
@@ -534,7 +535,7 @@ class CorrelationService:
         min_severity: int,
         start: datetime | None,
         end: datetime | None,
-        alert_limit: int | None = None,
+        alert_bytes: int | None = None,
     ) -> tuple[list[ClusterRecord], str]:
         """One page of stored clusters (open, closed or both), most recently opened first."""
         problems: list[FieldViolation] = []
@@ -562,7 +563,7 @@ class CorrelationService:
                 end=end,
                 limit=limit + 1,
                 after=after,
-                alert_limit=alert_limit,
+                alert_bytes=alert_bytes,
             )
         return cut_page(
             page, limit, lambda c: {"c": c.cluster_id}, filters, size=_listed_bytes, budget=LISTED_CLUSTER_BYTES
@@ -621,17 +622,17 @@ class CorrelationService:
             if not page and after is None:
                 # An empty first page for a cluster or silence that does not exist is a mistyped id,
                 # not "no alerts": say so (checked only then, so listings cost no extra query).
-                if cluster_id and await repo.get_cluster(conn, cluster_id, alert_limit=0) is None:
+                if cluster_id and await repo.get_cluster(conn, cluster_id, alert_bytes=0) is None:
                     raise NotFoundError(f"cluster {cluster_id!r} not found")
                 if silence_id and await silence_repo.get(conn, silence_id) is None:
                     raise NotFoundError(f"silence {silence_id!r} not found")
         return cut_page(page, limit, lambda a: {"t": a.alert.timestamp.isoformat(), "a": a.alert.alert_id}, filters)
 
     async def close(
-        self, cluster_id: str, *, reason: str, closed_by: str, request_id: str, alert_limit: int | None = None
+        self, cluster_id: str, *, reason: str, closed_by: str, request_id: str, alert_bytes: int | None = None
     ) -> ClusterRecord:
         """Closes a cluster (idempotent on request_id); its events leave with the commit. The answer
-        holds the oldest `alert_limit` of its alerts (None: all).
+        holds its oldest alerts, as many as `alert_bytes` holds (None: all).
 
         Ingestion pauses meanwhile (`GroupCommitter.exclusive`): a batch that already put an alert
         into this cluster commits first, so its alert and its "updated" event come before the close;
@@ -648,15 +649,15 @@ class CorrelationService:
             closed = replace(record, status="CLOSED", closed_time=now, close_reason=reason, closed_by=closed_by)
             return IncidentEvent("closed", closed, None, reason=reason, closed_by=closed_by)
 
-        closed = await self._change(cluster_id, "close", request_id, alert_limit, closing)
+        closed = await self._change(cluster_id, "close", request_id, alert_bytes, closing)
         self._relay.wake()
         return closed
 
     async def acknowledge(
-        self, cluster_id: str, *, note: str, by: str, request_id: str, alert_limit: int | None = None
+        self, cluster_id: str, *, note: str, by: str, request_id: str, alert_bytes: int | None = None
     ) -> ClusterRecord:
         """Records that `by` works on an open cluster (idempotent on request_id); its "acknowledged"
-        event leaves with the commit. The answer holds the oldest `alert_limit` of its alerts.
+        event leaves with the commit. The answer holds its oldest alerts, as many as `alert_bytes` holds.
 
         Ingestion pauses meanwhile, as for `close`: every event of the incident committed after this
         one carries the acknowledgement, and none committed before it does."""
@@ -674,7 +675,7 @@ class CorrelationService:
             acknowledged = replace(record, acknowledgement=Acknowledgement(by, now, note))
             return IncidentEvent("acknowledged", acknowledged, None)
 
-        acknowledged = await self._change(cluster_id, "acknowledge", request_id, alert_limit, acknowledging)
+        acknowledged = await self._change(cluster_id, "acknowledge", request_id, alert_bytes, acknowledging)
         self._relay.wake()
         return acknowledged
 
@@ -683,7 +684,7 @@ class CorrelationService:
         cluster_id: str,
         verb: str,
         request_id: str,
-        alert_limit: int | None,
+        alert_bytes: int | None,
         change: Callable[[ClusterRecord, datetime], IncidentEvent],
     ) -> ClusterRecord:
         """Commits an operator's change to a stored cluster with its event, then tells the engine.
@@ -704,7 +705,7 @@ class CorrelationService:
                 replayed = await idempotency.recall(conn, scope, request_id) is not None
                 if not found:
                     raise NotFoundError(f"cluster {cluster_id!r} not found")
-                record = await repo.get_cluster(conn, cluster_id, alert_limit=alert_limit)
+                record = await repo.get_cluster(conn, cluster_id, alert_bytes=alert_bytes)
                 assert record is not None
                 if replayed:
                     return record
@@ -730,7 +731,7 @@ class CorrelationService:
 
     async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:
         async with self._db.connection() as conn:
-            record = await repo.get_cluster(conn, cluster_id, alert_limit=0)
+            record = await repo.get_cluster(conn, cluster_id, alert_bytes=0)
             if record is None:
                 raise NotFoundError(f"cluster {cluster_id!r} not found")
             return await repo.root_alert(conn, record), record.root_cause_confidence

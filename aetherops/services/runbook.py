@@ -734,7 +734,7 @@ class RunbookService:
             if (problem := key_problem(incident_id)) is not None:
                 raise ValidationError.single("incident_id", problem)
             async with self._db.connection() as conn:
-                if await correlation_repo.get_cluster(conn, incident_id, alert_limit=0) is None:
+                if await correlation_repo.get_cluster(conn, incident_id, alert_bytes=0) is None:
                     raise NotFoundError(f"incident {incident_id!r} not found")
         if request_id:
             # Checked here: it is stored with the execution, not looked up as other request ids are.

@@ -80,14 +80,16 @@ async def test_a_cluster_is_read_with_its_oldest_alerts_and_its_root_cause_found
     async with db.connection() as conn:
         await repo.write_batch(conn, [record], {"big"}, {"big"}, rows, [])
         every = await repo.get_cluster(conn, "big")
-        oldest = await repo.get_cluster(conn, "big", alert_limit=2)
-        bare = await repo.get_cluster(conn, "big", alert_limit=0)
+        # Each of these alerts costs a response at least this many bytes (see `repo.get_alerts`).
+        each = len("a0") + len("SAT-1") + len("power") + repo.ALERT_BYTES_FLOOR
+        oldest = await repo.get_cluster(conn, "big", alert_bytes=2 * each + each - 1)
+        bare = await repo.get_cluster(conn, "big", alert_bytes=0)
         assert every is not None and oldest is not None and bare is not None
         assert [a.alert_id for a in every.alerts] == ["a4", "a3", "a2", "a1", "a0"]
         assert [a.alert_id for a in oldest.alerts] == ["a4", "a3"]
         assert bare.alerts == []
         page = await repo.list_active(
-            conn, since=t0, satellite_id="", min_severity=0, limit=10, after=None, alert_limit=1
+            conn, since=t0, satellite_id="", min_severity=0, limit=10, after=None, alert_bytes=each
         )
         assert [[a.alert_id for a in c.alerts] for c in page] == [["a4"]]
         for read in (every, bare):

@@ -90,7 +90,8 @@ async def test_pruning_reads_the_head_of_the_outbox_not_every_retained_event(db:
     assert read <= 200, f"read {read} rows of {ROWS} to find nothing to prune"
 
 
-async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Database) -> None:
+@pytest.mark.parametrize("within_bytes", [None, 1 << 20], ids=["all", "what a response shows"])
+async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Database, within_bytes: int | None) -> None:
     async with db.transaction() as conn:
         await conn.execute(
             """INSERT INTO clusters (cluster_id, status, root_cause_confidence, satellites, subsystems,
@@ -110,7 +111,7 @@ async def test_alerts_of_a_page_of_clusters_come_from_the_cluster_index(db: Data
     page = [f"c{n}" for n in range(1, 502)]  # ListActiveClusters' largest page, plus its look-ahead row
     async with db.transaction() as conn:
         before = await _seq_scans(conn, "alerts")
-        alerts = await repo.get_alerts(conn, page)
+        alerts = await repo.get_alerts(conn, page, within_bytes=within_bytes)
         assert await _seq_scans(conn, "alerts") == before
     assert set(alerts) == set(page)
     for cid, listed in alerts.items():
