@@ -407,6 +407,15 @@ def _add_operator_commands(sub: Any) -> None:
     listing.add_argument(
         "--limit", type=_int_between(0), default=100, help="at most this many clusters (default 100; 0: all)"
     )
+    attended = listing.add_mutually_exclusive_group()
+    attended.add_argument(
+        "--unacknowledged",
+        dest="acknowledged",
+        action="store_false",
+        default=None,
+        help="only clusters nobody acknowledged yet (what is unattended)",
+    )
+    attended.add_argument("--acknowledged", dest="acknowledged", action="store_true", help="only acknowledged clusters")
     show = clusters.add_parser("show", parents=[common], help="one cluster with its alerts")
     show.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     watching = clusters.add_parser(
@@ -1050,7 +1059,9 @@ def _clusters_list(client: Any, args: argparse.Namespace) -> int:
     if args.status == "active":
         if args.since or args.until:
             raise _UsageError("--since and --until need --status open, closed or all (active means: now)")
-        found = client.iter_active_clusters(satellite_id=args.satellite, min_severity=args.min_severity)
+        found = client.iter_active_clusters(
+            satellite_id=args.satellite, min_severity=args.min_severity, acknowledged=args.acknowledged
+        )
     else:
         found = client.iter_clusters(
             status=0 if args.status == "all" else args.status,
@@ -1058,6 +1069,7 @@ def _clusters_list(client: Any, args: argparse.Namespace) -> int:
             min_severity=args.min_severity,
             start=args.since,
             end=args.until,
+            acknowledged=args.acknowledged,
         )
     clusters, more = _up_to(found, args.limit)
     if args.json:

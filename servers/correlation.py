@@ -139,6 +139,18 @@ def cluster_to_proto(record: ClusterRecord, budget: AlertBudget) -> pb.Cluster:
 
 
 _CLUSTER_STATUS_IN = {pb.CLUSTER_STATUS_OPEN: ClusterStatus.OPEN, pb.CLUSTER_STATUS_CLOSED: ClusterStatus.CLOSED}
+_ACKNOWLEDGED_IN = {
+    pb.ACKNOWLEDGEMENT_FILTER_UNSPECIFIED: None,
+    pb.ACKNOWLEDGEMENT_FILTER_ACKNOWLEDGED: True,
+    pb.ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED: False,
+}
+
+
+def _acknowledged_in(value: pb.AcknowledgementFilter.ValueType) -> bool | None:
+    """A listing's acknowledgement filter as the service takes it (None: both)."""
+    if value not in _ACKNOWLEDGED_IN:
+        raise ValidationError.single("acknowledgement", f"unknown acknowledgement filter {value}")
+    return _ACKNOWLEDGED_IN[value]
 
 
 def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
@@ -388,6 +400,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             page_token=request.page_token,
             satellite_id=request.satellite_id,
             min_severity=request.min_severity,
+            acknowledged=_acknowledged_in(request.acknowledgement),
             alert_bytes=budget.remaining,
         )
         return pb.ListActiveClustersResponse(
@@ -409,6 +422,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             min_severity=request.min_severity,
             start=from_ts(request, "start_time"),
             end=from_ts(request, "end_time"),
+            acknowledged=_acknowledged_in(request.acknowledgement),
             alert_bytes=budget.remaining,
         )
         return pb.ListClustersResponse(clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token)

@@ -491,6 +491,10 @@ async def load_active(conn: asyncpg.Connection, since: datetime) -> list[Cluster
     return [_record(r, alerts[r["cluster_id"]]) for r in rows]
 
 
+_ACKNOWLEDGED = {True: "acknowledge_time IS NOT NULL", False: "acknowledge_time IS NULL"}
+"""The listing clause for `acknowledged`: True, only acknowledged clusters; False, only the others."""
+
+
 async def list_active(
     conn: asyncpg.Connection,
     *,
@@ -499,6 +503,7 @@ async def list_active(
     min_severity: int,
     limit: int,
     after: tuple[datetime, str] | None,
+    acknowledged: bool | None = None,
     alert_bytes: int | None = None,
 ) -> list[ClusterRecord]:
     """One page of open clusters active since `since`, newest activity first (keyset pagination),
@@ -511,6 +516,8 @@ async def list_active(
     if min_severity:
         args.append(min_severity)
         clauses.append(f"max_severity >= ${len(args)}")
+    if acknowledged is not None:
+        clauses.append(_ACKNOWLEDGED[acknowledged])
     if after is not None:
         args.extend(after)
         clauses.append(f"(last_alert_time, cluster_id) < (${len(args) - 1}, ${len(args)})")
@@ -534,6 +541,7 @@ async def list_clusters(
     end: datetime | None,
     limit: int,
     after: str | None,
+    acknowledged: bool | None = None,
     alert_bytes: int | None = None,
 ) -> list[ClusterRecord]:
     """One page of stored clusters, most recently opened first (keyset pagination by id), each with
@@ -556,6 +564,8 @@ async def list_clusters(
         if value is not None:
             args.append(value)
             clauses.append(clause.format(len(args)))
+    if acknowledged is not None:
+        clauses.append(_ACKNOWLEDGED[acknowledged])
     args.append(limit)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = await conn.fetch(

@@ -129,6 +129,12 @@ class IncidentEvent:
     alert's for "updated", the call's for "acknowledged" and "closed" (sent in the envelope and the header)."""
 
 
+def _acknowledged_key(acknowledged: bool | None) -> tuple[str, ...]:
+    """The acknowledgement filter's part of a page token's filters: none when it is not set, so
+    tokens issued before the filter existed still page on."""
+    return () if acknowledged is None else (f"acknowledged={acknowledged}",)
+
+
 def _late_arrival(rec: ClusterRecord, since: datetime) -> datetime | None:
     """When the last late alert reached a stored cluster: a cluster whose last alert is older than
     the window is in memory for a downlinked batch, and the alert that opened it arrived late too
@@ -499,15 +505,24 @@ class CorrelationService:
         return record
 
     async def list_active(
-        self, *, page_size: int, page_token: str, satellite_id: str, min_severity: int, alert_bytes: int | None = None
+        self,
+        *,
+        page_size: int,
+        page_token: str,
+        satellite_id: str,
+        min_severity: int,
+        acknowledged: bool | None = None,
+        alert_bytes: int | None = None,
     ) -> tuple[list[ClusterRecord], str]:
+        """One page of active clusters, newest activity first; `acknowledged` True or False takes only
+        the acknowledged ones or only the others."""
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
         if not 0 <= min_severity <= 5:
             problems.append(FieldViolation("min_severity", "must be between 1 and 5 (0 = any)"))
         problems += filter_problems(satellite_id=satellite_id)
-        filters = filters_key(satellite_id, min_severity)
+        filters = filters_key(satellite_id, min_severity, *_acknowledged_key(acknowledged))
         after = read_page_token(page_token, filters, time_and_id("c"), problems)
         if problems:
             raise ValidationError(problems)
@@ -521,6 +536,7 @@ class CorrelationService:
                 min_severity=min_severity,
                 limit=limit + 1,
                 after=after,
+                acknowledged=acknowledged,
                 alert_bytes=alert_bytes,
             )
         return cut_page(page, limit, _active_position, filters, size=_listed_bytes, budget=LISTED_CLUSTER_BYTES)
@@ -535,9 +551,11 @@ class CorrelationService:
         min_severity: int,
         start: datetime | None,
         end: datetime | None,
+        acknowledged: bool | None = None,
         alert_bytes: int | None = None,
     ) -> tuple[list[ClusterRecord], str]:
-        """One page of stored clusters (open, closed or both), most recently opened first."""
+        """One page of stored clusters (open, closed or both), most recently opened first; `acknowledged`
+        as for `list_active`."""
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
@@ -548,7 +566,7 @@ class CorrelationService:
             problems.append(FieldViolation("end_time", "must be after start_time"))
         state = None if status is None else status.name
         bounds = (None if t is None else t.isoformat() for t in (start, end))
-        filters = filters_key(state, satellite_id, min_severity, *bounds)
+        filters = filters_key(state, satellite_id, min_severity, *bounds, *_acknowledged_key(acknowledged))
         after = read_page_token(page_token, filters, lambda p: position_text(p["c"]), problems)
         if problems:
             raise ValidationError(problems)
@@ -563,6 +581,7 @@ class CorrelationService:
                 end=end,
                 limit=limit + 1,
                 after=after,
+                acknowledged=acknowledged,
                 alert_bytes=alert_bytes,
             )
         return cut_page(

@@ -217,11 +217,18 @@ class AetherOpsClient:
         page_token: str = "",
         satellite_id: str = "",
         min_severity: int = 0,
+        acknowledged: bool | None = None,
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.ListActiveClustersResponse:
+        """Open clusters active within the correlation window, newest activity first; `acknowledged`
+        True or False takes only the acknowledged ones or only those nobody acknowledged."""
         request = correlation_pb2.ListActiveClustersRequest(
-            page_size=page_size, page_token=page_token, satellite_id=satellite_id, min_severity=min_severity
+            page_size=page_size,
+            page_token=page_token,
+            satellite_id=satellite_id,
+            min_severity=min_severity,
+            acknowledgement=build.acknowledgement(acknowledged),
         )
         return await self._unary(
             self.correlation.ListActiveClusters,
@@ -232,12 +239,16 @@ class AetherOpsClient:
         )
 
     def iter_active_clusters(
-        self, *, satellite_id: str = "", min_severity: int = 0, page_size: int = 0
+        self, *, satellite_id: str = "", min_severity: int = 0, acknowledged: bool | None = None, page_size: int = 0
     ) -> AsyncIterator[correlation_pb2.Cluster]:
         """Every active cluster, following next_page_token."""
         return follow_async(
             lambda token: self.list_active_clusters(
-                page_size=page_size, page_token=token, satellite_id=satellite_id, min_severity=min_severity
+                page_size=page_size,
+                page_token=token,
+                satellite_id=satellite_id,
+                min_severity=min_severity,
+                acknowledged=acknowledged,
             ),
             lambda page: page.clusters,
         )
@@ -250,6 +261,7 @@ class AetherOpsClient:
         min_severity: int = 0,
         start: build.TimeLike | None = None,
         end: build.TimeLike | None = None,
+        acknowledged: bool | None = None,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
@@ -258,13 +270,15 @@ class AetherOpsClient:
         """Stored clusters, open or closed (the incident history), most recently opened first.
 
         `status` takes the enum's number or name ("open", "CLUSTER_STATUS_CLOSED"; unspecified: both);
-        `start` and `end` keep the clusters with alerts in [start, end)."""
+        `start` and `end` keep the clusters with alerts in [start, end); `acknowledged` as for
+        `list_active_clusters`."""
         request = build.list_clusters(
             status=status,
             satellite_id=satellite_id,
             min_severity=min_severity,
             start=start,
             end=end,
+            acknowledged=acknowledged,
             page_size=page_size,
             page_token=page_token,
         )
@@ -280,6 +294,7 @@ class AetherOpsClient:
         min_severity: int = 0,
         start: build.TimeLike | None = None,
         end: build.TimeLike | None = None,
+        acknowledged: bool | None = None,
         page_size: int = 0,
     ) -> AsyncIterator[correlation_pb2.Cluster]:
         """Every matching stored cluster, following next_page_token."""
@@ -290,6 +305,7 @@ class AetherOpsClient:
                 min_severity=min_severity,
                 start=start,
                 end=end,
+                acknowledged=acknowledged,
                 page_size=page_size,
                 page_token=token,
             ),

@@ -105,6 +105,15 @@ def cluster_status(value: int | str) -> correlation_pb2.ClusterStatus.ValueType:
     )
 
 
+def acknowledgement(acknowledged: bool | None) -> correlation_pb2.AcknowledgementFilter.ValueType:
+    """A listing's acknowledgement filter: True, only acknowledged clusters; False, only the others."""
+    if acknowledged is None:
+        return correlation_pb2.ACKNOWLEDGEMENT_FILTER_UNSPECIFIED
+    if acknowledged:
+        return correlation_pb2.ACKNOWLEDGEMENT_FILTER_ACKNOWLEDGED
+    return correlation_pb2.ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED
+
+
 def list_clusters(
     *,
     status: int | str,
@@ -114,6 +123,7 @@ def list_clusters(
     end: TimeLike | None,
     page_size: int,
     page_token: str,
+    acknowledged: bool | None = None,
 ) -> correlation_pb2.ListClustersRequest:
     request = correlation_pb2.ListClustersRequest(
         page_size=page_size,
@@ -121,6 +131,7 @@ def list_clusters(
         status=cluster_status(status),
         satellite_id=satellite_id,
         min_severity=min_severity,
+        acknowledgement=acknowledgement(acknowledged),
     )
     if start is not None:
         request.start_time.CopyFrom(timestamp(start))

@@ -198,11 +198,18 @@ class SyncAetherOpsClient:
         page_token: str = "",
         satellite_id: str = "",
         min_severity: int = 0,
+        acknowledged: bool | None = None,
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.ListActiveClustersResponse:
+        """Open clusters active within the correlation window, newest activity first; `acknowledged`
+        True or False takes only the acknowledged ones or only those nobody acknowledged."""
         request = correlation_pb2.ListActiveClustersRequest(
-            page_size=page_size, page_token=page_token, satellite_id=satellite_id, min_severity=min_severity
+            page_size=page_size,
+            page_token=page_token,
+            satellite_id=satellite_id,
+            min_severity=min_severity,
+            acknowledgement=build.acknowledgement(acknowledged),
         )
         return self._unary(
             self.correlation.ListActiveClusters,
@@ -213,12 +220,16 @@ class SyncAetherOpsClient:
         )
 
     def iter_active_clusters(
-        self, *, satellite_id: str = "", min_severity: int = 0, page_size: int = 0
+        self, *, satellite_id: str = "", min_severity: int = 0, acknowledged: bool | None = None, page_size: int = 0
     ) -> Iterator[correlation_pb2.Cluster]:
         """Every active cluster, following next_page_token."""
         return follow(
             lambda token: self.list_active_clusters(
-                page_size=page_size, page_token=token, satellite_id=satellite_id, min_severity=min_severity
+                page_size=page_size,
+                page_token=token,
+                satellite_id=satellite_id,
+                min_severity=min_severity,
+                acknowledged=acknowledged,
             ),
             lambda page: page.clusters,
         )
@@ -231,6 +242,7 @@ class SyncAetherOpsClient:
         min_severity: int = 0,
         start: build.TimeLike | None = None,
         end: build.TimeLike | None = None,
+        acknowledged: bool | None = None,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
@@ -239,13 +251,15 @@ class SyncAetherOpsClient:
         """Stored clusters, open or closed (the incident history), most recently opened first.
 
         `status` takes the enum's number or name ("open", "CLUSTER_STATUS_CLOSED"; unspecified: both);
-        `start` and `end` keep the clusters with alerts in [start, end)."""
+        `start` and `end` keep the clusters with alerts in [start, end); `acknowledged` as for
+        `list_active_clusters`."""
         request = build.list_clusters(
             status=status,
             satellite_id=satellite_id,
             min_severity=min_severity,
             start=start,
             end=end,
+            acknowledged=acknowledged,
             page_size=page_size,
             page_token=page_token,
         )
@@ -261,6 +275,7 @@ class SyncAetherOpsClient:
         min_severity: int = 0,
         start: build.TimeLike | None = None,
         end: build.TimeLike | None = None,
+        acknowledged: bool | None = None,
         page_size: int = 0,
     ) -> Iterator[correlation_pb2.Cluster]:
         """Every matching stored cluster, following next_page_token."""
@@ -271,6 +286,7 @@ class SyncAetherOpsClient:
                 min_severity=min_severity,
                 start=start,
                 end=end,
+                acknowledged=acknowledged,
                 page_size=page_size,
                 page_token=token,
             ),

@@ -193,6 +193,10 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert f"by {acked.json()['acknowledged_by']}: resetting the bus" in shown.out
     again = await cli("clusters", "ack", cluster["cluster_id"])
     assert again.code == 1 and "FAILED_PRECONDITION" in again.err and "acknowledged by" in again.err
+    unattended = await cli("clusters", "list", "--satellite", "SAT-CLU", "--unacknowledged")
+    assert unattended.out.strip() == "no active clusters"
+    taken = await cli("clusters", "list", "--satellite", "SAT-CLU", "--status", "open", "--acknowledged", "--json")
+    assert [c["cluster_id"] for c in taken.json()["clusters"]] == [cluster["cluster_id"]]
 
     closed = await cli("clusters", "close", cluster["cluster_id"], "--reason", "fixed", "--json")
     assert closed.code == 0 and closed.json()["status"] == "CLUSTER_STATUS_CLOSED"

@@ -201,6 +201,43 @@ def cast_status(number: int) -> Any:
     return cpb.ClusterStatus.ValueType(number)
 
 
+async def test_cluster_listings_take_only_what_is_unattended_or_only_what_is_acknowledged(
+    server: Any, channel_for: Any
+) -> None:
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    viewer = correlation_pb2_grpc.CorrelationServiceStub(channel_for("viewer", server.port))
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    opened = []
+    for sat in ("SAT-A1", "SAT-A2", "SAT-A3"):
+        alert = cpb.Alert(
+            alert_id=uuid.uuid4().hex, satellite_id=sat, subsystem=f"unit-{sat}", severity=3, timestamp=ts(t0)
+        )
+        opened.append((await operator.IngestAlert(cpb.IngestAlertRequest(alert=alert))).cluster_id)
+    await operator.AcknowledgeCluster(cpb.AcknowledgeClusterRequest(cluster_id=opened[1], note="on it"))
+    unattended, acknowledged = cpb.ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED, cpb.ACKNOWLEDGEMENT_FILTER_ACKNOWLEDGED
+
+    async def active(which: int, token: str = "") -> Any:
+        return await viewer.ListActiveClusters(
+            cpb.ListActiveClustersRequest(acknowledgement=which, page_size=1, page_token=token)
+        )
+
+    async def history(which: int, token: str = "") -> Any:
+        return await viewer.ListClusters(cpb.ListClustersRequest(acknowledgement=which, page_size=1, page_token=token))
+
+    for listing in (active, history):
+        left, _ = await _pages(lambda token, listing=listing: listing(unattended, token), "clusters")
+        assert {c.cluster_id for c in left} == {opened[0], opened[2]}, listing
+        assert not any(c.acknowledged_by for c in left)
+        taken, _ = await _pages(lambda token, listing=listing: listing(acknowledged, token), "clusters")
+        assert [(c.cluster_id, c.acknowledged_by) for c in taken] == [(opened[1], "operator")]
+        everything, _ = await _pages(lambda token, listing=listing: listing(0, token), "clusters")
+        assert {c.cluster_id for c in everything} == set(opened)
+        # A page token holds its filter: the next page of the unattended is not a page of the acknowledged.
+        first = await listing(unattended)
+        assert "page_token" in await _bad(listing(acknowledged, first.next_page_token))
+        assert "acknowledgement" in await _bad(listing(7))
+
+
 async def test_list_executions_filters_and_pages_newest_first(server: Any, channel_for: Any) -> None:
     admin = runbook_pb2_grpc.RunbookServiceStub(channel_for("admin", server.port))
     operator = runbook_pb2_grpc.RunbookServiceStub(channel_for("operator", server.port))

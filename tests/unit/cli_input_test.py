@@ -277,7 +277,9 @@ class _Clusters:
 
 
 def _list_clusters(capsys: pytest.CaptureFixture[str], *, as_json: bool) -> str:
-    args = argparse.Namespace(status="active", since=None, until=None, satellite="", min_severity=0, limit=100)
+    args = argparse.Namespace(
+        status="active", since=None, until=None, satellite="", min_severity=0, limit=100, acknowledged=None
+    )
     args.json = as_json
     assert _clusters_list(_Clusters(_cluster(3000)), args) == 0
     return capsys.readouterr().out

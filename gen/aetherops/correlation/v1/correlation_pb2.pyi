@@ -58,6 +58,26 @@ which); never accepts alerts again.
 """
 Global___ClusterStatus: _TypeAlias = ClusterStatus  # noqa: Y015
 
+class _AcknowledgementFilter:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AcknowledgementFilterEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AcknowledgementFilter.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACKNOWLEDGEMENT_FILTER_UNSPECIFIED: _AcknowledgementFilter.ValueType  # 0
+    """Acknowledged or not."""
+    ACKNOWLEDGEMENT_FILTER_ACKNOWLEDGED: _AcknowledgementFilter.ValueType  # 1
+    ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED: _AcknowledgementFilter.ValueType  # 2
+
+class AcknowledgementFilter(_AcknowledgementFilter, metaclass=_AcknowledgementFilterEnumTypeWrapper):
+    """Which clusters a listing takes by their acknowledgement (AcknowledgeCluster)."""
+
+ACKNOWLEDGEMENT_FILTER_UNSPECIFIED: AcknowledgementFilter.ValueType  # 0
+"""Acknowledged or not."""
+ACKNOWLEDGEMENT_FILTER_ACKNOWLEDGED: AcknowledgementFilter.ValueType  # 1
+ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED: AcknowledgementFilter.ValueType  # 2
+Global___AcknowledgementFilter: _TypeAlias = AcknowledgementFilter  # noqa: Y015
+
 class _ClusterEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -478,6 +498,7 @@ class ListActiveClustersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     SATELLITE_ID_FIELD_NUMBER: _builtins.int
     MIN_SEVERITY_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGEMENT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many clusters per page (default 50, max 500)."""
     page_token: _builtins.str
@@ -486,6 +507,10 @@ class ListActiveClustersRequest(_message.Message):
     """Only clusters involving this satellite, when set."""
     min_severity: _builtins.int
     """Only clusters whose max severity is at least this, when set (1-5)."""
+    acknowledgement: Global___AcknowledgementFilter.ValueType
+    """Only acknowledged clusters, or only those nobody acknowledged yet (what
+    is unattended); unspecified: both.
+    """
     def __init__(
         self,
         *,
@@ -493,10 +518,11 @@ class ListActiveClustersRequest(_message.Message):
         page_token: _builtins.str = ...,
         satellite_id: _builtins.str = ...,
         min_severity: _builtins.int = ...,
+        acknowledgement: Global___AcknowledgementFilter.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_severity", b"min_severity", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledgement", b"acknowledgement", "min_severity", b"min_severity", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,6 +563,7 @@ class ListClustersRequest(_message.Message):
     MIN_SEVERITY_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGEMENT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many clusters per page (default 50, max 500)."""
     page_token: _builtins.str
@@ -549,6 +576,8 @@ class ListClustersRequest(_message.Message):
     """Only clusters involving this satellite, when set."""
     min_severity: _builtins.int
     """Only clusters whose max severity is at least this, when set (1-5)."""
+    acknowledgement: Global___AcknowledgementFilter.ValueType
+    """Only acknowledged clusters, or only those nobody acknowledged; unspecified: both."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only clusters with alerts in [start_time, end_time): the last alert at or
@@ -567,10 +596,11 @@ class ListClustersRequest(_message.Message):
         min_severity: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        acknowledgement: Global___AcknowledgementFilter.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "min_severity", b"min_severity", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledgement", b"acknowledgement", "end_time", b"end_time", "min_severity", b"min_severity", "page_size", b"page_size", "page_token", b"page_token", "satellite_id", b"satellite_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -465,6 +465,14 @@ export declare type ListActiveClustersRequest = Message<"aetherops.correlation.v
    * @generated from field: int32 min_severity = 4;
    */
   minSeverity: number;
+
+  /**
+   * Only acknowledged clusters, or only those nobody acknowledged yet (what
+   * is unattended); unspecified: both.
+   *
+   * @generated from field: aetherops.correlation.v1.AcknowledgementFilter acknowledgement = 5;
+   */
+  acknowledgement: AcknowledgementFilter;
 };
 
 /**
@@ -548,6 +556,13 @@ export declare type ListClustersRequest = Message<"aetherops.correlation.v1.List
    * @generated from field: google.protobuf.Timestamp end_time = 7;
    */
   endTime?: Timestamp | undefined;
+
+  /**
+   * Only acknowledged clusters, or only those nobody acknowledged; unspecified: both.
+   *
+   * @generated from field: aetherops.correlation.v1.AcknowledgementFilter acknowledgement = 8;
+   */
+  acknowledgement: AcknowledgementFilter;
 };
 
 /**
@@ -1283,6 +1298,35 @@ export enum ClusterStatus {
  * Describes the enum aetherops.correlation.v1.ClusterStatus.
  */
 export declare const ClusterStatusSchema: GenEnum<ClusterStatus>;
+
+/**
+ * Which clusters a listing takes by their acknowledgement (AcknowledgeCluster).
+ *
+ * @generated from enum aetherops.correlation.v1.AcknowledgementFilter
+ */
+export enum AcknowledgementFilter {
+  /**
+   * Acknowledged or not.
+   *
+   * @generated from enum value: ACKNOWLEDGEMENT_FILTER_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: ACKNOWLEDGEMENT_FILTER_ACKNOWLEDGED = 1;
+   */
+  ACKNOWLEDGED = 1,
+
+  /**
+   * @generated from enum value: ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED = 2;
+   */
+  UNACKNOWLEDGED = 2,
+}
+
+/**
+ * Describes the enum aetherops.correlation.v1.AcknowledgementFilter.
+ */
+export declare const AcknowledgementFilterSchema: GenEnum<AcknowledgementFilter>;
 
 /**
  * Kinds of cluster events.
