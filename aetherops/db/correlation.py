@@ -432,22 +432,30 @@ async def get_alerts(
     elif within_bytes <= 0:
         rows = []
     else:
+        # No alert costs less than ALERT_BYTES_FLOOR + 3 (three one-character ids), so the page shows at
+        # most $3 alerts; a cluster's turn comes with fewer left when the clusters before it hold some
+        # (by their alert_count), so a page of storm incidents reads that many rows in all, not each.
         rows = await conn.fetch(
             f"""SELECT * FROM (
                     SELECT a.*, sum(a.size) OVER (ORDER BY k.turn, a.alert_time, a.alert_id ROWS UNBOUNDED PRECEDING)
                                AS spent
-                    FROM unnest($1::text[]) WITH ORDINALITY AS k(cluster_id, turn)
+                    FROM (
+                        SELECT u.cluster_id, u.turn, greatest(0, $3 - coalesce(sum(c.alert_count) OVER (
+                                   ORDER BY u.turn ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)) AS most
+                        FROM unnest($1::text[]) WITH ORDINALITY AS u(cluster_id, turn)
+                        CROSS JOIN LATERAL (SELECT alert_count FROM clusters WHERE cluster_id = u.cluster_id) AS c
+                    ) AS k
                     CROSS JOIN LATERAL (
                         SELECT *, {_ALERT_BYTES} AS size FROM alerts
                         WHERE alerts.cluster_id = k.cluster_id AND alerts.duplicate_of IS NULL
-                        ORDER BY alert_time, alert_id LIMIT $3
+                        ORDER BY alert_time, alert_id LIMIT k.most
                     ) AS a
                 ) AS s
                 WHERE spent <= $2
                 ORDER BY alert_time, alert_id""",
             list(cluster_ids),
             within_bytes,
-            within_bytes // (ALERT_BYTES_FLOOR + 3) + 1,  # no alert costs less: the most any cluster shows
+            within_bytes // (ALERT_BYTES_FLOOR + 3) + 1,
         )
     out: dict[str, list[Alert]] = {cid: [] for cid in cluster_ids}
     for row in rows:
