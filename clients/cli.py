@@ -1175,9 +1175,13 @@ def _print_watch_update(update: Any, args: argparse.Namespace) -> None:
         print(f"({update.dropped_events} events missed: this watch fell behind)", flush=True)
     c = update.cluster
     event = _enum(correlation_pb2.ClusterEventType, update.event_type, "CLUSTER_EVENT_TYPE_")
+    acknowledged = ""
+    if update.event_type == correlation_pb2.CLUSTER_EVENT_TYPE_ACKNOWLEDGED:
+        acknowledged = f"  by {c.acknowledged_by}: {c.acknowledge_note or '-'}"
     print(
         f"{_when(update.event_time)}  {event:<12}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
-        f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}",
+        f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}"
+        f"{acknowledged}",
         flush=True,
     )
 

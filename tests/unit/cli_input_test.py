@@ -309,6 +309,23 @@ def test_watch_line_of_a_fleet_wide_incident_is_short(capsys: pytest.CaptureFixt
     assert len(line) < 200 and "SAT-0007 +2992 more" in line
 
 
+def test_watch_line_of_an_acknowledgement_says_who_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.aetherops.correlation.v1 import correlation_pb2
+
+    cluster = correlation_pb2.Cluster(cluster_id="c-1", acknowledged_by="ops-jane", acknowledge_note="on the B bus")
+
+    class Watch:
+        def watch_clusters(self, **_: Any) -> Any:
+            yield correlation_pb2.WatchClustersResponse(
+                event_type=correlation_pb2.CLUSTER_EVENT_TYPE_ACKNOWLEDGED, cluster=cluster
+            )
+
+    args = argparse.Namespace(event=[], satellite=[], min_severity=0, since=None, json=False)
+    assert _clusters_watch(Watch(), args) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "ACKNOWLEDGED" in line and line.endswith("by ops-jane: on the B bus")
+
+
 def test_a_watch_the_server_ends_resumes_from_the_last_event_printed(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
