@@ -8,6 +8,7 @@ import json
 import math
 import pickle
 import sys
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -457,6 +458,24 @@ def test_duplicate_names_the_right_alert_among_simultaneous_ones() -> None:
     power, thermal = alert("SAT-1", "power", 0), alert("SAT-1", "thermal", 0)
     feed(engine, clock, power, thermal)
     assert engine.ingest_detailed(alert("SAT-1", "thermal", 10)).duplicate_of == thermal.alert_id
+
+
+def test_a_storm_of_duplicates_costs_the_service_engine_no_memory() -> None:
+    # The service leaves replays to PostgreSQL (remember_alert_ids=False); its engine kept a pair per
+    # duplicate anyway, 145 bytes each, for as long as the incident stayed active.
+    engine, clock = make_engine(remember_alert_ids=False)
+    feed(engine, clock, alert("SAT-1", "power", 0))
+    storm = [alert("SAT-1", "power", 1 + i / 1000, alert_id=f"{i:032x}") for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for a in storm:
+            engine.ingest(a)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert engine.require_cluster("C1").duplicate_count == 20_000
+    assert kept / 20_000 < 16, f"{kept / 20_000:.0f} bytes kept per duplicate"
 
 
 def test_expiry_forgets_duplicates_too() -> None:
