@@ -9,6 +9,7 @@ at scrape time through `add_gauge_source`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -27,15 +28,28 @@ GaugeSource = Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
 """Yields (name, help, labels, value) at scrape time."""
 
 
+GAUGE_READ_TIMEOUT_S = 2.0
+"""How long a scrape waits for the event loop to read a gauge source (a loop busier than that leaves the
+source out of that scrape, logged)."""
+
+
 class _Gauges(Collector):  # type: ignore[misc]
+    """Reads the gauge sources on the event loop they were registered on.
+
+    The /metrics endpoint runs in its own thread, and the sources read the components' live state (the
+    engine's clusters, the executions): iterated from that thread while the loop ingested, the
+    engine's cluster map raised "dictionary changed size during iteration", so during an alert
+    storm the correlation gauges went missing from scrapes, with a traceback logged for each.
+    """
+
     def __init__(self) -> None:
-        self.sources: list[GaugeSource] = []
+        self.sources: list[tuple[asyncio.AbstractEventLoop | None, GaugeSource]] = []
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, GaugeMetricFamily] = {}
-        for source in self.sources:
+        for loop, source in self.sources:
             try:
-                samples = list(source())
+                samples = _read(loop, source)
             except Exception:  # a failing source must not break the whole scrape
                 log.exception("metrics source failed")
                 continue
@@ -46,6 +60,21 @@ class _Gauges(Collector):  # type: ignore[misc]
                     families[name] = family
                 family.add_metric([labels[k] for k in sorted(labels)], value)
         return list(families.values())
+
+
+def _read(loop: asyncio.AbstractEventLoop | None, source: GaugeSource) -> list[tuple[str, str, dict[str, str], float]]:
+    """The source's samples, read on `loop` (at once when this is the loop's own thread, or no loop)."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is None or running is loop:
+        return list(source())
+
+    async def on_loop() -> list[tuple[str, str, dict[str, str], float]]:
+        return list(source())
+
+    return asyncio.run_coroutine_threadsafe(on_loop(), loop).result(timeout=GAUGE_READ_TIMEOUT_S)
 
 
 class Metrics:
@@ -71,7 +100,12 @@ class Metrics:
         self.port = 0
 
     def add_gauge_source(self, source: GaugeSource) -> None:
-        self._gauges.sources.append(source)
+        """Reads `source` at every scrape, on the event loop running now (if any): see `_Gauges`."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._gauges.sources.append((loop, source))
 
     def observe(self, method: str, code: str, started: float) -> None:
         # labels() resolves and locks on every call; the children of a (method, code) pair never
