@@ -64,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nats-url", help="NATS URL (default: embedded)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     check = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING (container health checks)")
-    check.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    check.add_argument(
+        "--address",
+        default=os.environ.get("AETHEROPS_ADDRESS") or "127.0.0.1:50051",
+        help="server address (default AETHEROPS_ADDRESS or 127.0.0.1:50051)",
+    )
     check.add_argument(
         "--service",
         default="",
