@@ -137,14 +137,14 @@ def _span(text: str) -> timedelta:
 
 
 def _impact(text: str) -> tuple[str, float]:
-    """RESOURCE=AMOUNT, e.g. fuel=-2.5 (the amount in the series' unit; negative consumes)."""
+    """RESOURCE=AMOUNT, e.g. fuel=2.5 (the amount in the series' unit; positive uses, negative gains)."""
     resource, sep, amount = text.partition("=")
     try:
         value = float(amount)
     except ValueError:
         value = math.nan
     if not sep or not resource or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected RESOURCE=AMOUNT (e.g. fuel=-2.5), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected RESOURCE=AMOUNT (e.g. fuel=2.5), got {text!r}")
     return resource, value
 
 
@@ -583,7 +583,7 @@ def _add_operator_commands(sub: Any) -> None:
         action="append",
         default=[],
         metavar="RESOURCE=AMOUNT",
-        help="what it does to a resource, in the series' unit, e.g. fuel=-2.5 (repeatable)",
+        help="what it does to a resource, in the series' unit: use (+) or gain (-), e.g. fuel=2.5 (repeatable)",
     )
     plan.add_argument("--description", default="", help="what the mission is")
     unplan = capacity.add_parser("delete-mission", parents=[common], help="remove a scheduled mission")
