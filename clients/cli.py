@@ -486,7 +486,9 @@ def _add_operator_commands(sub: Any) -> None:
     approve.add_argument("step_id", help="the step awaiting approval")
     approve.add_argument("--approver", default="", help="who approves (the authenticated principal wins)")
     reject = runbooks.add_parser(
-        "reject", parents=[common], help="refuse a step awaiting approval: the execution fails (and rolls back)"
+        "reject",
+        parents=[common],
+        help="refuse a step awaiting approval: the execution fails (and rolls back with auto_rollback)",
     )
     reject.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
     reject.add_argument("step_id", help="the step awaiting approval")
