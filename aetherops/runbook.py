@@ -1123,6 +1123,16 @@ def _check_stop(who: tuple[str, object, str], reason: str) -> None:
         raise ValidationError(problems)
 
 
+def _not_awaiting_approval(step_id: str, record: _StepRecord) -> FailedPreconditionError:
+    """Why a step cannot be approved or rejected now; for one approved already, by whom and what follows."""
+    if record.status is StepStatus.PENDING and record.approved_by is not None:
+        return FailedPreconditionError(
+            f"step {step_id!r} was approved by {record.approved_by!r} already; it runs on the next"
+            " ExecuteNextStep (CancelExecution stops it)"
+        )
+    return FailedPreconditionError(f"step {step_id!r} is {record.status.value}, not awaiting approval")
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -1629,7 +1639,7 @@ class RunbookEngine:
             )
         record = state.steps[step.step_id]
         if state.status is not RunbookStatus.RUNNING or record.status is not StepStatus.AWAITING_APPROVAL:
-            raise FailedPreconditionError(f"step {step_id!r} is {record.status.value}, not awaiting approval")
+            raise _not_awaiting_approval(step_id, record)
         if self._expired(record):
             raise FailedPreconditionError(f"the approval for step {step_id!r} expired")
         self._append(execution, EventType.APPROVAL_GRANTED, approver, {"step_id": step_id, "approver": approver})
@@ -1650,7 +1660,7 @@ class RunbookEngine:
             state = execution.state
             record = state.steps[step.step_id]
             if state.status is not RunbookStatus.RUNNING or record.status is not StepStatus.AWAITING_APPROVAL:
-                raise FailedPreconditionError(f"step {step_id!r} is {record.status.value}, not awaiting approval")
+                raise _not_awaiting_approval(step_id, record)
             if self._expired(record):
                 raise FailedPreconditionError(f"the approval for step {step_id!r} expired")
             why = f"approval for step {step_id} rejected by {approver}" + (f": {reason}" if reason else "")

@@ -64,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nats-url", help="NATS URL (default: embedded)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     check = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING (container health checks)")
-    check.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    check.add_argument(
+        "--address",
+        default=os.environ.get("AETHEROPS_ADDRESS") or "127.0.0.1:50051",
+        help="server address (default AETHEROPS_ADDRESS or 127.0.0.1:50051)",
+    )
     check.add_argument(
         "--service",
         default="",
@@ -133,14 +137,14 @@ def _span(text: str) -> timedelta:
 
 
 def _impact(text: str) -> tuple[str, float]:
-    """RESOURCE=AMOUNT, e.g. fuel=-2.5 (the amount in the series' unit; negative consumes)."""
+    """RESOURCE=AMOUNT, e.g. fuel=2.5 (the amount in the series' unit; positive uses, negative gains)."""
     resource, sep, amount = text.partition("=")
     try:
         value = float(amount)
     except ValueError:
         value = math.nan
     if not sep or not resource or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected RESOURCE=AMOUNT (e.g. fuel=-2.5), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected RESOURCE=AMOUNT (e.g. fuel=2.5), got {text!r}")
     return resource, value
 
 
@@ -494,7 +498,9 @@ def _add_operator_commands(sub: Any) -> None:
     approve.add_argument("step_id", help="the step awaiting approval")
     approve.add_argument("--approver", default="", help="who approves (the authenticated principal wins)")
     reject = runbooks.add_parser(
-        "reject", parents=[common], help="refuse a step awaiting approval: the execution fails (and rolls back)"
+        "reject",
+        parents=[common],
+        help="refuse a step awaiting approval: the execution fails (and rolls back with auto_rollback)",
     )
     reject.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
     reject.add_argument("step_id", help="the step awaiting approval")
@@ -591,7 +597,7 @@ def _add_operator_commands(sub: Any) -> None:
         action="append",
         default=[],
         metavar="RESOURCE=AMOUNT",
-        help="what it does to a resource, in the series' unit, e.g. fuel=-2.5 (repeatable)",
+        help="what it does to a resource, in the series' unit: use (+) or gain (-), e.g. fuel=2.5 (repeatable)",
     )
     plan.add_argument("--description", default="", help="what the mission is")
     unplan = capacity.add_parser("delete-mission", parents=[common], help="remove a scheduled mission")

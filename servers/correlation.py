@@ -444,7 +444,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
         record = await self._svc.close(
             request.cluster_id,
             reason=request.reason,
-            closed_by="operator",
+            closed_by=current_principal_name() or "operator",
             request_id=request.request_id,
             alert_bytes=budget.remaining,
         )

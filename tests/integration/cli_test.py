@@ -706,6 +706,15 @@ async def test_health_still_works(cli: Any, server: Any) -> None:
     assert healthy.code == 0 and healthy.out.strip() == "SERVING"
 
 
+async def test_health_probes_the_server_aetherops_address_names(cli: Any, server: Any) -> None:
+    # Like every other command: an operator who exported AETHEROPS_ADDRESS probes that server.
+    healthy = await cli("health", address=f"127.0.0.1:{server.port}")
+    assert healthy.code == 0 and healthy.out.strip() == "SERVING"
+    # Not the default 127.0.0.1:50051 (where some other server may well answer SERVING).
+    down = await cli("health", address="127.0.0.1:1")
+    assert down.code == 1 and down.err.startswith("127.0.0.1:1: UNAVAILABLE"), down.err
+
+
 async def test_runbooks_output_prints_a_steps_output_whole(cli: Any, tmp_path: Path) -> None:
     steps = "  - step_id: pick\n    action: set_variable\n    parameters: {name: bus, value: B}\n"
     _, execution_id = await _started(cli, tmp_path, "Pick a bus", steps)

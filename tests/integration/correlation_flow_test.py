@@ -513,6 +513,18 @@ async def test_a_quiet_incident_is_closed_by_the_system_with_its_event(
     assert [r["aggregate_id"] for r in closes] == [quiet.cluster_id]
 
 
+async def test_an_incident_closed_by_a_person_names_that_person(server: Any, channel_for: Any, bus: Bus) -> None:
+    # Not the role: two operators on shift must be told apart in the incident and its closed event.
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator2", server.port))
+    opened = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-C1", "power", datetime.now(UTC))))
+    closed = await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=opened.cluster_id, reason="bus restored"))
+    assert (closed.cluster.closed_by, closed.cluster.close_reason) == ("operator2", "bus restored")
+    shown = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=opened.cluster_id))).cluster
+    assert shown.closed_by == "operator2"
+    events = await _events(bus, until="incident_closed")
+    assert events[-1].incident_closed.closed_by == "operator2"
+
+
 async def test_an_escalation_within_the_dedupe_window_raises_the_incident_severity(
     channel: grpc.aio.Channel, db: Database
 ) -> None:

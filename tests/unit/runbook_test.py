@@ -788,6 +788,23 @@ async def test_approval_gate_pauses_until_a_second_person_approves(
     ]
 
 
+async def test_a_step_approved_already_says_by_whom_and_what_comes_next(engine: RunbookEngine) -> None:
+    # Not "step is PENDING, not awaiting approval": a second approver (or one who would reject)
+    # needs to hear that it is decided, by whom, and how it can still be stopped.
+    engine.register_runbook(gated_runbook())
+    eid = engine.start_execution("gated", "alice", {}).execution_id
+    await engine.execute_next_step(eid)
+    assert await engine.execute_next_step(eid) is StepStatus.AWAITING_APPROVAL
+    engine.approve_step(eid, "switch", "bob")
+    told = "step 'switch' was approved by 'bob' already; it runs on the next ExecuteNextStep (CancelExecution stops it)"
+    with pytest.raises(FailedPreconditionError) as again:
+        engine.approve_step(eid, "switch", "carol")
+    assert str(again.value) == told
+    with pytest.raises(FailedPreconditionError) as rejected:
+        await engine.reject_step(eid, "switch", "carol")
+    assert str(rejected.value) == told
+
+
 async def test_approval_expiry_fails_the_execution(engine: RunbookEngine, clock: ManualClock, rec: Recorder) -> None:
     engine.register_runbook(gated_runbook(approval_timeout_s=60))
     eid = engine.start_execution("gated", "alice", {}).execution_id

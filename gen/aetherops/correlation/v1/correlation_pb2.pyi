@@ -230,7 +230,7 @@ class Cluster(_message.Message):
     """Tracking id of the alert that opened the cluster."""
     close_reason: _builtins.str
     """Set when the cluster was closed: the reason given, and who closed it
-    ("operator", or "system" for a quiet incident).
+    (the principal that called CloseCluster, or "system" for a quiet incident).
     """
     closed_by: _builtins.str
     acknowledged_by: _builtins.str

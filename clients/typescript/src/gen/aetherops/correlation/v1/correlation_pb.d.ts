@@ -202,7 +202,7 @@ export declare type Cluster = Message<"aetherops.correlation.v1.Cluster"> & {
 
   /**
    * Set when the cluster was closed: the reason given, and who closed it
-   * ("operator", or "system" for a quiet incident).
+   * (the principal that called CloseCluster, or "system" for a quiet incident).
    *
    * @generated from field: string close_reason = 17;
    */
