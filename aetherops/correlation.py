@@ -70,7 +70,7 @@ import itertools
 import math
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
@@ -1047,6 +1047,54 @@ class CorrelationEngine:
         c.acknowledgement = acknowledgement
         return True
 
+    def merged(self, into: IncidentCluster, sources: Sequence[IncidentCluster]) -> IncidentCluster:
+        """What `into` becomes when an operator says the `sources` are the same incident: a new cluster,
+        unknown to this engine until `replace_merged`, and nothing given is changed.
+
+        It keeps `into`'s id, opening, status and acknowledgement, and holds every alert of them all:
+        none is deduplicated again (each incident kept it), the duplicates dropped into each add up,
+        and the root cause is ranked anew over all of them, as a restart would rank it."""
+        every = (into, *sources)
+        late = [c.late_arrival_time for c in every]
+        dups = [pair for c in every for pair in c._dups or ()]
+        combined = IncidentCluster.restore(
+            cluster_id=into.cluster_id,
+            alerts=[a for c in every for a in c.alerts],
+            opened_time=into.opened_time,
+            duplicate_count=sum(c.duplicate_count for c in every),
+            status=into.status,
+            closed_time=into.closed_time,
+            late_arrival_time=max((t for t in late if t is not None), default=None),
+            acknowledgement=into.acknowledgement,
+        )
+        # Ranked by an engine of this one's settings that holds nothing else: the same answer
+        # `restore_cluster` gives, without touching this engine's indexes before the change is stored.
+        scratch = CorrelationEngine(
+            self.time_window_s,
+            self.dedupe_window_s,
+            self._graph,
+            self.score_threshold,
+            self.same_satellite_bonus,
+            clock=self._clock,
+            remember_alert_ids=False,
+        )
+        scratch.restore_cluster(combined)
+        combined._dups = dups or None
+        return combined
+
+    def replace_merged(self, merged: IncidentCluster, source_ids: Iterable[str]) -> None:
+        """Puts a cluster from `merged` in place of its former self and forgets the sources merged into
+        it: later alerts join it as they would have joined any of them."""
+        for cid in (merged.cluster_id, *source_ids):
+            c = self._clusters.get(cid)
+            if c is not None:
+                self._forget(c)
+        dups = merged._dups
+        self.restore_cluster(merged)
+        merged._dups = dups
+        if self._remember_ids and dups:
+            self._seen.update(dup for dup, _ in dups)
+
     def identify_root_cause(self, cluster_id: str) -> str | None:
         """The root-cause alert id of a cluster in memory (None if unknown)."""
         c = self._clusters.get(cluster_id)
@@ -1151,8 +1199,8 @@ class CorrelationEngine:
                 c = filed.pop()
                 alive = _kept_until(c)
                 if alive < horizon:
-                    self._drop(c)
-                    dropped.append(c.cluster_id)
+                    if self._drop(c):
+                        dropped.append(c.cluster_id)
                 elif int(alive // width) == b:  # b is the bucket the horizon cuts: still in memory
                     keep.append(c)
                 else:
@@ -1165,8 +1213,17 @@ class CorrelationEngine:
         self._next_sweep = now + self._bucket_width
         return dropped
 
-    def _drop(self, c: IncidentCluster) -> None:
+    def _drop(self, c: IncidentCluster) -> bool:
+        """Frees an expired cluster; False if it was forgotten already (merged into another, whose id
+        may be its own: see `replace_merged`), which the sweep meets where it was filed."""
+        if self._clusters.get(c.cluster_id) is not c:
+            return False
         self._expired += 1
+        self._forget(c)
+        return True
+
+    def _forget(self, c: IncidentCluster) -> None:
+        """Takes a cluster out of memory and every index (its filing in a sweep bucket stays: see `_drop`)."""
         c._joinable = False
         del self._clusters[c.cluster_id]
         if self._remember_ids:

@@ -457,6 +457,16 @@ def _add_operator_commands(sub: Any) -> None:
     ack = clusters.add_parser("ack", parents=[common], help="acknowledge a cluster: you are working on it")
     ack.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     ack.add_argument("--note", default="", help="what you are doing about it (kept with the cluster)")
+    merge = clusters.add_parser(
+        "merge",
+        parents=[common],
+        help="merge clusters the engine kept apart into one: one fault behind them (MergeClusters)",
+        description="Merge clusters into CLUSTER_ID: their alerts move to it, its root cause is ranked anew,"
+        " and each source closes, pointing at it. Later alerts that would have joined a source join it.",
+    )
+    merge.add_argument("cluster_id", help="the cluster that stays, as `clusters list` shows it")
+    merge.add_argument("source_cluster_ids", nargs="+", metavar="SOURCE_ID", help="the clusters merged into it")
+    merge.add_argument("--note", default="", help="why they are one incident (kept in each source's close reason)")
 
     silences = sub.add_parser(
         "silences", help="keep expected alerts (a burn, a test) out of incidents for a while"
@@ -1101,6 +1111,8 @@ def _print_cluster(cluster: Any) -> None:
         )
     if cluster.closed_by:
         print(f"closed {_when(cluster.close_time)} by {cluster.closed_by}: {cluster.close_reason or '-'}")
+    if cluster.merged_into_cluster_id:
+        print(f"its alerts are in {cluster.merged_into_cluster_id} now (`aetherops clusters show` that)")
     if cluster.alerts:
         rows = [
             [a.alert_id, a.satellite_id, a.subsystem, a.severity, _when(a.timestamp), a.message] for a in cluster.alerts
@@ -1198,6 +1210,16 @@ def _clusters_ack(client: Any, args: argparse.Namespace) -> int:
         _emit(_to_dict(cluster))
     else:
         print(f"acknowledged {cluster.cluster_id} at {_when(cluster.acknowledge_time)} as {cluster.acknowledged_by}")
+    return EXIT_OK
+
+
+def _clusters_merge(client: Any, args: argparse.Namespace) -> int:
+    cluster = client.merge_clusters(args.cluster_id, args.source_cluster_ids, note=args.note).cluster
+    if args.json:
+        _emit(_to_dict(cluster))
+    else:
+        print(f"merged {', '.join(args.source_cluster_ids)} into {cluster.cluster_id}:")
+        _print_cluster(cluster)
     return EXIT_OK
 
 
@@ -2125,6 +2147,7 @@ _HANDLERS: dict[tuple[str, str | None], Callable[[Any, argparse.Namespace], int]
     ("clusters", "show"): _clusters_show,
     ("clusters", "close"): _clusters_close,
     ("clusters", "ack"): _clusters_ack,
+    ("clusters", "merge"): _clusters_merge,
     ("clusters", "watch"): _clusters_watch,
     ("silences", "create"): _silences_create,
     ("silences", "list"): _silences_list,

@@ -176,6 +176,7 @@ def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
         acknowledge_time=to_ts(ack.time) if ack else None,
         acknowledged_by=ack.by if ack else "",
         acknowledge_note=ack.note if ack else "",
+        merged_into_cluster_id=record.merged_into or "",
     )
 
 
@@ -221,6 +222,8 @@ def _incident(event: IncidentEvent) -> events_pb2.Incident:
         incident.acknowledged_by = ack.by
         incident.acknowledge_time.FromDatetime(ack.time)
         incident.acknowledge_note = ack.note
+    if record.merged_into:
+        incident.merged_into_cluster_id = record.merged_into
     return incident
 
 
@@ -239,7 +242,10 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
     elif event.kind == "updated":
         envelope.incident_updated.CopyFrom(
             events_pb2.IncidentUpdated(
-                incident=incident, added_alert_ids=event.added_alert_ids, root_cause_changed=event.root_cause_changed
+                incident=incident,
+                added_alert_ids=event.added_alert_ids,
+                root_cause_changed=event.root_cause_changed,
+                merged_cluster_ids=event.merged_cluster_ids,
             )
         )
     elif event.kind == "acknowledged":
@@ -270,6 +276,7 @@ def _cluster_from_event(event: events_pb2.Event, status: pb.ClusterStatus.ValueT
         tracking_id=incident.tracking_id,
         acknowledged_by=incident.acknowledged_by,
         acknowledge_note=incident.acknowledge_note,
+        merged_into_cluster_id=incident.merged_into_cluster_id,
     )
     if incident.HasField("acknowledge_time"):
         cluster.acknowledge_time.CopyFrom(incident.acknowledge_time)
@@ -463,6 +470,19 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             alert_bytes=budget.remaining,
         )
         return pb.AcknowledgeClusterResponse(cluster=cluster_to_proto(record, budget))
+
+    async def MergeClusters(self, request: pb.MergeClustersRequest, context: Any) -> pb.MergeClustersResponse:
+        _require_id(request.cluster_id, "cluster_id")
+        budget = self._c.alert_budget()
+        record = await self._svc.merge(
+            request.cluster_id,
+            list(request.source_cluster_ids),
+            note=request.note,
+            by=current_principal_name() or "operator",
+            request_id=request.request_id,
+            alert_bytes=budget.remaining,
+        )
+        return pb.MergeClustersResponse(cluster=cluster_to_proto(record, budget))
 
     async def IdentifyRootCause(
         self, request: pb.IdentifyRootCauseRequest, context: Any

@@ -58,6 +58,7 @@ RPC_ROLES: dict[str, Role] = {
     _CORRELATION + "ExpireSilence": Role.OPERATOR,
     _CORRELATION + "CloseCluster": Role.OPERATOR,
     _CORRELATION + "AcknowledgeCluster": Role.OPERATOR,
+    _CORRELATION + "MergeClusters": Role.OPERATOR,
     _CORRELATION + "IdentifyRootCause": Role.VIEWER,
     _CORRELATION + "ScoreAlerts": Role.VIEWER,
     _CORRELATION + "WatchClusters": Role.VIEWER,

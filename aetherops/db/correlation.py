@@ -60,6 +60,8 @@ class ClusterRecord:
     # The alert that opened it (None for clusters stored before migration 0012 recorded it).
     opened_by_alert_id: str | None = None
     acknowledgement: Acknowledgement | None = None
+    # The cluster its alerts moved to, when it was closed by a merge (migration 0014).
+    merged_into: str | None = None
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -112,9 +114,16 @@ _CLUSTER_COLUMN_NAMES = [
     "tracking_id",
     "opened_by_alert_id",
 ]
-# Written by updates only (`_UPDATE_CLUSTER`, `acknowledge_cluster`); read with the rest.
+# Written by updates only (`_UPDATE_CLUSTER`, `acknowledge_cluster`, `merge_clusters`); read with the rest.
 _CLUSTER_COLUMNS = ", ".join(
-    [*_CLUSTER_COLUMN_NAMES, "late_arrival_time", "acknowledge_time", "acknowledged_by", "acknowledge_note"]
+    [
+        *_CLUSTER_COLUMN_NAMES,
+        "late_arrival_time",
+        "acknowledge_time",
+        "acknowledged_by",
+        "acknowledge_note",
+        "merged_into",
+    ]
 )
 
 
@@ -141,6 +150,7 @@ def _record(row: asyncpg.Record, alerts: list[Alert] | None = None) -> ClusterRe
         acknowledgement=None
         if row["acknowledge_time"] is None
         else Acknowledgement(row["acknowledged_by"], row["acknowledge_time"], row["acknowledge_note"]),
+        merged_into=row["merged_into"],
         alerts=alerts or [],
     )
 
@@ -648,4 +658,35 @@ async def acknowledge_cluster(conn: asyncpg.Connection, cluster_id: str, acknowl
         acknowledgement.time,
         acknowledgement.by,
         acknowledgement.note,
+    )
+
+
+async def merge_clusters(
+    conn: asyncpg.Connection,
+    merged: ClusterRecord,
+    source_ids: Sequence[str],
+    *,
+    closed_time: datetime,
+    reason: str,
+    closed_by: str,
+) -> None:
+    """Stores a merge: the sources' alerts (duplicates too) move to `merged`, whose row takes its merged
+    state, and each source closes, pointing at it. The caller holds the rows' locks."""
+    # One statement per partial index of a cluster's alerts (see `list_alerts`): the planner uses
+    # them only when the statement carries their condition.
+    for kept in ("IS NULL", "IS NOT NULL"):
+        await conn.execute(
+            f"UPDATE alerts SET cluster_id = $1 WHERE cluster_id = ANY($2::text[]) AND duplicate_of {kept}",
+            merged.cluster_id,
+            list(source_ids),
+        )
+    await conn.execute(_UPDATE_CLUSTER, *_update_values(merged, True))
+    await conn.execute(
+        """UPDATE clusters SET status = 'CLOSED', closed_time = $2, close_reason = $3, closed_by = $4, merged_into = $5
+           WHERE cluster_id = ANY($1::text[])""",
+        list(source_ids),
+        closed_time,
+        reason,
+        closed_by,
+        merged.cluster_id,
     )

@@ -35,6 +35,7 @@ from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as repo
 from aetherops.db import silences as silence_repo
 from aetherops.db.correlation import AlertRow, ClusterRecord, KnownAlert, StoredAlert
+from aetherops.db.pool import Connection
 from aetherops.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -69,6 +70,9 @@ def _active_position(record: ClusterRecord) -> dict[str, str]:
 
 
 _MAX_REASON_LEN = 4096
+MAX_MERGED: Final = 100
+"""Most clusters one MergeClusters call merges into another: each is read whole under the ingest
+pause, and a merge of more is a sign the correlation settings need changing instead."""
 """Longest close reason in characters (an alert's message has the same limit)."""
 
 
@@ -127,6 +131,8 @@ class IncidentEvent:
     tracking_id: str = ""
     """Of the request that caused the change: the opening alert's for "opened", the last added
     alert's for "updated", the call's for "acknowledged" and "closed" (sent in the envelope and the header)."""
+    merged_cluster_ids: list[str] = field(default_factory=list)
+    """For "updated": the clusters a merge moved into this one (their alerts are `added_alert_ids`)."""
 
 
 def _acknowledged_key(acknowledged: bool | None) -> tuple[str, ...]:
@@ -143,6 +149,25 @@ def _late_arrival(rec: ClusterRecord, since: datetime) -> datetime | None:
     if rec.last_alert_time < since and (late is None or late < rec.opened_time):
         return rec.opened_time
     return late
+
+
+def _cluster_of(rec: ClusterRecord, late_arrival_time: datetime | None) -> IncidentCluster:
+    """An open stored cluster (with all its alerts) as the engine holds it."""
+    return IncidentCluster.restore(
+        cluster_id=rec.cluster_id,
+        alerts=rec.alerts,
+        root_cause=rec.root_cause_alert_id,
+        opened_time=rec.opened_time,
+        duplicate_count=rec.duplicate_count,
+        late_arrival_time=late_arrival_time,
+        acknowledgement=rec.acknowledgement,
+    )
+
+
+def _closed_problem(rec: ClusterRecord) -> str:
+    if rec.merged_into:
+        return f"cluster {rec.cluster_id!r} was merged into {rec.merged_into!r}"
+    return f"cluster {rec.cluster_id!r} is closed"
 
 
 EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
@@ -325,17 +350,7 @@ class CorrelationService:
         self._engine.reset()
         self._stale = False
         for rec in records:
-            self._engine.restore_cluster(
-                IncidentCluster.restore(
-                    cluster_id=rec.cluster_id,
-                    alerts=rec.alerts,
-                    root_cause=rec.root_cause_alert_id,
-                    opened_time=rec.opened_time,
-                    duplicate_count=rec.duplicate_count,
-                    late_arrival_time=_late_arrival(rec, since),
-                    acknowledgement=rec.acknowledgement,
-                )
-            )
+            self._engine.restore_cluster(_cluster_of(rec, _late_arrival(rec, since)))
         log.info("correlation engine restored %d active clusters", len(records))
 
     # ---- ingestion -------------------------------------------------------------------------
@@ -697,6 +712,121 @@ class CorrelationService:
         acknowledged = await self._change(cluster_id, "acknowledge", request_id, alert_bytes, acknowledging)
         self._relay.wake()
         return acknowledged
+
+    async def merge(
+        self,
+        cluster_id: str,
+        source_ids: Sequence[str],
+        *,
+        note: str,
+        by: str,
+        request_id: str,
+        alert_bytes: int | None = None,
+    ) -> ClusterRecord:
+        """Merges open clusters into the open `cluster_id` (idempotent on request_id): their alerts move
+        to it, its root cause is ranked anew over all of them, and each source closes, pointing at it.
+        Its "updated" event and the sources' "closed" events leave with the commit. The answer holds
+        its oldest alerts, as many as `alert_bytes` holds (None: all).
+
+        Ingestion pauses meanwhile, as for `close`: no batch holds an alert for a source when it closes,
+        and the next batch is correlated by an engine holding the merged cluster in the sources' place."""
+        problems = self._merge_problems(cluster_id, source_ids, note)
+        if problems:
+            raise ValidationError(problems)
+        reason = f"merged into {cluster_id}" + (f": {note}" if note.strip() else "")
+        async with self._committer.exclusive():
+            now = self._clock.now()
+            async with self._db.transaction() as conn:
+                # Every row locked, in one order: two merges over the same clusters wait for each other
+                # instead of deadlocking, and a retry racing its original sees the outcome.
+                found = await conn.fetch(
+                    "SELECT cluster_id FROM clusters WHERE cluster_id = ANY($1::text[]) ORDER BY cluster_id FOR UPDATE",
+                    sorted({cluster_id, *source_ids}),
+                )
+                scope = f"correlation.merge.{cluster_id}"
+                replayed = await idempotency.recall(conn, scope, request_id) is not None
+                stored = {r["cluster_id"] for r in found}
+                missing = next((i for i in (cluster_id, *source_ids) if i not in stored), None)
+                if missing is not None:
+                    raise NotFoundError(f"cluster {missing!r} not found")
+                if not replayed:
+                    merged = await self._merge_stored(conn, cluster_id, source_ids, reason, by, now)
+                    await idempotency.remember(conn, scope, request_id, {"cluster_id": cluster_id})
+                answer = await repo.get_cluster(conn, cluster_id, alert_bytes=alert_bytes)
+                assert answer is not None
+            if not replayed:
+                # The engine learns only after the commit, so it never holds an uncommitted change.
+                self._engine.replace_merged(merged, source_ids)
+        self._relay.wake()
+        return answer
+
+    @staticmethod
+    def _merge_problems(cluster_id: str, source_ids: Sequence[str], note: str) -> list[FieldViolation]:
+        problems: list[FieldViolation] = []
+        if not 1 <= len(source_ids) <= MAX_MERGED:
+            problems.append(
+                FieldViolation("source_cluster_ids", f"name 1 to {MAX_MERGED} clusters, got {len(source_ids)}")
+            )
+        for i, sid in enumerate(source_ids[:MAX_MERGED]):
+            problem = id_problem(sid)
+            if problem is None and sid == cluster_id:
+                problem = "is cluster_id: a cluster is not merged into itself"
+            elif problem is None and sid in source_ids[:i]:
+                problem = f"{sid!r} is named twice"
+            if problem is not None:
+                problems.append(FieldViolation(f"source_cluster_ids[{i}]", problem))
+        problem = text_problem(note, _MAX_REASON_LEN)
+        if problem is not None:
+            problems.append(FieldViolation("note", problem))
+        return problems
+
+    async def _merge_stored(
+        self, conn: Connection, cluster_id: str, source_ids: Sequence[str], reason: str, by: str, now: datetime
+    ) -> IncidentCluster:
+        """Writes a merge of locked clusters with its events; returns the merged cluster for the engine."""
+        records: list[ClusterRecord] = []
+        for cid in (cluster_id, *source_ids):
+            rec = await repo.get_cluster(conn, cid)
+            assert rec is not None  # locked, and clusters are never deleted
+            if rec.status == "CLOSED":
+                raise FailedPreconditionError(_closed_problem(rec) + ": only open clusters are merged")
+            records.append(rec)
+        into, *sources = records
+        merged = self._engine.merged(
+            _cluster_of(into, into.late_arrival_time), [_cluster_of(s, s.late_arrival_time) for s in sources]
+        )
+        # It stays the cluster it was: opened by the same alert, under the same tracking id.
+        record = replace(
+            record_of(merged, with_alerts=False),
+            tracking_id=into.tracking_id,
+            opened_by_alert_id=into.opened_by_alert_id,
+        )
+        tracking_id = current_tracking_id()
+        moved = [a.alert_id for s in sources for a in s.alerts]
+        root, root_changed = merged.root_cause_alert(), merged.root_cause != into.root_cause_alert_id
+        events = [
+            IncidentEvent(
+                "updated",
+                record,
+                root,
+                ids,
+                root_changed and i == 0,
+                tracking_id=tracking_id,
+                merged_cluster_ids=list(source_ids),
+            )
+            for i, ids in enumerate(_id_chunks(moved))
+        ]
+        for s in sources:
+            closed = replace(
+                s, status="CLOSED", closed_time=now, close_reason=reason, closed_by=by, merged_into=cluster_id
+            )
+            source_root = await repo.root_alert(conn, s)
+            events.append(
+                IncidentEvent("closed", closed, source_root, reason=reason, closed_by=by, tracking_id=tracking_id)
+            )
+        await repo.merge_clusters(conn, record, source_ids, closed_time=now, reason=reason, closed_by=by)
+        await outbox.append(conn, [self._event(e, now) for e in events])
+        return merged
 
     async def _change(
         self,

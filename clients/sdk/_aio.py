@@ -398,6 +398,31 @@ class AetherOpsClient:
             tracking_id,
         )
 
+    async def merge_clusters(
+        self,
+        cluster_id: str,
+        source_cluster_ids: Iterable[str],
+        *,
+        note: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.MergeClustersResponse:
+        """Merges the source clusters into `cluster_id` (see CorrelationService.MergeClusters)."""
+        request = correlation_pb2.MergeClustersRequest(
+            cluster_id=cluster_id,
+            source_cluster_ids=list(source_cluster_ids),
+            note=note,
+            request_id=build.request_id(request_id),
+        )
+        return await self._unary(
+            self.correlation.MergeClusters,
+            request,
+            correlation_pb2.MergeClustersResponse,
+            timeout,
+            tracking_id,
+        )
+
     async def create_silence(
         self,
         *,

@@ -55,6 +55,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
         "ListClusters",
         "CloseCluster",
         "AcknowledgeCluster",
+        "MergeClusters",
         "CreateSilence",
         "ListSilences",
         "ExpireSilence",

@@ -379,6 +379,31 @@ class SyncAetherOpsClient:
             tracking_id,
         )
 
+    def merge_clusters(
+        self,
+        cluster_id: str,
+        source_cluster_ids: Iterable[str],
+        *,
+        note: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+        tracking_id: str | None = None,
+    ) -> correlation_pb2.MergeClustersResponse:
+        """Merges the source clusters into `cluster_id` (see CorrelationService.MergeClusters)."""
+        request = correlation_pb2.MergeClustersRequest(
+            cluster_id=cluster_id,
+            source_cluster_ids=list(source_cluster_ids),
+            note=note,
+            request_id=build.request_id(request_id),
+        )
+        return self._unary(
+            self.correlation.MergeClusters,
+            request,
+            correlation_pb2.MergeClustersResponse,
+            timeout,
+            tracking_id,
+        )
+
     def create_silence(
         self,
         *,

@@ -160,6 +160,39 @@ async def test_alerts_ingest_reads_a_byte_order_mark_and_reports_lines_not_utf8(
     assert summary["bad_lines"][0]["reason"].startswith("not valid UTF-8")
 
 
+async def test_clusters_merge(cli: Any, tmp_path: Path) -> None:
+    now = datetime.now(UTC) - timedelta(seconds=30)
+    prefix = uuid.uuid4().hex[:8]
+    # Unknown units on two satellites: time alone never correlates, so two incidents.
+    lines = [
+        json.dumps(
+            {
+                "alert_id": f"{prefix}-{k}",
+                "satellite_id": f"SAT-MRG{k}",
+                "subsystem": f"unit-{k}",
+                "severity": 3,
+                "timestamp": now.isoformat(),
+            }
+        )
+        for k in range(2)
+    ]
+    path = tmp_path / "alerts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert (await cli("alerts", "ingest", str(path))).code == 0
+    ids = [
+        (await cli("clusters", "list", "--satellite", f"SAT-MRG{k}", "--json")).json()["clusters"][0]["cluster_id"]
+        for k in range(2)
+    ]
+    merged = await cli("clusters", "merge", ids[0], ids[1], "--note", "one harness fault")
+    assert merged.code == 0 and f"merged {ids[1]} into {ids[0]}" in merged.out and "SAT-MRG1" in merged.out
+    shown = await cli("clusters", "show", ids[1])
+    assert f"merged into {ids[0]}: one harness fault" in shown.out and f"its alerts are in {ids[0]}" in shown.out
+    again = await cli("clusters", "merge", ids[0], ids[1])
+    assert again.code == 1 and "FAILED_PRECONDITION" in again.err and "was merged into" in again.err
+    itself = await cli("clusters", "merge", ids[0], ids[0])
+    assert itself.code == 1 and "INVALID_ARGUMENT" in itself.err and "source_cluster_ids[0]" in itself.err
+
+
 async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     path = tmp_path / "alerts.jsonl"
     path.write_text("\n".join(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-CLU")) + "\n")

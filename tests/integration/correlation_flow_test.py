@@ -804,6 +804,100 @@ async def test_an_acknowledged_incident_says_who_is_on_it_in_every_view_and_even
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "note" in _violations(err.value)
 
 
+async def test_merged_incidents_become_one_that_keeps_correlating_across_restart(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    power = _alert("SAT-M1", "power", t0)
+    source = (await stub.IngestAlert(pb.IngestAlertRequest(alert=power))).cluster_id
+    # An unknown unit on another satellite: time alone never correlates, so it opens its own incident.
+    unit = _alert("SAT-M2", "star-tracker", t0 + timedelta(seconds=20))
+    target = (await stub.IngestAlert(pb.IngestAlertRequest(alert=unit))).cluster_id
+    repeat = _alert("SAT-M2", "star-tracker", t0 + timedelta(seconds=30))
+    assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=repeat))).duplicate
+    assert source != target
+    before = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=target))).cluster
+
+    request = pb.MergeClustersRequest(
+        cluster_id=target, source_cluster_ids=[source], note="one bus fault", request_id="merge-1"
+    )
+    merged = (await stub.MergeClusters(request)).cluster
+    assert [a.alert_id for a in merged.alerts] == [power.alert_id, unit.alert_id]
+    assert (merged.alert_count, merged.duplicate_count) == (2, 1)
+    assert list(merged.satellite_ids) == ["SAT-M1", "SAT-M2"] and merged.multi_satellite
+    assert merged.root_cause_alert_id == power.alert_id != before.root_cause_alert_id
+    assert merged.tracking_id == before.tracking_id and merged.status == pb.CLUSTER_STATUS_OPEN
+    assert (await stub.MergeClusters(request)).cluster == merged  # a retry answers as the first call
+    gone = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=source))).cluster
+    assert gone.status == pb.CLUSTER_STATUS_CLOSED and gone.merged_into_cluster_id == target
+    assert (gone.close_reason, gone.closed_by) == (f"merged into {target}: one bus fault", "operator")
+    listed = (await stub.ListAlerts(pb.ListAlertsRequest(cluster_id=target))).alerts
+    assert sorted(a.alert.alert_id for a in listed) == sorted([power.alert_id, unit.alert_id, repeat.alert_id])
+    assert not (await stub.ListAlerts(pb.ListAlertsRequest(cluster_id=source))).alerts
+    resent = await stub.IngestAlert(pb.IngestAlertRequest(alert=power))
+    assert (resent.cluster_id, resent.replay) == (target, True)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.MergeClusters(pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[source]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"was merged into {target!r}" in (err.value.details() or "")
+    # A cascade on the source's satellite joins the merged incident, now and after a restart.
+    propulsion = _alert("SAT-M1", "propulsion", t0 + timedelta(seconds=35))
+    assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=propulsion))).cluster_id == target
+
+    await app.stop()
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    thermal = _alert("SAT-M1", "thermal", t0 + timedelta(seconds=40))
+    assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=thermal))).cluster_id == target
+    events = await _events(bus, count=6)
+    assert [(e.WhichOneof("payload"), e.aggregate_id) for e in events] == [
+        ("incident_opened", source),
+        ("incident_opened", target),
+        ("incident_updated", target),
+        ("incident_closed", source),
+        ("incident_updated", target),
+        ("incident_updated", target),
+    ]
+    update, closed = events[2].incident_updated, events[3].incident_closed
+    assert list(update.merged_cluster_ids) == [source] and list(update.added_alert_ids) == [power.alert_id]
+    assert update.root_cause_changed and update.incident.root_cause_alert_id == power.alert_id
+    assert closed.incident.merged_into_cluster_id == target and closed.closed_by == "operator"
+    assert [list(e.incident_updated.added_alert_ids) for e in events[4:]] == [[propulsion.alert_id], [thermal.alert_id]]
+
+
+async def test_a_merge_that_cannot_be_made_changes_nothing(channel: grpc.aio.Channel) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    ids = [
+        (await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert(f"SAT-N{k}", f"unit-{k}", t0)))).cluster_id
+        for k in range(3)
+    ]
+    closed, open_source, target = ids
+    await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=closed, reason="done"))
+    bad = {
+        "source_cluster_ids": pb.MergeClustersRequest(cluster_id=target),
+        "source_cluster_ids[0]": pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[target]),
+        "source_cluster_ids[1]": pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[closed, closed]),
+        "note": pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[open_source], note="x" * 5000),
+    }
+    for field, request in bad.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.MergeClusters(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in _violations(err.value), field
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.MergeClusters(pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=["no-such-cluster"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # One closed source refuses the whole merge: the open one keeps its alert.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.MergeClusters(pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[open_source, closed]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "closed" in (err.value.details() or "")
+    kept = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=open_source))).cluster
+    assert kept.status == pb.CLUSTER_STATUS_OPEN and kept.alert_count == 1 and not kept.merged_into_cluster_id
+    assert (await stub.GetCluster(pb.GetClusterRequest(cluster_id=target))).cluster.alert_count == 1
+
+
 async def test_a_downlinked_batch_straddling_a_restart_is_one_incident(
     app_factory: Any, channel_for: Any, db: Database
 ) -> None:

@@ -155,6 +155,21 @@ async def test_acknowledge_cluster(client: AetherOpsClient) -> None:
         await client.acknowledge_cluster(reply.cluster_id)
 
 
+async def test_merge_clusters(client: AetherOpsClient) -> None:
+    ids = [
+        (
+            await client.ingest_alert(
+                alert_id=_id(f"m{k}"), satellite_id=f"SAT-MRG{k}", subsystem=f"unit-{k}", severity=3
+            )
+        ).cluster_id
+        for k in range(2)
+    ]
+    merged = (await client.merge_clusters(ids[0], [ids[1]], note="one fault")).cluster
+    assert merged.cluster_id == ids[0] and merged.alert_count == 2
+    with pytest.raises(FailedPrecondition, match="merged into"):
+        await client.merge_clusters(ids[0], [ids[1]])
+
+
 async def test_bulk_ingest_reports_rejections_by_index(client: AetherOpsClient) -> None:
     now = datetime.now(UTC)
     alerts = [

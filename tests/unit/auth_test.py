@@ -73,6 +73,7 @@ _OPERATOR_RPCS = {
     "IngestAlerts",
     "CloseCluster",
     "AcknowledgeCluster",
+    "MergeClusters",
     "CreateSilence",
     "ExpireSilence",
     "IngestSnapshot",

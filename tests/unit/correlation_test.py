@@ -771,6 +771,57 @@ def test_a_long_incident_stays_in_memory_while_active_and_goes_exactly_a_window_
     assert engine.stats.clusters_in_memory == 0
 
 
+# ---- merging (an operator says two incidents are one) -------------------------------------
+
+
+def _two_incidents() -> tuple[CorrelationEngine, ManualClock, Alert, Alert, Alert]:
+    """C1: power on SAT-2 at 0 s and its duplicate at 30 s; C2: an unknown unit on SAT-1 at 100 s
+    (time alone never correlates: the engine cannot know the power fault tripped it)."""
+    engine, clock = make_engine()
+    power, repeat, unit = alert("SAT-2", "power", 0), alert("SAT-2", "power", 30), alert("SAT-1", "star-tracker", 100)
+    assert feed(engine, clock, power, repeat, unit) == ["C1", "C1", "C2"]
+    return engine, clock, power, repeat, unit
+
+
+def test_merged_holds_every_alert_and_ranks_the_root_cause_anew_without_changing_the_engine() -> None:
+    engine, _, power, _, unit = _two_incidents()
+    into, source = engine.require_cluster("C2"), engine.require_cluster("C1")
+    merged = engine.merged(into, [source])
+    assert merged.cluster_id == "C2" and merged.opened_time == into.opened_time
+    assert [a.alert_id for a in merged.alerts] == [power.alert_id, unit.alert_id]
+    assert merged.duplicate_count == 1 and merged.status is ClusterStatus.OPEN
+    assert merged.satellites == ["SAT-1", "SAT-2"]
+    assert merged.root_cause == power.alert_id  # earlier, and explained by nothing: C2's root was the unit
+    # Nothing changed yet: the change is the store's to commit first.
+    assert engine.require_cluster("C2").root_cause == unit.alert_id
+    assert [a.alert_id for a in engine.require_cluster("C2").alerts] == [unit.alert_id]
+    assert engine.get_cluster("C1") is source
+
+
+def test_a_merged_cluster_takes_its_sources_place_and_later_alerts_join_it() -> None:
+    engine, clock, power, repeat, _ = _two_incidents()
+    merged = engine.merged(engine.require_cluster("C2"), [engine.require_cluster("C1")])
+    engine.replace_merged(merged, ["C1"])
+    assert engine.get_cluster("C1") is None and engine.require_cluster("C2") is merged
+    # Resends of the source's alerts (and of its duplicate) answer with the cluster they are in now.
+    assert engine.ingest(power) == "C2" and engine.ingest(repeat) == "C2"
+    # A cascade on the source's satellite joins the merged incident.
+    assert feed(engine, clock, alert("SAT-2", "thermal", 120)) == ["C2"]
+    assert len(merged.alerts) == 3 and engine.identify_root_cause("C2") == power.alert_id
+
+
+def test_the_sweep_passes_over_the_clusters_a_merge_replaced() -> None:
+    engine, clock, *_ = _two_incidents()
+    merged = engine.merged(engine.require_cluster("C2"), [engine.require_cluster("C1")])
+    engine.replace_merged(merged, ["C1"])
+    feed(engine, clock, alert("SAT-2", "thermal", 120))
+    # The replaced objects stay filed under their old expiry; meeting them there frees nothing.
+    assert engine.expire(at(401)) == []
+    assert engine.require_cluster("C2") is merged
+    assert engine.expire(at(421)) == ["C2"]
+    assert engine.stats.clusters_in_memory == 0 and engine.stats.expired == 1
+
+
 def test_expire_drops_clusters_that_fell_out_of_the_window() -> None:
     engine, clock = make_engine()
     old = alert("SAT-1", "payload", 0)

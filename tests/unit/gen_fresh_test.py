@@ -50,7 +50,7 @@ def test_every_contract_rpc_is_generated() -> None:
     expected = {
         (correlation_pb2, "CorrelationService"): {
             "IngestAlert", "IngestAlerts", "GetCluster", "ListActiveClusters", "CloseCluster",
-            "AcknowledgeCluster",
+            "AcknowledgeCluster", "MergeClusters",
             "IdentifyRootCause", "ScoreAlerts", "WatchClusters", "ListAlerts", "ListClusters",
             "CreateSilence", "ListSilences", "ExpireSilence",
         },

@@ -246,6 +246,15 @@ def test_mutations_get_a_request_id_unless_given(
     assert (request.cluster_id, request.note, len(request.request_id)) == ("c-1", "on it", 32)
     rpc.terminate(correlation_pb2.AcknowledgeClusterResponse(), (), grpc.StatusCode.OK, "")
     future.result()
+    future = _run(pool, lambda: client.merge_clusters("c-1", ("c-2", "c-3"), note="one fault"))
+    _, request, rpc = channel.inner.take_unary_unary(CORRELATION.methods_by_name["MergeClusters"])
+    assert (request.cluster_id, list(request.source_cluster_ids), len(request.request_id)) == (
+        "c-1",
+        ["c-2", "c-3"],
+        32,
+    )
+    rpc.terminate(correlation_pb2.MergeClustersResponse(), (), grpc.StatusCode.OK, "")
+    future.result()
     future = _run(pool, lambda: client.start_execution("rb-1", variables={"bus": "B"}, request_id="r-1"))
     _, request, rpc = channel.inner.take_unary_unary(RUNBOOK.methods_by_name["StartExecution"])
     assert request.request_id == "r-1" and request.variables["bus"] == "B"

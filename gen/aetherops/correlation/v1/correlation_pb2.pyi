@@ -213,6 +213,7 @@ class Cluster(_message.Message):
     ACKNOWLEDGE_TIME_FIELD_NUMBER: _builtins.int
     ACKNOWLEDGED_BY_FIELD_NUMBER: _builtins.int
     ACKNOWLEDGE_NOTE_FIELD_NUMBER: _builtins.int
+    MERGED_INTO_CLUSTER_ID_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     status: Global___ClusterStatus.ValueType
     root_cause_alert_id: _builtins.str
@@ -235,6 +236,11 @@ class Cluster(_message.Message):
     closed_by: _builtins.str
     acknowledged_by: _builtins.str
     acknowledge_note: _builtins.str
+    merged_into_cluster_id: _builtins.str
+    """Set on a cluster closed by MergeClusters: the cluster its alerts moved to
+    (GetCluster and ListAlerts show them there). Its counts, times and root
+    cause stay as they were when it was merged.
+    """
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
         """The cluster's alerts, oldest first (duplicates are not included), as many
@@ -291,10 +297,11 @@ class Cluster(_message.Message):
         acknowledge_time: _timestamp_pb2.Timestamp | None = ...,
         acknowledged_by: _builtins.str = ...,
         acknowledge_note: _builtins.str = ...,
+        merged_into_cluster_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acknowledge_time", b"acknowledge_time", "close_time", b"close_time", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_note", b"acknowledge_note", "acknowledge_time", b"acknowledge_time", "acknowledged_by", b"acknowledged_by", "alert_count", b"alert_count", "alerts", b"alerts", "close_reason", b"close_reason", "close_time", b"close_time", "closed_by", b"closed_by", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "satellite_ids", b"satellite_ids", "status", b"status", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_note", b"acknowledge_note", "acknowledge_time", b"acknowledge_time", "acknowledged_by", b"acknowledged_by", "alert_count", b"alert_count", "alerts", b"alerts", "close_reason", b"close_reason", "close_time", b"close_time", "closed_by", b"closed_by", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "duration", b"duration", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "merged_into_cluster_id", b"merged_into_cluster_id", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "satellite_ids", b"satellite_ids", "status", b"status", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -831,6 +838,66 @@ class AcknowledgeClusterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcknowledgeClusterResponse: _TypeAlias = AcknowledgeClusterResponse  # noqa: Y015
+
+@_typing.final
+class MergeClustersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_CLUSTER_IDS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    cluster_id: _builtins.str
+    """The cluster that stays: it keeps its id, opening, tracking id and
+    acknowledgement.
+    """
+    note: _builtins.str
+    """Why they are one incident, kept in each source's close_reason and events.
+    Optional, at most 4096 characters.
+    """
+    request_id: _builtins.str
+    """Idempotency key, per cluster_id: retrying with the same id answers as the first call did."""
+    @_builtins.property
+    def source_cluster_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The clusters merged into it: 1 to 100 distinct ids, not cluster_id."""
+
+    def __init__(
+        self,
+        *,
+        cluster_id: _builtins.str = ...,
+        source_cluster_ids: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "note", b"note", "request_id", b"request_id", "source_cluster_ids", b"source_cluster_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeClustersRequest: _TypeAlias = MergeClustersRequest  # noqa: Y015
+
+@_typing.final
+class MergeClustersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cluster(self) -> Global___Cluster:
+        """The merged cluster, its alerts as GetCluster shows them."""
+
+    def __init__(
+        self,
+        *,
+        cluster: Global___Cluster | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeClustersResponse: _TypeAlias = MergeClustersResponse  # noqa: Y015
 
 @_typing.final
 class IdentifyRootCauseRequest(_message.Message):

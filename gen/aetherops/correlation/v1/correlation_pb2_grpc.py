@@ -75,6 +75,11 @@ class CorrelationServiceStub:
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterRequest.SerializeToString,
                 response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterResponse.FromString,
                 _registered_method=True)
+        self.MergeClusters = channel.unary_unary(
+                '/aetherops.correlation.v1.CorrelationService/MergeClusters',
+                request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.MergeClustersRequest.SerializeToString,
+                response_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.MergeClustersResponse.FromString,
+                _registered_method=True)
         self.IdentifyRootCause = channel.unary_unary(
                 '/aetherops.correlation.v1.CorrelationService/IdentifyRootCause',
                 request_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.IdentifyRootCauseRequest.SerializeToString,
@@ -191,6 +196,20 @@ class CorrelationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeClusters(self, request, context):
+        """Merges open clusters the engine kept apart into one (an operator knows the
+        fault behind both): every alert of the sources moves to cluster_id, whose
+        root cause is ranked anew over all of them, and each source closes with
+        merged_into_cluster_id set. Later alerts that would have joined a source
+        join the merged cluster. Publishes an "updated" event of cluster_id (with
+        merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
+        unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
+        request_id is retried).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def IdentifyRootCause(self, request, context):
         """Names the probable root cause of a cluster: the earliest alert upstream
         in the causal chain, with a confidence.
@@ -295,6 +314,11 @@ def add_CorrelationServiceServicer_to_server(servicer, server):
                     servicer.AcknowledgeCluster,
                     request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterRequest.FromString,
                     response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterResponse.SerializeToString,
+            ),
+            'MergeClusters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeClusters,
+                    request_deserializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.MergeClustersRequest.FromString,
+                    response_serializer=aetherops_dot_correlation_dot_v1_dot_correlation__pb2.MergeClustersResponse.SerializeToString,
             ),
             'IdentifyRootCause': grpc.unary_unary_rpc_method_handler(
                     servicer.IdentifyRootCause,
@@ -527,6 +551,33 @@ class CorrelationService:
             '/aetherops.correlation.v1.CorrelationService/AcknowledgeCluster',
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterRequest.SerializeToString,
             aetherops_dot_correlation_dot_v1_dot_correlation__pb2.AcknowledgeClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeClusters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aetherops.correlation.v1.CorrelationService/MergeClusters',
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.MergeClustersRequest.SerializeToString,
+            aetherops_dot_correlation_dot_v1_dot_correlation__pb2.MergeClustersResponse.FromString,
             options,
             channel_credentials,
             insecure,

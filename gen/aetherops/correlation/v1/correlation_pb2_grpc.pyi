@@ -80,6 +80,16 @@ class CorrelationServiceStub:
     event is published. Alerts still join it. FAILED_PRECONDITION if it is
     closed or already acknowledged (unless the same request_id is retried).
     """
+    MergeClusters: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.MergeClustersRequest, _correlation_pb2.MergeClustersResponse]
+    """Merges open clusters the engine kept apart into one (an operator knows the
+    fault behind both): every alert of the sources moves to cluster_id, whose
+    root cause is ranked anew over all of them, and each source closes with
+    merged_into_cluster_id set. Later alerts that would have joined a source
+    join the merged cluster. Publishes an "updated" event of cluster_id (with
+    merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
+    unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
+    request_id is retried).
+    """
     IdentifyRootCause: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.IdentifyRootCauseRequest, _correlation_pb2.IdentifyRootCauseResponse]
     """Names the probable root cause of a cluster: the earliest alert upstream
     in the causal chain, with a confidence.
@@ -171,6 +181,16 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     (GetCluster, the listings and every later event), and an "acknowledged"
     event is published. Alerts still join it. FAILED_PRECONDITION if it is
     closed or already acknowledged (unless the same request_id is retried).
+    """
+    MergeClusters: _aio.UnaryUnaryMultiCallable[_correlation_pb2.MergeClustersRequest, _correlation_pb2.MergeClustersResponse]  # type: ignore[assignment]
+    """Merges open clusters the engine kept apart into one (an operator knows the
+    fault behind both): every alert of the sources moves to cluster_id, whose
+    root cause is ranked anew over all of them, and each source closes with
+    merged_into_cluster_id set. Later alerts that would have joined a source
+    join the merged cluster. Publishes an "updated" event of cluster_id (with
+    merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
+    unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
+    request_id is retried).
     """
     IdentifyRootCause: _aio.UnaryUnaryMultiCallable[_correlation_pb2.IdentifyRootCauseRequest, _correlation_pb2.IdentifyRootCauseResponse]  # type: ignore[assignment]
     """Names the probable root cause of a cluster: the earliest alert upstream
@@ -302,6 +322,22 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         (GetCluster, the listings and every later event), and an "acknowledged"
         event is published. Alerts still join it. FAILED_PRECONDITION if it is
         closed or already acknowledged (unless the same request_id is retried).
+        """
+
+    @_abc_1.abstractmethod
+    def MergeClusters(
+        self,
+        request: _correlation_pb2.MergeClustersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_correlation_pb2.MergeClustersResponse, _abc.Awaitable[_correlation_pb2.MergeClustersResponse]]:
+        """Merges open clusters the engine kept apart into one (an operator knows the
+        fault behind both): every alert of the sources moves to cluster_id, whose
+        root cause is ranked anew over all of them, and each source closes with
+        merged_into_cluster_id set. Later alerts that would have joined a source
+        join the merged cluster. Publishes an "updated" event of cluster_id (with
+        merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
+        unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
+        request_id is retried).
         """
 
     @_abc_1.abstractmethod

@@ -124,6 +124,7 @@ class Incident(_message.Message):
     ACKNOWLEDGED_BY_FIELD_NUMBER: _builtins.int
     ACKNOWLEDGE_TIME_FIELD_NUMBER: _builtins.int
     ACKNOWLEDGE_NOTE_FIELD_NUMBER: _builtins.int
+    MERGED_INTO_CLUSTER_ID_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     max_severity: _builtins.int
     root_cause_alert_id: _builtins.str
@@ -147,6 +148,10 @@ class Incident(_message.Message):
     acknowledged_by: _builtins.str
     """Set once the incident is acknowledged: who, when and their note."""
     acknowledge_note: _builtins.str
+    merged_into_cluster_id: _builtins.str
+    """Set on the "closed" event of an incident merged into another
+    (CorrelationService.MergeClusters): the incident its alerts moved to.
+    """
     @_builtins.property
     def satellite_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Sorted. An incident over thousands of satellites lists the first that
@@ -186,10 +191,11 @@ class Incident(_message.Message):
         acknowledged_by: _builtins.str = ...,
         acknowledge_time: _timestamp_pb2.Timestamp | None = ...,
         acknowledge_note: _builtins.str = ...,
+        merged_into_cluster_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acknowledge_time", b"acknowledge_time", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_note", b"acknowledge_note", "acknowledge_time", b"acknowledge_time", "acknowledged_by", b"acknowledged_by", "alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_count", b"satellite_count", "satellite_ids", b"satellite_ids", "subsystem_count", b"subsystem_count", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_note", b"acknowledge_note", "acknowledge_time", b"acknowledge_time", "acknowledged_by", b"acknowledged_by", "alert_count", b"alert_count", "cluster_id", b"cluster_id", "duplicate_count", b"duplicate_count", "first_alert_time", b"first_alert_time", "last_alert_time", b"last_alert_time", "max_severity", b"max_severity", "merged_into_cluster_id", b"merged_into_cluster_id", "multi_satellite", b"multi_satellite", "root_cause_alert_id", b"root_cause_alert_id", "root_cause_confidence", b"root_cause_confidence", "root_cause_satellite_id", b"root_cause_satellite_id", "root_cause_subsystem", b"root_cause_subsystem", "satellite_count", b"satellite_count", "satellite_ids", b"satellite_ids", "subsystem_count", b"subsystem_count", "subsystems", b"subsystems", "tracking_id", b"tracking_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,6 +228,7 @@ class IncidentUpdated(_message.Message):
     INCIDENT_FIELD_NUMBER: _builtins.int
     ADDED_ALERT_IDS_FIELD_NUMBER: _builtins.int
     ROOT_CAUSE_CHANGED_FIELD_NUMBER: _builtins.int
+    MERGED_CLUSTER_IDS_FIELD_NUMBER: _builtins.int
     root_cause_changed: _builtins.bool
     @_builtins.property
     def incident(self) -> Global___Incident: ...
@@ -229,16 +236,23 @@ class IncidentUpdated(_message.Message):
     def added_alert_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Alerts added by the change that caused the event."""
 
+    @_builtins.property
+    def merged_cluster_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The incidents merged into this one by the change (MergeClusters); their
+        alerts are in added_alert_ids.
+        """
+
     def __init__(
         self,
         *,
         incident: Global___Incident | None = ...,
         added_alert_ids: _abc.Iterable[_builtins.str] | None = ...,
         root_cause_changed: _builtins.bool = ...,
+        merged_cluster_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_alert_ids", b"added_alert_ids", "incident", b"incident", "root_cause_changed", b"root_cause_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_alert_ids", b"added_alert_ids", "incident", b"incident", "merged_cluster_ids", b"merged_cluster_ids", "root_cause_changed", b"root_cause_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

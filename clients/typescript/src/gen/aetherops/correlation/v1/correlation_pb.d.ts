@@ -230,6 +230,15 @@ export declare type Cluster = Message<"aetherops.correlation.v1.Cluster"> & {
    * @generated from field: string acknowledge_note = 21;
    */
   acknowledgeNote: string;
+
+  /**
+   * Set on a cluster closed by MergeClusters: the cluster its alerts moved to
+   * (GetCluster and ListAlerts show them there). Its counts, times and root
+   * cause stay as they were when it was merged.
+   *
+   * @generated from field: string merged_into_cluster_id = 22;
+   */
+  mergedIntoClusterId: string;
 };
 
 /**
@@ -809,6 +818,65 @@ export declare type AcknowledgeClusterResponse = Message<"aetherops.correlation.
  * Use `create(AcknowledgeClusterResponseSchema)` to create a new message.
  */
 export declare const AcknowledgeClusterResponseSchema: GenMessage<AcknowledgeClusterResponse>;
+
+/**
+ * @generated from message aetherops.correlation.v1.MergeClustersRequest
+ */
+export declare type MergeClustersRequest = Message<"aetherops.correlation.v1.MergeClustersRequest"> & {
+  /**
+   * The cluster that stays: it keeps its id, opening, tracking id and
+   * acknowledgement.
+   *
+   * @generated from field: string cluster_id = 1;
+   */
+  clusterId: string;
+
+  /**
+   * The clusters merged into it: 1 to 100 distinct ids, not cluster_id.
+   *
+   * @generated from field: repeated string source_cluster_ids = 2;
+   */
+  sourceClusterIds: string[];
+
+  /**
+   * Why they are one incident, kept in each source's close_reason and events.
+   * Optional, at most 4096 characters.
+   *
+   * @generated from field: string note = 3;
+   */
+  note: string;
+
+  /**
+   * Idempotency key, per cluster_id: retrying with the same id answers as the first call did.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.MergeClustersRequest.
+ * Use `create(MergeClustersRequestSchema)` to create a new message.
+ */
+export declare const MergeClustersRequestSchema: GenMessage<MergeClustersRequest>;
+
+/**
+ * @generated from message aetherops.correlation.v1.MergeClustersResponse
+ */
+export declare type MergeClustersResponse = Message<"aetherops.correlation.v1.MergeClustersResponse"> & {
+  /**
+   * The merged cluster, its alerts as GetCluster shows them.
+   *
+   * @generated from field: aetherops.correlation.v1.Cluster cluster = 1;
+   */
+  cluster?: Cluster | undefined;
+};
+
+/**
+ * Describes the message aetherops.correlation.v1.MergeClustersResponse.
+ * Use `create(MergeClustersResponseSchema)` to create a new message.
+ */
+export declare const MergeClustersResponseSchema: GenMessage<MergeClustersResponse>;
 
 /**
  * @generated from message aetherops.correlation.v1.IdentifyRootCauseRequest
@@ -1466,6 +1534,23 @@ export declare const CorrelationService: GenService<{
     methodKind: "unary";
     input: typeof AcknowledgeClusterRequestSchema;
     output: typeof AcknowledgeClusterResponseSchema;
+  },
+  /**
+   * Merges open clusters the engine kept apart into one (an operator knows the
+   * fault behind both): every alert of the sources moves to cluster_id, whose
+   * root cause is ranked anew over all of them, and each source closes with
+   * merged_into_cluster_id set. Later alerts that would have joined a source
+   * join the merged cluster. Publishes an "updated" event of cluster_id (with
+   * merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
+   * unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
+   * request_id is retried).
+   *
+   * @generated from rpc aetherops.correlation.v1.CorrelationService.MergeClusters
+   */
+  mergeClusters: {
+    methodKind: "unary";
+    input: typeof MergeClustersRequestSchema;
+    output: typeof MergeClustersResponseSchema;
   },
   /**
    * Names the probable root cause of a cluster: the earliest alert upstream

@@ -236,6 +236,14 @@ export declare type Incident = Message<"aetherops.events.v1.Incident"> & {
    * @generated from field: string acknowledge_note = 19;
    */
   acknowledgeNote: string;
+
+  /**
+   * Set on the "closed" event of an incident merged into another
+   * (CorrelationService.MergeClusters): the incident its alerts moved to.
+   *
+   * @generated from field: string merged_into_cluster_id = 20;
+   */
+  mergedIntoClusterId: string;
 };
 
 /**
@@ -280,6 +288,14 @@ export declare type IncidentUpdated = Message<"aetherops.events.v1.IncidentUpdat
    * @generated from field: bool root_cause_changed = 3;
    */
   rootCauseChanged: boolean;
+
+  /**
+   * The incidents merged into this one by the change (MergeClusters); their
+   * alerts are in added_alert_ids.
+   *
+   * @generated from field: repeated string merged_cluster_ids = 4;
+   */
+  mergedClusterIds: string[];
 };
 
 /**
