@@ -819,6 +819,15 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
     assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=repeat))).duplicate
     assert source != target
     before = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=target))).cluster
+    closes = stub.WatchClusters(pb.WatchClustersRequest(event_types=[pb.CLUSTER_EVENT_TYPE_CLOSED]))
+    first_close = asyncio.ensure_future(closes.read())
+    feed = _correlation(app).feed
+    assert feed is not None
+
+    async def watching() -> bool:
+        return len(feed._watchers) == 1
+
+    await eventually(watching, what="the watch registered")
 
     request = pb.MergeClustersRequest(
         cluster_id=target, source_cluster_ids=[source], note="one bus fault", request_id="merge-1"
@@ -830,6 +839,10 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
     assert merged.root_cause_alert_id == power.alert_id != before.root_cause_alert_id
     assert merged.tracking_id == before.tracking_id and merged.status == pb.CLUSTER_STATUS_OPEN
     assert (await stub.MergeClusters(request)).cluster == merged  # a retry answers as the first call
+    watched = await asyncio.wait_for(first_close, 10)
+    assert (watched.cluster.cluster_id, watched.cluster.merged_into_cluster_id) == (source, target)
+    assert watched.cluster.close_reason == f"merged into {target}: one bus fault"
+    closes.cancel()
     gone = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=source))).cluster
     assert gone.status == pb.CLUSTER_STATUS_CLOSED and gone.merged_into_cluster_id == target
     assert (gone.close_reason, gone.closed_by) == (f"merged into {target}: one bus fault", "operator")
