@@ -193,9 +193,10 @@ class ExhaustionForecast:
     days_remaining_p90: float | None = None
     unit: str = ""
     rate_per_day: float = 0.0
-    #: Sum of the not yet realised scheduled mission impacts included in the forecast.
+    #: Sum of the not yet realised scheduled mission impacts included in the forecast (those of the
+    #: missions that start before the exhaustion: a later one changes nothing the forecast says).
     scheduled_impact: float = 0.0
-    #: The scheduled missions whose impacts are included.
+    #: The scheduled missions whose impacts are included (as for scheduled_impact).
     mission_ids: tuple[str, ...] = ()
 
 
@@ -879,6 +880,14 @@ class _Row:
     ramps: list[_Ramp]
     ramp_ids: list[str]
 
+    def ahead(self) -> list[int]:
+        """Indices of the missions the forecast counts: those with impact still to come before the
+        resource runs out. What a mission does after that changes neither the exhaustion time (the
+        first zero) nor what to do about it, so it is not reported either."""
+        hit = _solve_piecewise(self.level, self.rate, [g for g in self.ramps if g[1] > 0.0])
+        end = math.inf if hit is None else hit
+        return [i for i, (s, e, _) in enumerate(self.ramps) if e > 0.0 and max(s, 0.0) < end]
+
 
 @dataclass
 class _BatchOut:
@@ -930,10 +939,13 @@ class _BatchOut:
         )
 
     def mission_info(self, i: int) -> tuple[tuple[str, ...], float]:
-        """Ids and not yet realised total impact of the missions still ahead of row i."""
-        ramps, ids = self.ramps.get(i, ([], []))
-        ahead = [(m, a * (1.0 - _fraction_done(s, e, 0.0))) for (s, e, a), m in zip(ramps, ids, strict=True) if e > 0.0]
-        return tuple(sorted(m for m, _ in ahead)), float(sum(x for _, x in ahead))
+        """Ids and not yet realised total impact of the missions the forecast of row i counts."""
+        if i not in self.ramps:  # most rows of a fleet: no solve needed
+            return (), 0.0
+        r = self.row(i)
+        ahead = r.ahead()
+        impact = sum(a * (1.0 - _fraction_done(s, e, 0.0)) for s, e, a in (r.ramps[j] for j in ahead))
+        return tuple(sorted(r.ramp_ids[j] for j in ahead)), float(impact)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1727,7 +1739,7 @@ class CapacityPlanner:
             level = RiskLevel(int(out.levels[i]))
             if level is RiskLevel.NOMINAL:
                 continue
-            for action, description, days_after, ids in self._interventions_for(r, days):
+            for action, description, days_after, ids in self._interventions_for(r):
                 gained = (self.horizon_days if math.isnan(days_after) else days_after) - days
                 result.append(
                     {
@@ -1743,13 +1755,12 @@ class CapacityPlanner:
         result.sort(key=lambda d: (d["days_remaining"], -d["days_gained"], d["action"]))
         return result
 
-    def _interventions_for(self, r: _Row, days: float) -> list[tuple[str, str, float, list[str]]]:
+    def _interventions_for(self, r: _Row) -> list[tuple[str, str, float, list[str]]]:
         resource = r.key[1]
         found: list[tuple[str, str, float, list[str]]] = []
         if resource is ResourceType.FUEL:
             # Burns still ahead that start before the forecast exhaustion cause the shortfall.
-            exhaustion_rel = r.now_rel + days
-            culprits = [i for i, (s, e, a) in enumerate(r.ramps) if e > 0.0 and a > 0.0 and s <= exhaustion_rel]
+            culprits = [i for i in r.ahead() if r.ramps[i][2] > 0.0]
             culprits.sort(key=lambda i: -r.ramps[i][2])
             for i in culprits:
                 others = [g for j, g in enumerate(r.ramps) if j != i]

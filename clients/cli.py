@@ -503,6 +503,12 @@ def _add_operator_commands(sub: Any) -> None:
     start.add_argument("runbook_id", help="the runbook to run (its latest version)")
     start.add_argument("--var", action="append", default=[], metavar="K=V", help="execution variable (repeatable)")
     start.add_argument("--dry-run", action="store_true", help="only show what would run")
+    start.add_argument(
+        "--incident",
+        default="",
+        metavar="CLUSTER_ID",
+        help="the incident it is started for: listed under it (`runbooks executions --incident`, `trace`)",
+    )
     approve = runbooks.add_parser("approve", parents=[common], help="approve a step awaiting approval")
     approve.add_argument("execution_id", help="the execution, as `runbooks start` printed it")
     approve.add_argument("step_id", help="the step awaiting approval")
@@ -1382,9 +1388,10 @@ def _print_execution(execution: Any) -> None:
     from gen.aetherops.runbook.v1 import runbook_pb2
 
     status = _enum(runbook_pb2.RunbookStatus, execution.status, "RUNBOOK_STATUS_")
+    incident = f"incident {execution.incident_id}; " if execution.incident_id else ""
     print(
         f"execution {execution.execution_id}: {status}; runbook {execution.runbook_id} v{execution.runbook_version}; "
-        f"triggered by {execution.triggered_by or '-'}; tracking id {execution.tracking_id or '-'}"
+        f"triggered by {execution.triggered_by or '-'}; {incident}tracking id {execution.tracking_id or '-'}"
     )
     if execution.error:
         print(f"error: {execution.error}")
@@ -1405,7 +1412,9 @@ def _print_execution(execution: Any) -> None:
 
 
 def _runbooks_start(client: Any, args: argparse.Namespace) -> int:
-    reply = client.start_execution(args.runbook_id, variables=_variables(args.var), dry_run=args.dry_run)
+    reply = client.start_execution(
+        args.runbook_id, variables=_variables(args.var), dry_run=args.dry_run, incident_id=args.incident
+    )
     if args.json:
         _emit(_to_dict(reply))
     elif args.dry_run:

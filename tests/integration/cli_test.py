@@ -517,6 +517,33 @@ async def test_runbooks_register_list_start_status(cli: Any, tmp_path: Path) -> 
     assert missing.code == 1 and "tracking id" in missing.err
 
 
+async def test_runbooks_start_for_an_incident(cli: Any, tmp_path: Path) -> None:
+    # Started by hand for an incident: listed under it, as an incident-started execution is.
+    alerts = tmp_path / "alerts.jsonl"
+    alerts.write_text("\n".join(_alert_lines(uuid.uuid4().hex[:8], 2, "SAT-RBI")) + "\n")
+    assert (await cli("alerts", "ingest", str(alerts))).code == 0
+    (cluster,) = (await cli("clusters", "list", "--satellite", "SAT-RBI", "--json")).json()["clusters"]
+    incident = cluster["cluster_id"]
+    runbook_id = f"rb-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "runbook.yaml"
+    path.write_text(
+        f"runbook_id: {runbook_id}\nname: Note the incident\nsteps:\n"
+        "  - {step_id: note, action: log, parameters: {message: on it}}\n"
+    )
+    assert (await cli("runbooks", "register", str(path))).code == 0
+
+    started = await cli("runbooks", "start", runbook_id, "--incident", incident)
+    assert started.code == 0, started.err
+    assert f"; incident {incident};" in started.out.splitlines()[0]
+    listed = (await cli("runbooks", "executions", "--incident", incident, "--json")).json()["executions"]
+    assert [(e["runbook_id"], e["incident_id"]) for e in listed] == [(runbook_id, incident)]
+
+    # A mistyped id would link the execution to nothing: refused, nothing started.
+    missing = await cli("runbooks", "start", runbook_id, "--incident", "no-such-incident", "--json")
+    assert missing.code == 1 and missing.json()["error"]["code"] == "NOT_FOUND"
+    assert len((await cli("runbooks", "executions", "--runbook", runbook_id, "--json")).json()["executions"]) == 1
+
+
 async def test_runbooks_step_and_rollback(cli: Any, tmp_path: Path) -> None:
     # A manual execution advances only through ExecuteNextStep: `runbooks step` is how the CLI gets it going.
     runbook_id = f"rb-{uuid.uuid4().hex[:8]}"

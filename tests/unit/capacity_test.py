@@ -441,6 +441,31 @@ def test_forecast_includes_scheduled_missions() -> None:
         planner.add_scheduled_mission(MissionScheduleEntry("bad", "s", day(2), day(1)))
 
 
+def test_missions_after_the_exhaustion_are_not_counted() -> None:
+    # 40 kg left at day 30, 2 kg/day, a 10 kg burn at day 32: empty at day 45. A burn after that
+    # changes nothing the forecast says: not the date, not the missions, the impact or the advice.
+    planner, _ = planner_at(30)
+    linear(planner, "s", FUEL, 100.0, 2.0)
+    planner.add_scheduled_mission(MissionScheduleEntry("burn-1", "s", day(32), day(33), {FUEL: 10.0}))
+    before = planner.forecast_exhaustion("s", FUEL)
+    assert before is not None and before.days_remaining == pytest.approx(15.0)
+    planner.add_scheduled_mission(MissionScheduleEntry("burn-late", "s", day(50), day(51), {FUEL: 20.0}))
+    planner.add_scheduled_mission(MissionScheduleEntry("refuel-late", "s", day(60), day(61), {FUEL: -30.0}))
+    (f,) = planner.forecast_fleet()
+    assert f == before
+    assert f.mission_ids == ("burn-1",) and f.scheduled_impact == pytest.approx(10.0)
+    assert "burn-late" not in f.recommended_action
+    (defer,) = [d for d in planner.recommend_interventions("s") if d["action"] == "defer_burn"]
+    assert defer["mission_ids"] == ["burn-1"]
+    # Empty at the newest snapshot: no mission still ahead changes that.
+    empty, _ = planner_at(30)
+    linear(empty, "s", FUEL, 30.0, 1.0)
+    empty.add_scheduled_mission(MissionScheduleEntry("burn-2", "s", day(31), day(33), {FUEL: 4.0}))
+    f = empty.forecast_exhaustion("s", FUEL)
+    assert f is not None and f.days_remaining == 0.0
+    assert f.mission_ids == () and f.scheduled_impact == 0.0 and f.recommended_action == "reduce or defer burns"
+
+
 def test_mission_moved_to_another_satellite_is_reindexed() -> None:
     planner, _ = planner_at(30)
     planner.add_scheduled_mission(MissionScheduleEntry("m", "a", day(31), day(32), {FUEL: 1.0}))
