@@ -317,6 +317,8 @@ class IngestResult(NamedTuple):
     first outcome (`duplicate`/`duplicate_of` as it was then; `opened`/`root_cause_changed` False).
     `membership_changed`: the cluster's `satellites` or `subsystems` changed (a satellite or
     subsystem it did not have; always on `opened`), so a writer that stores them knows when to.
+    `escalated_from`: the cluster's highest severity before the alert, when the alert raised it
+    (0 otherwise, and on `opened`): an acknowledged incident that escalates is news again.
     """
 
     cluster_id: str
@@ -326,6 +328,7 @@ class IngestResult(NamedTuple):
     duplicate_of: str | None = None
     replay: bool = False
     membership_changed: bool = False
+    escalated_from: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +525,7 @@ _RANK_NONE: Final = 0  # root-cause ranking unaffected
 _RANK_UNKNOWN: Final = 1  # a new unknown subsystem: compare it with the current root only
 _RANK_FULL: Final = 2  # re-rank every subsystem
 
-_Outcome = tuple[str, bool, str | None, bool, bool, bool]
+_Outcome = tuple[str, bool, str | None, bool, bool, bool, int]
 """(cluster id, opened, duplicate of, root cause changed, replay, membership changed)."""
 
 
@@ -666,8 +669,8 @@ class CorrelationEngine:
 
     def ingest_detailed(self, alert: Alert) -> IngestResult:
         """Like `ingest`, saying also whether it opened a cluster, was a duplicate, moved the root cause."""
-        cid, opened, dup_of, root_changed, replay, grew = self._ingest(alert)
-        return IngestResult(cid, dup_of is not None, opened, root_changed, dup_of, replay, grew)
+        cid, opened, dup_of, root_changed, replay, grew, escalated_from = self._ingest(alert)
+        return IngestResult(cid, dup_of is not None, opened, root_changed, dup_of, replay, grew, escalated_from)
 
     def _ingest(self, alert: Alert) -> _Outcome:
         # The hot path: locals instead of attribute lookups, a tuple instead of a record, and the
@@ -763,7 +766,7 @@ class CorrelationEngine:
 
         if best is None:
             late_touch = now if t < horizon else -math.inf
-            return self._open(alert, key, now_dt, head, late_touch), True, None, False, False, True
+            return self._open(alert, key, now_dt, head, late_touch), True, None, False, False, True, 0
         if t < horizon:
             best._late_touch = now
         if best_slot is None:
@@ -771,8 +774,9 @@ class CorrelationEngine:
         # A satellite or a subsystem new to the cluster (the slot and the first-alert map say so).
         # The slot's keys are in cache (just scored); the cluster's map is one more miss at scale.
         grew = best_slot is None or (key not in best_slot.keys and key not in best._sub_first)
+        before = best._max_sev  # in cache: just scored
         changed = self._add(best, best_slot, alert, key, head)
-        return best.cluster_id, False, None, changed, False, grew
+        return best.cluster_id, False, None, changed, False, grew, before if alert.severity > before else 0
 
     def _replay(self, alert: Alert) -> _Outcome:
         """The first outcome of a known alert id: its cluster and what it duplicated.
@@ -787,10 +791,10 @@ class CorrelationEngine:
         for c in itertools.chain(near, self._clusters.values()):
             for dup, orig in c._dups or ():
                 if dup == aid:
-                    return c.cluster_id, False, orig, False, True, False
+                    return c.cluster_id, False, orig, False, True, False, 0
             for a in c.alerts:
                 if a.alert_id == aid:
-                    return c.cluster_id, False, None, False, True, False
+                    return c.cluster_id, False, None, False, True, False, 0
         raise AssertionError(f"alert id {aid!r} is remembered but in no cluster")  # pragma: no cover
 
     def _chain(self, sat: str) -> Iterator[_Slot]:
@@ -830,7 +834,7 @@ class CorrelationEngine:
                 dups = cluster._dups = []
             dups.append((alert.alert_id, orig))
             self._seen.add(alert.alert_id)
-        return cluster.cluster_id, False, orig, False, False, False
+        return cluster.cluster_id, False, orig, False, False, False, 0
 
     def _late_duplicate_of(self, cluster: IncidentCluster, alert: Alert, key: _Key) -> Alert | None:
         """An alert of the same satellite and subsystem in `cluster` within the dedupe window of a late

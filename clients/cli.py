@@ -1202,6 +1202,11 @@ def _print_watch_update(update: Any, args: argparse.Namespace) -> None:
     acknowledged = ""
     if update.event_type == correlation_pb2.CLUSTER_EVENT_TYPE_ACKNOWLEDGED:
         acknowledged = f"  by {c.acknowledged_by}: {c.acknowledge_note or '-'}"
+    elif update.escalated_from_severity:  # news even when someone acknowledged it: say so first
+        event = "ESCALATED"
+        acknowledged = f"  from sev {update.escalated_from_severity}" + (
+            f"  (acknowledged by {c.acknowledged_by})" if c.acknowledged_by else ""
+        )
     print(
         f"{_when(update.event_time)}  {event:<12}  {c.cluster_id}  sev {c.max_severity}  {c.alert_count} alerts"
         f"  {_satellites(c.satellite_ids)}  {','.join(c.subsystems)}  root cause {c.root_cause_alert_id or '-'}"

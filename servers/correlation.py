@@ -246,6 +246,7 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
                 added_alert_ids=event.added_alert_ids,
                 root_cause_changed=event.root_cause_changed,
                 merged_cluster_ids=event.merged_cluster_ids,
+                escalated_from_severity=event.escalated_from,
             )
         )
     elif event.kind == "acknowledged":
@@ -605,6 +606,7 @@ def _watch_response(item: WatchItem, dropped: int) -> pb.WatchClustersResponse:
         cluster=_cluster_from_event(event, status),
         event_time=event.occurred_time,
         dropped_events=dropped,
+        escalated_from_severity=event.incident_updated.escalated_from_severity,
     )
 
 

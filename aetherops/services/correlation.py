@@ -133,6 +133,8 @@ class IncidentEvent:
     alert's for "updated", the call's for "acknowledged" and "closed" (sent in the envelope and the header)."""
     merged_cluster_ids: list[str] = field(default_factory=list)
     """For "updated": the clusters a merge moved into this one (their alerts are `added_alert_ids`)."""
+    escalated_from: int = 0
+    """For "updated": the incident's highest severity before the change, when the change raised it."""
 
 
 def _acknowledged_key(acknowledged: bool | None) -> tuple[str, ...]:
@@ -418,7 +420,7 @@ class CorrelationService:
         rows: list[AlertRow] = []
         # cluster -> (the alert that opened it, if this batch did; added ids, root changed, membership
         # changed, tracking id of the last added)
-        touched: dict[str, tuple[str | None, list[str], bool, bool, str]] = {}
+        touched: dict[str, tuple[str | None, list[str], bool, bool, str, int]] = {}
         # The same alert id twice in one batch (a retry racing its original): the repeat gets the
         # first one's outcome here, so the engine's replay search (meant to be rare) is never needed.
         in_batch: dict[str, tuple[Alert, IngestOutcome]] = {}
@@ -461,7 +463,9 @@ class CorrelationService:
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
             rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
-            opener, added, root_changed, grew, cause = touched.get(result.cluster_id, (None, [], False, False, ""))
+            opener, added, root_changed, grew, cause, escalated_from = touched.get(
+                result.cluster_id, (None, [], False, False, "", 0)
+            )
             if not result.duplicate:
                 added.append(alert.alert_id)
                 # The committer runs under no request's tracking id: the alert carries its own.
@@ -472,6 +476,7 @@ class CorrelationService:
                 root_changed or result.root_cause_changed,
                 grew or result.membership_changed,
                 cause,
+                escalated_from or result.escalated_from,  # the first: the severity before the batch
             )
             outcome = IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
             in_batch[aid] = (alert, outcome)
@@ -481,7 +486,7 @@ class CorrelationService:
         events: list[outbox.OutboxEvent] = []
         opened_ids: set[str] = set()
         grown_ids: set[str] = set()
-        for cid, (opener, added, root_changed, grew, cause) in touched.items():
+        for cid, (opener, added, root_changed, grew, cause, escalated_from) in touched.items():
             cluster = self._engine.require_cluster(cid)
             record = record_of(cluster, with_alerts=False, opened_by=opener)
             records.append(record)
@@ -494,7 +499,16 @@ class CorrelationService:
                 events.append(self._event(event, now))
             elif added or root_changed:
                 for i, ids in enumerate(_id_chunks(added)):
-                    event = IncidentEvent("updated", record, root, ids, root_changed and i == 0, tracking_id=cause)
+                    leading = i == 0  # what changed is said once, by the first event
+                    event = IncidentEvent(
+                        "updated",
+                        record,
+                        root,
+                        ids,
+                        root_changed and leading,
+                        tracking_id=cause,
+                        escalated_from=escalated_from if leading else 0,
+                    )
                     events.append(self._event(event, now))
         return _Batch(outcomes, rows, opened_ids, grown_ids, records, events)
 
@@ -804,6 +818,7 @@ class CorrelationService:
         tracking_id = current_tracking_id()
         moved = [a.alert_id for s in sources for a in s.alerts]
         root, root_changed = merged.root_cause_alert(), merged.root_cause != into.root_cause_alert_id
+        escalated_from = into.max_severity if record.max_severity > into.max_severity else 0
         events = [
             IncidentEvent(
                 "updated",
@@ -813,6 +828,7 @@ class CorrelationService:
                 root_changed and i == 0,
                 tracking_id=tracking_id,
                 merged_cluster_ids=list(source_ids),
+                escalated_from=escalated_from if i == 0 else 0,
             )
             for i, ids in enumerate(_id_chunks(moved))
         ]

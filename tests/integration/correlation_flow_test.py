@@ -64,6 +64,23 @@ def _violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
     return out
 
 
+async def _watching(
+    app: Any, stub: correlation_pb2_grpc.CorrelationServiceStub, event_type: pb.ClusterEventType.ValueType
+) -> tuple[Any, asyncio.Future[pb.WatchClustersResponse]]:
+    """A watch of one event type, registered with the server's feed before this returns (so nothing
+    committed afterwards is missed), and its first message to come."""
+    call = stub.WatchClusters(pb.WatchClustersRequest(event_types=[event_type]))
+    first = asyncio.ensure_future(call.read())
+    feed = _correlation(app).feed
+    assert feed is not None
+
+    async def registered() -> bool:
+        return len(feed._watchers) == 1
+
+    await eventually(registered, what="the watch registered")
+    return call, first
+
+
 async def _events(bus: Bus, count: int = 0, until: str = "", timeout_s: float = 10.0) -> list[events_pb2.Event]:
     """Incident events from JetStream, from the first, until `count` arrived or one of kind `until` did."""
     sub = await bus.js.subscribe(bus.subjects.incidents(">"), ordered_consumer=True)
@@ -750,16 +767,7 @@ async def test_an_acknowledged_incident_says_who_is_on_it_in_every_view_and_even
     t0 = datetime.now(UTC) - timedelta(seconds=60)
     app = await app_factory()
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
-    acks = stub.WatchClusters(pb.WatchClustersRequest(event_types=[pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED]))
-    first_ack = asyncio.ensure_future(acks.read())
-    component = _correlation(app)
-    assert component.feed is not None
-    feed = component.feed
-
-    async def watching() -> bool:
-        return len(feed._watchers) == 1
-
-    await eventually(watching, what="the watch registered")
+    acks, first_ack = await _watching(app, stub, pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED)
     opened = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-K1", "power", t0, severity=5)))
     cid = opened.cluster_id
     request = pb.AcknowledgeClusterRequest(cluster_id=cid, note="switching to the backup bus", request_id="ack-1")
@@ -804,13 +812,51 @@ async def test_an_acknowledged_incident_says_who_is_on_it_in_every_view_and_even
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "note" in _violations(err.value)
 
 
+async def test_an_acknowledged_incident_that_escalates_says_so_in_its_event_and_watch(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    updates, first_update = await _watching(app, stub, pb.CLUSTER_EVENT_TYPE_UPDATED)
+    opened = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-E1", "thermal", t0, severity=2)))
+    cid = opened.cluster_id
+    await stub.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, note="watching a slow drift"))
+    # One batch raising it twice (2 -> 3 -> 5): the event says where the batch found it.
+    batch = [
+        _alert("SAT-E1", "power", t0 + timedelta(seconds=5), severity=3),
+        _alert("SAT-E1", "propulsion", t0 + timedelta(seconds=6), severity=5),
+    ]
+    reply = await stub.IngestAlerts(iter([pb.IngestAlertsRequest(alerts=batch)]))
+    assert reply.accepted == 2
+    watched = await asyncio.wait_for(first_update, 10)
+    assert (watched.cluster.cluster_id, watched.escalated_from_severity) == (cid, 2)
+    assert (watched.cluster.max_severity, watched.cluster.acknowledged_by) == (5, "operator")
+    # A later alert below the max escalates nothing.
+    await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-E1", "adcs", t0 + timedelta(seconds=7), severity=4)))
+    calm = await asyncio.wait_for(updates.read(), 10)
+    assert calm.escalated_from_severity == 0
+    updates.cancel()
+    events = await _events(bus, count=4)
+    assert [e.WhichOneof("payload") for e in events] == [
+        "incident_opened",
+        "incident_acknowledged",
+        "incident_updated",
+        "incident_updated",
+    ]
+    escalated = events[2].incident_updated
+    assert escalated.escalated_from_severity == 2 and escalated.incident.max_severity == 5
+    assert escalated.incident.acknowledged_by == "operator"
+    assert events[3].incident_updated.escalated_from_severity == 0
+
+
 async def test_merged_incidents_become_one_that_keeps_correlating_across_restart(
     app_factory: Any, bus: Bus, channel_for: Any
 ) -> None:
     t0 = datetime.now(UTC) - timedelta(seconds=60)
     app = await app_factory()
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
-    power = _alert("SAT-M1", "power", t0)
+    power = _alert("SAT-M1", "power", t0, severity=5)
     source = (await stub.IngestAlert(pb.IngestAlertRequest(alert=power))).cluster_id
     # An unknown unit on another satellite: time alone never correlates, so it opens its own incident.
     unit = _alert("SAT-M2", "star-tracker", t0 + timedelta(seconds=20))
@@ -819,15 +865,7 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
     assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=repeat))).duplicate
     assert source != target
     before = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=target))).cluster
-    closes = stub.WatchClusters(pb.WatchClustersRequest(event_types=[pb.CLUSTER_EVENT_TYPE_CLOSED]))
-    first_close = asyncio.ensure_future(closes.read())
-    feed = _correlation(app).feed
-    assert feed is not None
-
-    async def watching() -> bool:
-        return len(feed._watchers) == 1
-
-    await eventually(watching, what="the watch registered")
+    closes, first_close = await _watching(app, stub, pb.CLUSTER_EVENT_TYPE_CLOSED)
 
     request = pb.MergeClustersRequest(
         cluster_id=target, source_cluster_ids=[source], note="one bus fault", request_id="merge-1"
@@ -876,6 +914,7 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
     update, closed = events[2].incident_updated, events[3].incident_closed
     assert list(update.merged_cluster_ids) == [source] and list(update.added_alert_ids) == [power.alert_id]
     assert update.root_cause_changed and update.incident.root_cause_alert_id == power.alert_id
+    assert (update.escalated_from_severity, update.incident.max_severity) == (4, 5)
     assert closed.incident.merged_into_cluster_id == target and closed.closed_by == "operator"
     assert [list(e.incident_updated.added_alert_ids) for e in events[4:]] == [[propulsion.alert_id], [thermal.alert_id]]
 

@@ -19,6 +19,7 @@ from clients.cli import (
     _cluster_row,
     _clusters_list,
     _clusters_watch,
+    _print_watch_update,
     _records,
     _snapshot_from,
     _up_to,
@@ -381,3 +382,18 @@ def test_a_watch_that_cannot_resume_gives_up(monkeypatch: pytest.MonkeyPatch) ->
     args = argparse.Namespace(event=[], satellite=[], min_severity=0, since=None, json=False)
     with pytest.raises(Unavailable):
         _clusters_watch(Gone(), args)
+
+
+def test_watch_says_an_escalation_even_of_an_acknowledged_incident(capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.aetherops.correlation.v1 import correlation_pb2 as pb
+
+    cluster = pb.Cluster(cluster_id="C-9", max_severity=5, alert_count=3, acknowledged_by="ops-anna")
+    args = argparse.Namespace(json=False)
+    _print_watch_update(
+        pb.WatchClustersResponse(event_type=pb.CLUSTER_EVENT_TYPE_UPDATED, cluster=cluster, escalated_from_severity=2),
+        args,
+    )
+    _print_watch_update(pb.WatchClustersResponse(event_type=pb.CLUSTER_EVENT_TYPE_UPDATED, cluster=cluster), args)
+    escalated, updated = capsys.readouterr().out.splitlines()
+    assert "ESCALATED" in escalated and "from sev 2  (acknowledged by ops-anna)" in escalated
+    assert "UPDATED" in updated and "ESCALATED" not in updated

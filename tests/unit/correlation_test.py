@@ -406,7 +406,7 @@ def test_an_escalation_within_the_dedupe_window_is_kept_and_raises_the_severity(
     clock.set(at(10))
     worse = alert("SAT-1", "EPS", 10, severity=5)
     escalated = engine.ingest_detailed(worse)
-    assert escalated == IngestResult("C1")  # kept in the incident, not counted as a duplicate
+    assert escalated == IngestResult("C1", escalated_from=4)  # kept in the incident, not counted as a duplicate
     cluster = engine.require_cluster("C1")
     assert cluster.alerts == [first, worse] and cluster.max_severity == 5 and cluster.duplicate_count == 0
     # The escalated alert is the reference now: a repeat at its severity, or lower, is a duplicate.
@@ -769,6 +769,18 @@ def test_a_long_incident_stays_in_memory_while_active_and_goes_exactly_a_window_
     assert engine.stats.clusters_in_memory == 1 and engine.stats.expired == 1
     assert engine.expire(at(1400 + 301)) == ["C2"]
     assert engine.stats.clusters_in_memory == 0
+
+
+def test_an_alert_that_raises_a_clusters_severity_says_from_what() -> None:
+    engine, clock = make_engine()
+    clock.set(at(30))
+    opened = engine.ingest_detailed(alert("SAT-1", "thermal", 0, severity=2))
+    assert opened.opened and opened.escalated_from == 0
+    assert engine.ingest_detailed(alert("SAT-1", "power", 10, severity=2)).escalated_from == 0  # not higher
+    assert engine.ingest_detailed(alert("SAT-1", "propulsion", 20, severity=4)).escalated_from == 2
+    assert engine.ingest_detailed(alert("SAT-1", "adcs", 25, severity=3)).escalated_from == 0  # below the max
+    escalation = engine.ingest_detailed(alert("SAT-1", "thermal", 30, severity=5))  # a repeat, but more severe
+    assert not escalation.duplicate and escalation.escalated_from == 4
 
 
 # ---- merging (an operator says two incidents are one) -------------------------------------

@@ -229,7 +229,13 @@ class IncidentUpdated(_message.Message):
     ADDED_ALERT_IDS_FIELD_NUMBER: _builtins.int
     ROOT_CAUSE_CHANGED_FIELD_NUMBER: _builtins.int
     MERGED_CLUSTER_IDS_FIELD_NUMBER: _builtins.int
+    ESCALATED_FROM_SEVERITY_FIELD_NUMBER: _builtins.int
     root_cause_changed: _builtins.bool
+    escalated_from_severity: _builtins.int
+    """Set when the change raised the incident's max severity: what it was
+    before (1-4). An acknowledged incident that escalates is news to whoever
+    acknowledged it: a pager re-pages on this.
+    """
     @_builtins.property
     def incident(self) -> Global___Incident: ...
     @_builtins.property
@@ -249,10 +255,11 @@ class IncidentUpdated(_message.Message):
         added_alert_ids: _abc.Iterable[_builtins.str] | None = ...,
         root_cause_changed: _builtins.bool = ...,
         merged_cluster_ids: _abc.Iterable[_builtins.str] | None = ...,
+        escalated_from_severity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_alert_ids", b"added_alert_ids", "incident", b"incident", "merged_cluster_ids", b"merged_cluster_ids", "root_cause_changed", b"root_cause_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_alert_ids", b"added_alert_ids", "escalated_from_severity", b"escalated_from_severity", "incident", b"incident", "merged_cluster_ids", b"merged_cluster_ids", "root_cause_changed", b"root_cause_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1091,6 +1091,14 @@ export declare type WatchClustersResponse = Message<"aetherops.correlation.v1.Wa
    * @generated from field: int64 dropped_events = 4;
    */
   droppedEvents: bigint;
+
+  /**
+   * On an UPDATED event that raised the cluster's max severity: what it was
+   * before (1-4; 0 otherwise). An acknowledged incident that escalates is news.
+   *
+   * @generated from field: int32 escalated_from_severity = 5;
+   */
+  escalatedFromSeverity: number;
 };
 
 /**

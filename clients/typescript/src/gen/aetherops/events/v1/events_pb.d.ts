@@ -296,6 +296,15 @@ export declare type IncidentUpdated = Message<"aetherops.events.v1.IncidentUpdat
    * @generated from field: repeated string merged_cluster_ids = 4;
    */
   mergedClusterIds: string[];
+
+  /**
+   * Set when the change raised the incident's max severity: what it was
+   * before (1-4). An acknowledged incident that escalates is news to whoever
+   * acknowledged it: a pager re-pages on this.
+   *
+   * @generated from field: int32 escalated_from_severity = 5;
+   */
+  escalatedFromSeverity: number;
 };
 
 /**
