@@ -177,6 +177,7 @@ async def _latency(
     """
     nc = await nats.connect(NATS)
     sent: dict[str, float] = {}
+    order: dict[str, int] = {}  # alert id -> its place in the sending order (for a failure's report)
     lags: list[float] = []
     done = asyncio.Event()
     total = int(rate * seconds)
@@ -192,6 +193,10 @@ async def _latency(
                 done.set()
 
     sub = await nc.subscribe(f"{namespace}.aetherops.incidents.opened", cb=on_event)
+    # A round trip, so the server has the subscription before the first alert: nats-py only queues
+    # the SUB, and a busy client flushed it after the first event had been published (one of 5,000
+    # events "lost" in a full run, right after the streaming phase).
+    await nc.flush()
     ingest_subject = f"{namespace}.aetherops.alerts.ingest"
     js = nc.jetstream()
     stored: list[Awaitable[object]] = []  # JetStream's acknowledgements of the published alerts
@@ -202,6 +207,7 @@ async def _latency(
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         alert = _alert(datetime.now(UTC))
         sent[alert.alert_id] = time.perf_counter()
+        order[alert.alert_id] = i
         if path == "nats":
             # Acknowledged publishes (awaited after the loop): a plain publish has no guarantee that
             # the stream stored the alert, and a lost one would leave this phase waiting for its event.
@@ -228,7 +234,7 @@ async def _latency(
     except TimeoutError:
         raise RuntimeError(
             f"{path} path: {expected - len(lags)} of {expected} incident events did not arrive within 60 s"
-            f" of the last alert (e.g. {list(sent)[:3]})"
+            f" of the last alert (alerts number {[order[k] for k in list(sent)[:5]]} of the sending order)"
         ) from None
     finally:
         await sub.unsubscribe()
