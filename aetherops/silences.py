@@ -11,7 +11,8 @@ The window is compared with the alert's own timestamp (when the satellite observ
 its arrival: a satellite out of contact during its manoeuvre downlinks the alerts at the next pass,
 hours after the window, and they are silenced all the same. So a silence stays in the index for
 `SilenceIndex.KEEP_AFTER_END_S` after it ends, for such batches. Ending a silence early
-(`Silence.expired`) moves its end to that moment: alerts observed from then on correlate again.
+(`Silence.expired`) moves its end to that moment: alerts observed from then on correlate again; one
+that had not started yet starts and ends then, covering nothing.
 
 Pure: no I/O; the service loads silences from PostgreSQL and keeps an index up to date.
 """
@@ -71,7 +72,14 @@ class Silence:
         return self.end_time <= now
 
     def expired(self, now: datetime, by: str) -> Silence:
-        """This silence ended at `now` (no later than it would have ended anyway)."""
+        """This silence ended at `now` (no later than it would have ended anyway).
+
+        One that has not started yet never starts: its window becomes `[now, now)`, covering nothing
+        (as Alertmanager expires a pending silence). Moving only its end would leave the end before
+        the start, listed as such, and kept as "not yet ended" until its start passed.
+        """
+        if now < self.start_time:
+            return replace(self, start_time=now, end_time=now, expired_by=by, expire_time=now)
         return replace(self, end_time=min(self.end_time, now), expired_by=by, expire_time=now)
 
 
@@ -157,7 +165,9 @@ class SilenceIndex:
         return min(found, key=lambda s: s.silence_id) if found else None
 
     def _gone(self, silence: Silence, now: datetime) -> bool:
-        return (now - silence.end_time).total_seconds() > self.KEEP_AFTER_END_S
+        # An empty window (expired before it started) covers nothing, late alerts included.
+        empty = silence.end_time <= silence.start_time
+        return empty or (now - silence.end_time).total_seconds() > self.KEEP_AFTER_END_S
 
     def _rebuild(self) -> None:
         by_satellite: dict[str, list[Silence]] = {}

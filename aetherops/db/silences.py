@@ -55,10 +55,11 @@ async def get(conn: asyncpg.Connection, silence_id: str, *, for_update: bool = F
 
 
 async def expire(conn: asyncpg.Connection, s: Silence) -> None:
-    """Stores an expired silence's new end and who ended it."""
+    """Stores an expired silence's new window (its start moves too if it had not started) and who ended it."""
     await conn.execute(
-        "UPDATE silences SET end_time = $2, expired_by = $3, expire_time = $4 WHERE silence_id = $1",
+        "UPDATE silences SET start_time = $2, end_time = $3, expired_by = $4, expire_time = $5 WHERE silence_id = $1",
         s.silence_id,
+        s.start_time,
         s.end_time,
         s.expired_by,
         s.expire_time,

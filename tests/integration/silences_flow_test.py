@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from correlation_flow_test import _violations
 
-from aetherops.db import Database
+from aetherops.db import Database, apply_migrations
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
 from servers.convert import to_ts
@@ -184,3 +185,42 @@ async def test_silence_bad_input_roles_and_unknown_ids(server: Any, channel_for:
     assert not rest.next_page_token
     by_sat = (await viewer.ListSilences(pb.ListSilencesRequest(satellite_id="SAT-P0"))).silences
     assert sorted(s.silence_id for s in by_sat) == sorted([ids[0], ids[2]])
+
+
+async def test_expiring_a_silence_not_yet_started_ends_it_with_an_empty_window(
+    server: Any, channel_for: Any, db: Database
+) -> None:
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    now = datetime.now(UTC)
+    planned = _burn(now, start_time=to_ts(now + timedelta(minutes=1)), end_time=to_ts(now + timedelta(hours=2)))
+    created = (await operator.CreateSilence(pb.CreateSilenceRequest(silence=planned))).silence
+    ended = (await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=created.silence_id))).silence
+    assert ended.start_time == ended.end_time == ended.expire_time
+    assert ended.end_time.ToDatetime(UTC) <= datetime.now(UTC)
+    # Ended, so listed only with those ended, as it was answered; and ended already for a second expiry.
+    assert not (await operator.ListSilences(pb.ListSilencesRequest())).silences
+    assert list((await operator.ListSilences(pb.ListSilencesRequest(include_ended=True))).silences) == [ended]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=created.silence_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # An alert observed in the planned window correlates (a little ahead of time: within the skew allowed).
+    alert = _alert("SAT-S1", "propulsion", now + timedelta(minutes=2))
+    reply = await operator.IngestAlert(pb.IngestAlertRequest(alert=alert))
+    assert reply.cluster_id and not reply.silence_id
+
+
+async def test_silences_stored_with_a_backward_window_are_mended_by_the_migration(db: Database) -> None:
+    # What expiring one not yet started stored before migration 15.
+    await db.execute("ALTER TABLE silences DROP CONSTRAINT silences_end_not_before_start")
+    await db.execute("DELETE FROM schema_migrations WHERE version = 15")
+    start, expired = datetime(2026, 12, 5, 12, tzinfo=UTC), datetime(2026, 12, 5, 10, tzinfo=UTC)
+    await db.execute(
+        "INSERT INTO silences (silence_id, labels, start_time, end_time, comment, create_time, expire_time)"
+        " VALUES ('s1', '{\"a\": \"b\"}', $1, $2, 'c', $2, $2)",
+        start,
+        expired,
+    )
+    assert await apply_migrations(db) == [15]
+    assert tuple(await db.fetchrow("SELECT start_time, end_time FROM silences")) == (expired, expired)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("UPDATE silences SET start_time = $1", start)

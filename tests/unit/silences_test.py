@@ -116,3 +116,17 @@ def test_problems_of_a_silence_name_their_fields() -> None:
         labels={"a": "b"},
     )
     assert [v.field for v in silence_problems(ancient)] == ["silence.start_time"]
+
+
+def test_expiring_a_silence_not_yet_started_leaves_an_empty_window_not_a_backward_one() -> None:
+    planned = _silence(satellite_ids=frozenset({"SAT-1"}))
+    now = T0 - timedelta(hours=2)
+    expired = planned.expired(now, "ops-1")
+    assert (expired.start_time, expired.end_time, expired.expire_time) == (now, now, now)
+    assert expired.is_over(now)
+    for when in (now, T0, T0 + timedelta(minutes=30)):
+        assert not expired.covers("SAT-1", "power", {}, when)
+    # The index drops it at once: nothing, however late it arrives, can fall in an empty window.
+    index = _index(planned, now=now)
+    index.put(expired, now)
+    assert not index and index.match("SAT-1", "power", {}, T0 + timedelta(minutes=30)) is None
