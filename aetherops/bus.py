@@ -320,6 +320,9 @@ class OutboxRelay:
         self.published_total = 0
         self.dead_lettered = 0  # events too large for NATS: marked published without being sent
         self.failures = 0
+        # Events the full scan found below the floor: their transactions committed more than the
+        # floor's lag after taking their ids, so they went out up to `full_scan_s` late.
+        self.late_found = 0
         # Refreshed about once a second by the leader, read by the metrics scrape.
         self.backlog = 0
         self.oldest_age_s = 0.0
@@ -402,6 +405,21 @@ class OutboxRelay:
                 await self._wakeup.wait()
         self._wakeup.clear()
 
+    def _late(self, rows: Sequence[outbox.OutboxRow], passed: int) -> None:
+        """Counts and logs the rows a full scan found below the floor: a transaction that held its ids
+        for longer than the floor's lag (see `outbox.ScanFloor`). Their events go out now, up to
+        `full_scan_s` after they committed; a count that keeps growing means the lag is too short for
+        some writer, or a writer holds its transaction open."""
+        late = [row.id for row in rows if row.id < passed]
+        self.late_found += len(late)
+        log.warning(
+            "outbox relay: %d event(s) (ids %s) committed more than %.0fs after taking their ids;"
+            " found by the full scan, published late",
+            len(late),
+            ", ".join(map(str, late[:10])) + (", ..." if len(late) > 10 else ""),
+            self._floor.lag_s,
+        )
+
     async def drain_once(self, conn: Connection) -> int:
         """Publishes one batch; returns how many rows it published. Raises on a NATS failure
         (nothing is marked, the same rows go again later; JetStream drops what it already has by
@@ -409,8 +427,11 @@ class OutboxRelay:
         floor, now = self._floor, time.monotonic()
         if floor.mark_due(now):
             floor.mark(now, await outbox.last_id(conn))
-        rows = await outbox.fetch_unpublished(conn, self._batch_size, floor.start(now))
+        start, passed = floor.start(now), floor.value
+        rows = await outbox.fetch_unpublished(conn, self._batch_size, start)
         floor.claimed(rows[0].id if rows else None)
+        if rows and rows[0].id < passed:
+            self._late(rows, passed)
         if not rows:
             return 0
         max_payload = self._bus.nc.max_payload

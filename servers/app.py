@@ -212,6 +212,12 @@ class Application:
                 {},
                 float(relay.dead_lettered),
             ),
+            (
+                "aetherops_outbox_late_total",
+                "Events committed more than the relay's scan lag after taking their ids, published up to a minute late",
+                {},
+                float(relay.late_found),
+            ),
             *(
                 (
                     "aetherops_consumer_dropped_total",

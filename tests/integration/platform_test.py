@@ -243,6 +243,7 @@ async def test_an_event_committed_after_the_scan_floor_passed_its_id_is_still_pu
             await asyncio.gather(task, return_exceptions=True)
     msgs = await _stream_messages(bus, bus.subjects.incidents(">"))
     assert [m.headers["Nats-Msg-Id"] for m in msgs] == [*others, straggler.event_id]
+    assert relay.late_found == 1  # counted (aetherops_outbox_late_total) and logged
 
 
 async def test_a_second_relay_takes_over_when_the_leader_stops(db: Database, bus: Bus) -> None:
@@ -602,6 +603,7 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
     assert f'aetherops_rpc_total{{code="INVALID_ARGUMENT",method="{method}"}} 3.0' in text
     for gauge in (
         "aetherops_outbox_backlog",
+        "aetherops_outbox_late_total",
         "aetherops_active_clusters",
         "aetherops_running_executions",
         "aetherops_ingest_queue_utilisation",
