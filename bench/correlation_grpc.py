@@ -175,7 +175,12 @@ async def _latency(
     limit, `servers.app.server_options`). Those are counted, not timed; any other failure stops the
     benchmark.
     """
-    nc = await nats.connect(NATS)
+    disconnects: list[float] = []  # a core subscription misses what is published while it is away
+
+    async def disconnected() -> None:
+        disconnects.append(time.perf_counter())
+
+    nc = await nats.connect(NATS, disconnected_cb=disconnected)
     sent: dict[str, float] = {}
     order: dict[str, int] = {}  # alert id -> its place in the sending order (for a failure's report)
     lags: list[float] = []
@@ -232,15 +237,38 @@ async def _latency(
     try:
         await asyncio.wait_for(done.wait(), 60)
     except TimeoutError:
+        missing = list(sent)[:5]
         raise RuntimeError(
             f"{path} path: {expected - len(lags)} of {expected} incident events did not arrive within 60 s"
-            f" of the last alert (alerts number {[order[k] for k in list(sent)[:5]]} of the sending order)"
+            f" of the last alert (alerts number {[order[k] for k in missing]} of the sending order;"
+            f" NATS disconnects of this subscriber: {len(disconnects)}); where they are: "
+            + "; ".join(await _whereabouts(namespace, missing))
         ) from None
     finally:
         await sub.unsubscribe()
         await nc.close()
     lags.sort()
     return lags[len(lags) // 2] * 1000, lags[int(len(lags) * 0.95)] * 1000, refused
+
+
+async def _whereabouts(namespace: str, alert_ids: list[str]) -> list[str]:
+    """For a failure's report: each alert's cluster and its outbox events, as stored (ids, when
+    written and published; an event published but not received was lost on the way to this
+    subscriber, one never published points at the relay)."""
+    conn = await asyncpg.connect(DB)
+    try:
+        out = []
+        for alert_id in alert_ids:
+            cluster = await conn.fetchval(f'SELECT cluster_id FROM "{namespace}".alerts WHERE alert_id = $1', alert_id)
+            events = await conn.fetch(
+                f"""SELECT id, subject, created_time, published_time, clock_timestamp() AS now
+                    FROM "{namespace}".outbox WHERE aggregate_id = $1 ORDER BY id""",
+                cluster,
+            )
+            out.append(f"{alert_id}: cluster {cluster}, events {[dict(e) for e in events]}")
+        return out
+    finally:
+        await conn.close()
 
 
 async def _listing(
