@@ -158,7 +158,8 @@ class SilenceService:
     async def list_page(
         self, *, page_size: int, page_token: str, include_ended: bool, satellite_id: str
     ) -> tuple[list[Silence], str]:
-        """One page of silences, most recently created first; those not yet ended unless `include_ended`."""
+        """One page of silences, most recently created first; those not yet ended unless `include_ended`;
+        with `satellite_id`, those that apply to its alerts (naming it, or naming no satellite)."""
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))

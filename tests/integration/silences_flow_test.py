@@ -234,6 +234,29 @@ async def test_a_silence_ended_already_is_refused_but_a_retry_after_its_end_answ
     assert set(await refused(given, "burn-10")) == {"silence.end_time"}
 
 
+async def test_listing_by_satellite_includes_the_silences_naming_no_satellite(server: Any, channel_for: Any) -> None:
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    now = datetime.now(UTC)
+
+    async def create(**fields: Any) -> str:
+        return (await operator.CreateSilence(pb.CreateSilenceRequest(silence=_burn(now, **fields)))).silence.silence_id
+
+    own = await create(satellite_ids=["SAT-L1"])
+    await create(satellite_ids=["SAT-L2"])
+    fleetwide = await create(satellite_ids=[], subsystems=["comms"])  # a ground-station outage: every satellite
+    by_label = await create(satellite_ids=[], subsystems=[], labels={"campaign": "tvac-3"})
+    listed = (await operator.ListSilences(pb.ListSilencesRequest(satellite_id="SAT-L1"))).silences
+    assert [s.silence_id for s in listed] == [by_label, fleetwide, own]  # newest first; not SAT-L2's
+    first = await operator.ListSilences(pb.ListSilencesRequest(satellite_id="SAT-L1", page_size=2))
+    rest = await operator.ListSilences(
+        pb.ListSilencesRequest(satellite_id="SAT-L1", page_size=2, page_token=first.next_page_token)
+    )
+    assert [s.silence_id for s in [*first.silences, *rest.silences]] == [by_label, fleetwide, own]
+    # Listed because it applies: it covers this satellite's alerts.
+    comms = await operator.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-L1", "comms", now)))
+    assert comms.silence_id == fleetwide
+
+
 async def test_expiring_a_silence_not_yet_started_ends_it_with_an_empty_window(
     server: Any, channel_for: Any, db: Database
 ) -> None:

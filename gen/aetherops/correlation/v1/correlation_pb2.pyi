@@ -1289,7 +1289,9 @@ class ListSilencesRequest(_message.Message):
     include_ended: _builtins.bool
     """Also those that have ended."""
     satellite_id: _builtins.str
-    """Only silences naming this satellite, when set."""
+    """Only silences that apply to this satellite's alerts, when set: those
+    naming it, and those naming no satellite (they apply to every one).
+    """
     def __init__(
         self,
         *,

@@ -1266,7 +1266,8 @@ export declare type ListSilencesRequest = Message<"aetherops.correlation.v1.List
   includeEnded: boolean;
 
   /**
-   * Only silences naming this satellite, when set.
+   * Only silences that apply to this satellite's alerts, when set: those
+   * naming it, and those naming no satellite (they apply to every one).
    *
    * @generated from field: string satellite_id = 4;
    */
