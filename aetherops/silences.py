@@ -27,7 +27,7 @@ from aetherops.clock import EARLIEST_TIME, TOO_EARLY
 from aetherops.errors import FieldViolation
 from aetherops.text import id_problem, labels_problems, text_problem
 
-__all__ = ["MAX_SILENCE", "Silence", "SilenceIndex", "silence_problems"]
+__all__ = ["MAX_SILENCE", "Silence", "SilenceIndex", "end_problems", "silence_problems"]
 
 MAX_SILENCE = timedelta(days=31)
 """Longest window of one silence: one that never ends would hide a real fault for ever."""
@@ -83,8 +83,15 @@ class Silence:
         return replace(self, end_time=min(self.end_time, now), expired_by=by, expire_time=now)
 
 
-def silence_problems(silence: Silence, *, field_prefix: str = "silence") -> list[FieldViolation]:
-    """Every problem with a silence to create (empty if it is fine); fields named as in the proto."""
+def silence_problems(
+    silence: Silence, *, field_prefix: str = "silence", start_given: bool = True
+) -> list[FieldViolation]:
+    """Every problem with a silence to create (empty if it is fine); fields named as in the proto.
+
+    Whether it has ended already is `end_problems`' to say. `start_given` False: the start is a
+    stand-in for the creation time (now; for a retry, its first call's, known only once the request
+    is looked up), so an end not after it is left to `end_problems` too.
+    """
     f = field_prefix + "."
     out: list[FieldViolation] = []
     if not (silence.satellite_ids or silence.subsystems or silence.labels):
@@ -114,10 +121,29 @@ def silence_problems(silence: Silence, *, field_prefix: str = "silence") -> list
     if start < EARLIEST_TIME:
         out.append(FieldViolation(f + "start_time", TOO_EARLY))
     if end <= start:
-        out.append(FieldViolation(f + "end_time", "must be after start_time"))
+        if start_given:
+            out.append(FieldViolation(f + "end_time", "must be after start_time"))
     elif end - start > MAX_SILENCE:
         out.append(FieldViolation(f + "end_time", f"at most {MAX_SILENCE.days} days after start_time"))
     return out
+
+
+def end_problems(silence: Silence, now: datetime, *, field_prefix: str = "silence") -> list[FieldViolation]:
+    """The problem with creating, at `now`, a silence that has ended already (empty if it has not).
+
+    Such a window covers no alert observed from now on: an operator who typed a wrong date is told,
+    rather than answered with a silence that silences nothing they expect. Apart from
+    `silence_problems` because it depends on when it is asked: a retry of a silence created in time
+    must still answer with it after its end (the service checks this after the idempotency look-up).
+    """
+    if silence.end_time > now:
+        return []
+    return [
+        FieldViolation(
+            field_prefix + ".end_time",
+            f"must be in the future (the server's now is {now.isoformat()})",
+        )
+    ]
 
 
 class SilenceIndex:

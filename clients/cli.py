@@ -484,7 +484,9 @@ def _add_operator_commands(sub: Any) -> None:
     silence.add_argument("--comment", required=True, help="why: the manoeuvre, the test, the ticket")
     listed_silences = silences.add_parser("list", parents=[common], help="silences not yet ended, newest first")
     listed_silences.add_argument("--all", action="store_true", help="ended ones too")
-    listed_silences.add_argument("--satellite", default="", metavar="SATELLITE_ID", help="only those naming it")
+    listed_silences.add_argument(
+        "--satellite", default="", metavar="SATELLITE_ID", help="only those that apply to it: naming it or no satellite"
+    )
     expire = silences.add_parser("expire", parents=[common], help="end a silence now")
     expire.add_argument("silence_id")
 

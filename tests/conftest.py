@@ -24,6 +24,7 @@ import pytest
 
 from aetherops.auth import write_token_file
 from aetherops.bus import Bus
+from aetherops.clock import Clock, SystemClock
 from aetherops.config import Settings
 from aetherops.db import Database, apply_migrations
 from aetherops.infra import EmbeddedNats, EmbeddedPostgres
@@ -188,13 +189,14 @@ def settings(
 
 @pytest.fixture
 async def app_factory(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
-    """Starts servers (grpc.aio, port 0) sharing this test's schema and namespace; stops them all after."""
+    """Starts servers (grpc.aio, port 0) sharing this test's schema and namespace; stops them all after.
+    `clock` (default: the system's) is the servers' time, for a test that needs time to pass."""
     from servers.app import Application
 
     apps: list[Application] = []
 
-    async def start(**changes: Any) -> Application:
-        app = Application(settings.with_overrides(**changes) if changes else settings)
+    async def start(clock: Clock | None = None, **changes: Any) -> Application:
+        app = Application(settings.with_overrides(**changes) if changes else settings, clock=clock or SystemClock())
         apps.append(app)
         await app.start()
         await app.wait_ready()

@@ -80,12 +80,13 @@ async def list_page(
     after: str | None,
     limit: int,
 ) -> list[Silence]:
-    """One page of silences, most recently created first (keyset pagination by id)."""
+    """One page of silences, most recently created first (keyset pagination by id). `satellite_id`:
+    those that apply to its alerts, naming it or naming no satellite (those apply to every one)."""
     clauses: list[str] = []
     args: list[Any] = []
     for clause, value in (
         ("end_time > ${}", ended_after),
-        ("${} = ANY(satellite_ids)", satellite_id or None),
+        ("(cardinality(satellite_ids) = 0 OR ${} = ANY(satellite_ids))", satellite_id or None),
         ("silence_id < ${}", after),
     ):
         if value is not None:

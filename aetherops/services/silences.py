@@ -22,7 +22,7 @@ from aetherops.db import silences as repo
 from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundError, ValidationError
 from aetherops.ids import sortable_id
 from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token
-from aetherops.silences import Silence, SilenceIndex, silence_problems
+from aetherops.silences import Silence, SilenceIndex, end_problems, silence_problems
 from aetherops.tasks import cancel_and_wait
 from aetherops.text import filter_problems, id_problem
 
@@ -101,7 +101,7 @@ class SilenceService:
             subsystems=frozenset(subsystems),
             labels=dict(labels),
         )
-        problems = silence_problems(given)
+        problems = silence_problems(given, start_given=start is not None)
         if end is None:
             problems.append(FieldViolation("silence.end_time", "required"))
         if problems:
@@ -120,6 +120,10 @@ class SilenceService:
                 stored = await repo.get(conn, before["silence_id"])
                 assert stored is not None
                 return stored
+            # Only now: a retry after its end answers with the silence its first call created.
+            late = end_problems(made, now)
+            if late:
+                raise ValidationError(late)
             await repo.insert(conn, made)
             await idempotency.remember(conn, "correlation.silence", request_id, {"silence_id": made.silence_id})
         self._index.put(made, now)
@@ -154,7 +158,8 @@ class SilenceService:
     async def list_page(
         self, *, page_size: int, page_token: str, include_ended: bool, satellite_id: str
     ) -> tuple[list[Silence], str]:
-        """One page of silences, most recently created first; those not yet ended unless `include_ended`."""
+        """One page of silences, most recently created first; those not yet ended unless `include_ended`;
+        with `satellite_id`, those that apply to its alerts (naming it, or naming no satellite)."""
         problems: list[FieldViolation] = []
         if page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))

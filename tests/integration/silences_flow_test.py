@@ -13,6 +13,7 @@ import grpc
 import pytest
 from correlation_flow_test import _violations
 
+from aetherops.clock import ManualClock
 from aetherops.db import Database, apply_migrations
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
@@ -185,6 +186,75 @@ async def test_silence_bad_input_roles_and_unknown_ids(server: Any, channel_for:
     assert not rest.next_page_token
     by_sat = (await viewer.ListSilences(pb.ListSilencesRequest(satellite_id="SAT-P0"))).silences
     assert sorted(s.silence_id for s in by_sat) == sorted([ids[0], ids[2]])
+
+
+async def test_a_silence_ended_already_is_refused_but_a_retry_after_its_end_answers_as_first(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    clock = ManualClock(datetime.now(UTC))
+    app = await app_factory(clock=clock)
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    now = clock.now()
+
+    def starting_now(silence: pb.Silence) -> pb.Silence:
+        silence.ClearField("start_time")  # from now: the server's now, for a retry its first call's
+        return silence
+
+    async def refused(silence: pb.Silence, request_id: str) -> dict[str, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await operator.CreateSilence(pb.CreateSilenceRequest(silence=silence, request_id=request_id))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return _violations(err.value)
+
+    # A wrong date: the whole window before now, or an end at now, with a start given or not.
+    past = _burn(now, start_time=to_ts(now - timedelta(hours=3)), end_time=to_ts(now - timedelta(hours=1)))
+    said = await refused(past, "typo-1")
+    assert set(said) == {"silence.end_time"}
+    assert "must be in the future" in said["silence.end_time"] and now.isoformat() in said["silence.end_time"]
+    assert set(await refused(_burn(now, end_time=to_ts(now)), "typo-2")) == {"silence.end_time"}
+    assert set(await refused(starting_now(_burn(now, end_time=to_ts(now - timedelta(minutes=1)))), "typo-3")) == {
+        "silence.end_time"
+    }
+    assert await db.fetchval("SELECT count(*) FROM silences") == 0
+    # Nothing remembered under a refused request id: corrected, the same id creates.
+    fixed = await operator.CreateSilence(pb.CreateSilenceRequest(silence=_burn(now), request_id="typo-1"))
+    assert fixed.silence.end_time.ToDatetime(UTC) > now
+
+    # Created in time, retried (same request id) after the end: the first answer, nothing new stored.
+    given = _burn(now, end_time=to_ts(now + timedelta(hours=1)))
+    from_now = starting_now(_burn(now, end_time=to_ts(now + timedelta(hours=2))))
+    first = await operator.CreateSilence(pb.CreateSilenceRequest(silence=given, request_id="burn-8"))
+    first_from_now = await operator.CreateSilence(pb.CreateSilenceRequest(silence=from_now, request_id="burn-9"))
+    clock.advance(hours=3)
+    again = await operator.CreateSilence(pb.CreateSilenceRequest(silence=given, request_id="burn-8"))
+    again_from_now = await operator.CreateSilence(pb.CreateSilenceRequest(silence=from_now, request_id="burn-9"))
+    assert (again.silence, again_from_now.silence) == (first.silence, first_from_now.silence)
+    assert await db.fetchval("SELECT count(*) FROM silences") == 3
+    # A new request id is refused now.
+    assert set(await refused(given, "burn-10")) == {"silence.end_time"}
+
+
+async def test_listing_by_satellite_includes_the_silences_naming_no_satellite(server: Any, channel_for: Any) -> None:
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", server.port))
+    now = datetime.now(UTC)
+
+    async def create(**fields: Any) -> str:
+        return (await operator.CreateSilence(pb.CreateSilenceRequest(silence=_burn(now, **fields)))).silence.silence_id
+
+    own = await create(satellite_ids=["SAT-L1"])
+    await create(satellite_ids=["SAT-L2"])
+    fleetwide = await create(satellite_ids=[], subsystems=["comms"])  # a ground-station outage: every satellite
+    by_label = await create(satellite_ids=[], subsystems=[], labels={"campaign": "tvac-3"})
+    listed = (await operator.ListSilences(pb.ListSilencesRequest(satellite_id="SAT-L1"))).silences
+    assert [s.silence_id for s in listed] == [by_label, fleetwide, own]  # newest first; not SAT-L2's
+    first = await operator.ListSilences(pb.ListSilencesRequest(satellite_id="SAT-L1", page_size=2))
+    rest = await operator.ListSilences(
+        pb.ListSilencesRequest(satellite_id="SAT-L1", page_size=2, page_token=first.next_page_token)
+    )
+    assert [s.silence_id for s in [*first.silences, *rest.silences]] == [by_label, fleetwide, own]
+    # Listed because it applies: it covers this satellite's alerts.
+    comms = await operator.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-L1", "comms", now)))
+    assert comms.silence_id == fleetwide
 
 
 async def test_expiring_a_silence_not_yet_started_ends_it_with_an_empty_window(

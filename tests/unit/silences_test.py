@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from aetherops.silences import MAX_SILENCE, Silence, SilenceIndex, silence_problems
+from aetherops.silences import MAX_SILENCE, Silence, SilenceIndex, end_problems, silence_problems
 from aetherops.subsystems import DEFAULT_DEPENDENCY_GRAPH as GRAPH
 
 T0 = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
@@ -116,6 +117,22 @@ def test_problems_of_a_silence_name_their_fields() -> None:
         labels={"a": "b"},
     )
     assert [v.field for v in silence_problems(ancient)] == ["silence.start_time"]
+
+
+def test_a_silence_to_create_must_end_after_now() -> None:
+    burn = _silence(satellite_ids=frozenset({"SAT-1"}))  # T0 until T0 + 1 h
+    assert end_problems(burn, T0 - timedelta(days=1)) == []
+    assert end_problems(burn, T0 + timedelta(minutes=59)) == []
+    for now in (T0 + timedelta(hours=1), T0 + timedelta(days=2)):  # ending at now is ended already
+        [problem] = end_problems(burn, now)
+        assert problem.field == "silence.end_time"
+        assert "must be in the future" in problem.description and now.isoformat() in problem.description
+    assert [v.field for v in end_problems(burn, T0 + timedelta(hours=2), field_prefix="s")] == ["s.end_time"]
+    # With no start given, the start stands for the creation time (for a retry, its first call's):
+    # an end not after it is left to end_problems, which the service asks after the idempotency look-up.
+    no_start = replace(burn, start_time=T0 + timedelta(hours=2))
+    assert [v.field for v in silence_problems(no_start)] == ["silence.end_time"]
+    assert silence_problems(no_start, start_given=False) == []
 
 
 def test_expiring_a_silence_not_yet_started_leaves_an_empty_window_not_a_backward_one() -> None:

@@ -1191,8 +1191,10 @@ class Silence(_message.Message):
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Alerts observed from start_time (default: now) until end_time (required;
-        at most 31 days later) are covered. Alerts observed in the window but
-        downlinked up to 7 days after its end are covered too.
+        at most 31 days later; CreateSilence refuses one not after the server's
+        now, unless it is a retry of a request_id that created it) are covered.
+        Alerts observed in the window but downlinked up to 7 days after its end
+        are covered too.
         """
 
     @_builtins.property
@@ -1287,7 +1289,9 @@ class ListSilencesRequest(_message.Message):
     include_ended: _builtins.bool
     """Also those that have ended."""
     satellite_id: _builtins.str
-    """Only silences naming this satellite, when set."""
+    """Only silences that apply to this satellite's alerts, when set: those
+    naming it, and those naming no satellite (they apply to every one).
+    """
     def __init__(
         self,
         *,

@@ -1145,8 +1145,10 @@ export declare type Silence = Message<"aetherops.correlation.v1.Silence"> & {
 
   /**
    * Alerts observed from start_time (default: now) until end_time (required;
-   * at most 31 days later) are covered. Alerts observed in the window but
-   * downlinked up to 7 days after its end are covered too.
+   * at most 31 days later; CreateSilence refuses one not after the server's
+   * now, unless it is a retry of a request_id that created it) are covered.
+   * Alerts observed in the window but downlinked up to 7 days after its end
+   * are covered too.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 5;
    */
@@ -1264,7 +1266,8 @@ export declare type ListSilencesRequest = Message<"aetherops.correlation.v1.List
   includeEnded: boolean;
 
   /**
-   * Only silences naming this satellite, when set.
+   * Only silences that apply to this satellite's alerts, when set: those
+   * naming it, and those naming no satellite (they apply to every one).
    *
    * @generated from field: string satellite_id = 4;
    */
