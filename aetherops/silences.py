@@ -128,22 +128,32 @@ def silence_problems(
     return out
 
 
-def end_problems(silence: Silence, now: datetime, *, field_prefix: str = "silence") -> list[FieldViolation]:
-    """The problem with creating, at `now`, a silence that has ended already (empty if it has not).
+def end_problems(
+    silence: Silence, now: datetime, *, field_prefix: str = "silence", start_given: bool = True
+) -> list[FieldViolation]:
+    """The problem with creating, at `now`, a silence that can cover no alert any more (empty if it can).
+    `start_given` False: the window starts now, so it must end after now (see `silence_problems`).
 
-    Such a window covers no alert observed from now on: an operator who typed a wrong date is told,
-    rather than answered with a silence that silences nothing they expect. Apart from
-    `silence_problems` because it depends on when it is asked: a retry of a silence created in time
-    must still answer with it after its end (the service checks this after the idempotency look-up).
+    A window that ended still covers alerts observed in it and downlinked later, for
+    `SilenceIndex.KEEP_AFTER_END_S`: silencing a past manoeuvre's alerts before the next pass brings
+    them down is what it is for. One that ended longer ago than that covers nothing: a wrong date,
+    said so rather than answered with a silence that silences nothing. Apart from `silence_problems`
+    because it depends on when it is asked: a retry of a silence created in time must still answer
+    with it later (the service checks this after the idempotency look-up).
     """
-    if silence.end_time > now:
-        return []
-    return [
-        FieldViolation(
-            field_prefix + ".end_time",
-            f"must be in the future (the server's now is {now.isoformat()})",
-        )
-    ]
+    field = field_prefix + ".end_time"
+    reach = timedelta(seconds=SilenceIndex.KEEP_AFTER_END_S)
+    if silence.end_time <= now - reach:
+        return [
+            FieldViolation(
+                field,
+                f"ended more than {reach.days} days before now ({now.isoformat()}): alerts observed in its window"
+                f" and downlinked up to {reach.days} days after its end are covered, so this one could cover none",
+            )
+        ]
+    if not start_given and silence.end_time <= now:
+        return [FieldViolation(field, "must be after start_time (now, when start_time is not given)")]
+    return []
 
 
 class SilenceIndex:

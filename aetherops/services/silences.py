@@ -121,7 +121,7 @@ class SilenceService:
                 assert stored is not None
                 return stored
             # Only now: a retry after its end answers with the silence its first call created.
-            late = end_problems(made, now)
+            late = end_problems(made, now, start_given=start is not None)
             if late:
                 raise ValidationError(late)
             await repo.insert(conn, made)

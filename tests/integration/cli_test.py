@@ -319,26 +319,26 @@ async def test_clusters_watch_follows_incidents_until_interrupted(
 
 
 async def test_silences_create_list_expire_and_what_they_covered(cli: Any, tmp_path: Path) -> None:
-    # Begun hours ago (ending ahead: one ended already is refused as a wrong date).
+    # A burn that is over: its alerts come down at the next pass, so it can still be silenced.
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
     made = await cli(
         "silences", "create", "--satellite", "SAT-SIL", "--subsystem", "power", "--label", "source=cli-test",
-        "--start", start.isoformat(), "--for", "4h", "--comment", "bus test", "--json",
+        "--start", start.isoformat(), "--for", "1h", "--comment", "bus test", "--json",
     )  # fmt: skip
     assert made.code == 0, made.err
     silence = made.json()
-    assert silence["end_time"] == (start + timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert silence["end_time"] == (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert silence["created_by"] == "admin"
     now = await cli("silences", "create", "--label", "mode=burn", "--for", "2h", "--comment", "burn 7")
     assert now.code == 0 and "until" in now.out
     past = await cli("silences", "create", "--satellite", "S", "--end", "2020-01-01T00:00Z", "--comment", "typo")
-    assert past.code == 1 and "INVALID_ARGUMENT" in past.err and "must be in the future" in past.err
+    assert past.code == 1 and "INVALID_ARGUMENT" in past.err and "could cover none" in past.err
 
-    # Observed in the first silence's window, downlinked now: power is covered, the others are not.
+    # Observed in and after the first silence's window, downlinked now: power in the window is covered.
     lines = [
         json.dumps({**json.loads(line), "timestamp": (start + timedelta(minutes=50 * i)).isoformat()})
         for i, line in enumerate(_alert_lines(uuid.uuid4().hex[:8], 3, "SAT-SIL"))
-    ]  # power at +0 (covered), thermal at +50 min, comms at +100 min (other subsystems)
+    ]  # power at +0 (covered), thermal at +50 min (another subsystem), comms at +100 min (after the end)
     path = tmp_path / "batch.jsonl"
     path.write_text("\n".join(lines) + "\n")
     loaded = await cli("alerts", "ingest", str(path))
@@ -346,7 +346,6 @@ async def test_silences_create_list_expire_and_what_they_covered(cli: Any, tmp_p
     covered = await cli("alerts", "list", "--silence", silence["silence_id"])
     assert covered.code == 0 and f"(silenced: {silence['silence_id']})" in covered.out
 
-    assert (await cli("silences", "expire", silence["silence_id"])).code == 0
     listed = await cli("silences", "list", "--json")
     assert len(listed.json()["silences"]) == 1  # the first one has ended
     every = await cli("silences", "list", "--all")

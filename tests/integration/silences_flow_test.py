@@ -188,7 +188,7 @@ async def test_silence_bad_input_roles_and_unknown_ids(server: Any, channel_for:
     assert sorted(s.silence_id for s in by_sat) == sorted([ids[0], ids[2]])
 
 
-async def test_a_silence_ended_already_is_refused_but_a_retry_after_its_end_answers_as_first(
+async def test_a_burn_that_is_over_can_be_silenced_but_a_window_out_of_reach_is_refused(
     app_factory: Any, channel_for: Any, db: Database
 ) -> None:
     clock = ManualClock(datetime.now(UTC))
@@ -206,32 +206,37 @@ async def test_a_silence_ended_already_is_refused_but_a_retry_after_its_end_answ
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         return _violations(err.value)
 
-    # A wrong date: the whole window before now, or an end at now, with a start given or not.
-    past = _burn(now, start_time=to_ts(now - timedelta(hours=3)), end_time=to_ts(now - timedelta(hours=1)))
-    said = await refused(past, "typo-1")
+    # The burn ended an hour ago, out of contact: its alerts come down at the next pass, and are covered.
+    over = _burn(now, start_time=to_ts(now - timedelta(hours=3)), end_time=to_ts(now - timedelta(hours=1)))
+    burn = (await operator.CreateSilence(pb.CreateSilenceRequest(silence=over, request_id="burn-6"))).silence
+    downlinked = await operator.IngestAlert(
+        pb.IngestAlertRequest(alert=_alert("SAT-S1", "propulsion", now - timedelta(hours=2)))
+    )
+    assert downlinked.silence_id == burn.silence_id and not downlinked.cluster_id
+
+    # A wrong date: ended longer ago than alerts are covered after a silence's end (7 days), or, with no
+    # start given (from now), not after now.
+    ancient = _burn(now, start_time=to_ts(now - timedelta(days=9)), end_time=to_ts(now - timedelta(days=8)))
+    said = await refused(ancient, "typo-1")
     assert set(said) == {"silence.end_time"}
-    assert "must be in the future" in said["silence.end_time"] and now.isoformat() in said["silence.end_time"]
-    assert set(await refused(_burn(now, end_time=to_ts(now)), "typo-2")) == {"silence.end_time"}
-    assert set(await refused(starting_now(_burn(now, end_time=to_ts(now - timedelta(minutes=1)))), "typo-3")) == {
-        "silence.end_time"
-    }
-    assert await db.fetchval("SELECT count(*) FROM silences") == 0
+    assert "could cover none" in said["silence.end_time"] and now.isoformat() in said["silence.end_time"]
+    said = await refused(starting_now(_burn(now, end_time=to_ts(now - timedelta(minutes=1)))), "typo-2")
+    assert set(said) == {"silence.end_time"} and "must be after start_time" in said["silence.end_time"]
+    assert await db.fetchval("SELECT count(*) FROM silences") == 1
     # Nothing remembered under a refused request id: corrected, the same id creates.
     fixed = await operator.CreateSilence(pb.CreateSilenceRequest(silence=_burn(now), request_id="typo-1"))
     assert fixed.silence.end_time.ToDatetime(UTC) > now
 
-    # Created in time, retried (same request id) after the end: the first answer, nothing new stored.
-    given = _burn(now, end_time=to_ts(now + timedelta(hours=1)))
+    # Created in time, retried (same request id) long after the end: the first answer, nothing new stored.
     from_now = starting_now(_burn(now, end_time=to_ts(now + timedelta(hours=2))))
-    first = await operator.CreateSilence(pb.CreateSilenceRequest(silence=given, request_id="burn-8"))
     first_from_now = await operator.CreateSilence(pb.CreateSilenceRequest(silence=from_now, request_id="burn-9"))
-    clock.advance(hours=3)
-    again = await operator.CreateSilence(pb.CreateSilenceRequest(silence=given, request_id="burn-8"))
+    clock.advance(days=10)
+    again = await operator.CreateSilence(pb.CreateSilenceRequest(silence=over, request_id="burn-6"))
     again_from_now = await operator.CreateSilence(pb.CreateSilenceRequest(silence=from_now, request_id="burn-9"))
-    assert (again.silence, again_from_now.silence) == (first.silence, first_from_now.silence)
+    assert (again.silence, again_from_now.silence) == (burn, first_from_now.silence)
     assert await db.fetchval("SELECT count(*) FROM silences") == 3
     # A new request id is refused now.
-    assert set(await refused(given, "burn-10")) == {"silence.end_time"}
+    assert set(await refused(over, "burn-10")) == {"silence.end_time"}
 
 
 async def test_listing_by_satellite_includes_the_silences_naming_no_satellite(server: Any, channel_for: Any) -> None:

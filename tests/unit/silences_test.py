@@ -119,20 +119,24 @@ def test_problems_of_a_silence_name_their_fields() -> None:
     assert [v.field for v in silence_problems(ancient)] == ["silence.start_time"]
 
 
-def test_a_silence_to_create_must_end_after_now() -> None:
+def test_a_silence_to_create_must_be_able_to_cover_an_alert() -> None:
     burn = _silence(satellite_ids=frozenset({"SAT-1"}))  # T0 until T0 + 1 h
+    reach = timedelta(seconds=SilenceIndex.KEEP_AFTER_END_S)  # alerts downlinked this long after the end count
     assert end_problems(burn, T0 - timedelta(days=1)) == []
-    assert end_problems(burn, T0 + timedelta(minutes=59)) == []
-    for now in (T0 + timedelta(hours=1), T0 + timedelta(days=2)):  # ending at now is ended already
+    assert end_problems(burn, T0 + timedelta(hours=2)) == []  # over, but its alerts may not be down yet
+    assert end_problems(burn, T0 + timedelta(hours=1) + reach - timedelta(seconds=1)) == []
+    for now in (T0 + timedelta(hours=1) + reach, T0 + timedelta(days=30)):
         [problem] = end_problems(burn, now)
         assert problem.field == "silence.end_time"
-        assert "must be in the future" in problem.description and now.isoformat() in problem.description
-    assert [v.field for v in end_problems(burn, T0 + timedelta(hours=2), field_prefix="s")] == ["s.end_time"]
+        assert "could cover none" in problem.description and now.isoformat() in problem.description
+    assert [v.field for v in end_problems(burn, T0 + timedelta(days=9), field_prefix="s")] == ["s.end_time"]
     # With no start given, the start stands for the creation time (for a retry, its first call's):
     # an end not after it is left to end_problems, which the service asks after the idempotency look-up.
     no_start = replace(burn, start_time=T0 + timedelta(hours=2))
     assert [v.field for v in silence_problems(no_start)] == ["silence.end_time"]
     assert silence_problems(no_start, start_given=False) == []
+    [problem] = end_problems(no_start, T0 + timedelta(hours=2), start_given=False)
+    assert problem.field == "silence.end_time" and "must be after start_time" in problem.description
 
 
 def test_expiring_a_silence_not_yet_started_leaves_an_empty_window_not_a_backward_one() -> None:

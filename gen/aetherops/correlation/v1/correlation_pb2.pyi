@@ -1191,10 +1191,11 @@ class Silence(_message.Message):
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Alerts observed from start_time (default: now) until end_time (required;
-        at most 31 days later; CreateSilence refuses one not after the server's
-        now, unless it is a retry of a request_id that created it) are covered.
-        Alerts observed in the window but downlinked up to 7 days after its end
-        are covered too.
+        at most 31 days later) are covered. Alerts observed in the window but
+        downlinked up to 7 days after its end are covered too, so a window that
+        has ended can still be silenced; CreateSilence refuses one that ended more
+        than 7 days ago (it could cover nothing), unless it is a retry of a
+        request_id that created it.
         """
 
     @_builtins.property
