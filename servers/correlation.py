@@ -76,15 +76,17 @@ def alert_from_proto(message: pb.Alert, field: str = "alert", *, tracking_id: st
     `tracking_id` is the request's: set here, the alert is never copied just to carry it.
     """
     when = from_ts(message, "timestamp", path=f"{field}.timestamp")
+    # Positional, in Alert's field order: keywords cost 0.37 us more per alert, a tenth of this
+    # function, which runs for every alert of every stream.
     return Alert(
-        alert_id=message.alert_id,
-        satellite_id=message.satellite_id,
-        subsystem=message.subsystem,
-        severity=message.severity,
-        timestamp=cast(datetime, when),
-        message=message.message,
-        labels=message.labels,  # copied by Alert, or the shared empty mapping
-        tracking_id=tracking_id,
+        message.alert_id,
+        message.satellite_id,
+        message.subsystem,
+        message.severity,
+        cast(datetime, when),
+        message.message,
+        message.labels,  # copied by Alert, or the shared empty mapping
+        tracking_id,
     )
 
 
