@@ -88,7 +88,7 @@ def silence_problems(
 ) -> list[FieldViolation]:
     """Every problem with a silence to create (empty if it is fine); fields named as in the proto.
 
-    Whether it has ended already is `end_problems`' to say. `start_given` False: the start is a
+    Whether it can still cover an alert is `end_problems`' to say. `start_given` False: the start is a
     stand-in for the creation time (now; for a retry, its first call's, known only once the request
     is looked up), so an end not after it is left to `end_problems` too.
     """
@@ -132,14 +132,14 @@ def end_problems(
     silence: Silence, now: datetime, *, field_prefix: str = "silence", start_given: bool = True
 ) -> list[FieldViolation]:
     """The problem with creating, at `now`, a silence that can cover no alert any more (empty if it can).
-    `start_given` False: the window starts now, so it must end after now (see `silence_problems`).
 
     A window that ended still covers alerts observed in it and downlinked later, for
     `SilenceIndex.KEEP_AFTER_END_S`: silencing a past manoeuvre's alerts before the next pass brings
     them down is what it is for. One that ended longer ago than that covers nothing: a wrong date,
     said so rather than answered with a silence that silences nothing. Apart from `silence_problems`
     because it depends on when it is asked: a retry of a silence created in time must still answer
-    with it later (the service checks this after the idempotency look-up).
+    with it later (the service checks this after the idempotency look-up). `start_given` False: the
+    window starts at `now`, so it must end after it (see `silence_problems`).
     """
     field = field_prefix + ".end_time"
     reach = timedelta(seconds=SilenceIndex.KEEP_AFTER_END_S)
