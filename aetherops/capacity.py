@@ -193,8 +193,11 @@ class ExhaustionForecast:
     days_remaining_p90: float | None = None
     unit: str = ""
     rate_per_day: float = 0.0
-    #: Sum of the not yet realised scheduled mission impacts included in the forecast (those of the
-    #: missions that start before the exhaustion: a later one changes nothing the forecast says).
+    #: Sum of the scheduled mission impacts included in the forecast: of each mission (its impact spread
+    #: evenly over its window), the part between the newest snapshot and the time the resource runs out
+    #: (`_Row.runs_out`, also past the horizon), so nothing of a mission that starts later, and of one
+    #: under way then only what comes before (the rest is never used and changes nothing the forecast
+    #: says); when the resource never runs out, all that is still to come.
     scheduled_impact: float = 0.0
     #: The scheduled missions whose impacts are included (as for scheduled_impact).
     mission_ids: tuple[str, ...] = ()
@@ -880,13 +883,24 @@ class _Row:
     ramps: list[_Ramp]
     ramp_ids: list[str]
 
-    def ahead(self) -> list[int]:
-        """Indices of the missions the forecast counts: those with impact still to come before the
-        resource runs out. What a mission does after that changes neither the exhaustion time (the
-        first zero) nor what to do about it, so it is not reported either."""
+    def runs_out(self) -> float:
+        """Days after the newest snapshot when the resource runs out, missions included (inf: never)."""
         hit = _solve_piecewise(self.level, self.rate, [g for g in self.ramps if g[1] > 0.0])
-        end = math.inf if hit is None else hit
+        return math.inf if hit is None else hit
+
+    def ahead(self, end: float) -> list[int]:
+        """Indices of the missions the forecast counts, for a resource that runs out at `end` (see
+        `runs_out`): those with impact still to come before then. What a mission does after that
+        changes neither the exhaustion time (the first zero) nor what to do about it, so it is not
+        reported either."""
         return [i for i, (s, e, _) in enumerate(self.ramps) if e > 0.0 and max(s, 0.0) < end]
+
+    def impact_ahead(self, i: int, end: float) -> float:
+        """Of mission i's impact, the part the forecast counts: what its window (over which the impact
+        is spread evenly, as the solve takes it) has between the newest snapshot and `end`. A mission
+        under way when the resource runs out counts only up to then: the rest is never used."""
+        s, e, amount = self.ramps[i]
+        return amount * (_fraction_done(s, e, end) - _fraction_done(s, e, 0.0))
 
 
 @dataclass
@@ -939,12 +953,14 @@ class _BatchOut:
         )
 
     def mission_info(self, i: int) -> tuple[tuple[str, ...], float]:
-        """Ids and not yet realised total impact of the missions the forecast of row i counts."""
+        """Ids of the missions the forecast of row i counts, and their impact up to the exhaustion
+        (`_Row.impact_ahead`)."""
         if i not in self.ramps:  # most rows of a fleet: no solve needed
             return (), 0.0
         r = self.row(i)
-        ahead = r.ahead()
-        impact = sum(a * (1.0 - _fraction_done(s, e, 0.0)) for s, e, a in (r.ramps[j] for j in ahead))
+        end = r.runs_out()
+        ahead = r.ahead(end)
+        impact = sum(r.impact_ahead(j, end) for j in ahead)
         return tuple(sorted(r.ramp_ids[j] for j in ahead)), float(impact)
 
 
@@ -1760,7 +1776,7 @@ class CapacityPlanner:
         found: list[tuple[str, str, float, list[str]]] = []
         if resource is ResourceType.FUEL:
             # Burns still ahead that start before the forecast exhaustion cause the shortfall.
-            culprits = [i for i in r.ahead() if r.ramps[i][2] > 0.0]
+            culprits = [i for i in r.ahead(r.runs_out()) if r.ramps[i][2] > 0.0]
             culprits.sort(key=lambda i: -r.ramps[i][2])
             for i in culprits:
                 others = [g for j, g in enumerate(r.ramps) if j != i]

@@ -34,7 +34,7 @@ from aetherops.clock import SystemClock
 from aetherops.db import Database, apply_migrations
 from aetherops.runbook import Runbook, RunbookStep, StepStatus
 from aetherops.services.runbook import RunbookService, StepTiming
-from servers.runbook import encode_message
+from servers.runbook import encode_message, incident_from_record
 
 TARGET_P95_MS = 5.0
 
@@ -86,7 +86,9 @@ async def main(executions: int) -> None:
     db = await Database.connect(url, schema, min_size=10, max_size=20)
     try:
         await apply_migrations(db)
-        service = RunbookService(db, _NoRelay(), Subjects("bench"), encode_message, SystemClock())
+        service = RunbookService(
+            db, _NoRelay(), Subjects("bench"), encode_message, SystemClock(), incident_data=incident_from_record
+        )
         await service.start()
         try:
             await service.register_runbook(_runbook())

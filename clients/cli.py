@@ -509,7 +509,8 @@ def _add_operator_commands(sub: Any) -> None:
         "--incident",
         default="",
         metavar="CLUSTER_ID",
-        help="the incident it is started for: listed under it (`runbooks executions --incident`, `trace`)",
+        help="the incident it is started for: listed under it (`runbooks executions --incident`, `trace`),"
+        " with the incident's fields as variables (${satellite_ids}, ...; a --var of the same name wins)",
     )
     approve = runbooks.add_parser("approve", parents=[common], help="approve a step awaiting approval")
     approve.add_argument("execution_id", help="the execution, as `runbooks start` printed it")

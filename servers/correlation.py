@@ -48,7 +48,14 @@ from servers.component import GaugeSample, Infra
 from servers.convert import from_ts, rejection, to_duration, to_ts
 from servers.incident_feed import IncidentFeed, Watcher, WatchItem, incident_of
 
-__all__ = ["CorrelationComponent", "alert_from_proto", "alert_to_proto", "cluster_to_proto", "encode_incident_event"]
+__all__ = [
+    "CorrelationComponent",
+    "alert_from_proto",
+    "alert_to_proto",
+    "cluster_to_proto",
+    "encode_incident_event",
+    "incident_to_proto",
+]
 
 log = logging.getLogger("aetherops.correlation")
 
@@ -200,8 +207,9 @@ def _first_within(names: list[str], budget: int) -> list[str]:
     return names
 
 
-def _incident(event: IncidentEvent) -> events_pb2.Incident:
-    record, root = event.cluster, event.root_cause
+def incident_to_proto(record: ClusterRecord, root: Alert | None) -> events_pb2.Incident:
+    """The incident as its events carry it: the stored cluster and its root-cause alert (None when it
+    has none)."""
     incident = events_pb2.Incident(
         cluster_id=record.cluster_id,
         satellite_ids=_first_within(record.satellites, _EVENT_SATELLITES_BYTES),
@@ -238,7 +246,7 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
         source_service="correlation",
         aggregate_id=event.cluster.cluster_id,
     )
-    incident = _incident(event)
+    incident = incident_to_proto(event.cluster, event.root_cause)
     if event.kind == "opened":
         envelope.incident_opened.incident.CopyFrom(incident)
     elif event.kind == "updated":

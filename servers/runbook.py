@@ -12,6 +12,9 @@
   (incident, runbook) keeps it to one execution per incident, however many updates match. The updates
   consumer came later than the incidents stream: created, it starts at the server's start rather
   than replaying a month of old incidents' updates.
+* Starts by hand for an incident (StartExecution incident_id) get the same dict as variables, under
+  the caller's: `incident_from_record` turns the stored incident into the message its events carry
+  (the correlation server's conversion) and that into the dict as the consumers do.
 * Closed incidents: a third durable consumer on aetherops.incidents.closed ("runbook-incident-closes",
   from the server's start like the updates one) has RunbookService.note_incident_closed record
   INCIDENT_CLOSED in the audit trail of every execution the incident started that is still running.
@@ -44,6 +47,8 @@ from nats.aio.subscription import Subscription
 
 from aetherops.bus import DurableConsumer
 from aetherops.config import Settings
+from aetherops.correlation import Alert
+from aetherops.db.correlation import ClusterRecord
 from aetherops.db.runbook import ExecutionRow
 from aetherops.errors import ValidationError
 from aetherops.runbook import (
@@ -72,8 +77,15 @@ from gen.aetherops.runbook.v1 import runbook_pb2 as pb
 from gen.aetherops.runbook.v1 import runbook_pb2_grpc
 from servers.component import GaugeSample, Infra
 from servers.convert import from_duration, from_struct, from_ts, to_duration, to_struct, to_ts
+from servers.correlation import incident_to_proto
 
-__all__ = ["RunbookComponent", "encode_message", "execution_row_to_proto", "incident_from_event"]
+__all__ = [
+    "RunbookComponent",
+    "encode_message",
+    "execution_row_to_proto",
+    "incident_from_event",
+    "incident_from_record",
+]
 
 log = logging.getLogger("aetherops.runbook")
 
@@ -304,11 +316,21 @@ def incident_from_event(event: events_pb2.Event) -> dict[str, Any] | None:
     other payloads)."""
     payload = event.WhichOneof("payload")
     if payload == "incident_opened":
-        incident = event.incident_opened.incident
-    elif payload == "incident_updated":
-        incident = event.incident_updated.incident
-    else:
-        return None
+        return _incident_data(event.incident_opened.incident)
+    if payload == "incident_updated":
+        return _incident_data(event.incident_updated.incident)
+    return None
+
+
+def incident_from_record(record: ClusterRecord, root: Alert | None) -> dict[str, Any]:
+    """The incident data of a stored incident (and its root-cause alert): what its events would carry,
+    converted as they are, so that a start by hand for the incident gets the variables an incident
+    start would (`RunbookService(incident_data=...)`)."""
+    return _incident_data(incident_to_proto(record, root))
+
+
+def _incident_data(incident: events_pb2.Incident) -> dict[str, Any]:
+    """The incident data runbooks match on and executions get as variables, from the event's incident."""
     return incident_variables(
         {
             "cluster_id": incident.cluster_id,
@@ -389,7 +411,7 @@ class RunbookServicer(runbook_pb2_grpc.RunbookServiceServicer):
     async def StartExecution(self, request: pb.StartExecutionRequest, context: Any) -> pb.StartExecutionResponse:
         variables = from_struct(request.variables)
         if request.dry_run:
-            plan = await self._svc.plan(request.runbook_id, variables)
+            plan = await self._svc.plan(request.runbook_id, variables, incident_id=request.incident_id)
             return pb.StartExecutionResponse(plan=_plan_to_proto(plan))
         state = await self._svc.start_execution(
             request.runbook_id,
@@ -518,6 +540,7 @@ class RunbookComponent:
             subjects,
             encode_message,
             infra.clock,
+            incident_data=incident_from_record,
             agents=agents,
             agent_actions=self._agent_actions,
         )

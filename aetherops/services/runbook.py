@@ -67,9 +67,11 @@ from typing import Any, Protocol, TypeVar
 from aetherops.bus import Subjects
 from aetherops.circuit import TransitionEvent
 from aetherops.clock import Clock
+from aetherops.correlation import Alert
 from aetherops.db import Database, idempotency, outbox
 from aetherops.db import correlation as correlation_repo
 from aetherops.db import runbook as repo
+from aetherops.db.correlation import ClusterRecord
 from aetherops.errors import (
     WATCH_ENDED_BY_SHUTDOWN,
     AlreadyExistsError,
@@ -118,6 +120,7 @@ from aetherops.tracking import current_tracking_id, reset_tracking_id, set_track
 __all__ = [
     "INCIDENT_FIELDS",
     "CircuitChange",
+    "IncidentData",
     "MessageEncoder",
     "PublishedMessage",
     "RunbookService",
@@ -145,7 +148,8 @@ INCIDENT_FIELDS = (
     "alert_count",
     "multi_satellite",
 )
-"""The incident data runbook trigger_conditions match against (and the variables an incident start sets)."""
+"""The incident data runbook trigger_conditions match against (and the variables an incident start sets,
+and a start by hand for an incident: see `RunbookService.start_execution`)."""
 
 # A RUNNING step found in the store is abandoned once its timeout and this grace have passed.
 _LEASE_GRACE_S = 5.0
@@ -231,6 +235,10 @@ class CircuitChange:
 
 OutboxMessage = Transition | PublishedMessage | CircuitChange
 MessageEncoder = Callable[[OutboxMessage], bytes]
+IncidentData = Callable[[ClusterRecord, Alert | None], Mapping[str, Any]]
+"""A stored incident (and its root-cause alert) as the incident data its events carry. Given by the
+server layer: it builds the event's incident message from the stored one and reads that as it reads an
+event's, so a start by hand for an incident gets the very variables an incident start would."""
 
 
 class Waker(Protocol):
@@ -348,6 +356,7 @@ class RunbookService:
         encode: MessageEncoder,
         clock: Clock,
         *,
+        incident_data: IncidentData,
         agents: AgentInvoker | None = None,
         agent_actions: Sequence[str] = (),
         tick_interval_s: float = 1.0,
@@ -357,6 +366,7 @@ class RunbookService:
         self._relay = relay
         self._subjects = subjects
         self._encode = encode
+        self._incident_data = incident_data
         self._clock = clock
         self._agents = agents
         self._tick_interval_s = tick_interval_s
@@ -706,12 +716,30 @@ class RunbookService:
 
     # ---- executions: start -------------------------------------------------------------------------
 
-    async def plan(self, runbook_id: str, variables: Mapping[str, Any]) -> list[PlannedStep]:
-        """A dry run: nothing is called, nothing is stored."""
+    async def plan(self, runbook_id: str, variables: Mapping[str, Any], *, incident_id: str = "") -> list[PlannedStep]:
+        """A dry run: nothing is called, nothing is stored. With an `incident_id`, of the start by hand
+        for that incident (its data under `variables`, as `start_execution` with `check_incident`)."""
         if not runbook_id:
             raise ValidationError.single("runbook_id", "required")
+        if incident_id:
+            variables = await self._with_incident(incident_id, variables)
         await self._sync_runbook(runbook_id)
         return self._engine.plan_execution(runbook_id, variables)
+
+    async def _with_incident(self, incident_id: str, variables: Mapping[str, Any] | None) -> dict[str, Any]:
+        """`variables` over the data of the stored incident `incident_id` (as its events give it, so the
+        variables an incident start would have): a start by hand for the incident can use the same
+        `${satellite_ids}`, and what the caller gives explicitly wins. NOT_FOUND for an id no stored
+        incident has: a mistyped id would link the execution to nothing, and `executions --incident`
+        and `trace` would never show it."""
+        if (problem := key_problem(incident_id)) is not None:
+            raise ValidationError.single("incident_id", problem)
+        async with self._db.connection() as conn:
+            record = await correlation_repo.get_cluster(conn, incident_id, alert_bytes=0)
+            if record is None:
+                raise NotFoundError(f"incident {incident_id!r} not found")
+            root = await correlation_repo.root_alert(conn, record)
+        return {**self._incident_data(record, root), **(variables or {})}
 
     async def start_execution(
         self,
@@ -726,16 +754,12 @@ class RunbookService:
     ) -> ExecutionContext:
         """Start (and commit) an execution. With a request_id, a retry answers with the same execution;
         with an explicit execution_id that exists already, AlreadyExistsError. With `check_incident`
-        (a start by hand), an `incident_id` no stored incident has is NOT_FOUND: a mistyped id would
-        link the execution to nothing, and `executions --incident` and `trace` would never show it."""
+        (a start by hand), the stored incident `incident_id` must exist, and its data are variables
+        under the given ones (see `_with_incident`)."""
         if not runbook_id:
             raise ValidationError.single("runbook_id", "required")
         if incident_id and check_incident:
-            if (problem := key_problem(incident_id)) is not None:
-                raise ValidationError.single("incident_id", problem)
-            async with self._db.connection() as conn:
-                if await correlation_repo.get_cluster(conn, incident_id, alert_bytes=0) is None:
-                    raise NotFoundError(f"incident {incident_id!r} not found")
+            variables = await self._with_incident(incident_id, variables)
         if request_id:
             # Checked here: it is stored with the execution, not looked up as other request ids are.
             problem = text_problem(request_id, MAX_ID_LEN)

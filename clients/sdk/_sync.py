@@ -589,7 +589,8 @@ class SyncAetherOpsClient:
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> runbook_pb2.StartExecutionResponse:
-        """Starts an execution; `incident_id` (a cluster id) lists it under that incident."""
+        """Starts an execution; `incident_id` (a cluster id) lists it under that incident and makes the
+        incident's fields variables, as for an incident start (a name in `variables` wins)."""
         request = runbook_pb2.StartExecutionRequest(
             runbook_id=runbook_id,
             variables=build.struct(variables),

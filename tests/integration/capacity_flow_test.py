@@ -198,6 +198,20 @@ async def test_forecast_reflects_a_scheduled_mission_and_survives_restart(app_fa
     drift = again.predicted_exhaustion_time.ToDatetime() - after.predicted_exhaustion_time.ToDatetime()
     assert abs(drift.total_seconds()) < 1.0
 
+    # A long burn the tank runs dry during (100 kg over 20 days from day 10, with ~20 kg left then):
+    # the impact the forecast includes is only the part of it burnt before the exhaustion.
+    long_burn = burn("SAT-M", "burn-2", 100.0, timedelta(days=10))
+    start = long_burn.mission.start_time.ToDatetime(tzinfo=UTC)
+    long_burn.mission.end_time.FromDatetime(start + timedelta(days=20))
+    async with channel_for("admin", restarted.port) as channel:
+        stub = capacity_pb2_grpc.CapacityServiceStub(channel)
+        await stub.AddScheduledMission(long_burn)
+        dry = await forecast(stub, "SAT-M")
+    exhaustion = dry.predicted_exhaustion_time.ToDatetime(tzinfo=UTC)
+    assert start < exhaustion < start + timedelta(days=5)
+    burnt = 100.0 * (exhaustion - start) / timedelta(days=20)
+    assert dry.scheduled_impact == pytest.approx(50.0 + burnt, rel=1e-6)
+
 
 async def _risk_events(bus: Bus, until: Callable[[events_pb2.Event], bool]) -> list[tuple[Any, events_pb2.Event]]:
     """Risk events from JetStream (an ordered consumer from the stream's start) until one matches."""

@@ -359,7 +359,12 @@ async def test_missions_validate_replace_by_id_and_replay_by_request_id(
     # A cancelled mission is deleted, and the forecast stops counting it.
     await ingest(stub, history("SAT-1"))
     query = pb.ForecastExhaustionRequest(satellite_id="SAT-1", resource_type=FUEL)
-    assert (await stub.ForecastExhaustion(query)).forecast.scheduled_impact == 99.0
+    counted = (await stub.ForecastExhaustion(query)).forecast
+    # ~29 kg are left when the 99 kg burn starts: the tank runs dry during it, and only what it burns
+    # until then (its impact spread over its hour) is in the forecast.
+    exhaustion = counted.predicted_exhaustion_time.ToDatetime(tzinfo=UTC)
+    assert start < exhaustion < start + timedelta(hours=1)
+    assert counted.scheduled_impact == pytest.approx(99.0 * (exhaustion - start) / timedelta(hours=1), rel=1e-6)
     delete = pb.DeleteScheduledMissionRequest(mission_id="burn-1", request_id="d-1")
     deleted = await stub.DeleteScheduledMission(delete)
     assert deleted.mission == replaced.mission

@@ -140,6 +140,22 @@ async def wait_status(
     return result
 
 
+async def ingest_alert(
+    stubs: Stubs, satellite_id: str, subsystem: str, severity: int, at: datetime
+) -> cpb.IngestAlertResponse:
+    """Ingests an alert through CorrelationService: it opens an incident or joins one."""
+    alert = cpb.Alert(
+        alert_id=uuid.uuid4().hex,
+        satellite_id=satellite_id,
+        subsystem=subsystem,
+        severity=severity,
+        timestamp=ts(at),
+        message=f"{subsystem} anomaly",
+    )
+    reply: cpb.IngestAlertResponse = await stubs.correlation.IngestAlert(cpb.IngestAlertRequest(alert=alert))
+    return reply
+
+
 def steps_by_id(execution: pb.Execution) -> dict[str, pb.StepState]:
     return {s.step_id: s for s in execution.steps}
 
@@ -527,16 +543,7 @@ async def test_an_incident_that_grows_to_match_starts_the_runbook_once(app_facto
     t0 = datetime.now(UTC) - timedelta(seconds=30)
 
     async def ingest(subsystem: str, severity: int, at_s: int) -> cpb.IngestAlertResponse:
-        alert = cpb.Alert(
-            alert_id=uuid.uuid4().hex,
-            satellite_id="SAT-9",
-            subsystem=subsystem,
-            severity=severity,
-            timestamp=ts(t0 + timedelta(seconds=at_s)),
-            message=f"{subsystem} anomaly",
-        )
-        reply: cpb.IngestAlertResponse = await stubs.correlation.IngestAlert(cpb.IngestAlertRequest(alert=alert))
-        return reply
+        return await ingest_alert(stubs, "SAT-9", subsystem, severity, t0 + timedelta(seconds=at_s))
 
     opened = await ingest("power", 3, 0)
     assert opened.cluster_opened
@@ -560,6 +567,43 @@ async def test_an_incident_that_grows_to_match_starts_the_runbook_once(app_facto
     await eventually(update_handled, timeout_s=10, what="the incident's further update handled")
     listed = await stubs.operator.ListExecutions(pb.ListExecutionsRequest(incident_id=cluster_id))
     assert [e.execution_id for e in listed.executions] == [execution_id]
+
+
+async def test_a_start_by_hand_for_an_incident_gets_its_fields_under_the_given_variables(
+    app_factory: Any, channel_for: Any
+) -> None:
+    # An operator reruns a procedure for an incident by hand: its steps name the incident's satellites
+    # and root cause as an incident start would have them, and a variable the operator gives wins.
+    app = await app_factory()
+    stubs = Stubs(channel_for, app.port)
+    message = "${root_cause_subsystem} on ${root_cause_satellite_id}, ${alert_count} alerts, worst ${max_severity}"
+    runbook = pb.Runbook(
+        runbook_id="rerun-safe-mode",
+        name="Rerun safe mode",
+        steps=[step("note", "log", {"message": message, "satellites": "${satellite_ids}"})],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    cluster_id = (await ingest_alert(stubs, "SAT-4", "power", 3, t0)).cluster_id
+    joined = await ingest_alert(stubs, "SAT-4", "thermal", 4, t0 + timedelta(seconds=5))
+    assert joined.cluster_id == cluster_id
+
+    request = pb.StartExecutionRequest(
+        runbook_id="rerun-safe-mode", incident_id=cluster_id, variables=struct({"max_severity": "5 (paged)"})
+    )
+    dry_run = pb.StartExecutionRequest(dry_run=True)
+    dry_run.MergeFrom(request)
+    [planned] = (await stubs.operator.StartExecution(dry_run)).plan
+    expected = "power on SAT-4, 2 alerts, worst 5 (paged)"
+    assert json_format.MessageToDict(planned.rendered_parameters)["message"] == expected
+    started = (await stubs.operator.StartExecution(request)).execution
+    variables = json_format.MessageToDict(started.variables)
+    assert variables["cluster_id"] == cluster_id and variables["satellite_ids"] == ["SAT-4"]
+    assert set(variables["subsystems"]) == {"power", "thermal"} and variables["multi_satellite"] is False
+    assert variables["max_severity"] == "5 (paged)", "the variable given wins over the incident's field"
+    done = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=started.execution_id))
+    assert done.step_status == pb.STEP_STATUS_COMPLETED
+    assert [a.detail for a in done.execution.audit_log if a.transition == "ACTION_LOGGED"] == [expected]
 
 
 async def test_an_incident_that_closes_is_recorded_in_the_audit_of_its_waiting_execution(

@@ -466,6 +466,22 @@ def test_missions_after_the_exhaustion_are_not_counted() -> None:
     assert f.mission_ids == () and f.scheduled_impact == 0.0 and f.recommended_action == "reduce or defer burns"
 
 
+def test_a_mission_under_way_when_the_resource_runs_out_counts_only_up_to_then() -> None:
+    # 36 kg left at day 32, 2 kg/day, and an 80 kg burn over days 32-34 (40 kg/day): the tank is empty
+    # 36/42 of a day into the burn, which by then has used 40·36/42 kg. The other 80 − that is never
+    # burnt: the impact the forecast includes is only what comes before the exhaustion.
+    planner, _ = planner_at(30)
+    linear(planner, "s", FUEL, 100.0, 2.0)
+    planner.add_scheduled_mission(MissionScheduleEntry("burn-1", "s", day(32), day(34), {FUEL: 80.0}))
+    (f,) = planner.forecast_fleet()
+    assert f.days_remaining == pytest.approx(2.0 + 36.0 / 42.0)
+    assert f.mission_ids == ("burn-1",) and "burn-1" in f.recommended_action
+    assert f.scheduled_impact == pytest.approx(40.0 * 36.0 / 42.0)
+    # What the forecast says adds up: the fuel left, less the trend and the missions to the exhaustion.
+    assert f.current_value - 2.0 * f.days_remaining - f.scheduled_impact == pytest.approx(0.0, abs=1e-9)
+    assert planner.forecast_exhaustion("s", FUEL) == f
+
+
 def test_mission_moved_to_another_satellite_is_reindexed() -> None:
     planner, _ = planner_at(30)
     planner.add_scheduled_mission(MissionScheduleEntry("m", "a", day(31), day(32), {FUEL: 1.0}))

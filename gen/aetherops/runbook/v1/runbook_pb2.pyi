@@ -741,8 +741,12 @@ class StartExecutionRequest(_message.Message):
     """
     incident_id: _builtins.str
     """Optional: the incident (cluster id) this execution is started for; it is
-    listed under that incident (ListExecutions incident_id, aetherops trace).
-    NOT_FOUND when no such incident is stored.
+    listed under that incident (ListExecutions incident_id, aetherops trace),
+    and the stored incident's data are variables as for an incident start
+    (cluster_id, satellite_ids, subsystems, max_severity, root_cause_alert_id,
+    root_cause_subsystem, root_cause_satellite_id, alert_count,
+    multi_satellite; a dry run too); a name also in `variables` takes the
+    value given there. NOT_FOUND when no such incident is stored.
     """
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:

@@ -256,7 +256,13 @@ export declare type ExhaustionForecast = Message<"aetherops.capacity.v1.Exhausti
   ratePerDay: number;
 
   /**
-   * Sum of scheduled missions' impacts included in the forecast.
+   * Sum of the scheduled missions' impacts included in the forecast, in the
+   * series' unit (a use +, a gain -). A mission's impact is spread evenly over
+   * its window, and of each only the part between the newest snapshot and the
+   * time the resource runs out counts (predicted_exhaustion_time; the same
+   * solve when that is past the horizon and the field is unset): nothing of a
+   * mission that starts later, and of one under way then only what it uses
+   * before. When the resource never runs out, all that is still to come.
    *
    * @generated from field: double scheduled_impact = 14;
    */
