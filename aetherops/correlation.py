@@ -1055,10 +1055,13 @@ class CorrelationEngine:
         """What `into` becomes when an operator says the `sources` are the same incident: a new cluster,
         unknown to this engine until `replace_merged`, and nothing given is changed.
 
-        It keeps `into`'s id, opening, status and acknowledgement, and holds every alert of them all:
-        none is deduplicated again (each incident kept it), the duplicates dropped into each add up,
-        and the root cause is ranked anew over all of them, as a restart would rank it."""
+        It keeps `into`'s id, opening and status, and holds every alert of them all: none is
+        deduplicated again (each incident kept it), the duplicates dropped into each add up, and the
+        root cause is ranked anew over all of them, as a restart would rank it. Its acknowledgement is
+        `into`'s or, when nobody acknowledged `into`, the earliest of the sources': someone already
+        works on the fault, and the merged incident must not look unattended (and page again)."""
         every = (into, *sources)
+        acks = [c.acknowledgement for c in sources if c.acknowledgement is not None]
         late = [c.late_arrival_time for c in every]
         dups = [pair for c in every for pair in c._dups or ()]
         combined = IncidentCluster.restore(
@@ -1069,7 +1072,7 @@ class CorrelationEngine:
             status=into.status,
             closed_time=into.closed_time,
             late_arrival_time=max((t for t in late if t is not None), default=None),
-            acknowledgement=into.acknowledgement,
+            acknowledgement=into.acknowledgement or min(acks, key=lambda ack: ack.time, default=None),
         )
         # Ranked by an engine of this one's settings that holds nothing else: the same answer
         # `restore_cluster` gives, without touching this engine's indexes before the change is stored.

@@ -841,6 +841,8 @@ class CorrelationService:
                 IncidentEvent("closed", closed, source_root, reason=reason, closed_by=by, tracking_id=tracking_id)
             )
         await repo.merge_clusters(conn, record, source_ids, closed_time=now, reason=reason, closed_by=by)
+        if into.acknowledgement is None and merged.acknowledgement is not None:  # a source's, taken over
+            await repo.acknowledge_cluster(conn, cluster_id, merged.acknowledgement)
         await outbox.append(conn, [self._event(e, now) for e in events])
         return merged
 

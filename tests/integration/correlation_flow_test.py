@@ -919,6 +919,37 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
     assert [list(e.incident_updated.added_alert_ids) for e in events[4:]] == [[propulsion.alert_id], [thermal.alert_id]]
 
 
+async def test_a_merge_into_an_unacknowledged_incident_keeps_a_sources_acknowledgement(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    ingest = stub.IngestAlert
+    source = (await ingest(pb.IngestAlertRequest(alert=_alert("SAT-A1", "power", t0, severity=5)))).cluster_id
+    unit = _alert("SAT-A2", "star-tracker", t0 + timedelta(seconds=20))
+    target = (await ingest(pb.IngestAlertRequest(alert=unit))).cluster_id
+    ack = pb.AcknowledgeClusterRequest(cluster_id=source, note="on the backup bus", request_id="ack-a1")
+    acked = (await stub.AcknowledgeCluster(ack)).cluster
+    merge = pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[source], request_id="merge-a")
+    merged = (await stub.MergeClusters(merge)).cluster
+    taken = (merged.acknowledged_by, merged.acknowledge_time, merged.acknowledge_note)
+    assert taken == ("operator", acked.acknowledge_time, "on the backup bus")
+    update = (await _events(bus, until="incident_closed"))[-2].incident_updated
+    assert list(update.merged_cluster_ids) == [source]
+    assert (update.incident.acknowledged_by, update.incident.acknowledge_note) == ("operator", "on the backup bus")
+
+    await app.stop()  # stored, not only remembered
+    app = await app_factory()
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    shown = (await stub.GetCluster(pb.GetClusterRequest(cluster_id=target))).cluster
+    assert (shown.acknowledged_by, shown.acknowledge_time, shown.acknowledge_note) == taken
+    later = await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-A1", "thermal", t0 + timedelta(seconds=30))))
+    assert later.cluster_id == target
+    update = (await _events(bus, count=6))[-1].incident_updated
+    assert update.incident.acknowledged_by == "operator"
+
+
 async def test_a_merge_that_cannot_be_made_changes_nothing(channel: grpc.aio.Channel) -> None:
     stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
     t0 = datetime.now(UTC) - timedelta(seconds=60)

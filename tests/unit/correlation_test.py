@@ -810,6 +810,19 @@ def test_merged_holds_every_alert_and_ranks_the_root_cause_anew_without_changing
     assert engine.get_cluster("C1") is source
 
 
+def test_merged_keeps_the_targets_acknowledgement_or_else_takes_the_earliest_of_its_sources() -> None:
+    engine, clock, *_ = _two_incidents()
+    feed(engine, clock, alert("SAT-3", "star-tracker", 110))  # C3, another unknown unit
+    into, sources = engine.require_cluster("C2"), [engine.require_cluster("C1"), engine.require_cluster("C3")]
+    assert engine.merged(into, sources).acknowledgement is None  # nobody acknowledged any
+    later, earlier = Acknowledgement(by="ops-kim", time=at(150)), Acknowledgement(by="ops-joe", time=at(120))
+    assert engine.acknowledge_cluster("C1", later) and engine.acknowledge_cluster("C3", earlier)
+    assert engine.merged(into, sources).acknowledgement == earlier  # someone already works on it
+    own = Acknowledgement(by="ops-ann", time=at(200), note="the target's own")
+    assert engine.acknowledge_cluster("C2", own)
+    assert engine.merged(into, sources).acknowledgement == own
+
+
 def test_a_merged_cluster_takes_its_sources_place_and_later_alerts_join_it() -> None:
     engine, clock, power, repeat, _ = _two_incidents()
     merged = engine.merged(engine.require_cluster("C2"), [engine.require_cluster("C1")])

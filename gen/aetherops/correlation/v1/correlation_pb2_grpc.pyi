@@ -84,7 +84,8 @@ class CorrelationServiceStub:
     """Merges open clusters the engine kept apart into one (an operator knows the
     fault behind both): every alert of the sources moves to cluster_id, whose
     root cause is ranked anew over all of them, and each source closes with
-    merged_into_cluster_id set. Later alerts that would have joined a source
+    merged_into_cluster_id set. cluster_id keeps its acknowledgement, or takes
+    the earliest of the sources' if it has none. Later alerts that would have joined a source
     join the merged cluster. Publishes an "updated" event of cluster_id (with
     merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
     unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
@@ -186,7 +187,8 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     """Merges open clusters the engine kept apart into one (an operator knows the
     fault behind both): every alert of the sources moves to cluster_id, whose
     root cause is ranked anew over all of them, and each source closes with
-    merged_into_cluster_id set. Later alerts that would have joined a source
+    merged_into_cluster_id set. cluster_id keeps its acknowledgement, or takes
+    the earliest of the sources' if it has none. Later alerts that would have joined a source
     join the merged cluster. Publishes an "updated" event of cluster_id (with
     merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
     unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
@@ -333,7 +335,8 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Merges open clusters the engine kept apart into one (an operator knows the
         fault behind both): every alert of the sources moves to cluster_id, whose
         root cause is ranked anew over all of them, and each source closes with
-        merged_into_cluster_id set. Later alerts that would have joined a source
+        merged_into_cluster_id set. cluster_id keeps its acknowledgement, or takes
+        the earliest of the sources' if it has none. Later alerts that would have joined a source
         join the merged cluster. Publishes an "updated" event of cluster_id (with
         merged_cluster_ids) and a "closed" event of each source. NOT_FOUND for an
         unknown id; FAILED_PRECONDITION if any of them is closed (unless the same
