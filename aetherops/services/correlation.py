@@ -462,23 +462,27 @@ class CorrelationService:
             if result.replay:  # known to the engine but not to PostgreSQL: cannot happen after a restore
                 outcomes.append(IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, replay=True))
                 continue
-            rows.append(AlertRow(alert, result.cluster_id, result.duplicate_of, alert.tracking_id))
-            opener, added, root_changed, grew, cause, escalated_from = touched.get(
-                result.cluster_id, (None, [], False, False, "", 0)
-            )
-            if not result.duplicate:
-                added.append(alert.alert_id)
-                # The committer runs under no request's tracking id: the alert carries its own.
-                cause = alert.tracking_id
-            touched[result.cluster_id] = (
-                aid if result.opened else opener,
-                added,
-                root_changed or result.root_cause_changed,
-                grew or result.membership_changed,
-                cause,
-                escalated_from or result.escalated_from,  # the first: the severity before the batch
-            )
-            outcome = IngestOutcome(result.cluster_id, result.duplicate, result.duplicate_of, opened=result.opened)
+            cid = result.cluster_id
+            rows.append(AlertRow(alert, cid, result.duplicate_of, alert.tracking_id))
+            entry = touched.get(cid)
+            if result.duplicate:
+                # Most alerts of a storm: the cluster only counts one more duplicate.
+                if entry is None:
+                    touched[cid] = (None, [], False, False, "", 0)
+                outcome = IngestOutcome(cid, True, result.duplicate_of)
+            else:
+                opener, added, root_changed, grew, _, escalated_from = entry or (None, [], False, False, "", 0)
+                added.append(aid)
+                touched[cid] = (
+                    aid if result.opened else opener,
+                    added,
+                    root_changed or result.root_cause_changed,
+                    grew or result.membership_changed,
+                    # The committer runs under no request's tracking id: the alert carries its own.
+                    alert.tracking_id,
+                    escalated_from or result.escalated_from,  # the first: the severity before the batch
+                )
+                outcome = IngestOutcome(cid, False, None, result.opened)  # positional: one per alert
             in_batch[aid] = (alert, outcome)
             outcomes.append(outcome)
         now = self._clock.now()
