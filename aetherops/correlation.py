@@ -280,7 +280,9 @@ def validate_alert(
     problem = chars_problem(alert.tracking_id)
     if problem is not None:
         out.append(FieldViolation(f + "tracking_id", problem))
-    out.extend(labels_problems(alert.labels, f + "labels", max_labels=max_labels, max_len=max_label_len))
+    labels = alert.labels
+    if labels:  # most alerts have none: iterating an empty mapping through its ABC costs 0.4 us
+        out.extend(labels_problems(labels, f + "labels", max_labels=max_labels, max_len=max_label_len))
     return out
 
 
