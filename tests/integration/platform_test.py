@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -612,6 +613,11 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
         assert gauge in text, gauge
     for consumer in ("correlation-alerts", "capacity-telemetry", "runbook-incidents"):
         assert f'aetherops_consumer_dropped_total{{consumer="{consumer}"}} 0.0' in text, consumer
+    # Every metric the README's table names is served.
+    readme = await asyncio.to_thread((Path(__file__).resolve().parents[2] / "README.md").read_text)
+    table = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(aetherops_[a-z_]+)", table))
+    assert len(named) == 14 and not {name for name in named if f"# TYPE {name} " not in text}
 
 
 async def test_a_message_jetstream_gives_up_on_is_counted_and_logged(
