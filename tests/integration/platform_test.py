@@ -30,6 +30,8 @@ from aetherops.tasks import cancel_and_wait
 from gen.aetherops.correlation.v1 import correlation_pb2, correlation_pb2_grpc
 from servers.app import Application
 
+_README = Path(__file__).resolve().parents[2] / "README.md"
+
 SERVICES = {
     "aetherops.correlation.v1.CorrelationService",
     "aetherops.runbook.v1.RunbookService",
@@ -614,7 +616,7 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
     for consumer in ("correlation-alerts", "capacity-telemetry", "runbook-incidents"):
         assert f'aetherops_consumer_dropped_total{{consumer="{consumer}"}} 0.0' in text, consumer
     # Every metric the README's table names is served.
-    readme = await asyncio.to_thread((Path(__file__).resolve().parents[2] / "README.md").read_text)
+    readme = await asyncio.to_thread(_README.read_text)
     table = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(aetherops_[a-z_]+)", table))
     assert len(named) == 14 and not {name for name in named if f"# TYPE {name} " not in text}
