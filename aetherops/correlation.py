@@ -1044,11 +1044,14 @@ class CorrelationEngine:
         c._joinable = False  # the indexes skip it from now on; the sweep frees the memory
         return True
 
-    def acknowledge_cluster(self, cluster_id: str, acknowledgement: Acknowledgement) -> bool:
+    def acknowledge_cluster(
+        self, cluster_id: str, acknowledgement: Acknowledgement, *, take_over: bool = False
+    ) -> bool:
         """Records that someone works on an open cluster; False if it is unknown, closed or acknowledged
-        already. Alerts keep joining it: an acknowledgement changes who is paged, not the correlation."""
+        already (unless `take_over`: a shift handover replaces the acknowledgement). Alerts keep joining
+        it: an acknowledgement changes who is paged, not the correlation."""
         c = self._clusters.get(cluster_id)
-        if c is None or c.status is ClusterStatus.CLOSED or c.acknowledgement is not None:
+        if c is None or c.status is ClusterStatus.CLOSED or (c.acknowledgement is not None and not take_over):
             return False
         c.acknowledgement = acknowledgement
         return True

@@ -457,6 +457,11 @@ def _add_operator_commands(sub: Any) -> None:
     ack = clusters.add_parser("ack", parents=[common], help="acknowledge a cluster: you are working on it")
     ack.add_argument("cluster_id", help="the cluster (incident) id, as `clusters list` shows it")
     ack.add_argument("--note", default="", help="what you are doing about it (kept with the cluster)")
+    ack.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take over the acknowledgement someone else holds (a shift handover)",
+    )
     merge = clusters.add_parser(
         "merge",
         parents=[common],
@@ -1219,7 +1224,7 @@ def _print_watch_update(update: Any, args: argparse.Namespace) -> None:
 
 
 def _clusters_ack(client: Any, args: argparse.Namespace) -> int:
-    cluster = client.acknowledge_cluster(args.cluster_id, note=args.note).cluster
+    cluster = client.acknowledge_cluster(args.cluster_id, note=args.note, take_over=args.take_over).cluster
     if args.json:
         _emit(_to_dict(cluster))
     else:

@@ -261,6 +261,7 @@ def encode_incident_event(event: IncidentEvent, event_id: str, occurred: datetim
         )
     elif event.kind == "acknowledged":
         envelope.incident_acknowledged.incident.CopyFrom(incident)
+        envelope.incident_acknowledged.taken_over_from = event.taken_over_from
     else:
         envelope.incident_closed.CopyFrom(
             events_pb2.IncidentClosed(incident=incident, reason=event.reason, closed_by=event.closed_by)
@@ -479,6 +480,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             by=current_principal_name() or "operator",
             request_id=request.request_id,
             alert_bytes=budget.remaining,
+            take_over=request.take_over,
         )
         return pb.AcknowledgeClusterResponse(cluster=cluster_to_proto(record, budget))
 

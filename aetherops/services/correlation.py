@@ -135,6 +135,8 @@ class IncidentEvent:
     """For "updated": the clusters a merge moved into this one (their alerts are `added_alert_ids`)."""
     escalated_from: int = 0
     """For "updated": the incident's highest severity before the change, when the change raised it."""
+    taken_over_from: str = ""
+    """For "acknowledged": who held the acknowledgement it took over (empty: nobody)."""
 
 
 def _acknowledged_key(acknowledged: bool | None) -> tuple[str, ...]:
@@ -706,10 +708,19 @@ class CorrelationService:
         return closed
 
     async def acknowledge(
-        self, cluster_id: str, *, note: str, by: str, request_id: str, alert_bytes: int | None = None
+        self,
+        cluster_id: str,
+        *,
+        note: str,
+        by: str,
+        request_id: str,
+        alert_bytes: int | None = None,
+        take_over: bool = False,
     ) -> ClusterRecord:
         """Records that `by` works on an open cluster (idempotent on request_id); its "acknowledged"
         event leaves with the commit. The answer holds its oldest alerts, as many as `alert_bytes` holds.
+        `take_over`: an acknowledgement someone holds becomes `by`'s (a shift handover), and the event
+        says whose it was; without it, that is FAILED_PRECONDITION.
 
         Ingestion pauses meanwhile, as for `close`: every event of the incident committed after this
         one carries the acknowledgement, and none committed before it does."""
@@ -720,12 +731,14 @@ class CorrelationService:
         def acknowledging(record: ClusterRecord, now: datetime) -> IncidentEvent:
             if record.status == "CLOSED":
                 raise FailedPreconditionError(f"cluster {cluster_id!r} is closed: there is nothing left to work on")
-            if (ack := record.acknowledgement) is not None:
+            held = record.acknowledgement
+            if held is not None and not take_over:
                 raise FailedPreconditionError(
-                    f"cluster {cluster_id!r} was acknowledged by {ack.by!r} at {ack.time.isoformat()}"
+                    f"cluster {cluster_id!r} was acknowledged by {held.by!r} at {held.time.isoformat()}"
+                    " (take_over hands it over)"
                 )
             acknowledged = replace(record, acknowledgement=Acknowledgement(by, now, note))
-            return IncidentEvent("acknowledged", acknowledged, None)
+            return IncidentEvent("acknowledged", acknowledged, None, taken_over_from=held.by if held else "")
 
         acknowledged = await self._change(cluster_id, "acknowledge", request_id, alert_bytes, acknowledging)
         self._relay.wake()
@@ -897,7 +910,8 @@ class CorrelationService:
             if event.kind == "closed":
                 self._engine.close_cluster(cluster_id)
             elif changed.acknowledgement is not None:
-                self._engine.acknowledge_cluster(cluster_id, changed.acknowledgement)
+                # What was committed, a take-over included.
+                self._engine.acknowledge_cluster(cluster_id, changed.acknowledgement, take_over=True)
         return changed
 
     async def root_cause(self, cluster_id: str) -> tuple[Alert | None, float]:

@@ -383,12 +383,14 @@ class AetherOpsClient:
         cluster_id: str,
         *,
         note: str = "",
+        take_over: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.AcknowledgeClusterResponse:
+        """Acknowledges a cluster: you work on it. `take_over`: hand over one someone else holds."""
         request = correlation_pb2.AcknowledgeClusterRequest(
-            cluster_id=cluster_id, note=note, request_id=build.request_id(request_id)
+            cluster_id=cluster_id, note=note, request_id=build.request_id(request_id), take_over=take_over
         )
         return await self._unary(
             self.correlation.AcknowledgeCluster,

@@ -226,6 +226,8 @@ async def test_clusters_list_show_close(cli: Any, tmp_path: Path) -> None:
     assert f"by {acked.json()['acknowledged_by']}: resetting the bus" in shown.out
     again = await cli("clusters", "ack", cluster["cluster_id"])
     assert again.code == 1 and "FAILED_PRECONDITION" in again.err and "acknowledged by" in again.err
+    handover = await cli("clusters", "ack", cluster["cluster_id"], "--take-over", "--note", "night shift", "--json")
+    assert handover.code == 0 and handover.json()["acknowledge_note"] == "night shift"
     unattended = await cli("clusters", "list", "--satellite", "SAT-CLU", "--unacknowledged")
     assert unattended.out.strip() == "no active clusters"
     taken = await cli("clusters", "list", "--satellite", "SAT-CLU", "--status", "open", "--acknowledged", "--json")

@@ -919,6 +919,40 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
     assert [list(e.incident_updated.added_alert_ids) for e in events[4:]] == [[propulsion.alert_id], [thermal.alert_id]]
 
 
+async def test_a_shift_hands_an_acknowledged_incident_over_and_every_later_view_says_so(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    day = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    night = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app.port))
+    cid = (await day.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-H1", "power", t0, severity=4)))).cluster_id
+    await day.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, note="resetting the bus"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await night.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, note="mine now"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "acknowledged by 'operator'" in (err.value.details() or "") and "take_over" in (err.value.details() or "")
+    request = pb.AcknowledgeClusterRequest(
+        cluster_id=cid, note="night shift: bus reset pending", take_over=True, request_id="handover-1"
+    )
+    taken = (await night.AcknowledgeCluster(request)).cluster
+    assert (taken.acknowledged_by, taken.acknowledge_note) == ("admin", "night shift: bus reset pending")
+    assert (await night.AcknowledgeCluster(request)).cluster == taken  # a retry answers as the first call
+    acks = [e.incident_acknowledged for e in await _events(bus, count=3)][1:]
+    assert [(a.incident.acknowledged_by, a.taken_over_from) for a in acks] == [("operator", ""), ("admin", "operator")]
+
+    # The engine holds the new one: the next update carries it, and so does the store after a restart.
+    thermal = _alert("SAT-H1", "thermal", t0 + timedelta(seconds=10))
+    assert (await day.IngestAlert(pb.IngestAlertRequest(alert=thermal))).cluster_id == cid
+    update = (await _events(bus, count=4))[-1].incident_updated
+    assert (update.incident.acknowledged_by, update.incident.acknowledge_note) == ("admin", taken.acknowledge_note)
+    await app.stop()
+    app = await app_factory()
+    day = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    shown = (await day.GetCluster(pb.GetClusterRequest(cluster_id=cid))).cluster
+    assert (shown.acknowledged_by, shown.acknowledge_time) == ("admin", taken.acknowledge_time)
+
+
 async def test_a_merge_into_an_unacknowledged_incident_keeps_a_sources_acknowledgement(
     app_factory: Any, bus: Bus, channel_for: Any
 ) -> None:

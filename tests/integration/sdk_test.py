@@ -153,6 +153,8 @@ async def test_acknowledge_cluster(client: AetherOpsClient) -> None:
     assert acked.acknowledged_by and acked.acknowledge_note == "on it" and acked.HasField("acknowledge_time")
     with pytest.raises(FailedPrecondition, match="acknowledged by"):
         await client.acknowledge_cluster(reply.cluster_id)
+    handed = (await client.acknowledge_cluster(reply.cluster_id, note="next shift", take_over=True)).cluster
+    assert handed.acknowledge_note == "next shift"
 
 
 async def test_merge_clusters(client: AetherOpsClient) -> None:

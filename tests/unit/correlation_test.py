@@ -553,10 +553,14 @@ def test_an_acknowledged_cluster_keeps_correlating_and_is_acknowledged_once() ->
     assert engine.acknowledge_cluster("C1", Acknowledgement(by="ops-joe", time=at(6))) is False
     assert engine.acknowledge_cluster("missing", ack) is False
     assert engine.require_cluster("C1").acknowledgement == ack
+    # A shift handover replaces it.
+    handover = Acknowledgement(by="ops-kim", time=at(7), note="night shift has it")
+    assert engine.acknowledge_cluster("C1", handover, take_over=True) is True
+    assert engine.require_cluster("C1").acknowledgement == handover
     # Still the incident its related alerts join; the acknowledgement stays.
     feed(engine, clock, alert("SAT-1", "thermal", 30))
     cluster = engine.require_cluster("C1")
-    assert cluster.alert_count == 2 and cluster.acknowledgement == ack
+    assert cluster.alert_count == 2 and cluster.acknowledgement == handover
     single, _ = make_engine()
     single.ingest(alert("SAT-9", "power", 0))
     single.close_cluster("C1")

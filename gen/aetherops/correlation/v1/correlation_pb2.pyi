@@ -797,6 +797,7 @@ class AcknowledgeClusterRequest(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TAKE_OVER_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     note: _builtins.str
     """What the operator is doing about it, kept on the cluster and in the
@@ -804,16 +805,23 @@ class AcknowledgeClusterRequest(_message.Message):
     """
     request_id: _builtins.str
     """Idempotency key, per cluster: retrying with the same id answers as the first call did."""
+    take_over: _builtins.bool
+    """Take over an acknowledgement someone else holds (a shift handover): the
+    cluster's acknowledgement becomes the caller's, with this note, and the
+    "acknowledged" event names whom it was taken from. Without it, an
+    acknowledged cluster is FAILED_PRECONDITION naming who holds it.
+    """
     def __init__(
         self,
         *,
         cluster_id: _builtins.str = ...,
         note: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        take_over: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "note", b"note", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "note", b"note", "request_id", b"request_id", "take_over", b"take_over"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

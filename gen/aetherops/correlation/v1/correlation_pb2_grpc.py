@@ -190,7 +190,8 @@ class CorrelationServiceServicer:
         page anyone else. The cluster shows who, when and their note from then on
         (GetCluster, the listings and every later event), and an "acknowledged"
         event is published. Alerts still join it. FAILED_PRECONDITION if it is
-        closed or already acknowledged (unless the same request_id is retried).
+        closed or already acknowledged (unless the same request_id is retried, or
+        take_over hands it over).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,7 +78,8 @@ class CorrelationServiceStub:
     page anyone else. The cluster shows who, when and their note from then on
     (GetCluster, the listings and every later event), and an "acknowledged"
     event is published. Alerts still join it. FAILED_PRECONDITION if it is
-    closed or already acknowledged (unless the same request_id is retried).
+    closed or already acknowledged (unless the same request_id is retried, or
+    take_over hands it over).
     """
     MergeClusters: _grpc.UnaryUnaryMultiCallable[_correlation_pb2.MergeClustersRequest, _correlation_pb2.MergeClustersResponse]
     """Merges open clusters the engine kept apart into one (an operator knows the
@@ -181,7 +182,8 @@ class CorrelationServiceAsyncStub(CorrelationServiceStub):
     page anyone else. The cluster shows who, when and their note from then on
     (GetCluster, the listings and every later event), and an "acknowledged"
     event is published. Alerts still join it. FAILED_PRECONDITION if it is
-    closed or already acknowledged (unless the same request_id is retried).
+    closed or already acknowledged (unless the same request_id is retried, or
+    take_over hands it over).
     """
     MergeClusters: _aio.UnaryUnaryMultiCallable[_correlation_pb2.MergeClustersRequest, _correlation_pb2.MergeClustersResponse]  # type: ignore[assignment]
     """Merges open clusters the engine kept apart into one (an operator knows the
@@ -323,7 +325,8 @@ class CorrelationServiceServicer(metaclass=_abc_1.ABCMeta):
         page anyone else. The cluster shows who, when and their note from then on
         (GetCluster, the listings and every later event), and an "acknowledged"
         event is published. Alerts still join it. FAILED_PRECONDITION if it is
-        closed or already acknowledged (unless the same request_id is retried).
+        closed or already acknowledged (unless the same request_id is retried, or
+        take_over hands it over).
         """
 
     @_abc_1.abstractmethod

@@ -300,16 +300,22 @@ class IncidentAcknowledged(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCIDENT_FIELD_NUMBER: _builtins.int
+    TAKEN_OVER_FROM_FIELD_NUMBER: _builtins.int
+    taken_over_from: _builtins.str
+    """Who held the acknowledgement this one took over (AcknowledgeCluster
+    take_over, a shift handover); empty for a first acknowledgement.
+    """
     @_builtins.property
     def incident(self) -> Global___Incident: ...
     def __init__(
         self,
         *,
         incident: Global___Incident | None = ...,
+        taken_over_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident", "taken_over_from", b"taken_over_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

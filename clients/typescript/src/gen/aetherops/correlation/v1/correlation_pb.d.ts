@@ -795,6 +795,16 @@ export declare type AcknowledgeClusterRequest = Message<"aetherops.correlation.v
    * @generated from field: string request_id = 3;
    */
   requestId: string;
+
+  /**
+   * Take over an acknowledgement someone else holds (a shift handover): the
+   * cluster's acknowledgement becomes the caller's, with this note, and the
+   * "acknowledged" event names whom it was taken from. Without it, an
+   * acknowledged cluster is FAILED_PRECONDITION naming who holds it.
+   *
+   * @generated from field: bool take_over = 4;
+   */
+  takeOver: boolean;
 };
 
 /**
@@ -1538,7 +1548,8 @@ export declare const CorrelationService: GenService<{
    * page anyone else. The cluster shows who, when and their note from then on
    * (GetCluster, the listings and every later event), and an "acknowledged"
    * event is published. Alerts still join it. FAILED_PRECONDITION if it is
-   * closed or already acknowledged (unless the same request_id is retried).
+   * closed or already acknowledged (unless the same request_id is retried, or
+   * take_over hands it over).
    *
    * @generated from rpc aetherops.correlation.v1.CorrelationService.AcknowledgeCluster
    */

@@ -350,6 +350,14 @@ export declare type IncidentAcknowledged = Message<"aetherops.events.v1.Incident
    * @generated from field: aetherops.events.v1.Incident incident = 1;
    */
   incident?: Incident | undefined;
+
+  /**
+   * Who held the acknowledgement this one took over (AcknowledgeCluster
+   * take_over, a shift handover); empty for a first acknowledgement.
+   *
+   * @generated from field: string taken_over_from = 2;
+   */
+  takenOverFrom: string;
 };
 
 /**
