@@ -1210,6 +1210,8 @@ def _print_watch_update(update: Any, args: argparse.Namespace) -> None:
     acknowledged = ""
     if update.event_type == correlation_pb2.CLUSTER_EVENT_TYPE_ACKNOWLEDGED:
         acknowledged = f"  by {c.acknowledged_by}: {c.acknowledge_note or '-'}"
+        if update.taken_over_from:
+            acknowledged += f"  (taken over from {update.taken_over_from})"
     elif update.escalated_from_severity:  # news even when someone acknowledged it: say so first
         event = "ESCALATED"
         acknowledged = f"  from sev {update.escalated_from_severity}" + (

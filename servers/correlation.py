@@ -619,6 +619,7 @@ def _watch_response(item: WatchItem, dropped: int) -> pb.WatchClustersResponse:
         event_time=event.occurred_time,
         dropped_events=dropped,
         escalated_from_severity=event.incident_updated.escalated_from_severity,
+        taken_over_from=event.incident_acknowledged.taken_over_from,
     )
 
 

@@ -926,6 +926,7 @@ async def test_a_shift_hands_an_acknowledged_incident_over_and_every_later_view_
     app = await app_factory()
     day = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
     night = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app.port))
+    watch, first_ack = await _watching(app, day, pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED)
     cid = (await day.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-H1", "power", t0, severity=4)))).cluster_id
     await day.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, note="resetting the bus"))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -939,7 +940,11 @@ async def test_a_shift_hands_an_acknowledged_incident_over_and_every_later_view_
     assert (taken.acknowledged_by, taken.acknowledge_note) == ("admin", "night shift: bus reset pending")
     assert (await night.AcknowledgeCluster(request)).cluster == taken  # a retry answers as the first call
     acks = [e.incident_acknowledged for e in await _events(bus, count=3)][1:]
-    assert [(a.incident.acknowledged_by, a.taken_over_from) for a in acks] == [("operator", ""), ("admin", "operator")]
+    holders = [("operator", ""), ("admin", "operator")]  # (acknowledged by, taken over from)
+    assert [(a.incident.acknowledged_by, a.taken_over_from) for a in acks] == holders
+    watched = [await asyncio.wait_for(first_ack, 10), await asyncio.wait_for(watch.read(), 10)]
+    assert [(w.cluster.acknowledged_by, w.taken_over_from) for w in watched] == holders
+    watch.cancel()
 
     # The engine holds the new one: the next update carries it, and so does the store after a restart.
     thermal = _alert("SAT-H1", "thermal", t0 + timedelta(seconds=10))

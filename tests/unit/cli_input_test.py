@@ -397,3 +397,16 @@ def test_watch_says_an_escalation_even_of_an_acknowledged_incident(capsys: pytes
     escalated, updated = capsys.readouterr().out.splitlines()
     assert "ESCALATED" in escalated and "from sev 2  (acknowledged by ops-anna)" in escalated
     assert "UPDATED" in updated and "ESCALATED" not in updated
+
+
+def test_watch_says_whom_an_acknowledgement_was_taken_over_from(capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.aetherops.correlation.v1 import correlation_pb2 as pb
+
+    cluster = pb.Cluster(cluster_id="C-9", max_severity=4, acknowledged_by="ops-kim", acknowledge_note="night shift")
+    args = argparse.Namespace(json=False)
+    acked = pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED
+    _print_watch_update(pb.WatchClustersResponse(event_type=acked, cluster=cluster, taken_over_from="ops-anna"), args)
+    _print_watch_update(pb.WatchClustersResponse(event_type=acked, cluster=cluster), args)
+    handover, first = capsys.readouterr().out.splitlines()
+    assert "by ops-kim: night shift  (taken over from ops-anna)" in handover
+    assert first.endswith("by ops-kim: night shift")

@@ -1101,12 +1101,17 @@ class WatchClustersResponse(_message.Message):
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     DROPPED_EVENTS_FIELD_NUMBER: _builtins.int
     ESCALATED_FROM_SEVERITY_FIELD_NUMBER: _builtins.int
+    TAKEN_OVER_FROM_FIELD_NUMBER: _builtins.int
     event_type: Global___ClusterEventType.ValueType
     dropped_events: _builtins.int
     """Events this watcher missed because it fell behind, since its last message."""
     escalated_from_severity: _builtins.int
     """On an UPDATED event that raised the cluster's max severity: what it was
     before (1-4; 0 otherwise). An acknowledged incident that escalates is news.
+    """
+    taken_over_from: _builtins.str
+    """On an ACKNOWLEDGED event that took over someone's acknowledgement (a
+    shift handover): whose it was; empty otherwise.
     """
     @_builtins.property
     def cluster(self) -> Global___Cluster:
@@ -1122,10 +1127,11 @@ class WatchClustersResponse(_message.Message):
         event_time: _timestamp_pb2.Timestamp | None = ...,
         dropped_events: _builtins.int = ...,
         escalated_from_severity: _builtins.int = ...,
+        taken_over_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "dropped_events", b"dropped_events", "escalated_from_severity", b"escalated_from_severity", "event_time", b"event_time", "event_type", b"event_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "dropped_events", b"dropped_events", "escalated_from_severity", b"escalated_from_severity", "event_time", b"event_time", "event_type", b"event_type", "taken_over_from", b"taken_over_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1109,6 +1109,14 @@ export declare type WatchClustersResponse = Message<"aetherops.correlation.v1.Wa
    * @generated from field: int32 escalated_from_severity = 5;
    */
   escalatedFromSeverity: number;
+
+  /**
+   * On an ACKNOWLEDGED event that took over someone's acknowledgement (a
+   * shift handover): whose it was; empty otherwise.
+   *
+   * @generated from field: string taken_over_from = 6;
+   */
+  takenOverFrom: string;
 };
 
 /**
