@@ -162,6 +162,13 @@ def _acknowledged_in(value: pb.AcknowledgementFilter.ValueType) -> bool | None:
     return _ACKNOWLEDGED_IN[value]
 
 
+def _alert_bytes(view: pb.ClusterView.ValueType, budget: AlertBudget) -> int:
+    """The alert bytes a listing's clusters may carry in that view (BASIC: none, so none are read)."""
+    if view not in pb.ClusterView.values():
+        raise ValidationError.single("view", f"unknown cluster view {view}")
+    return 0 if view == pb.CLUSTER_VIEW_BASIC else budget.remaining
+
+
 def _cluster_fields(record: ClusterRecord) -> pb.Cluster:
     ack = record.acknowledgement
     return pb.Cluster(
@@ -420,7 +427,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             satellite_id=request.satellite_id,
             min_severity=request.min_severity,
             acknowledged=_acknowledged_in(request.acknowledgement),
-            alert_bytes=budget.remaining,
+            alert_bytes=_alert_bytes(request.view, budget),
         )
         return pb.ListActiveClustersResponse(
             clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token
@@ -442,7 +449,7 @@ class CorrelationServicer(correlation_pb2_grpc.CorrelationServiceServicer):
             start=from_ts(request, "start_time"),
             end=from_ts(request, "end_time"),
             acknowledged=_acknowledged_in(request.acknowledgement),
-            alert_bytes=budget.remaining,
+            alert_bytes=_alert_bytes(request.view, budget),
         )
         return pb.ListClustersResponse(clusters=[cluster_to_proto(r, budget) for r in page], next_page_token=token)
 

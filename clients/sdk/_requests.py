@@ -114,6 +114,11 @@ def acknowledgement(acknowledged: bool | None) -> correlation_pb2.Acknowledgemen
     return correlation_pb2.ACKNOWLEDGEMENT_FILTER_UNACKNOWLEDGED
 
 
+def cluster_view(with_alerts: bool) -> correlation_pb2.ClusterView.ValueType:
+    """A listing's view: FULL with the clusters' alerts, BASIC without (cheap to poll)."""
+    return correlation_pb2.CLUSTER_VIEW_FULL if with_alerts else correlation_pb2.CLUSTER_VIEW_BASIC
+
+
 def list_clusters(
     *,
     status: int | str,
@@ -124,6 +129,7 @@ def list_clusters(
     page_size: int,
     page_token: str,
     acknowledged: bool | None = None,
+    with_alerts: bool = True,
 ) -> correlation_pb2.ListClustersRequest:
     request = correlation_pb2.ListClustersRequest(
         page_size=page_size,
@@ -132,6 +138,7 @@ def list_clusters(
         satellite_id=satellite_id,
         min_severity=min_severity,
         acknowledgement=acknowledgement(acknowledged),
+        view=cluster_view(with_alerts),
     )
     if start is not None:
         request.start_time.CopyFrom(timestamp(start))

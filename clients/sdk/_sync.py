@@ -199,17 +199,20 @@ class SyncAetherOpsClient:
         satellite_id: str = "",
         min_severity: int = 0,
         acknowledged: bool | None = None,
+        with_alerts: bool = True,
         timeout: float | None = None,
         tracking_id: str | None = None,
     ) -> correlation_pb2.ListActiveClustersResponse:
         """Open clusters active within the correlation window, newest activity first; `acknowledged`
-        True or False takes only the acknowledged ones or only those nobody acknowledged."""
+        True or False takes only the acknowledged ones or only those nobody acknowledged;
+        `with_alerts` False leaves the alerts out (CLUSTER_VIEW_BASIC: cheap to poll in a storm)."""
         request = correlation_pb2.ListActiveClustersRequest(
             page_size=page_size,
             page_token=page_token,
             satellite_id=satellite_id,
             min_severity=min_severity,
             acknowledgement=build.acknowledgement(acknowledged),
+            view=build.cluster_view(with_alerts),
         )
         return self._unary(
             self.correlation.ListActiveClusters,
@@ -220,7 +223,13 @@ class SyncAetherOpsClient:
         )
 
     def iter_active_clusters(
-        self, *, satellite_id: str = "", min_severity: int = 0, acknowledged: bool | None = None, page_size: int = 0
+        self,
+        *,
+        satellite_id: str = "",
+        min_severity: int = 0,
+        acknowledged: bool | None = None,
+        with_alerts: bool = True,
+        page_size: int = 0,
     ) -> Iterator[correlation_pb2.Cluster]:
         """Every active cluster, following next_page_token."""
         return follow(
@@ -230,6 +239,7 @@ class SyncAetherOpsClient:
                 satellite_id=satellite_id,
                 min_severity=min_severity,
                 acknowledged=acknowledged,
+                with_alerts=with_alerts,
             ),
             lambda page: page.clusters,
         )
@@ -243,6 +253,7 @@ class SyncAetherOpsClient:
         start: build.TimeLike | None = None,
         end: build.TimeLike | None = None,
         acknowledged: bool | None = None,
+        with_alerts: bool = True,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
@@ -251,8 +262,8 @@ class SyncAetherOpsClient:
         """Stored clusters, open or closed (the incident history), most recently opened first.
 
         `status` takes the enum's number or name ("open", "CLUSTER_STATUS_CLOSED"; unspecified: both);
-        `start` and `end` keep the clusters with alerts in [start, end); `acknowledged` as for
-        `list_active_clusters`."""
+        `start` and `end` keep the clusters with alerts in [start, end); `acknowledged` and
+        `with_alerts` as for `list_active_clusters`."""
         request = build.list_clusters(
             status=status,
             satellite_id=satellite_id,
@@ -260,6 +271,7 @@ class SyncAetherOpsClient:
             start=start,
             end=end,
             acknowledged=acknowledged,
+            with_alerts=with_alerts,
             page_size=page_size,
             page_token=page_token,
         )
@@ -276,6 +288,7 @@ class SyncAetherOpsClient:
         start: build.TimeLike | None = None,
         end: build.TimeLike | None = None,
         acknowledged: bool | None = None,
+        with_alerts: bool = True,
         page_size: int = 0,
     ) -> Iterator[correlation_pb2.Cluster]:
         """Every matching stored cluster, following next_page_token."""
@@ -287,6 +300,7 @@ class SyncAetherOpsClient:
                 start=start,
                 end=end,
                 acknowledged=acknowledged,
+                with_alerts=with_alerts,
                 page_size=page_size,
                 page_token=token,
             ),

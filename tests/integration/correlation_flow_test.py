@@ -1181,6 +1181,27 @@ async def test_an_incident_with_more_alerts_than_a_message_holds_is_still_shown_
     assert [a.alert.alert_id for a in every.alerts] == ids[:10] and every.next_page_token
 
 
+async def test_listings_in_the_basic_view_leave_the_alerts_out(channel: grpc.aio.Channel) -> None:
+    stub = correlation_pb2_grpc.CorrelationServiceStub(channel)
+    t0 = datetime.now(UTC) - timedelta(seconds=30)
+    for n, subsystem in enumerate(("power", "thermal", "propulsion")):
+        await stub.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-V", subsystem, t0 + timedelta(seconds=n))))
+    active = pb.ListActiveClustersRequest(satellite_id="SAT-V")
+    history = pb.ListClustersRequest(satellite_id="SAT-V")
+    for listing, request in ((stub.ListActiveClusters, active), (stub.ListClusters, history)):
+        (full,) = (await listing(request)).clusters  # unspecified: the full view
+        assert len(full.alerts) == full.alert_count == 3
+        request.view = pb.CLUSTER_VIEW_BASIC
+        (basic,) = (await listing(request)).clusters
+        assert not basic.alerts and basic.alert_count == 3
+        del full.alerts[:]
+        assert basic == full  # everything else as in the full view
+        request.view = 7  # type: ignore[assignment]  # a value newer than this server
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await listing(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "view" in _violations(err.value)
+
+
 async def test_each_incident_event_carries_the_tracking_id_of_the_request_that_caused_it(
     channel: grpc.aio.Channel, bus: Bus
 ) -> None:

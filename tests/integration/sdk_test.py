@@ -57,6 +57,9 @@ async def test_ingest_alert_then_get_cluster(client: AetherOpsClient) -> None:
     assert [a.alert_id for a in cluster.alerts] == [alert_id]
     listed = [c.cluster_id async for c in client.iter_active_clusters(satellite_id="SAT-SDK")]
     assert reply.cluster_id in listed
+    (full,) = (await client.list_active_clusters(satellite_id="SAT-SDK")).clusters
+    (basic,) = (await client.list_clusters(satellite_id="SAT-SDK", with_alerts=False)).clusters
+    assert len(full.alerts) == full.alert_count == 1 and not basic.alerts and basic.alert_count == 1
 
 
 async def test_tracking_id_round_trip(client: AetherOpsClient) -> None:

@@ -482,6 +482,15 @@ export declare type ListActiveClustersRequest = Message<"aetherops.correlation.v
    * @generated from field: aetherops.correlation.v1.AcknowledgementFilter acknowledgement = 5;
    */
   acknowledgement: AcknowledgementFilter;
+
+  /**
+   * CLUSTER_VIEW_BASIC leaves each cluster's alerts out (alert_count still
+   * says how many): what a dashboard polling during an alert storm needs, at
+   * a fraction of the cost. Unspecified: CLUSTER_VIEW_FULL.
+   *
+   * @generated from field: aetherops.correlation.v1.ClusterView view = 6;
+   */
+  view: ClusterView;
 };
 
 /**
@@ -572,6 +581,13 @@ export declare type ListClustersRequest = Message<"aetherops.correlation.v1.List
    * @generated from field: aetherops.correlation.v1.AcknowledgementFilter acknowledgement = 8;
    */
   acknowledgement: AcknowledgementFilter;
+
+  /**
+   * As in ListActiveClustersRequest.
+   *
+   * @generated from field: aetherops.correlation.v1.ClusterView view = 9;
+   */
+  view: ClusterView;
 };
 
 /**
@@ -1396,6 +1412,39 @@ export enum ClusterStatus {
  * Describes the enum aetherops.correlation.v1.ClusterStatus.
  */
 export declare const ClusterStatusSchema: GenEnum<ClusterStatus>;
+
+/**
+ * How much of each cluster a listing returns.
+ *
+ * @generated from enum aetherops.correlation.v1.ClusterView
+ */
+export enum ClusterView {
+  /**
+   * CLUSTER_VIEW_FULL.
+   *
+   * @generated from enum value: CLUSTER_VIEW_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Everything but the alerts.
+   *
+   * @generated from enum value: CLUSTER_VIEW_BASIC = 1;
+   */
+  BASIC = 1,
+
+  /**
+   * With the alerts, oldest first, as many as fit (see Cluster.alerts).
+   *
+   * @generated from enum value: CLUSTER_VIEW_FULL = 2;
+   */
+  FULL = 2,
+}
+
+/**
+ * Describes the enum aetherops.correlation.v1.ClusterView.
+ */
+export declare const ClusterViewSchema: GenEnum<ClusterView>;
 
 /**
  * Which clusters a listing takes by their acknowledgement (AcknowledgeCluster).
