@@ -204,30 +204,23 @@ class Settings:
 ENV_VARS: dict[str, str] = {f.name: "AETHEROPS_" + f.name.upper() for f in fields(Settings)}
 """Setting name -> environment variable (AETHEROPS_DATABASE_URL, ...)."""
 
-_INTS = {"port", "metrics_port", "max_message_bytes", "ingest_queue_bytes"}
-_FLOATS = {
-    "shutdown_grace_s",
-    "correlation_window_s",
-    "dedupe_window_s",
-    "incident_resolve_after_s",
-    "max_future_skew_s",
-    "rate_limit_burst",
-    "rate_limit_per_s",
-}
+_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Settings)}
+"""Setting name -> its annotation, which says how its variable is parsed (so no setting can be missed)."""
 
 
 def _parse(name: str, raw: str) -> Any:
     var = ENV_VARS[name]
+    kind = _TYPES[name]
     try:
-        if name in _INTS:
+        if kind == "int":
             return int(raw)
-        if name in _FLOATS:
+        if kind == "float":
             return float(raw)
     except ValueError:
         raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
-    if name in ("services", "agent_actions"):
+    if kind == "tuple[str, ...]":
         return tuple(s.strip() for s in raw.split(",") if s.strip())
-    if name == "data_dir":
+    if kind == "Path":
         return Path(raw).expanduser()
     return raw
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,21 @@ def test_defaults_and_environment() -> None:
 def test_flags_override_environment() -> None:
     s = Settings.from_env({"AETHEROPS_PORT": "6000"}, port=7000, host=None)
     assert s.port == 7000
+
+
+def test_every_setting_reads_its_variable() -> None:
+    # Each variable set to its default as text gives the default back. A setting parsed by a list of
+    # names kept by hand was once missed: AETHEROPS_OUTBOX_RETENTION_S stayed a string, and start-up
+    # failed with a TypeError instead of using it.
+    defaults = Settings()
+    env: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(defaults, f.name)
+        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        if text:
+            env[ENV_VARS[f.name]] = text
+    assert Settings.from_env(env) == defaults
+    assert Settings.from_env({"AETHEROPS_OUTBOX_RETENTION_S": "86400"}).outbox_retention_s == 86400.0
 
 
 @pytest.mark.parametrize(
