@@ -1,5 +1,5 @@
-"""Stopping background tasks: cancel them and wait until they have ended, without swallowing a
-cancellation of the caller; and letting go of tasks that nobody will await.
+"""Background tasks: running periodic work; stopping tasks (cancel them and wait until they have
+ended, without swallowing a cancellation of the caller); letting go of tasks that nobody will await.
 
 The usual idiom, ``task.cancel()`` then ``with suppress(CancelledError): await task``, also swallows
 the CancelledError meant for the caller when the caller itself is cancelled while it waits (a
@@ -11,11 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["abandon", "cancel_and_wait"]
+__all__ = ["abandon", "cancel_and_wait", "periodically"]
 
 log = logging.getLogger(__name__)
+
+
+async def periodically(
+    interval_s: float, work: Callable[[], Awaitable[object]], what: str, *, at_once: bool = False
+) -> None:
+    """Awaits `work()` every `interval_s` (the first time at once, or after one interval) until cancelled.
+
+    A round that fails is logged as "`what` failed" and the next one tries again: periodic work must
+    outlive a database that is away for a while. The pause is a period, not synchronisation.
+    """
+    if not at_once:
+        await asyncio.sleep(interval_s)
+    while True:
+        try:
+            await work()
+        except Exception:  # CancelledError is not an Exception: cancelling stops the loop
+            log.warning("%s failed; the next round, in %g s, tries again", what, interval_s, exc_info=True)
+        await asyncio.sleep(interval_s)
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:

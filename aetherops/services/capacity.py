@@ -67,7 +67,7 @@ from aetherops.db.capacity import RiskRow, SeriesBlock
 from aetherops.errors import FieldViolation, NotFoundError, UnavailableError, ValidationError
 from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token
 from aetherops.services.batching import GroupCommitter
-from aetherops.tasks import cancel_and_wait
+from aetherops.tasks import cancel_and_wait, periodically
 from aetherops.telemetry import StreamingAggregator
 from aetherops.text import id_problem
 from aetherops.tracking import current_tracking_id
@@ -316,7 +316,12 @@ class CapacityService:
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._telemetry_flusher(), name="capacity-telemetry-flush"))
         if self._sweep_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self._sweeper(), name="capacity-risk-sweep"))
+            self._tasks.append(
+                asyncio.create_task(
+                    periodically(self._sweep_interval_s, self.reconcile, "capacity risk sweep"),
+                    name="capacity-risk-sweep",
+                )
+            )
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks)
@@ -654,14 +659,6 @@ class CapacityService:
         """The risk level last recorded for a series (NOMINAL when none was)."""
         row = self._risk.get((satellite_id, resource_type))
         return row.risk_level if row is not None else RiskLevel.NOMINAL
-
-    async def _sweeper(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval_s)  # a periodic sweep, not synchronisation
-            try:
-                await self.reconcile()
-            except Exception:
-                log.exception("capacity: risk sweep failed; next sweep retries")
 
     # ---- queries --------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from aetherops.errors import (
 from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token, time_and_id
 from aetherops.services.batching import GroupCommitter
 from aetherops.silences import Silence
-from aetherops.tasks import cancel_and_wait
+from aetherops.tasks import cancel_and_wait, periodically
 from aetherops.text import filter_problems, id_problem, text_problem, utf8_len
 from aetherops.tracking import current_tracking_id
 
@@ -305,24 +305,15 @@ class CorrelationService:
         await self._restore()
         self._committer.start()
         if self._resolve_after_s > 0:
-            self._resolver = asyncio.create_task(self._resolve_forever(), name="correlation-resolver")
+            # A tenth of the quiet time, at most a minute: incidents close at most that late.
+            interval = min(60.0, self._resolve_after_s / 10)
+            resolving = periodically(interval, self.resolve_quiet, "resolving quiet incidents", at_once=True)
+            self._resolver = asyncio.create_task(resolving, name="correlation-resolver")
 
     async def stop(self) -> None:
         if self._resolver is not None:
             await cancel_and_wait(self._resolver)
         await self._committer.stop()
-
-    async def _resolve_forever(self) -> None:
-        # A tenth of the quiet time, at most a minute: incidents close at most that late.
-        interval = min(60.0, self._resolve_after_s / 10)
-        while True:
-            try:
-                await self.resolve_quiet()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database away: the next round tries again
-                log.warning("resolving quiet incidents failed: %s", exc)
-            await asyncio.sleep(interval)  # periodic work, not synchronisation
 
     async def resolve_quiet(self, limit: int = 100) -> int:
         """Closes open incidents whose last alert is older than `resolve_after_s`, and that have been open

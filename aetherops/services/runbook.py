@@ -114,6 +114,7 @@ from aetherops.runbook import (
 )
 from aetherops.runbook_conditions import validate_conditions
 from aetherops.services.agents import AgentCall, AgentInvoker
+from aetherops.tasks import periodically
 from aetherops.text import MAX_ID_LEN, filter_problems, text_problem
 from aetherops.tracking import current_tracking_id, reset_tracking_id, set_tracking_id
 
@@ -440,7 +441,9 @@ class RunbookService:
                 continue
             self._resume(pending.execution_id, pending.triggered_by)
         log.info("runbook service loaded %d runbook versions, %d unfinished executions", len(rows), len(unfinished))
-        self._ticker = asyncio.create_task(self._tick_forever(), name="runbook-ticker")
+        self._ticker = asyncio.create_task(
+            periodically(self._tick_interval_s, self.tick, "runbook ticker"), name="runbook-ticker"
+        )
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop the ticker and drivers; in-flight RPC operations get `grace_s` to commit first."""
@@ -1382,16 +1385,6 @@ class RunbookService:
                 return
             if state.finished or status is StepStatus.AWAITING_APPROVAL:
                 return
-
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_interval_s)  # periodic work, not synchronisation
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("runbook ticker failed; retrying next tick")
 
     async def _adopt(self, now: datetime) -> None:
         """Loads the unfinished executions unchanged for `adopt_after_s` that this replica does not

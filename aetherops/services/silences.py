@@ -23,7 +23,7 @@ from aetherops.errors import FailedPreconditionError, FieldViolation, NotFoundEr
 from aetherops.ids import sortable_id
 from aetherops.paging import cut_page, filters_key, page_limit, position_text, read_page_token
 from aetherops.silences import Silence, SilenceIndex, end_problems, silence_problems
-from aetherops.tasks import cancel_and_wait
+from aetherops.tasks import cancel_and_wait, periodically
 from aetherops.text import filter_problems, id_problem
 
 __all__ = ["SilenceService"]
@@ -49,7 +49,9 @@ class SilenceService:
 
     async def start(self) -> None:
         await self.reload()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="silences-refresh")
+        self._refresher = asyncio.create_task(
+            periodically(self._refresh_s, self.reload, "reloading silences"), name="silences-refresh"
+        )
 
     async def stop(self) -> None:
         if self._refresher is not None:
@@ -61,16 +63,6 @@ class SilenceService:
         async with self._db.connection() as conn:
             found = await repo.within_reach(conn, now - timedelta(seconds=SilenceIndex.KEEP_AFTER_END_S))
         self._index.replace_all(found, now)
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)  # periodic work, not synchronisation
-            try:
-                await self.reload()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database away: keep the index we have, try again
-                log.warning("reloading silences failed: %s", exc)
 
     def match(self, satellite_id: str, subsystem: str, labels: Mapping[str, str], when: datetime) -> Silence | None:
         """The silence that covers an alert, if any (one truth test while there are none)."""

@@ -1,4 +1,5 @@
-"""cancel_and_wait: the tasks end, the caller's own cancellation is never swallowed, and a task's
+"""periodically: a failed round is logged and the next one runs; cancelling stops it.
+cancel_and_wait: the tasks end, the caller's own cancellation is never swallowed, and a task's
 error is logged rather than lost or raised. abandon: a task nobody awaits runs to its end, and its
 error is not logged as never retrieved."""
 
@@ -9,7 +10,30 @@ import gc
 
 import pytest
 
-from aetherops.tasks import abandon, cancel_and_wait
+from aetherops.tasks import abandon, cancel_and_wait, periodically
+
+
+async def test_periodic_work_survives_a_failed_round_and_stops_when_cancelled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rounds: list[int] = []
+    third = asyncio.Event()
+
+    async def work() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise ConnectionError("database away")
+        if len(rounds) == 3:
+            third.set()
+
+    task = asyncio.create_task(periodically(0.001, work, "test work", at_once=True))
+    await asyncio.wait_for(third.wait(), 5)
+    await cancel_and_wait(task)
+    assert task.cancelled()
+    assert "test work failed" in caplog.text and "database away" in caplog.text
+    stopped_at = len(rounds)
+    await asyncio.sleep(0.01)  # time for rounds that must not come
+    assert len(rounds) == stopped_at
 
 
 async def test_cancels_and_waits_until_every_task_has_ended() -> None:
