@@ -17,13 +17,17 @@ from typing import Any
 from aetherops.auth import SecurityConfig
 from aetherops.errors import ConfigError
 
-__all__ = ["ALL_SERVICES", "ENV_VARS", "INGEST_QUEUE_BYTES", "Settings"]
+__all__ = ["ALL_SERVICES", "ENV_VARS", "INGEST_QUEUE_BYTES", "MIN_INCIDENT_RETENTION_S", "Settings"]
 
 ALL_SERVICES: tuple[str, ...] = ("correlation", "runbook", "capacity")
 
 INGEST_QUEUE_BYTES = 256 * 1024 * 1024
 """Default of `Settings.ingest_queue_bytes`: 100,000 typical alerts (the queue's count limit) take
 about 50 MB, so only large ones meet it."""
+
+MIN_INCIDENT_RETENTION_S = 8 * 86400.0
+"""Least `Settings.incident_retention_s`: a silence must outlive the 7 days after its end in which it
+still covers alerts downlinked late (`aetherops.silences.SilenceIndex.KEEP_AFTER_END_S`)."""
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
@@ -73,6 +77,13 @@ class Settings:
     outbox_retention_s: float = 7 * 86400.0
     """Published outbox events older than this are deleted (JetStream keeps the event history; the
     outbox only needs them until they are published, and a while after for diagnosis)."""
+    incident_retention_s: float = 90 * 86400.0
+    """Incidents closed longer ago than this are deleted with their alerts, and so are silences that ended
+    that long ago, with the alerts they kept out (0: kept for ever). An alert re-sent after its row went
+    is ingested again. At least 8 days: a silence covers alerts downlinked up to 7 days after its end."""
+    idempotency_retention_s: float = 7 * 86400.0
+    """Stored answers of mutating requests are kept this long: a retry with the same request_id within it
+    gets the first answer; after it, the request acts again (0: kept for ever; else at least an hour)."""
     agent_actions: tuple[str, ...] = ("switch_power_bus", "safe_payload", "reduce_heater_duty")
     """Agent actions (`agent:<name>`) runbooks may use; agents answer on aetherops.actions.<name>."""
     dependency_graph_file: str = ""
@@ -150,6 +161,16 @@ class Settings:
             _check(re.fullmatch(r"[a-z][a-z0-9_]*", agent) is not None, "agent_actions", f"bad agent name {agent!r}")
         _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must not be negative")
         _check(self.outbox_retention_s >= 60, "outbox_retention_s", "must be at least 60 seconds")
+        _check(
+            self.incident_retention_s == 0 or self.incident_retention_s >= MIN_INCIDENT_RETENTION_S,
+            "incident_retention_s",
+            f"must be 0 (keep) or at least {MIN_INCIDENT_RETENTION_S:g} seconds (8 days)",
+        )
+        _check(
+            self.idempotency_retention_s == 0 or self.idempotency_retention_s >= 3600,
+            "idempotency_retention_s",
+            "must be 0 (keep) or at least 3600 seconds",
+        )
         _check(
             self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
             "log_level",

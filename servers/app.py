@@ -29,7 +29,8 @@ from aetherops.config import Settings
 from aetherops.db import Database, apply_migrations
 from aetherops.errors import UnavailableError
 from aetherops.infra import EmbeddedNats, EmbeddedPostgres
-from aetherops.tasks import cancel_and_wait
+from aetherops.services.retention import Retention
+from aetherops.tasks import cancel_and_wait, periodically
 from servers.component import Component, Infra
 from servers.interceptors import Edge
 from servers.metrics import Metrics
@@ -98,6 +99,7 @@ class Application:
         self._bring_up_task: asyncio.Task[None] | None = None
         self._embedded_pg: EmbeddedPostgres | None = None
         self._embedded_nats: EmbeddedNats | None = None
+        self.retention: Retention | None = None
         self._stopping = False
         self._started: set[str] = set()
         self.metrics = Metrics()
@@ -188,6 +190,16 @@ class Application:
         for component in self._components:
             await component.start(self.infra)
             self._started.add(component.service_name)
+        self.retention = Retention(
+            db,
+            self.clock,
+            incident_retention_s=settings.incident_retention_s,
+            idempotency_retention_s=settings.idempotency_retention_s,
+            incidents="correlation" in settings.services,
+        )
+        if self.retention.enabled:
+            rounds = periodically(Retention.INTERVAL_S, self.retention.run_once, "retention round", at_once=True)
+            self._tasks.append(asyncio.create_task(rounds, name="retention"))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._monitor(), name="health-monitor"))
         self.ready.set()
@@ -217,6 +229,15 @@ class Application:
                 "Events committed more than the relay's scan lag after taking their ids, published up to a minute late",
                 {},
                 float(relay.late_found),
+            ),
+            *(
+                (
+                    "aetherops_retention_deleted_total",
+                    "Rows deleted once past their retention",
+                    {"kind": kind},
+                    float(n),
+                )
+                for kind, n in (self.retention.deleted_total.items() if self.retention is not None else ())
             ),
             *(
                 (

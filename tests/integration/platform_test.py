@@ -619,7 +619,7 @@ async def test_metrics_move_under_traffic_and_log_lines_are_json(
     readme = await asyncio.to_thread(_README.read_text)
     table = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(aetherops_[a-z_]+)", table))
-    assert len(named) == 14 and not {name for name in named if f"# TYPE {name} " not in text}
+    assert len(named) == 15 and not {name for name in named if f"# TYPE {name} " not in text}
 
 
 async def test_a_message_jetstream_gives_up_on_is_counted_and_logged(

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aetherops.config import ENV_VARS, Settings
+from aetherops.config import ENV_VARS, MIN_INCIDENT_RETENTION_S, Settings
 from aetherops.errors import ConfigError
+from aetherops.silences import SilenceIndex
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,6 +58,9 @@ def test_every_setting_reads_its_variable() -> None:
         # An incident that can still be joined is not quiet: resolving sooner than the window is refused.
         ({"AETHEROPS_INCIDENT_RESOLVE_AFTER_S": "120"}, "AETHEROPS_INCIDENT_RESOLVE_AFTER_S"),
         ({"AETHEROPS_LOG_LEVEL": "LOUD"}, "AETHEROPS_LOG_LEVEL"),
+        # Deleting a silence while it still covers late alerts would let them open incidents.
+        ({"AETHEROPS_INCIDENT_RETENTION_S": "86400"}, "AETHEROPS_INCIDENT_RETENTION_S"),
+        ({"AETHEROPS_IDEMPOTENCY_RETENTION_S": "60"}, "AETHEROPS_IDEMPOTENCY_RETENTION_S"),
     ],
 )
 def test_invalid_values_name_the_setting(env: dict[str, str], names: str) -> None:
@@ -87,3 +91,8 @@ def test_docker_compose_matches_configuration() -> None:
         container_port = int(env["AETHEROPS_PORT"])
         assert any(str(p).endswith(f":{container_port}") for p in svc["ports"])
     assert (ROOT / "Dockerfile").exists()
+
+
+def test_the_least_incident_retention_outlives_what_an_ended_silence_still_covers() -> None:
+    assert MIN_INCIDENT_RETENTION_S > SilenceIndex.KEEP_AFTER_END_S
+    assert Settings(incident_retention_s=0).incident_retention_s == 0  # kept for ever
