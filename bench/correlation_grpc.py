@@ -2,7 +2,9 @@
 
 Prints, as medians over --runs:
   * IngestAlert from --callers concurrent callers, and the same server's health Check as the
-    empty-RPC baseline, with their ratio (target >= 0.6);
+    empty-RPC baseline, with their ratio (target >= 0.6); and ScoreAlerts, an authenticated call that
+    stores nothing, which shows what any business RPC costs over health before ingestion adds its part
+    (the edge: authentication, rate limit, tracking id, metrics; and the larger messages);
   * IngestAlerts client streaming: durable alerts/s (the reply comes after the commit; target >= 30,000),
     for two alert mixes (see MIXES) and with one alert per stream message or batches of 500;
   * alert in -> incident event on NATS at a paced 1,000 alerts/s: p50/p95 (target p95 <= 50 ms), with
@@ -377,6 +379,11 @@ async def main() -> None:
                 rng = random.Random(11)
                 storm = [f"STORM-{uuid.uuid4().hex[:6]}-{n}" for n in range(1000)]
 
+                pair = pb.ScoreAlertsRequest(first=_alert(now), second=_alert(now))
+
+                async def score_call() -> None:
+                    await stub.ScoreAlerts(pair, metadata=metadata)
+
                 def ingest_call(mix: str) -> Callable[[], Awaitable[None]]:
                     async def call() -> None:
                         alert = _alert(now) if mix == "new" else _storm_alert(now, rng, storm)
@@ -405,6 +412,12 @@ async def main() -> None:
                         health_rates.append(h)
                         ingest_rates.setdefault(mix, []).append(i)
                         ratios.setdefault(mix, []).append(i / h)
+                    await _drained(namespace)
+                    health_cpu, score_cpu = [server.pid], [server.pid]
+                    h = await _closed_loop(args.callers, seconds, health_call, health_cpu)
+                    s = await _closed_loop(args.callers, seconds, score_call, score_cpu)
+                    cpu_per_call.setdefault("score", []).append((health_cpu[1], score_cpu[1]))
+                    ratios.setdefault("score", []).append(s / h)
 
                 class _Authed(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
                     async def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
@@ -458,6 +471,13 @@ async def main() -> None:
         print(
             f"IngestAlert, mix {mix:5}: {med(rates):,.0f} alerts/s durable; ratio to health {med(ratios[mix]):.2f}"
             f" (target >= 0.6; per run {per_run}); server CPU per call {ingest_us:.0f} us vs health {health_us:.0f} us"
+        )
+    if "score" in ratios:
+        health_us, score_us = med(c[0] for c in cpu_per_call["score"]), med(c[1] for c in cpu_per_call["score"])
+        print(
+            f"ScoreAlerts (authenticated, stores nothing): ratio to health {med(ratios['score']):.2f}"
+            f" (no target; per run {[round(r, 2) for r in ratios['score']]}); server CPU per call {score_us:.0f} us"
+            f" vs health {health_us:.0f} us"
         )
     for (mix, per_message), rates in stream_rates.items():
         print(

@@ -24,6 +24,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "health Check (empty-RPC baseline)",
         "IngestAlert, mix new",
         "IngestAlert, mix storm",
+        "ScoreAlerts (authenticated, stores nothing)",
         "IngestAlerts streaming, mix storm",
         "(one IngestAlert call each): p50",
     ),
