@@ -7,6 +7,7 @@ docker-compose.yml in step.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -114,6 +115,12 @@ class Settings:
     """Sustained calls per second per principal and service (token refill rate)."""
 
     def __post_init__(self) -> None:
+        # Infinity is no setting's "never" (0 is, where there is one): it overflowed the time arithmetic
+        # of whatever used it, at the first alert or the first retention round rather than at start.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":
+                _check(math.isfinite(value), f.name, f"must be a finite number, got {value!r}")
         _check(0 <= self.port <= 65535, "port", f"must be 0-65535, got {self.port}")
         _check(bool(self.host), "host", "must not be empty")
         _check(

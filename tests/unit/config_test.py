@@ -68,6 +68,14 @@ def test_invalid_values_name_the_setting(env: dict[str, str], names: str) -> Non
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize("name", [f.name for f in fields(Settings) if f.type == "float"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_every_number_setting_must_be_finite(name: str, value: str) -> None:
+    # An infinite skew or retention once passed the checks and overflowed a timedelta later.
+    with pytest.raises(ConfigError, match=ENV_VARS[name]):
+        Settings.from_env({ENV_VARS[name]: value})
+
+
 def test_readme_table_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `(AETHEROPS_[A-Z0-9_]+)`", readme, re.MULTILINE))
