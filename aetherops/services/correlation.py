@@ -711,7 +711,8 @@ class CorrelationService:
         """Records that `by` works on an open cluster (idempotent on request_id); its "acknowledged"
         event leaves with the commit. The answer holds its oldest alerts, as many as `alert_bytes` holds.
         `take_over`: an acknowledgement someone holds becomes `by`'s (a shift handover), and the event
-        says whose it was; without it, that is FAILED_PRECONDITION.
+        says whose it was (nobody's when it was `by`'s own: the note is renewed); without it, that is
+        FAILED_PRECONDITION.
 
         Ingestion pauses meanwhile, as for `close`: every event of the incident committed after this
         one carries the acknowledgement, and none committed before it does."""
@@ -729,7 +730,10 @@ class CorrelationService:
                     " (take_over hands it over)"
                 )
             acknowledged = replace(record, acknowledgement=Acknowledgement(by, now, note))
-            return IncidentEvent("acknowledged", acknowledged, None, taken_over_from=held.by if held else "")
+            # One's own acknowledgement renewed (a new note) is taken from nobody: named, a pager
+            # announced a handover from the caller to the caller.
+            taken_from = held.by if held is not None and held.by != by else ""
+            return IncidentEvent("acknowledged", acknowledged, None, taken_over_from=taken_from)
 
         acknowledged = await self._change(cluster_id, "acknowledge", request_id, alert_bytes, acknowledging)
         self._relay.wake()

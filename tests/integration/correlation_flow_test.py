@@ -958,6 +958,29 @@ async def test_a_shift_hands_an_acknowledged_incident_over_and_every_later_view_
     assert (shown.acknowledged_by, shown.acknowledge_time) == ("admin", taken.acknowledge_time)
 
 
+async def test_taking_over_ones_own_acknowledgement_updates_the_note_and_takes_it_from_nobody(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    day = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    watch, first_ack = await _watching(app, day, pb.CLUSTER_EVENT_TYPE_ACKNOWLEDGED)
+    cid = (await day.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-H2", "power", t0)))).cluster_id
+    await day.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=cid, note="resetting the bus"))
+    again = pb.AcknowledgeClusterRequest(cluster_id=cid, note="bus reset, watching it", take_over=True)
+    renewed = (await day.AcknowledgeCluster(again)).cluster
+    assert (renewed.acknowledged_by, renewed.acknowledge_note) == ("operator", "bus reset, watching it")
+    # Nobody handed anything over: a pager must not announce "operator took over from operator".
+    acks = [e.incident_acknowledged for e in await _events(bus, count=3)][1:]
+    assert [(a.incident.acknowledge_note, a.taken_over_from) for a in acks] == [
+        ("resetting the bus", ""),
+        ("bus reset, watching it", ""),
+    ]
+    watched = [await asyncio.wait_for(first_ack, 10), await asyncio.wait_for(watch.read(), 10)]
+    assert [w.taken_over_from for w in watched] == ["", ""]
+    watch.cancel()
+
+
 async def test_a_merge_into_an_unacknowledged_incident_keeps_a_sources_acknowledgement(
     app_factory: Any, bus: Bus, channel_for: Any
 ) -> None:
