@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from aetherops.bus import OutboxRelay, Subjects
 from aetherops.clock import Clock
@@ -172,6 +172,28 @@ def _closed_problem(rec: ClusterRecord) -> str:
     if rec.merged_into:
         return f"cluster {rec.cluster_id!r} was merged into {rec.merged_into!r}"
     return f"cluster {rec.cluster_id!r} is closed"
+
+
+def _answered(event: IncidentEvent) -> dict[str, Any]:
+    """What an operator's change remembers for its retries (`_as_answered`): the cluster, and the
+    acknowledgement an acknowledgement made."""
+    out: dict[str, Any] = {"cluster_id": event.cluster.cluster_id}
+    ack = event.cluster.acknowledgement
+    if event.kind == "acknowledged" and ack is not None:
+        out["acknowledgement"] = {"by": ack.by, "time": ack.time.isoformat(), "note": ack.note}
+    return out
+
+
+def _as_answered(record: ClusterRecord, remembered: Mapping[str, Any]) -> ClusterRecord:
+    """The stored cluster as a retry of an operator's change answers it: as it is now, but with the
+    acknowledgement the first call made: the incident may have changed hands since (take_over), and a
+    retry of the day shift's acknowledgement answered with the night shift's. A close (or an
+    acknowledgement whose record predates this) answers the cluster as it is."""
+    ack = remembered.get("acknowledgement")
+    if ack is None:
+        return record
+    made = Acknowledgement(ack["by"], datetime.fromisoformat(ack["time"]), ack["note"])
+    return replace(record, acknowledgement=made)
 
 
 EventEncoder = Callable[[IncidentEvent, str, datetime], bytes]
@@ -870,8 +892,9 @@ class CorrelationService:
 
         `change` gets the cluster as stored (locked) and the time, and returns the event whose cluster
         is the changed one; that is stored, and answered. A retried `request_id` answers the cluster as
-        it is. Ingestion waits for this (see `close`): reading a storm incident's every alert here held
-        it up for as long as that took, so only what the answer shows is read."""
+        it is, with the acknowledgement its first call made (`_as_answered`). Ingestion waits for this
+        (see `close`): reading a storm incident's every alert here held it up for as long as that took,
+        so only what the answer shows is read."""
         async with self._committer.exclusive():
             now = self._clock.now()
             async with self._db.transaction() as conn:
@@ -881,13 +904,13 @@ class CorrelationService:
                 # Scoped by cluster: the same request id sent for another cluster is another request,
                 # not a retry whose answer (this cluster) would be the wrong one.
                 scope = f"correlation.{verb}.{cluster_id}"
-                replayed = await idempotency.recall(conn, scope, request_id) is not None
+                before = await idempotency.recall(conn, scope, request_id)
                 if not found:
                     raise NotFoundError(f"cluster {cluster_id!r} not found")
                 record = await repo.get_cluster(conn, cluster_id, alert_bytes=alert_bytes)
                 assert record is not None
-                if replayed:
-                    return record
+                if before is not None:
+                    return _as_answered(record, before)
                 event = change(record, now)
                 changed = event.cluster
                 if event.kind == "closed":
@@ -900,7 +923,7 @@ class CorrelationService:
                 root = await repo.root_alert(conn, changed)
                 event = replace(event, root_cause=root, tracking_id=current_tracking_id())
                 await outbox.append(conn, [self._event(event, now)])
-                await idempotency.remember(conn, scope, request_id, {"cluster_id": cluster_id})
+                await idempotency.remember(conn, scope, request_id, _answered(event))
             # The engine learns only after the commit, so it never holds an uncommitted change.
             if event.kind == "closed":
                 self._engine.close_cluster(cluster_id)

@@ -981,6 +981,40 @@ async def test_taking_over_ones_own_acknowledgement_updates_the_note_and_takes_i
     watch.cancel()
 
 
+async def test_a_retried_acknowledgement_answers_as_its_first_call_after_a_handover_and_a_restart(
+    app_factory: Any, channel_for: Any
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=60)
+    app = await app_factory()
+    day = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    night = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app.port))
+    cid = (await day.IngestAlert(pb.IngestAlertRequest(alert=_alert("SAT-H3", "power", t0)))).cluster_id
+    mine = pb.AcknowledgeClusterRequest(cluster_id=cid, note="resetting the bus", request_id="ack-day")
+    first = (await day.AcknowledgeCluster(mine)).cluster
+    handover = pb.AcknowledgeClusterRequest(cluster_id=cid, note="night shift", take_over=True, request_id="ack-night")
+    taken = (await night.AcknowledgeCluster(handover)).cluster
+
+    def holder(cluster: pb.Cluster) -> tuple[str, str, datetime]:
+        return cluster.acknowledged_by, cluster.acknowledge_note, cluster.acknowledge_time.ToDatetime(UTC)
+
+    # The day shift's client lost the first answer and retries (with take_over or not): the answer is
+    # the acknowledgement that call made, as every retry of a request_id answers, not the night's.
+    for retry in (
+        mine,
+        pb.AcknowledgeClusterRequest(cluster_id=cid, note="resetting the bus", request_id="ack-day", take_over=True),
+    ):
+        assert holder((await day.AcknowledgeCluster(retry)).cluster) == holder(first)
+    await app.stop()
+    app = await app_factory()
+    day = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    night = correlation_pb2_grpc.CorrelationServiceStub(channel_for("admin", app.port))
+    assert holder((await day.AcknowledgeCluster(mine)).cluster) == holder(first)
+    assert holder((await night.AcknowledgeCluster(handover)).cluster) == holder(taken)
+    # Nothing changed hands again: the incident is the night shift's.
+    shown = (await day.GetCluster(pb.GetClusterRequest(cluster_id=cid))).cluster
+    assert holder(shown) == holder(taken)
+
+
 async def test_a_merge_into_an_unacknowledged_incident_keeps_a_sources_acknowledgement(
     app_factory: Any, bus: Bus, channel_for: Any
 ) -> None:
