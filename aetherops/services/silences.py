@@ -110,7 +110,12 @@ class SilenceService:
             before = await idempotency.recall(conn, "correlation.silence", request_id)
             if before is not None:
                 stored = await repo.get(conn, before["silence_id"])
-                assert stored is not None
+                if stored is None:
+                    # Retention deleted it, ended long ago; its answer may be kept longer (or for ever).
+                    raise NotFoundError(
+                        f"silence {before['silence_id']!r}, created under request_id {request_id!r}, was deleted"
+                        " (retention)"
+                    )
                 return stored
             # Only now: a retry after its end answers with the silence its first call created.
             late = end_problems(made, now, start_given=start is not None)
@@ -133,11 +138,11 @@ class SilenceService:
         scope = f"correlation.silence.expire.{silence_id}"
         async with self._db.transaction() as conn:
             current = await repo.get(conn, silence_id, for_update=True)
-            if await idempotency.recall(conn, scope, request_id) is not None:
-                assert current is not None
-                return current
             if current is None:
+                # Also for a retry: retention deletes a silence long ended, and may keep the answer longer.
                 raise NotFoundError(f"silence {silence_id!r} not found")
+            if await idempotency.recall(conn, scope, request_id) is not None:
+                return current
             if current.is_over(now):
                 raise FailedPreconditionError(f"silence {silence_id!r} ended at {current.end_time.isoformat()}")
             ended = current.expired(now, by)

@@ -299,3 +299,22 @@ async def test_silences_stored_with_a_backward_window_are_mended_by_the_migratio
     assert tuple(await db.fetchrow("SELECT start_time, end_time FROM silences")) == (expired, expired)
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute("UPDATE silences SET start_time = $1", start)
+
+
+async def test_a_retry_of_a_silence_deleted_by_retention_is_not_found(app_factory: Any, channel_for: Any) -> None:
+    # Answers kept for ever (0), silences for the least allowed: a request id outlives its silence.
+    clock = ManualClock(datetime.now(UTC))
+    app = await app_factory(clock=clock, idempotency_retention_s=0, incident_retention_s=8 * 86_400)
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    create = pb.CreateSilenceRequest(silence=_burn(clock.now()), request_id="burn-old")
+    created = (await operator.CreateSilence(create)).silence
+    expire = pb.ExpireSilenceRequest(silence_id=created.silence_id, request_id="expire-old")
+    await operator.ExpireSilence(expire)
+    clock.advance(days=9)
+    assert app.retention is not None and (await app.retention.run_once())["silences"] == 1
+    for retry in (lambda: operator.CreateSilence(create), lambda: operator.ExpireSilence(expire)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await retry()
+        # Not INTERNAL: the silence the first call made or ended is gone, and the answer says which.
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert created.silence_id in (err.value.details() or "")
