@@ -744,7 +744,8 @@ class CorrelationService:
 
         def acknowledging(record: ClusterRecord, now: datetime) -> IncidentEvent:
             if record.status == "CLOSED":
-                raise FailedPreconditionError(f"cluster {cluster_id!r} is closed: there is nothing left to work on")
+                # A merged one names the incident its alerts went to: that is the one to acknowledge.
+                raise FailedPreconditionError(_closed_problem(record) + ": only open clusters are acknowledged")
             held = record.acknowledgement
             if held is not None and not take_over:
                 raise FailedPreconditionError(

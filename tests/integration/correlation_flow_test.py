@@ -1034,6 +1034,11 @@ async def test_a_merge_into_an_unacknowledged_incident_keeps_a_sources_acknowled
     update = (await _events(bus, until="incident_closed"))[-2].incident_updated
     assert list(update.merged_cluster_ids) == [source]
     assert (update.incident.acknowledged_by, update.incident.acknowledge_note) == ("operator", "on the backup bus")
+    # The source is closed, merged: acknowledging it is refused, and the refusal says where the work went.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.AcknowledgeCluster(pb.AcknowledgeClusterRequest(cluster_id=source, take_over=True))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"merged into {target!r}" in (err.value.details() or "")
 
     await app.stop()  # stored, not only remembered
     app = await app_factory()
