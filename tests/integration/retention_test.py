@@ -180,3 +180,48 @@ async def test_a_round_at_start_deletes_an_old_closed_incident_and_its_alert_is_
     again = await stub_after.IngestAlert(pb.IngestAlertRequest(alert=alert))
     assert (again.replay, again.duplicate, again.cluster_opened) == (False, False, True)
     assert again.cluster_id != first.cluster_id
+
+
+async def test_retries_of_silence_requests_whose_silence_was_deleted_are_not_found_not_internal(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    # A stored answer can outlive the silence it names. A burn that ended 6 days ago can still be
+    # silenced (for its late alerts); with the shortest incident retention (8 days) it is deleted 2 days
+    # later, while its request id is still remembered (for 7 days by default, 30 here). A silence
+    # expired now goes after 8 days, its expiry's request id after 30.
+    clock = ManualClock(datetime.now(UTC))
+    app = await app_factory(clock=clock, incident_retention_s=8 * DAY, idempotency_retention_s=30 * DAY)
+    operator = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    now = clock.now()
+    burn = pb.Silence(
+        satellite_ids=["SAT-RS"],
+        subsystems=["propulsion"],
+        start_time=to_ts(now - timedelta(days=6, hours=1)),
+        end_time=to_ts(now - timedelta(days=6)),
+        comment="burn 12, downlinked at the next pass",
+    )
+    created = (await operator.CreateSilence(pb.CreateSilenceRequest(silence=burn, request_id="burn-12"))).silence
+    running = pb.Silence(
+        satellite_ids=["SAT-RS"], subsystems=["thermal"], end_time=to_ts(now + timedelta(hours=1)), comment="tvac"
+    )
+    test = (await operator.CreateSilence(pb.CreateSilenceRequest(silence=running, request_id="tvac-1"))).silence
+    await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=test.silence_id, request_id="tvac-stop"))
+    retention = app.retention
+    assert retention is not None
+
+    async def deleted(silence_id: str) -> bool:
+        await retention.run_once()  # again, while the round at start may still hold a chunk
+        return bool(await db.fetchval("SELECT count(*) FROM silences WHERE silence_id = $1", silence_id) == 0)
+
+    clock.advance(2.5 * DAY)
+    await eventually(lambda: deleted(created.silence_id), what="the burn's silence deleted past its retention")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await operator.CreateSilence(pb.CreateSilenceRequest(silence=burn, request_id="burn-12"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert created.silence_id in (err.value.details() or "") and "retention" in (err.value.details() or "")
+
+    clock.advance(7 * DAY)
+    await eventually(lambda: deleted(test.silence_id), what="the expired silence deleted past its retention")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=test.silence_id, request_id="tvac-stop"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
