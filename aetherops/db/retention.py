@@ -23,18 +23,37 @@ Purged = tuple[int, int]
 """(parent rows deleted: incidents or silences, alert rows deleted with them)."""
 
 
-async def _delete_with_alerts(conn: asyncpg.Connection, table: str, key: str, ids: list[str]) -> Purged:
-    """Deletes the rows of `table` whose `key` is in `ids`, and the alerts that name them in that column."""
-    if not ids:
+async def _delete_with_alerts(conn: asyncpg.Connection, table: str, key: str, rows: list[asyncpg.Record]) -> Purged:
+    """Deletes `rows` of `table` (locked, read with their `ctid` and `key`), and the alerts that name them
+    in that column.
+
+    Every row is reached by its address or through an index, one key at a time, whatever the planner
+    knows: with `key = ANY($1)` over a chunk of a few hundred ids, the planner of a table without
+    statistics (a fresh or never-analysed one) read the whole table, three times per chunk."""
+    if not rows:
         return 0, 0
+    ids = [r[key] for r in rows]
     # One statement per partial index over the column (see `aetherops.db.correlation.merge_clusters`):
-    # the planner uses a partial index only when the statement carries its condition.
+    # the planner uses a partial index only when the statement carries its condition. OFFSET 0 keeps it
+    # from flattening the lateral subquery back into a join of the array.
     conditions = ("duplicate_of IS NULL", "duplicate_of IS NOT NULL") if key == "cluster_id" else ("true",)
     alerts = 0
     for condition in conditions:
-        status = await conn.execute(f"DELETE FROM alerts WHERE {key} = ANY($1::text[]) AND {condition}", ids)
+        status = await conn.execute(
+            f"""DELETE FROM alerts WHERE ctid = ANY(ARRAY(
+                    SELECT a.ctid FROM unnest($1::text[]) AS k(id)
+                    CROSS JOIN LATERAL (
+                        SELECT ctid FROM alerts WHERE alerts.{key} = k.id AND {condition} OFFSET 0
+                    ) AS a
+                ))""",
+            ids,
+        )
         alerts += int(status.split()[-1])
-    status = await conn.execute(f"DELETE FROM {table} WHERE {key} = ANY($1::text[])", ids)
+    # By address (the rows are locked, so nobody moved them), through a TID scan: given as the array
+    # itself, a thousand addresses made the planner of a table without statistics read all of it.
+    status = await conn.execute(
+        f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT unnest($1::tid[])))", [r["ctid"] for r in rows]
+    )
     return int(status.split()[-1]), alerts
 
 
@@ -43,33 +62,31 @@ async def purge_closed_incidents(conn: asyncpg.Connection, closed_before: dateti
     incidents as hold `max_alerts` alerts together, and always at least one (so one incident larger than
     that still goes, in one transaction). Call in a transaction: an incident and its alerts go together."""
     rows = await conn.fetch(
-        """SELECT cluster_id, alert_count + duplicate_count AS size FROM clusters
+        """SELECT ctid, cluster_id, alert_count + duplicate_count AS size FROM clusters
            WHERE status = 'CLOSED' AND closed_time < $1
            ORDER BY closed_time, cluster_id LIMIT 1000 FOR UPDATE SKIP LOCKED""",
         closed_before,
     )
-    ids: list[str] = []
+    chunk: list[asyncpg.Record] = []
     total = 0
     for row in rows:
-        if ids and total + row["size"] > max_alerts:
+        if chunk and total + row["size"] > max_alerts:
             break
-        ids.append(row["cluster_id"])
+        chunk.append(row)
         total += row["size"]
-    return await _delete_with_alerts(conn, "clusters", "cluster_id", ids)
+    return await _delete_with_alerts(conn, "clusters", "cluster_id", chunk)
 
 
 async def purge_ended_silences(conn: asyncpg.Connection, ended_before: datetime, limit: int) -> Purged:
     """Deletes up to `limit` silences that ended before `ended_before`, with the alerts they kept out of
     incidents. Call in a transaction."""
-    ids = [
-        r["silence_id"]
-        for r in await conn.fetch(
-            "SELECT silence_id FROM silences WHERE end_time < $1 ORDER BY end_time LIMIT $2 FOR UPDATE SKIP LOCKED",
-            ended_before,
-            limit,
-        )
-    ]
-    return await _delete_with_alerts(conn, "silences", "silence_id", ids)
+    rows = await conn.fetch(
+        """SELECT ctid, silence_id FROM silences WHERE end_time < $1 ORDER BY end_time LIMIT $2
+           FOR UPDATE SKIP LOCKED""",
+        ended_before,
+        limit,
+    )
+    return await _delete_with_alerts(conn, "silences", "silence_id", rows)
 
 
 async def purge_idempotency(conn: asyncpg.Connection, created_before: datetime, limit: int) -> int:

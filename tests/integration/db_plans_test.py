@@ -198,16 +198,21 @@ async def test_an_ingest_batch_updates_its_clusters_through_the_primary_key(db: 
 
 
 async def test_a_retention_round_finds_what_to_delete_without_reading_what_is_kept(db: Database) -> None:
-    # A table's worth of recent rows, kept, and one old row of each kind: each purge reaches the old
-    # one through an index (migration 0016), not by reading every kept row, however large the tables.
+    old = 1_000  # a full chunk of silences and of idempotency records
+    # A table's worth of recent rows, kept, and a full chunk of old ones of each kind: each purge reaches
+    # the old ones through an index (migration 0016), and their alerts through theirs, not by reading
+    # every kept row, however large the tables. (With one old row, a delete of the alerts of `= ANY` of
+    # the chunk's ids used the index; with a chunk of 300, the planner of a table without statistics
+    # read all of it, twice per chunk.)
     async with db.transaction() as conn:
         await conn.execute(
             """INSERT INTO clusters (cluster_id, status, first_alert_time, last_alert_time, opened_time, closed_time,
                    alert_count)
-               SELECT 'c' || g, 'CLOSED', now(), now(), now(), now() - CASE WHEN g = 1 THEN interval '200 days'
+               SELECT 'c' || g, 'CLOSED', now(), now(), now(), now() - CASE WHEN g <= $2 THEN interval '200 days'
                    ELSE interval '1 day' END, 1
                FROM generate_series(1, $1) AS g""",
             ROWS,
+            old,
         )
         await conn.execute(
             """INSERT INTO alerts (alert_id, cluster_id, satellite_id, subsystem, severity, alert_time)
@@ -216,16 +221,23 @@ async def test_a_retention_round_finds_what_to_delete_without_reading_what_is_ke
         )
         await conn.execute(
             """INSERT INTO silences (silence_id, start_time, end_time, comment, create_time)
-               SELECT 's' || g, now() - interval '201 days', now() - CASE WHEN g = 1 THEN interval '200 days'
+               SELECT 's' || g, now() - interval '201 days', now() - CASE WHEN g <= $2 THEN interval '200 days'
                    ELSE interval '0 days' END, 'burn', now() - interval '300 days'
                FROM generate_series(1, $1) AS g""",
+            ROWS,
+            old,
+        )
+        await conn.execute(
+            """INSERT INTO alerts (alert_id, silence_id, satellite_id, subsystem, severity, alert_time)
+               SELECT 'b' || g, 's' || g, 'SAT', 'power', 1, now() FROM generate_series(1, $1) AS g""",
             ROWS,
         )
         await conn.execute(
             """INSERT INTO idempotency (scope, request_id, response, created_time)
-               SELECT 't', 'r' || g, '{}', now() - CASE WHEN g = 1 THEN interval '30 days' ELSE interval '0 days' END
+               SELECT 't', 'r' || g, '{}', now() - CASE WHEN g <= $2 THEN interval '30 days' ELSE interval '0 days' END
                FROM generate_series(1, $1) AS g""",
             ROWS,
+            old,
         )
     cutoff = datetime.now(UTC) - timedelta(days=90)
     tables = ("clusters", "alerts", "silences", "idempotency")
@@ -237,4 +249,4 @@ async def test_a_retention_round_finds_what_to_delete_without_reading_what_is_ke
             await retention.purge_idempotency(conn, datetime.now(UTC) - timedelta(days=7), 1_000),
         )
         assert [await _seq_scans(conn, t) for t in tables] == before
-    assert purged == ((1, 1), (1, 0), 1)
+    assert purged == ((old, old), (old, old), old)
