@@ -23,9 +23,12 @@ Purged = tuple[int, int]
 """(parent rows deleted: incidents or silences, alert rows deleted with them)."""
 
 
-async def _delete_with_alerts(conn: asyncpg.Connection, table: str, key: str, rows: list[asyncpg.Record]) -> Purged:
+async def _delete_with_alerts(
+    conn: asyncpg.Connection, table: str, key: str, rows: list[asyncpg.Record], max_alerts: int | None = None
+) -> Purged:
     """Deletes `rows` of `table` (locked, read with their `ctid` and `key`), and the alerts that name them
-    in that column.
+    in that column. With `max_alerts`, at most that many alerts: if that many went, some may be left,
+    and the rows stay for a later chunk (which says so with 0 rows deleted).
 
     Every row is reached by its address or through an index, one key at a time, whatever the planner
     knows: with `key = ANY($1)` over a chunk of a few hundred ids, the planner of a table without
@@ -45,10 +48,14 @@ async def _delete_with_alerts(conn: asyncpg.Connection, table: str, key: str, ro
                     CROSS JOIN LATERAL (
                         SELECT ctid FROM alerts WHERE alerts.{key} = k.id AND {condition} OFFSET 0
                     ) AS a
+                    LIMIT $2
                 ))""",
             ids,
+            max_alerts,  # NULL: no limit
         )
         alerts += int(status.split()[-1])
+    if max_alerts is not None and alerts >= max_alerts:
+        return 0, alerts
     # By address (the rows are locked, so nobody moved them), through a TID scan: given as the array
     # itself, a thousand addresses made the planner of a table without statistics read all of it.
     status = await conn.execute(
@@ -77,16 +84,19 @@ async def purge_closed_incidents(conn: asyncpg.Connection, closed_before: dateti
     return await _delete_with_alerts(conn, "clusters", "cluster_id", chunk)
 
 
-async def purge_ended_silences(conn: asyncpg.Connection, ended_before: datetime, limit: int) -> Purged:
+async def purge_ended_silences(conn: asyncpg.Connection, ended_before: datetime, limit: int, max_alerts: int) -> Purged:
     """Deletes up to `limit` silences that ended before `ended_before`, with the alerts they kept out of
-    incidents. Call in a transaction."""
+    incidents, at most `max_alerts` of those: a silence over an alert storm keeps out any number. When
+    that many went, the silences stay for the next chunk, which goes on with their alerts; they go once
+    none is left. Unlike an incident's, a silence's alerts need not go at once: it ended longer ago than
+    a late alert is covered (`aetherops.config.MIN_INCIDENT_RETENTION_S`), so no alert joins it any more."""
     rows = await conn.fetch(
         """SELECT ctid, silence_id FROM silences WHERE end_time < $1 ORDER BY end_time LIMIT $2
            FOR UPDATE SKIP LOCKED""",
         ended_before,
         limit,
     )
-    return await _delete_with_alerts(conn, "silences", "silence_id", rows)
+    return await _delete_with_alerts(conn, "silences", "silence_id", rows, max_alerts)
 
 
 async def purge_idempotency(conn: asyncpg.Connection, created_before: datetime, limit: int) -> int:

@@ -37,7 +37,8 @@ class Retention:
     INTERVAL_S: Final = 600.0
     """Between rounds: rows go at most this long after their retention has passed."""
     CHUNK_ALERTS: Final = 20_000
-    """Alerts a chunk of incidents may hold together (an incident holding more still goes, alone)."""
+    """Alerts a chunk of incidents may hold together (an incident holding more still goes, alone); alerts
+    of silences a chunk deletes (a silence's go over as many chunks as they need)."""
     CHUNK_ROWS: Final = 1_000
     """Silences, or idempotency records, per chunk."""
 
@@ -75,9 +76,9 @@ class Retention:
                     break
             while True:
                 async with self._db.transaction() as conn:
-                    silences, alerts = await repo.purge_ended_silences(conn, cutoff, self.CHUNK_ROWS)
+                    silences, alerts = await repo.purge_ended_silences(conn, cutoff, self.CHUNK_ROWS, self.CHUNK_ALERTS)
                 self._count(deleted, silences=silences, alerts=alerts)
-                if silences < self.CHUNK_ROWS:
+                if silences < self.CHUNK_ROWS and alerts < self.CHUNK_ALERTS:
                     break
         if self._idempotency_s > 0:
             cutoff = now - timedelta(seconds=self._idempotency_s)

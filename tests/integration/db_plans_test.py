@@ -245,7 +245,7 @@ async def test_a_retention_round_finds_what_to_delete_without_reading_what_is_ke
         before = [await _seq_scans(conn, t) for t in tables]
         purged = (
             await retention.purge_closed_incidents(conn, cutoff, 20_000),
-            await retention.purge_ended_silences(conn, cutoff, 1_000),
+            await retention.purge_ended_silences(conn, cutoff, 1_000, 20_000),
             await retention.purge_idempotency(conn, datetime.now(UTC) - timedelta(days=7), 1_000),
         )
         assert [await _seq_scans(conn, t) for t in tables] == before

@@ -225,3 +225,32 @@ async def test_retries_of_silence_requests_whose_silence_was_deleted_are_not_fou
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=test.silence_id, request_id="tvac-stop"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_silences_go_in_chunks_of_bounded_alerts_a_silence_over_several(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A silence over a storm keeps out any number of alerts: a chunk deletes at most `max_alerts` of
+    # them, and the silences once none is left (nothing covers alerts with them any more: they ended
+    # longer ago than a late alert is covered).
+    await _silence(db, "s-storm", ended_days_ago=100, alerts=5)
+    await _silence(db, "s-quiet", ended_days_ago=99, alerts=0)
+    cutoff = NOW - timedelta(days=90)
+    chunks = []
+    while True:
+        async with db.transaction() as conn:
+            purged = await repo.purge_ended_silences(conn, cutoff, 10, max_alerts=2)
+        if purged == (0, 0):
+            break
+        chunks.append(purged)
+    assert chunks == [(0, 2), (0, 2), (2, 1)]
+    assert await db.fetchval("SELECT count(*) FROM alerts") == 0
+
+    # A round goes on until they are all gone.
+    await _silence(db, "s-storm-2", ended_days_ago=100, alerts=5)
+    monkeypatch.setattr(Retention, "CHUNK_ALERTS", 2)
+    retention = Retention(
+        db, ManualClock(NOW), incident_retention_s=90 * DAY, idempotency_retention_s=0, incidents=True
+    )
+    assert await retention.run_once() == {"incidents": 0, "alerts": 5, "silences": 1, "idempotency": 0}
+    assert await db.fetchval("SELECT count(*) FROM silences") == 0
