@@ -761,8 +761,6 @@ class RunbookService:
         under the given ones (see `_with_incident`)."""
         if not runbook_id:
             raise ValidationError.single("runbook_id", "required")
-        if incident_id and check_incident:
-            variables = await self._with_incident(incident_id, variables)
         if request_id:
             # Checked here: it is stored with the execution, not looked up as other request ids are.
             problem = text_problem(request_id, MAX_ID_LEN)
@@ -777,6 +775,10 @@ class RunbookService:
                 if request_id:
                     return await self.get_status(eid)
                 raise AlreadyExistsError(f"execution {eid!r} exists already")
+        if incident_id and check_incident:
+            # Only for a new start: a retry answers its execution, also once retention has deleted the
+            # incident (executions and their request ids are kept for ever).
+            variables = await self._with_incident(incident_id, variables)
         await self._sync_runbook(runbook_id)
         info = _StartInfo(incident_id, request_id or None)
 

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from _poll import eventually
+from google.protobuf import struct_pb2
 
 from aetherops.clock import ManualClock
 from aetherops.db import Database
@@ -18,6 +19,8 @@ from aetherops.db import retention as repo
 from aetherops.services.retention import Retention
 from gen.aetherops.correlation.v1 import correlation_pb2 as pb
 from gen.aetherops.correlation.v1 import correlation_pb2_grpc
+from gen.aetherops.runbook.v1 import runbook_pb2 as rpb
+from gen.aetherops.runbook.v1 import runbook_pb2_grpc
 from servers.convert import to_ts
 
 DAY = 86400.0
@@ -66,6 +69,25 @@ async def _silence(db: Database, silence_id: str, *, ended_days_ago: float, aler
         end,
         alerts,
     )
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(value)
+    return s
+
+
+async def _rounds_delete(app: Any, db: Database, table: str, key: str, value: str) -> None:
+    """Runs retention rounds of `app` until its row of `table` whose `key` is `value` is gone (again, while
+    the round at start may still hold a chunk)."""
+    retention: Retention | None = app.retention
+    assert retention is not None
+
+    async def gone() -> bool:
+        await retention.run_once()
+        return bool(await db.fetchval(f"SELECT count(*) FROM {table} WHERE {key} = $1", value) == 0)
+
+    await eventually(gone, what=f"{table} {value} deleted past its retention")
 
 
 async def _ids(db: Database, query: str) -> set[str]:
@@ -206,22 +228,15 @@ async def test_retries_of_silence_requests_whose_silence_was_deleted_are_not_fou
     )
     test = (await operator.CreateSilence(pb.CreateSilenceRequest(silence=running, request_id="tvac-1"))).silence
     await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=test.silence_id, request_id="tvac-stop"))
-    retention = app.retention
-    assert retention is not None
-
-    async def deleted(silence_id: str) -> bool:
-        await retention.run_once()  # again, while the round at start may still hold a chunk
-        return bool(await db.fetchval("SELECT count(*) FROM silences WHERE silence_id = $1", silence_id) == 0)
-
     clock.advance(2.5 * DAY)
-    await eventually(lambda: deleted(created.silence_id), what="the burn's silence deleted past its retention")
+    await _rounds_delete(app, db, "silences", "silence_id", created.silence_id)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await operator.CreateSilence(pb.CreateSilenceRequest(silence=burn, request_id="burn-12"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert created.silence_id in (err.value.details() or "") and "retention" in (err.value.details() or "")
 
     clock.advance(7 * DAY)
-    await eventually(lambda: deleted(test.silence_id), what="the expired silence deleted past its retention")
+    await _rounds_delete(app, db, "silences", "silence_id", test.silence_id)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await operator.ExpireSilence(pb.ExpireSilenceRequest(silence_id=test.silence_id, request_id="tvac-stop"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -254,3 +269,37 @@ async def test_silences_go_in_chunks_of_bounded_alerts_a_silence_over_several(
     )
     assert await retention.run_once() == {"incidents": 0, "alerts": 5, "silences": 1, "idempotency": 0}
     assert await db.fetchval("SELECT count(*) FROM silences") == 0
+
+
+async def test_a_retried_start_by_hand_answers_its_execution_after_its_incident_was_deleted(
+    app_factory: Any, channel_for: Any, db: Database
+) -> None:
+    # Executions are kept for ever, and so is the request id of a start (stored with the execution): a
+    # retry answers the execution it started, also once the incident it names has gone.
+    clock = ManualClock(datetime.now(UTC))
+    app = await app_factory(clock=clock)
+    correlation = correlation_pb2_grpc.CorrelationServiceStub(channel_for("operator", app.port))
+    runbooks = runbook_pb2_grpc.RunbookServiceStub(channel_for("operator", app.port))
+    admin = runbook_pb2_grpc.RunbookServiceStub(channel_for("admin", app.port))
+    runbook = rpb.Runbook(
+        runbook_id="rerun-note",
+        name="Rerun note",
+        steps=[rpb.RunbookStep(step_id="n", action="log", parameters=_struct({"message": "again"}))],
+    )
+    await admin.RegisterRunbook(rpb.RegisterRunbookRequest(runbook=runbook))
+    alert = pb.Alert(
+        alert_id="a-ret-rb", satellite_id="SAT-RB", subsystem="power", severity=3, timestamp=to_ts(clock.now())
+    )
+    cluster_id = (await correlation.IngestAlert(pb.IngestAlertRequest(alert=alert))).cluster_id
+    start = rpb.StartExecutionRequest(runbook_id="rerun-note", incident_id=cluster_id, request_id="rerun-1")
+    started = (await runbooks.StartExecution(start)).execution
+    await correlation.CloseCluster(pb.CloseClusterRequest(cluster_id=cluster_id, reason="fixed"))
+
+    clock.advance(91 * DAY)
+    await _rounds_delete(app, db, "clusters", "cluster_id", cluster_id)
+    again = (await runbooks.StartExecution(start)).execution
+    assert (again.execution_id, again.incident_id) == (started.execution_id, cluster_id)
+    # A new start for it is NOT_FOUND: it would link an execution to nothing.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await runbooks.StartExecution(rpb.StartExecutionRequest(runbook_id="rerun-note", incident_id=cluster_id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
