@@ -836,7 +836,7 @@ class CorrelationService:
         records: list[ClusterRecord] = []
         for cid in (cluster_id, *source_ids):
             rec = await repo.get_cluster(conn, cid)
-            assert rec is not None  # locked, and clusters are never deleted
+            assert rec is not None  # locked after the NOT_FOUND check: retention cannot delete it now
             if rec.status == "CLOSED":
                 raise FailedPreconditionError(_closed_problem(rec) + ": only open clusters are merged")
             records.append(rec)
