@@ -173,6 +173,12 @@ class Settings:
             "incident_retention_s",
             f"must be 0 (keep) or at least {MIN_INCIDENT_RETENTION_S:g} seconds (8 days)",
         )
+        # An incident is deleted only once nothing can join it or be answered from it any more.
+        _check(
+            self.incident_retention_s == 0 or self.incident_retention_s >= self.correlation_window_s,
+            "incident_retention_s",
+            "must be 0 (keep) or at least correlation_window_s",
+        )
         _check(
             self.idempotency_retention_s == 0 or self.idempotency_retention_s >= 3600,
             "idempotency_retention_s",

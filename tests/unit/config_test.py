@@ -61,6 +61,14 @@ def test_every_setting_reads_its_variable() -> None:
         # Deleting a silence while it still covers late alerts would let them open incidents.
         ({"AETHEROPS_INCIDENT_RETENTION_S": "86400"}, "AETHEROPS_INCIDENT_RETENTION_S"),
         ({"AETHEROPS_IDEMPOTENCY_RETENTION_S": "60"}, "AETHEROPS_IDEMPOTENCY_RETENTION_S"),
+        (
+            {
+                "AETHEROPS_CORRELATION_WINDOW_S": "1000000",
+                "AETHEROPS_INCIDENT_RESOLVE_AFTER_S": "0",
+                "AETHEROPS_INCIDENT_RETENTION_S": "900000",
+            },
+            "AETHEROPS_INCIDENT_RETENTION_S",
+        ),
     ],
 )
 def test_invalid_values_name_the_setting(env: dict[str, str], names: str) -> None:
