@@ -712,7 +712,10 @@ class CorrelationService:
 
         def closing(record: ClusterRecord, now: datetime) -> IncidentEvent:
             if record.status == "CLOSED":
-                raise FailedPreconditionError(f"cluster {cluster_id!r} is already closed")
+                # A merged one names the incident its alerts went to: closing that one is what was meant.
+                raise FailedPreconditionError(
+                    _closed_problem(record) if record.merged_into else f"cluster {cluster_id!r} is already closed"
+                )
             closed = replace(record, status="CLOSED", closed_time=now, close_reason=reason, closed_by=closed_by)
             return IncidentEvent("closed", closed, None, reason=reason, closed_by=closed_by)
 

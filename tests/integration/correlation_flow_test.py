@@ -893,6 +893,10 @@ async def test_merged_incidents_become_one_that_keeps_correlating_across_restart
         await stub.MergeClusters(pb.MergeClustersRequest(cluster_id=target, source_cluster_ids=[source]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"was merged into {target!r}" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CloseCluster(pb.CloseClusterRequest(cluster_id=source))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"was merged into {target!r}" in (err.value.details() or "")
     # A cascade on the source's satellite joins the merged incident, now and after a restart.
     propulsion = _alert("SAT-M1", "propulsion", t0 + timedelta(seconds=35))
     assert (await stub.IngestAlert(pb.IngestAlertRequest(alert=propulsion))).cluster_id == target
