@@ -30,7 +30,8 @@ Decisions worth knowing (all tested in tests/unit/runbook_test.py):
 * Rollback runs the rollback actions of COMPLETED steps that have one, in reverse step order. A failing
   rollback action is recorded (STEP_ROLLBACK_FAILED), the step stays COMPLETED with the error, and the
   rollback carries on with the other steps; the execution then ends FAILED ("rollback incomplete") rather
-  than ROLLED_BACK, and `rollback_execution` may be called again to retry just those steps. Rolling back a
+  than ROLLED_BACK, and `rollback_execution` may be called again to retry just those steps (one that
+  completes ends ROLLED_BACK with the error the execution had before its first rollback). Rolling back a
   RUNNING execution first finishes it FAILED ("aborted for rollback") so the stream never shows a RUNNING
   execution without pending steps. Rollback actions should be idempotent: an interrupted rollback is
   resumed after a restart and may repeat the action that was in flight.
@@ -591,6 +592,9 @@ class _Projection:
         self.version = 0
         self.rollback_in_progress = False
         self.rollback_attempted = False
+        # The error the execution had when its first rollback started: a rollback that completes ends
+        # with it, also when it is a retry after an incomplete one (whose error is "rollback incomplete").
+        self.error_before_rollback: str | None = None
 
     def current_index(self) -> int:
         for index, step in enumerate(self.runbook.steps):
@@ -630,6 +634,8 @@ class _Projection:
         elif kind is EventType.VARIABLE_SET:
             self.variables[str(data["name"])] = _json_copy(data.get("value"))
         elif kind is EventType.ROLLBACK_STARTED:
+            if not self.rollback_attempted:
+                self.error_before_rollback = self.error
             self.rollback_in_progress = True
             self.rollback_attempted = True
         elif rec is not None:
@@ -1766,7 +1772,7 @@ class RunbookEngine:
             self._append(
                 execution, EventType.ROLLBACK_STARTED, actor, {"reason": state.error or f"requested by {actor}"}
             )
-        original_error = state.error
+        original_error = state.error_before_rollback
         rolled_back = 0
         failures: list[str] = []
         for step in reversed(execution.runbook.steps):

@@ -691,6 +691,37 @@ async def test_an_operator_cancels_an_execution_without_rolling_it_back(app_fact
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_retried_rollback_that_completes_keeps_the_error_that_ended_the_execution(
+    app_factory: Any, bus: Bus, channel_for: Any
+) -> None:
+    # A rollback whose action failed left the execution FAILED ("rollback incomplete"); the retry that
+    # then undid the rest answered ROLLED_BACK with that same "rollback incomplete" as its error, and
+    # why the execution had ended (here the operator's cancel) was gone from its state.
+    app = await app_factory(agent_actions=("relay",))
+    stubs = Stubs(channel_for, app.port)
+    replies = [events_pb2.AgentActionReply(ok=False, error="relay stuck"), events_pb2.AgentActionReply(ok=True)]
+    runbook = pb.Runbook(
+        runbook_id="relay-safe",
+        name="Relay",
+        steps=[
+            step("open", "log", {"message": "opening"}, rollback="agent:relay"),
+            step("close", "log", {"message": "closing"}, approval=True),
+        ],
+    )
+    execution_id = await waiting_at_its_gate(stubs, runbook)
+    await stubs.operator.CancelExecution(pb.CancelExecutionRequest(execution_id=execution_id, reason="fault cleared"))
+    rollback = pb.RollbackExecutionRequest(execution_id=execution_id)
+    async with agent(bus, "relay", lambda request: replies.pop(0)):
+        incomplete = (await stubs.operator.RollbackExecution(rollback)).execution
+        assert incomplete.status == pb.RUNBOOK_STATUS_FAILED
+        assert incomplete.error == "rollback incomplete: open: agent relay failed: relay stuck"
+        retried = await stubs.operator.RollbackExecution(rollback)
+    assert retried.rolled_back_count == 1 and not replies
+    assert retried.execution.status == pb.RUNBOOK_STATUS_ROLLED_BACK
+    assert retried.execution.error == "cancelled by operator: fault cleared"
+    assert steps_by_id(retried.execution)["open"].status == pb.STEP_STATUS_ROLLED_BACK
+
+
 async def test_big_outputs_leave_every_answer_about_the_execution_within_the_message_limit(
     app_factory: Any, bus: Bus, channel_for: Any
 ) -> None:

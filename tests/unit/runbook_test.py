@@ -1036,6 +1036,7 @@ async def test_failing_rollback_action_is_recorded_and_rollback_continues(engine
     assert rec.names() == ["flaky_undo"]
     state = engine.get_execution_status(eid)
     assert state.status is RunbookStatus.ROLLED_BACK
+    assert state.error is None, "the execution had completed: no 'rollback incomplete' is left"
     assert state.step_states["b"].status is StepStatus.ROLLED_BACK and state.step_states["b"].error is None
 
 
