@@ -115,7 +115,7 @@ from aetherops.runbook import (
 from aetherops.runbook_conditions import validate_conditions
 from aetherops.services.agents import AgentCall, AgentInvoker
 from aetherops.tasks import periodically
-from aetherops.text import MAX_ID_LEN, filter_problems, text_problem
+from aetherops.text import MAX_ID_LEN, filter_problems, id_problem, text_problem
 from aetherops.tracking import current_tracking_id, reset_tracking_id, set_tracking_id
 
 __all__ = [
@@ -1462,8 +1462,11 @@ def _watch_done(runbook: Runbook, events: Sequence[ExecutionEvent]) -> bool:
 
 
 def _require(value: str, name: str) -> None:
-    if not value:
-        raise ValidationError.single(name, "required")
+    """An execution or step id a request names: one that could never exist (over-long, NUL, blank) is
+    the caller's error, as the README promises for every id, not NOT_FOUND."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValidationError.single(name, "required" if not value else problem)
 
 
 def incident_variables(incident: Mapping[str, Any]) -> dict[str, Any]:

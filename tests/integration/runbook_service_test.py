@@ -109,6 +109,17 @@ async def test_bad_input_gets_precise_statuses(server: Any, channel_for: Any, db
         op.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id="e\x00")),
     ):
         assert await code_of(call) == grpc.StatusCode.INVALID_ARGUMENT
+    # An id that could never exist is a field error too, not NOT_FOUND (README: ids are at most 256
+    # characters and hold no NUL).
+    for call, field in (
+        (op.GetExecutionStatus(pb.GetExecutionStatusRequest(execution_id="e" * 300)), "execution_id"),
+        (op.GetStepOutput(pb.GetStepOutputRequest(execution_id="nope", step_id="s" * 300)), "step_id"),
+        (stubs.approver.ApproveStep(pb.ApproveStepRequest(execution_id="nope", step_id="s\x00")), "step_id"),
+        (stubs.approver.RejectStep(pb.RejectStepRequest(execution_id=" nope", step_id="x")), "execution_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and set(violations(err.value)) == {field}
     assert await db.fetchval("SELECT count(*) FROM runbooks") == 0
     # A step that could only fail when it runs is refused when registered.
     never = pb.Runbook(runbook_id="never", name="Never", steps=[step("w", "wait", {"seconds": -1})])
