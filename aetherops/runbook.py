@@ -27,7 +27,9 @@ Decisions worth knowing (all tested in tests/unit/runbook_test.py):
   (`${incident.severity}`) look into nested variables.
 * Failure: a handler exception or timeout fails the step and the execution; the remaining steps are
   SKIPPED. With `auto_rollback` the engine then rolls back.
-* Rollback runs the rollback actions of COMPLETED steps that have one, in reverse step order. A failing
+* Rollback runs the rollback actions of COMPLETED steps that have one, in reverse step order, and of a
+  step that FAILED by timing out (or by a restart interrupting an action that is not idempotent): it
+  may have acted all the same, so it is undone too. A failing
   rollback action is recorded (STEP_ROLLBACK_FAILED), the step stays COMPLETED with the error, and the
   rollback carries on with the other steps; the execution then ends FAILED ("rollback incomplete") rather
   than ROLLED_BACK, and `rollback_execution` may be called again to retry just those steps (one that
@@ -557,6 +559,8 @@ class _StepRecord:
     output: dict[str, Any] | None = None
     approved_by: str | None = None
     approval_expires_time: datetime | None = None
+    # A FAILED step whose action timed out or was interrupted: it may have acted (see `_rolls_back`).
+    effect_unknown: bool = False
 
     def freeze(self) -> StepState:
         return StepState(
@@ -662,6 +666,7 @@ class _Projection:
             rec.finished_time = None
             rec.attempts += 1
             rec.error = None
+            rec.effect_unknown = False
         elif kind is EventType.STEP_COMPLETED:
             rec.status = StepStatus.COMPLETED
             rec.finished_time = at
@@ -671,6 +676,7 @@ class _Projection:
             rec.status = StepStatus.FAILED
             rec.finished_time = at
             rec.error = str(data.get("reason", ""))
+            rec.effect_unknown = bool(data.get("effect_unknown", False))
         elif kind is EventType.STEP_SKIPPED:
             rec.status = StepStatus.SKIPPED
             rec.finished_time = at
@@ -1504,8 +1510,10 @@ class RunbookEngine:
         parameters: Mapping[str, Any],
         *,
         rollback: bool,
-    ) -> tuple[dict[str, Any] | None, str | None]:
-        """Run one action under the step's timeout: (output, None) on success, (None, reason) on failure."""
+    ) -> tuple[dict[str, Any] | None, str | None, bool]:
+        """Run one action under the step's timeout: (output, None, False) on success, (None, reason, unknown)
+        on failure, `unknown` when it timed out: the action may have acted all the same (an agent that
+        switched the bus and answered too late), so its step's rollback must run (see `_rolls_back`)."""
         state = execution.state
         ctx = ActionContext(
             execution_id=state.execution_id,
@@ -1520,6 +1528,7 @@ class RunbookEngine:
         )
         output: Mapping[str, Any] | None = None
         reason: str | None = None
+        unknown = False
         action = self._actions.get(action_name)
         deadline = asyncio.timeout(step.timeout_s)
         try:
@@ -1531,6 +1540,7 @@ class RunbookEngine:
         except TimeoutError as exc:
             # Our deadline, or a TimeoutError the action raised itself (e.g. an agent request timing out).
             reason = f"timed out after {step.timeout_s:g}s" if deadline.expired() else _reason(exc)
+            unknown = True
         except asyncio.CancelledError:
             self._flush_logs(execution, step, ctx)
             raise
@@ -1538,21 +1548,21 @@ class RunbookEngine:
             reason = _reason(exc)
         self._flush_logs(execution, step, ctx)
         if reason is not None:
-            return None, reason
+            return None, reason, unknown
         if output is None:
-            return {}, None
+            return {}, None, False
         if not isinstance(output, Mapping):
-            return None, f"action returned {type(output).__name__}, not an object"
+            return None, f"action returned {type(output).__name__}, not an object", False
         problems: list[FieldViolation] = []
         _json_violations(output, "output", problems)
         if problems:
-            return None, f"action returned a non-JSON output ({problems[0].field}: {problems[0].description})"
+            return None, f"action returned a non-JSON output ({problems[0].field}: {problems[0].description})", False
         if (problem := _json_size_problem(output)) is not None:
-            return None, f"action returned too large an output ({problem})"
+            return None, f"action returned too large an output ({problem})", False
         merged = {**execution.state.variables, **output}
         if not rollback and (problem := _json_size_problem(merged, MAX_VARIABLES_BYTES)) is not None:
-            return None, f"the action's output would make the variables too large ({problem})"
-        return dict(_json_copy(output)), None
+            return None, f"the action's output would make the variables too large ({problem})", False
+        return dict(_json_copy(output)), None, False
 
     def _flush_logs(self, execution: _Execution, step: RunbookStep, ctx: ActionContext) -> None:
         for message in ctx.messages:
@@ -1571,14 +1581,17 @@ class RunbookEngine:
             {"step_id": step.step_id, "action": step.action, "attempt": record.attempts + 1},
         )
         try:
-            output, reason = await self._call(execution, step, step.action, step.parameters, rollback=False)
+            output, reason, unknown = await self._call(execution, step, step.action, step.parameters, rollback=False)
         except asyncio.CancelledError:
             # The caller gave up on us (e.g. shutdown): settle the step as a restart would, without running
             # more actions now; an auto rollback this skips runs when the execution is next loaded.
             self._settle_interrupted(execution, step)
             raise
         if reason is not None or output is None:
-            self._append(execution, EventType.STEP_FAILED, actor, {"step_id": step.step_id, "reason": reason})
+            failed: dict[str, Any] = {"step_id": step.step_id, "reason": reason}
+            if unknown:
+                failed["effect_unknown"] = True
+            self._append(execution, EventType.STEP_FAILED, actor, failed)
             await self._fail_locked(execution, f"step {step.step_id} failed: {reason}", actor)
             return StepStatus.FAILED
         for name, value in output.items():
@@ -1602,7 +1615,9 @@ class RunbookEngine:
             )
             return
         reason = "interrupted by restart; action not idempotent"
-        self._append(execution, EventType.STEP_FAILED, SYSTEM_ACTOR, {"step_id": step.step_id, "reason": reason})
+        # It was running: whether it acted is not known, so a rollback undoes it too.
+        failed = {"step_id": step.step_id, "reason": reason, "effect_unknown": True}
+        self._append(execution, EventType.STEP_FAILED, SYSTEM_ACTOR, failed)
         self._finish_failed(execution, f"step {step.step_id} failed: {reason}", SYSTEM_ACTOR)
 
     def _finish_failed(self, execution: _Execution, error: str, actor: str) -> None:
@@ -1776,10 +1791,9 @@ class RunbookEngine:
         rolled_back = 0
         failures: list[str] = []
         for step in reversed(execution.runbook.steps):
-            record = state.steps[step.step_id]
-            if record.status is not StepStatus.COMPLETED or not step.rollback_action:
+            if not _rolls_back(state.steps[step.step_id]) or not step.rollback_action:
                 continue
-            output, reason = await self._call(
+            output, reason, _unknown = await self._call(
                 execution, step, step.rollback_action, step.rollback_parameters, rollback=True
             )
             if reason is None:
@@ -1895,3 +1909,10 @@ def _replace_runbook(runbook: Runbook, *, version: int, create_time: datetime) -
         status=runbook.status,
         create_time=create_time,
     )
+
+
+def _rolls_back(record: _StepRecord) -> bool:
+    """Whether a rollback runs the step's rollback action: it completed, or it failed without saying
+    whether it acted (timed out, or interrupted). Rollback actions are idempotent (module docstring), so
+    undoing what may not have happened is safe, and leaving undone what did happen is not."""
+    return record.status is StepStatus.COMPLETED or (record.status is StepStatus.FAILED and record.effect_unknown)

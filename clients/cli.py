@@ -558,7 +558,8 @@ def _add_operator_commands(sub: Any) -> None:
         parents=[common],
         help="roll an execution back (RollbackExecution)",
         description="Roll an execution back (RollbackExecution): the rollback actions of its completed steps "
-        "run in reverse order; a running execution is stopped first. Prints how many steps were rolled "
+        "(and of a step that timed out, which may have acted) run in reverse order; a running execution is "
+        "stopped first. Prints how many steps were rolled "
         "back and the execution.",
     )
     rollback.add_argument("execution_id", help="the execution, as `runbooks start` printed it")

@@ -722,6 +722,38 @@ async def test_a_retried_rollback_that_completes_keeps_the_error_that_ended_the_
     assert steps_by_id(retried.execution)["open"].status == pb.STEP_STATUS_ROLLED_BACK
 
 
+async def test_a_step_that_timed_out_is_undone_by_the_rollback(app_factory: Any, bus: Bus, channel_for: Any) -> None:
+    # The bus switch did not answer in time: it may have switched all the same, so the rollback
+    # switches back (rollback actions are idempotent). Before, only completed steps were undone.
+    app = await app_factory(agent_actions=("bus",))
+    stubs = Stubs(channel_for, app.port)
+    runbook = pb.Runbook(
+        runbook_id="slow-switch",
+        name="Slow switch",
+        steps=[
+            step("note", "log", {"message": "switching"}, rollback="log", rollback_params={"message": "undo"}),
+            step("switch", "wait", {"seconds": 30}, timeout_s=0.2, rollback="agent:bus", rollback_params={"to": "A"}),
+        ],
+    )
+    await stubs.admin.RegisterRunbook(pb.RegisterRunbookRequest(runbook=runbook))
+    started = await stubs.operator.StartExecution(pb.StartExecutionRequest(runbook_id="slow-switch"))
+    execution_id = started.execution.execution_id
+    await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    failed = await stubs.operator.ExecuteNextStep(pb.ExecuteNextStepRequest(execution_id=execution_id))
+    assert failed.execution.error == "step switch failed: timed out after 0.2s"
+    asked: list[events_pb2.AgentActionRequest] = []
+
+    def switch_back(request: events_pb2.AgentActionRequest) -> events_pb2.AgentActionReply:
+        asked.append(request)
+        return events_pb2.AgentActionReply(ok=True)
+
+    async with agent(bus, "bus", switch_back):
+        rolled = await stubs.operator.RollbackExecution(pb.RollbackExecutionRequest(execution_id=execution_id))
+    assert rolled.rolled_back_count == 2 and len(asked) == 1
+    assert rolled.execution.status == pb.RUNBOOK_STATUS_ROLLED_BACK
+    assert [s.status for s in rolled.execution.steps] == [pb.STEP_STATUS_ROLLED_BACK, pb.STEP_STATUS_ROLLED_BACK]
+
+
 async def test_big_outputs_leave_every_answer_about_the_execution_within_the_message_limit(
     app_factory: Any, bus: Bus, channel_for: Any
 ) -> None:

@@ -591,6 +591,64 @@ async def test_timeout_cancels_the_handler_and_fails_the_step(engine: RunbookEng
     assert state.step_states["t"].status is StepStatus.SKIPPED
 
 
+async def test_a_step_that_timed_out_is_rolled_back_too_one_that_failed_is_not(
+    engine: RunbookEngine, rec: Recorder
+) -> None:
+    # The bus switch answered too late: it may have switched all the same, so the rollback switches
+    # back (rollback actions are idempotent). A step that said it failed did nothing to undo.
+    async def slow_switch(params: dict[str, Any], ctx: ActionContext) -> None:
+        await asyncio.Event().wait()
+
+    engine.register_action("slow_switch", slow_switch)
+    steps = [
+        RunbookStep("safe", "safe_payload", rollback_action="undo_safe"),
+        RunbookStep("switch", "slow_switch", {"to": "B"}, timeout_s=0.05, rollback_action="undo_switch"),
+    ]
+    engine.register_runbook(Runbook("r", "R", steps, auto_rollback=True))
+    ctx = engine.start_execution("r", "alice", {})
+    assert await engine.execute_next_step(ctx.execution_id) is StepStatus.COMPLETED
+    assert await asyncio.wait_for(engine.execute_next_step(ctx.execution_id), BOUND_S) is StepStatus.FAILED
+    state = engine.get_execution_status(ctx.execution_id)
+    assert state.status is RunbookStatus.ROLLED_BACK
+    assert rec.names() == ["safe_payload", "undo_switch", "undo_safe"]  # newest first
+    assert state.step_states["switch"].status is StepStatus.ROLLED_BACK
+    assert state.error == "step switch failed: timed out after 0.05s"
+
+    engine.register_runbook(
+        Runbook("f", "F", [RunbookStep("boom", "boom", rollback_action="undo_switch")], auto_rollback=True)
+    )
+    failed = engine.start_execution("f", "alice", {})
+    rec.calls.clear()
+    assert await engine.execute_next_step(failed.execution_id) is StepStatus.FAILED
+    assert rec.names() == ["boom"]
+    assert engine.get_execution_status(failed.execution_id).step_states["boom"].status is StepStatus.FAILED
+
+
+async def test_a_step_a_restart_interrupted_is_rolled_back_when_its_action_is_not_idempotent(
+    clock: ManualClock, rec: Recorder
+) -> None:
+    source = make_engine(clock, rec)
+    runbook = source.register_runbook(
+        Runbook("r", "R", [RunbookStep("switch", "switch_bus", rollback_action="undo_switch")], auto_rollback=True)
+    )
+    ctx = source.start_execution("r", "alice", {})
+    events = [*source.events(ctx.execution_id)]
+    # As if the process died while switch_bus ran: its STEP_STARTED is the last event stored.
+    started = ExecutionEvent(
+        execution_id=ctx.execution_id,
+        seq=events[-1].seq + 1,
+        type=EventType.STEP_STARTED,
+        actor="alice",
+        occurred_time=T0,
+        data={"step_id": "switch", "action": "switch_bus", "attempt": 1},
+    )
+    fresh = make_engine(clock, rec)
+    await fresh.load_execution(runbook, [*events, started])
+    state = fresh.get_execution_status(ctx.execution_id)
+    assert state.status is RunbookStatus.ROLLED_BACK
+    assert rec.names() == ["undo_switch"]
+
+
 async def test_action_missing_at_run_time_fails_the_step(clock: ManualClock, rec: Recorder) -> None:
     source = make_engine(clock, rec)
     runbook = source.register_runbook(Runbook("r", "R", [RunbookStep("s", "measure")]))

@@ -204,7 +204,9 @@ class RunbookServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollbackExecution(self, request, context):
-        """Runs the rollback actions of completed steps in reverse order.
+        """Runs the rollback actions of completed steps in reverse order, and of a
+        step that failed by timing out or by a restart interrupting it (it may
+        have acted all the same; rollback actions are idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,7 +73,10 @@ class RunbookServiceStub:
     direction); a step not awaiting approval is FAILED_PRECONDITION.
     """
     RollbackExecution: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.RollbackExecutionRequest, _runbook_pb2.RollbackExecutionResponse]
-    """Runs the rollback actions of completed steps in reverse order."""
+    """Runs the rollback actions of completed steps in reverse order, and of a
+    step that failed by timing out or by a restart interrupting it (it may
+    have acted all the same; rollback actions are idempotent).
+    """
     CancelExecution: _grpc.UnaryUnaryMultiCallable[_runbook_pb2.CancelExecutionRequest, _runbook_pb2.CancelExecutionResponse]
     """Stops a running execution where it is (CANCELLED): the steps not run yet
     are skipped and nothing is rolled back (RollbackExecution undoes the
@@ -141,7 +144,10 @@ class RunbookServiceAsyncStub(RunbookServiceStub):
     direction); a step not awaiting approval is FAILED_PRECONDITION.
     """
     RollbackExecution: _aio.UnaryUnaryMultiCallable[_runbook_pb2.RollbackExecutionRequest, _runbook_pb2.RollbackExecutionResponse]  # type: ignore[assignment]
-    """Runs the rollback actions of completed steps in reverse order."""
+    """Runs the rollback actions of completed steps in reverse order, and of a
+    step that failed by timing out or by a restart interrupting it (it may
+    have acted all the same; rollback actions are idempotent).
+    """
     CancelExecution: _aio.UnaryUnaryMultiCallable[_runbook_pb2.CancelExecutionRequest, _runbook_pb2.CancelExecutionResponse]  # type: ignore[assignment]
     """Stops a running execution where it is (CANCELLED): the steps not run yet
     are skipped and nothing is rolled back (RollbackExecution undoes the
@@ -266,7 +272,10 @@ class RunbookServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _runbook_pb2.RollbackExecutionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_runbook_pb2.RollbackExecutionResponse, _abc.Awaitable[_runbook_pb2.RollbackExecutionResponse]]:
-        """Runs the rollback actions of completed steps in reverse order."""
+        """Runs the rollback actions of completed steps in reverse order, and of a
+        step that failed by timing out or by a restart interrupting it (it may
+        have acted all the same; rollback actions are idempotent).
+        """
 
     @_abc_1.abstractmethod
     def CancelExecution(

@@ -1472,7 +1472,9 @@ export declare const RunbookService: GenService<{
     output: typeof RejectStepResponseSchema;
   },
   /**
-   * Runs the rollback actions of completed steps in reverse order.
+   * Runs the rollback actions of completed steps in reverse order, and of a
+   * step that failed by timing out or by a restart interrupting it (it may
+   * have acted all the same; rollback actions are idempotent).
    *
    * @generated from rpc aetherops.runbook.v1.RunbookService.RollbackExecution
    */
