@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from aetherops.errors import FieldViolation
+from aetherops.text import chars_problem
 
 __all__ = [
     "cut_page",
@@ -82,10 +83,14 @@ def read_page_token(
 
 
 def position_text(value: object) -> str:
-    """A text part of a page position (an id); TypeError for anything else. Not `str(value)`: that
-    turned a forged null into the id "None", and the listing went on from there instead of refusing it."""
+    """A text part of a page position (an id); TypeError for anything else, ValueError for text no
+    stored id can hold. Not `str(value)`: that turned a forged null into the id "None", and the listing
+    went on from there instead of refusing it. And not any text: a forged NUL or lone surrogate (JSON's
+    "\\u0000" / "\\ud800" escapes) reached the query and failed it, the surrogate as INTERNAL."""
     if not isinstance(value, str):
         raise TypeError(f"a page position's id must be text, got {type(value).__name__}")
+    if (problem := chars_problem(value)) is not None:
+        raise ValueError(f"a page position's id {problem}")
     return value
 
 

@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from aetherops.config import Settings
 from aetherops.db import Database
 from aetherops.errors import ConfigError
+from aetherops.paging import encode_page_token, filters_key
 from gen.aetherops.capacity.v1 import capacity_pb2 as pb
 from gen.aetherops.capacity.v1 import capacity_pb2_grpc
 from servers.app import Application
@@ -660,3 +661,18 @@ async def test_list_scheduled_missions_filters_and_pages(stub: capacity_pb2_grpc
             )
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("mission_id", ["burn\u0000x", "\ud800"], ids=["nul", "lone-surrogate"])
+async def test_a_forged_mission_page_token_is_refused_not_an_internal_error(
+    stub: capacity_pb2_grpc.CapacityServiceStub, mission_id: str
+) -> None:
+    # The filters hash is no secret, so a client can build a token whose mission id PostgreSQL cannot
+    # take (JSON's "\u0000" and "\ud800" escapes): that once reached the query and failed it, as
+    # INTERNAL for the surrogate. It is a token this server never issued.
+    position = {"t": 0, "m": mission_id}
+    token = encode_page_token(position, filters_key("SAT-M", 0, None, None))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListScheduledMissions(pb.ListScheduledMissionsRequest(satellite_id="SAT-M", page_token=token))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == {"page_token": "not a token this server issued"}
