@@ -877,8 +877,9 @@ class CapacityService:
 
 
 def _from_us(value: Any) -> datetime:
-    """A page position's time (µs since the epoch); TypeError, ValueError or OverflowError if it is none."""
-    return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(value))
+    """A page position's time (µs since the epoch); TypeError, ValueError or OverflowError if it is none
+    (a forged "5", 1.5 or true included: `int()` took them, and the listing went on from there)."""
+    return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=_key_int(value))
 
 
 def _after_forecast(position: dict[str, Any]) -> tuple[int, int, str, int]:

@@ -663,14 +663,19 @@ async def test_list_scheduled_missions_filters_and_pages(stub: capacity_pb2_grpc
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("mission_id", ["burn\u0000x", "\ud800"], ids=["nul", "lone-surrogate"])
+@pytest.mark.parametrize(
+    ("mission_id", "time"),
+    [("burn\u0000x", 0), ("\ud800", 0), ("burn-1", "5"), ("burn-1", 1.5), ("burn-1", True)],
+    ids=["nul", "lone-surrogate", "text-time", "fractional-time", "boolean-time"],
+)
 async def test_a_forged_mission_page_token_is_refused_not_an_internal_error(
-    stub: capacity_pb2_grpc.CapacityServiceStub, mission_id: str
+    stub: capacity_pb2_grpc.CapacityServiceStub, mission_id: str, time: object
 ) -> None:
     # The filters hash is no secret, so a client can build a token whose mission id PostgreSQL cannot
     # take (JSON's "\u0000" and "\ud800" escapes): that once reached the query and failed it, as
-    # INTERNAL for the surrogate. It is a token this server never issued.
-    position = {"t": 0, "m": mission_id}
+    # INTERNAL for the surrogate. Nor is a time that is not an integer one (int() took "5", 1.5 and
+    # true, and the listing went on from there). It is a token this server never issued.
+    position = {"t": time, "m": mission_id}
     token = encode_page_token(position, filters_key("SAT-M", 0, None, None))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListScheduledMissions(pb.ListScheduledMissionsRequest(satellite_id="SAT-M", page_token=token))
